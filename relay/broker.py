@@ -1,0 +1,593 @@
+"""
+The broker: the relay server's state, with no HTTP in it.
+
+It matches user requests to relay-clients' long polls, and relay-clients'
+response messages to the user requests they answer. Everything that waits is
+a L{Deferred} with a timer from the injected clock, so tests drive every
+timeout with L{twisted.internet.task.Clock}; everything that flows is pushed
+through small, bounded queues whose fullness is reported back as
+back-pressure:
+
+  - a relay-client's C{POST /server/response} is a L{Deferred} that fires
+    only once its message has been handed to the user-client's connection
+    while that connection is willing to take more (L{PendingRequest} is the
+    L{IPushProducer} registered on it), so a slow reader holds the
+    relay-client's POSTs rather than filling our memory;
+  - bytes a user-client sends after a 101 wait in a L{StreamQueue} whose
+    size pauses the user's transport.
+
+The Go server's broker (C{broker.go}) is the model; where its behaviour is
+observable on the wire (messages, status codes, timeouts) ours is the same.
+"""
+
+import os
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.metrics import RelayMetrics, clean_path
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+
+log = Logger()
+
+# Fixed by the protocol, as in the Go server.
+POLL_TIMEOUT = 30.0
+PICKUP_TIMEOUT = 10.0
+STREAM_POLL_TIMEOUT = 30.0
+
+
+class BrokerError(Exception):
+    """Base of the errors the HTTP layer turns into status codes."""
+
+
+class UnknownBackend(BrokerError):
+    """No relay-client has polled for this backend name (or it was forgotten)."""
+
+    def __init__(self, name: str):
+        super().__init__(
+            "Cannot reach the client %s. Check that it's turned on, set up, and "
+            "connected to the internet. (unknown client)" % (_go_quote(name),)
+        )
+
+
+class BackendUnreachable(BrokerError):
+    """The backend is known, but no poll took the request in time."""
+
+    def __init__(self, name: str):
+        super().__init__(
+            "Cannot reach the client %s. Check that it's turned on, set up, and "
+            "connected to the internet. (timeout waiting for relay client to "
+            "accept request)" % (_go_quote(name),)
+        )
+
+
+class UnknownRequest(BrokerError):
+    """An id that is not (or no longer) pending."""
+
+    def __init__(self, request_id: str):
+        super().__init__("Duplicate or invalid request ID %s" % (request_id,))
+
+
+class RequestExpired(BrokerError):
+    """No activity on the request for the inactive-request timeout."""
+
+
+class ServerStopping(BrokerError):
+    """The server is shutting down."""
+
+
+def _go_quote(text: str) -> str:
+    """Go's C{%q} for the printable strings backend names are."""
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x10000:
+            out.append("\\x%02x" % ord(ch) if ord(ch) < 0x80 else "\\u%04x" % ord(ch))
+        else:
+            out.append("\\U%08x" % ord(ch))
+    out.append('"')
+    return "".join(out)
+
+
+def new_request_id(backend: str) -> str:
+    """C{{name}:} and 32 lowercase hex digits from 16 random bytes."""
+    return backend + ":" + os.urandom(16).hex()
+
+
+class ResponseSink:
+    """
+    What a L{PendingRequest} hands its messages to: the user-client's side,
+    implemented by the HTTP layer. Documented here as the contract.
+    """
+
+    def deliver(self, message: HttpResponse) -> None:
+        """
+        Take one response message, in order. Called only while the sink's
+        producer is not paused. After a message with C{eof}, nothing more
+        comes.
+        """
+        raise NotImplementedError
+
+    def fail(self, reason: BrokerError) -> None:
+        """
+        The request ended without C{eof}: L{BackendUnreachable},
+        L{RequestExpired}, L{ServerStopping} or L{UnknownRequest} (the
+        relay-client's first message was unusable). A sink that has begun a
+        response must end it so that it cannot look complete.
+        """
+        raise NotImplementedError
+
+
+class StreamQueue:
+    """
+    Bytes a user-client sent after a 101, waiting for the relay-client's
+    C{POST /server/requeststream}. Each poll takes up to C{block_size}
+    bytes; when more than C{high_water} bytes wait, the producer (the user's
+    transport) is paused until polls have drained them.
+    """
+
+    def __init__(self, clock: IReactorTime, block_size: int, high_water: int):
+        self._clock = clock
+        self._block_size = block_size
+        self._high_water = high_water
+        self._chunks: Deque[bytes] = deque()
+        self._size = 0
+        self._waiters: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+        self._producer: Optional[IPushProducer] = None
+        self._paused = False
+        self.closed = False
+
+    def set_producer(self, producer: Optional[IPushProducer]) -> None:
+        self._producer = producer
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    def put(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._waiters and self._size:
+            d, timer = self._waiters.popleft()
+            timer.cancel()
+            d.callback(self._take())
+        if self._size > self._high_water and not self._paused and self._producer:
+            self._paused = True
+            self._producer.pauseProducing()
+
+    def get(self) -> Deferred:
+        """
+        The next bytes (at most C{block_size}); C{b""} after
+        L{STREAM_POLL_TIMEOUT} without any; C{None} once the request is over.
+        """
+        if self._size:
+            return succeed(self._take())
+        if self.closed:
+            return succeed(None)
+
+        def cancel(d: Deferred) -> None:
+            for entry in self._waiters:
+                if entry[0] is d:
+                    self._waiters.remove(entry)
+                    entry[1].cancel()
+                    return
+
+        d = Deferred(cancel)
+        timer = self._clock.callLater(STREAM_POLL_TIMEOUT, self._expire, d)
+        self._waiters.append((d, timer))
+        return d
+
+    def _expire(self, d: Deferred) -> None:
+        for entry in self._waiters:
+            if entry[0] is d:
+                self._waiters.remove(entry)
+                break
+        d.callback(b"")
+
+    def _take(self) -> bytes:
+        out: List[bytes] = []
+        room = self._block_size
+        while self._chunks and room > 0:
+            chunk = self._chunks.popleft()
+            if len(chunk) > room:
+                self._chunks.appendleft(chunk[room:])
+                chunk = chunk[:room]
+            out.append(chunk)
+            room -= len(chunk)
+        data = b"".join(out)
+        self._size -= len(data)
+        if self._paused and self._size <= self._high_water // 2 and self._producer:
+            self._paused = False
+            self._producer.resumeProducing()
+        return data
+
+    def close(self) -> None:
+        """No more bytes will come; pending polls get C{None} (410)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._chunks.clear()
+        self._size = 0
+        waiters, self._waiters = self._waiters, deque()
+        for d, timer in waiters:
+            timer.cancel()
+            d.callback(None)
+        self._producer = None
+
+
+@implementer(IPushProducer)
+class PendingRequest:
+    """
+    One user request, from its creation until its last message was handed on
+    or it ended otherwise. It is the push producer of the user-client's
+    response: the HTTP layer registers it on the user's connection, which
+    pauses it when its send buffer is full.
+    """
+
+    def __init__(
+        self,
+        broker: "Broker",
+        request_id: str,
+        backend: str,
+        message: HttpRequest,
+        sink: ResponseSink,
+        path: str,
+    ):
+        self.broker = broker
+        self.id = request_id
+        self.backend = backend
+        self.message: Optional[HttpRequest] = message
+        self.sink = sink
+        self.path = path
+        self.start = self.last_activity = broker.clock.seconds()
+        self.picked_up = False
+        self.started = False
+        # eof_received: later posts are refused; finished: nothing more
+        # goes to the sink.
+        self.eof_received = False
+        self.finished = False
+        self._pickup_timer: Optional[IDelayedCall] = None
+        self._inbox: Deque[Tuple[HttpResponse, Deferred]] = deque()
+        self._paused = False
+        self._draining = False
+        self.stream: Optional[StreamQueue] = None
+
+    # IPushProducer, driven by the user-client's connection.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._drain()
+
+    def stopProducing(self) -> None:
+        self.broker.cancel(self)
+
+    def open_stream(self, block_size: int, high_water: int) -> StreamQueue:
+        """After a 101: a queue for the user-client's bytes."""
+        if self.stream is None:
+            self.stream = StreamQueue(self.broker.clock, block_size, high_water)
+        return self.stream
+
+    def _post(self, message: HttpResponse) -> Deferred:
+        d = Deferred()
+        self._inbox.append((message, d))
+        self._drain()
+        return d
+
+    def _drain(self) -> None:
+        # Re-entrancy guard: a sink's write may pause or resume us, or end
+        # the request, while we are delivering.
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._inbox and not self._paused and not self.finished:
+                message, d = self._inbox.popleft()
+                self.started = True
+                if message.eof:
+                    self.finished = True
+                self.sink.deliver(message)
+                d.callback(None)
+                if message.eof:
+                    self.broker._forget(self, None)
+        finally:
+            self._draining = False
+
+    def _end(self, reason: Optional[BrokerError]) -> None:
+        """Forget everything; tell the sink when the end was not an eof."""
+        if self._pickup_timer is not None and self._pickup_timer.active():
+            self._pickup_timer.cancel()
+        self._pickup_timer = None
+        self.message = None
+        inbox, self._inbox = self._inbox, deque()
+        for _, d in inbox:
+            d.errback(UnknownRequest(self.id))
+        if self.stream is not None:
+            self.stream.close()
+        if reason is not None and not self.finished:
+            self.finished = True
+            self.sink.fail(reason)
+
+
+class Backend:
+    """A backend name some relay-client polls for."""
+
+    __slots__ = ("name", "polls", "queue", "last_activity")
+
+    def __init__(self, name: str, now: float):
+        self.name = name
+        self.polls: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+        self.queue: Deque[PendingRequest] = deque()
+        self.last_activity = now
+
+
+class Broker:
+    """
+    Backends by name, pending requests by id.
+
+    @param clock: where time and timers come from.
+    @param metrics: the metrics sink.
+    @param inactive_request_timeout: seconds without a message from the
+        relay-client after which a request is dropped (504 when nothing was
+        answered yet).
+    @param inactive_backend_timeout: seconds without a poll after which a
+        backend is forgotten (503 unknown client).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        metrics: Optional[RelayMetrics] = None,
+        inactive_request_timeout: float = 60.0,
+        inactive_backend_timeout: float = 30 * 60.0,
+        new_id: Callable[[str], str] = new_request_id,
+    ):
+        self.clock = clock
+        self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
+        self.inactive_request_timeout = inactive_request_timeout
+        self.inactive_backend_timeout = inactive_backend_timeout
+        self._new_id = new_id
+        self.backends: Dict[str, Backend] = {}
+        self.requests: Dict[str, PendingRequest] = {}
+        self.stopping = False
+
+    # The user-client's side.
+
+    def relay(self, backend: str, message: HttpRequest, sink: ResponseSink) -> PendingRequest:
+        """
+        Hand C{message} (its id is set here) to a poll of C{backend}, now or
+        within L{PICKUP_TIMEOUT}; answers go to C{sink}.
+
+        @raise UnknownBackend: nobody polls for that name.
+        @raise ServerStopping: the server is shutting down.
+        """
+        if self.stopping:
+            raise ServerStopping("Server is restarting")
+        b = self.backends.get(backend)
+        if b is None:
+            raise UnknownBackend(backend)
+        request_id = self._new_id(backend)
+        while request_id in self.requests:
+            request_id = self._new_id(backend)
+        message.id = request_id
+        path = clean_path(_url_path(message.url))
+        pending = PendingRequest(self, request_id, backend, message, sink, path)
+        self.requests[request_id] = pending
+        log.info("Enqueuing request", ID=request_id)
+        self.metrics.requests.labels("client", backend, path).inc()
+        if b.polls:
+            d, timer = b.polls.popleft()
+            timer.cancel()
+            self._hand_over(b, pending, d)
+        else:
+            pending._pickup_timer = self.clock.callLater(
+                PICKUP_TIMEOUT, self._pickup_timeout, b, pending
+            )
+            b.queue.append(pending)
+        return pending
+
+    def _pickup_timeout(self, b: Backend, pending: PendingRequest) -> None:
+        pending._pickup_timer = None
+        if pending in b.queue:
+            b.queue.remove(pending)
+        self._forget(pending, BackendUnreachable(b.name))
+
+    def _hand_over(self, b: Backend, pending: PendingRequest, d: Deferred) -> None:
+        if pending._pickup_timer is not None:
+            pending._pickup_timer.cancel()
+            pending._pickup_timer = None
+        message, pending.message = pending.message, None
+        pending.picked_up = True
+        pending.last_activity = self.clock.seconds()
+        b.last_activity = pending.last_activity
+        self.metrics.responses.labels("server_request", "ok", b.name, "/server/request").inc()
+        d.callback(message)
+
+    def cancel(self, pending: PendingRequest) -> None:
+        """
+        The user-client went away: forget the request (later posts get 400,
+        which tells the relay-client to close its backend connection).
+        """
+        if self.requests.get(pending.id) is not pending:
+            return
+        b = self.backends.get(pending.backend)
+        if b is not None and pending in b.queue:
+            b.queue.remove(pending)
+        pending.finished = True
+        self._forget(pending, None)
+
+    def _forget(self, pending: PendingRequest, reason: Optional[BrokerError]) -> None:
+        if self.requests.get(pending.id) is pending:
+            del self.requests[pending.id]
+        pending._end(reason)
+
+    # The relay-client's side.
+
+    def get_request(self, backend: str, path: str = "/server/request") -> Deferred:
+        """
+        A long poll: fires with the next L{HttpRequest} for C{backend}, or
+        with C{None} after L{POLL_TIMEOUT} (or at shutdown). The first poll
+        makes a backend known. Cancel the L{Deferred} when the poll's
+        connection goes away, so that no request is handed to it.
+        """
+        now = self.clock.seconds()
+        b = self.backends.get(backend)
+        if b is None:
+            b = self.backends[backend] = Backend(backend, now)
+        b.last_activity = now
+        self.metrics.requests.labels("server_request", backend, path).inc()
+        if self.stopping:
+            return succeed(None)
+        if b.queue:
+            d = Deferred()
+            self._hand_over(b, b.queue.popleft(), d)
+            return d
+
+        def cancel(d: Deferred) -> None:
+            for entry in b.polls:
+                if entry[0] is d:
+                    b.polls.remove(entry)
+                    entry[1].cancel()
+                    return
+
+        d = Deferred(cancel)
+        timer = self.clock.callLater(POLL_TIMEOUT, self._poll_timeout, b, d)
+        b.polls.append((d, timer))
+        return d
+
+    def _poll_timeout(self, b: Backend, d: Deferred) -> None:
+        for entry in b.polls:
+            if entry[0] is d:
+                b.polls.remove(entry)
+                break
+        b.last_activity = self.clock.seconds()
+        self.metrics.responses.labels("server_request", "timeout", b.name, "/server/request").inc()
+        d.callback(None)
+
+    def send_response(self, message: HttpResponse) -> Deferred:
+        """
+        Hand one response message on towards its user-client. The result
+        fires once it was written there (which waits while the user-client
+        reads slowly), or fails with L{UnknownRequest} if the request ended
+        before that.
+
+        @raise UnknownRequest: unknown, finished or cancelled id.
+        """
+        request_id = message.id
+        pending = self.requests.get(request_id)
+        if pending is None or pending.eof_received:
+            backend = request_id.split(":", 1)[0]
+            self.metrics.responses.labels("server_response", "invalid", backend, "").inc()
+            raise UnknownRequest(request_id)
+        now = self.clock.seconds()
+        pending.last_activity = now
+        elapsed = now - pending.start
+        labels = ("server_response", pending.backend, pending.path)
+        self.metrics.requests.labels(*labels).inc()
+        self.metrics.response_durations.labels(*labels).observe(elapsed)
+        if message.eof:
+            # Like Go: the id is refused as soon as its eof arrives, so a
+            # duplicate gets a 400 even while this one waits for the reader.
+            pending.eof_received = True
+            backend_duration = message.backend_duration_ms / 1000.0
+            if backend_duration > 0:
+                self.metrics.backend_durations.labels(*labels).observe(backend_duration)
+                self.metrics.overhead_durations.labels(*labels).observe(elapsed - backend_duration)
+            log.info(
+                "Delivered final response to client",
+                ID=request_id,
+                Bytes=len(message.body),
+                Elapsed=elapsed,
+                BackendDuration=backend_duration,
+            )
+        else:
+            log.debug(
+                "Delivered response to client",
+                ID=request_id,
+                Bytes=len(message.body),
+                Elapsed=elapsed,
+            )
+        self.metrics.responses.labels("server_response", "ok", pending.backend, pending.path).inc()
+        return pending._post(message)
+
+    def reject(self, pending: PendingRequest) -> None:
+        """
+        End a request whose relay-client sent something unusable (a first
+        message without status): the sink has answered the user already.
+        """
+        pending.finished = True
+        self._forget(pending, None)
+
+    def get_request_stream(self, request_id: str) -> Deferred:
+        """
+        The next bytes the user-client sent after a 101 (see
+        L{StreamQueue.get}).
+
+        @raise UnknownRequest: the request is over (410).
+        """
+        pending = self.requests.get(request_id)
+        if pending is None or pending.stream is None:
+            raise UnknownRequest(request_id)
+        pending.last_activity = self.clock.seconds()
+        return pending.stream.get()
+
+    # Housekeeping.
+
+    def reap(self) -> None:
+        """
+        Drop requests idle for longer than the inactive-request timeout and
+        forget backends idle for longer than the inactive-backend timeout.
+        Run every 10 s, as in Go.
+        """
+        now = self.clock.seconds()
+        threshold = now - self.inactive_request_timeout
+        for pending in [p for p in self.requests.values() if p.last_activity < threshold]:
+            log.info("Timeout on inactive request", ID=pending.id)
+            b = self.backends.get(pending.backend)
+            if b is not None and pending in b.queue:
+                b.queue.remove(pending)
+            self._forget(pending, RequestExpired())
+        threshold = now - self.inactive_backend_timeout
+        for b in [b for b in self.backends.values() if b.last_activity < threshold and not b.polls and not b.queue]:
+            log.info("Forgetting inactive relay client", ServerName=b.name)
+            del self.backends[b.name]
+            self.metrics.forget_backend(b.name)
+
+    def stop(self) -> None:
+        """
+        Shutting down: end every long poll (with "Server is restarting") and
+        refuse new requests; in-flight ones carry on.
+        """
+        self.stopping = True
+        for b in self.backends.values():
+            polls, b.polls = b.polls, deque()
+            for d, timer in polls:
+                timer.cancel()
+                d.callback(None)
+            for pending in list(b.queue):
+                b.queue.remove(pending)
+                self._forget(pending, ServerStopping("Server is restarting"))
+
+    def abort_all(self) -> None:
+        """The grace period is over: end whatever is still in flight."""
+        for pending in list(self.requests.values()):
+            self._forget(pending, ServerStopping("Server is restarting"))
+
+
+def _url_path(url: str) -> str:
+    rest = url.split("://", 1)[-1]
+    slash = rest.find("/")
+    if slash < 0:
+        return "/"
+    return rest[slash:].split("?", 1)[0]

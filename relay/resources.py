@@ -1,0 +1,425 @@
+"""
+The relay server's resource tree: thin adapters between twisted.web and the
+L{Broker}.
+
+Routing follows the Go server's C{http.ServeMux}: C{/healthz}, C{/metrics}
+and the three C{/server/...} paths match exactly; every other path is user
+traffic for a backend, named by C{/client/{name}/} or by the
+C{X-Server-Name} header. Status codes and bodies are the Go server's (its
+errors come from C{http.Error}: C{text/plain; charset=utf-8},
+C{X-Content-Type-Options: nosniff} and a trailing newline).
+"""
+
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import unquote
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from relay.broker import (
+    BackendUnreachable,
+    Broker,
+    BrokerError,
+    PendingRequest,
+    RequestExpired,
+    UnknownBackend,
+    UnknownRequest,
+)
+from relay.durations import format_duration
+from relay.headers import HOP_BY_HOP, go_canonical, sanitize_value, valid_name
+from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.proto.http_relay_pb2 import HttpHeader, HttpRequest, HttpResponse
+from relay.tunnel import Tunnel
+
+log = Logger()
+
+CLIENT_PREFIX = b"/client/"
+REQUEST_CONTENT_TYPE = (
+    b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpRequest"
+)
+TEXT_PLAIN = b"text/plain; charset=utf-8"
+# Request headers Go's server does not put into Request.Header.
+_NOT_RELAYED = frozenset([b"host", b"transfer-encoding"])
+
+
+def http_error(request, code: int, message: str) -> bytes:
+    """Go's C{http.Error}: the body for C{render} to return."""
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [TEXT_PLAIN])
+    request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
+    return (message + "\n").encode("utf-8")
+
+
+def _plain(request, code: int, message: str) -> bytes:
+    """A body written without C{http.Error} (no newline), as Go does in places."""
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [TEXT_PLAIN])
+    return message.encode("utf-8")
+
+
+def _arg(request, name: bytes) -> str:
+    values = request.args.get(name)
+    return values[0].decode("utf-8", "replace") if values else ""
+
+
+def _on_disconnect(request, callback) -> None:
+    """Run C{callback} if the peer goes away before we answered."""
+    request.notifyFinish().addErrback(lambda _: callback())
+
+
+class RootResource(Resource):
+    """Dispatches exact paths; everything else goes to the backends."""
+
+    def __init__(self, broker: Broker, metrics_body, block_size: int = 10240):
+        super().__init__()
+        self.client = ClientResource(broker, block_size)
+        server = ServerResource(broker)
+        self._exact = {
+            b"/healthz": HealthResource(broker),
+            b"/metrics": MetricsResource(metrics_body),
+            b"/server/request": server,
+            b"/server/response": server,
+            b"/server/requeststream": server,
+        }
+
+    def getChildWithDefault(self, name, request):
+        request.responseHeaders.removeHeader(b"server")
+        return self._exact.get(request.path, self.client)
+
+    def render(self, request):
+        request.responseHeaders.removeHeader(b"server")
+        return self.client.render(request)
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, broker: Broker):
+        super().__init__()
+        self.broker = broker
+
+    def render(self, request):
+        if self.broker.stopping:
+            return http_error(request, 503, "Server is shutting down")
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain"])
+        return b"ok"
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, render_metrics):
+        super().__init__()
+        self.render_metrics = render_metrics
+
+    def render(self, request):
+        request.responseHeaders.setRawHeaders(b"content-type", [METRICS_CONTENT_TYPE])
+        return self.render_metrics()
+
+
+class ServerResource(Resource):
+    """The relay-client's endpoints: poll, post responses, pull streams."""
+
+    isLeaf = True
+
+    def __init__(self, broker: Broker):
+        super().__init__()
+        self.broker = broker
+        self._routes = {
+            b"/server/request": self.poll,
+            b"/server/response": self.response,
+            b"/server/requeststream": self.request_stream,
+        }
+
+    def render(self, request):
+        return self._routes[request.path](request)
+
+    def poll(self, request):
+        server = _arg(request, b"server")
+        if not server:
+            return http_error(request, 400, "Missing server query parameter")
+        log.info("Relay client connected", ServerName=server)
+        d = self.broker.get_request(server, request.path.decode("latin-1"))
+        return _answer_when(request, d, self._polled)
+
+    def _polled(self, request, message: Optional[HttpRequest]) -> bytes:
+        if message is None:
+            text = "Server is restarting" if self.broker.stopping else "No request received within timeout"
+            log.debug("Relay client got no request", ID=_arg(request, b"server"), error=text)
+            return http_error(request, 408, text)
+        request.responseHeaders.setRawHeaders(b"content-type", [REQUEST_CONTENT_TYPE])
+        log.info("Relay client accepted request", ID=message.id)
+        return message.SerializeToString()
+
+    def response(self, request):
+        message = HttpResponse()
+        try:
+            message.ParseFromString(request.content.getvalue())
+        except Exception:
+            return http_error(request, 400, "proto: cannot parse invalid wire-format data")
+        if not message.HasField("id"):
+            return http_error(request, 400, "HttpResponse without id")
+        try:
+            d = self.broker.send_response(message)
+        except UnknownRequest as e:
+            return http_error(request, 400, str(e))
+        return _answer_when(request, d, self._answered, self._refused)
+
+    def _answered(self, request, _) -> bytes:
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain"])
+        log.debug("Relay client sent response", ID=_arg(request, b"id"))
+        return b"ok"
+
+    def _refused(self, request, failure: Failure) -> bytes:
+        failure.trap(UnknownRequest)
+        return http_error(request, 400, str(failure.value))
+
+    def request_stream(self, request):
+        request_id = _arg(request, b"id")
+        if not request_id:
+            return http_error(request, 400, "Missing id query parameter")
+        try:
+            d = self.broker.get_request_stream(request_id)
+        except UnknownRequest:
+            return self._streamed(request, None, request_id)
+        return _answer_when(request, d, lambda r, data: self._streamed(r, data, request_id))
+
+    def _streamed(self, request, data: Optional[bytes], request_id: str) -> bytes:
+        if data is None:
+            # 410 Gone tells the relay-client that the request has completed.
+            return http_error(request, 410, "No ongoing request with id " + request_id)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/octet-data"])
+        log.debug("Relay client pulled streamed request chunk", ID=request_id, Bytes=len(data))
+        return data
+
+
+def _answer_when(request, d, on_result, on_failure=None):
+    """
+    Answer C{request} with the body C{on_result} makes of C{d}'s result (at
+    once if it has one). A peer that goes away cancels C{d}, so that nothing
+    is handed to a dead connection.
+    """
+    _on_disconnect(request, d.cancel)
+
+    def answer(outcome):
+        if isinstance(outcome, Failure):
+            if outcome.check(CancelledError) or on_failure is None:
+                return outcome if not outcome.check(CancelledError) else None
+            body = on_failure(request, outcome)
+        else:
+            body = on_result(request, outcome)
+        if request._disconnected:
+            return None
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+        request.finish()
+        return None
+
+    d.addBoth(answer)
+    d.addErrback(lambda f: log.failure("Unexpected error answering a relay client", f))
+    return NOT_DONE_YET
+
+
+class ClientResource(Resource):
+    """User traffic: wrap the request into an L{HttpRequest} and relay it."""
+
+    isLeaf = True
+
+    def __init__(self, broker: Broker, block_size: int = 10240):
+        super().__init__()
+        self.broker = broker
+        self.block_size = block_size
+
+    def render(self, request):
+        path = request.path
+        if path.startswith(CLIENT_PREFIX):
+            rest = path[len(CLIENT_PREFIX) :]
+            name_part, slash, tail = rest.partition(b"/")
+            backend = unquote(name_part.decode("latin-1"), encoding="utf-8", errors="replace")
+            if not backend:
+                return http_error(
+                    request, 400, "Request path too short: missing remote server identifier"
+                )
+            backend_path = b"/" + tail
+        else:
+            names = request.requestHeaders.getRawHeaders(b"x-server-name")
+            if not names:
+                return http_error(request, 400, 'Request without required header: "X-Server-Name"')
+            backend = names[0].decode("utf-8", "replace")
+            backend_path = path
+
+        message = HttpRequest(
+            method=request.method.decode("latin-1"),
+            host=(request.requestHeaders.getRawHeaders(b"host") or [b""])[0].decode("latin-1"),
+            url=_backend_url(backend_path, request.uri),
+            body=request.content.getvalue() if request.content is not None else b"",
+        )
+        headers = message.header
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() in _NOT_RELAYED:
+                continue
+            key = go_canonical(name.decode("latin-1"))
+            for value in values:
+                headers.add(name=key, value=value.decode("utf-8", "replace"))
+
+        response = UserResponse(self.broker, request, self.block_size)
+        try:
+            response.pending = self.broker.relay(backend, message, response)
+        except UnknownBackend as e:
+            return _plain(request, 503, str(e))
+        except BrokerError as e:
+            return http_error(request, 503, str(e))
+        request.registerProducer(response.pending, True)
+        _on_disconnect(request, response.user_gone)
+        return NOT_DONE_YET
+
+
+def _backend_url(path: bytes, uri: bytes) -> str:
+    _, question, query = uri.partition(b"?")
+    url = b"http://invalid" + path
+    if query:
+        url += b"?" + query
+    return url.decode("utf-8", "replace")
+
+
+class UserResponse:
+    """
+    The L{ResponseSink} for one user request: turns the relay-client's
+    messages into the user-client's response.
+    """
+
+    def __init__(self, broker: Broker, request, block_size: int):
+        self.broker = broker
+        self.request = request
+        self.block_size = block_size
+        self.pending: Optional[PendingRequest] = None
+        self.started = False
+        self.done = False
+        self.tunnel: Optional[Tunnel] = None
+        self.grpc_headers: List[Tuple[str, str]] = []
+        self.bytes = 0
+
+    def user_gone(self) -> None:
+        self.done = True
+        if self.pending is not None:
+            self.broker.cancel(self.pending)
+
+    def deliver(self, message: HttpResponse) -> None:
+        if self.done:
+            return
+        if not self.started:
+            if not self._start(message):
+                return
+        body = message.body
+        if body:
+            self.bytes += len(body)
+            if self.tunnel is not None:
+                self.tunnel.write(body)
+            else:
+                self.request.write(body)
+        for h in message.trailer:
+            self.request.add_trailer(h.name, h.value)
+        if message.eof:
+            self._finish()
+
+    def _start(self, message: HttpResponse) -> bool:
+        """The first message: status and headers. False if unusable."""
+        self.started = True
+        request = self.request
+        metrics = self.broker.metrics
+        pending = self.pending
+        if not message.HasField("status_code") or not 100 <= message.status_code <= 999:
+            metrics.responses.labels("client", "missing_header", pending.backend, pending.path).inc()
+            self._answer_error(500, "Received no header from relay client")
+            self.broker.reject(pending)
+            return False
+        metrics.responses.labels("client", "ok", pending.backend, pending.path).inc()
+        status = message.status_code
+        if status == 101:
+            self._switch(message)
+            return True
+        request.setResponseCode(status)
+        grouped: Dict[bytes, List[bytes]] = {}
+        for h in message.header:
+            name = h.name
+            if not valid_name(name):
+                log.warn("Dropping invalid header name from relay client", ID=pending.id, Name=name)
+                continue
+            if name.lower() in HOP_BY_HOP:
+                continue
+            if name[:5].lower() == "grpc-":
+                self.grpc_headers.append((name, h.value))
+            grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(h.value))
+        for name, values in grouped.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        return True
+
+    def _switch(self, message: HttpResponse) -> None:
+        request = self.request
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for h in message.header:
+            if valid_name(h.name):
+                lines.append(b"%s: %s\r\n" % (go_canonical(h.name).encode("latin-1"), sanitize_value(h.value)))
+        lines.append(b"\r\n")
+        request.unregisterProducer()
+        self.tunnel = Tunnel(self.broker, self.pending, self.block_size)
+        log.info("Switched protocols", ID=self.pending.id)
+        request.channel.switch_protocol(self.tunnel, b"".join(lines))
+
+    def _finish(self) -> None:
+        self.done = True
+        log.info("Wrote response chunk to request", ID=self.pending.id, Bytes=self.bytes)
+        if self.tunnel is not None:
+            self.tunnel.close(clean=True)
+            return
+        request = self.request
+        for name, value in self.grpc_headers:
+            request.add_trailer(name, value)
+        request.unregisterProducer()
+        if not request._disconnected:
+            request.finish()
+
+    def _answer_error(self, code: int, text: str) -> None:
+        self.done = True
+        request = self.request
+        request.unregisterProducer()
+        if request._disconnected:
+            return
+        body = _plain(request, code, text)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+        request.finish()
+
+    def fail(self, reason: BrokerError) -> None:
+        if self.done:
+            return
+        pending = self.pending
+        if not self.started:
+            if isinstance(reason, RequestExpired):
+                self.broker.metrics.responses.labels(
+                    "client", "missing_message", pending.backend, pending.path
+                ).inc()
+                self._answer_error(
+                    504,
+                    "Timeout after %s, indicating that the backend request took too long"
+                    % (format_duration(self.broker.inactive_request_timeout),),
+                )
+            elif isinstance(reason, BackendUnreachable):
+                self._answer_error(503, str(reason))
+            else:
+                self._answer_error(503, str(reason) or "Server is restarting")
+            return
+        # A response has begun and will not be completed: it must not look
+        # complete, so the connection is aborted rather than finished.
+        self.done = True
+        log.warn("Response ended early, aborting user connection", ID=pending.id, reason=type(reason).__name__)
+        if self.tunnel is not None:
+            self.tunnel.close(clean=False)
+            return
+        self.request.unregisterProducer()
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None:
+            transport.abortConnection()

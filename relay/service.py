@@ -1,0 +1,176 @@
+"""
+The relay server as a Twisted service: listening, housekeeping, and a
+graceful stop.
+
+L{make_server_service} builds a L{MultiService} of three parts, the way
+twistd applications are usually put together:
+
+  - L{ListeningService} opens the endpoint (in C{privilegedStartService}, so
+    port 80 works with twistd's C{--uid}) and logs C{Relay server listening}
+    with the port actually bound, which tools watching the Go server's log
+    look for;
+  - a L{TimerService} runs L{Broker.reap} every 10 s;
+  - L{DrainService}, on stop, ends long polls and waits up to 20 s for
+    in-flight requests before cutting them off.
+"""
+
+from typing import Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from relay.broker import Broker
+from relay.metrics import RelayMetrics
+from relay.resources import RootResource
+from relay.site import RelaySite
+
+log = Logger()
+
+REAP_INTERVAL = 10.0
+CLEAN_SHUTDOWN_TIMEOUT = 20.0
+
+
+class ListeningService(Service):
+    """Listen on an endpoint; log the port; stop listening on stop."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory, reactor):
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.port = None
+        self._listening: Optional[defer.Deferred] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, failures.append)
+        if failures:
+            # A port in use or a bad address: fail twistd's start-up, which
+            # prints the error and exits non-zero.
+            self._listening = None
+            failures[0].raiseException()
+        self._listening.addErrback(self._failed)
+
+    def startService(self) -> None:
+        if self._listening is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def _listened(self, port):
+        self.port = port
+        log.info("Relay server listening", Port=port.getHost().port)
+        return port
+
+    def _failed(self, failure):
+        log.failure("Cannot listen", failure)
+        self.reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        if self._listening is None:
+            return None
+        d, self._listening = self._listening, None
+        d.addCallback(lambda port: port.stopListening() if port is not None else None)
+        return d
+
+
+class DrainService(Service):
+    """On stop: end long polls, let in-flight requests finish, then cut off."""
+
+    def __init__(self, broker: Broker, clock: IReactorTime, timeout: float = CLEAN_SHUTDOWN_TIMEOUT):
+        self.broker = broker
+        self.clock = clock
+        self.timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        self.broker.stop()
+        if not self.broker.requests:
+            return None
+        log.info("Waiting for in-flight requests", Count=len(self.broker.requests), Timeout=self.timeout)
+        done = defer.Deferred()
+        deadline = self.clock.seconds() + self.timeout
+
+        def check():
+            if not self.broker.requests:
+                done.callback(None)
+            elif self.clock.seconds() >= deadline:
+                log.warn("Aborting in-flight requests", Count=len(self.broker.requests))
+                self.broker.abort_all()
+                done.callback(None)
+            else:
+                self.clock.callLater(0.1, check)
+
+        check()
+        return done
+
+
+class RelayServerService(MultiService):
+    """
+    The whole server. When twistd runs it, it also tells twistd to log
+    through our JSON (or text) observer, as the Go server does.
+    """
+
+    def __init__(self, broker: Broker, site: RelaySite, log_observer=None):
+        super().__init__()
+        self.broker = broker
+        self.site = site
+        self.log_observer = log_observer
+
+    @property
+    def listening_port(self):
+        return self.getServiceNamed("listen").port
+
+    def setServiceParent(self, parent):
+        # twistd asks the application for an ILogObserver before it falls
+        # back to its own log file; a .tac file sets one the same way.
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+
+def _safe_reap(broker: Broker) -> None:
+    try:
+        broker.reap()
+    except Exception:
+        log.failure("Reaping inactive requests failed")
+
+
+def make_server_service(
+    endpoint: IStreamServerEndpoint,
+    reactor,
+    block_size: int = 10240,
+    inactive_request_timeout: float = 60.0,
+    inactive_backend_timeout: float = 30 * 60.0,
+    max_request_body: int = 100 * 1024 * 1024,
+    metrics: Optional[RelayMetrics] = None,
+    log_observer=None,
+) -> RelayServerService:
+    metrics = metrics if metrics is not None else RelayMetrics()
+    broker = Broker(
+        clock=reactor,
+        metrics=metrics,
+        inactive_request_timeout=inactive_request_timeout,
+        inactive_backend_timeout=inactive_backend_timeout,
+    )
+    root = RootResource(broker, metrics.render, block_size=block_size)
+    site = RelaySite(root, max_request_body=max_request_body, reactor=reactor)
+    service = RelayServerService(broker, site, log_observer)
+    drain = DrainService(broker, reactor)
+    drain.setServiceParent(service)
+    timer = TimerService(REAP_INTERVAL, _safe_reap, broker)
+    timer.clock = reactor
+    timer.setServiceParent(service)
+    listen = ListeningService(endpoint, site, reactor)
+    listen.setName("listen")
+    listen.setServiceParent(service)
+    return service

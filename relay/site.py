@@ -1,0 +1,165 @@
+"""
+The relay's HTTP/1.1 plumbing: a Site, a channel and a request class that add
+the three things twisted.web lacks and a relay needs.
+
+  - A cap on request bodies, enforced while they arrive: the protocol needs
+    bodies whole, so they are buffered, and the cap keeps that bounded.
+    Bodies are kept in memory (twisted.web spills bodies over 100 kB into a
+    temporary file, which a relay that must put them into a protobuf anyway
+    only pays for twice).
+  - Trailers at the end of a chunked response, which the Go relay sends and
+    gRPC-over-HTTP/1.1 tooling reads.
+  - Handing a connection over to another protocol after a 101 Switching
+    Protocols, the way twisted.web itself hands a connection to its HTTP/2
+    implementation after ALPN: detach the HTTP/1.1 parser from the transport
+    and pass on any bytes it had already read.
+"""
+
+from io import BytesIO
+from typing import List, Optional, Tuple
+
+from twisted.internet.interfaces import IProtocol
+from twisted.web import http, server
+
+from relay.headers import sanitize_value, valid_name
+
+DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
+
+
+class RelayRequest(server.Request):
+    """
+    A request whose body is capped and kept in memory, and whose chunked
+    response can end with trailers.
+    """
+
+    # The relay sends the backend's Content-Type, or none: never a guess.
+    defaultContentType = None
+
+    body_too_large = False
+    _body_received = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trailers: List[Tuple[bytes, bytes]] = []
+
+    @property
+    def max_body(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_request_body", DEFAULT_MAX_REQUEST_BODY)
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = BytesIO()
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.max_body:
+            self.body_too_large = True
+            self.content = BytesIO()
+            self.refuse_body()
+            return
+        self.content.write(data)
+
+    def refuse_body(self) -> None:
+        """
+        Answer 413 at once and close: the client may still be sending, and
+        the only way to stop it is to hang up once it has our answer.
+        """
+        body = (
+            "Request body too large: this relay accepts at most %d bytes "
+            "(--max_request_body)\n" % (self.max_body,)
+        ).encode("ascii")
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"X-Content-Type-Options: nosniff\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.channel.loseConnection()
+
+    def requestReceived(self, command, path, version):
+        if self.body_too_large:
+            # Answered already; the connection is closing.
+            return
+        super().requestReceived(command, path, version)
+
+    def add_trailer(self, name: str, value: str) -> None:
+        if valid_name(name):
+            self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
+
+    def finish(self) -> None:
+        if self.trailers and not self.finished and not self._disconnected:
+            if not self.startedWriting:
+                self.write(b"")
+            if self.chunked:
+                lines = b"".join(b"%s: %s\r\n" % t for t in self.trailers)
+                self.channel.write(b"0\r\n" + lines + b"\r\n")
+                # The closing chunk is written: don't let the base class
+                # write another one.
+                self.chunked = False
+        super().finish()
+
+
+class RelayChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel that can give its connection to another protocol."""
+
+    _switched: Optional[IProtocol] = None
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        request = self.requests[-1]
+        if getattr(request, "body_too_large", False):
+            request.refuse_body()
+
+    def switch_protocol(self, protocol: IProtocol, head: bytes) -> None:
+        """
+        Write C{head} (a 101 response) and hand the connection to
+        C{protocol}, with whatever the client sent after its request.
+        """
+        self.setTimeout(None)
+        network = self._networkProducer
+        network.unregisterProducer()
+        buffered = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        self._switched = protocol
+        self.transport.write(head)
+        protocol.makeConnection(self.transport)
+        # The parser paused reading while it handled the request.
+        network.resumeProducing()
+        if buffered:
+            protocol.dataReceived(buffered)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._switched is not None:
+            self._switched.dataReceived(data)
+        else:
+            super().dataReceived(data)
+
+    def connectionLost(self, reason) -> None:
+        if self._switched is not None:
+            switched, self._switched = self._switched, None
+            switched.connectionLost(reason)
+        super().connectionLost(reason)
+
+
+class RelaySite(server.Site):
+    """
+    The relay's Site: our channel and request classes, a body cap, and no
+    access log (the Go server writes none, and it costs a quarter of the
+    throughput for small requests).
+    """
+
+    protocol = RelayChannel
+    requestFactory = RelayRequest
+    noisy = False
+
+    def __init__(self, resource, max_request_body: int = DEFAULT_MAX_REQUEST_BODY, **kwargs):
+        super().__init__(resource, **kwargs)
+        self.max_request_body = max_request_body
+
+    def log(self, request) -> None:
+        pass

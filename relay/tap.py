@@ -1,0 +1,126 @@
+"""
+C{twistd relay}: the relay server, configured like the Go
+C{http-relay-server}.
+"""
+
+
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from relay.logs import make_observer
+from relay.options import GoFlagOptions, duration, log_format, log_level, positive_int
+from relay.service import make_server_service
+from relay.site import DEFAULT_MAX_REQUEST_BODY
+
+
+class Options(GoFlagOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "A multiplexing HTTP relay server, wire-compatible with the Cloud Robotics "
+        "Go http-relay-server: relay-clients long-poll /server/request under a "
+        "backend name; users reach backend NAME at /client/NAME/... or with an "
+        "X-Server-Name header. Flags also accept dashes (--block-size) and Go's "
+        "single dash (-port=80)."
+    )
+    optParameters = [
+        [
+            "port",
+            None,
+            "80",
+            "Port number to listen on, or a Twisted endpoint string such as "
+            "tcp:8080:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem; "
+            "0 picks a free port (it is logged).",
+        ],
+        [
+            "block_size",
+            None,
+            10240,
+            "Size in bytes of the reads from an upgraded (101) user connection that "
+            "become request-stream chunks.",
+            positive_int,
+        ],
+        [
+            "inactive_request_timeout",
+            None,
+            "60s",
+            "Drop a request when its relay-client has sent nothing for this long "
+            "(a Go duration such as 60s or 1m30s; the user gets a 504 if no answer "
+            "had begun). Checked every 10s.",
+        ],
+        [
+            "inactive_backend_timeout",
+            None,
+            "30m",
+            "Forget a backend name (503 unknown client) when no relay-client has "
+            "polled for it for this long (a Go duration).",
+        ],
+        [
+            "max_request_body",
+            None,
+            DEFAULT_MAX_REQUEST_BODY,
+            "Largest request body in bytes the relay buffers (bodies travel whole "
+            "in the protocol); larger ones get 413.",
+            positive_int,
+        ],
+        [
+            "log_level",
+            None,
+            "info",
+            "Least severe level logged: debug, info, warn, error, or Go's -4, 0, 4, 8.",
+        ],
+        [
+            "log_format",
+            None,
+            "json",
+            "json (one object per line, as the Go server) or text (key=value).",
+        ],
+    ]
+
+    def postOptions(self):
+        for name in ("inactive_request_timeout", "inactive_backend_timeout"):
+            self[name] = duration(self[name])
+        self["log_level"] = log_level(self["log_level"])
+        self["log_format"] = log_format(self["log_format"])
+        self["endpoint"] = port_endpoint(self["port"])
+
+
+def port_endpoint(port: str) -> str:
+    """C{80} -> C{tcp:80}; endpoint strings pass through."""
+    text = str(port).strip()
+    if text.isdigit():
+        return "tcp:" + text
+    if ":" not in text:
+        raise usage.UsageError("--port must be a number or an endpoint string, not %r" % (port,))
+    return text
+
+
+def log_observer_for(options):
+    """
+    JSON (or text) lines on stderr, like the Go server, when in the
+    foreground; in the log file twistd would use when daemonized. twistd's
+    own C{--logger} wins.
+    """
+    parent = getattr(options, "parent", None) or {}
+    if parent.get("logger"):
+        return None
+    stream = None
+    if parent and not parent.get("nodaemon") and parent.get("logfile") != "-":
+        from twisted.python.logfile import LogFile
+
+        stream = LogFile.fromFullPath(parent.get("logfile") or "twistd.log")
+    return make_observer(stream, options["log_format"], options["log_level"])
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    endpoint = endpoints.serverFromString(reactor, options["endpoint"])
+    return make_server_service(
+        endpoint,
+        reactor,
+        block_size=options["block_size"],
+        inactive_request_timeout=options["inactive_request_timeout"],
+        inactive_backend_timeout=options["inactive_backend_timeout"],
+        max_request_body=options["max_request_body"],
+        log_observer=log_observer_for(options),
+    )

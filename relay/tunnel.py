@@ -1,0 +1,50 @@
+"""
+The user-client's side of an upgraded (101 Switching Protocols) request.
+
+After the 101 the connection is a raw two-way pipe: what the user-client
+sends goes into the request's L{StreamQueue}, which relay-clients drain with
+C{POST /server/requeststream}; what the relay-client posts as response bodies
+is written to the connection. Both directions are flow-controlled: the queue
+pauses this transport when it holds too much, and the transport pauses the
+request's response producer when its send buffer is full. Either side ending
+ends both.
+"""
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from relay.broker import Broker, PendingRequest
+
+log = Logger()
+
+
+class Tunnel(Protocol):
+    def __init__(self, broker: Broker, pending: PendingRequest, block_size: int):
+        self.broker = broker
+        self.pending = pending
+        self.stream = pending.open_stream(block_size, high_water=max(4 * block_size, 65536))
+        self.bytes_in = 0
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.pending, True)
+        self.stream.set_producer(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.stream.put(data)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self, clean: bool) -> None:
+        """The relay-client's side ended: clean (eof) or not."""
+        self.transport.unregisterProducer()
+        if clean:
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        log.info("End of bidi-stream stream (closed socket)", ID=self.pending.id)
+        self.stream.close()
+        self.broker.cancel(self.pending)

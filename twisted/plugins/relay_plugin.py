@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+relay = ServiceMaker(
+    "relay",
+    "relay.tap",
+    "A multiplexing HTTP relay server (Cloud Robotics http-relay-server compatible).",
+    "relay",
+)
