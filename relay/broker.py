@@ -280,7 +280,17 @@ class PendingRequest:
         return self.stream
 
     def _post(self, message: HttpResponse) -> Deferred:
-        d = Deferred()
+        def withdraw(d: Deferred) -> None:
+            # The relay-client gave up on this POST (and will retry it):
+            # a message not yet handed on must not be handed on twice.
+            for entry in self._inbox:
+                if entry[1] is d:
+                    self._inbox.remove(entry)
+                    if message.eof:
+                        self.eof_received = False
+                    return
+
+        d = Deferred(withdraw)
         self._inbox.append((message, d))
         self._drain()
         return d

@@ -80,18 +80,29 @@ class ListeningService(Service):
 
 
 class DrainService(Service):
-    """On stop: end long polls, let in-flight requests finish, then cut off."""
+    """
+    On stop: end long polls, let in-flight requests finish, cut off what is
+    left after the grace period, then close the connections.
+    """
 
-    def __init__(self, broker: Broker, clock: IReactorTime, timeout: float = CLEAN_SHUTDOWN_TIMEOUT):
+    def __init__(
+        self, broker: Broker, site: RelaySite, clock: IReactorTime, timeout: float = CLEAN_SHUTDOWN_TIMEOUT
+    ):
         self.broker = broker
+        self.site = site
         self.clock = clock
         self.timeout = timeout
 
     def stopService(self):
         super().stopService()
         self.broker.stop()
+        d = self._drain()
+        d.addCallback(lambda _: self.site.close_connections())
+        return d
+
+    def _drain(self) -> defer.Deferred:
         if not self.broker.requests:
-            return None
+            return defer.succeed(None)
         log.info("Waiting for in-flight requests", Count=len(self.broker.requests), Timeout=self.timeout)
         done = defer.Deferred()
         deadline = self.clock.seconds() + self.timeout
@@ -154,10 +165,17 @@ def make_server_service(
     max_request_body: int = 100 * 1024 * 1024,
     metrics: Optional[RelayMetrics] = None,
     log_observer=None,
+    clock: Optional[IReactorTime] = None,
 ) -> RelayServerService:
+    """
+    The relay server on C{endpoint}. C{clock} (the reactor by default)
+    drives the protocol's timeouts; tests pass a L{Clock} to step through
+    them while real sockets carry the traffic.
+    """
     metrics = metrics if metrics is not None else RelayMetrics()
+    clock = clock if clock is not None else reactor
     broker = Broker(
-        clock=reactor,
+        clock=clock,
         metrics=metrics,
         inactive_request_timeout=inactive_request_timeout,
         inactive_backend_timeout=inactive_backend_timeout,
@@ -165,10 +183,10 @@ def make_server_service(
     root = RootResource(broker, metrics.render, block_size=block_size)
     site = RelaySite(root, max_request_body=max_request_body, reactor=reactor)
     service = RelayServerService(broker, site, log_observer)
-    drain = DrainService(broker, reactor)
+    drain = DrainService(broker, site, reactor)
     drain.setServiceParent(service)
     timer = TimerService(REAP_INTERVAL, _safe_reap, broker)
-    timer.clock = reactor
+    timer.clock = clock
     timer.setServiceParent(service)
     listen = ListeningService(endpoint, site, reactor)
     listen.setName("listen")

@@ -16,8 +16,9 @@ the three things twisted.web lacks and a relay needs.
 """
 
 from io import BytesIO
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
 
@@ -133,6 +134,10 @@ class RelayChannel(http.HTTPChannel):
         if buffered:
             protocol.dataReceived(buffered)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.connections.add(self)
+
     def dataReceived(self, data: bytes) -> None:
         if self._switched is not None:
             self._switched.dataReceived(data)
@@ -144,6 +149,7 @@ class RelayChannel(http.HTTPChannel):
             switched, self._switched = self._switched, None
             switched.connectionLost(reason)
         super().connectionLost(reason)
+        self.site.connection_closed(self)
 
 
 class RelaySite(server.Site):
@@ -160,6 +166,37 @@ class RelaySite(server.Site):
     def __init__(self, resource, max_request_body: int = DEFAULT_MAX_REQUEST_BODY, **kwargs):
         super().__init__(resource, **kwargs)
         self.max_request_body = max_request_body
+        self.connections: Set[RelayChannel] = set()
+        self._all_closed: List[Deferred] = []
 
     def log(self, request) -> None:
         pass
+
+    def connection_closed(self, channel: "RelayChannel") -> None:
+        self.connections.discard(channel)
+        if not self.connections:
+            waiters, self._all_closed = self._all_closed, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_connections(self, abort_after: float = 5.0) -> Deferred:
+        """
+        Close every connection (at shutdown, once requests are drained, as
+        Go's C{Server.Shutdown} closes idle ones); abort those that have not
+        closed after C{abort_after} seconds (a peer that does not read).
+        Fires when all are gone.
+        """
+        if not self.connections:
+            return succeed(None)
+        d = Deferred()
+        self._all_closed.append(d)
+        for channel in list(self.connections):
+            channel.transport.loseConnection()
+
+        def abort():
+            for channel in list(self.connections):
+                channel.transport.abortConnection()
+
+        timer = self.reactor.callLater(abort_after, abort)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return d

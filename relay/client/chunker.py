@@ -1,0 +1,244 @@
+"""
+When the backend's bytes go up to the relay, and in what pieces.
+
+Every message is a C{POST /server/response}, so sending each read as it comes
+would cost a round trip per few kilobytes, while waiting for the whole body
+would break streaming (C{kubectl logs -f}, server-sent events) and use
+unbounded memory. The Go client's answer, kept here because users feel it:
+
+  - a full piece of C{max_chunk_size} bytes goes at once;
+  - anything less goes at most C{flush_delay} (100 ms) after its first byte
+    arrived, the latency a user sees on a trickling stream; the status and
+    headers count as pending too, so they are held back the same 100 ms to
+    share a message with the start of the body (a small answer is then a
+    single message);
+  - when nothing at all has been sent for C{keepalive_interval} (3 s), an
+    empty message tells the relay server that the request is still alive,
+    so that it does not drop it as inactive;
+  - messages go one at a time and in order; while one is on its way at most
+    one more piece is gathered, then the backend is paused (back-pressure:
+    the relay server holds a POST while its user is slow to read, and that
+    must slow the backend down rather than fill our memory).
+
+The policy is pure logic over an injected L{IReactorTime}, so that it can be
+pinned down with L{twisted.internet.task.Clock}.
+"""
+
+from typing import Callable, Iterable, Optional, Tuple
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.python.failure import Failure
+
+from relay.proto.http_relay_pb2 import HttpResponse
+
+DEFAULT_MAX_CHUNK_SIZE = 50 * 1024
+FLUSH_DELAY = 0.1
+KEEPALIVE_INTERVAL = 3.0
+
+
+class Chunker:
+    """
+    Turns the backend's body into the stream of L{HttpResponse} messages for
+    one request id.
+
+    @ivar done: fires with None once the last message (C{eof}) was accepted,
+        or fails with the error of the message that could not be delivered.
+    @ivar first_sent: fires with True once the first message (status and
+        headers) was accepted, or with False if it never will be: an upgraded
+        request may only read its request stream after the relay server has
+        its 101.
+    """
+
+    def __init__(
+        self,
+        first: HttpResponse,
+        send: Callable[[HttpResponse], Deferred],
+        clock: IReactorTime,
+        max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+        flush_delay: float = FLUSH_DELAY,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        started: Optional[float] = None,
+        send_first_now: bool = False,
+    ):
+        self._message = first
+        self._id = first.id
+        self._send = send
+        self._clock = clock
+        self._max = max(1, max_chunk_size)
+        self._flush_delay = flush_delay
+        self._keepalive_interval = keepalive_interval
+        self._started = clock.seconds() if started is None else started
+        self._buffer = bytearray()
+        self._header_pending = True
+        self._flush_due = send_first_now
+        self._flush_call: Optional[IDelayedCall] = None
+        self._keepalive_call: Optional[IDelayedCall] = None
+        self._sending: Optional[Deferred] = None
+        self._eof = False
+        self._trailers: Tuple[Tuple[str, str], ...] = ()
+        self._stopped = False
+        self._producer: Optional[IPushProducer] = None
+        self._paused = False
+        self.messages_sent = 0
+        self.bytes_sent = 0
+        self.done: Deferred = Deferred()
+        self.first_sent: Deferred = Deferred()
+        if not send_first_now:
+            self._schedule_flush()
+        self._pump()
+
+    # The backend's side.
+
+    def set_producer(self, producer: Optional[IPushProducer]) -> None:
+        """What to pause when we are behind, and to stop when we give up."""
+        self._producer = producer
+        if self._stopped and producer is not None:
+            producer.stopProducing()
+
+    def write(self, data: bytes) -> None:
+        if self._stopped or self._eof or not data:
+            return
+        if not self._buffer and self._flush_call is None and not self._flush_due:
+            self._schedule_flush()
+        self._buffer += data
+        self._pump()
+
+    def finish(self, trailers: Iterable[Tuple[str, str]] = ()) -> None:
+        """The backend's body is complete."""
+        if self._stopped or self._eof:
+            return
+        self._eof = True
+        self._trailers = tuple(trailers)
+        self._pump()
+
+    def abort(self, reason: Optional[Failure] = None) -> None:
+        """Give up: stop the timers and the backend; C{done} fails."""
+        self._stop(reason if reason is not None else Failure(CancelledError()))
+
+    # Policy.
+
+    def _pump(self) -> None:
+        if self._stopped:
+            return
+        if self._sending is not None:
+            # One message in flight; gather at most one more piece.
+            if len(self._buffer) >= self._max:
+                self._pause()
+            return
+        if self._eof and len(self._buffer) <= self._max:
+            self._emit(final=True)
+        elif len(self._buffer) >= self._max or (
+            self._flush_due and (self._buffer or self._header_pending)
+        ):
+            self._emit(final=False)
+        else:
+            self._flush_due = False
+            self._resume()
+
+    def _emit(self, final: bool) -> None:
+        message = self._message
+        self._message = HttpResponse(id=self._id)
+        piece = bytes(self._buffer[: self._max])
+        del self._buffer[: len(piece)]
+        if piece:
+            message.body = piece
+        if final:
+            message.eof = True
+            for name, value in self._trailers:
+                message.trailer.add(name=name, value=value)
+            elapsed = self._clock.seconds() - self._started
+            message.backend_duration_ms = int(max(0.0, elapsed) * 1000)
+        self._header_pending = False
+        if self._buffer:
+            if not self._flush_due and self._flush_call is None:
+                self._schedule_flush()
+        else:
+            self._flush_due = False
+            self._cancel_flush()
+        self._cancel_keepalive()
+        self.messages_sent += 1
+        self.bytes_sent += len(piece)
+        d = self._sending = Deferred()
+        d.addCallbacks(lambda _: self._sent(final), self._failed)
+        self._send(message).chainDeferred(d)
+
+    def _sent(self, final: bool) -> None:
+        self._sending = None
+        if not self.first_sent.called:
+            self.first_sent.callback(True)
+        if self._stopped:
+            return
+        if final:
+            self._stopped = True
+            self._cancel_flush()
+            self.done.callback(None)
+            return
+        self._schedule_keepalive()
+        self._pump()
+        if self._sending is None and len(self._buffer) < self._max:
+            self._resume()
+
+    def _failed(self, failure: Failure) -> None:
+        self._sending = None
+        self._stop(failure)
+
+    def _stop(self, failure: Failure) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._cancel_flush()
+        self._cancel_keepalive()
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            producer.stopProducing()
+        if not self.first_sent.called:
+            self.first_sent.callback(False)
+        self.done.errback(failure)
+
+    # Timers.
+
+    def _schedule_flush(self) -> None:
+        self._cancel_flush()
+        self._flush_call = self._clock.callLater(self._flush_delay, self._flush_fired)
+
+    def _flush_fired(self) -> None:
+        self._flush_call = None
+        self._flush_due = True
+        self._pump()
+
+    def _cancel_flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+
+    def _schedule_keepalive(self) -> None:
+        self._cancel_keepalive()
+        self._keepalive_call = self._clock.callLater(self._keepalive_interval, self._keepalive_fired)
+
+    def _keepalive_fired(self) -> None:
+        self._keepalive_call = None
+        if self._stopped or self._sending is not None:
+            return
+        if self._buffer or self._header_pending or self._eof:
+            # Something real is about to go; it is the sign of life.
+            self._pump()
+            return
+        self._emit(final=False)
+
+    def _cancel_keepalive(self) -> None:
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
+
+    # Back-pressure.
+
+    def _pause(self) -> None:
+        if not self._paused and self._producer is not None:
+            self._paused = True
+            self._producer.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused and self._producer is not None:
+            self._paused = False
+            self._producer.resumeProducing()

@@ -1,0 +1,180 @@
+"""
+Shared pieces of the server tests: an in-process relay server on a loopback
+port, a test double that plays the relay-client with real protobuf messages
+over real HTTP, and a raw-socket user-client for the cases where an HTTP
+library would hide what we need to see (slow reading, aborted connections,
+101 pipes).
+"""
+
+import os
+import re
+import socket
+from typing import List, Optional, Tuple
+
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.web.client import HTTPConnectionPool
+
+from relay.metrics import RelayMetrics
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.service import make_server_service
+
+
+class RelayServer:
+    """A relay server service listening on 127.0.0.1, for one test."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("metrics", RelayMetrics(process=False))
+        self.service = make_server_service(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), reactor, **kwargs
+        )
+        self.service.startService()
+        self.port = self.service.listening_port.getHost().port
+        self.broker = self.service.broker
+        self.base = "http://127.0.0.1:%d" % (self.port,)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def stop(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.service.stopService)
+
+
+class FakeRelayClient:
+    """
+    Speaks the relay-client side of the protocol, one call at a time, so a
+    test can place every message where it wants.
+    """
+
+    def __init__(self, server: RelayServer):
+        self.server = server
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 16
+        self.http = treq
+
+    def close(self) -> defer.Deferred:
+        return self.pool.closeCachedConnections()
+
+    @defer.inlineCallbacks
+    def poll(self, name: str):
+        """C{(status, HttpRequest or body bytes)}."""
+        resp = yield treq.get(self.server.url("/server/request?server=" + name), pool=self.pool)
+        body = yield resp.content()
+        if resp.code == 200:
+            message = HttpRequest()
+            message.ParseFromString(body)
+            return resp.code, message
+        return resp.code, body
+
+    @defer.inlineCallbacks
+    def post(self, message) -> defer.Deferred:
+        data = message if isinstance(message, bytes) else message.SerializeToString()
+        resp = yield treq.post(self.server.url("/server/response"), data=data, pool=self.pool)
+        body = yield resp.content()
+        return resp.code, body
+
+    def respond(self, request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()):
+        m = HttpResponse(id=request_id, body=body, eof=eof)
+        if status is not None:
+            m.status_code = status
+        for k, v in headers:
+            m.header.add(name=k, value=v)
+        for k, v in trailers:
+            m.trailer.add(name=k, value=v)
+        return self.post(m)
+
+    @defer.inlineCallbacks
+    def request_stream(self, request_id: str):
+        resp = yield treq.post(
+            self.server.url("/server/requeststream?id=" + request_id), data=b"", pool=self.pool
+        )
+        body = yield resp.content()
+        return resp.code, body
+
+
+class RawResponse(protocol.Protocol):
+    """
+    Collects a user-client's raw bytes and tells how the connection ended:
+    C{clean} is False when it was reset (aborted) rather than closed.
+    """
+
+    def __init__(self):
+        self.data = bytearray()
+        self.ended = defer.Deferred()
+        self.received = None
+        self.clean = None
+
+    def dataReceived(self, data):
+        self.data += data
+        if self.received is not None:
+            d, self.received = self.received, None
+            d.callback(None)
+
+    def wait_for(self, pattern: bytes) -> defer.Deferred:
+        """Fires once C{pattern} has been received."""
+
+        @defer.inlineCallbacks
+        def loop():
+            while pattern not in self.data:
+                if self.ended.called:
+                    raise AssertionError("connection ended before %r: %r" % (pattern, bytes(self.data)))
+                self.received = defer.Deferred()
+                yield self.received
+
+        return loop()
+
+    def connectionLost(self, reason):
+        from twisted.internet.error import ConnectionDone
+
+        self.clean = reason.check(ConnectionDone) is not None
+        if self.received is not None:
+            d, self.received = self.received, None
+            d.callback(None)
+        self.ended.callback(None)
+
+
+@defer.inlineCallbacks
+def raw_connect(port: int) -> RawResponse:
+    proto = RawResponse()
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    return proto
+
+
+def head_and_body(data: bytes) -> Tuple[bytes, bytes]:
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    return head, body
+
+
+def dechunk(body: bytes) -> Tuple[bytes, List[bytes], bool]:
+    """C{(payload, trailer lines, complete)} of a chunked body."""
+    out = []
+    rest = body
+    while True:
+        line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            return b"".join(out), [], False
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            trailers, sep, _ = rest.partition(b"\r\n\r\n")
+            if not sep and rest != b"\r\n":
+                return b"".join(out), [], False
+            lines = [t for t in trailers.split(b"\r\n") if t]
+            return b"".join(out), lines, True
+        if len(rest) < size + 2:
+            return b"".join(out), [], False
+        out.append(rest[:size])
+        rest = rest[size + 2 :]
+
+
+def rss_peak_kib(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

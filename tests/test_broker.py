@@ -1,0 +1,315 @@
+"""
+The broker's rules, with time driven by a Clock: pickup, polls, timeouts,
+back-pressure, cancellation and reaping.
+"""
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from relay.broker import (
+    PICKUP_TIMEOUT,
+    POLL_TIMEOUT,
+    STREAM_POLL_TIMEOUT,
+    BackendUnreachable,
+    Broker,
+    RequestExpired,
+    ServerStopping,
+    StreamQueue,
+    UnknownBackend,
+    UnknownRequest,
+    new_request_id,
+)
+from relay.metrics import RelayMetrics
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+
+
+class Sink:
+    def __init__(self):
+        self.messages = []
+        self.failures = []
+        self.pending = None
+        self.pause_after_write = False
+
+    def deliver(self, message):
+        self.messages.append(message)
+        if self.pause_after_write:
+            self.pending.pauseProducing()
+
+    def fail(self, reason):
+        self.failures.append(reason)
+
+
+def results(d):
+    out = []
+    d.addBoth(out.append)
+    return out
+
+
+class BrokerTestCase(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.metrics = RelayMetrics(process=False)
+        self.broker = Broker(self.clock, self.metrics, inactive_request_timeout=60, inactive_backend_timeout=1800)
+
+    def relay(self, name="robot", url="http://invalid/x"):
+        sink = Sink()
+        pending = self.broker.relay(name, HttpRequest(method="GET", url=url), sink)
+        sink.pending = pending
+        return pending, sink
+
+    def known(self, name="robot"):
+        """Make a backend known the way a relay-client does: by polling."""
+        d = self.broker.get_request(name)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
+    def test_request_id_format(self):
+        request_id = new_request_id("robot-1")
+        name, _, hexpart = request_id.partition(":")
+        self.assertEqual(name, "robot-1")
+        self.assertRegex(hexpart, r"^[0-9a-f]{32}$")
+        self.assertNotEqual(request_id, new_request_id("robot-1"))
+
+    def test_unknown_backend(self):
+        with self.assertRaises(UnknownBackend) as e:
+            self.relay("nobody")
+        self.assertIn("unknown client", str(e.exception))
+        self.assertIn('"nobody"', str(e.exception))
+
+    def test_waiting_poll_gets_request(self):
+        d = self.broker.get_request("robot")
+        pending, _ = self.relay()
+        message = self.successResultOf(d)
+        self.assertEqual(message.id, pending.id)
+        self.assertTrue(pending.id.startswith("robot:"))
+        self.assertEqual(message.url, "http://invalid/x")
+
+    def test_queued_request_goes_to_next_poll(self):
+        self.known()
+        pending, sink = self.relay()
+        self.clock.advance(PICKUP_TIMEOUT - 1)
+        message = self.successResultOf(self.broker.get_request("robot"))
+        self.assertEqual(message.id, pending.id)
+        # Picked up: the pickup timeout no longer applies.
+        self.clock.advance(5)
+        self.assertEqual(sink.failures, [])
+
+    def test_each_request_goes_to_exactly_one_poll(self):
+        polls = [self.broker.get_request("robot") for _ in range(3)]
+        ids = [self.relay()[0].id for _ in range(2)]
+        got = [self.successResultOf(d).id for d in polls[:2]]
+        self.assertEqual(sorted(got), sorted(ids))
+        self.assertNoResult(polls[2])
+
+    def test_pickup_timeout(self):
+        self.known()
+        pending, sink = self.relay()
+        self.clock.advance(PICKUP_TIMEOUT)
+        self.assertEqual(len(sink.failures), 1)
+        self.assertIsInstance(sink.failures[0], BackendUnreachable)
+        self.assertIn("timeout waiting for relay client to accept request", str(sink.failures[0]))
+        self.assertNotIn(pending.id, self.broker.requests)
+        # A later poll does not get the abandoned request.
+        d = self.broker.get_request("robot")
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
+    def test_poll_timeout(self):
+        d = self.broker.get_request("robot")
+        self.clock.advance(POLL_TIMEOUT - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_cancelled_poll_gets_nothing(self):
+        d = self.broker.get_request("robot")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        pending, sink = self.relay()
+        self.assertFalse(pending.picked_up)
+        self.clock.advance(PICKUP_TIMEOUT)
+        self.assertIsInstance(sink.failures[0], BackendUnreachable)
+
+    def test_response_stream_in_order(self):
+        d = self.broker.get_request("robot")
+        pending, sink = self.relay()
+        self.successResultOf(d)
+        for i, eof in enumerate([False, False, True]):
+            m = HttpResponse(id=pending.id, body=b"%d" % i, eof=eof)
+            if i == 0:
+                m.status_code = 200
+            self.successResultOf(self.broker.send_response(m))
+        self.assertEqual([m.body for m in sink.messages], [b"0", b"1", b"2"])
+        self.assertNotIn(pending.id, self.broker.requests)
+        with self.assertRaises(UnknownRequest):
+            self.broker.send_response(HttpResponse(id=pending.id, body=b"late"))
+
+    def test_post_is_held_while_user_is_paused(self):
+        """Back-pressure: a paused user-client holds the relay-client's POST."""
+        pending, sink = self._picked_up()
+        pending.pauseProducing()
+        first = self.broker.send_response(HttpResponse(id=pending.id, status_code=200, body=b"a"))
+        second = self.broker.send_response(HttpResponse(id=pending.id, body=b"b", eof=True))
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertEqual(sink.messages, [])
+        pending.resumeProducing()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual([m.body for m in sink.messages], [b"a", b"b"])
+
+    def test_pause_during_write_holds_the_next_post(self):
+        pending, sink = self._picked_up()
+        sink.pause_after_write = True
+        first = self.broker.send_response(HttpResponse(id=pending.id, status_code=200, body=b"a"))
+        self.successResultOf(first)
+        second = self.broker.send_response(HttpResponse(id=pending.id, body=b"b"))
+        self.assertNoResult(second)
+        sink.pause_after_write = False
+        pending.resumeProducing()
+        self.successResultOf(second)
+
+    def test_duplicate_eof_is_refused_at_once(self):
+        pending, sink = self._picked_up()
+        pending.pauseProducing()
+        held = self.broker.send_response(HttpResponse(id=pending.id, status_code=200, eof=True))
+        with self.assertRaises(UnknownRequest):
+            self.broker.send_response(HttpResponse(id=pending.id, status_code=200, eof=True))
+        pending.resumeProducing()
+        self.successResultOf(held)
+        self.assertEqual(len(sink.messages), 1)
+
+    def test_cancel_makes_id_unknown_and_releases_held_posts(self):
+        pending, sink = self._picked_up()
+        pending.pauseProducing()
+        held = self.broker.send_response(HttpResponse(id=pending.id, status_code=200, body=b"x"))
+        self.broker.cancel(pending)
+        self.failureResultOf(held, UnknownRequest)
+        with self.assertRaises(UnknownRequest):
+            self.broker.send_response(HttpResponse(id=pending.id, body=b"y"))
+        self.assertEqual(sink.failures, [])
+        self.assertEqual(self.broker.requests, {})
+
+    def test_cancelled_post_is_not_delivered(self):
+        """A relay-client whose POST timed out retries it: no duplicate data."""
+        pending, sink = self._picked_up()
+        pending.pauseProducing()
+        held = self.broker.send_response(HttpResponse(id=pending.id, status_code=200, body=b"x"))
+        held.cancel()
+        self.failureResultOf(held, CancelledError)
+        retry = self.broker.send_response(HttpResponse(id=pending.id, status_code=200, body=b"x"))
+        pending.resumeProducing()
+        self.successResultOf(retry)
+        self.assertEqual([m.body for m in sink.messages], [b"x"])
+
+    def test_inactive_request_is_reaped_once_timeout_passed(self):
+        pending, sink = self._picked_up()
+        self.clock.advance(59)
+        self.broker.reap()
+        self.assertEqual(sink.failures, [])
+        self.broker.send_response(HttpResponse(id=pending.id, status_code=200, body=b"x"))
+        self.clock.advance(59)
+        self.broker.reap()
+        self.assertEqual(sink.failures, [])
+        self.clock.advance(2)
+        self.broker.reap()
+        self.assertEqual(len(sink.failures), 1)
+        self.assertIsInstance(sink.failures[0], RequestExpired)
+        self.assertEqual(self.broker.requests, {})
+
+    def test_unpicked_request_expires_too(self):
+        self.broker.inactive_request_timeout = 5
+        self.known()
+        pending, sink = self.relay()
+        self.clock.advance(6)
+        self.broker.reap()
+        self.assertIsInstance(sink.failures[0], RequestExpired)
+        self.assertEqual(self.broker.backends["robot"].queue.__len__(), 0)
+
+    def test_inactive_backend_is_forgotten_with_its_metrics(self):
+        d = self.broker.get_request("robot")
+        self.clock.advance(POLL_TIMEOUT)
+        self.successResultOf(d)
+        self.assertIn(b'backend="robot"', self.metrics.render())
+        self.clock.advance(1800 - 1)
+        self.broker.reap()
+        self.assertIn("robot", self.broker.backends)
+        self.clock.advance(2)
+        self.broker.reap()
+        self.assertNotIn("robot", self.broker.backends)
+        self.assertNotIn(b'backend="robot"', self.metrics.render())
+        with self.assertRaises(UnknownBackend):
+            self.relay()
+
+    def test_backend_with_open_poll_is_kept(self):
+        self.broker.inactive_backend_timeout = 10
+        d = self.broker.get_request("robot")
+        self.clock.advance(11)
+        self.broker.reap()
+        self.assertIn("robot", self.broker.backends)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
+    def test_stop_ends_polls_and_refuses_requests(self):
+        d = self.broker.get_request("robot")
+        self.broker.stop()
+        self.assertIsNone(self.successResultOf(d))
+        with self.assertRaises(ServerStopping):
+            self.relay()
+
+    def test_request_stream(self):
+        pending, sink = self._picked_up()
+        with self.assertRaises(UnknownRequest):
+            # No 101 yet: nothing to stream.
+            self.broker.get_request_stream(pending.id)
+        stream = pending.open_stream(block_size=4, high_water=8)
+        d = self.broker.get_request_stream(pending.id)
+        self.assertNoResult(d)
+        stream.put(b"hello world")
+        self.assertEqual(self.successResultOf(d), b"hell")
+        self.assertEqual(self.successResultOf(self.broker.get_request_stream(pending.id)), b"o wo")
+        idle = self.broker.get_request_stream(pending.id)
+        self.assertEqual(self.successResultOf(idle), b"rld")
+        idle = self.broker.get_request_stream(pending.id)
+        self.clock.advance(STREAM_POLL_TIMEOUT)
+        self.assertEqual(self.successResultOf(idle), b"")
+        waiting = self.broker.get_request_stream(pending.id)
+        self.broker.cancel(pending)
+        self.assertIsNone(self.successResultOf(waiting))
+        with self.assertRaises(UnknownRequest):
+            self.broker.get_request_stream(pending.id)
+
+    def _picked_up(self):
+        d = self.broker.get_request("robot")
+        pending, sink = self.relay()
+        self.successResultOf(d)
+        return pending, sink
+
+
+class Producer:
+    def __init__(self):
+        self.paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+
+class StreamQueueTestCase(unittest.TestCase):
+    def test_pauses_producer_above_high_water(self):
+        q = StreamQueue(Clock(), block_size=10, high_water=20)
+        producer = Producer()
+        q.set_producer(producer)
+        q.put(b"x" * 15)
+        self.assertFalse(producer.paused)
+        q.put(b"x" * 10)
+        self.assertTrue(producer.paused)
+        self.assertEqual(self.successResultOf(q.get()), b"x" * 10)
+        self.assertTrue(producer.paused)
+        self.assertEqual(self.successResultOf(q.get()), b"x" * 10)
+        self.assertFalse(producer.paused)
+        self.assertEqual(q.buffered, 5)

@@ -1,0 +1,487 @@
+"""
+The relay server's endpoints, status codes and bodies (PROTOCOL.md, server
+sections), over real loopback sockets with real protobuf messages. A
+L{FakeRelayClient} plays the relay-client; the protocol's timeouts run on a
+L{Clock} the tests advance.
+"""
+
+import re
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from relay.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, STREAM_POLL_TIMEOUT
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect
+
+GO_ERROR_HEADERS = {
+    b"content-type": [b"text/plain; charset=utf-8"],
+    b"x-content-type-options": [b"nosniff"],
+}
+
+
+class ServerTestCase(unittest.TestCase):
+    timeout = 30
+
+    def setUp(self):
+        self.clock = Clock()
+        self.server = RelayServer(clock=self.clock)
+        self.relay_client = FakeRelayClient(self.server)
+        self.users = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(self.users.closeCachedConnections)
+        self.addCleanup(self.relay_client.close)
+        self.addCleanup(self.server.stop)
+
+    def get(self, path, **kw):
+        return treq.get(self.server.url(path), pool=self.users, **kw)
+
+    def request(self, method, path, **kw):
+        return treq.request(method, self.server.url(path), pool=self.users, **kw)
+
+    @defer.inlineCallbacks
+    def known(self, name="robot"):
+        """A relay-client polls once (and times out), making C{name} known."""
+        poll = self.relay_client.poll(name)
+        yield self.until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        self.clock.advance(POLL_TIMEOUT)
+        code, _ = yield poll
+        self.assertEqual(code, 408)
+
+    @defer.inlineCallbacks
+    def until(self, condition, timeout=5.0):
+        """Wait (on the real reactor) for server-side state to change."""
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError("condition not reached in time")
+            yield deferLater(0.005)
+
+    @defer.inlineCallbacks
+    def relayed(self, path, method="GET", name="robot", **kw):
+        """Start a user request and pick it up: C{(user Deferred, HttpRequest)}."""
+        poll = self.relay_client.poll(name)
+        yield self.until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        user = self.request(method, path, **kw)
+        code, message = yield poll
+        self.assertEqual(code, 200)
+        return user, message
+
+
+def deferLater(seconds):
+    from twisted.internet.task import deferLater as later
+
+    return later(reactor, seconds, lambda: None)
+
+
+class OperationsTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def test_healthz(self):
+        resp = yield self.get("/healthz")
+        self.assertEqual(resp.code, 200)
+        self.assertEqual((yield resp.content()), b"ok")
+        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"text/plain"])
+        self.assertIsNone(resp.headers.getRawHeaders(b"server"))
+
+    @defer.inlineCallbacks
+    def test_metrics_have_go_names_and_labels(self):
+        user, message = yield self.relayed("/client/robot/api/items/123456")
+        yield self.relay_client.post(
+            HttpResponse(id=message.id, status_code=200, body=b"x", eof=True, backend_duration_ms=5)
+        )
+        yield (yield user).content()
+        resp = yield self.get("/metrics")
+        text = (yield resp.content()).decode()
+        self.assertEqual(resp.code, 200)
+        self.assertIn(b"text/plain; version=0.0.4", resp.headers.getRawHeaders(b"content-type")[0])
+        self.assertIn("# TYPE broker_requests counter", text)
+        self.assertRegex(
+            text, r'broker_requests\{backend="robot",method="client",request_path="/api/items/XXX"\} 1\n'
+        )
+        self.assertRegex(
+            text,
+            r'broker_responses\{backend="robot",method="server_response",request_path="/api/items/XXX",result="ok"\} 1\n',
+        )
+        self.assertIn('broker_responses{backend="robot",method="server_request",request_path="/server/request",result="ok"} 1', text)
+        for name in ("broker_responses_durations", "broker_backend_responses_durations", "broker_overhead_durations"):
+            self.assertIn("# TYPE %s histogram" % name, text)
+            self.assertRegex(text, name + r'_count\{backend="robot",method="server_response",request_path="/api/items/XXX"\} 1')
+        self.assertNotIn("_total", text)
+        self.assertNotIn("_created", text)
+
+
+class UserRoutingTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def test_client_prefix_builds_http_request(self):
+        user, message = yield self.relayed(
+            "/client/robot/some/path?a=1&b=two%20words",
+            method="POST",
+            data=b"request body",
+            headers={b"X-Multi": [b"one", b"two"], b"Content-Type": [b"text/plain"]},
+        )
+        self.assertRegex(message.id, r"^robot:[0-9a-f]{32}$")
+        self.assertEqual(message.method, "POST")
+        self.assertEqual(message.url, "http://invalid/some/path?a=1&b=two%20words")
+        self.assertEqual(message.host, "127.0.0.1:%d" % self.server.port)
+        self.assertEqual(message.body, b"request body")
+        headers = [(h.name, h.value) for h in message.header]
+        self.assertIn(("X-Multi", "one"), headers)
+        self.assertIn(("X-Multi", "two"), headers)
+        self.assertIn(("Content-Type", "text/plain"), headers)
+        self.assertNotIn("Host", [h.name for h in message.header])
+        yield self.relay_client.respond(message.id, 204)
+        self.assertEqual((yield user).code, 204)
+
+    @defer.inlineCallbacks
+    def test_name_only_path_becomes_slash(self):
+        user, message = yield self.relayed("/client/robot")
+        self.assertEqual(message.url, "http://invalid/")
+        yield self.relay_client.respond(message.id, 200)
+        yield (yield user).content()
+
+    @defer.inlineCallbacks
+    def test_x_server_name_keeps_path(self):
+        user, message = yield self.relayed(
+            "/pkg.Service/Method", method="POST", headers={b"X-Server-Name": [b"robot"]}
+        )
+        self.assertEqual(message.url, "http://invalid/pkg.Service/Method")
+        yield self.relay_client.respond(message.id, 200)
+        yield (yield user).content()
+
+    @defer.inlineCallbacks
+    def test_empty_name_is_400(self):
+        for path in ("/client/", "/client//x"):
+            resp = yield self.get(path)
+            self.assertEqual(resp.code, 400, path)
+            self.assertEqual(
+                (yield resp.content()), b"Request path too short: missing remote server identifier\n"
+            )
+            for k, v in GO_ERROR_HEADERS.items():
+                self.assertEqual(resp.headers.getRawHeaders(k), v)
+
+    @defer.inlineCallbacks
+    def test_no_prefix_no_header_is_400(self):
+        resp = yield self.get("/anything")
+        self.assertEqual(resp.code, 400)
+        self.assertEqual((yield resp.content()), b'Request without required header: "X-Server-Name"\n')
+
+    @defer.inlineCallbacks
+    def test_exact_paths_only(self):
+        """Like Go's ServeMux: /healthz/x is user traffic, not the health check."""
+        resp = yield self.get("/healthz/x")
+        self.assertEqual(resp.code, 400)
+        yield resp.content()
+
+    @defer.inlineCallbacks
+    def test_unknown_backend_is_503(self):
+        resp = yield self.get("/client/nobody/x")
+        self.assertEqual(resp.code, 503)
+        body = yield resp.content()
+        self.assertEqual(
+            body,
+            b'Cannot reach the client "nobody". Check that it\'s turned on, set up, and '
+            b"connected to the internet. (unknown client)",
+        )
+
+    @defer.inlineCallbacks
+    def test_known_backend_not_picking_up_is_503(self):
+        yield self.known()
+        user = self.get("/client/robot/x")
+        yield self.until(lambda: self.server.broker.requests)
+        self.clock.advance(PICKUP_TIMEOUT)
+        resp = yield user
+        self.assertEqual(resp.code, 503)
+        self.assertIn(b"timeout waiting for relay client to accept request", (yield resp.content()))
+        self.assertEqual(self.server.broker.requests, {})
+
+
+class ResponseTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def test_status_headers_body_and_repeated_headers(self):
+        user, message = yield self.relayed("/client/robot/x")
+        yield self.relay_client.respond(
+            message.id,
+            201,
+            b"created",
+            headers=[("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")],
+        )
+        resp = yield user
+        self.assertEqual(resp.code, 201)
+        self.assertEqual((yield resp.content()), b"created")
+        self.assertEqual(resp.headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"application/json"])
+
+    @defer.inlineCallbacks
+    def test_chunks_are_streamed_as_they_come(self):
+        user, message = yield self.relayed("/client/robot/stream")
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"first|"))
+        self.assertEqual(code, 200)
+        resp = yield user
+        collected = []
+        got_first = defer.Deferred()
+
+        def collect(data):
+            collected.append(data)
+            if not got_first.called:
+                got_first.callback(None)
+
+        done = treq.collect(resp, collect)
+        yield got_first
+        self.assertEqual(b"".join(collected), b"first|")
+        code, body = yield self.relay_client.post(HttpResponse(id=message.id, body=b"second", eof=True))
+        self.assertEqual((code, body), (200, b"ok"))
+        yield done
+        self.assertEqual(b"".join(collected), b"first|second")
+
+    @defer.inlineCallbacks
+    def test_keepalive_messages_are_harmless(self):
+        user, message = yield self.relayed("/client/robot/x")
+        yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"a"))
+        code, body = yield self.relay_client.post(HttpResponse(id=message.id))
+        self.assertEqual((code, body), (200, b"ok"))
+        yield self.relay_client.post(HttpResponse(id=message.id, body=b"b", eof=True))
+        self.assertEqual((yield (yield user).content()), b"ab")
+
+    @defer.inlineCallbacks
+    def test_trailers_and_grpc_headers_as_trailers(self):
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(b"POST /rpc HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n")
+        code, message = yield poll
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=200,
+                header=[{"name": "Content-Type", "value": "application/grpc"}, {"name": "Grpc-Status", "value": "0"}],
+                body=b"payload",
+            )
+        )
+        yield self.relay_client.post(
+            HttpResponse(id=message.id, eof=True, trailer=[{"name": "Grpc-Message", "value": "done"}])
+        )
+        yield proto.wait_for(b"Grpc-Status: 0\r\n\r\n")
+        head, body = head_and_body(proto.data)
+        payload, trailers, complete = dechunk(body)
+        self.assertTrue(complete)
+        self.assertEqual(payload, b"payload")
+        self.assertEqual(trailers, [b"Grpc-Message: done", b"Grpc-Status: 0"])
+        proto.transport.loseConnection()
+        yield proto.ended
+
+    @defer.inlineCallbacks
+    def test_first_message_without_status_is_500(self):
+        user, message = yield self.relayed("/client/robot/x")
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"no status"))
+        resp = yield user
+        self.assertEqual(resp.code, 500)
+        self.assertEqual((yield resp.content()), b"Received no header from relay client")
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"more"))
+        self.assertEqual(code, 400)
+
+    @defer.inlineCallbacks
+    def test_no_first_response_in_time_is_504(self):
+        user, message = yield self.relayed("/client/robot/slow")
+        self.clock.advance(60)
+        self.assertNoResult(user)
+        self.clock.advance(10)  # the reaper runs every 10 s
+        resp = yield user
+        self.assertEqual(resp.code, 504)
+        self.assertEqual(
+            (yield resp.content()),
+            b"Timeout after 1m0s, indicating that the backend request took too long",
+        )
+        code, body = yield self.relay_client.respond(message.id, 200)
+        self.assertEqual(code, 400)
+        self.assertEqual(self.server.broker.requests, {})
+
+    @defer.inlineCallbacks
+    def test_response_ending_without_eof_aborts_user_connection(self):
+        """Honest truncation: a response cut short never looks complete."""
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
+        code, message = yield poll
+        yield self.relay_client.post(
+            HttpResponse(id=message.id, status_code=200, header=[{"name": "Content-Length", "value": "100"}], body=b"x" * 10)
+        )
+        yield proto.wait_for(b"x" * 10)
+        self.clock.advance(70)  # inactive: reaped
+        yield proto.ended
+        self.assertFalse(proto.clean, "the connection was closed as if the response were complete")
+        head, body = head_and_body(proto.data)
+        self.assertEqual(body, b"x" * 10)
+
+    @defer.inlineCallbacks
+    def test_truncated_chunked_response_has_no_final_chunk(self):
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
+        code, message = yield poll
+        yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"partial"))
+        yield proto.wait_for(b"partial")
+        self.clock.advance(70)
+        yield proto.ended
+        self.assertFalse(proto.clean)
+        payload, _, complete = dechunk(head_and_body(proto.data)[1])
+        self.assertFalse(complete)
+        self.assertEqual(payload, b"partial")
+
+    @defer.inlineCallbacks
+    def test_user_disconnect_makes_id_unknown(self):
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        code, message = yield poll
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"a"))
+        self.assertEqual(code, 200)
+        proto.transport.loseConnection()
+        yield proto.ended
+        yield self.until(lambda: not self.server.broker.requests)
+        code, body = yield self.relay_client.post(HttpResponse(id=message.id, body=b"b"))
+        self.assertEqual(code, 400)
+        self.assertEqual(body, ("Duplicate or invalid request ID %s\n" % message.id).encode())
+
+
+class RelayClientEndpointTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def test_poll_returns_request_with_content_type(self):
+        yield self.known()
+        user = self.get("/client/robot/x")
+        yield self.until(lambda: self.server.broker.requests)
+        resp = yield treq.get(self.server.url("/server/request?server=robot"), pool=self.relay_client.pool)
+        self.assertEqual(resp.code, 200)
+        self.assertEqual(
+            resp.headers.getRawHeaders(b"content-type"),
+            [b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpRequest"],
+        )
+        message = HttpRequest()
+        message.ParseFromString((yield resp.content()))
+        self.assertEqual(message.url, "http://invalid/x")
+        yield self.relay_client.respond(message.id, 200, b"done")
+        self.assertEqual((yield (yield user).content()), b"done")
+
+    @defer.inlineCallbacks
+    def test_poll_timeout_is_408(self):
+        poll = treq.get(self.server.url("/server/request?server=robot"), pool=self.relay_client.pool)
+        yield self.until(lambda: self.server.broker.backends.get("robot") and self.server.broker.backends["robot"].polls)
+        self.clock.advance(POLL_TIMEOUT)
+        resp = yield poll
+        self.assertEqual(resp.code, 408)
+        self.assertEqual((yield resp.content()), b"No request received within timeout\n")
+
+    @defer.inlineCallbacks
+    def test_poll_without_server_is_400(self):
+        for query in ("", "?server="):
+            resp = yield treq.get(self.server.url("/server/request" + query), pool=self.relay_client.pool)
+            self.assertEqual(resp.code, 400)
+            self.assertEqual((yield resp.content()), b"Missing server query parameter\n")
+        self.assertEqual(self.server.broker.backends, {})
+
+    @defer.inlineCallbacks
+    def test_response_ok_is_text_plain(self):
+        user, message = yield self.relayed("/client/robot/x")
+        resp = yield treq.post(
+            self.server.url("/server/response"),
+            data=HttpResponse(id=message.id, status_code=200, eof=True).SerializeToString(),
+            pool=self.relay_client.pool,
+        )
+        self.assertEqual(resp.code, 200)
+        self.assertEqual((yield resp.content()), b"ok")
+        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"text/plain"])
+        yield (yield user).content()
+
+    @defer.inlineCallbacks
+    def test_response_for_unknown_id_is_400(self):
+        code, body = yield self.relay_client.respond("robot:" + "0" * 32, 200)
+        self.assertEqual(code, 400)
+        self.assertEqual(body, b"Duplicate or invalid request ID robot:" + b"0" * 32 + b"\n")
+
+    @defer.inlineCallbacks
+    def test_duplicate_response_after_eof_is_400(self):
+        user, message = yield self.relayed("/client/robot/x")
+        code, _ = yield self.relay_client.respond(message.id, 200, b"once")
+        self.assertEqual(code, 200)
+        code, _ = yield self.relay_client.respond(message.id, 200, b"twice")
+        self.assertEqual(code, 400)
+        self.assertEqual((yield (yield user).content()), b"once")
+
+    @defer.inlineCallbacks
+    def test_requeststream_without_id_is_400(self):
+        code, body = yield self.relay_client.request_stream("")
+        self.assertEqual((code, body), (400, b"Missing id query parameter\n"))
+
+    @defer.inlineCallbacks
+    def test_requeststream_for_unknown_id_is_410(self):
+        code, body = yield self.relay_client.request_stream("robot:abc")
+        self.assertEqual((code, body), (410, b"No ongoing request with id robot:abc\n"))
+
+
+class UpgradeTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def start_upgrade(self):
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(
+            b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\nearly bytes"
+        )
+        code, message = yield poll
+        code, _ = yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=101,
+                header=[{"name": "upgrade", "value": "websocket"}, {"name": "Connection", "value": "Upgrade"}],
+            )
+        )
+        self.assertEqual(code, 200)
+        yield proto.wait_for(b"\r\n\r\n")
+        return proto, message
+
+    @defer.inlineCallbacks
+    def test_101_becomes_two_way_pipe(self):
+        proto, message = yield self.start_upgrade()
+        head, rest = head_and_body(proto.data)
+        self.assertEqual(
+            head, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade"
+        )
+        self.assertEqual(rest, b"")
+        # Bytes sent right after the request are not lost.
+        code, data = yield self.relay_client.request_stream(message.id)
+        self.assertEqual((code, data), (200, b"early bytes"))
+        proto.transport.write(b"ping")
+        code, data = yield self.relay_client.request_stream(message.id)
+        self.assertEqual((code, data), (200, b"ping"))
+        yield self.relay_client.post(HttpResponse(id=message.id, body=b"pong"))
+        yield proto.wait_for(b"pong")
+        # Nothing to read for 30 s: an empty 200.
+        pending = self.relay_client.request_stream(message.id)
+        yield self.until(lambda: self.server.broker.requests[message.id].stream._waiters)
+        self.clock.advance(STREAM_POLL_TIMEOUT)
+        self.assertEqual((yield pending), (200, b""))
+        # The relay-client ends it: the user's connection closes cleanly.
+        yield self.relay_client.post(HttpResponse(id=message.id, eof=True))
+        yield proto.ended
+        self.assertTrue(proto.clean)
+        code, _ = yield self.relay_client.request_stream(message.id)
+        self.assertEqual(code, 410)
+
+    @defer.inlineCallbacks
+    def test_user_closing_ends_the_request(self):
+        proto, message = yield self.start_upgrade()
+        waiting = self.relay_client.request_stream(message.id)
+        yield waiting  # early bytes
+        waiting = self.relay_client.request_stream(message.id)
+        yield self.until(lambda: self.server.broker.requests[message.id].stream._waiters)
+        proto.transport.loseConnection()
+        yield proto.ended
+        self.assertEqual((yield waiting)[0], 410)
+        self.assertEqual(self.server.broker.requests, {})
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"late"))
+        self.assertEqual(code, 400)
