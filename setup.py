@@ -1,5 +1,10 @@
 from setuptools import find_packages, setup
 
+# Debian's PyPy is Python 3.9: the newest cryptography with a PyPy 3.9 wheel
+# is 43.x (newer ones would need a Rust build), and Twisted 26's TLS extra
+# needs a newer pyOpenSSL than that allows, so PyPy gets Twisted 25.5.
+PYPY39 = 'platform_python_implementation == "PyPy" and python_version < "3.10"'
+
 setup(
     name="relay",
     version="0.1.0",
@@ -13,15 +18,18 @@ setup(
     package_data={"relay.proto": ["*.proto"]},
     python_requires=">=3.9",
     install_requires=[
-        "twisted>=23.10",
-        "treq>=23.11",
+        "twisted[tls]>=24.7",
+        "treq>=24.9",
         "protobuf>=4.21.6",
-        "prometheus_client>=0.20",
+        "prometheus_client>=0.21",
+        "cryptography<44; " + PYPY39,
+        "twisted<26; " + PYPY39,
     ],
     extras_require={
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
         ],
     },
     classifiers=[

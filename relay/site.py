@@ -111,8 +111,12 @@ class RelayChannel(http.HTTPChannel):
     _switched: Optional[IProtocol] = None
 
     def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
         request = self.requests[-1]
+        if self.length is not None and self.length > self.site.max_request_body:
+            # Answer with the final 413, not an interim 100 Continue that
+            # would invite the body.
+            request.requestHeaders.removeHeader(b"expect")
+        super().allHeadersReceived()
         if getattr(request, "body_too_large", False):
             request.refuse_body()
 

@@ -1,0 +1,295 @@
+"""
+The relay server's three endpoints, as the relay client calls them.
+
+Every call has the Go client's 60 s client-side timeout, so that a relay
+server that vanished without closing its connections cannot stall us. Only
+C{POST /server/response} is retried (a lost chunk would corrupt what the user
+receives, and the chunk is still in hand); polls are retried by the poll
+loop, request-stream reads are not retried at all because the relay server
+has no way to tell a repeated read from a new one.
+"""
+
+from typing import Callable, Optional
+from urllib.parse import quote, urlencode
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+
+log = Logger()
+
+REMOTE_REQUEST_TIMEOUT = 60.0
+RESPONSE_CONTENT_TYPE = (
+    b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpResponse"
+)
+# cenkalti/backoff as the Go client configures it: 1 s doubling to 10 s, no
+# jitter, 10 retries after the first try.
+POST_INITIAL_BACKOFF = 1.0
+POST_BACKOFF_MULTIPLIER = 2.0
+POST_MAX_BACKOFF = 10.0
+POST_MAX_RETRIES = 10
+
+_STATUS_TEXT = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    410: "Gone",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def status_text(code: int) -> str:
+    """Go's C{http.StatusText}, for messages that read like the Go client's."""
+    return _STATUS_TEXT.get(code, str(code))
+
+
+class RelayError(Exception):
+    """A relay call failed; C{retryable} says whether trying again may help."""
+
+    retryable = True
+
+    def __init__(self, message: str, status: Optional[int] = None, connection_refused: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.connection_refused = connection_refused
+
+
+class PermanentRelayError(RelayError):
+    """The relay server refused for good (400): the request is over."""
+
+    retryable = False
+
+
+class Forbidden(RelayError):
+    """403 on a poll: our credentials are not (or no longer) accepted."""
+
+    retryable = False
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body that is already in memory, written in one go."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+def read_token(path: str) -> str:
+    """A token file's contents, without the trailing newline editors add."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8").strip()
+
+
+def describe_failure(failure: Failure) -> str:
+    """A one-line reason, digging through Agent's wrapper exceptions."""
+    value = failure.value
+    if isinstance(value, (ResponseFailed, ResponseNeverReceived)) and value.reasons:
+        return describe_failure(value.reasons[0])
+    if isinstance(value, net_error.ConnectionRefusedError):
+        return "connect: connection refused"
+    if isinstance(value, (net_error.ConnectionDone, net_error.ConnectionLost)):
+        return "connection closed before the answer was complete"
+    if isinstance(value, CancelledError):
+        return "timeout"
+    text = str(value).strip()
+    return text or type(value).__name__
+
+
+def is_connection_refused(failure: Failure) -> bool:
+    value = failure.value
+    if isinstance(value, (ResponseFailed, ResponseNeverReceived)) and value.reasons:
+        return any(is_connection_refused(r) for r in value.reasons)
+    return isinstance(value, net_error.ConnectionRefusedError)
+
+
+class RelayAPI:
+    """
+    @param base_url: C{scheme://address} plus the relay prefix, no trailing
+        slash.
+    @param token_file: when set, its contents are sent as a Bearer token on
+        every call, read anew each time so that a rotated token is picked up.
+    """
+
+    def __init__(
+        self,
+        agent,
+        clock: IReactorTime,
+        base_url: str,
+        server_name: str,
+        token_file: str = "",
+        timeout: float = REMOTE_REQUEST_TIMEOUT,
+    ):
+        self.agent = agent
+        self.clock = clock
+        self.base_url = base_url.rstrip("/")
+        self.server_name = server_name
+        self.token_file = token_file
+        self.timeout = timeout
+
+    # URLs.
+
+    def poll_url(self) -> bytes:
+        return (
+            self.base_url + "/server/request?" + urlencode({"server": self.server_name})
+        ).encode("utf-8")
+
+    def response_url(self) -> bytes:
+        return (self.base_url + "/server/response").encode("utf-8")
+
+    def stream_url(self, request_id: str) -> bytes:
+        return (
+            self.base_url + "/server/requeststream?id=" + quote(request_id, safe=":")
+        ).encode("utf-8")
+
+    # Calls.
+
+    async def _call(self, method: bytes, url: bytes, body: Optional[bytes] = None, content_type: Optional[bytes] = None):
+        headers = Headers()
+        if self.token_file:
+            headers.setRawHeaders(b"authorization", [b"Bearer " + read_token(self.token_file).encode("utf-8")])
+        if content_type is not None:
+            headers.setRawHeaders(b"content-type", [content_type])
+        producer = BytesProducer(body) if body is not None else None
+        d = self.agent.request(method, url, headers, producer)
+        d.addCallback(lambda response: readBody(response).addCallback(lambda data: (response.code, data)))
+        d.addTimeout(self.timeout, self.clock)
+        return await d
+
+    async def poll(self) -> Optional[HttpRequest]:
+        """
+        One long poll: the next request, or None when the relay server had
+        none within its poll timeout (408).
+
+        @raise Forbidden: on 403.
+        @raise RelayError: anything else; C{retryable} is False only for
+            answers that trying again cannot change.
+        """
+        try:
+            code, body = await self._call(b"GET", self.poll_url())
+        except CancelledError:
+            raise
+        except Exception as e:
+            failure = Failure(e)
+            raise RelayError(describe_failure(failure), connection_refused=is_connection_refused(failure))
+        if code == 408:
+            return None
+        if code == 403:
+            raise Forbidden(status_text(code), code)
+        if code != 200:
+            text = body.decode("utf-8", "replace").strip()
+            raise RelayError("server status %s: %s" % (status_text(code), text), code)
+        request = HttpRequest()
+        try:
+            request.ParseFromString(body)
+        except Exception as e:
+            raise RelayError("failed to unmarshal request: %s. request was: %r" % (e, body[:200]))
+        if not request.id:
+            raise RelayError("request without id from relay server")
+        return request
+
+    async def post_response_once(self, message: HttpResponse) -> None:
+        try:
+            code, body = await self._call(
+                b"POST", self.response_url(), message.SerializeToString(), RESPONSE_CONTENT_TYPE
+            )
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise RelayError("couldn't post response to relay server: %s" % (describe_failure(Failure(e)),))
+        if code != 200:
+            text = "relay server responded %s: %s" % (status_text(code), body.decode("utf-8", "replace").strip())
+            if code == 400:
+                # The relay server restarted, or the user went away.
+                raise PermanentRelayError(text, code)
+            raise RelayError(text, code)
+
+    def post_response(self, message: HttpResponse) -> Deferred:
+        """
+        Post one message, retrying with back-off as the Go client does.
+        Fails with the last error when a 400 makes it final or after the
+        last retry.
+        """
+        return Deferred.fromCoroutine(self._post_with_retry(message))
+
+    async def _post_with_retry(self, message: HttpResponse) -> None:
+        delay = POST_INITIAL_BACKOFF
+        retries = 0
+        while True:
+            try:
+                await self.post_response_once(message)
+                return
+            except RelayError as e:
+                log.warn("Failed to post response to relay", ID=message.id, error=str(e))
+                if not e.retryable or retries >= POST_MAX_RETRIES:
+                    raise
+            retries += 1
+            await sleep(self.clock, delay)
+            delay = min(delay * POST_BACKOFF_MULTIPLIER, POST_MAX_BACKOFF)
+
+    async def request_stream(self, request_id: str) -> Optional[bytes]:
+        """
+        The next bytes the user sent on an upgraded connection (possibly
+        none, after the relay server's 30 s wait), or None once the request
+        is over (410).
+        """
+        try:
+            code, body = await self._call(b"POST", self.stream_url(request_id), b"", b"text/plain")
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise RelayError("couldn't get request stream: %s" % (describe_failure(Failure(e)),))
+        if code == 410:
+            return None
+        if code != 200:
+            raise RelayError(
+                "relay server request stream responded %s: %s"
+                % (status_text(code), body.decode("utf-8", "replace").strip()),
+                code,
+            )
+        return body
+
+
+def sleep(clock: IReactorTime, seconds: float) -> Deferred:
+    """A cancellable pause on C{clock}."""
+    d: Deferred = Deferred(lambda d: call.cancel() if call.active() else None)
+    call = clock.callLater(seconds, lambda: d.callback(None) if not d.called else None)
+    return d
+
+
+def backoff_delays(initial: float, multiplier: float, maximum: float) -> Callable[[], float]:
+    """Successive back-off delays, growing to C{maximum}."""
+    state = {"next": initial}
+
+    def next_delay() -> float:
+        value = state["next"]
+        state["next"] = min(value * multiplier, maximum)
+        return value
+
+    return next_delay

@@ -1,0 +1,83 @@
+"""
+Running the real C{twistd} in a child process and reading its JSON log, for
+tests that must see what an operator sees.
+"""
+
+import os
+import re
+import sys
+
+from twisted.internet import defer, protocol, reactor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def twistd_argv():
+    """C{twistd} beside this interpreter if installed there, else C{-m twisted}."""
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [sys.executable, script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class TwistdProcess(protocol.ProcessProtocol):
+    """A child C{twistd -n}, its stderr lines, and its exit."""
+
+    def __init__(self):
+        self.lines = []
+        self._partial = b""
+        self._watchers = []
+        self.exited = defer.Deferred()
+        self.pid = None
+
+    @classmethod
+    def spawn(cls, args, env=None):
+        proc = cls()
+        environ = dict(os.environ)
+        environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+        environ.update(env or {})
+        argv = twistd_argv() + ["-n", "--pidfile="] + list(args)
+        reactor.spawnProcess(proc, argv[0], argv, env=environ, path=ROOT)
+        return proc
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def errReceived(self, data):
+        self._partial += data
+        *complete, self._partial = self._partial.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            for entry in list(self._watchers):
+                pattern, d = entry
+                m = pattern.search(line)
+                if m:
+                    self._watchers.remove(entry)
+                    d.callback(m)
+
+    outReceived = errReceived
+
+    def wait_for(self, pattern: str) -> defer.Deferred:
+        """Fires with the match of the first log line (past or future) matching C{pattern}."""
+        regex = re.compile(pattern)
+        for line in self.lines:
+            m = regex.search(line)
+            if m:
+                return defer.succeed(m)
+        d = defer.Deferred()
+        self._watchers.append((regex, d))
+        return d
+
+    def processEnded(self, reason):
+        for _, d in self._watchers:
+            d.errback(AssertionError("twistd exited; log:\n" + "\n".join(self.lines)))
+        self._watchers = []
+        # twistd re-raises the signal that stopped it, as Unix programs
+        # should: (None, 15) after a SIGTERM.
+        self.exited.callback((reason.value.exitCode, reason.value.signal))
+
+    def terminate(self):
+        if not self.exited.called:
+            self.transport.signalProcess("TERM")
+        return self.exited

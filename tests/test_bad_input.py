@@ -1,0 +1,193 @@
+"""
+Bad input gets a clear error and changes nothing else: after each case a
+request that was already in flight completes normally and no state leaks.
+"""
+
+import treq
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from relay.proto.http_relay_pb2 import HttpResponse
+from tests.support import FakeRelayClient, RelayServer, head_and_body, raw_connect
+from tests.test_server import ServerTestCase
+
+
+class BadInputTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def in_flight(self):
+        """A user request, picked up and answered with headers only."""
+        user, message = yield self.relayed("/client/robot/ok")
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"part1,"))
+        self.assertEqual(code, 200)
+        return user, message
+
+    @defer.inlineCallbacks
+    def still_works(self, user, message):
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"part2", eof=True))
+        self.assertEqual(code, 200)
+        resp = yield user
+        self.assertEqual((yield resp.content()), b"part1,part2")
+        self.assertEqual(self.server.broker.requests, {})
+        health = yield self.get("/healthz")
+        self.assertEqual((yield health.content()), b"ok")
+
+    @defer.inlineCallbacks
+    def post_raw(self, path, data):
+        resp = yield treq.post(self.server.url(path), data=data, pool=self.relay_client.pool)
+        return resp.code, (yield resp.content())
+
+    @defer.inlineCallbacks
+    def test_garbage_protobuf(self):
+        user, message = yield self.in_flight()
+        for garbage in (b"\xff\xff\xff\xff", b"not a protobuf at all \x00\x01", b"\x0a\x05ab"):
+            code, body = yield self.post_raw("/server/response", garbage)
+            self.assertEqual(code, 400, garbage)
+            self.assertEqual(body, b"proto: cannot parse invalid wire-format data\n")
+        yield self.still_works(user, message)
+
+    @defer.inlineCallbacks
+    def test_truncated_protobuf(self):
+        user, message = yield self.in_flight()
+        whole = HttpResponse(id=message.id, body=b"should not arrive" * 10).SerializeToString()
+        code, body = yield self.post_raw("/server/response", whole[:-5])
+        self.assertEqual(code, 400)
+        yield self.still_works(user, message)
+
+    @defer.inlineCallbacks
+    def test_response_without_id(self):
+        user, message = yield self.in_flight()
+        code, body = yield self.post_raw("/server/response", HttpResponse(status_code=200).SerializeToString())
+        self.assertEqual((code, body), (400, b"HttpResponse without id\n"))
+        code, body = yield self.post_raw("/server/response", b"")
+        self.assertEqual(code, 400)
+        yield self.still_works(user, message)
+
+    @defer.inlineCallbacks
+    def test_unknown_and_foreign_ids(self):
+        user, message = yield self.in_flight()
+        for bad in ("robot:" + "f" * 32, "other:" + message.id.split(":")[1], message.id + "x", ":"):
+            code, body = yield self.relay_client.respond(bad, 200, b"intruder")
+            self.assertEqual(code, 400, bad)
+            self.assertEqual(body, ("Duplicate or invalid request ID %s\n" % bad).encode())
+            code, _ = yield self.relay_client.request_stream(bad)
+            self.assertEqual(code, 410)
+        yield self.still_works(user, message)
+
+    @defer.inlineCallbacks
+    def test_missing_parameters(self):
+        user, message = yield self.in_flight()
+        resp = yield treq.get(self.server.url("/server/request"), pool=self.relay_client.pool)
+        self.assertEqual((resp.code, (yield resp.content())), (400, b"Missing server query parameter\n"))
+        code, body = yield self.post_raw("/server/requeststream", b"")
+        self.assertEqual((code, body), (400, b"Missing id query parameter\n"))
+        yield self.still_works(user, message)
+
+    @defer.inlineCallbacks
+    def test_empty_backend_names(self):
+        user, message = yield self.in_flight()
+        resp = yield self.get("/client//x")
+        self.assertEqual(resp.code, 400)
+        yield resp.content()
+        resp = yield self.get("/x", headers={b"X-Server-Name": [b""]})
+        self.assertEqual(resp.code, 503)
+        self.assertIn(b'Cannot reach the client "". ', (yield resp.content()))
+        yield self.still_works(user, message)
+
+    @defer.inlineCallbacks
+    def test_crlf_in_response_header_does_not_inject(self):
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        code, message = yield poll
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=200,
+                header=[
+                    {"name": "X-Evil", "value": "a\r\nSet-Cookie: injected=1\r\n\r\nbody"},
+                    {"name": "X-Bad\r\nSet-Cookie: injected=2", "value": "v"},
+                    {"name": "Content-Length", "value": "2"},
+                ],
+                body=b"ok",
+                eof=True,
+            )
+        )
+        yield proto.wait_for(b"\r\n\r\nok")
+        head, body = head_and_body(proto.data)
+        lines = head.split(b"\r\n")
+        self.assertIn(b"X-Evil: a  Set-Cookie: injected=1    body", lines)
+        self.assertFalse([l for l in lines if l.lower().startswith(b"set-cookie")])
+        self.assertNotIn(b"X-Bad", head)
+        self.assertEqual(body, b"ok")
+        proto.transport.loseConnection()
+        yield proto.ended
+
+
+class BodyLimitTests(unittest.TestCase):
+    timeout = 30
+
+    def setUp(self):
+        self.server = RelayServer(max_request_body=1024)
+        self.relay_client = FakeRelayClient(self.server)
+        self.addCleanup(self.relay_client.close)
+        self.addCleanup(self.server.stop)
+
+    @defer.inlineCallbacks
+    def refused(self, request: bytes):
+        proto = yield raw_connect(self.server.port)
+        proto.transport.write(request)
+        yield proto.ended
+        head, body = head_and_body(proto.data)
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        self.assertIn(b"Connection: close", head)
+        self.assertEqual(
+            body,
+            b"Request body too large: this relay accepts at most 1024 bytes (--max_request_body)\n",
+        )
+        self.assertEqual(self.server.broker.requests, {})
+
+    @defer.inlineCallbacks
+    def test_declared_length_over_limit(self):
+        # Refused from the headers alone, before the body is sent.
+        yield self.refused(b"POST /client/robot/x HTTP/1.1\r\nHost: r\r\nContent-Length: 1025\r\n\r\n")
+
+    @defer.inlineCallbacks
+    def test_expect_100_continue_gets_413_not_continue_only(self):
+        yield self.refused(
+            b"PUT /client/robot/x HTTP/1.1\r\nHost: r\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        )
+
+    @defer.inlineCallbacks
+    def test_chunked_body_over_limit(self):
+        chunk = b"400\r\n" + b"x" * 1024 + b"\r\n"
+        yield self.refused(
+            b"POST /client/robot/x HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n"
+        )
+
+    @defer.inlineCallbacks
+    def test_limit_applies_to_relay_client_posts_too(self):
+        resp = yield treq.post(
+            self.server.url("/server/response"), data=b"x" * 2048, pool=self.relay_client.pool
+        )
+        self.assertEqual(resp.code, 413)
+        yield resp.content()
+
+    @defer.inlineCallbacks
+    def test_body_at_limit_is_relayed(self):
+        poll = self.relay_client.poll("robot")
+        proto = yield raw_connect(self.server.port)
+        while "robot" not in self.server.broker.backends:
+            from twisted.internet import reactor
+            from twisted.internet.task import deferLater
+
+            yield deferLater(reactor, 0.005, lambda: None)
+        proto.transport.write(
+            b"POST /client/robot/x HTTP/1.1\r\nHost: r\r\nContent-Length: 1024\r\n\r\n" + b"y" * 1024
+        )
+        code, message = yield poll
+        self.assertEqual(message.body, b"y" * 1024)
+        yield self.relay_client.respond(message.id, 200, b"fine")
+        yield proto.wait_for(b"fine")
+        proto.transport.loseConnection()
+        yield proto.ended
