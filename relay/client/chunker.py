@@ -148,7 +148,7 @@ class Chunker:
             for name, value in self._trailers:
                 message.trailer.add(name=name, value=value)
             elapsed = self._clock.seconds() - self._started
-            message.backend_duration_ms = int(max(0.0, elapsed) * 1000)
+            message.backend_duration_ms = int(max(0.0, elapsed) * 1000 + 1e-6)
         self._header_pending = False
         if self._buffer:
             if not self._flush_due and self._flush_call is None:
@@ -172,7 +172,8 @@ class Chunker:
         if final:
             self._stopped = True
             self._cancel_flush()
-            self.done.callback(None)
+            if not self.done.called:
+                self.done.callback(None)
             return
         self._schedule_keepalive()
         self._pump()
@@ -194,7 +195,8 @@ class Chunker:
             producer.stopProducing()
         if not self.first_sent.called:
             self.first_sent.callback(False)
-        self.done.errback(failure)
+        if not self.done.called:
+            self.done.errback(failure)
 
     # Timers.
 

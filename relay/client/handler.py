@@ -1,0 +1,154 @@
+"""
+The life of one relayed request: ask the backend, stream its answer up to
+the relay, and for an upgraded connection also feed the user's bytes down.
+
+Whatever goes wrong before the backend answered becomes a 500 with a plain
+text reason for that request id, so that the user (often C{kubectl}) gets an
+error instead of hanging until the relay server's timeout. Once the answer
+has begun there is no way to report an error in-band; a message the relay
+will not take (400: the user left, or the relay restarted) ends the request
+and closes the backend connection, which is how the backend learns that
+nobody is listening any more.
+"""
+
+from typing import Optional
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from relay.client.backend import Backend, BackendError, BackendTarget
+from relay.client.chunker import Chunker
+from relay.client.relay_api import RelayAPI, RelayError
+from relay.client.upgrade import Upgrader, wants_upgrade
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+
+log = Logger()
+
+
+class RequestHandler:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        api: RelayAPI,
+        target: BackendTarget,
+        backend: Backend,
+        upgrader: Upgrader,
+        max_chunk_size: int,
+    ):
+        self.clock = clock
+        self.api = api
+        self.target = target
+        self.backend = backend
+        self.upgrader = upgrader
+        self.max_chunk_size = max_chunk_size
+
+    def handle(self, request: HttpRequest) -> Deferred:
+        """Fires when the request is over (never fails)."""
+        return Deferred.fromCoroutine(self._handle(request))
+
+    async def _handle(self, request: HttpRequest) -> None:
+        started = self.clock.seconds()
+        request_id = request.id
+        upgrade = wants_upgrade(request)
+        try:
+            backend_request = self.target.build(request, upgrade=upgrade)
+            log.info(
+                "Sending request to backend",
+                ID=request_id,
+                Method=backend_request.method,
+                URL=backend_request.url,
+            )
+            if upgrade:
+                answer = await self.upgrader.open(backend_request)
+            else:
+                answer = await self.backend.open(backend_request)
+        except BackendError as e:
+            message = str(e)
+            if not message.startswith("Failed to create request"):
+                message = "Backend request failed with error: " + message
+            log.warn("Backend request failed", ID=request_id, error=message)
+            await self._post_error(request_id, message)
+            return
+        except CancelledError:
+            return
+
+        first = HttpResponse(id=request_id, status_code=answer.status)
+        for name, value in answer.headers:
+            first.header.add(name=name, value=value)
+        switching = answer.status == 101
+        chunker = Chunker(
+            first,
+            self.api.post_response,
+            self.clock,
+            max_chunk_size=self.max_chunk_size,
+            started=started,
+            send_first_now=switching,
+        )
+        answer.deliver(chunker)
+        stream: Optional[Deferred] = None
+        if switching:
+            stream = Deferred.fromCoroutine(self._stream_to_backend(request_id, answer, chunker))
+        try:
+            await chunker.done
+        except CancelledError:
+            chunker.abort()
+            if stream is not None:
+                stream.cancel()
+            return
+        except RelayError as e:
+            log.warn("Closing backend connection", ID=request_id, error=str(e))
+        except Exception:
+            log.failure("Unexpected error relaying a response", ID=request_id)
+            chunker.abort()
+        else:
+            elapsed = self.clock.seconds() - started
+            log.info(
+                "Backend request duration",
+                ID=request_id,
+                Duration="%.3fs" % (elapsed,),
+                Path=request.url[len("http://invalid") :] if request.url.startswith("http://invalid") else request.url,
+                Status=answer.status,
+                Bytes=chunker.bytes_sent,
+            )
+        if stream is not None:
+            stream.cancel()
+
+    async def _stream_to_backend(self, request_id: str, answer, chunker: Chunker) -> None:
+        """
+        After a 101: the user's bytes, pulled from the relay, go to the
+        backend until the relay says the request is over (410). Any failure
+        closes the backend connection: the relay cannot resend what was lost.
+        """
+        try:
+            if not await chunker.first_sent:
+                return
+            while True:
+                data = await self.api.request_stream(request_id)
+                if data is None:
+                    log.info("End of request stream", ID=request_id)
+                    break
+                if data:
+                    answer.write(data)
+        except CancelledError:
+            pass
+        except RelayError as e:
+            log.warn("Failed to get request stream", ID=request_id, error=str(e))
+        except Exception:
+            log.failure("Unexpected error streaming to the backend", ID=request_id)
+        answer.close()
+
+    async def _post_error(self, request_id: str, message: str) -> None:
+        response = HttpResponse(
+            id=request_id,
+            status_code=500,
+            body=message.encode("utf-8"),
+            eof=True,
+        )
+        response.header.add(name="Content-Type", value="text/plain")
+        try:
+            await self.api.post_response(response)
+        except CancelledError:
+            pass
+        except RelayError as e:
+            log.warn("Failed to post error response to relay", ID=request_id, error=str(e))

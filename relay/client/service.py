@@ -1,0 +1,235 @@
+"""
+The relay client as a Twisted service: C{num_pending_requests} poll loops
+and the requests they picked up, with a clean stop.
+
+Each loop keeps one long poll open; a request it receives is handled
+concurrently while the loop polls again at once. When the relay cannot be
+reached (connection refused, 5xx, a timeout) the loop backs off, from 0.1 s
+growing 1.5 times to 10 s, so that a restarting relay server is found again
+within moments without being hammered. A 403 means our credentials are not
+accepted; retrying cannot fix that, so the client logs it and exits
+non-zero, for its supervisor to restart it with fresh ones (as the Go client
+does).
+
+On stop (SIGTERM) the polls are cancelled at once; requests in flight get a
+few seconds to finish, then their backend connections are closed.
+"""
+
+from typing import Callable, List, Optional, Set
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.web.client import HTTPConnectionPool
+
+from relay.client.backend import Backend, BackendTarget, TrustPolicy
+from relay.client.handler import RequestHandler
+from relay.client.relay_api import Forbidden, RelayAPI, backoff_delays, sleep
+from relay.client.upgrade import Upgrader
+
+log = Logger()
+
+POLL_INITIAL_BACKOFF = 0.1
+POLL_BACKOFF_MULTIPLIER = 1.5
+POLL_MAX_BACKOFF = 10.0
+STOP_GRACE_PERIOD = 5.0
+IDLE_CONNECTION_TIMEOUT = 90.0
+
+
+class PollLoop(Service):
+    """One long poll at a time, forever."""
+
+    def __init__(self, client: "RelayClientService", number: int):
+        self.client = client
+        self.number = number
+        self._running: Optional[Deferred] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._running = Deferred.fromCoroutine(self._loop())
+
+    def stopService(self):
+        super().stopService()
+        d, self._running = self._running, None
+        if d is not None:
+            d.cancel()
+        return None
+
+    async def _loop(self) -> None:
+        client = self.client
+        next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
+        log.info("Starting to relay server request loop", ServerName=client.api.server_name)
+        try:
+            while self.running:
+                try:
+                    request = await client.api.poll()
+                except Forbidden as e:
+                    client.fatal("failed to authenticate to cloud-api, restarting: %s" % (e,))
+                    return
+                except CancelledError:
+                    return
+                except Exception as e:
+                    delay = next_delay()
+                    log.warn(
+                        "failed to get request from relay",
+                        error=str(e),
+                        RetryIn="%.3gs" % (delay,),
+                    )
+                    await sleep(client.clock, delay)
+                    continue
+                next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
+                if request is not None:
+                    client.dispatch(request)
+        except CancelledError:
+            return
+
+
+class RelayClientService(MultiService):
+    """
+    The whole client. When twistd runs it, it also tells twistd to log
+    through our JSON (or text) observer, as the relay server does.
+
+    @param on_fatal: called with a message when the client cannot go on
+        (403 from the relay); twistd's version stops the reactor and exits 1.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        api: RelayAPI,
+        handler: RequestHandler,
+        pools: List[HTTPConnectionPool],
+        num_pending_requests: int = 1,
+        on_fatal: Optional[Callable[[str], None]] = None,
+        log_observer=None,
+        stop_grace_period: float = STOP_GRACE_PERIOD,
+    ):
+        super().__init__()
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.api = api
+        self.handler = handler
+        self.pools = pools
+        self.on_fatal = on_fatal
+        self.log_observer = log_observer
+        self.stop_grace_period = stop_grace_period
+        self.in_flight: Set[Deferred] = set()
+        self.fatal_error: Optional[str] = None
+        for i in range(num_pending_requests):
+            PollLoop(self, i).setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        # twistd asks the application for an ILogObserver before it falls
+        # back to its own log file.
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def dispatch(self, request) -> None:
+        d = self.handler.handle(request)
+        if not d.called:
+            self.in_flight.add(d)
+            d.addBoth(lambda result: self.in_flight.discard(d))
+
+    def fatal(self, message: str) -> None:
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = message
+        log.critical(message)
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+
+    def stopService(self):
+        super().stopService()  # cancels the polls
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        if self.in_flight:
+            log.info("Waiting for in-flight requests", Count=len(self.in_flight), Timeout=self.stop_grace_period)
+            waiting = DeferredList(list(self.in_flight), consumeErrors=True)
+            timer = self.clock.callLater(self.stop_grace_period, waiting.cancel)
+            try:
+                await waiting
+            except CancelledError:
+                pass
+            if timer.active():
+                timer.cancel()
+            if self.in_flight:
+                log.warn("Aborting in-flight requests", Count=len(self.in_flight))
+                for d in list(self.in_flight):
+                    d.cancel()
+        for pool in self.pools:
+            await pool.closeCachedConnections()
+
+
+def make_client_service(
+    reactor,
+    relay_url: str,
+    server_name: str,
+    backend_scheme: str = "https",
+    backend_address: str = "localhost:8080",
+    backend_path: str = "",
+    preserve_host: bool = True,
+    authentication_token_file: str = "",
+    relay_token_file: str = "",
+    trust_root=None,
+    max_chunk_size: int = 50 * 1024,
+    num_pending_requests: int = 1,
+    max_idle_conns_per_host: int = 100,
+    on_fatal: Optional[Callable[[str], None]] = None,
+    log_observer=None,
+    stop_grace_period: float = STOP_GRACE_PERIOD,
+) -> RelayClientService:
+    """
+    @param relay_url: C{scheme://address} and the relay prefix, e.g.
+        C{http://127.0.0.1:8081} or C{https://relay.example.com/prefix}.
+    """
+    from twisted.web.client import Agent
+
+    relay_pool = HTTPConnectionPool(reactor, persistent=True)
+    relay_pool.maxPersistentPerHost = max_idle_conns_per_host
+    relay_pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+    backend_pool = HTTPConnectionPool(reactor, persistent=True)
+    backend_pool.maxPersistentPerHost = max_idle_conns_per_host
+    backend_pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+    # The relay is verified against the system's CAs; --root_ca_file is for
+    # the backend, as in the Go client.
+    api = RelayAPI(
+        Agent(reactor, pool=relay_pool, connectTimeout=30),
+        reactor,
+        relay_url,
+        server_name,
+        token_file=relay_token_file,
+    )
+    target = BackendTarget(
+        scheme=backend_scheme,
+        address=backend_address,
+        path_prefix=backend_path,
+        preserve_host=preserve_host,
+        token_file=authentication_token_file,
+    )
+    policy = TrustPolicy(trust_root)
+    handler = RequestHandler(
+        reactor,
+        api,
+        target,
+        Backend(reactor, target, backend_pool, policy),
+        Upgrader(reactor, policy),
+        max_chunk_size,
+    )
+    return RelayClientService(
+        reactor,
+        api,
+        handler,
+        [relay_pool, backend_pool],
+        num_pending_requests=num_pending_requests,
+        on_fatal=on_fatal,
+        log_observer=log_observer,
+        stop_grace_period=stop_grace_period,
+    )

@@ -1,0 +1,226 @@
+"""
+C{twistd relay-client}: the relay client, configured like the Go
+C{http-relay-client}, so that its Kubernetes manifests work unchanged.
+
+Go's boolean flags take C{--preserve_host}, C{--preserve_host=false} and
+C{-preserve_host=0}; Twisted's option parser has no such thing, so they are
+declared as parameters and a bare flag is read as C{=true}.
+"""
+
+import atexit
+import os
+import sys
+from typing import List
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from relay.client.backend import load_trust_root
+from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
+from relay.client.service import make_client_service
+from relay.logs import make_observer
+from relay.options import GoFlagOptions, log_format, log_level, positive_int
+
+log = Logger()
+
+_TRUE = ("1", "t", "T", "true", "TRUE", "True")
+_FALSE = ("0", "f", "F", "false", "FALSE", "False")
+
+
+def go_bool(text) -> bool:
+    """Go's C{strconv.ParseBool}."""
+    if isinstance(text, bool):
+        return text
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise usage.UsageError("invalid boolean value %r: use true or false" % (text,))
+
+
+go_bool.coerceDoc = "true or false; a bare --flag means true."  # type: ignore[attr-defined]
+
+
+def scheme(text: str) -> str:
+    if text not in ("http", "https"):
+        raise usage.UsageError("scheme must be http or https, not %r" % (text,))
+    return text
+
+
+BOOL_FLAGS = (
+    "preserve_host",
+    "disable_http2",
+    "force_http2",
+    "disable_auth_for_remote",
+)
+
+
+class Options(GoFlagOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "The relay client, wire-compatible with the Cloud Robotics Go http-relay-client: "
+        "it long-polls the relay server for requests sent to --server_name, makes them "
+        "against the backend and posts the answers back. Flags also accept dashes "
+        "(--server-name) and Go's single dash (-server_name=robot1); boolean flags take "
+        "=true/=false. Authentication to the relay: --relay_token_file (a Bearer token), "
+        "or none with --disable_auth_for_remote; the Go client's Google application-default "
+        "credentials are not supported."
+    )
+    optParameters = [
+        ["backend_scheme", None, "https",
+         "Connection scheme (http, https) for connection from relay client to backend server.", scheme],
+        ["backend_address", None, "localhost:8080",
+         "Hostname (and port) of the backend server as seen by the relay client."],
+        ["backend_path", None, "", "Path prefix for backend requests (default: none)."],
+        ["preserve_host", None, "true",
+         "Preserve Host header of the original request for compatibility with "
+         "cross-origin request checks (otherwise Host is --backend_address).", go_bool],
+        ["relay_scheme", None, "https",
+         "Connection scheme (http, https) for connection from relay client to relay server.", scheme],
+        ["relay_address", None, "localhost:8081",
+         "Hostname (and port) of the relay server as seen by the relay client."],
+        ["relay_prefix", None, "", "Path prefix for the relay server."],
+        ["server_name", None, "server_name",
+         "Fetch requests from the relay server for this server name."],
+        ["authentication_token_file", None, "",
+         "File with authentication token for backend requests: sent as "
+         "'Authorization: Bearer <token>', re-read for every request."],
+        ["relay_token_file", None, "",
+         "File with a token for the relay server: sent as 'Authorization: Bearer <token>' "
+         "on every relay call, re-read each time. (Not a Go client flag: it stands in "
+         "for the Google credentials the Go client uses.)"],
+        ["root_ca_file", None, "",
+         "File with root CA cert(s) (PEM) to verify the backend's TLS certificate "
+         "(default: the system's CAs)."],
+        ["max_chunk_size", None, DEFAULT_MAX_CHUNK_SIZE,
+         "Max size of data in bytes to accumulate before sending to the peer.", positive_int],
+        ["block_size", None, 10 * 1024,
+         "Size of i/o buffer in bytes (accepted for compatibility: reads are as large as "
+         "the network delivers).", positive_int],
+        ["num_pending_requests", None, 1,
+         "Number of pending http requests (long polls) to the relay.", positive_int],
+        ["max_idle_conns_per_host", None, 100,
+         "The maximum number of idle (keep-alive) connections to keep per-host.", positive_int],
+        ["disable_http2", None, "false",
+         "Disable http2 protocol usage (accepted for compatibility: this client always "
+         "speaks HTTP/1.1).", go_bool],
+        ["force_http2", None, "false",
+         "Force http2 to the backend, e.g. for gRPC. NOT SUPPORTED: this client speaks "
+         "HTTP/1.1 only; a warning is logged.", go_bool],
+        ["disable_auth_for_remote", None, "false",
+         "Disable auth when talking to the relay server (for local testing, or when "
+         "--relay_token_file is not needed).", go_bool],
+        ["trace-stackdriver-project-id", None, "",
+         "Accepted for compatibility; tracing is not supported and this is ignored."],
+        ["pprof_port", None, 0, "Accepted for compatibility; ignored.", int],
+        ["log_level", None, "info",
+         "Least severe level logged: debug, info, warn, error, or Go's -4, 0, 4, 8."],
+        ["log_format", None, "json", "json (one object per line, as the Go relay) or text (key=value)."],
+    ]
+
+    def normalize(self, argv: List[str]) -> List[str]:
+        out = []
+        for arg in super().normalize(argv):
+            if arg.startswith("--") and "=" not in arg and arg[2:] in BOOL_FLAGS:
+                arg += "=true"
+            out.append(arg)
+        return out
+
+    def postOptions(self):
+        for name in BOOL_FLAGS:
+            self[name] = go_bool(self[name])
+        if self["force_http2"] and self["disable_http2"]:
+            raise usage.UsageError("Cannot use --force_http2 together with --disable_http2")
+        self["log_level"] = log_level(self["log_level"])
+        self["log_format"] = log_format(self["log_format"])
+        self["relay_prefix"] = self["relay_prefix"].rstrip("/")
+        if self["relay_prefix"] and not self["relay_prefix"].startswith("/"):
+            self["relay_prefix"] = "/" + self["relay_prefix"]
+        self["trust_root"] = None
+        if self["root_ca_file"]:
+            try:
+                self["trust_root"] = load_trust_root(self["root_ca_file"])
+            except ValueError as e:
+                raise usage.UsageError(str(e))
+        if not self["server_name"]:
+            raise usage.UsageError("--server_name must not be empty")
+
+
+def relay_url(options) -> str:
+    return "%s://%s%s" % (options["relay_scheme"], options["relay_address"], options["relay_prefix"])
+
+
+def log_observer_for(options):
+    """
+    JSON (or text) lines on stderr when in the foreground, in twistd's log
+    file when daemonized; twistd's own C{--logger} wins.
+    """
+    parent = getattr(options, "parent", None) or {}
+    if parent.get("logger"):
+        return None
+    stream = None
+    if parent and not parent.get("nodaemon") and parent.get("logfile") != "-":
+        from twisted.python.logfile import LogFile
+
+        stream = LogFile.fromFullPath(parent.get("logfile") or "twistd.log")
+    return make_observer(stream, options["log_format"], options["log_level"])
+
+
+def exit_after_stop(reactor, code: int = 1):
+    """
+    The Go client exits on fatal errors and its supervisor restarts it. twistd
+    has no exit codes, so: stop the reactor (services stop, the pid file
+    goes) and set the process's exit status as the interpreter ends.
+    """
+
+    def on_fatal(message: str) -> None:
+        def finish():
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+
+        atexit.register(finish)
+        if reactor.running:
+            reactor.stop()
+
+    return on_fatal
+
+
+def _warn_unsupported(options) -> None:
+    if options["force_http2"]:
+        log.warn("--force_http2 is not supported: talking HTTP/1.1 to the backend")
+    if not options["disable_auth_for_remote"] and not options["relay_token_file"]:
+        log.warn(
+            "Google credentials for the relay server are not supported; talking to the relay "
+            "without authentication (use --relay_token_file, or --disable_auth_for_remote to "
+            "silence this)"
+        )
+    if options["trace-stackdriver-project-id"]:
+        log.warn("Tracing is not supported; ignoring --trace-stackdriver-project-id")
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    service = make_client_service(
+        reactor,
+        relay_url(options),
+        options["server_name"],
+        backend_scheme=options["backend_scheme"],
+        backend_address=options["backend_address"],
+        backend_path=options["backend_path"],
+        preserve_host=options["preserve_host"],
+        authentication_token_file=options["authentication_token_file"],
+        relay_token_file=options["relay_token_file"],
+        trust_root=options["trust_root"],
+        max_chunk_size=options["max_chunk_size"],
+        num_pending_requests=options["num_pending_requests"],
+        max_idle_conns_per_host=options["max_idle_conns_per_host"],
+        on_fatal=exit_after_stop(reactor),
+        log_observer=log_observer_for(options),
+    )
+    reactor.callWhenRunning(_warn_unsupported, options)
+    return service

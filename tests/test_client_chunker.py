@@ -1,0 +1,246 @@
+"""
+The relay client's chunking policy, on a fake clock: what goes up to the
+relay, in which pieces, and when.
+"""
+
+from typing import List
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from relay.client.chunker import Chunker
+from relay.proto.http_relay_pb2 import HttpResponse
+
+
+class FakeRelay:
+    """Records posted messages; each post stays pending until answered."""
+
+    def __init__(self, auto: bool = False, clock=None):
+        self.auto = auto
+        self.clock = clock
+        self.times: List[float] = []
+        self.messages: List[HttpResponse] = []
+        self.pending: List[Deferred] = []
+
+    def send(self, message: HttpResponse) -> Deferred:
+        copy = HttpResponse()
+        copy.CopyFrom(message)
+        self.messages.append(copy)
+        self.times.append(self.clock.seconds() if self.clock is not None else None)
+        d: Deferred = Deferred()
+        if self.auto:
+            d.callback(None)
+        else:
+            self.pending.append(d)
+        return d
+
+    def answer(self) -> None:
+        self.pending.pop(0).callback(None)
+
+    def fail(self, exc: Exception) -> None:
+        self.pending.pop(0).errback(exc)
+
+
+@implementer(IPushProducer)
+class FakeProducer:
+    def __init__(self):
+        self.paused = False
+        self.stopped = False
+        self.pauses = 0
+
+    def pauseProducing(self):
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+def first_message() -> HttpResponse:
+    m = HttpResponse(id="robot:0123", status_code=200)
+    m.header.add(name="Content-Type", value="text/plain")
+    return m
+
+
+class ChunkerTests(SynchronousTestCase):
+    def make(self, auto=True, max_chunk_size=1000, **kw):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.relay = FakeRelay(auto=auto, clock=self.clock)
+        self.producer = FakeProducer()
+        chunker = Chunker(first_message(), self.relay.send, self.clock, max_chunk_size=max_chunk_size, **kw)
+        chunker.set_producer(self.producer)
+        return chunker
+
+    def test_small_answer_is_one_message(self):
+        """Status, headers, body and eof share one message when the body is quick."""
+        c = self.make(started=1000 - 0.25)
+        c.write(b"hello ")
+        self.clock.advance(0.05)
+        c.write(b"world")
+        c.finish()
+        self.assertEqual(len(self.relay.messages), 1)
+        m = self.relay.messages[0]
+        self.assertEqual((m.id, m.status_code, m.body, m.eof), ("robot:0123", 200, b"hello world", True))
+        self.assertEqual([(h.name, h.value) for h in m.header], [("Content-Type", "text/plain")])
+        self.assertEqual(m.backend_duration_ms, 300)
+        self.assertIsNone(self.successResultOf(c.done))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_headers_go_after_100ms_of_silence(self):
+        """A backend that sends headers and then nothing: the user gets them in 100 ms."""
+        c = self.make()
+        self.clock.advance(0.099)
+        self.assertEqual(self.relay.messages, [])
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.relay.messages), 1)
+        m = self.relay.messages[0]
+        self.assertEqual(m.status_code, 200)
+        self.assertFalse(m.HasField("body"))
+        self.assertFalse(m.eof)
+        self.assertTrue(self.successResultOf(c.first_sent))
+
+    def test_trickle_is_sent_within_100ms(self):
+        """
+        Bytes arriving every 40 ms never wait more than 100 ms: the flush
+        deadline runs from the first unsent byte, not from the last one
+        (which, on a steady trickle, would never come).
+        """
+        c = self.make()
+        self.clock.advance(0.1)  # headers
+        arrived = []
+        for i in range(20):
+            c.write(b"%c" % (ord("a") + i))
+            arrived.append(self.clock.seconds())
+            self.clock.pump([0.01] * 4)
+        self.clock.pump([0.01] * 10)
+        body = b"".join(m.body for m in self.relay.messages)
+        self.assertEqual(body, b"abcdefghijklmnopqrst")
+        self.assertGreater(len(self.relay.messages), 5, "a trickle must arrive in pieces")
+        sent_at = []
+        for m, t in zip(self.relay.messages, self.relay.times):
+            sent_at.extend([t] * len(m.body))
+        for a, s in zip(arrived, sent_at):
+            # One 10 ms test tick of slack: the clock only moves in ticks.
+            self.assertLessEqual(s - a, 0.1 + 0.01 + 1e-6)
+
+    def test_full_chunk_goes_at_once_in_exact_pieces(self):
+        c = self.make(max_chunk_size=1000)
+        c.write(b"x" * 2500)
+        sizes = [len(m.body) for m in self.relay.messages]
+        self.assertEqual(sizes, [1000, 1000])
+        self.assertEqual(self.relay.messages[0].status_code, 200)
+        self.assertFalse(self.relay.messages[1].HasField("status_code"))
+        self.clock.advance(0.1)
+        self.assertEqual([len(m.body) for m in self.relay.messages], [1000, 1000, 500])
+        c.finish()
+        self.assertTrue(self.relay.messages[-1].eof)
+        self.assertEqual(sum(len(m.body) for m in self.relay.messages), 2500)
+
+    def test_eof_with_big_rest_is_split(self):
+        c = self.make(max_chunk_size=1000)
+        c.write(b"a" * 999)
+        c.write(b"b" * 1500)  # 2499 pending: one piece goes now
+        c.finish()
+        self.assertEqual([len(m.body) for m in self.relay.messages], [1000, 1000, 499])
+        self.assertEqual([m.eof for m in self.relay.messages], [False, False, True])
+
+    def test_keepalive_every_3s_when_idle(self):
+        c = self.make()
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.relay.messages), 1)
+        self.clock.advance(2.99)
+        self.assertEqual(len(self.relay.messages), 1)
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.relay.messages), 2)
+        keepalive = self.relay.messages[1]
+        self.assertEqual(keepalive.id, "robot:0123")
+        for field in ("status_code", "body", "eof", "backend_duration_ms"):
+            self.assertFalse(keepalive.HasField(field), field)
+        self.clock.advance(3.0)
+        self.assertEqual(len(self.relay.messages), 3)
+        # Data resets the keep-alive clock.
+        c.write(b"x")
+        self.clock.advance(0.1)
+        self.assertEqual(self.relay.messages[3].body, b"x")
+        self.clock.advance(2.9)
+        self.assertEqual(len(self.relay.messages), 4)
+        c.finish()
+        self.assertTrue(self.relay.messages[-1].eof)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_one_message_at_a_time_and_back_pressure(self):
+        """
+        While a post is outstanding, one more piece is gathered and then the
+        backend is paused; it resumes when the relay has taken the post.
+        """
+        c = self.make(auto=False, max_chunk_size=1000)
+        c.write(b"a" * 1000)
+        self.assertEqual(len(self.relay.messages), 1)
+        c.write(b"b" * 600)
+        self.assertFalse(self.producer.paused)
+        c.write(b"b" * 400)
+        self.assertTrue(self.producer.paused)
+        self.clock.advance(5)  # no timer may jump the queue
+        self.assertEqual(len(self.relay.messages), 1)
+        self.relay.answer()
+        self.assertEqual(len(self.relay.messages), 2)
+        self.assertEqual(self.relay.messages[1].body, b"b" * 1000)
+        self.assertTrue(self.producer.paused, "still one post in flight and nothing gathered")
+        self.relay.answer()
+        self.assertFalse(self.producer.paused)
+        c.finish()
+        self.relay.answer()
+        self.assertTrue(self.relay.messages[-1].eof)
+        self.successResultOf(c.done)
+
+    def test_pending_data_goes_as_soon_as_post_returns(self):
+        """A slow post must not add another 100 ms wait for what was due."""
+        c = self.make(auto=False)
+        self.clock.advance(0.1)
+        c.write(b"late")
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.relay.messages), 1)
+        self.relay.answer()
+        self.assertEqual(self.relay.messages[1].body, b"late")
+
+    def test_failed_post_stops_backend(self):
+        c = self.make(auto=False)
+        c.write(b"x")
+        self.clock.advance(0.1)
+        self.relay.fail(ValueError("relay server responded Bad Request"))
+        self.assertTrue(self.producer.stopped)
+        self.failureResultOf(c.done, ValueError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        c.write(b"more")
+        c.finish()
+        self.assertEqual(len(self.relay.messages), 1)
+
+    def test_trailers_on_last_message(self):
+        c = self.make()
+        c.write(b"body")
+        c.finish([("Grpc-Status", "0")])
+        m = self.relay.messages[-1]
+        self.assertTrue(m.eof)
+        self.assertEqual([(h.name, h.value) for h in m.trailer], [("Grpc-Status", "0")])
+
+    def test_send_first_now(self):
+        """After a 101 the relay server needs the status before the user's bytes can flow."""
+        c = self.make(send_first_now=True)
+        self.assertEqual(len(self.relay.messages), 1)
+        self.assertEqual(self.relay.messages[0].status_code, 200)
+        self.assertTrue(self.successResultOf(c.first_sent))
+
+    def test_abort(self):
+        c = self.make(auto=False)
+        c.abort()
+        self.assertTrue(self.producer.stopped)
+        self.assertFalse(self.successResultOf(c.first_sent))
+        self.failureResultOf(c.done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
