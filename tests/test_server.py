@@ -485,3 +485,43 @@ class UpgradeTests(ServerTestCase):
         self.assertEqual(self.server.broker.requests, {})
         code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"late"))
         self.assertEqual(code, 400)
+
+
+class EchoTests(UpgradeTests):
+    @defer.inlineCallbacks
+    def test_echo_both_ways_in_order_then_relay_client_closes(self):
+        """A 101 echo service behind the relay: every byte back, in order."""
+        proto, message = yield self.start_upgrade()
+        stop = []
+
+        @defer.inlineCallbacks
+        def echo_loop():
+            # What a relay-client does after a 101: pull the user's bytes
+            # and post them back as response chunks, until 410.
+            while not stop:
+                code, data = yield self.relay_client.request_stream(message.id)
+                if code == 410:
+                    return
+                self.assertEqual(code, 200)
+                if data:
+                    code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=data))
+                    self.assertEqual(code, 200)
+
+        loop = echo_loop()
+        sent = b"early bytes"
+        for i in range(200):
+            piece = b"<%d:%s>" % (i, b"x" * (i * 37 % 3000))
+            sent += piece
+            proto.transport.write(piece)
+        sent += b"<end>"
+        proto.transport.write(b"<end>")
+        yield proto.wait_for(b"<end>")
+        head, echoed = head_and_body(proto.data)
+        self.assertEqual(echoed, sent)
+        stop.append(True)
+        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, eof=True))
+        self.assertEqual(code, 200)
+        yield proto.ended
+        self.assertTrue(proto.clean)
+        yield loop
+        self.assertEqual(self.server.broker.requests, {})
