@@ -7,6 +7,7 @@ import json
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -46,3 +47,55 @@ class TwistdSmokeTest(unittest.TestCase):
         records = [json.loads(line) for line in proc.lines]  # every line is one JSON object
         self.assertEqual([r for r in records if r["level"] == "ERROR"], [])
         self.assertEqual(records[-1]["msg"], "Server Shut Down.")
+
+    @defer.inlineCallbacks
+    def test_sigterm_lets_in_flight_request_finish(self):
+        from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+
+        proc = TwistdProcess.spawn(["relay", "--port=tcp:0:interface=127.0.0.1"])
+        self.addCleanup(proc.terminate)
+        users = HTTPConnectionPool(reactor, persistent=False)
+        # The relay-client keeps its connection alive, as real ones do.
+        relay_client = HTTPConnectionPool(reactor, persistent=True)
+        relay_client.maxPersistentPerHost = 1
+        self.addCleanup(relay_client.closeCachedConnections)
+        port = int((yield proc.wait_for(r'Relay server listening.*"Port":(\d+)')).group(1))
+        base = "http://127.0.0.1:%d" % port
+        poll = treq.get(base + "/server/request?server=r", pool=relay_client)
+        yield proc.wait_for("Relay client connected")
+        user = treq.get(base + "/client/r/slow", pool=users)
+        resp = yield poll
+        request = HttpRequest.FromString((yield resp.content()))
+
+        proc.transport.signalProcess("TERM")
+        yield proc.wait_for("Waiting for in-flight requests")
+        # No new connections are accepted while draining...
+        with self.assertRaises(ConnectionRefusedError):
+            yield treq.get(base + "/healthz", pool=users)
+        # ...but the in-flight request completes over the relay-client's
+        # open connection.
+        r = yield treq.post(
+            base + "/server/response",
+            data=HttpResponse(id=request.id, status_code=200, body=b"finished", eof=True).SerializeToString(),
+            pool=relay_client,
+        )
+        self.assertEqual(r.code, 200)
+        yield r.content()
+        answer = yield user
+        self.assertEqual((answer.code, (yield answer.content())), (200, b"finished"))
+        code, signal = yield proc.exited
+        self.assertIn((code, signal), [(0, None), (None, 15)])
+
+    @defer.inlineCallbacks
+    def test_tac_file_configured_by_environment(self):
+        proc = TwistdProcess.spawn(
+            ["-y", "relay.tac"],
+            env={"RELAY_PORT": "tcp:0:interface=127.0.0.1", "RELAY_LOG_FORMAT": "text"},
+        )
+        self.addCleanup(proc.terminate)
+        match = yield proc.wait_for(r"msg=\"Relay server listening\" Port=(\d+)")
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        resp = yield treq.get("http://127.0.0.1:%s/healthz" % match.group(1), pool=pool)
+        self.assertEqual((yield resp.content()), b"ok")
+        code, signal = yield proc.terminate()
+        self.assertIn((code, signal), [(0, None), (None, 15)])
