@@ -253,5 +253,7 @@ class Backend:
         except CancelledError:
             raise
         except Exception as e:
+            if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
+                raise CancelledError()
             raise BackendError(connect_error(request, Failure(e)))
         return BackendResponse(response.code, response_headers(response, request.method), response)

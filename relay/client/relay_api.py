@@ -9,7 +9,7 @@ loop, request-stream reads are not retried at all because the relay server
 has no way to tell a repeated read from a new one.
 """
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 from urllib.parse import quote, urlencode
 
 from twisted.internet import error as net_error
@@ -17,7 +17,8 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived, readBody
+from twisted.internet.protocol import Protocol
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -101,6 +102,36 @@ class BytesProducer:
         pass
 
 
+class _Collect(Protocol):
+    def __init__(self, done: Deferred):
+        self.done = done
+        self.data: List[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.data))
+        else:
+            self.done.errback(reason)
+
+
+def read_all(response) -> Deferred:
+    """A relay answer's whole body; cancelling drops the connection."""
+    collector: _Collect
+
+    def cancel(d: Deferred) -> None:
+        transport = getattr(collector, "transport", None)
+        if transport is not None:
+            transport.stopProducing()
+
+    d: Deferred = Deferred(cancel)
+    collector = _Collect(d)
+    response.deliverBody(collector)
+    return d
+
+
 def read_token(path: str) -> str:
     """A token file's contents, without the trailing newline editors add."""
     with open(path, "rb") as f:
@@ -178,9 +209,15 @@ class RelayAPI:
             headers.setRawHeaders(b"content-type", [content_type])
         producer = BytesProducer(body) if body is not None else None
         d = self.agent.request(method, url, headers, producer)
-        d.addCallback(lambda response: readBody(response).addCallback(lambda data: (response.code, data)))
+        d.addCallback(lambda response: read_all(response).addCallback(lambda data: (response.code, data)))
         d.addTimeout(self.timeout, self.clock)
-        return await d
+        try:
+            return await d
+        except (ResponseFailed, ResponseNeverReceived) as e:
+            if any(r.check(CancelledError) for r in e.reasons):
+                # Agent wraps our own cancellation; it is still ours.
+                raise CancelledError()
+            raise
 
     async def poll(self) -> Optional[HttpRequest]:
         """

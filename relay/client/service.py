@@ -71,6 +71,8 @@ class PollLoop(Service):
                 except CancelledError:
                     return
                 except Exception as e:
+                    if not self.running:
+                        return
                     delay = next_delay()
                     log.warn(
                         "failed to get request from relay",
@@ -105,10 +107,11 @@ class RelayClientService(MultiService):
         on_fatal: Optional[Callable[[str], None]] = None,
         log_observer=None,
         stop_grace_period: float = STOP_GRACE_PERIOD,
+        clock: Optional[IReactorTime] = None,
     ):
         super().__init__()
         self.reactor = reactor
-        self.clock: IReactorTime = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.api = api
         self.handler = handler
         self.pools = pools
@@ -185,13 +188,18 @@ def make_client_service(
     on_fatal: Optional[Callable[[str], None]] = None,
     log_observer=None,
     stop_grace_period: float = STOP_GRACE_PERIOD,
+    clock: Optional[IReactorTime] = None,
 ) -> RelayClientService:
     """
     @param relay_url: C{scheme://address} and the relay prefix, e.g.
         C{http://127.0.0.1:8081} or C{https://relay.example.com/prefix}.
+    @param clock: drives the protocol's timers (chunking, keep-alives,
+        back-off, timeouts); the reactor by default, a L{Clock} in tests that
+        step through them while real sockets carry the traffic.
     """
     from twisted.web.client import Agent
 
+    clock = clock if clock is not None else reactor
     relay_pool = HTTPConnectionPool(reactor, persistent=True)
     relay_pool.maxPersistentPerHost = max_idle_conns_per_host
     relay_pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
@@ -202,7 +210,7 @@ def make_client_service(
     # the backend, as in the Go client.
     api = RelayAPI(
         Agent(reactor, pool=relay_pool, connectTimeout=30),
-        reactor,
+        clock,
         relay_url,
         server_name,
         token_file=relay_token_file,
@@ -216,7 +224,7 @@ def make_client_service(
     )
     policy = TrustPolicy(trust_root)
     handler = RequestHandler(
-        reactor,
+        clock,
         api,
         target,
         Backend(reactor, target, backend_pool, policy),
@@ -232,4 +240,5 @@ def make_client_service(
         on_fatal=on_fatal,
         log_observer=log_observer,
         stop_grace_period=stop_grace_period,
+        clock=clock,
     )
