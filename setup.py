@@ -18,7 +18,7 @@ setup(
     package_data={"relay.proto": ["*.proto"]},
     python_requires=">=3.9",
     install_requires=[
-        "twisted[tls]>=24.7",
+        "twisted[tls,http2]>=24.7",
         "treq>=24.9",
         "protobuf>=4.21.6",
         "prometheus_client>=0.21",

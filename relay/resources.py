@@ -339,6 +339,13 @@ class UserResponse:
         metrics.responses.labels("client", "ok", pending.backend, pending.path).inc()
         status = message.status_code
         if status == 101:
+            if not hasattr(request.channel, "switch_protocol"):
+                # HTTP/2 has no 101 (Go answers the same way).
+                self._answer_error(
+                    500, "Backend returned 101 Switching Protocols, which is not supported by the relay server"
+                )
+                self.broker.reject(pending)
+                return False
             self._switch(message)
             return True
         request.setResponseCode(status)
@@ -419,7 +426,12 @@ class UserResponse:
         if self.tunnel is not None:
             self.tunnel.close(clean=False)
             return
-        self.request.unregisterProducer()
-        transport = self.request.channel.transport if self.request.channel else None
-        if transport is not None:
-            transport.abortConnection()
+        request = self.request
+        request.unregisterProducer()
+        channel = request.channel
+        if channel is None:
+            return
+        if hasattr(channel, "abortConnection"):
+            channel.abortConnection()  # HTTP/2: reset just this stream
+        else:
+            channel.transport.abortConnection()

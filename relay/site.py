@@ -9,8 +9,10 @@ the three things twisted.web lacks and a relay needs.
     only pays for twice).
   - Trailers at the end of a chunked response, which the Go relay sends and
     gRPC-over-HTTP/1.1 tooling reads.
-  - Handing a connection over to another protocol after a 101 Switching
-    Protocols, the way twisted.web itself hands a connection to its HTTP/2
+  - Handing a connection over to another protocol: to HTTP/2 when the
+    client opens with the HTTP/2 preface (h2c, prior knowledge) or chose
+    C{h2} by ALPN, and to a raw pipe after a 101 Switching Protocols. Both
+    work the way twisted.web itself hands a connection to its HTTP/2
     implementation after ALPN: detach the HTTP/1.1 parser from the transport
     and pass on any bytes it had already read.
 """
@@ -22,6 +24,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
 
+from relay.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.headers import sanitize_value, valid_name
 
 DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
@@ -67,12 +70,21 @@ class RelayRequest(server.Request):
     def refuse_body(self) -> None:
         """
         Answer 413 at once and close: the client may still be sending, and
-        the only way to stop it is to hang up once it has our answer.
+        the only way to stop it is to hang up once it has our answer. On
+        HTTP/2 only the stream is reset, after the answer.
         """
         body = (
             "Request body too large: this relay accepts at most %d bytes "
             "(--max_request_body)\n" % (self.max_body,)
         ).encode("ascii")
+        conn, stream_id = stream_connection(self)
+        if conn is not None:
+            self.setResponseCode(413)
+            self.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+            self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            self.write(body)
+            self.finish()
+            return
         self.channel.transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
@@ -83,7 +95,7 @@ class RelayRequest(server.Request):
         self.channel.loseConnection()
 
     def requestReceived(self, command, path, version):
-        if self.body_too_large:
+        if self.body_too_large or self.finished:
             # Answered already; the connection is closing.
             return
         super().requestReceived(command, path, version)
@@ -96,7 +108,10 @@ class RelayRequest(server.Request):
         if self.trailers and not self.finished and not self._disconnected:
             if not self.startedWriting:
                 self.write(b"")
-            if self.chunked:
+            conn, stream_id = stream_connection(self)
+            if conn is not None:
+                conn.set_trailers(stream_id, self.trailers)
+            elif self.chunked:
                 lines = b"".join(b"%s: %s\r\n" % t for t in self.trailers)
                 self.channel.write(b"0\r\n" + lines + b"\r\n")
                 # The closing chunk is written: don't let the base class
@@ -106,9 +121,15 @@ class RelayRequest(server.Request):
 
 
 class RelayChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel that can give its connection to another protocol."""
+    """
+    An HTTP/1.1 channel that can give its connection to another protocol:
+    HTTP/2 when the connection starts with the HTTP/2 preface (or TLS chose
+    C{h2}), a raw pipe after a 101.
+    """
 
     _switched: Optional[IProtocol] = None
+    _sniffing = True
+    _sniffed = b""
 
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
@@ -145,8 +166,41 @@ class RelayChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._switched is not None:
             self._switched.dataReceived(data)
-        else:
-            super().dataReceived(data)
+            return
+        if self._sniffing:
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                self._sniffing = False
+                self._start_h2(data)
+                return
+            sniffed = self._sniffed + data
+            if PREFACE.startswith(sniffed[: len(PREFACE)]):
+                if len(sniffed) < len(PREFACE):
+                    self._sniffed = sniffed  # wait for the rest of the preface
+                    return
+                self._sniffing = False
+                self._sniffed = b""
+                self._start_h2(sniffed)
+                return
+            # Not HTTP/2 (or a garbled preface, which HTTP/1.1 then rejects).
+            self._sniffing = False
+            self._sniffed = b""
+            data = sniffed
+        super().dataReceived(data)
+
+    def _start_h2(self, data: bytes) -> None:
+        h2 = RelayH2Connection(getattr(self.site, "reactor", None))
+        h2.requestFactory = self.requestFactory
+        h2.site = self.site
+        h2.factory = self.factory
+        h2.timeOut = self.timeOut
+        h2.callLater = self.callLater
+        self.setTimeout(None)
+        network = self._networkProducer
+        network.unregisterProducer()
+        self._switched = h2
+        h2.makeConnection(self.transport)
+        network.registerProducer(h2, True)
+        h2.dataReceived(data)
 
     def connectionLost(self, reason) -> None:
         if self._switched is not None:

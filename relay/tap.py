@@ -7,6 +7,7 @@ C{http-relay-server}.
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from relay.h2 import offer_h2_over_tls
 from relay.logs import make_observer
 from relay.options import GoFlagOptions, duration, log_format, log_level, positive_int
 from relay.service import make_server_service
@@ -114,7 +115,7 @@ def log_observer_for(options):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    endpoint = endpoints.serverFromString(reactor, options["endpoint"])
+    endpoint = offer_h2_over_tls(endpoints.serverFromString(reactor, options["endpoint"]))
     return make_server_service(
         endpoint,
         reactor,

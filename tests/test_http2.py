@@ -1,0 +1,281 @@
+"""
+HTTP/2 on the relay's port: prior knowledge (h2c), ALPN over TLS, trailers,
+and garbage where a preface should be. HTTP/1.1 keeps working beside it.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import h2.config
+import h2.connection
+import h2.events
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.trial import unittest
+
+from relay.h2 import offer_h2_over_tls
+from relay.metrics import RelayMetrics
+from relay.proto.http_relay_pb2 import HttpResponse
+from relay.service import make_server_service
+from tests.support import FakeRelayClient, RelayServer, head_and_body, raw_connect
+from tests.test_server import ServerTestCase
+
+
+class H2Client(protocol.Protocol):
+    """A minimal HTTP/2 client (prior knowledge) for one request at a time."""
+
+    def __init__(self):
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.responses = {}
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        self.conn.initiate_connection()
+        self.transport.write(self.conn.data_to_send())
+
+    def request(self, method, path, headers=(), body=b""):
+        stream_id = self.conn.get_next_available_stream_id()
+        all_headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "relay")]
+        all_headers += list(headers)
+        self.conn.send_headers(stream_id, all_headers, end_stream=not body)
+        if body:
+            self.conn.send_data(stream_id, body, end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+        state = self.responses[stream_id] = {
+            "headers": None,
+            "data": b"",
+            "trailers": None,
+            "done": defer.Deferred(),
+            "got_data": None,
+        }
+        return stream_id, state
+
+    def dataReceived(self, data):
+        for event in self.conn.receive_data(data):
+            state = self.responses.get(getattr(event, "stream_id", None))
+            if isinstance(event, h2.events.ResponseReceived):
+                state["headers"] = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                state["data"] += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if state["got_data"] is not None:
+                    d, state["got_data"] = state["got_data"], None
+                    d.callback(None)
+            elif isinstance(event, h2.events.TrailersReceived):
+                state["trailers"] = dict(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                state["done"].callback(state)
+            elif isinstance(event, h2.events.StreamReset):
+                state["done"].errback(AssertionError("stream reset: %r" % (event.error_code,)))
+        self.transport.write(self.conn.data_to_send())
+
+    def connectionLost(self, reason):
+        for state in self.responses.values():
+            if not state["done"].called:
+                state["done"].errback(reason)
+        self.lost.callback(None)
+
+
+class H2cTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def h2_client(self):
+        client = H2Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port), client)
+        self.addCleanup(lambda: (client.transport.loseConnection(), client.lost)[1])
+        return client
+
+    @defer.inlineCallbacks
+    def test_healthz_over_h2c(self):
+        client = yield self.h2_client()
+        _, state = client.request("GET", "/healthz")
+        yield state["done"]
+        self.assertEqual(state["headers"][":status"], "200")
+        self.assertEqual(state["data"], b"ok")
+
+    @defer.inlineCallbacks
+    def test_grpc_style_call_with_trailers(self):
+        client = yield self.h2_client()
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        _, state = client.request(
+            "POST",
+            "/pkg.Echo/Say",
+            headers=[("x-server-name", "robot"), ("content-type", "application/grpc"), ("te", "trailers")],
+            body=b"\x00\x00\x00\x00\x02hi",
+        )
+        code, message = yield poll
+        self.assertEqual(message.url, "http://invalid/pkg.Echo/Say")
+        self.assertEqual(message.body, b"\x00\x00\x00\x00\x02hi")
+        headers = {(h.name, h.value) for h in message.header}
+        self.assertIn(("Te", "trailers"), headers)
+        self.assertEqual(message.host, "relay")
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=200,
+                header=[{"name": "Content-Type", "value": "application/grpc"}],
+                body=b"\x00\x00\x00\x00\x03hey",
+            )
+        )
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                eof=True,
+                trailer=[{"name": "Grpc-Status", "value": "0"}, {"name": "Grpc-Message", "value": "fine"}],
+            )
+        )
+        yield state["done"]
+        self.assertEqual(state["headers"][":status"], "200")
+        self.assertEqual(state["headers"]["content-type"], "application/grpc")
+        self.assertEqual(state["data"], b"\x00\x00\x00\x00\x03hey")
+        self.assertEqual(state["trailers"], {"grpc-status": "0", "grpc-message": "fine"})
+
+    @defer.inlineCallbacks
+    def test_trailers_only_reply(self):
+        """Grpc-* headers of a body-less first message come back as trailers."""
+        client = yield self.h2_client()
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        _, state = client.request("POST", "/pkg.Echo/Missing", headers=[("x-server-name", "robot")], body=b"x")
+        code, message = yield poll
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=200,
+                header=[
+                    {"name": "Content-Type", "value": "application/grpc"},
+                    {"name": "Grpc-Status", "value": "12"},
+                    {"name": "Grpc-Message", "value": "unknown method"},
+                ],
+                eof=True,
+            )
+        )
+        yield state["done"]
+        self.assertEqual(state["trailers"], {"grpc-status": "12", "grpc-message": "unknown method"})
+
+    @defer.inlineCallbacks
+    def test_streamed_h2_response_arrives_in_pieces(self):
+        client = yield self.h2_client()
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        _, state = client.request("GET", "/client/robot/stream")
+        code, message = yield poll
+        state["got_data"] = defer.Deferred()
+        yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"one,"))
+        yield state["got_data"]
+        self.assertEqual(state["data"], b"one,")
+        yield self.relay_client.post(HttpResponse(id=message.id, body=b"two", eof=True))
+        yield state["done"]
+        self.assertEqual(state["data"], b"one,two")
+
+    @defer.inlineCallbacks
+    def test_user_resetting_stream_cancels_request(self):
+        client = yield self.h2_client()
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        stream_id, state = client.request("GET", "/client/robot/x")
+        code, message = yield poll
+        state["done"].addErrback(lambda f: None)
+        client.conn.reset_stream(stream_id)
+        client.transport.write(client.conn.data_to_send())
+        yield self.until(lambda: not self.server.broker.requests)
+        code, _ = yield self.relay_client.respond(message.id, 200)
+        self.assertEqual(code, 400)
+
+    @defer.inlineCallbacks
+    def test_garbage_preface_is_rejected_and_others_unaffected(self):
+        good = yield self.h2_client()
+        for garbage in (
+            b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",  # a garbled preface
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\x00\x00\x00\x00\x00\x00",  # then a bogus frame
+        ):
+            proto = yield raw_connect(self.server.port)
+            proto.transport.write(garbage)
+            yield proto.ended
+            if proto.data:
+                # HTTP/1.1 said 4xx/5xx, or HTTP/2 said GOAWAY: never a success.
+                self.assertNotIn(b" 200 ", bytes(proto.data[:20]))
+        truncated = yield raw_connect(self.server.port)
+        truncated.transport.write(b"PRI * HTTP/2")
+        truncated.transport.loseConnection()
+        yield truncated.ended
+        _, state = good.request("GET", "/healthz")
+        yield state["done"]
+        self.assertEqual(state["data"], b"ok")
+        self.assertEqual(self.server.broker.requests, {})
+
+    @defer.inlineCallbacks
+    def test_curl_prior_knowledge(self):
+        if shutil.which("curl") is None:
+            raise unittest.SkipTest("curl not installed")
+        out = yield threads.deferToThread(
+            subprocess.check_output,
+            ["curl", "-s", "--http2-prior-knowledge", "-w", " %{http_version}", self.server.url("/healthz")],
+            timeout=20,
+        )
+        self.assertEqual(out, b"ok 2")
+
+
+def make_certificate(directory):
+    """A self-signed certificate for 127.0.0.1, with cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path = os.path.join(directory, "key.pem")
+    cert_path = os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class TLSTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_alpn_h2_and_http11_over_tls(self):
+        if shutil.which("curl") is None:
+            raise unittest.SkipTest("curl not installed")
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        key, cert = make_certificate(tmp)
+        endpoint = offer_h2_over_tls(
+            serverFromString(reactor, "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (key, cert))
+        )
+        service = make_server_service(endpoint, reactor, metrics=RelayMetrics(process=False))
+        service.startService()
+        self.addCleanup(service.stopService)
+        url = "https://127.0.0.1:%d/healthz" % service.listening_port.getHost().port
+        for flag, version in (("--http2", b"2"), ("--http1.1", b"1.1")):
+            out = yield threads.deferToThread(
+                subprocess.check_output,
+                ["curl", "-s", "-k", flag, "-w", " %{http_version}", url],
+                timeout=20,
+            )
+            self.assertEqual(out, b"ok " + version)
