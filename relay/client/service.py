@@ -22,7 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from relay.client.backend import Backend, BackendTarget, TrustPolicy
 from relay.client.handler import RequestHandler
@@ -36,6 +36,16 @@ POLL_BACKOFF_MULTIPLIER = 1.5
 POLL_MAX_BACKOFF = 10.0
 STOP_GRACE_PERIOD = 5.0
 IDLE_CONNECTION_TIMEOUT = 90.0
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietPool(HTTPConnectionPool):
+    """A pool that does not log every connection it opens and closes."""
+
+    _factory = _QuietFactory
 
 
 class PollLoop(Service):
@@ -200,10 +210,10 @@ def make_client_service(
     from twisted.web.client import Agent
 
     clock = clock if clock is not None else reactor
-    relay_pool = HTTPConnectionPool(reactor, persistent=True)
+    relay_pool = QuietPool(reactor, persistent=True)
     relay_pool.maxPersistentPerHost = max_idle_conns_per_host
     relay_pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
-    backend_pool = HTTPConnectionPool(reactor, persistent=True)
+    backend_pool = QuietPool(reactor, persistent=True)
     backend_pool.maxPersistentPerHost = max_idle_conns_per_host
     backend_pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
     # The relay is verified against the system's CAs; --root_ca_file is for
