@@ -104,6 +104,9 @@ class BackendResource(resource.Resource):
             request.setHeader(b"content-length", b"%d" % size)
             request.registerProducer(BigProducer(request, size, self.backend.pattern), False)
             return server.NOT_DONE_YET
+        if path == b"/firehose":
+            self.backend.firehose(request)
+            return server.NOT_DONE_YET
         if path == b"/trickle":
             self.backend.trickle(request)
             return server.NOT_DONE_YET
@@ -232,16 +235,20 @@ class Sniffer(protocol.Protocol):
 
 
 class Backend:
-    def __init__(self):
+    def __init__(self, tls=None, host="127.0.0.1"):
         self.pattern = os.urandom(BIG_BLOCK)
         self.requests = []
         self.trickle_sent = []
+        self.firehose_bytes = 0
         self.forever_closed = defer.Deferred()
         self.forever_started = defer.Deferred()
         self.site = server.Site(BackendResource(self))
         factory = protocol.Factory.forProtocol(lambda: Sniffer(self.site))
-        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.address = "127.0.0.1:%d" % (self.port.getHost().port,)
+        if tls is None:
+            self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        else:
+            self.port = reactor.listenSSL(0, factory, tls, interface="127.0.0.1")
+        self.address = "%s:%d" % (host, self.port.getHost().port)
 
     def trickle(self, request, pieces=5, interval=0.3):
         def send(i):
@@ -255,6 +262,38 @@ class Backend:
                 request.finish()
 
         send(0)
+
+    def firehose(self, request):
+        """Writes as fast as the connection lets it, counting what it wrote."""
+        backend = self
+        block = b"f" * 65536
+
+        class Push:
+            paused = False
+            stopped = False
+
+            def pauseProducing(self):
+                self.paused = True
+
+            def resumeProducing(self):
+                self.paused = False
+                reactor.callLater(0, self.run)
+
+            def stopProducing(self):
+                self.stopped = True
+
+            def run(self):
+                for _ in range(16):
+                    if self.paused or self.stopped:
+                        return
+                    request.write(block)
+                    backend.firehose_bytes += len(block)
+                reactor.callLater(0, self.run)
+
+        producer = Push()
+        request.registerProducer(producer, True)
+        request.notifyFinish().addBoth(lambda _: producer.stopProducing())
+        producer.run()
 
     def forever(self, request):
         call = [None]
@@ -369,6 +408,8 @@ class Relay:
 
 class EndToEnd(unittest.TestCase):
     timeout = 60
+    backend_scheme = "http"
+    trust_root = None
 
     def setUp(self):
         self.backend = Backend()
@@ -380,7 +421,8 @@ class EndToEnd(unittest.TestCase):
         return self.until(lambda: self.relay.polled_by(NAME))
 
     def start_client(self, **kw):
-        kw.setdefault("backend_scheme", "http")
+        kw.setdefault("backend_scheme", self.backend_scheme)
+        kw.setdefault("trust_root", self.trust_root)
         kw.setdefault("backend_address", self.backend.address)
         client = make_client_service(reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, **kw)
         client.startService()
@@ -553,6 +595,32 @@ class EndToEnd(unittest.TestCase):
         user.transport.abortConnection()
         closed = yield self.backend.forever_closed
         self.assertLess(closed - left, 5.0)
+
+    @defer.inlineCallbacks
+    def test_slow_user_slows_the_backend(self):
+        """
+        A user who stops reading must stop the backend too, after buffers
+        of a few MiB, rather than have the relay client (or server) soak up
+        an endless stream.
+        """
+        user = RawUser()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), user)
+        user.transport.write(b"GET /client/" + NAME.encode() + b"/firehose HTTP/1.1\r\nHost: robot\r\n\r\n")
+        yield user.read_until(lambda d: b"ffff" in d)
+        user.transport.pauseProducing()
+        # Wait for the backend to stall: no progress for half a second.
+        last, still_since = -1, time.monotonic()
+        deadline = time.monotonic() + 20
+        while time.monotonic() - still_since < 0.5:
+            self.assertLess(time.monotonic(), deadline, "the backend never stalled")
+            if self.backend.firehose_bytes != last:
+                last, still_since = self.backend.firehose_bytes, time.monotonic()
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertLess(self.backend.firehose_bytes, 64 * 1024 * 1024)
+        # Reading again lets it go on.
+        user.transport.resumeProducing()
+        yield self.until(lambda: self.backend.firehose_bytes > last + 8 * 1024 * 1024)
+        user.transport.abortConnection()
 
     # Failures.
 

@@ -149,6 +149,11 @@ def describe_failure(failure: Failure) -> str:
         return "connection closed before the answer was complete"
     if isinstance(value, CancelledError):
         return "timeout"
+    if type(value).__module__.startswith("OpenSSL") and value.args and isinstance(value.args[0], list):
+        # [('SSL routines', '', 'certificate verify failed')] -> readable.
+        reasons = [str(r[-1]) for r in value.args[0] if isinstance(r, tuple) and r]
+        if reasons:
+            return "tls: " + "; ".join(reasons)
     text = str(value).strip()
     return text or type(value).__name__
 
