@@ -22,7 +22,7 @@ observable on the wire (messages, status codes, timeouts) ours is the same.
 
 import os
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -78,6 +78,10 @@ class RequestExpired(BrokerError):
 
 class ServerStopping(BrokerError):
     """The server is shutting down."""
+
+
+class Overloaded(BrokerError):
+    """A limit on pending requests or on backends is reached (503, retry later)."""
 
 
 def _go_quote(text: str) -> str:
@@ -333,12 +337,14 @@ class PendingRequest:
 class Backend:
     """A backend name some relay-client polls for."""
 
-    __slots__ = ("name", "polls", "queue", "last_activity")
+    __slots__ = ("name", "polls", "queue", "active", "last_activity")
 
     def __init__(self, name: str, now: float):
         self.name = name
         self.polls: Deque[Tuple[Deferred, IDelayedCall]] = deque()
         self.queue: Deque[PendingRequest] = deque()
+        # Ids of this backend's requests that are not over yet.
+        self.active: Set[str] = set()
         self.last_activity = now
 
 
@@ -362,12 +368,16 @@ class Broker:
         inactive_request_timeout: float = 60.0,
         inactive_backend_timeout: float = 30 * 60.0,
         new_id: Callable[[str], str] = new_request_id,
+        max_pending_per_backend: int = 1000,
+        max_backends: int = 100000,
     ):
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
         self.inactive_request_timeout = inactive_request_timeout
         self.inactive_backend_timeout = inactive_backend_timeout
         self._new_id = new_id
+        self.max_pending_per_backend = max_pending_per_backend
+        self.max_backends = max_backends
         self.backends: Dict[str, Backend] = {}
         self.requests: Dict[str, PendingRequest] = {}
         self.stopping = False
@@ -387,6 +397,10 @@ class Broker:
         b = self.backends.get(backend)
         if b is None:
             raise UnknownBackend(backend)
+        if len(b.active) >= self.max_pending_per_backend:
+            raise Overloaded(
+                "Too many pending requests for %s (%d): try again later" % (backend, len(b.active))
+            )
         request_id = self._new_id(backend)
         while request_id in self.requests:
             request_id = self._new_id(backend)
@@ -394,6 +408,7 @@ class Broker:
         path = clean_path(_url_path(message.url))
         pending = PendingRequest(self, request_id, backend, message, sink, path)
         self.requests[request_id] = pending
+        b.active.add(request_id)
         log.info("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend, path).inc()
         if b.polls:
@@ -440,6 +455,9 @@ class Broker:
     def _forget(self, pending: PendingRequest, reason: Optional[BrokerError]) -> None:
         if self.requests.get(pending.id) is pending:
             del self.requests[pending.id]
+        b = self.backends.get(pending.backend)
+        if b is not None:
+            b.active.discard(pending.id)
         pending._end(reason)
 
     # The relay-client's side.
@@ -454,6 +472,8 @@ class Broker:
         now = self.clock.seconds()
         b = self.backends.get(backend)
         if b is None:
+            if len(self.backends) >= self.max_backends:
+                raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
             b = self.backends[backend] = Backend(backend, now)
         b.last_activity = now
         self.metrics.requests.labels("server_request", backend, path).inc()
@@ -569,7 +589,7 @@ class Broker:
                 b.queue.remove(pending)
             self._forget(pending, RequestExpired())
         threshold = now - self.inactive_backend_timeout
-        for b in [b for b in self.backends.values() if b.last_activity < threshold and not b.polls and not b.queue]:
+        for b in [b for b in self.backends.values() if b.last_activity < threshold and not b.polls and not b.active]:
             log.info("Forgetting inactive relay client", ServerName=b.name)
             del self.backends[b.name]
             self.metrics.forget_backend(b.name)

@@ -19,10 +19,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from relay.auth import AccessPolicy
 from relay.broker import (
     BackendUnreachable,
     Broker,
     BrokerError,
+    Overloaded,
     PendingRequest,
     RequestExpired,
     UnknownBackend,
@@ -43,6 +45,9 @@ REQUEST_CONTENT_TYPE = (
 TEXT_PLAIN = b"text/plain; charset=utf-8"
 # Request headers Go's server does not put into Request.Header.
 _NOT_RELAYED = frozenset([b"host", b"transfer-encoding"])
+_HOP_BY_HOP_REQUEST = frozenset(
+    [b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate", b"trailer"]
+)
 
 
 def http_error(request, code: int, message: str) -> bytes:
@@ -73,10 +78,11 @@ def _on_disconnect(request, callback) -> None:
 class RootResource(Resource):
     """Dispatches exact paths; everything else goes to the backends."""
 
-    def __init__(self, broker: Broker, metrics_body, block_size: int = 10240):
+    def __init__(self, broker: Broker, metrics_body, block_size: int = 10240, policy: AccessPolicy = None):
         super().__init__()
-        self.client = ClientResource(broker, block_size)
-        server = ServerResource(broker)
+        policy = policy if policy is not None else AccessPolicy()
+        self.client = ClientResource(broker, block_size, policy)
+        server = ServerResource(broker, policy)
         self._exact = {
             b"/healthz": HealthResource(broker),
             b"/metrics": MetricsResource(metrics_body),
@@ -125,9 +131,10 @@ class ServerResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, broker: Broker):
+    def __init__(self, broker: Broker, policy: AccessPolicy = None):
         super().__init__()
         self.broker = broker
+        self.policy = policy if policy is not None else AccessPolicy()
         self._routes = {
             b"/server/request": self.poll,
             b"/server/response": self.response,
@@ -141,9 +148,18 @@ class ServerResource(Resource):
         server = _arg(request, b"server")
         if not server:
             return http_error(request, 400, "Missing server query parameter")
+        if not self.policy.relay_client_allowed(request, server):
+            return self._forbidden(request, server)
         log.info("Relay client connected", ServerName=server)
-        d = self.broker.get_request(server, request.path.decode("latin-1"))
+        try:
+            d = self.broker.get_request(server, request.path.decode("latin-1"))
+        except Overloaded as e:
+            return _overloaded(request, e)
         return _answer_when(request, d, self._polled)
+
+    def _forbidden(self, request, name: str) -> bytes:
+        log.warn("Relay client refused", ServerName=name, Peer=str(request.getClientAddress()))
+        return http_error(request, 403, "Forbidden: this relay-client may not act for %s" % (name,))
 
     def _polled(self, request, message: Optional[HttpRequest]) -> bytes:
         if message is None:
@@ -162,6 +178,9 @@ class ServerResource(Resource):
             return http_error(request, 400, "proto: cannot parse invalid wire-format data")
         if not message.HasField("id"):
             return http_error(request, 400, "HttpResponse without id")
+        name = message.id.split(":", 1)[0]
+        if not self.policy.relay_client_allowed(request, name):
+            return self._forbidden(request, name)
         try:
             d = self.broker.send_response(message)
         except UnknownRequest as e:
@@ -181,6 +200,9 @@ class ServerResource(Resource):
         request_id = _arg(request, b"id")
         if not request_id:
             return http_error(request, 400, "Missing id query parameter")
+        name = request_id.split(":", 1)[0]
+        if not self.policy.relay_client_allowed(request, name):
+            return self._forbidden(request, name)
         try:
             d = self.broker.get_request_stream(request_id)
         except UnknownRequest:
@@ -228,10 +250,11 @@ class ClientResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, broker: Broker, block_size: int = 10240):
+    def __init__(self, broker: Broker, block_size: int = 10240, policy: AccessPolicy = None):
         super().__init__()
         self.broker = broker
         self.block_size = block_size
+        self.policy = policy if policy is not None else AccessPolicy()
 
     def render(self, request):
         path = request.path
@@ -251,30 +274,82 @@ class ClientResource(Resource):
             backend = names[0].decode("utf-8", "replace")
             backend_path = path
 
+        refused = self.policy.check_user(request, backend)
+        if refused is not None:
+            code, text = refused
+            if code == 401:
+                request.responseHeaders.setRawHeaders(b"www-authenticate", [b'Bearer realm="relay"'])
+            return http_error(request, code, text)
+
         message = HttpRequest(
             method=request.method.decode("latin-1"),
             host=(request.requestHeaders.getRawHeaders(b"host") or [b""])[0].decode("latin-1"),
             url=_backend_url(backend_path, request.uri),
             body=request.content.getvalue() if request.content is not None else b"",
         )
-        headers = message.header
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() in _NOT_RELAYED:
-                continue
-            key = go_canonical(name.decode("latin-1"))
-            for value in values:
-                headers.add(name=key, value=value.decode("utf-8", "replace"))
+        _relayed_headers(request, message.header)
 
         response = UserResponse(self.broker, request, self.block_size)
         try:
             response.pending = self.broker.relay(backend, message, response)
         except UnknownBackend as e:
             return _plain(request, 503, str(e))
+        except Overloaded as e:
+            return _overloaded(request, e)
         except BrokerError as e:
             return http_error(request, 503, str(e))
         request.registerProducer(response.pending, True)
         _on_disconnect(request, response.user_gone)
         return NOT_DONE_YET
+
+
+def _relayed_headers(request, out) -> None:
+    """
+    The user's headers as the backend should see them: one entry per value,
+    Go-canonical names, without hop-by-hop headers (they describe the user's
+    connection to us, not a request to the backend) except what an upgrade
+    and gRPC need (C{Connection}/C{Upgrade} on upgrade requests, C{TE:
+    trailers}), and with C{X-Forwarded-For}/C{-Proto} added.
+    """
+    headers = request.requestHeaders
+    connection = {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+    upgrading = b"upgrade" in connection and headers.hasHeader(b"upgrade")
+    forwarded_for = None
+    has_proto = False
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _NOT_RELAYED:
+            continue
+        if lower in (b"connection", b"upgrade"):
+            if not upgrading:
+                continue
+        elif lower == b"te":
+            values = [b"trailers"] if any(b"trailers" in v.lower() for v in values) else []
+        elif lower in _HOP_BY_HOP_REQUEST or lower in connection:
+            continue
+        elif lower == b"x-forwarded-for":
+            forwarded_for = b", ".join(values)
+            continue
+        elif lower == b"x-forwarded-proto":
+            has_proto = True
+        key = go_canonical(name.decode("latin-1"))
+        for value in values:
+            out.add(name=key, value=value.decode("utf-8", "replace"))
+    peer = getattr(request.getClientAddress(), "host", None)
+    if peer:
+        chain = peer.encode("latin-1") if forwarded_for is None else forwarded_for + b", " + peer.encode("latin-1")
+        out.add(name="X-Forwarded-For", value=chain.decode("utf-8", "replace"))
+    if not has_proto:
+        out.add(name="X-Forwarded-Proto", value="https" if request.isSecure() else "http")
+
+
+def _overloaded(request, error) -> bytes:
+    request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
+    return http_error(request, 503, str(error))
 
 
 def _backend_url(path: bytes, uri: bytes) -> str:

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from relay.auth import AccessPolicy
 from relay.broker import Broker
 from relay.metrics import RelayMetrics
 from relay.resources import RootResource
@@ -166,6 +167,12 @@ def make_server_service(
     metrics: Optional[RelayMetrics] = None,
     log_observer=None,
     clock: Optional[IReactorTime] = None,
+    policy: Optional[AccessPolicy] = None,
+    max_pending_per_backend: int = 1000,
+    max_backends: int = 100000,
+    max_headers: int = 500,
+    max_header_bytes: int = 65536,
+    header_timeout: Optional[float] = 30.0,
 ) -> RelayServerService:
     """
     The relay server on C{endpoint}. C{clock} (the reactor by default)
@@ -179,9 +186,18 @@ def make_server_service(
         metrics=metrics,
         inactive_request_timeout=inactive_request_timeout,
         inactive_backend_timeout=inactive_backend_timeout,
+        max_pending_per_backend=max_pending_per_backend,
+        max_backends=max_backends,
     )
-    root = RootResource(broker, metrics.render, block_size=block_size)
-    site = RelaySite(root, max_request_body=max_request_body, reactor=reactor)
+    root = RootResource(broker, metrics.render, block_size=block_size, policy=policy)
+    site = RelaySite(
+        root,
+        max_request_body=max_request_body,
+        max_headers=max_headers,
+        max_header_bytes=max_header_bytes,
+        header_timeout=header_timeout,
+        reactor=reactor,
+    )
     service = RelayServerService(broker, site, log_observer)
     drain = DrainService(broker, site, reactor)
     drain.setServiceParent(service)

@@ -130,8 +130,32 @@ class RelayChannel(http.HTTPChannel):
     _switched: Optional[IProtocol] = None
     _sniffing = True
     _sniffed = b""
+    _header_timer = None
+
+    # Slowloris: a client gets this long to send a request's headers (from
+    # the connection's start, or from the end of the previous request).
+    def _arm_header_timer(self) -> None:
+        timeout = getattr(self.site, "header_timeout", None)
+        if timeout and self._header_timer is None:
+            self._header_timer = self.callLater(timeout, self._header_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        self._log.info("Closing connection: no request headers in time", peer=str(self.transport.getPeer()))
+        self.transport.abortConnection()
+
+    def requestDone(self, request) -> None:
+        self._arm_header_timer()
+        super().requestDone(request)
 
     def allHeadersReceived(self) -> None:
+        self._disarm_header_timer()
         request = self.requests[-1]
         if self.length is not None and self.length > self.site.max_request_body:
             # Answer with the final 413, not an interim 100 Continue that
@@ -147,6 +171,7 @@ class RelayChannel(http.HTTPChannel):
         C{protocol}, with whatever the client sent after its request.
         """
         self.setTimeout(None)
+        self._disarm_header_timer()
         network = self._networkProducer
         network.unregisterProducer()
         buffered = b"".join(self._dataBuffer)
@@ -160,8 +185,11 @@ class RelayChannel(http.HTTPChannel):
             protocol.dataReceived(buffered)
 
     def connectionMade(self) -> None:
+        self.maxHeaders = self.site.max_headers
+        self.totalHeadersSize = self.site.max_header_bytes
         super().connectionMade()
         self.site.connections.add(self)
+        self._arm_header_timer()
 
     def dataReceived(self, data: bytes) -> None:
         if self._switched is not None:
@@ -195,6 +223,7 @@ class RelayChannel(http.HTTPChannel):
         h2.timeOut = self.timeOut
         h2.callLater = self.callLater
         self.setTimeout(None)
+        self._disarm_header_timer()
         network = self._networkProducer
         network.unregisterProducer()
         self._switched = h2
@@ -203,6 +232,7 @@ class RelayChannel(http.HTTPChannel):
         h2.dataReceived(data)
 
     def connectionLost(self, reason) -> None:
+        self._disarm_header_timer()
         if self._switched is not None:
             switched, self._switched = self._switched, None
             switched.connectionLost(reason)
@@ -221,9 +251,20 @@ class RelaySite(server.Site):
     requestFactory = RelayRequest
     noisy = False
 
-    def __init__(self, resource, max_request_body: int = DEFAULT_MAX_REQUEST_BODY, **kwargs):
+    def __init__(
+        self,
+        resource,
+        max_request_body: int = DEFAULT_MAX_REQUEST_BODY,
+        max_headers: int = 500,
+        max_header_bytes: int = 65536,
+        header_timeout: Optional[float] = 30.0,
+        **kwargs
+    ):
         super().__init__(resource, **kwargs)
         self.max_request_body = max_request_body
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
         self.connections: Set[RelayChannel] = set()
         self._all_closed: List[Deferred] = []
 

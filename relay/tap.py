@@ -7,6 +7,7 @@ C{http-relay-server}.
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
 from relay.h2 import offer_h2_over_tls
 from relay.logs import make_observer
 from relay.options import GoFlagOptions, duration, log_format, log_level, positive_int
@@ -64,6 +65,60 @@ class Options(GoFlagOptions):
             positive_int,
         ],
         [
+            "client_tokens",
+            None,
+            None,
+            "File of 'NAME_GLOB SHA256_HEX' lines: relay-clients must send "
+            "Authorization: Bearer TOKEN valid for the backend name they poll or "
+            "answer for (else 403). Re-read when it changes. "
+            "`python -m relay.auth hash < token` prints a token's hash.",
+        ],
+        [
+            "user_tokens",
+            None,
+            None,
+            "File of 'SHA256_HEX NAME_GLOB[,NAME_GLOB...]' lines: users must send a "
+            "token valid for the backend (Authorization: Bearer, or X-Relay-Token "
+            "when the backend needs the Authorization header); 401 without, 403 "
+            "for the wrong backend. The consumed header is not relayed.",
+        ],
+        [
+            "trusted_user_header",
+            None,
+            None,
+            "Only accept user requests carrying this header (set by an "
+            "authenticating proxy in front, e.g. X-Forwarded-User); 401 otherwise.",
+        ],
+        [
+            "max_pending_per_backend",
+            None,
+            1000,
+            "Requests in flight per backend; beyond it 503 with Retry-After.",
+            positive_int,
+        ],
+        [
+            "max_backends",
+            None,
+            100000,
+            "Backend names known at once; polls for new names beyond it get 503.",
+            positive_int,
+        ],
+        ["max_headers", None, 500, "Most header lines in a request (else 400).", positive_int],
+        [
+            "max_header_bytes",
+            None,
+            65536,
+            "Most bytes of request headers (else 400).",
+            positive_int,
+        ],
+        [
+            "header_timeout",
+            None,
+            "30s",
+            "Close connections that take longer than this to send a request's "
+            "headers, or sit idle this long between requests (slowloris guard).",
+        ],
+        [
             "log_level",
             None,
             "info",
@@ -78,11 +133,12 @@ class Options(GoFlagOptions):
     ]
 
     def postOptions(self):
-        for name in ("inactive_request_timeout", "inactive_backend_timeout"):
+        for name in ("inactive_request_timeout", "inactive_backend_timeout", "header_timeout"):
             self[name] = duration(self[name])
         self["log_level"] = log_level(self["log_level"])
         self["log_format"] = log_format(self["log_format"])
         self["endpoint"] = port_endpoint(self["port"])
+        self["policy"] = access_policy(self)
 
 
 def port_endpoint(port: str) -> str:
@@ -124,4 +180,21 @@ def makeService(options, reactor=None):
         inactive_backend_timeout=options["inactive_backend_timeout"],
         max_request_body=options["max_request_body"],
         log_observer=log_observer_for(options),
+        policy=options["policy"],
+        max_pending_per_backend=options["max_pending_per_backend"],
+        max_backends=options["max_backends"],
+        max_headers=options["max_headers"],
+        max_header_bytes=options["max_header_bytes"],
+        header_timeout=options["header_timeout"],
     )
+
+
+def access_policy(options) -> AccessPolicy:
+    try:
+        return AccessPolicy(
+            client_tokens=ClientTokens(options["client_tokens"]) if options["client_tokens"] else None,
+            user_tokens=UserTokens(options["user_tokens"]) if options["user_tokens"] else None,
+            trusted_user_header=options["trusted_user_header"],
+        )
+    except TokenFileError as e:
+        raise usage.UsageError(str(e))
