@@ -32,9 +32,10 @@ log = Logger()
 
 Header = Tuple[str, str]
 CONNECT_TIMEOUT = 30.0
-# Agent frames the body itself and manages its own connections.
+# Agent frames the body itself and manages its own connections; the body is
+# sent whole at once, so there is nothing for 100-continue to wait for.
 _AGENT_DROPS = frozenset(
-    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection"]
+    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "expect"]
 )
 # An upgrade keeps Connection and Upgrade: they are the point of it.
 _UPGRADE_DROPS = frozenset(["host", "content-length", "transfer-encoding"])
