@@ -9,7 +9,9 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 import time
 
 import treq
@@ -21,6 +23,7 @@ from twisted.web import http, resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from relay.client.service import make_client_service
+from relay.auth import AccessPolicy, ClientTokens
 from relay.metrics import RelayMetrics
 from relay.service import make_server_service
 
@@ -30,6 +33,16 @@ BIG_BLOCK = 1024 * 1024
 
 
 # The backend.
+
+
+def temp_file(test, contents: str) -> str:
+    """A file that goes away after C{test} (trial's mktemp litters pytest's cwd)."""
+    directory = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "file")
+    with open(path, "w") as f:
+        f.write(contents)
+    return path
 
 
 def big_block(i: int, pattern: bytes) -> bytes:
@@ -386,11 +399,12 @@ class RawUser(protocol.Protocol):
 
 
 class Relay:
-    def __init__(self, port=0):
+    def __init__(self, port=0, **kw):
         self.service = make_server_service(
             TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"),
             reactor,
             metrics=RelayMetrics(process=False),
+            **kw
         )
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
@@ -495,9 +509,7 @@ class EndToEnd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_authentication_token_file_is_read_per_request(self):
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write("first-token\n")
+        path = temp_file(self, "first-token\n")
         yield self.client.stopService()
         self.start_client(authentication_token_file=path)
         yield self.until(lambda: self.relay.polled_by(NAME))
@@ -654,3 +666,48 @@ class EndToEnd(unittest.TestCase):
         self.assertEqual(sorted(r["uri"] for r in results), ["/echo/%d" % i for i in range(5)])
         self.assertFalse(collect.done.called, "the fast ones finished while the slow one still runs")
         yield collect.done
+
+
+class RelayTokens(unittest.TestCase):
+    """--relay_token_file against a relay server that checks relay-client tokens."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.backend = Backend()
+        self.addCleanup(self.backend.stop)
+        token_hash = hashlib.sha256(b"robot-secret").hexdigest()
+        tokens = temp_file(self, "%s %s\n" % (NAME, token_hash))
+        self.relay = Relay(policy=AccessPolicy(client_tokens=ClientTokens(tokens)))
+        self.addCleanup(self.relay.stop)
+
+    def start_client(self, token):
+        self.fatal = []
+        client = make_client_service(
+            reactor,
+            self.relay.base,
+            NAME,
+            backend_scheme="http",
+            backend_address=self.backend.address,
+            relay_token_file=temp_file(self, token + "\n"),
+            on_fatal=self.fatal.append,
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        return client
+
+    @defer.inlineCallbacks
+    def test_accepted_token_serves(self):
+        self.start_client("robot-secret")
+        yield EndToEnd.until(self, lambda: self.relay.polled_by(NAME))
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = yield treq.post(self.relay.base + "/client/robot/echo", data=b"hi", pool=pool)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads((yield response.content()))["body"], "hi")
+
+    @defer.inlineCallbacks
+    def test_refused_token_is_fatal(self):
+        client = self.start_client("wrong")
+        yield EndToEnd.until(self, lambda: self.fatal)
+        self.assertIn("failed to authenticate", self.fatal[0])
+        self.assertFalse(self.relay.polled_by(NAME))

@@ -16,6 +16,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from relay.client.relay_api import Forbidden, PermanentRelayError, RelayAPI, RelayError
 from relay.client.service import make_client_service
 from relay.proto.http_relay_pb2 import HttpResponse
+from tests.test_client_e2e import temp_file
 
 
 class ScriptedRelay(resource.Resource):
@@ -148,9 +149,7 @@ class RelayCallsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_relay_token_is_sent_on_every_call(self):
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write("relay-secret\n")
+        path = temp_file(self, "relay-secret\n")
         self.start_client(relay_token_file=path)
         yield self.until(lambda: len(self.polls()) >= 2)
         with open(path, "w") as f:

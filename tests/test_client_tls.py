@@ -62,9 +62,7 @@ class TLSBackend(e2e.EndToEnd):
 
     def setUp(self):
         ca_pem, cert_pem, key_pem = make_ca_and_server_cert()
-        self.ca_file = self.mktemp()
-        with open(self.ca_file, "wb") as f:
-            f.write(ca_pem)
+        self.ca_file = e2e.temp_file(self, ca_pem.decode())
         tls = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
         self.backend = Backend(tls=tls, host="localhost")
         self.addCleanup(self.backend.stop)
@@ -118,9 +116,7 @@ class LoadTrustRoot(unittest.SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             load_trust_root("/nonexistent/ca.pem")
         self.assertIn("Failed to read CA file /nonexistent/ca.pem", str(e.exception))
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write("not a certificate")
+        path = e2e.temp_file(self, "not a certificate")
         with self.assertRaises(ValueError) as e:
             load_trust_root(path)
         self.assertEqual(str(e.exception), "No certs found in %s" % path)
