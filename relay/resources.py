@@ -178,6 +178,9 @@ class ServerResource(Resource):
             return http_error(request, 400, "proto: cannot parse invalid wire-format data")
         if not message.HasField("id"):
             return http_error(request, 400, "HttpResponse without id")
+        if not isinstance(message.id, str):
+            # proto2 hands invalid UTF-8 back as bytes: no id of ours.
+            return http_error(request, 400, "Duplicate or invalid request ID %s" % (_text(message.id),))
         name = message.id.split(":", 1)[0]
         if not self.policy.relay_client_allowed(request, name):
             return self._forbidden(request, name)
@@ -347,6 +350,11 @@ def _relayed_headers(request, out) -> None:
         out.add(name="X-Forwarded-Proto", value="https" if request.isSecure() else "http")
 
 
+def _text(value) -> str:
+    """A proto2 string field: str, or bytes when it was not valid UTF-8."""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
 def _overloaded(request, error) -> bytes:
     request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
     return http_error(request, 503, str(error))
@@ -396,7 +404,7 @@ class UserResponse:
             else:
                 self.request.write(body)
         for h in message.trailer:
-            self.request.add_trailer(h.name, h.value)
+            self.request.add_trailer(_text(h.name), _text(h.value))
         if message.eof:
             self._finish()
 
@@ -426,15 +434,15 @@ class UserResponse:
         request.setResponseCode(status)
         grouped: Dict[bytes, List[bytes]] = {}
         for h in message.header:
-            name = h.name
+            name, value = _text(h.name), _text(h.value)
             if not valid_name(name):
                 log.warn("Dropping invalid header name from relay client", ID=pending.id, Name=name)
                 continue
             if name.lower() in HOP_BY_HOP:
                 continue
             if name[:5].lower() == "grpc-":
-                self.grpc_headers.append((name, h.value))
-            grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(h.value))
+                self.grpc_headers.append((name, value))
+            grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(value))
         for name, values in grouped.items():
             request.responseHeaders.setRawHeaders(name, values)
         return True
@@ -443,8 +451,9 @@ class UserResponse:
         request = self.request
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         for h in message.header:
-            if valid_name(h.name):
-                lines.append(b"%s: %s\r\n" % (go_canonical(h.name).encode("latin-1"), sanitize_value(h.value)))
+            name = _text(h.name)
+            if valid_name(name):
+                lines.append(b"%s: %s\r\n" % (go_canonical(name).encode("latin-1"), sanitize_value(_text(h.value))))
         lines.append(b"\r\n")
         request.unregisterProducer()
         self.tunnel = Tunnel(self.broker, self.pending, self.block_size)
