@@ -7,7 +7,6 @@ connections over TLS too.
 import base64
 import datetime
 import hashlib
-import json
 import os
 
 from cryptography import x509

@@ -9,7 +9,7 @@ read at each request so that a rotated token is used at once. Redirects are
 not followed (Agent never does): a 302 goes back to the user as it is.
 """
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Tuple
 from urllib.parse import urlsplit
 
 from twisted.internet import error as net_error
