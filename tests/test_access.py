@@ -188,8 +188,11 @@ class TrustedHeaderTests(AuthTestCase):
 
 class HashCommandTests(unittest.TestCase):
     def test_hash_of_stdin(self):
+        from tests.process import ROOT
+
+        env = dict(os.environ, PYTHONPATH=ROOT)
         out = subprocess.run(
-            [sys.executable, "-m", "relay.auth", "hash"], input=b"s3cret\n", capture_output=True, check=True
+            [sys.executable, "-m", "relay.auth", "hash"], input=b"s3cret\n", capture_output=True, check=True, env=env
         ).stdout
         self.assertEqual(out.strip().decode(), token_hash("s3cret"))
 
