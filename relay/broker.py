@@ -277,10 +277,15 @@ class PendingRequest:
     def stopProducing(self) -> None:
         self.broker.cancel(self)
 
-    def open_stream(self, block_size: int, high_water: int) -> StreamQueue:
-        """After a 101: a queue for the user-client's bytes."""
+    def open_stream(self) -> StreamQueue:
+        """
+        The queue for the user-client's bytes after a 101. It exists as soon
+        as either side asks: the Go relay-client may start pulling it just
+        before it posts the 101.
+        """
         if self.stream is None:
-            self.stream = StreamQueue(self.broker.clock, block_size, high_water)
+            size = self.broker.block_size
+            self.stream = StreamQueue(self.broker.clock, size, high_water=max(4 * size, 65536))
         return self.stream
 
     def _post(self, message: HttpResponse) -> Deferred:
@@ -370,6 +375,7 @@ class Broker:
         new_id: Callable[[str], str] = new_request_id,
         max_pending_per_backend: int = 1000,
         max_backends: int = 100000,
+        block_size: int = 10240,
     ):
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
@@ -378,6 +384,7 @@ class Broker:
         self._new_id = new_id
         self.max_pending_per_backend = max_pending_per_backend
         self.max_backends = max_backends
+        self.block_size = block_size
         self.backends: Dict[str, Backend] = {}
         self.requests: Dict[str, PendingRequest] = {}
         self.stopping = False
@@ -567,10 +574,10 @@ class Broker:
         @raise UnknownRequest: the request is over (410).
         """
         pending = self.requests.get(request_id)
-        if pending is None or pending.stream is None:
+        if pending is None:
             raise UnknownRequest(request_id)
         pending.last_activity = self.clock.seconds()
-        return pending.stream.get()
+        return pending.open_stream().get()
 
     # Housekeeping.
 

@@ -78,10 +78,10 @@ def _on_disconnect(request, callback) -> None:
 class RootResource(Resource):
     """Dispatches exact paths; everything else goes to the backends."""
 
-    def __init__(self, broker: Broker, metrics_body, block_size: int = 10240, policy: AccessPolicy = None):
+    def __init__(self, broker: Broker, metrics_body, policy: AccessPolicy = None):
         super().__init__()
         policy = policy if policy is not None else AccessPolicy()
-        self.client = ClientResource(broker, block_size, policy)
+        self.client = ClientResource(broker, policy)
         server = ServerResource(broker, policy)
         self._exact = {
             b"/healthz": HealthResource(broker),
@@ -253,10 +253,9 @@ class ClientResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, broker: Broker, block_size: int = 10240, policy: AccessPolicy = None):
+    def __init__(self, broker: Broker, policy: AccessPolicy = None):
         super().__init__()
         self.broker = broker
-        self.block_size = block_size
         self.policy = policy if policy is not None else AccessPolicy()
 
     def render(self, request):
@@ -292,7 +291,7 @@ class ClientResource(Resource):
         )
         _relayed_headers(request, message.header)
 
-        response = UserResponse(self.broker, request, self.block_size)
+        response = UserResponse(self.broker, request)
         try:
             response.pending = self.broker.relay(backend, message, response)
         except UnknownBackend as e:
@@ -374,10 +373,9 @@ class UserResponse:
     messages into the user-client's response.
     """
 
-    def __init__(self, broker: Broker, request, block_size: int):
+    def __init__(self, broker: Broker, request):
         self.broker = broker
         self.request = request
-        self.block_size = block_size
         self.pending: Optional[PendingRequest] = None
         self.started = False
         self.done = False
@@ -456,7 +454,7 @@ class UserResponse:
                 lines.append(b"%s: %s\r\n" % (go_canonical(name).encode("latin-1"), sanitize_value(_text(h.value))))
         lines.append(b"\r\n")
         request.unregisterProducer()
-        self.tunnel = Tunnel(self.broker, self.pending, self.block_size)
+        self.tunnel = Tunnel(self.broker, self.pending)
         log.info("Switched protocols", ID=self.pending.id)
         request.channel.switch_protocol(self.tunnel, b"".join(lines))
 

@@ -188,8 +188,9 @@ def make_server_service(
         inactive_backend_timeout=inactive_backend_timeout,
         max_pending_per_backend=max_pending_per_backend,
         max_backends=max_backends,
+        block_size=block_size,
     )
-    root = RootResource(broker, metrics.render, block_size=block_size, policy=policy)
+    root = RootResource(broker, metrics.render, policy=policy)
     site = RelaySite(
         root,
         max_request_body=max_request_body,

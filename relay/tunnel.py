@@ -19,10 +19,10 @@ log = Logger()
 
 
 class Tunnel(Protocol):
-    def __init__(self, broker: Broker, pending: PendingRequest, block_size: int):
+    def __init__(self, broker: Broker, pending: PendingRequest):
         self.broker = broker
         self.pending = pending
-        self.stream = pending.open_stream(block_size, high_water=max(4 * block_size, 65536))
+        self.stream = pending.open_stream()
         self.bytes_in = 0
 
     def connectionMade(self) -> None:

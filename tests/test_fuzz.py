@@ -74,8 +74,8 @@ class RawClient(Protocol):
 class FuzzTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.broker = Broker(self.clock, RelayMetrics(process=False))
-        root = RootResource(self.broker, lambda: b"", block_size=64)
+        self.broker = Broker(self.clock, RelayMetrics(process=False), block_size=64)
+        root = RootResource(self.broker, lambda: b"")
         self.site = RelaySite(root, max_request_body=4096, header_timeout=None, reactor=self.clock)
 
     def exchange(self, raw: bytes):

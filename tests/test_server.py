@@ -525,3 +525,27 @@ class EchoTests(UpgradeTests):
         self.assertTrue(proto.clean)
         yield loop
         self.assertEqual(self.server.broker.requests, {})
+
+
+class EarlyStreamPullTests(UpgradeTests):
+    @defer.inlineCallbacks
+    def test_stream_pull_before_101_waits_instead_of_410(self):
+        """
+        The Go relay-client starts pulling the request stream just before it
+        posts the 101: the pull must wait for the user's bytes, not get 410.
+        """
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(
+            b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        code, message = yield poll
+        early = self.relay_client.request_stream(message.id)
+        yield self.until(lambda: self.server.broker.requests[message.id].stream is not None)
+        yield self.relay_client.post(HttpResponse(id=message.id, status_code=101))
+        yield proto.wait_for(b"\r\n\r\n")
+        proto.transport.write(b"hello")
+        self.assertEqual((yield early), (200, b"hello"))
+        proto.transport.loseConnection()
+        yield proto.ended
