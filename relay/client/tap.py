@@ -94,7 +94,7 @@ class Options(GoFlagOptions):
          "(default: the system's CAs)."],
         ["max_chunk_size", None, DEFAULT_MAX_CHUNK_SIZE,
          "Max size of data in bytes to accumulate before sending to the peer.", positive_int],
-        ["block_size", None, 10 * 1024,
+        ["block_size", None, 64 * 1024,
          "Size of i/o buffer in bytes (accepted for compatibility: reads are as large as "
          "the network delivers).", positive_int],
         ["num_pending_requests", None, 1,
