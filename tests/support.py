@@ -24,10 +24,10 @@ from relay.service import make_server_service
 class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, port: int = 0, **kwargs):
         kwargs.setdefault("metrics", RelayMetrics(process=False))
         self.service = make_server_service(
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), reactor, **kwargs
+            TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"), reactor, **kwargs
         )
         self.service.startService()
         self.port = self.service.listening_port.getHost().port

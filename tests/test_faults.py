@@ -1,0 +1,168 @@
+"""
+Faults with real processes: a relay-client killed in the middle of a
+100 MiB transfer, and a relay server restarted under load.
+"""
+
+import signal
+
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import Clock, deferLater
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+
+from tests.process import TwistdProcess
+from tests.support import RelayServer, free_port
+from tests.test_client_e2e import Backend
+
+MiB = 1024 * 1024
+
+
+def spawn_client(relay_port: int, backend: Backend, name: str = "robot", *extra):
+    return TwistdProcess.spawn(
+        [
+            "relay-client",
+            "--relay_scheme=http",
+            "--relay_address=127.0.0.1:%d" % relay_port,
+            "--backend_scheme=http",
+            "--backend_address=" + backend.address,
+            "--server_name=" + name,
+            "--disable_auth_for_remote",
+        ]
+        + list(extra)
+    )
+
+
+class Body(protocol.Protocol):
+    """Counts a response body and keeps the reason it ended."""
+
+    def __init__(self):
+        self.size = 0
+        self.ended = defer.Deferred()
+        self.got = None
+        self.reason = None
+
+    def dataReceived(self, data):
+        self.size += len(data)
+        if self.got is not None and self.size >= self.got[0]:
+            d, self.got = self.got[1], None
+            d.callback(None)
+
+    def wait_for(self, size):
+        if self.size >= size:
+            return defer.succeed(None)
+        self.got = (size, defer.Deferred())
+        return self.got[1]
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        if self.got is not None:
+            self.got[1].errback(reason)
+        self.ended.callback(None)
+
+
+def _tick(seconds=0.01):
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class FaultTests(unittest.TestCase):
+    timeout = 90
+
+    def setUp(self):
+        self.backend = Backend()
+        self.addCleanup(self.backend.stop)
+        self.users = HTTPConnectionPool(reactor, persistent=False)
+
+    @defer.inlineCallbacks
+    def until(self, condition, timeout=20.0):
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError("condition not reached in time")
+            yield _tick()
+
+    def test_relay_client_killed_mid_transfer_is_an_error_for_the_user(self):
+        """100 MiB with a Content-Length: the user sees an error, not a short success."""
+        return self.killed_mid_transfer("/big?size=%d" % (100 * MiB), 100 * MiB)
+
+    def test_relay_client_killed_mid_chunked_transfer(self):
+        """Without a Content-Length only the missing last chunk tells: it must stay missing."""
+        return self.killed_mid_transfer("/firehose", None)
+
+    @defer.inlineCallbacks
+    def killed_mid_transfer(self, path, size):
+        clock = Clock()
+        server = RelayServer(clock=clock)
+        self.addCleanup(server.stop)
+        client = spawn_client(server.port, self.backend)
+        self.addCleanup(client.terminate)
+        yield self.until(lambda: server.broker.backends.get("robot") and server.broker.backends["robot"].polls)
+
+        response = yield Agent(reactor, pool=self.users).request(
+            b"GET", (server.base + "/client/robot" + path).encode()
+        )
+        self.assertEqual(response.code, 200)
+        if size is not None:
+            self.assertEqual(response.length, size)
+        body = Body()
+        response.deliverBody(body)
+        yield body.wait_for(5 * MiB)
+
+        client.transport.signalProcess("KILL")
+        yield client.exited
+        # The server notices through inactivity: its reaper (every 10 s on
+        # its clock) drops the request after the inactive-request timeout.
+        for _ in range(8):
+            clock.advance(10)
+        yield body.ended
+        if size is not None:
+            self.assertLess(body.size, size)
+        self.assertIsNone(body.reason.check(ResponseDone), "a cut-short body was reported complete")
+        self.assertEqual(server.broker.requests, {})
+
+    @defer.inlineCallbacks
+    def test_server_restart_under_load_recovers_without_help(self):
+        port = free_port()
+        server = RelayServer(port=port)
+        client = spawn_client(port, self.backend, "robot", "--num_pending_requests=2")
+        self.addCleanup(client.terminate)
+        yield self.until(lambda: server.broker.backends.get("robot") and server.broker.backends["robot"].polls)
+
+        outcomes = []
+        stop = []
+
+        @defer.inlineCallbacks
+        def user(i):
+            n = 0
+            while not stop:
+                n += 1
+                try:
+                    resp = yield treq.post(
+                        "http://127.0.0.1:%d/client/robot/echo/%d/%d" % (port, i, n),
+                        data=b"payload %d %d" % (i, n),
+                        pool=self.users,
+                        timeout=15,
+                    )
+                    text = yield resp.content()
+                    ok = resp.code == 200 and (b"payload %d %d" % (i, n)) in text
+                    outcomes.append((reactor.seconds(), ok))
+                except Exception:
+                    outcomes.append((reactor.seconds(), False))
+                    yield _tick(0.05)
+
+        users = [user(i) for i in range(4)]
+        yield self.until(lambda: sum(ok for _, ok in outcomes) >= 20)
+
+        yield server.stop()
+        restarted_at = reactor.seconds()
+        yield _tick(0.5)  # the relay is down for a moment; clients back off
+        server = RelayServer(port=port)
+        self.addCleanup(server.stop)
+
+        yield self.until(lambda: sum(ok for t, ok in outcomes if t > restarted_at + 0.5) >= 20, timeout=30)
+        stop.append(True)
+        yield defer.gatherResults(users)
+        recovered = [t for t, ok in outcomes if ok and t > restarted_at + 0.5]
+        self.assertLess(recovered[0] - restarted_at, 15, "the client took too long to come back")
+        self.assertEqual(outcomes[-1][1], True)
+        yield self.until(lambda: not server.broker.requests)
