@@ -30,6 +30,7 @@ setup(
             "pytest>=7",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
+            'grpcio; platform_python_implementation != "PyPy"',
         ],
     },
     classifiers=[

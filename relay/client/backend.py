@@ -176,9 +176,16 @@ class TrustPolicy:
 
     def creatorForNetloc(self, hostname: bytes, port: int):
         host = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
-        if self.trust_root is None:
-            return ssl.optionsForClientTLS(host)
-        return ssl.optionsForClientTLS(host, trustRoot=self.trust_root)
+        return self.tls_options(host)
+
+    def tls_options(self, host: str, acceptable_protocols=None):
+        """Client TLS options for C{host}, offering C{acceptable_protocols} by ALPN."""
+        kwargs = {}
+        if self.trust_root is not None:
+            kwargs["trustRoot"] = self.trust_root
+        if acceptable_protocols:
+            kwargs["acceptableProtocols"] = list(acceptable_protocols)
+        return ssl.optionsForClientTLS(host, **kwargs)
 
 
 class BackendResponse:

@@ -25,6 +25,7 @@ from twisted.python.components import Componentized
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from relay.client.backend import Backend, BackendTarget, TrustPolicy
+from relay.client.h2backend import H2Backend
 from relay.client.handler import RequestHandler
 from relay.client.relay_api import Forbidden, RelayAPI, backoff_delays, sleep
 from relay.client.upgrade import Upgrader
@@ -195,6 +196,7 @@ def make_client_service(
     max_chunk_size: int = 50 * 1024,
     num_pending_requests: int = 1,
     max_idle_conns_per_host: int = 100,
+    force_http2: bool = False,
     on_fatal: Optional[Callable[[str], None]] = None,
     log_observer=None,
     stop_grace_period: float = STOP_GRACE_PERIOD,
@@ -203,6 +205,9 @@ def make_client_service(
     """
     @param relay_url: C{scheme://address} and the relay prefix, e.g.
         C{http://127.0.0.1:8081} or C{https://relay.example.com/prefix}.
+    @param force_http2: plain requests go to the backend over HTTP/2 (h2c
+        for C{http}, ALPN for C{https}), as gRPC backends need; otherwise
+        HTTP/1.1. Upgrades always use HTTP/1.1.
     @param clock: drives the protocol's timers (chunking, keep-alives,
         back-off, timeouts); the reactor by default, a L{Clock} in tests that
         step through them while real sockets carry the traffic.
@@ -233,11 +238,17 @@ def make_client_service(
         token_file=authentication_token_file,
     )
     policy = TrustPolicy(trust_root)
+    pools = [relay_pool, backend_pool]
+    if force_http2:
+        backend = H2Backend(reactor, policy)
+        pools.append(backend)
+    else:
+        backend = Backend(reactor, target, backend_pool, policy)
     handler = RequestHandler(
         clock,
         api,
         target,
-        Backend(reactor, target, backend_pool, policy),
+        backend,
         Upgrader(reactor, policy),
         max_chunk_size,
     )
@@ -245,7 +256,7 @@ def make_client_service(
         reactor,
         api,
         handler,
-        [relay_pool, backend_pool],
+        pools,
         num_pending_requests=num_pending_requests,
         on_fatal=on_fatal,
         log_observer=log_observer,

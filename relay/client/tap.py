@@ -102,11 +102,12 @@ class Options(GoFlagOptions):
         ["max_idle_conns_per_host", None, 100,
          "The maximum number of idle (keep-alive) connections to keep per-host.", positive_int],
         ["disable_http2", None, "false",
-         "Disable http2 protocol usage (accepted for compatibility: this client always "
-         "speaks HTTP/1.1).", go_bool],
+         "Disable http2 protocol usage: HTTP/1.1 to the backend (the default unless "
+         "--force_http2).", go_bool],
         ["force_http2", None, "false",
-         "Force http2 to the backend, e.g. for gRPC. NOT SUPPORTED: this client speaks "
-         "HTTP/1.1 only; a warning is logged.", go_bool],
+         "Force http2 to the backend, e.g. for gRPC: cleartext HTTP/2 with prior knowledge "
+         "(h2c) for --backend_scheme=http, HTTP/2 chosen by ALPN for https. Upgrades "
+         "(WebSockets) still use HTTP/1.1.", go_bool],
         ["disable_auth_for_remote", None, "false",
          "Disable auth when talking to the relay server (for local testing, or when "
          "--relay_token_file is not needed).", go_bool],
@@ -190,8 +191,6 @@ def exit_after_stop(reactor, code: int = 1):
 
 
 def _warn_unsupported(options) -> None:
-    if options["force_http2"]:
-        log.warn("--force_http2 is not supported: talking HTTP/1.1 to the backend")
     if not options["disable_auth_for_remote"] and not options["relay_token_file"]:
         log.warn(
             "Google credentials for the relay server are not supported; talking to the relay "
@@ -219,6 +218,7 @@ def makeService(options, reactor=None):
         max_chunk_size=options["max_chunk_size"],
         num_pending_requests=options["num_pending_requests"],
         max_idle_conns_per_host=options["max_idle_conns_per_host"],
+        force_http2=options["force_http2"],
         on_fatal=exit_after_stop(reactor),
         log_observer=log_observer_for(options),
     )

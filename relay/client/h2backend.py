@@ -1,0 +1,540 @@
+"""
+Relayed requests over HTTP/2 to the backend (C{--force_http2}), for gRPC.
+
+Why this module exists: gRPC servers speak HTTP/2 only and answer with
+trailers (C{grpc-status}, C{grpc-message}), and Twisted has an HTTP/2
+I{server} but no HTTP/2 I{client}: C{Agent} speaks HTTP/1.1, which a gRPC
+server does not accept and which drops trailers anyway. So this is a small
+HTTP/2 client protocol of its own. The C{h2} library does the protocol work
+for us: framing, HPACK, the stream state machines, header validation,
+SETTINGS and PING answers, and the flow-control bookkeeping (our windows and
+the peer's). What is left here is the I/O and the policy:
+
+  - One connection per backend, opened on the first request and shared by
+    all of them (streams are multiplexed); a new one is opened when it
+    closes, is refused by GOAWAY, or has sat idle. With C{http} it is
+    cleartext HTTP/2 with prior knowledge (h2c), as gRPC expects; with
+    C{https} it is TLS that must choose C{h2} by ALPN.
+  - The request: pseudo-headers from the relayed request, its headers
+    without the HTTP/1.1 connection-specific ones (C{te: trailers} is kept:
+    gRPC servers require it), and the body, which the relay protocol hands
+    us whole, sent as the backend's flow-control windows allow.
+  - The response goes through the same L{relay.client.chunker.Chunker} as
+    an HTTP/1.1 one: status and headers first, DATA as it comes, and the
+    trailers on the last message. Back-pressure is HTTP/2's own flow
+    control: the chunker pauses us while a POST to the relay is
+    outstanding, and while paused we do not acknowledge what we received,
+    so the stream's window closes and the backend stops sending. Each
+    stream can therefore hold at most its window (L{STREAM_WINDOW}) of
+    unread data beyond what the chunker gathers, however big the answer.
+"""
+
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.client.backend import (
+    CONNECT_TIMEOUT,
+    BackendError,
+    BackendRequest,
+    TrustPolicy,
+    connect_error,
+    split_address,
+)
+from relay.client.relay_api import describe_failure
+from relay.headers import go_canonical, valid_name
+
+log = Logger()
+
+Header = Tuple[str, str]
+
+# What each stream may have in flight towards us before we read it (Go's
+# HTTP/2 transport uses 4 MiB). The connection's window is made so large
+# that only the streams' windows limit anything, as Go does, so that one
+# paused stream cannot hold up the others.
+STREAM_WINDOW = 1024 * 1024
+CONNECTION_WINDOW = 1 << 30
+IDLE_CONNECTION_TIMEOUT = 90.0
+
+# Connection-specific headers are not allowed in HTTP/2 (RFC 9113 8.2.2);
+# Host becomes :authority.
+_DROPS = frozenset(
+    [
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "http2-settings",
+        "content-length",
+    ]
+)
+
+
+def request_headers(request: BackendRequest) -> List[Tuple[bytes, bytes]]:
+    """The HEADERS of C{request}: pseudo-headers first, names lower case."""
+    headers = [
+        (b":method", request.method.encode("ascii", "replace")),
+        (b":scheme", request.scheme.encode("ascii")),
+        (b":authority", request.host.encode("utf-8")),
+        (b":path", request.target.encode("utf-8")),
+    ]
+    for name, value in request.headers:
+        lower = name.lower()
+        if lower in _DROPS or not valid_name(name):
+            continue
+        if lower == "te" and value.strip().lower() != "trailers":
+            continue  # The only TE that HTTP/2 allows.
+        clean = value.replace("\r", " ").replace("\n", " ").replace("\0", " ").strip()
+        headers.append((lower.encode("ascii"), clean.encode("utf-8")))
+    if request.body or request.method.upper() in ("POST", "PUT", "PATCH"):
+        headers.append((b"content-length", b"%d" % (len(request.body),)))
+    return headers
+
+
+def _decode(headers) -> List[Header]:
+    out: List[Header] = []
+    for name, value in headers:
+        if name.startswith(b":"):
+            continue
+        out.append((go_canonical(name.decode("latin-1")), value.decode("utf-8", "replace")))
+    return out
+
+
+@implementer(IPushProducer)
+class _StreamProducer:
+    """A response stream as the chunker's producer."""
+
+    def __init__(self, stream: "_Stream"):
+        self.stream = stream
+
+    def pauseProducing(self) -> None:
+        self.stream.paused = True
+
+    def resumeProducing(self) -> None:
+        self.stream.paused = False
+        self.stream.acknowledge()
+
+    def stopProducing(self) -> None:
+        self.stream.cancel()
+
+
+class _Stream:
+    """One request on the connection, and its response."""
+
+    def __init__(self, connection: "H2ClientConnection", request: BackendRequest):
+        self.connection = connection
+        self.request = request
+        self.stream_id: Optional[int] = None
+        self.head: Deferred = Deferred(lambda d: self.cancel())
+        self.status = 0
+        self.headers: List[Header] = []
+        self.trailers: List[Header] = []
+        self.body_left = memoryview(request.body)
+        self.body_done = False
+        self.paused = False
+        self.unacknowledged = 0  # flow-controlled bytes received, not yet read
+        self.ended = False
+        self.closed = False  # no more frames for this stream either way
+        self._sink = None
+        self._pending: List[bytes] = []
+
+    # The response, as L{relay.client.backend.BackendResponse} offers it.
+
+    def deliver(self, sink) -> None:
+        self._sink = sink
+        sink.set_producer(_StreamProducer(self))
+        pending, self._pending = self._pending, []
+        for data in pending:
+            sink.write(data)
+        if self.ended:
+            sink.finish(self.trailers)
+        else:
+            self.acknowledge()
+
+    # Events from the connection.
+
+    def response_received(self, status: int, headers: List[Header]) -> None:
+        self.status, self.headers = status, headers
+        if not self.head.called:
+            self.head.callback(self)
+
+    def data_received(self, data: bytes, flow_controlled_length: int) -> None:
+        self.unacknowledged += flow_controlled_length
+        if self._sink is None:
+            self._pending.append(data)
+            return
+        self._sink.write(data)
+        self.acknowledge()
+
+    def stream_ended(self) -> None:
+        self.ended = True
+        # Nothing more can come on this stream, so what it still holds of
+        # the connection's window can go back.
+        self._release()
+        if self._sink is not None:
+            self._sink.finish(self.trailers)
+
+    def failed(self, reason: str) -> None:
+        """The stream was reset, or the connection lost."""
+        self.ended = True
+        self._release()
+        if not self.head.called:
+            self.head.errback(BackendError(self.request.describe(reason)))
+        elif self._sink is not None:
+            # As with HTTP/1.1: the user gets what came, then the end.
+            log.warn("Failed to read from backend", error=reason)
+            self._sink.finish()
+
+    # Flow control.
+
+    def acknowledge(self) -> None:
+        """Hand the window back for what we read, unless we are paused."""
+        if self.paused or self.closed or self._sink is None:
+            return
+        self._release()
+
+    def _release(self) -> None:
+        size, self.unacknowledged = self.unacknowledged, 0
+        if size and self.stream_id is not None:
+            self.connection.acknowledge(self.stream_id, size)
+
+    def cancel(self) -> None:
+        """Nobody wants the answer any more: reset the stream."""
+        self.connection.cancel(self)
+
+
+@implementer(IHandshakeListener)
+class H2ClientConnection(Protocol):
+    """
+    An HTTP/2 connection to the backend, for many requests at once.
+
+    @ivar ready: fires with C{self} once requests can be made (at once for
+        h2c; after the TLS handshake chose C{h2}), or fails with a
+        L{BackendError}.
+    """
+
+    def __init__(self, reactor, request: BackendRequest, tls: bool):
+        self.reactor = reactor
+        self.tls = tls
+        self._first = request  # for error messages about the connection
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.ready: Deferred = Deferred()
+        self.lost: Deferred = Deferred()
+        self.streams: Dict[int, _Stream] = {}
+        self._waiting: Deque[_Stream] = deque()
+        self.usable = True
+        self._connected = False
+        self._idle_timer = None
+
+    # Setting up.
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        if not self.tls:
+            self._start()
+
+    def handshakeCompleted(self) -> None:
+        protocol = getattr(self.transport, "negotiatedProtocol", None)
+        if protocol != b"h2":
+            self.usable = False
+            if not self.ready.called:
+                self.ready.errback(
+                    BackendError(
+                        self._first.describe(
+                            'http2: unexpected ALPN protocol "%s"; want "h2"'
+                            % ((protocol or b"").decode("ascii", "replace"),)
+                        )
+                    )
+                )
+            self.transport.loseConnection()
+            return
+        self._start()
+
+    def _start(self) -> None:
+        self.conn.initiate_connection()
+        self.conn.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            }
+        )
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - self.conn.inbound_flow_control_window)
+        self._flush()
+        self._arm_idle_timer()
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    # Requests.
+
+    def request(self, request: BackendRequest) -> Deferred:
+        """Fires with the response (a L{_Stream}) once its headers came."""
+        stream = _Stream(self, request)
+        if not self.usable:
+            stream.failed("http2: client connection lost")
+            return stream.head
+        self._cancel_idle_timer()
+        self._waiting.append(stream)
+        self._open_waiting()
+        return stream.head
+
+    def _open_waiting(self) -> None:
+        limit = self.conn.remote_settings.max_concurrent_streams
+        while self._waiting and self.conn.open_outbound_streams < limit:
+            stream = self._waiting.popleft()
+            if stream.head.called:
+                continue  # cancelled while it waited
+            stream_id = self.conn.get_next_available_stream_id()
+            try:
+                self.conn.send_headers(stream_id, request_headers(stream.request), end_stream=not stream.request.body)
+            except h2.exceptions.ProtocolError as e:
+                stream.failed("http2: invalid request: %s" % (e,))
+                continue
+            stream.stream_id = stream_id
+            self.streams[stream_id] = stream
+            if not stream.request.body:
+                stream.body_done = True
+            self._send_body(stream)
+        self._flush()
+
+    def _send_body(self, stream: _Stream) -> None:
+        while not stream.body_done and stream.stream_id is not None:
+            window = min(self.conn.local_flow_control_window(stream.stream_id), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                return  # the rest when the backend opens the window
+            piece = stream.body_left[:window]
+            stream.body_left = stream.body_left[len(piece) :]
+            last = not stream.body_left
+            self.conn.send_data(stream.stream_id, piece.tobytes(), end_stream=last)
+            stream.body_done = last
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        if self._connected:
+            self.conn.acknowledge_received_data(size, stream_id)
+            self._flush()
+
+    def cancel(self, stream: _Stream) -> None:
+        if stream.stream_id is None:
+            if stream in self._waiting:
+                self._waiting.remove(stream)
+            return
+        if not stream.closed and self._connected:
+            self._close_stream(stream)
+            try:
+                self.conn.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
+            except h2.exceptions.StreamClosedError:
+                pass
+            # Its unread bytes still count against the connection's window.
+            stream._release()
+            self._flush()
+            self._open_waiting()
+
+    def _close_stream(self, stream: _Stream) -> None:
+        stream.closed = True
+        if stream.stream_id is not None:
+            self.streams.pop(stream.stream_id, None)
+        self._arm_idle_timer()
+
+    # Frames from the backend.
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            self._flush()
+            self._fail_all("http2: protocol error from server: %s" % (e,))
+            self.transport.loseConnection()
+            return
+        for event in events:
+            self._event(event)
+        self._flush()
+        self._open_waiting()
+
+    def _event(self, event) -> None:
+        if isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            for stream in list(self.streams.values()):
+                self._send_body(stream)
+            return
+        if isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway(event)
+            return
+        stream = self.streams.get(getattr(event, "stream_id", None) or -1)
+        if stream is None:
+            return
+        if isinstance(event, h2.events.ResponseReceived):
+            headers = dict(event.headers)
+            try:
+                status = int(headers.get(b":status", b""))
+            except ValueError:
+                status = 0
+            stream.response_received(status, _decode(event.headers))
+        elif isinstance(event, h2.events.DataReceived):
+            stream.data_received(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream.trailers = _decode(event.headers)
+        elif isinstance(event, h2.events.StreamEnded):
+            if not stream.body_done:
+                # The answer is complete before the request was: stop
+                # sending it (RFC 9113 8.1), without an error.
+                stream.body_done = True
+                try:
+                    self.conn.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
+                except h2.exceptions.StreamClosedError:
+                    pass
+            self._close_stream(stream)
+            stream.stream_ended()
+        elif isinstance(event, h2.events.StreamReset):
+            self._close_stream(stream)
+            stream.failed("stream error: stream ID %d; %s" % (stream.stream_id, _error_name(event.error_code)))
+
+    def _goaway(self, event) -> None:
+        """
+        The backend closes the connection. The C{h2} library accepts no
+        frames after a GOAWAY, so even the streams the backend promised to
+        finish end here; the next request opens a new connection.
+        """
+        self._fail_all(
+            "http2: server sent GOAWAY and closed the connection; LastStreamID=%d, ErrCode=%s"
+            % (event.last_stream_id or 0, _error_name(event.error_code))
+        )
+        self.transport.loseConnection()
+
+    # The connection.
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self._connected:
+            self.transport.write(data)
+
+    def _fail_all(self, reason: str) -> None:
+        self.usable = False
+        streams = list(self._waiting) + list(self.streams.values())
+        self._waiting.clear()
+        for stream in streams:
+            self._close_stream(stream)
+            stream.failed(reason)
+
+    def _arm_idle_timer(self) -> None:
+        if self.streams or self._waiting or self._idle_timer is not None or not self.usable:
+            return
+        self._idle_timer = self.reactor.callLater(IDLE_CONNECTION_TIMEOUT, self.close)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            if self._idle_timer.active():
+                self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def close(self) -> Deferred:
+        """Say goodbye and close; fires once the connection is gone."""
+        self._cancel_idle_timer()
+        self.usable = False
+        if not self._connected:
+            return succeed(None)
+        try:
+            self.conn.close_connection()
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+        self.transport.loseConnection()
+        d = Deferred()
+        self.lost.addBoth(lambda _: d.callback(None))
+        return d
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._connected = False
+        self.usable = False
+        self._cancel_idle_timer()
+        if not self.ready.called:
+            self.ready.errback(BackendError(connect_error(self._first, reason)))
+        self._fail_all("http2: client connection lost")
+        self.lost.callback(None)
+
+
+def _error_name(code) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return "unknown error code 0x%x" % (code,)
+
+
+class H2Backend:
+    """
+    Plain (non-upgrade) requests over HTTP/2; the same C{open} as
+    L{relay.client.backend.Backend}. Upgrades (WebSockets) still go over
+    HTTP/1.1, on connections of their own.
+    """
+
+    def __init__(self, reactor, policy: TrustPolicy):
+        self.reactor = reactor
+        self.policy = policy
+        self._connection: Optional[H2ClientConnection] = None
+        self._dialing = False
+        self._waiters: List[Deferred] = []
+        self._all: List[H2ClientConnection] = []
+
+    async def open(self, request: BackendRequest) -> _Stream:
+        connection = await self._connect(request)
+        return await connection.request(request)
+
+    async def _connect(self, request: BackendRequest) -> H2ClientConnection:
+        if self._connection is not None and self._connection.usable:
+            return self._connection
+        # Everyone waits for the same connection; a waiter that is cancelled
+        # leaves the dial to the others.
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        if not self._dialing:
+            self._dialing = True
+            Deferred.fromCoroutine(self._dial(request)).addBoth(self._dialed)
+        return await d
+
+    def _dialed(self, result) -> None:
+        self._dialing = False
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if d.called:
+                continue
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    async def _dial(self, request: BackendRequest) -> H2ClientConnection:
+        host, port = split_address(request.address, request.scheme)
+        endpoint = endpoints.HostnameEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        tls = request.scheme == "https"
+        if tls:
+            options = self.policy.tls_options(host, acceptable_protocols=[b"h2"])
+            endpoint = endpoints.wrapClientTLS(options, endpoint)
+        connection = H2ClientConnection(self.reactor, request, tls)
+        try:
+            await endpoints.connectProtocol(endpoint, connection)
+        except Exception as e:
+            raise BackendError(connect_error(request, Failure(e)))
+        self._all.append(connection)
+        connection.lost.addBoth(lambda _: self._all.remove(connection))
+        await connection.ready
+        self._connection = connection
+        return connection
+
+    def closeCachedConnections(self) -> Deferred:
+        """Close every connection, as L{HTTPConnectionPool}'s does, at shutdown."""
+        self._connection = None
+        return gatherResults([c.close() for c in list(self._all)])
