@@ -461,7 +461,7 @@ def find_pyspy(python):
 
 def summarise_raw(path, top=10):
     """py-spy --format raw: 'frame;frame;... count' lines, root first."""
-    self_c, incl_c = Counter(), Counter()
+    self_c, incl_c, cat_c = Counter(), Counter(), Counter()
     total = 0
     with open(path) as f:
         for line in f:
@@ -477,11 +477,17 @@ def summarise_raw(path, top=10):
             self_c[frames[-1]] += n
             for fr in set(frames):
                 incl_c[fr] += n
+            for cat, pat in CATEGORIES:
+                if any(pat.search(fr) for fr in frames):
+                    cat_c[cat] += n
 
     def short(fr):
         return fr.replace(REPO + "/", "").replace("/tmp/bench-venv/lib/", "").replace("site-packages/", "")
 
     lines = ["%d samples" % total, "", "| self % | function |", "|---:|---|"]
+    cats = Counter()
+    for cat, n in cat_c.items():
+        cats[cat] = n
     for fr, n in self_c.most_common(top):
         lines.append("| %.1f | `%s` |" % (100.0 * n / total, short(fr)))
     lines += ["", "| total % | function (inclusive, relay/ code only) |", "|---:|---|"]
@@ -492,7 +498,20 @@ def summarise_raw(path, top=10):
             k += 1
             if k == top:
                 break
+    lines += ["", "| inclusive % | where |", "|---:|---|"]
+    for cat, _ in CATEGORIES:
+        lines.append("| %.1f | %s |" % (100.0 * cat_c[cat] / max(total, 1), cat))
     return "\n".join(lines)
+
+
+# Inclusive shares by where the time goes (a sample counts when any frame matches).
+CATEGORIES = [
+    ("logging (twisted.logger + relay/logs.py JSON lines)", re.compile(r"twisted/logger/|relay/logs\.py")),
+    ("stdlib email/ header parsing (twisted.web Request.requestReceived -> _parseContentType)",
+     re.compile(r"\(email/|/email/")),
+    ("idna (HostnameEndpoint built per backend request by Agent)", re.compile(r"idna/|_idna\.py")),
+    ("protobuf Python frames (upb's C code does not show)", re.compile(r"google/protobuf|_pb2")),
+]
 
 
 # -- phases -----------------------------------------------------------------
