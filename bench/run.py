@@ -396,20 +396,20 @@ def fmt_cpu(r):
 def matrix_table(rows):
     out = [
         "| size | c | relayed req/s | relayed MiB/s | p50 | p99 | direct req/s | direct MiB/s | p50 | p99 "
-        "| relay/direct | server / client CPU | Go relay (reference) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| relay/direct | server / client CPU | other load | Go relay (reference) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for size, c, rel, dire in rows:
         ratio = rel["mibps"] / dire["mibps"] if dire and dire["mibps"] else float("nan")
         errs = ""
         if rel["errors"]:
             errs = " (%d errors)" % rel["errors"]
-        out.append("| %s | %d | %s%s | %s | %s | %s | %s | %s | %s | %s | %.3f | %s | %s |" % (
+        out.append("| %s | %d | %s%s | %s | %s | %s | %s | %s | %s | %s | %.3f | %s | %.0f%% | %s |" % (
             fmt_size(size), c, fmt_rate(rel["rps"]), errs, fmt_rate(rel["mibps"]),
             fmt_ms(rel["p50_us"], rel), fmt_ms(rel["p99_us"], rel),
             fmt_rate(dire["rps"]) if dire else "-", fmt_rate(dire["mibps"]) if dire else "-",
             fmt_ms(dire["p50_us"], dire) if dire else "-", fmt_ms(dire["p99_us"], dire) if dire else "-",
-            ratio, fmt_cpu(rel), versus_go(size, c, rel)))
+            ratio, fmt_cpu(rel), 100 * rel.get("others", 0), versus_go(size, c, rel)))
     return "\n".join(out)
 
 
@@ -608,11 +608,15 @@ class Bench:
                 d_rel = a.big_duration if big else a.duration
                 d_dir = min(a.direct_duration, d_rel)
                 timeout = 120 if big else 30
-                cpu0 = [cpu_ticks(p) for p in self.relay_pids()]
+                pids = self.relay_pids() + [self.backend.pid]
+                cpu0 = [cpu_ticks(p) for p in pids]
+                busy0, own0, t0 = busy_seconds(), own_cpu_seconds(), time.monotonic()
                 rel = run_wrk(a.wrk, self.lua, relay_url % size, c, d_rel, timeout)
                 hz = os.sysconf("SC_CLK_TCK")
-                rel["cpu"] = [(cpu_ticks(p) - t) / hz / (rel["duration_us"] / 1e6)
-                              for p, t in zip(self.relay_pids(), cpu0)]
+                ours = [(cpu_ticks(p) - t) / hz for p, t in zip(pids, cpu0)]
+                wall = time.monotonic() - t0
+                rel["cpu"] = [x / (rel["duration_us"] / 1e6) for x in ours[:-1]]
+                rel["others"] = max(0.0, busy_seconds() - busy0 - (own_cpu_seconds() - own0) - sum(ours)) / wall
                 wait_quiet(self.relay_pids())
                 dire = run_wrk(a.wrk, self.lua, direct_url % size, c, d_dir, timeout) if not a.no_direct else None
                 log("%s c=%d: relayed %s req/s %s MiB/s p50 %s p99 %s errors %d CPU %s | direct %s req/s %s MiB/s" % (
@@ -721,6 +725,26 @@ class Bench:
         return out
 
 
+def busy_seconds():
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU seconds of this harness and its waited-for children (all processes it started)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def other_load(seconds=1.0):
+    b0, o0 = busy_seconds(), own_cpu_seconds()
+    time.sleep(seconds)
+    return max(0.0, (busy_seconds() - b0) - (own_cpu_seconds() - o0)) / seconds
+
+
 def listen_overflows():
     try:
         with open("/proc/net/netstat") as f:
@@ -784,6 +808,8 @@ def main(argv=None):
                    help="smoke run: 1KiB,1MiB at c=1,8, 2 s each, 1,000 idle clients")
     p.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     p.add_argument("--output", help="also write the markdown report to this file")
+    p.add_argument("--wait-idle", type=int, default=0, metavar="SECONDS",
+                   help="first wait up to this long until other processes use under 10%% of a core")
     a = p.parse_args(argv)
     if a.quick:  # smaller defaults; options given explicitly still win
         quick = dict(sizes="1KiB,1MiB", concurrency="1,8", duration=2, direct_duration=2, warmup=2,
@@ -809,11 +835,21 @@ def main(argv=None):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    command = "python3 bench/run.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)))
+    shown = [x for x in (sys.argv[1:] if argv is None else argv)
+             if not x.startswith("--output") and not x.startswith("--wait-idle")]
+    command = "python3 bench/run.py" + "".join(" " + shlex.quote(x) for x in shown)
     b = Bench(a)
     t_start = time.monotonic()
     log("logs in %s" % b.logdir)
+    idle_before = other_load()
+    deadline = time.monotonic() + a.wait_idle
+    while idle_before > 0.1 and time.monotonic() < deadline:
+        log("other processes use %.0f%% of a core; waiting for a quiet machine (--wait-idle)" % (100 * idle_before))
+        time.sleep(4)
+        idle_before = other_load(2)
+    busy0, own0 = busy_seconds(), own_cpu_seconds()
+    if idle_before > 0.2:
+        log("WARNING: other processes use %.0f%% of a core right now; figures will be low" % (100 * idle_before))
     try:
         info = machine_info(a.python)
         b.start_backend()
@@ -833,6 +869,7 @@ def main(argv=None):
         raise
     stop_all()
     elapsed = time.monotonic() - t_start
+    others = max(0.0, (busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / elapsed
 
     r = []
     r.append("Command: `%s`  " % command)
@@ -844,14 +881,18 @@ def main(argv=None):
     r.append("Machine: %s CPUs (`nproc`), %s, %s RAM, Linux %s; load generator %s (1 thread); "
              "backend bench/backend.py on %s  " % (info["nproc"], info["cpu"], info["mem"], info["kernel"],
                                                    info["wrk"], info["harness_python"]))
-    r.append("Date: %s; whole run %.0f s" % (time.strftime("%Y-%m-%d %H:%M %Z"), elapsed))
+    r.append("Date: %s; whole run %.0f s; CPU used by processes outside the harness during the run: "
+             "%.0f%% of one core on average (%.0f%% just before)" % (
+                 time.strftime("%Y-%m-%d %H:%M %Z"), elapsed, 100 * others, 100 * idle_before))
     r.append("")
     r.append(matrix_table(rows))
     r.append("")
     r.append("MiB/s counts every byte wrk read (headers included, unfinished responses too); "
              "latencies are over completed requests (n/a: none completed in the run). "
              "CPU: user+system time of the relay server and client processes during the relayed run, "
-             "in %% of one core (the machine has %s)." % info["nproc"])
+             "in %% of one core (the machine has %s). Other load: CPU used meanwhile by processes "
+             "outside the harness, in %% of one core (anything above a few %% means the figures "
+             "are too low)." % info["nproc"])
     if big:
         r.append("")
         r.append("**1 GiB relayed in one request:** %s, %.1f s (%.0f MiB/s); server peak RSS (VmHWM) %.1f MiB "
