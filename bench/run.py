@@ -835,8 +835,14 @@ def main(argv=None):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    shown = [x for x in (sys.argv[1:] if argv is None else argv)
-             if not x.startswith("--output") and not x.startswith("--wait-idle")]
+    shown, skip = [], False
+    for x in (sys.argv[1:] if argv is None else argv):  # the report shows the command without these
+        if skip:
+            skip = False
+        elif x in ("--output", "--wait-idle"):
+            skip = True
+        elif not x.startswith(("--output=", "--wait-idle=")):
+            shown.append(x)
     command = "python3 bench/run.py" + "".join(" " + shlex.quote(x) for x in shown)
     b = Bench(a)
     t_start = time.monotonic()
