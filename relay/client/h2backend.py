@@ -357,8 +357,16 @@ class H2ClientConnection(Protocol):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
+            # Including a malformed response, such as a body that
+            # contradicts its Content-Length: h2 raises it from
+            # receive_data, for the whole connection. Every stream on it
+            # ends; the next request opens a new connection.
+            try:
+                self.conn.close_connection(error_code=getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR))
+            except h2.exceptions.ProtocolError:
+                pass
             self._flush()
-            self._fail_all("http2: protocol error from server: %s" % (e,))
+            self._fail_all("http2: protocol error from server: %s: %s" % (type(e).__name__, e))
             self.transport.loseConnection()
             return
         for event in events:
