@@ -13,15 +13,18 @@ lookups (127.0.0.1 too) that the relay client's connections wait for.
 import hashlib
 import os
 import threading
+import time
 from concurrent import futures
 
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from relay.client.service import make_client_service
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, Relay
+from tests.test_client_twistd import spawn
 
 try:
     import grpc
@@ -33,6 +36,7 @@ SERVICE = "relay.test.Echo"
 CALL_TIMEOUT = 20.0
 BIG = 5 * 1024 * 1024
 CUSTOM_TRAILER = ("x-custom-trailer", "trailer value")
+FIREHOSE_LIMIT = 512 * 1024 * 1024
 
 
 def method(name: str) -> str:
@@ -53,6 +57,8 @@ class GrpcBackend:
         self.slow_started = threading.Event()
         self.slow_cancelled = threading.Event()
         self.slow_time_remaining = None
+        self.firehose_bytes = 0
+        self.firehose_cancelled = threading.Event()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8),
             options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
@@ -63,6 +69,7 @@ class GrpcBackend:
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail, identity, identity),
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow, identity, identity),
             "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream, identity, identity),
+            "Firehose": grpc.unary_stream_rpc_method_handler(self.firehose, identity, identity),
             "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream, identity, identity),
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi, identity, identity),
         }
@@ -101,6 +108,14 @@ class GrpcBackend:
             context.abort(grpc.StatusCode.ABORTED, "the first message never arrived")
         for i in range(int(request)):
             yield b"message %d" % (i,)
+
+    def firehose(self, request, context):
+        """64 KiB messages for as long as they are taken (up to a bound)."""
+        context.add_callback(self.firehose_cancelled.set)
+        block = b"f" * 65536
+        while self.firehose_bytes < FIREHOSE_LIMIT and context.is_active():
+            self.firehose_bytes += len(block)
+            yield block
 
     def client_stream(self, request_iterator, context):
         return b"|".join(request_iterator)
@@ -143,6 +158,7 @@ class GrpcThroughRelay(unittest.TestCase):
         )
         client.startService()
         self.addCleanup(client.stopService)
+        self.client = client
         self.channel = grpc.insecure_channel(
             "127.0.0.1:%d" % (self.relay.port,),
             options=[
@@ -250,8 +266,99 @@ class GrpcThroughRelay(unittest.TestCase):
         self.assertTrue(cancelled, "the backend's call outlived the user's deadline")
 
     @defer.inlineCallbacks
+    def test_big_stream_to_a_slow_user_stalls_the_backend(self):
+        """
+        A user who stops reading a server stream stops the backend after a
+        bounded amount, through every hop's flow control: ours holds the
+        backend's HTTP/2 window shut while a chunk waits for the relay.
+        """
+
+        def start():
+            responses = self.channel.unary_stream(
+                method("Firehose"), request_serializer=identity, response_deserializer=identity
+            )(b"", timeout=CALL_TIMEOUT, metadata=self.metadata)
+            return responses, next(responses)
+
+        responses, first = yield self.in_thread(start)
+        self.assertEqual(first, b"f" * 65536)
+        # The user reads no more. Wait for the backend to stall: no progress
+        # for half a second.
+        stalled_at, still_since = -1, time.monotonic()
+        deadline = time.monotonic() + 15
+        while time.monotonic() - still_since < 0.5:
+            self.assertLess(time.monotonic(), deadline, "the backend never stalled")
+            if self.backend.firehose_bytes != stalled_at:
+                stalled_at, still_since = self.backend.firehose_bytes, time.monotonic()
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertLess(stalled_at, 64 * 1024 * 1024)
+        # Stalled by us: the stream is paused, holding back its window.
+        (stream,) = self.client.pools[-1]._connection.streams.values()
+        self.assertTrue(stream.paused)
+        self.assertGreater(stream.unacknowledged, 0)
+        # The user gives up; the backend's call ends too.
+        responses.cancel()
+        cancelled = yield self.in_thread(self.backend.firehose_cancelled.wait, 10.0)
+        self.assertTrue(cancelled, "the backend's call outlived the user's")
+        self.assertLess(self.backend.firehose_bytes, 64 * 1024 * 1024)
+
+    @defer.inlineCallbacks
     def test_concurrent_calls(self):
         results = yield defer.gatherResults(
             [self.call("unary_unary", "Unary", b"%d" % i) for i in range(10)]
         )
         self.assertEqual(sorted(results), sorted(b"echo:%d" % i for i in range(10)))
+
+
+class GrpcThroughTwistd(unittest.TestCase):
+    """The same through C{twistd relay-client --force_http2}, as an operator runs it."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_unary_and_error_through_twistd(self):
+        if grpc is None:
+            raise unittest.SkipTest(GRPC_MISSING)
+        in_thread = CallThreads(self)
+        backend = GrpcBackend()
+        self.addCleanup(backend.stop)
+        relay = Relay()
+        self.addCleanup(relay.stop)
+        child = spawn(
+            [
+                "--relay_scheme=http",
+                "--relay_address=127.0.0.1:%d" % (relay.port,),
+                "--backend_scheme=http",
+                "--backend_address=" + backend.address,
+                "--force_http2",
+                "--server_name=" + NAME,
+                "--disable_auth_for_remote",
+            ]
+        )
+
+        def stop():
+            if not child.exited.called:
+                child.transport.signalProcess("KILL")
+            return child.exited
+
+        self.addCleanup(stop)
+        deadline = reactor.seconds() + 30
+        while not relay.polled_by(NAME):
+            self.assertFalse(child.exited.called, child.output)
+            self.assertLess(reactor.seconds(), deadline, child.output)
+            yield deferLater(reactor, 0.02, lambda: None)
+        channel = grpc.insecure_channel("127.0.0.1:%d" % (relay.port,), options=[("grpc.enable_http_proxy", 0)])
+        self.addCleanup(channel.close)
+        metadata = [("x-server-name", NAME)]
+        unary = channel.unary_unary(method("Unary"), request_serializer=identity, response_deserializer=identity)
+        response = yield in_thread(unary, b"twistd", timeout=CALL_TIMEOUT, metadata=metadata)
+        self.assertEqual(response, b"echo:twistd")
+        missing = channel.unary_unary(method("Missing"), request_serializer=identity, response_deserializer=identity)
+        try:
+            yield in_thread(missing, b"", timeout=CALL_TIMEOUT, metadata=metadata)
+        except grpc.RpcError as e:
+            self.assertEqual(e.code(), grpc.StatusCode.UNIMPLEMENTED)
+        else:
+            self.fail("an unknown method succeeded")
+        child.transport.signalProcess("TERM")
+        yield child.exited
+        self.assertNotIn(b"not supported", child.output)
