@@ -79,6 +79,13 @@ class RelayMetrics:
         if process:
             ProcessCollector(registry=r)
 
+    def watch(self, broker) -> None:
+        """
+        Also export the broker's live state (not in the Go server): what an
+        operator checks first, and what a soak test must see drop to zero.
+        """
+        self.registry.register(_BrokerState(broker))
+
     def forget_backend(self, backend: str) -> None:
         """Drop every series of a backend the broker has forgotten."""
         for metric in (
@@ -92,6 +99,26 @@ class RelayMetrics:
 
     def render(self) -> bytes:
         return render(self.registry.collect())
+
+
+class _BrokerState:
+    def __init__(self, broker):
+        self.broker = broker
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "relay_pending_requests", "User requests in flight", value=len(self.broker.requests)
+        )
+        yield GaugeMetricFamily(
+            "relay_backends", "Backend names currently known", value=len(self.broker.backends)
+        )
+        yield GaugeMetricFamily(
+            "relay_open_polls",
+            "Relay-client long polls currently waiting",
+            value=sum(len(b.polls) for b in self.broker.backends.values()),
+        )
 
 
 def go_float(value: float) -> str:

@@ -190,6 +190,7 @@ def make_server_service(
         max_backends=max_backends,
         block_size=block_size,
     )
+    metrics.watch(broker)
     root = RootResource(broker, metrics.render, policy=policy)
     site = RelaySite(
         root,

@@ -108,6 +108,8 @@ class OperationsTests(ServerTestCase):
         for name in ("broker_responses_durations", "broker_backend_responses_durations", "broker_overhead_durations"):
             self.assertIn("# TYPE %s histogram" % name, text)
             self.assertRegex(text, name + r'_count\{backend="robot",method="server_response",request_path="/api/items/XXX"\} 1')
+        self.assertIn("relay_pending_requests 0\n", text)
+        self.assertIn("relay_backends 1\n", text)
         self.assertNotIn("_total", text)
         self.assertNotIn("_created", text)
 
