@@ -84,6 +84,8 @@ class ALPNContextFactory:
         self.wrapped = wrapped
         self.protocols = list(protocols)
         self._configured = set()
+        # Configure the (cached) context now, before any connection uses it.
+        self.getContext()
 
     def _select(self, connection, offered):
         for protocol in self.protocols:
