@@ -858,7 +858,6 @@ def main(argv=None):
             shown.append(x)
     command = "python3 bench/run.py" + "".join(" " + shlex.quote(x) for x in shown)
     b = Bench(a)
-    t_start = time.monotonic()
     log("logs in %s" % b.logdir)
     idle_before = other_load()
     deadline = time.monotonic() + a.wait_idle
