@@ -866,6 +866,7 @@ def main(argv=None):
         time.sleep(4)
         idle_before = other_load(2)
     busy0, own0 = busy_seconds(), own_cpu_seconds()
+    t_start = time.monotonic()
     if idle_before > 0.2:
         log("WARNING: other processes use %.0f%% of a core right now; figures will be low" % (100 * idle_before))
     try:
