@@ -416,7 +416,7 @@ class Broker:
         pending = PendingRequest(self, request_id, backend, message, sink, path)
         self.requests[request_id] = pending
         b.active.add(request_id)
-        log.info("Enqueuing request", ID=request_id)
+        log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend, path).inc()
         if b.polls:
             d, timer = b.polls.popleft()
@@ -541,7 +541,7 @@ class Broker:
             if backend_duration > 0:
                 self.metrics.backend_durations.labels(*labels).observe(backend_duration)
                 self.metrics.overhead_durations.labels(*labels).observe(elapsed - backend_duration)
-            log.info(
+            log.debug(
                 "Delivered final response to client",
                 ID=request_id,
                 Bytes=len(message.body),

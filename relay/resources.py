@@ -167,7 +167,7 @@ class ServerResource(Resource):
             log.debug("Relay client got no request", ID=_arg(request, b"server"), error=text)
             return http_error(request, 408, text)
         request.responseHeaders.setRawHeaders(b"content-type", [REQUEST_CONTENT_TYPE])
-        log.info("Relay client accepted request", ID=message.id)
+        log.debug("Relay client accepted request", ID=message.id)
         return message.SerializeToString()
 
     def response(self, request):
@@ -460,7 +460,7 @@ class UserResponse:
 
     def _finish(self) -> None:
         self.done = True
-        log.info("Wrote response chunk to request", ID=self.pending.id, Bytes=self.bytes)
+        log.debug("Wrote response chunk to request", ID=self.pending.id, Bytes=self.bytes)
         if self.tunnel is not None:
             self.tunnel.close(clean=True)
             return

@@ -24,6 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from relay.client.endpoints import CachingEndpointFactory
 from relay.client.relay_api import BytesProducer, describe_failure, read_token
 from relay.headers import go_canonical
 from relay.proto.http_relay_pb2 import HttpRequest
@@ -246,7 +247,9 @@ class Backend:
 
     def __init__(self, reactor: IReactorTime, target: BackendTarget, pool: HTTPConnectionPool, policy: TrustPolicy):
         self.target = target
-        self.agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=CONNECT_TIMEOUT)
+        self.agent = Agent.usingEndpointFactory(
+            reactor, CachingEndpointFactory(reactor, policy, CONNECT_TIMEOUT), pool=pool
+        )
 
     async def open(self, request: BackendRequest) -> BackendResponse:
         headers = Headers()

@@ -53,7 +53,7 @@ class RequestHandler:
         upgrade = wants_upgrade(request)
         try:
             backend_request = self.target.build(request, upgrade=upgrade)
-            log.info(
+            log.debug(
                 "Sending request to backend",
                 ID=request_id,
                 Method=backend_request.method,
@@ -103,7 +103,7 @@ class RequestHandler:
             chunker.abort()
         else:
             elapsed = self.clock.seconds() - started
-            log.info(
+            log.debug(
                 "Backend request duration",
                 ID=request_id,
                 Duration="%.3fs" % (elapsed,),

@@ -214,6 +214,8 @@ def make_client_service(
     """
     from twisted.web.client import Agent
 
+    from relay.client.endpoints import CachingEndpointFactory
+
     clock = clock if clock is not None else reactor
     relay_pool = QuietPool(reactor, persistent=True)
     relay_pool.maxPersistentPerHost = max_idle_conns_per_host
@@ -224,7 +226,7 @@ def make_client_service(
     # The relay is verified against the system's CAs; --root_ca_file is for
     # the backend, as in the Go client.
     api = RelayAPI(
-        Agent(reactor, pool=relay_pool, connectTimeout=30),
+        Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor, connect_timeout=30), pool=relay_pool),
         clock,
         relay_url,
         server_name,
