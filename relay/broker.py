@@ -100,9 +100,28 @@ def _go_quote(text: str) -> str:
     return "".join(out)
 
 
-def new_request_id(backend: str) -> str:
-    """C{{name}:} and 32 lowercase hex digits from 16 random bytes."""
-    return backend + ":" + os.urandom(16).hex()
+class RequestIds:
+    """
+    C{{name}:} and 32 lowercase hex digits from 16 random bytes.
+
+    The bytes come from C{os.urandom} 4 KiB at a time: on PyPy each call
+    opens, reads and closes C{/dev/urandom}, five system calls per request.
+    The bytes are as unguessable either way, and each is used once.
+    """
+
+    def __init__(self, batch: int = 4096):
+        self._batch = batch
+        self._pool = b""
+        self._offset = 0
+
+    def __call__(self, backend: str) -> str:
+        if self._offset + 16 > len(self._pool):
+            self._pool = os.urandom(self._batch)
+            self._offset = 0
+        start = self._offset
+        self._offset = start + 16
+        return backend + ":" + self._pool[start : start + 16].hex()
+
 
 
 class ResponseSink:
@@ -372,7 +391,7 @@ class Broker:
         metrics: Optional[RelayMetrics] = None,
         inactive_request_timeout: float = 60.0,
         inactive_backend_timeout: float = 30 * 60.0,
-        new_id: Callable[[str], str] = new_request_id,
+        new_id: Optional[Callable[[str], str]] = None,
         max_pending_per_backend: int = 1000,
         max_backends: int = 100000,
         block_size: int = 10240,
@@ -381,10 +400,13 @@ class Broker:
         self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
         self.inactive_request_timeout = inactive_request_timeout
         self.inactive_backend_timeout = inactive_backend_timeout
-        self._new_id = new_id
+        self._new_id = new_id if new_id is not None else RequestIds()
         self.max_pending_per_backend = max_pending_per_backend
         self.max_backends = max_backends
         self.block_size = block_size
+        # Per-request debug lines cost even when filtered out: only build
+        # them when debug logging is on.
+        self.trace = False
         self.backends: Dict[str, Backend] = {}
         self.requests: Dict[str, PendingRequest] = {}
         self.stopping = False
@@ -416,7 +438,8 @@ class Broker:
         pending = PendingRequest(self, request_id, backend, message, sink, path)
         self.requests[request_id] = pending
         b.active.add(request_id)
-        log.debug("Enqueuing request", ID=request_id)
+        if self.trace:
+            log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend, path).inc()
         if b.polls:
             d, timer = b.polls.popleft()
@@ -541,14 +564,15 @@ class Broker:
             if backend_duration > 0:
                 self.metrics.backend_durations.labels(*labels).observe(backend_duration)
                 self.metrics.overhead_durations.labels(*labels).observe(elapsed - backend_duration)
-            log.debug(
-                "Delivered final response to client",
-                ID=request_id,
-                Bytes=len(message.body),
-                Elapsed=elapsed,
-                BackendDuration=backend_duration,
-            )
-        else:
+            if self.trace:
+                log.debug(
+                    "Delivered final response to client",
+                    ID=request_id,
+                    Bytes=len(message.body),
+                    Elapsed=elapsed,
+                    BackendDuration=backend_duration,
+                )
+        elif self.trace:
             log.debug(
                 "Delivered response to client",
                 ID=request_id,

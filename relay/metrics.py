@@ -43,38 +43,31 @@ class RelayMetrics:
     def __init__(self, registry: CollectorRegistry = None, process: bool = True):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "broker_requests",
-            "Number of requests to the broker",
-            ["method", "backend", "request_path"],
-            registry=r,
-        )
-        self.responses = Counter(
+        three = ["method", "backend", "request_path"]
+        self.requests = _Children(Counter, "broker_requests", "Number of requests to the broker", three, r)
+        self.responses = _Children(
+            Counter,
             "broker_responses",
             "Number of responses from the broker",
             ["method", "result", "backend", "request_path"],
-            registry=r,
+            r,
         )
-        self.response_durations = Histogram(
-            "broker_responses_durations",
-            "Time from request to final response in s",
-            ["method", "backend", "request_path"],
-            buckets=GO_BUCKETS,
-            registry=r,
+        self.response_durations = _Children(
+            Histogram, "broker_responses_durations", "Time from request to final response in s", three, r
         )
-        self.backend_durations = Histogram(
+        self.backend_durations = _Children(
+            Histogram,
             "broker_backend_responses_durations",
             "Time from backend request to final response in s",
-            ["method", "backend", "request_path"],
-            buckets=GO_BUCKETS,
-            registry=r,
+            three,
+            r,
         )
-        self.overhead_durations = Histogram(
+        self.overhead_durations = _Children(
+            Histogram,
             "broker_overhead_durations",
             "Extra time spend between relay server and client in s",
-            ["method", "backend", "request_path"],
-            buckets=GO_BUCKETS,
-            registry=r,
+            three,
+            r,
         )
         if process:
             ProcessCollector(registry=r)
@@ -99,6 +92,31 @@ class RelayMetrics:
 
     def render(self) -> bytes:
         return render(self.registry.collect())
+
+
+class _Children:
+    """
+    A labelled metric whose children are looked up once per label set:
+    prometheus_client's C{labels()} takes a lock and builds tuples on every
+    call, and the broker makes several per request.
+    """
+
+    def __init__(self, kind, name: str, documentation: str, labelnames, registry):
+        extra = {"buckets": GO_BUCKETS} if kind is Histogram else {}
+        self.metric = kind(name, documentation, labelnames, registry=registry, **extra)
+        self._backend = labelnames.index("backend")
+        self._children = {}
+
+    def labels(self, *values):
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+    def remove_by_labels(self, labels):
+        backend = labels["backend"]
+        self._children = {k: v for k, v in self._children.items() if k[self._backend] != backend}
+        self.metric.remove_by_labels(labels)
 
 
 class _BrokerState:

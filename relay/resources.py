@@ -164,10 +164,12 @@ class ServerResource(Resource):
     def _polled(self, request, message: Optional[HttpRequest]) -> bytes:
         if message is None:
             text = "Server is restarting" if self.broker.stopping else "No request received within timeout"
-            log.debug("Relay client got no request", ID=_arg(request, b"server"), error=text)
+            if self.broker.trace:
+                log.debug("Relay client got no request", ID=_arg(request, b"server"), error=text)
             return http_error(request, 408, text)
         request.responseHeaders.setRawHeaders(b"content-type", [REQUEST_CONTENT_TYPE])
-        log.debug("Relay client accepted request", ID=message.id)
+        if self.broker.trace:
+            log.debug("Relay client accepted request", ID=message.id)
         return message.SerializeToString()
 
     def response(self, request):
@@ -192,7 +194,8 @@ class ServerResource(Resource):
 
     def _answered(self, request, _) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain"])
-        log.debug("Relay client sent response", ID=_arg(request, b"id"))
+        if self.broker.trace:
+            log.debug("Relay client sent response", ID=_arg(request, b"id"))
         return b"ok"
 
     def _refused(self, request, failure: Failure) -> bytes:
@@ -217,7 +220,8 @@ class ServerResource(Resource):
             # 410 Gone tells the relay-client that the request has completed.
             return http_error(request, 410, "No ongoing request with id " + request_id)
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/octet-data"])
-        log.debug("Relay client pulled streamed request chunk", ID=request_id, Bytes=len(data))
+        if self.broker.trace:
+            log.debug("Relay client pulled streamed request chunk", ID=request_id, Bytes=len(data))
         return data
 
 
@@ -460,7 +464,8 @@ class UserResponse:
 
     def _finish(self) -> None:
         self.done = True
-        log.debug("Wrote response chunk to request", ID=self.pending.id, Bytes=self.bytes)
+        if self.broker.trace:
+            log.debug("Wrote response chunk to request", ID=self.pending.id, Bytes=self.bytes)
         if self.tunnel is not None:
             self.tunnel.close(clean=True)
             return

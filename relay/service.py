@@ -173,6 +173,7 @@ def make_server_service(
     max_headers: int = 500,
     max_header_bytes: int = 65536,
     header_timeout: Optional[float] = 30.0,
+    debug_logs: bool = False,
 ) -> RelayServerService:
     """
     The relay server on C{endpoint}. C{clock} (the reactor by default)
@@ -190,6 +191,7 @@ def make_server_service(
         max_backends=max_backends,
         block_size=block_size,
     )
+    broker.trace = debug_logs
     metrics.watch(broker)
     root = RootResource(broker, metrics.render, policy=policy)
     site = RelaySite(

@@ -197,6 +197,15 @@ class RelayChannel(http.HTTPChannel):
         if buffered:
             protocol.dataReceived(buffered)
 
+    _host = None
+
+    def getHost(self):
+        # Every request asks (twisted.web's Request.__init__): one
+        # getsockname() per connection is enough.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
     def connectionMade(self) -> None:
         self.maxHeaders = self.site.max_headers
         self.totalHeadersSize = self.site.max_header_bytes

@@ -5,6 +5,7 @@ C{http-relay-server}.
 
 
 from twisted.internet import endpoints
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
@@ -186,6 +187,7 @@ def makeService(options, reactor=None):
         max_headers=options["max_headers"],
         max_header_bytes=options["max_header_bytes"],
         header_timeout=options["header_timeout"],
+        debug_logs=options["log_level"] <= LogLevel.debug,
     )
 
 

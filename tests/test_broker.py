@@ -18,7 +18,7 @@ from relay.broker import (
     StreamQueue,
     UnknownBackend,
     UnknownRequest,
-    new_request_id,
+    RequestIds,
 )
 from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
@@ -65,11 +65,14 @@ class BrokerTestCase(unittest.TestCase):
         self.failureResultOf(d, CancelledError)
 
     def test_request_id_format(self):
-        request_id = new_request_id("robot-1")
+        ids = RequestIds(batch=64)
+        request_id = ids("robot-1")
         name, _, hexpart = request_id.partition(":")
         self.assertEqual(name, "robot-1")
         self.assertRegex(hexpart, r"^[0-9a-f]{32}$")
-        self.assertNotEqual(request_id, new_request_id("robot-1"))
+        # Across refills of the random pool, no id repeats.
+        many = {ids("robot-1") for _ in range(1000)}
+        self.assertEqual(len(many), 1000)
 
     def test_unknown_backend(self):
         with self.assertRaises(UnknownBackend) as e:
