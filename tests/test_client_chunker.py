@@ -5,7 +5,7 @@ relay, in which pieces, and when.
 
 from typing import List
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -244,3 +244,36 @@ class ChunkerTests(SynchronousTestCase):
         self.assertFalse(self.successResultOf(c.first_sent))
         self.failureResultOf(c.done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class KnownLengthTests(SynchronousTestCase):
+    """A body of known length that fits one piece goes out as one message."""
+
+    def test_full_piece_that_is_the_end_is_one_final_message(self):
+        sent = []
+        chunker = Chunker(
+            HttpResponse(id="r:1", status_code=200),
+            lambda m: (sent.append(m), succeed(None))[1],
+            Clock(),
+            max_chunk_size=8,
+            expected_length=8,
+        )
+        chunker.write(b"12345678")
+        self.assertEqual(sent, [])  # waits for the end it knows is here
+        chunker.finish()
+        self.assertEqual([(m.body, m.eof, m.status_code) for m in sent], [(b"12345678", True, 200)])
+
+    def test_longer_bodies_still_go_in_full_pieces_at_once(self):
+        sent = []
+        chunker = Chunker(
+            HttpResponse(id="r:1", status_code=200),
+            lambda m: (sent.append(m), succeed(None))[1],
+            Clock(),
+            max_chunk_size=8,
+            expected_length=12,
+        )
+        chunker.write(b"12345678")
+        self.assertEqual([m.body for m in sent], [b"12345678"])
+        chunker.write(b"9abc")
+        chunker.finish()
+        self.assertEqual([(m.body, m.eof) for m in sent], [(b"12345678", False), (b"9abc", True)])

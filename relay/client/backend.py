@@ -9,7 +9,7 @@ read at each request so that a rotated token is used at once. Redirects are
 not followed (Agent never does): a 302 goes back to the user as it is.
 """
 
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
 from twisted.internet import error as net_error
@@ -192,10 +192,11 @@ class TrustPolicy:
 class BackendResponse:
     """The backend's answer: status and headers now, the body on demand."""
 
-    def __init__(self, status: int, headers: List[Header], response=None):
+    def __init__(self, status: int, headers: List[Header], response=None, length: Optional[int] = None):
         self.status = status
         self.headers = headers
         self._response = response
+        self.length = length
 
     def deliver(self, sink) -> None:
         """
@@ -267,4 +268,5 @@ class Backend:
             if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
                 raise CancelledError()
             raise BackendError(connect_error(request, Failure(e)))
-        return BackendResponse(response.code, response_headers(response, request.method), response)
+        length = response.length if response.length is not UNKNOWN_LENGTH else None
+        return BackendResponse(response.code, response_headers(response, request.method), response, length)

@@ -42,6 +42,9 @@ class RequestHandler:
         self.backend = backend
         self.upgrader = upgrader
         self.max_chunk_size = max_chunk_size
+        # Per-request debug lines cost even when filtered out: only build
+        # them when debug logging is on.
+        self.trace = False
 
     def handle(self, request: HttpRequest) -> Deferred:
         """Fires when the request is over (never fails)."""
@@ -53,12 +56,13 @@ class RequestHandler:
         upgrade = wants_upgrade(request)
         try:
             backend_request = self.target.build(request, upgrade=upgrade)
-            log.debug(
-                "Sending request to backend",
-                ID=request_id,
-                Method=backend_request.method,
-                URL=backend_request.url,
-            )
+            if self.trace:
+                log.debug(
+                    "Sending request to backend",
+                    ID=request_id,
+                    Method=backend_request.method,
+                    URL=backend_request.url,
+                )
             if upgrade:
                 answer = await self.upgrader.open(backend_request)
             else:
@@ -84,6 +88,7 @@ class RequestHandler:
             max_chunk_size=self.max_chunk_size,
             started=started,
             send_first_now=switching,
+            expected_length=getattr(answer, "length", None),
         )
         answer.deliver(chunker)
         stream: Optional[Deferred] = None
@@ -102,15 +107,16 @@ class RequestHandler:
             log.failure("Unexpected error relaying a response", ID=request_id)
             chunker.abort()
         else:
-            elapsed = self.clock.seconds() - started
-            log.debug(
-                "Backend request duration",
-                ID=request_id,
-                Duration="%.3fs" % (elapsed,),
-                Path=request.url[len("http://invalid") :] if request.url.startswith("http://invalid") else request.url,
-                Status=answer.status,
-                Bytes=chunker.bytes_sent,
-            )
+            if self.trace:
+                elapsed = self.clock.seconds() - started
+                log.debug(
+                    "Backend request duration",
+                    ID=request_id,
+                    Duration="%.3fs" % (elapsed,),
+                    Path=request.url[len("http://invalid") :] if request.url.startswith("http://invalid") else request.url,
+                    Status=answer.status,
+                    Bytes=chunker.bytes_sent,
+                )
         if stream is not None:
             stream.cancel()
 

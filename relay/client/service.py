@@ -199,6 +199,7 @@ def make_client_service(
     force_http2: bool = False,
     on_fatal: Optional[Callable[[str], None]] = None,
     log_observer=None,
+    debug_logs: bool = False,
     stop_grace_period: float = STOP_GRACE_PERIOD,
     clock: Optional[IReactorTime] = None,
 ) -> RelayClientService:
@@ -254,6 +255,7 @@ def make_client_service(
         Upgrader(reactor, policy),
         max_chunk_size,
     )
+    handler.trace = debug_logs
     return RelayClientService(
         reactor,
         api,

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
 from relay.client.backend import load_trust_root
@@ -221,6 +221,7 @@ def makeService(options, reactor=None):
         force_http2=options["force_http2"],
         on_fatal=exit_after_stop(reactor),
         log_observer=log_observer_for(options),
+        debug_logs=options["log_level"] <= LogLevel.debug,
     )
     reactor.callWhenRunning(_warn_unsupported, options)
     return service
