@@ -11,6 +11,7 @@ from twisted.python import usage
 from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
 from relay.h2 import offer_h2_over_tls
 from relay.logs import make_observer
+from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, duration, log_format, log_level, positive_int
 from relay.service import make_server_service
 from relay.site import DEFAULT_MAX_REQUEST_BODY
@@ -172,6 +173,7 @@ def log_observer_for(options):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    tune_malloc()
     endpoint = offer_h2_over_tls(endpoints.serverFromString(reactor, options["endpoint"]))
     return make_server_service(
         endpoint,

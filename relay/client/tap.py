@@ -19,6 +19,7 @@ from relay.client.backend import load_trust_root
 from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
 from relay.client.service import make_client_service
 from relay.logs import make_observer
+from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, log_format, log_level, positive_int
 
 log = Logger()
@@ -204,6 +205,7 @@ def _warn_unsupported(options) -> None:
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    tune_malloc()
     service = make_client_service(
         reactor,
         relay_url(options),
