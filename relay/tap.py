@@ -144,10 +144,14 @@ class Options(GoFlagOptions):
 
 
 def port_endpoint(port: str) -> str:
-    """C{80} -> C{tcp:80}; endpoint strings pass through."""
+    """
+    C{80} -> C{tcp:80:backlog=4096}; endpoint strings pass through. Twisted's
+    default listen backlog of 50 overflows when thousands of relay-clients
+    reconnect at once after a restart (Go takes the kernel's maximum).
+    """
     text = str(port).strip()
     if text.isdigit():
-        return "tcp:" + text
+        return "tcp:%s:backlog=4096" % (text,)
     if ":" not in text:
         raise usage.UsageError("--port must be a number or an endpoint string, not %r" % (port,))
     return text

@@ -16,7 +16,7 @@ class OptionsTests(unittest.TestCase):
 
     def test_defaults_are_the_go_servers(self):
         o = self.parse()
-        self.assertEqual(o["endpoint"], "tcp:80")
+        self.assertEqual(o["endpoint"], "tcp:80:backlog=4096")
         self.assertEqual(o["block_size"], 10240)
         self.assertEqual(o["inactive_request_timeout"], 60.0)
         self.assertEqual(o["inactive_backend_timeout"], 1800.0)
@@ -34,8 +34,8 @@ class OptionsTests(unittest.TestCase):
             self.assertEqual((o["block_size"], o["inactive_request_timeout"]), (4096, 90.0), argv)
 
     def test_port_number_or_endpoint(self):
-        self.assertEqual(self.parse("--port=8080")["endpoint"], "tcp:8080")
-        self.assertEqual(self.parse("--port=0")["endpoint"], "tcp:0")
+        self.assertEqual(self.parse("--port=8080")["endpoint"], "tcp:8080:backlog=4096")
+        self.assertEqual(self.parse("--port=0")["endpoint"], "tcp:0:backlog=4096")
         self.assertEqual(
             self.parse("--port=tcp:8080:interface=127.0.0.1")["endpoint"], "tcp:8080:interface=127.0.0.1"
         )
