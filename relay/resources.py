@@ -21,7 +21,6 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.auth import AccessPolicy
 from relay.broker import (
-    BackendUnreachable,
     Broker,
     BrokerError,
     Overloaded,
@@ -386,6 +385,8 @@ class UserResponse:
         self.tunnel: Optional[Tunnel] = None
         self.grpc_headers: List[Tuple[str, str]] = []
         self.bytes = 0
+        # The Content-Length the backend declared, when the body must match it.
+        self.expected: Optional[int] = None
 
     def user_gone(self) -> None:
         self.done = True
@@ -400,10 +401,16 @@ class UserResponse:
                 return
         body = message.body
         if body:
+            if self.expected is not None and self.bytes + len(body) > self.expected:
+                # More than declared would be read as the start of another
+                # response on a keep-alive connection: never write it (Go's
+                # ResponseWriter refuses it too).
+                log.warn("Dropping body bytes beyond Content-Length", ID=self.pending.id)
+                body = body[: self.expected - self.bytes]
             self.bytes += len(body)
             if self.tunnel is not None:
                 self.tunnel.write(body)
-            else:
+            elif body:
                 self.request.write(body)
         for h in message.trailer:
             self.request.add_trailer(_text(h.name), _text(h.value))
@@ -445,6 +452,15 @@ class UserResponse:
             if name[:5].lower() == "grpc-":
                 self.grpc_headers.append((name, value))
             grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(value))
+        lengths = grouped.get(b"content-length")
+        if lengths is not None:
+            if len(set(lengths)) == 1 and lengths[0].isdigit():
+                if request.method != b"HEAD" and status not in (204, 304):
+                    self.expected = int(lengths[0])
+                grouped[b"content-length"] = lengths[:1]
+            else:
+                # Conflicting or malformed: let the framing be chunked.
+                del grouped[b"content-length"]
         for name, values in grouped.items():
             request.responseHeaders.setRawHeaders(name, values)
         return True
@@ -470,19 +486,27 @@ class UserResponse:
             self.tunnel.close(clean=True)
             return
         request = self.request
+        if self.expected is not None and self.bytes < self.expected:
+            # Finishing would leave the user waiting for the rest, or worse,
+            # reading our next response as its body: the answer is cut short.
+            self.done = False
+            self.fail(RequestExpired("body shorter than its Content-Length"))
+            return
         for name, value in self.grpc_headers:
             request.add_trailer(name, value)
         request.unregisterProducer()
         if not request._disconnected:
             request.finish()
 
-    def _answer_error(self, code: int, text: str) -> None:
+    def _answer_error(self, code: int, text: str, go_error: bool = False) -> None:
         self.done = True
         request = self.request
         request.unregisterProducer()
         if request._disconnected:
             return
         body = _plain(request, code, text)
+        if go_error:
+            request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         request.write(body)
         request.finish()
@@ -501,10 +525,9 @@ class UserResponse:
                     "Timeout after %s, indicating that the backend request took too long"
                     % (format_duration(self.broker.inactive_request_timeout),),
                 )
-            elif isinstance(reason, BackendUnreachable):
-                self._answer_error(503, str(reason))
             else:
-                self._answer_error(503, str(reason) or "Server is restarting")
+                # Go answers these with http.Error (a newline, nosniff).
+                self._answer_error(503, (str(reason) or "Server is restarting") + "\n", go_error=True)
             return
         # A response has begun and will not be completed: it must not look
         # complete, so the connection is aborted rather than finished.

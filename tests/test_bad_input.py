@@ -191,3 +191,72 @@ class BodyLimitTests(unittest.TestCase):
         yield proto.wait_for(b"fine")
         proto.transport.loseConnection()
         yield proto.ended
+
+
+class ContentLengthTests(ServerTestCase):
+    """A relay-client's body must match the Content-Length it declared."""
+
+    @defer.inlineCallbacks
+    def start(self):
+        proto = yield raw_connect(self.server.port)
+        poll = self.relay_client.poll("robot")
+        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        proto.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        code, message = yield poll
+        return proto, message
+
+    @defer.inlineCallbacks
+    def test_bytes_beyond_content_length_are_not_written(self):
+        proto, message = yield self.start()
+        smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=200,
+                header=[{"name": "Content-Length", "value": "5"}],
+                body=b"hello" + smuggled,
+                eof=True,
+            )
+        )
+        yield proto.wait_for(b"hello")
+        # The connection stays usable and carries nothing after the body.
+        proto.transport.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        yield proto.wait_for(b"\r\n\r\nok")
+        self.assertNotIn(b"evil", proto.data)
+        self.assertEqual(proto.data.count(b"HTTP/1.1 200 OK"), 2)
+        proto.transport.loseConnection()
+        yield proto.ended
+
+    @defer.inlineCallbacks
+    def test_body_shorter_than_content_length_aborts(self):
+        proto, message = yield self.start()
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=200,
+                header=[{"name": "Content-Length", "value": "10"}],
+                body=b"short",
+                eof=True,
+            )
+        )
+        yield proto.ended
+        self.assertFalse(proto.clean)
+
+    @defer.inlineCallbacks
+    def test_conflicting_content_lengths_fall_back_to_chunked(self):
+        proto, message = yield self.start()
+        yield self.relay_client.post(
+            HttpResponse(
+                id=message.id,
+                status_code=200,
+                header=[{"name": "Content-Length", "value": "3"}, {"name": "Content-Length", "value": "7"}],
+                body=b"abcdefg",
+                eof=True,
+            )
+        )
+        yield proto.wait_for(b"0\r\n\r\n")
+        head, body = head_and_body(proto.data)
+        self.assertNotIn(b"Content-Length", head)
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        proto.transport.loseConnection()
+        yield proto.ended
