@@ -188,16 +188,19 @@ class RelayAPI:
         self.server_name = server_name
         self.token_file = token_file
         self.timeout = timeout
+        # Built once: they are asked for on every request.
+        self._poll_url = (
+            self.base_url + "/server/request?" + urlencode({"server": self.server_name})
+        ).encode("utf-8")
+        self._response_url = (self.base_url + "/server/response").encode("utf-8")
 
     # URLs.
 
     def poll_url(self) -> bytes:
-        return (
-            self.base_url + "/server/request?" + urlencode({"server": self.server_name})
-        ).encode("utf-8")
+        return self._poll_url
 
     def response_url(self) -> bytes:
-        return (self.base_url + "/server/response").encode("utf-8")
+        return self._response_url
 
     def stream_url(self, request_id: str) -> bytes:
         return (
