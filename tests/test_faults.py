@@ -166,3 +166,46 @@ class FaultTests(unittest.TestCase):
         self.assertLess(recovered[0] - restarted_at, 15, "the client took too long to come back")
         self.assertEqual(outcomes[-1][1], True)
         yield self.until(lambda: not server.broker.requests)
+
+
+class HangingBackendTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_backend_that_never_answers_is_504(self):
+        """A backend that accepts the request and says nothing: 504 once the relay gives up."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        from relay.client.service import make_client_service
+
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        clock = Clock()
+        server = RelayServer(clock=clock)
+        self.addCleanup(server.stop)
+        client = make_client_service(
+            reactor,
+            server.base,
+            "robot",
+            backend_scheme="http",
+            backend_address="127.0.0.1:%d" % silent.getHost().port,
+            stop_grace_period=0.1,
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        deadline = reactor.seconds() + 10
+        while not (server.broker.backends.get("robot") and server.broker.backends["robot"].polls):
+            self.assertLess(reactor.seconds(), deadline)
+            yield _tick()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        user = treq.get(server.base + "/client/robot/slow", pool=pool)
+        while not any(p.picked_up for p in server.broker.requests.values()):
+            self.assertLess(reactor.seconds(), deadline)
+            yield _tick()
+        for _ in range(7):
+            clock.advance(10)
+        resp = yield user
+        self.assertEqual(resp.code, 504)
+        self.assertEqual(
+            (yield resp.content()), b"Timeout after 1m0s, indicating that the backend request took too long"
+        )
