@@ -335,7 +335,16 @@ class PendingRequest:
                 self.started = True
                 if message.eof:
                     self.finished = True
-                self.sink.deliver(message)
+                try:
+                    self.sink.deliver(message)
+                except Exception:
+                    # A bug, not bad input: answer the POST with an error,
+                    # end the user's response honestly, keep serving others.
+                    log.failure("Handing a response message on failed", ID=self.id)
+                    d.errback()
+                    self.finished = False
+                    self.broker._forget(self, BrokerError("internal error"))
+                    return
                 d.callback(None)
                 if message.eof:
                     self.broker._forget(self, None)

@@ -198,8 +198,9 @@ class ServerResource(Resource):
         return b"ok"
 
     def _refused(self, request, failure: Failure) -> bytes:
-        failure.trap(UnknownRequest)
-        return http_error(request, 400, str(failure.value))
+        if failure.check(UnknownRequest):
+            return http_error(request, 400, str(failure.value))
+        return http_error(request, 500, "Internal error relaying the response")
 
     def request_stream(self, request):
         request_id = _arg(request, b"id")

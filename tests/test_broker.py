@@ -315,3 +315,23 @@ class StreamQueueTestCase(unittest.TestCase):
         self.assertEqual(self.successResultOf(q.get()), b"x" * 10)
         self.assertFalse(producer.paused)
         self.assertEqual(q.buffered, 5)
+
+
+class FailingSinkTests(unittest.TestCase):
+    def test_a_sink_bug_fails_the_post_and_ends_the_request(self):
+        clock = Clock()
+        broker = Broker(clock, RelayMetrics(process=False))
+
+        class Broken(Sink):
+            def deliver(self, message):
+                raise RuntimeError("bug")
+
+        poll = broker.get_request("robot")
+        sink = Broken()
+        pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/"), sink)
+        self.successResultOf(poll)
+        d = broker.send_response(HttpResponse(id=pending.id, status_code=200))
+        self.failureResultOf(d, RuntimeError)
+        self.assertEqual(len(sink.failures), 1)
+        self.assertEqual(broker.requests, {})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
