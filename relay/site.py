@@ -42,6 +42,7 @@ class RelayRequest(server.Request):
 
     body_too_large = False
     _body_received = 0
+    _refused = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,6 +75,9 @@ class RelayRequest(server.Request):
         the only way to stop it is to hang up once it has our answer. On
         HTTP/2 only the stream is reset, after the answer.
         """
+        if self._refused:
+            return
+        self._refused = True
         body = (
             "Request body too large: this relay accepts at most %d bytes "
             "(--max_request_body)\n" % (self.max_body,)
@@ -103,8 +107,12 @@ class RelayRequest(server.Request):
         Content-Type) and could even refuse a malformed multipart body that
         is none of our business.
         """
-        if self.body_too_large or self.finished:
-            # Answered already; the connection is closing.
+        if self.finished:
+            return
+        if self.body_too_large:
+            # HTTP/1.1 answered from the headers already and is closing;
+            # HTTP/2 (whose declared length only set the flag) answers now.
+            self.refuse_body()
             return
         self.content.seek(0, 0)
         self.method, self.uri = command, path

@@ -279,3 +279,21 @@ class TLSTests(unittest.TestCase):
                 timeout=20,
             )
             self.assertEqual(out, b"ok " + version)
+
+
+class H2BodyLimitTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_oversized_body_over_h2_is_413(self):
+        server = RelayServer(max_request_body=1024)
+        self.addCleanup(server.stop)
+        client = H2Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), client)
+        self.addCleanup(lambda: (client.transport.loseConnection(), client.lost)[1])
+        for headers in ([("content-length", "2048")], []):
+            _, state = client.request("POST", "/client/robot/x", headers=headers, body=b"x" * 2048)
+            yield state["done"]
+            self.assertEqual(state["headers"][":status"], "413")
+            self.assertIn(b"--max_request_body", state["data"])
+        self.assertEqual(server.broker.requests, {})
