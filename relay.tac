@@ -10,6 +10,9 @@
 #   RELAY_MAX_REQUEST_BODY           bytes                     (default 104857600)
 #   RELAY_LOG_LEVEL                  debug|info|warn|error     (default info)
 #   RELAY_LOG_FORMAT                 json|text                 (default json)
+#   RELAY_LOG_FILE                   path: log there (rotated like twistd.log)
+#                                    instead of stderr; set it when
+#                                    daemonized, where stderr goes nowhere
 #
 # Example: RELAY_PORT=8080 twistd -ny relay.tac
 
@@ -27,5 +30,8 @@ for name in Options.optParameters:
 
 options = Options()
 options.parseOptions(flags)
+if os.environ.get("RELAY_LOG_FILE"):
+    # twistd_log_observer() reads twistd's own options from .parent.
+    options.parent = {"nodaemon": False, "logfile": os.environ["RELAY_LOG_FILE"]}
 application = Application("relay")
 makeService(options).setServiceParent(application)

@@ -164,3 +164,41 @@ def make_observer(
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     return FilteringLogObserver(write, [predicate])
+
+
+def twistd_log_observer(options):
+    """
+    The observer for a twistd plugin's options: JSON (or text) lines on
+    stderr in the foreground, as the Go programs write them; in the log file
+    twistd would use when daemonized. twistd's own C{--logger} wins (None).
+    """
+    parent = getattr(options, "parent", None) or {}
+    if parent.get("logger"):
+        return None
+    stream = None
+    if parent and not parent.get("nodaemon") and parent.get("logfile") != "-":
+        from twisted.python.logfile import LogFile
+
+        stream = LogFile.fromFullPath(parent.get("logfile") or "twistd.log")
+    return make_observer(stream, options["log_format"], options["log_level"])
+
+
+class LogsThroughObserver:
+    """
+    A service mixin: when twistd (or a .tac file) adds the service to its
+    application, it offers C{self.log_observer} as the application's
+    ILogObserver, which twistd uses instead of its own log file.
+    """
+
+    log_observer = None
+
+    def setServiceParent(self, parent):
+        from twisted.python.components import Componentized
+
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)

@@ -20,11 +20,11 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
-from twisted.logger import ILogObserver, Logger
-from twisted.python.components import Componentized
+from twisted.logger import Logger
 
 from relay.auth import AccessPolicy
 from relay.broker import Broker
+from relay.logs import LogsThroughObserver
 from relay.metrics import RelayMetrics
 from relay.resources import RootResource
 from relay.site import RelaySite
@@ -122,7 +122,7 @@ class DrainService(Service):
         return done
 
 
-class RelayServerService(MultiService):
+class RelayServerService(LogsThroughObserver, MultiService):
     """
     The whole server. When twistd runs it, it also tells twistd to log
     through our JSON (or text) observer, as the Go server does.
@@ -137,17 +137,6 @@ class RelayServerService(MultiService):
     @property
     def listening_port(self):
         return self.getServiceNamed("listen").port
-
-    def setServiceParent(self, parent):
-        # twistd asks the application for an ILogObserver before it falls
-        # back to its own log file; a .tac file sets one the same way.
-        if (
-            self.log_observer is not None
-            and isinstance(parent, Componentized)
-            and parent.getComponent(ILogObserver, None) is None
-        ):
-            parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
 
 
 def _safe_reap(broker: Broker) -> None:

@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
 from relay.h2 import offer_h2_over_tls
-from relay.logs import make_observer
+from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, duration, log_format, log_level, positive_int
 from relay.service import make_server_service
@@ -157,23 +157,6 @@ def port_endpoint(port: str) -> str:
     return text
 
 
-def log_observer_for(options):
-    """
-    JSON (or text) lines on stderr, like the Go server, when in the
-    foreground; in the log file twistd would use when daemonized. twistd's
-    own C{--logger} wins.
-    """
-    parent = getattr(options, "parent", None) or {}
-    if parent.get("logger"):
-        return None
-    stream = None
-    if parent and not parent.get("nodaemon") and parent.get("logfile") != "-":
-        from twisted.python.logfile import LogFile
-
-        stream = LogFile.fromFullPath(parent.get("logfile") or "twistd.log")
-    return make_observer(stream, options["log_format"], options["log_level"])
-
-
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -186,7 +169,7 @@ def makeService(options, reactor=None):
         inactive_request_timeout=options["inactive_request_timeout"],
         inactive_backend_timeout=options["inactive_backend_timeout"],
         max_request_body=options["max_request_body"],
-        log_observer=log_observer_for(options),
+        log_observer=twistd_log_observer(options),
         policy=options["policy"],
         max_pending_per_backend=options["max_pending_per_backend"],
         max_backends=options["max_backends"],

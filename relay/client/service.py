@@ -20,8 +20,7 @@ from typing import Callable, List, Optional, Set
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, Logger
-from twisted.python.components import Componentized
+from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from relay.client.backend import Backend, BackendTarget, TrustPolicy
@@ -29,6 +28,7 @@ from relay.client.h2backend import H2Backend
 from relay.client.handler import RequestHandler
 from relay.client.relay_api import Forbidden, RelayAPI, backoff_delays, sleep
 from relay.client.upgrade import Upgrader
+from relay.logs import LogsThroughObserver
 
 log = Logger()
 
@@ -99,7 +99,7 @@ class PollLoop(Service):
             return
 
 
-class RelayClientService(MultiService):
+class RelayClientService(LogsThroughObserver, MultiService):
     """
     The whole client. When twistd runs it, it also tells twistd to log
     through our JSON (or text) observer, as the relay server does.
@@ -133,17 +133,6 @@ class RelayClientService(MultiService):
         self.fatal_error: Optional[str] = None
         for i in range(num_pending_requests):
             PollLoop(self, i).setServiceParent(self)
-
-    def setServiceParent(self, parent):
-        # twistd asks the application for an ILogObserver before it falls
-        # back to its own log file.
-        if (
-            self.log_observer is not None
-            and isinstance(parent, Componentized)
-            and parent.getComponent(ILogObserver, None) is None
-        ):
-            parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
 
     def dispatch(self, request) -> None:
         d = self.handler.handle(request)

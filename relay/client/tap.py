@@ -18,7 +18,7 @@ from twisted.python import usage
 from relay.client.backend import load_trust_root
 from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
 from relay.client.service import make_client_service
-from relay.logs import make_observer
+from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, log_format, log_level, positive_int
 
@@ -152,22 +152,6 @@ def relay_url(options) -> str:
     return "%s://%s%s" % (options["relay_scheme"], options["relay_address"], options["relay_prefix"])
 
 
-def log_observer_for(options):
-    """
-    JSON (or text) lines on stderr when in the foreground, in twistd's log
-    file when daemonized; twistd's own C{--logger} wins.
-    """
-    parent = getattr(options, "parent", None) or {}
-    if parent.get("logger"):
-        return None
-    stream = None
-    if parent and not parent.get("nodaemon") and parent.get("logfile") != "-":
-        from twisted.python.logfile import LogFile
-
-        stream = LogFile.fromFullPath(parent.get("logfile") or "twistd.log")
-    return make_observer(stream, options["log_format"], options["log_level"])
-
-
 def exit_after_stop(reactor, code: int = 1):
     """
     The Go client exits on fatal errors and its supervisor restarts it. twistd
@@ -222,7 +206,7 @@ def makeService(options, reactor=None):
         max_idle_conns_per_host=options["max_idle_conns_per_host"],
         force_http2=options["force_http2"],
         on_fatal=exit_after_stop(reactor),
-        log_observer=log_observer_for(options),
+        log_observer=twistd_log_observer(options),
         debug_logs=options["log_level"] <= LogLevel.debug,
     )
     reactor.callWhenRunning(_warn_unsupported, options)
