@@ -24,7 +24,8 @@ The policy is pure logic over an injected L{IReactorTime}, so that it can be
 pinned down with L{twisted.internet.task.Clock}.
 """
 
-from typing import Callable, Iterable, Optional, Tuple
+from collections import deque
+from typing import Callable, Deque, Iterable, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -72,7 +73,11 @@ class Chunker:
         self._flush_delay = flush_delay
         self._keepalive_interval = keepalive_interval
         self._started = clock.seconds() if started is None else started
-        self._buffer = bytearray()
+        # The body read but not yet sent, as the pieces the backend gave:
+        # joined once per message (appending to one bytearray costs a copy
+        # of all of it per read on PyPy).
+        self._pieces: Deque[bytes] = deque()
+        self._size = 0
         # With the body's length known, a full piece that is also the end
         # waits for finish() (which follows at once) and goes out as one
         # final message instead of a piece and an empty eof: a POST saved
@@ -108,9 +113,10 @@ class Chunker:
     def write(self, data: bytes) -> None:
         if self._stopped or self._eof or not data:
             return
-        if not self._buffer and self._flush_call is None and not self._flush_due:
+        if not self._size and self._flush_call is None and not self._flush_due:
             self._schedule_flush()
-        self._buffer += data
+        self._pieces.append(data)
+        self._size += len(data)
         self._received += len(data)
         self._pump()
 
@@ -133,32 +139,50 @@ class Chunker:
             return
         if self._sending is not None:
             # One message in flight; gather at most one more piece.
-            if len(self._buffer) >= self._max:
+            if self._size >= self._max:
                 self._pause()
             return
-        if self._eof and len(self._buffer) <= self._max:
+        if self._eof and self._size <= self._max:
             self._emit(final=True)
-        elif (len(self._buffer) >= self._max and not self._at_end()) or (
-            self._flush_due and (self._buffer or self._header_pending)
+        elif (self._size >= self._max and not self._at_end()) or (
+            self._flush_due and (self._size or self._header_pending)
         ):
             self._emit(final=False)
         else:
             self._flush_due = False
             self._resume()
 
+    def _take(self, limit: int) -> bytes:
+        """Up to C{limit} bytes from the front of what is waiting."""
+        pieces = self._pieces
+        if len(pieces) == 1 and self._size <= limit:
+            self._size = 0
+            return pieces.popleft()
+        out = []
+        room = limit
+        while pieces and room > 0:
+            piece = pieces.popleft()
+            if len(piece) > room:
+                pieces.appendleft(piece[room:])
+                piece = piece[:room]
+            out.append(piece)
+            room -= len(piece)
+        data = b"".join(out)
+        self._size -= len(data)
+        return data
+
     def _at_end(self) -> bool:
         """All the body the backend announced is here, and fits one message."""
         return (
             self._expected is not None
             and self._received >= self._expected
-            and len(self._buffer) <= self._max
+            and self._size <= self._max
         )
 
     def _emit(self, final: bool) -> None:
         message = self._message
         self._message = HttpResponse(id=self._id)
-        piece = bytes(self._buffer[: self._max])
-        del self._buffer[: len(piece)]
+        piece = self._take(self._max)
         if piece:
             message.body = piece
         if final:
@@ -168,7 +192,7 @@ class Chunker:
             elapsed = self._clock.seconds() - self._started
             message.backend_duration_ms = int(max(0.0, elapsed) * 1000 + 1e-6)
         self._header_pending = False
-        if self._buffer:
+        if self._size:
             if not self._flush_due and self._flush_call is None:
                 self._schedule_flush()
         else:
@@ -195,7 +219,7 @@ class Chunker:
             return
         self._schedule_keepalive()
         self._pump()
-        if self._sending is None and len(self._buffer) < self._max:
+        if self._sending is None and self._size < self._max:
             self._resume()
 
     def _failed(self, failure: Failure) -> None:
@@ -240,7 +264,7 @@ class Chunker:
         self._keepalive_call = None
         if self._stopped or self._sending is not None:
             return
-        if self._buffer or self._header_pending or self._eof:
+        if self._size or self._header_pending or self._eof:
             # Something real is about to go; it is the sign of life.
             self._pump()
             return
