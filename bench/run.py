@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import re
 import resource
 import shlex

@@ -32,7 +32,7 @@ from relay.broker import (
 from relay.durations import format_duration
 from relay.headers import HOP_BY_HOP, go_canonical, sanitize_value, valid_name
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from relay.proto.http_relay_pb2 import HttpHeader, HttpRequest, HttpResponse
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.tunnel import Tunnel
 
 log = Logger()

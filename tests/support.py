@@ -6,7 +6,6 @@ library would hide what we need to see (slow reading, aborted connections,
 101 pipes).
 """
 
-import os
 import re
 import socket
 from typing import List, Optional, Tuple
@@ -165,6 +164,26 @@ def dechunk(body: bytes) -> Tuple[bytes, List[bytes], bool]:
             return b"".join(out), [], False
         out.append(rest[:size])
         rest = rest[size + 2 :]
+
+
+def tick(seconds: float = 0.005) -> defer.Deferred:
+    """Let the real reactor run for a moment."""
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def until(condition, timeout: float = 10.0):
+    """
+    Wait on the real reactor for state we have no Deferred for (what a
+    server holds after bytes crossed a socket); fail after C{timeout}.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached in time")
+        yield tick()
 
 
 def rss_peak_kib(pid: int) -> int:

@@ -17,6 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import FakeRelayClient, RelayServer, raw_connect
+from tests.support import tick as _tick
 from tests.test_server import ServerTestCase
 
 
@@ -333,9 +334,3 @@ class RelayedHeaderTests(ServerTestCase):
         self.assertIn(("Upgrade", "websocket"), headers)
         proto.transport.loseConnection()
         yield proto.ended
-
-
-def _tick(seconds=0.005):
-    from twisted.internet.task import deferLater
-
-    return deferLater(reactor, seconds, lambda: None)

@@ -26,6 +26,7 @@ from relay.client.service import make_client_service
 from relay.auth import AccessPolicy, ClientTokens
 from relay.metrics import RelayMetrics
 from relay.service import make_server_service
+from tests.support import until
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -443,14 +444,8 @@ class EndToEnd(unittest.TestCase):
         self.addCleanup(client.stopService)
         return client
 
-    @defer.inlineCallbacks
     def until(self, condition, timeout=10.0):
-        """Wait for a state change we cannot get a Deferred for."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached in time")
-            yield deferLater(reactor, 0.005, lambda: None)
+        return until(condition, timeout)
 
     def url(self, path):
         return self.relay.base + "/client/" + NAME + path
@@ -707,7 +702,7 @@ class RelayTokens(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_refused_token_is_fatal(self):
-        client = self.start_client("wrong")
+        self.start_client("wrong")
         yield EndToEnd.until(self, lambda: self.fatal)
         self.assertIn("failed to authenticate", self.fatal[0])
         self.assertFalse(self.relay.polled_by(NAME))

@@ -5,10 +5,9 @@ relay server answers over a real loopback socket; the client's timers run on
 a L{Clock} so that back-off delays can be read off exactly.
 """
 
-import time
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -17,6 +16,7 @@ from relay.client.relay_api import Forbidden, PermanentRelayError, RelayAPI, Rel
 from relay.client.service import make_client_service
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.test_client_e2e import temp_file
+from tests.support import until
 
 
 class ScriptedRelay(resource.Resource):
@@ -59,13 +59,8 @@ class RelayCallsTests(unittest.TestCase):
         self.base = "http://127.0.0.1:%d" % (self.port.getHost().port,)
         self.clock = Clock()
 
-    @defer.inlineCallbacks
     def until(self, condition, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached in time")
-            yield deferLater(reactor, 0.005, lambda: None)
+        return until(condition, timeout)
 
     def polls(self):
         return [c for c in self.relay.calls if c[0] == b"/server/request"]

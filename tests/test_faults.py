@@ -3,16 +3,16 @@ Faults with real processes: a relay-client killed in the middle of a
 100 MiB transfer, and a relay server restarted under load.
 """
 
-import signal
 
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from tests.process import TwistdProcess
-from tests.support import RelayServer, free_port
+from tests.support import RelayServer, free_port, until
+from tests.support import tick as _tick
 from tests.test_client_e2e import Backend
 
 MiB = 1024 * 1024
@@ -61,10 +61,6 @@ class Body(protocol.Protocol):
         self.ended.callback(None)
 
 
-def _tick(seconds=0.01):
-    return deferLater(reactor, seconds, lambda: None)
-
-
 class FaultTests(unittest.TestCase):
     timeout = 90
 
@@ -73,13 +69,8 @@ class FaultTests(unittest.TestCase):
         self.addCleanup(self.backend.stop)
         self.users = HTTPConnectionPool(reactor, persistent=False)
 
-    @defer.inlineCallbacks
     def until(self, condition, timeout=20.0):
-        deadline = reactor.seconds() + timeout
-        while not condition():
-            if reactor.seconds() > deadline:
-                raise AssertionError("condition not reached in time")
-            yield _tick()
+        return until(condition, timeout)
 
     def test_relay_client_killed_mid_transfer_is_an_error_for_the_user(self):
         """100 MiB with a Content-Length: the user sees an error, not a short success."""

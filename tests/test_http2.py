@@ -19,7 +19,7 @@ from relay.h2 import offer_h2_over_tls
 from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.service import make_server_service
-from tests.support import FakeRelayClient, RelayServer, head_and_body, raw_connect
+from tests.support import RelayServer, raw_connect
 from tests.test_server import ServerTestCase
 
 

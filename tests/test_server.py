@@ -5,7 +5,6 @@ L{FakeRelayClient} plays the relay-client; the protocol's timeouts run on a
 L{Clock} the tests advance.
 """
 
-import re
 
 import treq
 from twisted.internet import defer, reactor
@@ -15,7 +14,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, STREAM_POLL_TIMEOUT
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, until
 
 GO_ERROR_HEADERS = {
     b"content-type": [b"text/plain; charset=utf-8"],
@@ -50,14 +49,8 @@ class ServerTestCase(unittest.TestCase):
         code, _ = yield poll
         self.assertEqual(code, 408)
 
-    @defer.inlineCallbacks
     def until(self, condition, timeout=5.0):
-        """Wait (on the real reactor) for server-side state to change."""
-        deadline = reactor.seconds() + timeout
-        while not condition():
-            if reactor.seconds() > deadline:
-                raise AssertionError("condition not reached in time")
-            yield deferLater(0.005)
+        return until(condition, timeout)
 
     @defer.inlineCallbacks
     def relayed(self, path, method="GET", name="robot", **kw):
@@ -68,12 +61,6 @@ class ServerTestCase(unittest.TestCase):
         code, message = yield poll
         self.assertEqual(code, 200)
         return user, message
-
-
-def deferLater(seconds):
-    from twisted.internet.task import deferLater as later
-
-    return later(reactor, seconds, lambda: None)
 
 
 class OperationsTests(ServerTestCase):

@@ -54,7 +54,6 @@ from relay.client.backend import (
     connect_error,
     split_address,
 )
-from relay.client.relay_api import describe_failure
 from relay.headers import go_canonical, valid_name
 
 log = Logger()
