@@ -18,7 +18,6 @@ the three things twisted.web lacks and a relay needs.
 """
 
 from io import BytesIO
-from urllib.parse import parse_qs
 from typing import List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
@@ -118,7 +117,8 @@ class RelayRequest(server.Request):
         self.method, self.uri = command, path
         self.clientproto = version
         self.path, question, query = path.partition(b"?")
-        self.args = parse_qs(query, 1) if question else {}
+        # twisted's parse_qs: bytes in, bytes out (urllib's chokes on %ff).
+        self.args = http.parse_qs(query, 1) if question else {}
         self.process()
 
     def add_trailer(self, name: str, value: str) -> None:

@@ -83,6 +83,20 @@ class BadInputTests(ServerTestCase):
         yield self.still_works(user, message)
 
     @defer.inlineCallbacks
+    def test_percent_encoded_garbage_in_query(self):
+        """Found by the fuzz tests: invalid UTF-8 in a query must not crash."""
+        user, message = yield self.in_flight()
+        poll = treq.get(self.server.url("/server/request?server=%ff%fe"), pool=self.relay_client.pool)
+        yield self.until(lambda: len(self.server.broker.backends) == 2)
+        self.clock.advance(30)
+        resp = yield poll
+        self.assertEqual(resp.code, 408)
+        yield resp.content()
+        code, body = yield self.post_raw("/server/requeststream?id=%ff", b"")
+        self.assertEqual(code, 410)
+        yield self.still_works(user, message)
+
+    @defer.inlineCallbacks
     def test_empty_backend_names(self):
         user, message = yield self.in_flight()
         resp = yield self.get("/client//x")
