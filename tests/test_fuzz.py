@@ -8,6 +8,8 @@ The server runs in memory (L{twisted.test.iosim}) on a L{Clock}, so each
 example is fast and deterministic.
 """
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -21,6 +23,16 @@ from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.resources import RootResource
 from relay.site import RelaySite
+
+# The default profile replays the same examples every run, so that CI is
+# deterministic; HYPOTHESIS_PROFILE=explore searches afresh and far longer.
+settings.register_profile(
+    "default", max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "explore", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # What the server may answer, by endpoint family; 500 only for the
 # documented "Received no header from relay client".
@@ -113,7 +125,6 @@ class FuzzTests(unittest.TestCase):
         head += "Content-Length: %d\r\n\r\n" % len(body)
         return head.encode("latin-1") + body
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(methods, paths, queries, headers, st.binary(max_size=200), st.booleans())
     def test_any_request_any_endpoint(self, method, path, query, hdrs, body, known):
         if known:
@@ -131,7 +142,6 @@ class FuzzTests(unittest.TestCase):
         pump.flush()
         self.settle([pump])
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.data())
     def test_mutated_responses_to_a_live_request(self, data):
         poll = self.broker.get_request("robot")
