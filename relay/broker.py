@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.metrics import RelayMetrics, clean_path
+from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()
@@ -443,7 +443,7 @@ class Broker:
         while request_id in self.requests:
             request_id = self._new_id(backend)
         message.id = request_id
-        path = clean_path(_url_path(message.url))
+        path = self.metrics.path_label(backend, _url_path(message.url))
         pending = PendingRequest(self, request_id, backend, message, sink, path)
         self.requests[request_id] = pending
         b.active.add(request_id)

@@ -40,8 +40,15 @@ class RelayMetrics:
     state.
     """
 
+    # Distinct request_path values kept per backend. Paths come from users,
+    # and every new one adds series to five metrics: past this many, further
+    # paths of that backend are counted under "OTHER", so that nobody can
+    # grow the server's memory by requesting random URLs.
+    max_paths_per_backend = 1000
+
     def __init__(self, registry: CollectorRegistry = None, process: bool = True):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._paths = {}
         r = self.registry
         three = ["method", "backend", "request_path"]
         self.requests = _Children(Counter, "broker_requests", "Number of requests to the broker", three, r)
@@ -79,8 +86,19 @@ class RelayMetrics:
         """
         self.registry.register(_BrokerState(broker))
 
+    def path_label(self, backend: str, path: str) -> str:
+        """The C{request_path} label for a request: cleaned, and bounded per backend."""
+        label = clean_path(path)
+        seen = self._paths.setdefault(backend, set())
+        if label not in seen:
+            if len(seen) >= self.max_paths_per_backend:
+                return "OTHER"
+            seen.add(label)
+        return label
+
     def forget_backend(self, backend: str) -> None:
         """Drop every series of a backend the broker has forgotten."""
+        self._paths.pop(backend, None)
         for metric in (
             self.requests,
             self.responses,

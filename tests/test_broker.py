@@ -3,6 +3,8 @@ The broker's rules, with time driven by a Clock: pickup, polls, timeouts,
 back-pressure, cancellation and reaping.
 """
 
+import re
+
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -335,3 +337,22 @@ class FailingSinkTests(unittest.TestCase):
         self.assertEqual(len(sink.failures), 1)
         self.assertEqual(broker.requests, {})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class MetricCardinalityTests(unittest.TestCase):
+    def test_request_paths_per_backend_are_bounded(self):
+        metrics = RelayMetrics(process=False)
+        metrics.max_paths_per_backend = 3
+        broker = Broker(Clock(), metrics)
+        d = broker.get_request("robot")
+        d.cancel()
+        self.failureResultOf(d)
+        for i in range(10):
+            broker.relay("robot", HttpRequest(method="GET", url="http://invalid/page-%s" % "abcdefghij"[i]), Sink())
+        text = metrics.render().decode()
+        paths = set(re.findall(r'broker_requests\{backend="robot",method="client",request_path="([^"]*)"\}', text))
+        self.assertEqual(paths, {"/page-a", "/page-b", "/page-c", "OTHER"})
+        # Past the budget a new path, even a cleaned one, counts as OTHER;
+        # paths already seen keep their own label.
+        self.assertEqual(metrics.path_label("robot", "/items/123456"), "OTHER")
+        self.assertEqual(metrics.path_label("robot", "/page-a"), "/page-a")
