@@ -148,6 +148,28 @@ class ResponseSink:
         raise NotImplementedError
 
 
+class BodyBudget:
+    """
+    Bytes of request bodies the server holds at once, across all requests:
+    from their first byte until a relay-client picks them up (or the request
+    ends). Each body is capped by --max_request_body; this caps their sum, so
+    that many large uploads at once cannot exhaust memory.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
 class StreamQueue:
     """
     Bytes a user-client sent after a 101, waiting for the relay-client's
@@ -283,6 +305,9 @@ class PendingRequest:
         self._paused = False
         self._draining = False
         self.stream: Optional[StreamQueue] = None
+        # Bytes of the body charged to the broker's BodyBudget, given back
+        # once the message has been handed over (or dropped).
+        self.charge = 0
 
     # IPushProducer, driven by the user-client's connection.
 
@@ -306,6 +331,12 @@ class PendingRequest:
             size = self.broker.block_size
             self.stream = StreamQueue(self.broker.clock, size, high_water=max(4 * size, 65536))
         return self.stream
+
+    def _release_body(self) -> None:
+        self.message = None
+        if self.charge:
+            self.broker.bodies.give(self.charge)
+            self.charge = 0
 
     def _post(self, message: HttpResponse) -> Deferred:
         def withdraw(d: Deferred) -> None:
@@ -356,7 +387,7 @@ class PendingRequest:
         if self._pickup_timer is not None and self._pickup_timer.active():
             self._pickup_timer.cancel()
         self._pickup_timer = None
-        self.message = None
+        self._release_body()
         inbox, self._inbox = self._inbox, deque()
         for _, d in inbox:
             d.errback(UnknownRequest(self.id))
@@ -404,6 +435,7 @@ class Broker:
         max_pending_per_backend: int = 1000,
         max_backends: int = 100000,
         block_size: int = 10240,
+        max_buffered_bodies: int = 1024 * 1024 * 1024,
     ):
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
@@ -413,6 +445,7 @@ class Broker:
         self.max_pending_per_backend = max_pending_per_backend
         self.max_backends = max_backends
         self.block_size = block_size
+        self.bodies = BodyBudget(max_buffered_bodies)
         # Per-request debug lines cost even when filtered out: only build
         # them when debug logging is on.
         self.trace = False
@@ -422,7 +455,7 @@ class Broker:
 
     # The user-client's side.
 
-    def relay(self, backend: str, message: HttpRequest, sink: ResponseSink) -> PendingRequest:
+    def relay(self, backend: str, message: HttpRequest, sink: ResponseSink, charge: int = 0) -> PendingRequest:
         """
         Hand C{message} (its id is set here) to a poll of C{backend}, now or
         within L{PICKUP_TIMEOUT}; answers go to C{sink}.
@@ -445,6 +478,8 @@ class Broker:
         message.id = request_id
         path = self.metrics.path_label(backend, _url_path(message.url))
         pending = PendingRequest(self, request_id, backend, message, sink, path)
+        # From here the body's share of the budget is the pending request's.
+        pending.charge = charge
         self.requests[request_id] = pending
         b.active.add(request_id)
         if self.trace:
@@ -471,7 +506,8 @@ class Broker:
         if pending._pickup_timer is not None:
             pending._pickup_timer.cancel()
             pending._pickup_timer = None
-        message, pending.message = pending.message, None
+        message = pending.message
+        pending._release_body()
         pending.picked_up = True
         pending.last_activity = self.clock.seconds()
         b.last_activity = pending.last_activity

@@ -291,18 +291,23 @@ class ClientResource(Resource):
             method=request.method.decode("latin-1"),
             host=(request.requestHeaders.getRawHeaders(b"host") or [b""])[0].decode("latin-1"),
             url=_backend_url(backend_path, request.uri),
-            body=request.content.getvalue() if request.content is not None else b"",
         )
+        body, charge = request.take_body()
+        message.body = body
+        del body
         _relayed_headers(request, message.header)
 
         response = UserResponse(self.broker, request)
         try:
-            response.pending = self.broker.relay(backend, message, response)
+            response.pending = self.broker.relay(backend, message, response, charge)
         except UnknownBackend as e:
+            self.broker.bodies.give(charge)
             return _plain(request, 503, str(e))
         except Overloaded as e:
+            self.broker.bodies.give(charge)
             return _overloaded(request, e)
         except BrokerError as e:
+            self.broker.bodies.give(charge)
             return http_error(request, 503, str(e))
         request.registerProducer(response.pending, True)
         _on_disconnect(request, response.user_gone)

@@ -163,6 +163,7 @@ def make_server_service(
     max_header_bytes: int = 65536,
     header_timeout: Optional[float] = 30.0,
     debug_logs: bool = False,
+    max_buffered_bodies: int = 1024 * 1024 * 1024,
 ) -> RelayServerService:
     """
     The relay server on C{endpoint}. C{clock} (the reactor by default)
@@ -179,6 +180,7 @@ def make_server_service(
         max_pending_per_backend=max_pending_per_backend,
         max_backends=max_backends,
         block_size=block_size,
+        max_buffered_bodies=max_buffered_bodies,
     )
     broker.trace = debug_logs
     metrics.watch(broker)
@@ -191,6 +193,7 @@ def make_server_service(
         header_timeout=header_timeout,
         reactor=reactor,
     )
+    site.body_budget = broker.bodies
     service = RelayServerService(broker, site, log_observer)
     drain = DrainService(broker, site, reactor)
     drain.setServiceParent(service)

@@ -42,6 +42,9 @@ class RelayRequest(server.Request):
     body_too_large = False
     _body_received = 0
     _refused = False
+    # Bytes of this body charged to the site's BodyBudget and not yet handed
+    # on to a pending request.
+    _charged = 0
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -66,35 +69,72 @@ class RelayRequest(server.Request):
             self.content = BytesIO()
             self.refuse_body()
             return
+        budget = getattr(getattr(self.channel, "site", None), "body_budget", None)
+        if budget is not None:
+            if not budget.take(len(data)):
+                self.body_too_large = True
+                self.content = BytesIO()
+                self._give_back()
+                self.refuse_body(
+                    503,
+                    b"Service Unavailable",
+                    "Too many request bodies buffered at once; try again later\n",
+                )
+                return
+            self._charged += len(data)
         self.content.write(data)
 
-    def refuse_body(self) -> None:
+    def take_body(self) -> Tuple[bytes, int]:
         """
-        Answer 413 at once and close: the client may still be sending, and
-        the only way to stop it is to hang up once it has our answer. On
-        HTTP/2 only the stream is reset, after the answer.
+        The whole body, and its charge against the body budget, which the
+        caller now owns; the request keeps neither (a 100 MiB upload should
+        not stay in memory twice while its response streams).
+        """
+        body = self.content.getvalue() if self.content is not None else b""
+        self.content = BytesIO()
+        charged, self._charged = self._charged, 0
+        return body, charged
+
+    def _give_back(self) -> None:
+        if self._charged:
+            budget = getattr(getattr(self.channel, "site", None), "body_budget", None)
+            if budget is not None:
+                budget.give(self._charged)
+            self._charged = 0
+
+    def connectionLost(self, reason) -> None:
+        self._give_back()
+        super().connectionLost(reason)
+
+    def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: str = None) -> None:
+        """
+        Answer 413 (or C{code}) at once and close: the client may still be
+        sending, and the only way to stop it is to hang up once it has our
+        answer. On HTTP/2 only the stream is reset, after the answer.
         """
         if self._refused:
             return
         self._refused = True
-        body = (
-            "Request body too large: this relay accepts at most %d bytes "
-            "(--max_request_body)\n" % (self.max_body,)
-        ).encode("ascii")
+        if text is None:
+            text = (
+                "Request body too large: this relay accepts at most %d bytes "
+                "(--max_request_body)\n" % (self.max_body,)
+            )
+        body = text.encode("ascii")
         conn, stream_id = stream_connection(self)
         if conn is not None:
-            self.setResponseCode(413)
+            self.setResponseCode(code)
             self.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
             self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
             self.write(body)
             self.finish()
             return
         self.channel.transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"HTTP/1.1 %d %s\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
             b"X-Content-Type-Options: nosniff\r\n"
             b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"Content-Length: %d\r\n\r\n%s" % (code, phrase, len(body), body)
         )
         self.channel.loseConnection()
 
@@ -138,6 +178,7 @@ class RelayRequest(server.Request):
                 # The closing chunk is written: don't let the base class
                 # write another one.
                 self.chunked = False
+        self._give_back()
         super().finish()
 
 
@@ -295,6 +336,8 @@ class RelaySite(server.Site):
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
+        # Set by the service: the broker's budget for buffered bodies.
+        self.body_budget = None
         self.connections: Set[RelayChannel] = set()
         self._all_closed: List[Deferred] = []
 

@@ -67,6 +67,14 @@ class Options(GoFlagOptions):
             positive_int,
         ],
         [
+            "max_buffered_bodies",
+            None,
+            1024 * 1024 * 1024,
+            "Bytes of request bodies held at once across all requests (bodies wait "
+            "whole until a relay-client picks them up); beyond it new uploads get 503.",
+            positive_int,
+        ],
+        [
             "client_tokens",
             None,
             None,
@@ -177,6 +185,7 @@ def makeService(options, reactor=None):
         max_header_bytes=options["max_header_bytes"],
         header_timeout=options["header_timeout"],
         debug_logs=options["log_level"] <= LogLevel.debug,
+        max_buffered_bodies=options["max_buffered_bodies"],
     )
 
 

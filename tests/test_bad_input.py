@@ -274,3 +274,55 @@ class ContentLengthTests(ServerTestCase):
         self.assertIn(b"Transfer-Encoding: chunked", head)
         proto.transport.loseConnection()
         yield proto.ended
+
+
+class BodyBudgetTests(unittest.TestCase):
+    """All buffered bodies together stay under --max_buffered_bodies."""
+
+    timeout = 30
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.server = RelayServer(clock=self.clock, max_request_body=4096, max_buffered_bodies=3000)
+        self.relay_client = FakeRelayClient(self.server)
+        self.addCleanup(self.relay_client.close)
+        self.addCleanup(self.server.stop)
+
+    @defer.inlineCallbacks
+    def upload(self):
+        proto = yield raw_connect(self.server.port)
+        proto.transport.write(
+            b"POST /client/robot/up HTTP/1.1\r\nHost: r\r\nContent-Length: 2000\r\n\r\n" + b"u" * 2000
+        )
+        return proto
+
+    @defer.inlineCallbacks
+    def test_budget_refuses_then_recovers(self):
+        from tests.support import until
+
+        d = self.server.broker.get_request("robot")
+        d.cancel()
+        d.addErrback(lambda f: None)
+        first = yield self.upload()  # waits for a relay-client: its body is held
+        yield until(lambda: self.server.broker.requests)
+        self.assertEqual(self.server.broker.bodies.used, 2000)
+        second = yield self.upload()
+        yield second.ended
+        self.assertTrue(bytes(second.data).startswith(b"HTTP/1.1 503 "), second.data)
+        self.assertIn(b"Too many request bodies buffered", second.data)
+        # Once picked up, the first body no longer counts.
+        code, message = yield self.relay_client.poll("robot")
+        self.assertEqual(message.body, b"u" * 2000)
+        self.assertEqual(self.server.broker.bodies.used, 0)
+        third = yield self.upload()
+        yield until(lambda: len(self.server.broker.requests) == 2)
+        self.assertEqual(self.server.broker.bodies.used, 2000)
+        yield self.relay_client.respond(message.id, 200, b"done")
+        yield first.wait_for(b"done")
+        for proto in (first, third):
+            proto.transport.loseConnection()
+            yield proto.ended
+        yield until(lambda: not self.server.broker.requests)
+        self.assertEqual(self.server.broker.bodies.used, 0)

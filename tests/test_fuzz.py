@@ -89,6 +89,7 @@ class FuzzTests(unittest.TestCase):
         self.broker = Broker(self.clock, RelayMetrics(process=False), block_size=64)
         root = RootResource(self.broker, lambda: b"")
         self.site = RelaySite(root, max_request_body=4096, header_timeout=None, reactor=self.clock)
+        self.site.body_budget = self.broker.bodies
 
     def exchange(self, raw: bytes):
         server = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -114,6 +115,7 @@ class FuzzTests(unittest.TestCase):
                 pump.flush()
         self.assertEqual(self.broker.requests, {})
         for backend in self.broker.backends.values():
+            self.assertEqual(backend.active, set())
             self.assertEqual(list(backend.queue), [])
             self.assertEqual(list(backend.polls), [])
             self.assertEqual(backend.active, set())
@@ -141,6 +143,7 @@ class FuzzTests(unittest.TestCase):
         server.transport.loseConnection()
         pump.flush()
         self.settle([pump])
+        self.assertEqual(self.broker.bodies.used, 0)
 
     @given(st.data())
     def test_mutated_responses_to_a_live_request(self, data):
