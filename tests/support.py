@@ -186,6 +186,25 @@ def until(condition, timeout: float = 10.0):
         yield tick()
 
 
+@defer.inlineCallbacks
+def stalled(progress, quiet: float = 0.5, timeout: float = 20.0):
+    """
+    Wait until C{progress()} (a byte count) has not moved for C{quiet}
+    seconds, and fire with where it stopped: how a test sees a sender held
+    back by flow control. Fails if it never stops within C{timeout}.
+    """
+    last, still_since = -1, reactor.seconds()
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() - still_since < quiet:
+        if reactor.seconds() > deadline:
+            raise AssertionError("the sender never stalled")
+        now = progress()
+        if now != last:
+            last, still_since = now, reactor.seconds()
+        yield tick(0.05)
+    return last
+
+
 def rss_peak_kib(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))

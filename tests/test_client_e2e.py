@@ -17,7 +17,6 @@ import time
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web import http, resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -26,7 +25,7 @@ from relay.client.service import make_client_service
 from relay.auth import AccessPolicy, ClientTokens
 from relay.metrics import RelayMetrics
 from relay.service import make_server_service
-from tests.support import until
+from tests.support import stalled, until
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -616,13 +615,7 @@ class EndToEnd(unittest.TestCase):
         yield user.read_until(lambda d: b"ffff" in d)
         user.transport.pauseProducing()
         # Wait for the backend to stall: no progress for half a second.
-        last, still_since = -1, time.monotonic()
-        deadline = time.monotonic() + 20
-        while time.monotonic() - still_since < 0.5:
-            self.assertLess(time.monotonic(), deadline, "the backend never stalled")
-            if self.backend.firehose_bytes != last:
-                last, still_since = self.backend.firehose_bytes, time.monotonic()
-            yield deferLater(reactor, 0.05, lambda: None)
+        last = yield stalled(lambda: self.backend.firehose_bytes, timeout=20)
         self.assertLess(self.backend.firehose_bytes, 64 * 1024 * 1024)
         # Reading again lets it go on.
         user.transport.resumeProducing()

@@ -17,7 +17,6 @@ import time
 import treq
 from twisted.internet import defer, reactor, ssl, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, serverFromString
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web import server
@@ -32,7 +31,7 @@ from relay.proto.http_relay_pb2 import HttpRequest
 from relay.service import make_server_service
 from relay.site import RelaySite
 from tests import test_client_e2e as e2e
-from tests.support import dechunk, head_and_body
+from tests.support import dechunk, head_and_body, stalled
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
 from tests.test_client_tls import make_ca_and_server_cert
 from tests.test_http2 import H2Client
@@ -230,21 +229,15 @@ class H2EndToEnd(unittest.TestCase):
         user.transport.pauseProducing()
         (stream,) = self.client.pools[-1]._connection.streams.values()
 
-        def stalled():
+        def held_by_us():
             # We hold the window shut (paused, not acknowledging) and the
             # backend has used all of it up.
             return stream.paused and stream.unacknowledged > 0 and self.backend_window(request) == 0
 
         # Wait for the backend to stall: no progress for half a second.
-        stalled_at, still_since = -1, time.monotonic()
-        deadline = time.monotonic() + 30
-        while time.monotonic() - still_since < 0.5:
-            self.assertLess(time.monotonic(), deadline, "the backend never stalled")
-            if self.backend.firehose_bytes != stalled_at:
-                stalled_at, still_since = self.backend.firehose_bytes, time.monotonic()
-            yield deferLater(reactor, 0.05, lambda: None)
+        stalled_at = yield stalled(lambda: self.backend.firehose_bytes, timeout=30)
         # It stalled because its window is shut, and shut by us.
-        self.assertTrue(stalled(), (stream.paused, stream.unacknowledged, self.backend_window(request)))
+        self.assertTrue(held_by_us(), (stream.paused, stream.unacknowledged, self.backend_window(request)))
         # What the user's socket buffers, the relay server, our chunker and
         # one stream window hold together.
         self.assertLess(stalled_at, 64 * 1024 * 1024)

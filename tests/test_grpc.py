@@ -13,7 +13,6 @@ lookups (127.0.0.1 too) that the relay client's connections wait for.
 import hashlib
 import os
 import threading
-import time
 from concurrent import futures
 
 from twisted.internet import defer, reactor, threads
@@ -25,6 +24,7 @@ from relay.client.service import make_client_service
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, Relay
 from tests.test_client_twistd import spawn
+from tests.support import stalled
 
 try:
     import grpc
@@ -283,13 +283,7 @@ class GrpcThroughRelay(unittest.TestCase):
         self.assertEqual(first, b"f" * 65536)
         # The user reads no more. Wait for the backend to stall: no progress
         # for half a second.
-        stalled_at, still_since = -1, time.monotonic()
-        deadline = time.monotonic() + 15
-        while time.monotonic() - still_since < 0.5:
-            self.assertLess(time.monotonic(), deadline, "the backend never stalled")
-            if self.backend.firehose_bytes != stalled_at:
-                stalled_at, still_since = self.backend.firehose_bytes, time.monotonic()
-            yield deferLater(reactor, 0.05, lambda: None)
+        stalled_at = yield stalled(lambda: self.backend.firehose_bytes, timeout=15)
         self.assertLess(stalled_at, 64 * 1024 * 1024)
         # Stalled by us: the stream is paused, holding back its window.
         (stream,) = self.client.pools[-1]._connection.streams.values()
