@@ -130,11 +130,12 @@ class ResponseSink:
     implemented by the HTTP layer. Documented here as the contract.
     """
 
-    def deliver(self, message: HttpResponse) -> None:
+    def deliver(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
         """
         Take one response message, in order. Called only while the sink's
         producer is not paused. After a message with C{eof}, nothing more
-        comes.
+        comes. C{body}, when given, is the message's body as pieces, kept
+        out of C{message} (see L{relay.wire.parse_pieces}).
         """
         raise NotImplementedError
 
@@ -301,7 +302,7 @@ class PendingRequest:
         self.eof_received = False
         self.finished = False
         self._pickup_timer: Optional[IDelayedCall] = None
-        self._inbox: Deque[Tuple[HttpResponse, Deferred]] = deque()
+        self._inbox: Deque[Tuple[HttpResponse, Deferred, Optional[List[bytes]]]] = deque()
         self._paused = False
         self._draining = False
         self.stream: Optional[StreamQueue] = None
@@ -338,7 +339,7 @@ class PendingRequest:
             self.broker.bodies.give(self.charge)
             self.charge = 0
 
-    def _post(self, message: HttpResponse) -> Deferred:
+    def _post(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> Deferred:
         def withdraw(d: Deferred) -> None:
             # The relay-client gave up on this POST (and will retry it):
             # a message not yet handed on must not be handed on twice.
@@ -350,7 +351,7 @@ class PendingRequest:
                     return
 
         d = Deferred(withdraw)
-        self._inbox.append((message, d))
+        self._inbox.append((message, d, body))
         self._drain()
         return d
 
@@ -362,12 +363,12 @@ class PendingRequest:
         self._draining = True
         try:
             while self._inbox and not self._paused and not self.finished:
-                message, d = self._inbox.popleft()
+                message, d, body = self._inbox.popleft()
                 self.started = True
                 if message.eof:
                     self.finished = True
                 try:
-                    self.sink.deliver(message)
+                    self.sink.deliver(message, body)
                 except Exception:
                     # A bug, not bad input: answer the POST with an error,
                     # end the user's response honestly, keep serving others.
@@ -389,7 +390,7 @@ class PendingRequest:
         self._pickup_timer = None
         self._release_body()
         inbox, self._inbox = self._inbox, deque()
-        for _, d in inbox:
+        for _, d, _ in inbox:
             d.errback(UnknownRequest(self.id))
         if self.stream is not None:
             self.stream.close()
@@ -580,7 +581,7 @@ class Broker:
         self.metrics.responses.labels("server_request", "timeout", b.name, "/server/request").inc()
         d.callback(None)
 
-    def send_response(self, message: HttpResponse) -> Deferred:
+    def send_response(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> Deferred:
         """
         Hand one response message on towards its user-client. The result
         fires once it was written there (which waits while the user-client
@@ -613,7 +614,7 @@ class Broker:
                 log.debug(
                     "Delivered final response to client",
                     ID=request_id,
-                    Bytes=len(message.body),
+                    Bytes=_body_size(message, body),
                     Elapsed=elapsed,
                     BackendDuration=backend_duration,
                 )
@@ -621,11 +622,11 @@ class Broker:
             log.debug(
                 "Delivered response to client",
                 ID=request_id,
-                Bytes=len(message.body),
+                Bytes=_body_size(message, body),
                 Elapsed=elapsed,
             )
         self.metrics.responses.labels("server_response", "ok", pending.backend, pending.path).inc()
-        return pending._post(message)
+        return pending._post(message, body)
 
     def reject(self, pending: PendingRequest) -> None:
         """
@@ -697,3 +698,7 @@ def _url_path(url: str) -> str:
     if slash < 0:
         return "/"
     return rest[slash:].split("?", 1)[0]
+
+
+def _body_size(message: HttpResponse, body: Optional[List[bytes]]) -> int:
+    return len(message.body) if body is None else sum(map(len, body))

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from relay import wire
 from relay.auth import AccessPolicy
 from relay.broker import (
     Broker,
@@ -169,12 +170,12 @@ class ServerResource(Resource):
         request.responseHeaders.setRawHeaders(b"content-type", [REQUEST_CONTENT_TYPE])
         if self.broker.trace:
             log.debug("Relay client accepted request", ID=message.id)
-        return message.SerializeToString()
+        return wire.serialize(message, "body")
 
     def response(self, request):
         message = HttpResponse()
         try:
-            message.ParseFromString(request.content.getvalue())
+            body = wire.parse_pieces(message, request.content.pieces(), "body")
         except Exception:
             return http_error(request, 400, "proto: cannot parse invalid wire-format data")
         if not message.HasField("id"):
@@ -186,7 +187,7 @@ class ServerResource(Resource):
         if not self.policy.relay_client_allowed(request, name):
             return self._forbidden(request, name)
         try:
-            d = self.broker.send_response(message)
+            d = self.broker.send_response(message, body)
         except UnknownRequest as e:
             return http_error(request, 400, str(e))
         return _answer_when(request, d, self._answered, self._refused)
@@ -242,8 +243,13 @@ def _answer_when(request, d, on_result, on_failure=None):
             body = on_result(request, outcome)
         if request._disconnected:
             return None
-        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        request.write(body)
+        if isinstance(body, list):
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % sum(map(len, body))])
+            for piece in body:
+                request.write(piece)
+        else:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            request.write(body)
         request.finish()
         return None
 
@@ -399,25 +405,28 @@ class UserResponse:
         if self.pending is not None:
             self.broker.cancel(self.pending)
 
-    def deliver(self, message: HttpResponse) -> None:
+    def deliver(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
         if self.done:
             return
         if not self.started:
             if not self._start(message):
                 return
-        body = message.body
-        if body:
-            if self.expected is not None and self.bytes + len(body) > self.expected:
+        for piece in (message.body,) if body is None else body:
+            overflow = self.expected is not None and self.bytes + len(piece) > self.expected
+            if overflow:
                 # More than declared would be read as the start of another
                 # response on a keep-alive connection: never write it (Go's
                 # ResponseWriter refuses it too).
                 log.warn("Dropping body bytes beyond Content-Length", ID=self.pending.id)
-                body = body[: self.expected - self.bytes]
-            self.bytes += len(body)
-            if self.tunnel is not None:
-                self.tunnel.write(body)
-            elif body:
-                self.request.write(body)
+                piece = piece[: self.expected - self.bytes]
+            if piece:
+                self.bytes += len(piece)
+                if self.tunnel is not None:
+                    self.tunnel.write(piece)
+                else:
+                    self.request.write(piece)
+            if overflow:
+                break
         for h in message.trailer:
             self.request.add_trailer(_text(h.name), _text(h.value))
         if message.eof:

@@ -17,15 +17,16 @@ the three things twisted.web lacks and a relay needs.
     and pass on any bytes it had already read.
 """
 
-from io import BytesIO
 from typing import List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
 
+from relay.bodybuffer import BodyBuffer
 from relay.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.headers import sanitize_value, valid_name
+from relay.transport_tuning import tune
 
 DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
 
@@ -56,7 +57,7 @@ class RelayRequest(server.Request):
         return getattr(site, "max_request_body", DEFAULT_MAX_REQUEST_BODY)
 
     def gotLength(self, length: Optional[int]) -> None:
-        self.content = BytesIO()
+        self.content = BodyBuffer()
         if length is not None and length > self.max_body:
             self.body_too_large = True
 
@@ -66,14 +67,14 @@ class RelayRequest(server.Request):
         self._body_received += len(data)
         if self._body_received > self.max_body:
             self.body_too_large = True
-            self.content = BytesIO()
+            self.content = BodyBuffer()
             self.refuse_body()
             return
         budget = getattr(getattr(self.channel, "site", None), "body_budget", None)
         if budget is not None:
             if not budget.take(len(data)):
                 self.body_too_large = True
-                self.content = BytesIO()
+                self.content = BodyBuffer()
                 self._give_back()
                 self.refuse_body(
                     503,
@@ -91,7 +92,7 @@ class RelayRequest(server.Request):
         not stay in memory twice while its response streams).
         """
         body = self.content.getvalue() if self.content is not None else b""
-        self.content = BytesIO()
+        self.content = BodyBuffer()
         charged, self._charged = self._charged, 0
         return body, charged
 
@@ -258,6 +259,7 @@ class RelayChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         self.maxHeaders = self.site.max_headers
         self.totalHeadersSize = self.site.max_header_bytes
+        tune(self.transport)
         super().connectionMade()
         self.site.connections.add(self)
         self._arm_header_timer()

@@ -33,7 +33,9 @@ class Sink:
         self.pending = None
         self.pause_after_write = False
 
-    def deliver(self, message):
+    def deliver(self, message, body=None):
+        if body is not None:
+            message.body = b"".join(body)
         self.messages.append(message)
         if self.pause_after_write:
             self.pending.pauseProducing()
@@ -325,7 +327,7 @@ class FailingSinkTests(unittest.TestCase):
         broker = Broker(clock, RelayMetrics(process=False))
 
         class Broken(Sink):
-            def deliver(self, message):
+            def deliver(self, message, body=None):
                 raise RuntimeError("bug")
 
         poll = broker.get_request("robot")

@@ -15,6 +15,15 @@ from relay.client.chunker import Chunker
 from relay.proto.http_relay_pb2 import HttpResponse
 
 
+def as_posted(message: HttpResponse, body) -> HttpResponse:
+    """The message as the relay server gets it: the chunker hands the body over as pieces."""
+    copy = HttpResponse()
+    copy.CopyFrom(message)
+    if body is not None:
+        copy.body = b"".join(body)
+    return copy
+
+
 class FakeRelay:
     """Records posted messages; each post stays pending until answered."""
 
@@ -25,10 +34,8 @@ class FakeRelay:
         self.messages: List[HttpResponse] = []
         self.pending: List[Deferred] = []
 
-    def send(self, message: HttpResponse) -> Deferred:
-        copy = HttpResponse()
-        copy.CopyFrom(message)
-        self.messages.append(copy)
+    def send(self, message: HttpResponse, body=None) -> Deferred:
+        self.messages.append(as_posted(message, body))
         self.times.append(self.clock.seconds() if self.clock is not None else None)
         d: Deferred = Deferred()
         if self.auto:
@@ -253,7 +260,7 @@ class KnownLengthTests(SynchronousTestCase):
         sent = []
         chunker = Chunker(
             HttpResponse(id="r:1", status_code=200),
-            lambda m: (sent.append(m), succeed(None))[1],
+            lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
             Clock(),
             max_chunk_size=8,
             expected_length=8,
@@ -267,7 +274,7 @@ class KnownLengthTests(SynchronousTestCase):
         sent = []
         chunker = Chunker(
             HttpResponse(id="r:1", status_code=200),
-            lambda m: (sent.append(m), succeed(None))[1],
+            lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
             Clock(),
             max_chunk_size=8,
             expected_length=12,

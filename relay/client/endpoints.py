@@ -5,14 +5,34 @@ Agent's default endpoint factory builds a new HostnameEndpoint for every
 request, even when a pooled connection is then reused, and each one
 IDNA-encodes the host name again: a tenth of the client's time on small
 requests. The relay client only ever talks to one relay and one backend, so
-it keeps the few endpoints it needs.
+it keeps the few endpoints it needs, and gives their connections the
+transport sizes of L{relay.transport_tuning}.
 """
 
 from typing import Dict, Tuple
 
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+from relay.transport_tuning import tune
+
+
+@implementer(IStreamClientEndpoint)
+class TunedEndpoint:
+    """An endpoint whose connections get L{tune}d once connected."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+
+    def connect(self, factory):
+        return self.endpoint.connect(factory).addCallback(self._tune)
+
+    @staticmethod
+    def _tune(protocol):
+        tune(getattr(protocol, "transport", None))
+        return protocol
 
 
 @implementer(IAgentEndpointFactory)
@@ -38,6 +58,7 @@ class CachingEndpointFactory:
                 from twisted.web.error import SchemeNotSupported
 
                 raise SchemeNotSupported("Unsupported scheme: %r" % (uri.scheme,))
+            endpoint = TunedEndpoint(endpoint)
             if len(self._endpoints) < 64:
                 self._endpoints[key] = endpoint
         return endpoint

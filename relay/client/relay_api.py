@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from relay import wire
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()
@@ -82,14 +83,15 @@ class Forbidden(RelayError):
 
 @implementer(IBodyProducer)
 class BytesProducer:
-    """A body that is already in memory, written in one go."""
+    """A body that is already in memory (bytes, or a list of pieces), written in one go."""
 
-    def __init__(self, body: bytes):
-        self.body = body
-        self.length = len(body)
+    def __init__(self, body):
+        self.pieces = [body] if isinstance(body, bytes) else body
+        self.length = sum(map(len, self.pieces))
 
     def startProducing(self, consumer):
-        consumer.write(self.body)
+        for piece in self.pieces:
+            consumer.write(piece)
         return succeed(None)
 
     def pauseProducing(self):
@@ -209,7 +211,7 @@ class RelayAPI:
 
     # Calls.
 
-    async def _call(self, method: bytes, url: bytes, body: Optional[bytes] = None, content_type: Optional[bytes] = None):
+    async def _call(self, method: bytes, url: bytes, body=None, content_type: Optional[bytes] = None):
         headers = Headers()
         if self.token_file:
             headers.setRawHeaders(b"authorization", [b"Bearer " + read_token(self.token_file).encode("utf-8")])
@@ -252,43 +254,44 @@ class RelayAPI:
             raise RelayError("server status %s: %s" % (status_text(code), text), code)
         request = HttpRequest()
         try:
-            request.ParseFromString(body)
+            wire.parse(request, body, "body")
         except Exception as e:
             raise RelayError("failed to unmarshal request: %s. request was: %r" % (e, body[:200]))
         if not request.id:
             raise RelayError("request without id from relay server")
         return request
 
-    async def post_response_once(self, message: HttpResponse) -> None:
+    async def post_response_once(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
         try:
-            code, body = await self._call(
-                b"POST", self.response_url(), message.SerializeToString(), RESPONSE_CONTENT_TYPE
+            code, answer = await self._call(
+                b"POST", self.response_url(), wire.serialize(message, "body", body), RESPONSE_CONTENT_TYPE
             )
         except CancelledError:
             raise
         except Exception as e:
             raise RelayError("couldn't post response to relay server: %s" % (describe_failure(Failure(e)),))
         if code != 200:
-            text = "relay server responded %s: %s" % (status_text(code), body.decode("utf-8", "replace").strip())
+            text = "relay server responded %s: %s" % (status_text(code), answer.decode("utf-8", "replace").strip())
             if code == 400:
                 # The relay server restarted, or the user went away.
                 raise PermanentRelayError(text, code)
             raise RelayError(text, code)
 
-    def post_response(self, message: HttpResponse) -> Deferred:
+    def post_response(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> Deferred:
         """
-        Post one message, retrying with back-off as the Go client does.
+        Post one message (its body as C{body}'s pieces, if given), retrying
+        with back-off as the Go client does.
         Fails with the last error when a 400 makes it final or after the
         last retry.
         """
-        return Deferred.fromCoroutine(self._post_with_retry(message))
+        return Deferred.fromCoroutine(self._post_with_retry(message, body))
 
-    async def _post_with_retry(self, message: HttpResponse) -> None:
+    async def _post_with_retry(self, message: HttpResponse, body: Optional[List[bytes]]) -> None:
         delay = POST_INITIAL_BACKOFF
         retries = 0
         while True:
             try:
-                await self.post_response_once(message)
+                await self.post_response_once(message, body)
                 return
             except RelayError as e:
                 log.warn("Failed to post response to relay", ID=message.id, error=str(e))
