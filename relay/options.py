@@ -68,6 +68,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError("not a whole number: %r" % (text,))
+    if value < 0:
+        raise usage.UsageError("must not be negative: %r" % (text,))
+    return value
+
+
 def log_level(text: str):
     try:
         return parse_level(text)

@@ -50,11 +50,15 @@ class QuietPool(HTTPConnectionPool):
 
 
 class PollLoop(Service):
-    """One long poll at a time, forever."""
+    """
+    One long poll at a time, forever; or, for a burst loop, until a poll
+    comes back empty (or fails).
+    """
 
-    def __init__(self, client: "RelayClientService", number: int):
+    def __init__(self, client: "RelayClientService", number: int, burst: bool = False):
         self.client = client
         self.number = number
+        self.burst = burst
         self._running: Optional[Deferred] = None
 
     def startService(self) -> None:
@@ -71,7 +75,8 @@ class PollLoop(Service):
     async def _loop(self) -> None:
         client = self.client
         next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
-        log.info("Starting to relay server request loop", ServerName=client.api.server_name)
+        if not self.burst:
+            log.info("Starting to relay server request loop", ServerName=client.api.server_name)
         try:
             while self.running:
                 try:
@@ -82,7 +87,7 @@ class PollLoop(Service):
                 except CancelledError:
                     return
                 except Exception as e:
-                    if not self.running:
+                    if not self.running or self.burst:
                         return
                     delay = next_delay()
                     log.warn(
@@ -93,10 +98,17 @@ class PollLoop(Service):
                     await sleep(client.clock, delay)
                     continue
                 next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
-                if request is not None:
-                    client.dispatch(request)
+                if request is None:
+                    if self.burst:
+                        return
+                    continue
+                client.dispatch(request)
         except CancelledError:
             return
+        finally:
+            if self.burst:
+                self._running = None
+                client.burst_ended(self)
 
 
 class RelayClientService(LogsThroughObserver, MultiService):
@@ -119,6 +131,7 @@ class RelayClientService(LogsThroughObserver, MultiService):
         log_observer=None,
         stop_grace_period: float = STOP_GRACE_PERIOD,
         clock: Optional[IReactorTime] = None,
+        max_pending_requests: int = 0,
     ):
         super().__init__()
         self.reactor = reactor
@@ -131,14 +144,38 @@ class RelayClientService(LogsThroughObserver, MultiService):
         self.stop_grace_period = stop_grace_period
         self.in_flight: Set[Deferred] = set()
         self.fatal_error: Optional[str] = None
+        self.num_pending_requests = num_pending_requests
+        self.max_pending_requests = max(num_pending_requests, max_pending_requests)
+        self.bursts: Set[PollLoop] = set()
         for i in range(num_pending_requests):
             PollLoop(self, i).setServiceParent(self)
 
     def dispatch(self, request) -> None:
+        self._burst()
         d = self.handler.handle(request)
         if not d.called:
             self.in_flight.add(d)
             d.addBoth(lambda result: self.in_flight.discard(d))
+
+    def _burst(self) -> None:
+        """
+        A request came: while they keep coming, poll more at once, up to
+        C{max_pending_requests}. With one poll, requests queued on the relay
+        server come one per round trip (a poll, its answer, the next poll);
+        more polls take several per round trip. A burst poll ends when it
+        comes back empty, so an idle client is back to
+        C{num_pending_requests} polls after one poll timeout.
+        """
+        if not self.running or self.num_pending_requests + len(self.bursts) >= self.max_pending_requests:
+            return
+        loop = PollLoop(self, self.num_pending_requests + len(self.bursts), burst=True)
+        self.bursts.add(loop)
+        loop.setServiceParent(self)
+
+    def burst_ended(self, loop: PollLoop) -> None:
+        self.bursts.discard(loop)
+        if loop.parent is self:
+            loop.disownServiceParent()
 
     def fatal(self, message: str) -> None:
         if self.fatal_error is not None:
@@ -191,6 +228,7 @@ def make_client_service(
     debug_logs: bool = False,
     stop_grace_period: float = STOP_GRACE_PERIOD,
     clock: Optional[IReactorTime] = None,
+    max_pending_requests: int = 0,
 ) -> RelayClientService:
     """
     @param relay_url: C{scheme://address} and the relay prefix, e.g.
@@ -255,4 +293,5 @@ def make_client_service(
         log_observer=log_observer,
         stop_grace_period=stop_grace_period,
         clock=clock,
+        max_pending_requests=max_pending_requests,
     )

@@ -20,7 +20,7 @@ from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
 from relay.client.service import make_client_service
 from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
-from relay.options import GoFlagOptions, log_format, log_level, positive_int
+from relay.options import GoFlagOptions, log_format, log_level, nonnegative_int, positive_int
 
 log = Logger()
 
@@ -100,6 +100,10 @@ class Options(GoFlagOptions):
          "the network delivers).", positive_int],
         ["num_pending_requests", None, 1,
          "Number of pending http requests (long polls) to the relay.", positive_int],
+        ["max_pending_requests", None, 8,
+         "Not in Go: while requests keep coming, poll up to this many at once "
+         "(extra polls close when they come back empty). 0 or at most "
+         "--num_pending_requests: never more than --num_pending_requests.", nonnegative_int],
         ["max_idle_conns_per_host", None, 100,
          "The maximum number of idle (keep-alive) connections to keep per-host.", positive_int],
         ["disable_http2", None, "false",
@@ -203,6 +207,7 @@ def makeService(options, reactor=None):
         trust_root=options["trust_root"],
         max_chunk_size=options["max_chunk_size"],
         num_pending_requests=options["num_pending_requests"],
+        max_pending_requests=options["max_pending_requests"],
         max_idle_conns_per_host=options["max_idle_conns_per_host"],
         force_http2=options["force_http2"],
         on_fatal=exit_after_stop(reactor),

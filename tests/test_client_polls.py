@@ -1,0 +1,93 @@
+"""
+How many long polls the relay client keeps open: C{--num_pending_requests}
+when idle, more while requests keep coming (up to C{--max_pending_requests}),
+and back to the base once the extra polls come back empty.
+"""
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from relay.client.service import RelayClientService
+from relay.proto.http_relay_pb2 import HttpRequest
+
+
+class FakeAPI:
+    server_name = "robot"
+
+    def __init__(self):
+        self.polls = []
+
+    def poll(self):
+        d = Deferred()
+        self.polls.append(d)
+        return d
+
+    def open_polls(self):
+        return [d for d in self.polls if not d.called]
+
+
+class FakeHandler:
+    def __init__(self):
+        self.handled = []
+
+    def handle(self, request):
+        self.handled.append(request.id)
+        return succeed(None)
+
+
+class PollCountTests(unittest.TestCase):
+    def start(self, num, most):
+        self.api = FakeAPI()
+        self.handler = FakeHandler()
+        service = RelayClientService(
+            None, self.api, self.handler, [], num_pending_requests=num, max_pending_requests=most, clock=Clock()
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def answer(self, request_id=None):
+        """The oldest open poll gets a request (or comes back empty)."""
+        poll = self.api.open_polls()[0]
+        poll.callback(HttpRequest(id=request_id) if request_id else None)
+
+    def test_idle_client_keeps_the_base_number_of_polls(self):
+        self.start(num=2, most=8)
+        self.assertEqual(len(self.api.open_polls()), 2)
+        self.answer(None)  # a 408: polled again, nothing more
+        self.assertEqual(len(self.api.open_polls()), 2)
+
+    def test_requests_open_more_polls_up_to_the_maximum(self):
+        self.start(num=1, most=3)
+        self.answer("robot:1")
+        self.assertEqual(len(self.api.open_polls()), 2)
+        self.answer("robot:2")
+        self.assertEqual(len(self.api.open_polls()), 3)
+        self.answer("robot:3")
+        self.answer("robot:4")
+        self.assertEqual(len(self.api.open_polls()), 3)
+        self.assertEqual(self.handler.handled, ["robot:1", "robot:2", "robot:3", "robot:4"])
+
+    def test_extra_polls_close_when_they_come_back_empty(self):
+        service = self.start(num=1, most=3)
+        self.answer("robot:1")
+        self.answer("robot:2")
+        self.assertEqual(len(self.api.open_polls()), 3)
+        for _ in range(3):
+            self.answer(None)
+        self.assertEqual(len(self.api.open_polls()), 1)
+        self.assertEqual(service.bursts, set())
+        self.assertEqual(len(list(service)), 1)
+
+    def test_maximum_below_the_base_means_no_extra_polls(self):
+        self.start(num=2, most=0)
+        self.answer("robot:1")
+        self.assertEqual(len(self.api.open_polls()), 2)
+
+    def test_stop_cancels_every_poll(self):
+        service = self.start(num=1, most=4)
+        self.answer("robot:1")
+        self.answer("robot:2")
+        service.stopService()
+        self.assertEqual(self.api.open_polls(), [])
