@@ -531,6 +531,9 @@ class Bench:
             env.pop(k, None)
         if a.malloc_tuning == "on":
             env.update(MALLOC_ENV)
+        env.pop("PYPY_GC_NURSERY", None)
+        if a.pypy_nursery != "default":
+            env["PYPY_GC_NURSERY"] = a.pypy_nursery  # CPython ignores it
         if not a.installed_only:
             env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.relay_env = env
@@ -797,6 +800,9 @@ def main(argv=None):
     p.add_argument("--server-name", default="bench")
     p.add_argument("--installed-only", action="store_true",
                    help="do not put this checkout on PYTHONPATH: run the relay as installed in --python's env")
+    p.add_argument("--pypy-nursery", default="16MB",
+                   help="PYPY_GC_NURSERY for the relay processes, as the README recommends on PyPy "
+                        "('default': unset, PyPy's own choice, 1 MB on our VMs)")
     p.add_argument("--malloc-tuning", choices=("on", "off"), default="off",
                    help="on: run the relay processes with " + " ".join("%s=%s" % kv for kv in MALLOC_ENV.items()))
     p.add_argument("--sizes", default="1KiB,1MiB,100MiB", help="response sizes (comma-separated)")
@@ -894,8 +900,9 @@ def main(argv=None):
     r.append("Relay: `%s` / `%s`  " % (" ".join(b.fmt(a.server_cmd, port="{port}")),
                                       " ".join(b.fmt(a.client_cmd, relay_address="{relay}", backend_address="{backend}",
                                                      server_name=a.server_name))))
-    r.append("Relay interpreter: %s; Twisted %s; malloc tuning %s; code: %s  " % (
-        info["relay_python"], info["twisted"], a.malloc_tuning, git_rev()))
+    r.append("Relay interpreter: %s; Twisted %s; malloc tuning %s; %scode: %s  " % (
+        info["relay_python"], info["twisted"], a.malloc_tuning,
+        "PYPY_GC_NURSERY=%s; " % a.pypy_nursery if "PyPy" in info["relay_python"] else "", git_rev()))
     r.append("Machine: %s CPUs (`nproc`), %s, %s RAM, Linux %s; load generator %s (1 thread); "
              "backend bench/backend.py on %s  " % (info["nproc"], info["cpu"], info["mem"], info["kernel"],
                                                    info["wrk"], info["harness_python"]))

@@ -5,7 +5,7 @@ C{http-relay-server}.
 
 
 from twisted.internet import endpoints
-from twisted.logger import LogLevel
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
 from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
@@ -13,8 +13,11 @@ from relay.h2 import offer_h2_over_tls
 from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, duration, log_format, log_level, positive_int
+from relay.pypy_gc import log_nursery_advice
 from relay.service import make_server_service
 from relay.site import DEFAULT_MAX_REQUEST_BODY
+
+log = Logger()
 
 
 class Options(GoFlagOptions):
@@ -169,6 +172,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     tune_malloc()
+    reactor.callWhenRunning(log_nursery_advice, log)
     endpoint = offer_h2_over_tls(endpoints.serverFromString(reactor, options["endpoint"]))
     return make_server_service(
         endpoint,

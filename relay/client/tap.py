@@ -21,6 +21,7 @@ from relay.client.service import make_client_service
 from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, log_format, log_level, nonnegative_int, positive_int
+from relay.pypy_gc import log_nursery_advice
 
 log = Logger()
 
@@ -215,4 +216,5 @@ def makeService(options, reactor=None):
         debug_logs=options["log_level"] <= LogLevel.debug,
     )
     reactor.callWhenRunning(_warn_unsupported, options)
+    reactor.callWhenRunning(log_nursery_advice, log)
     return service
