@@ -12,6 +12,10 @@ limit; the relay's 1 MiB figures rose by about a third. The write buffer
 that pauses producers (also C{bufferSize}) stays small next to the
 per-request body limits. Set on the transport instance, not the class, so
 nothing else in the process changes.
+
+Nagle's algorithm is turned off too (TCP_NODELAY), as Go does for every TCP
+connection: a relay's small writes (a poll's answer, a chunk's tail) must
+not wait for the peer's delayed ACK.
 """
 
 SEND_LIMIT = 512 * 1024
@@ -26,5 +30,11 @@ def tune(transport) -> None:
         if hasattr(transport, "SEND_LIMIT") and hasattr(transport, "bufferSize"):
             transport.SEND_LIMIT = SEND_LIMIT
             transport.bufferSize = READ_SIZE
+            set_no_delay = getattr(transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                try:
+                    set_no_delay(True)
+                except OSError:
+                    pass  # not TCP after all (a UNIX socket): nothing to turn off
             return
         transport = getattr(transport, "transport", None)

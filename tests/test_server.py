@@ -6,6 +6,8 @@ L{Clock} the tests advance.
 """
 
 
+import socket
+
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -61,6 +63,23 @@ class ServerTestCase(unittest.TestCase):
         code, message = yield poll
         self.assertEqual(code, 200)
         return user, message
+
+
+class ConnectionSettingsTests(ServerTestCase):
+    @defer.inlineCallbacks
+    def test_connections_send_without_nagle_and_in_big_writes(self):
+        """
+        As Go's net package does, small answers (a poll's request, a 408)
+        are not held back waiting for the peer's ACK; and a megabyte body goes
+        out in a few large send() calls rather than 128 KiB ones.
+        """
+        raw = yield raw_connect(self.server.port)
+        self.addCleanup(raw.transport.loseConnection)
+        yield self.until(lambda: self.server.service.site.connections)
+        (channel,) = self.server.service.site.connections
+        sock = channel.transport.getHandle()
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        self.assertEqual(channel.transport.SEND_LIMIT, 512 * 1024)
 
 
 class OperationsTests(ServerTestCase):

@@ -101,7 +101,7 @@ class Options(GoFlagOptions):
          "the network delivers).", positive_int],
         ["num_pending_requests", None, 1,
          "Number of pending http requests (long polls) to the relay.", positive_int],
-        ["max_pending_requests", None, 8,
+        ["max_pending_requests", None, 4,
          "Not in Go: while requests keep coming, poll up to this many at once "
          "(extra polls close when they come back empty). 0 or at most "
          "--num_pending_requests: never more than --num_pending_requests.", nonnegative_int],
