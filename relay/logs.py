@@ -14,6 +14,7 @@ whose format strings have placeholders, get C{msg} formatted.
 import json
 import sys
 import time
+from functools import lru_cache
 from typing import IO, Callable, Optional
 
 from twisted.logger import (
@@ -88,12 +89,16 @@ def _error_text(event: dict) -> Optional[str]:
     return None
 
 
+@lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    # A busy relay logs a poll per request: format each second once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
 def _timestamp(event: dict) -> str:
     t = event.get("log_time") or time.time()
     whole = int(t)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%06dZ" % int(
-        (t - whole) * 1e6
-    )
+    return _second(whole) + ".%06dZ" % int((t - whole) * 1e6)
 
 
 def json_line(event: dict) -> str:

@@ -151,11 +151,11 @@ class RelayClientService(LogsThroughObserver, MultiService):
             PollLoop(self, i).setServiceParent(self)
 
     def dispatch(self, request) -> None:
-        self._burst()
         d = self.handler.handle(request)
         if not d.called:
             self.in_flight.add(d)
             d.addBoth(lambda result: self.in_flight.discard(d))
+        self._burst()  # after the backend request is on its way
 
     def _burst(self) -> None:
         """
