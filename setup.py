@@ -1,8 +1,10 @@
 from setuptools import find_packages, setup
 
 # Debian's PyPy is Python 3.9: the newest cryptography with a PyPy 3.9 wheel
-# is 43.x (newer ones would need a Rust build), and Twisted 26's TLS extra
-# needs a newer pyOpenSSL than that allows, so PyPy gets Twisted 25.5.
+# is 43.x (newer ones would need a Rust build). Twisted 26.4 itself installs
+# there, but its TLS extra (which we and treq need) wants pyOpenSSL >= 25.2,
+# hence cryptography >= 45; without it pip falls back to a 2015 treq. So PyPy
+# gets Twisted 25.5, the newest whose TLS extra fits cryptography 43.
 PYPY39 = 'platform_python_implementation == "PyPy" and python_version < "3.10"'
 
 setup(
