@@ -4,9 +4,9 @@ PyPy's garbage collector settings, which only the environment can set.
 PyPy sizes its young generation (the nursery) from the CPU cache it detects:
 1 MB on the VMs we benchmarked. A relay allocates a few objects per header
 and a few pieces per body chunk, so with 1 MB it collects thousands of times
-a second; with 16 MB, small relayed requests went from about 900 to about
-1,500 per second per connection, and 1 MiB responses from 180 to 250 MiB/s
-(bench/run.py). The nursery is chosen when the interpreter starts, so the
+a second; with 16 MB, small relayed requests went from about 900 to
+1,400-1,900 per second on one connection, and 1 MiB responses from 77 to
+178 MiB/s (bench/run.py, same code, back to back). The nursery is chosen when the interpreter starts, so the
 most we can do from here is say so in the log.
 """
 
@@ -29,7 +29,7 @@ def nursery_advice() -> Optional[str]:
         size = "its default size"
     return (
         "PyPy's GC nursery is %s: start with PYPY_GC_NURSERY=%s in the environment for "
-        "about 1.5 times the throughput (see the README's Speed section)" % (size, RECOMMENDED_NURSERY)
+        "about 1.5 to 2 times the throughput (see the README's Speed section)" % (size, RECOMMENDED_NURSERY)
     )
 
 

@@ -1,6 +1,6 @@
 """
-Per-connection sizes for Twisted's TCP transports, tuned for a relay that
-moves megabytes.
+Per-connection settings for Twisted's TCP transports, tuned for a relay
+that moves megabytes.
 
 Twisted sends at most 128 KiB per C{send()} call, which suits many small
 connections; here every relayed megabyte crosses two or three sockets in

@@ -155,8 +155,9 @@ class Chunker:
     def _take(self, limit: int) -> List[bytes]:
         """
         Up to C{limit} bytes from the front of what is waiting, as the pieces
-        the backend gave (the relay API splices them into the message as
-        they are: on PyPy, joining a megabyte costs as much as sending it).
+        the backend gave: the relay API splices them into the message's bytes
+        as they are (L{relay.wire.serialize}), so joining them here would be
+        a copy of every body for nothing.
         """
         pieces = self._pieces
         out = []

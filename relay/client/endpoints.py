@@ -6,7 +6,7 @@ request, even when a pooled connection is then reused, and each one
 IDNA-encodes the host name again: a tenth of the client's time on small
 requests. The relay client only ever talks to one relay and one backend, so
 it keeps the few endpoints it needs, and gives their connections the
-transport sizes of L{relay.transport_tuning}.
+settings of L{relay.transport_tuning} (send limit, TCP_NODELAY).
 """
 
 from typing import Dict, Tuple

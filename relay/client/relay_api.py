@@ -9,7 +9,7 @@ loop, request-stream reads are not retried at all because the relay server
 has no way to tell a repeated read from a new one.
 """
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 from urllib.parse import quote, urlencode
 
 from twisted.internet import error as net_error
@@ -85,7 +85,7 @@ class Forbidden(RelayError):
 class BytesProducer:
     """A body that is already in memory (bytes, or a list of pieces), written in one go."""
 
-    def __init__(self, body):
+    def __init__(self, body: Union[bytes, List[bytes]]):
         self.pieces = [body] if isinstance(body, bytes) else body
         self.length = sum(map(len, self.pieces))
 
@@ -211,7 +211,13 @@ class RelayAPI:
 
     # Calls.
 
-    async def _call(self, method: bytes, url: bytes, body=None, content_type: Optional[bytes] = None):
+    async def _call(
+        self,
+        method: bytes,
+        url: bytes,
+        body: Union[bytes, List[bytes], None] = None,
+        content_type: Optional[bytes] = None,
+    ):
         headers = Headers()
         if self.token_file:
             headers.setRawHeaders(b"authorization", [b"Bearer " + read_token(self.token_file).encode("utf-8")])
