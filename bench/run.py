@@ -800,7 +800,7 @@ def main(argv=None):
     p.add_argument("--server-name", default="bench")
     p.add_argument("--installed-only", action="store_true",
                    help="do not put this checkout on PYTHONPATH: run the relay as installed in --python's env")
-    p.add_argument("--pypy-nursery", default="16MB",
+    p.add_argument("--pypy-nursery", default="32MB",
                    help="PYPY_GC_NURSERY for the relay processes, as the README recommends on PyPy "
                         "('default': unset, PyPy's own choice, 1 MB on our VMs)")
     p.add_argument("--malloc-tuning", choices=("on", "off"), default="off",
