@@ -47,6 +47,37 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _field_at(data: bytes, pos: int, end: int) -> Tuple[int, int, int]:
+    """
+    (field number, wire type, end) of the field starting at C{pos}; its end
+    may lie beyond C{end} (a truncated field, or one the caller has only the
+    start of). DecodeError for anything this scanner does not handle.
+    """
+    tag, pos = _varint(data, pos, end)
+    number, wire_type = tag >> 3, tag & 7
+    if number == 0:
+        raise DecodeError("field number 0")
+    if wire_type == 0:
+        _, pos = _varint(data, pos, end)
+    elif wire_type == 1:
+        pos += 8
+    elif wire_type == 2:
+        length, pos = _varint(data, pos, end)
+        pos += length
+    elif wire_type == 5:
+        pos += 4
+    else:
+        raise DecodeError("groups are left to protobuf")
+    return number, wire_type, pos
+
+
+def _value_start(data: bytes, start: int, end: int) -> int:
+    """Where the value of the length-delimited field at C{start} begins (after its key and length)."""
+    _, pos = _varint(data, start, end)
+    _, pos = _varint(data, pos, end)
+    return pos
+
+
 def _fields(data: bytes) -> List[Tuple[int, int, int, int]]:
     """
     (field number, wire type, start, end) of each top-level field, or
@@ -57,21 +88,7 @@ def _fields(data: bytes) -> List[Tuple[int, int, int, int]]:
     end = len(data)
     while pos < end:
         start = pos
-        tag, pos = _varint(data, pos, end)
-        number, wire_type = tag >> 3, tag & 7
-        if number == 0:
-            raise DecodeError("field number 0")
-        if wire_type == 0:
-            _, pos = _varint(data, pos, end)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 2:
-            length, pos = _varint(data, pos, end)
-            pos += length
-        elif wire_type == 5:
-            pos += 4
-        else:
-            raise DecodeError("groups are left to protobuf")
+        number, wire_type, pos = _field_at(data, pos, end)
         if pos > end:
             raise DecodeError("truncated field")
         fields.append((number, wire_type, start, pos))
@@ -147,9 +164,7 @@ def parse(message, data: bytes, body_field: str) -> None:
         return
     message.ParseFromString(b"".join(rest))
     start, end = body
-    _, value_start = _varint(data, start, end)  # the tag
-    _, value_start = _varint(data, value_start, end)  # the length
-    setattr(message, body_field, data[value_start:end])
+    setattr(message, body_field, data[_value_start(data, start, end):end])
 
 
 def _span(pieces: List[bytes], start: int, end: int) -> List[bytes]:
@@ -190,27 +205,15 @@ def parse_pieces(message, pieces: List[bytes], body_field: str) -> Optional[List
     try:
         while True:
             start = pos
-            tag, pos = _varint(head, pos, len(head))
-            field_number, wire_type = tag >> 3, tag & 7
-            if field_number == number and wire_type == _LENGTH_DELIMITED:
-                length, value_start = _varint(head, pos, len(head))
+            field_number, wire_type, pos = _field_at(head, pos, len(head))
+            if field_number == number:
+                if wire_type != _LENGTH_DELIMITED:
+                    raise DecodeError("left to protobuf")
                 break
-            if field_number == 0 or field_number == number:
-                raise DecodeError("left to protobuf")
-            if wire_type == 0:
-                _, pos = _varint(head, pos, len(head))
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 2:
-                length, pos = _varint(head, pos, len(head))
-                pos += length
-            elif wire_type == 5:
-                pos += 4
-            else:
-                raise DecodeError("groups are left to protobuf")
             if pos >= len(head):
                 raise DecodeError("the body does not start in the head")
-        end = value_start + length
+        end = pos
+        value_start = _value_start(head, start, len(head))
         if end > total:
             raise DecodeError("truncated body")
         tail = b"".join(_span(pieces, end, total))
