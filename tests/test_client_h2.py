@@ -20,10 +20,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web import server
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from relay.client.backend import BackendError, BackendTarget, TrustPolicy, load_trust_root
+from relay.client.endpoints import CachingEndpointFactory
 from relay.client.h2backend import STREAM_WINDOW, H2ClientConnection
+from relay.client.keepalive import KeepAliveAgent
 from relay.client.service import make_client_service
 from relay.h2 import offer_h2_over_tls
 from relay.metrics import RelayMetrics
@@ -387,7 +389,7 @@ class CurlThroughRelay(unittest.TestCase):
         if trust_root is not None:
             # Our client verifies the relay against the system's CAs; this
             # relay's certificate is from the test's own CA.
-            client.api.agent = Agent(reactor, contextFactory=TrustPolicy(trust_root), pool=client.pools[0])
+            client.api.agent = client.pools[0] = KeepAliveAgent(reactor, CachingEndpointFactory(reactor, TrustPolicy(trust_root)))
         client.startService()
         self.addCleanup(client.stopService)
         broker = service.broker

@@ -6,7 +6,7 @@ same method, path (after C{--backend_path}) and query, every header value
 (repeated ones stay repeated), the user's Host unless C{--preserve_host} is
 off, and C{Authorization: Bearer ...} from C{--authentication_token_file},
 read at each request so that a rotated token is used at once. Redirects are
-not followed (Agent never does): a 302 goes back to the user as it is.
+not followed (Twisted's HTTP client never does): a 302 goes back to the user as it is.
 """
 
 from typing import List, NamedTuple, Optional, Tuple
@@ -19,12 +19,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone
+from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from relay.client.endpoints import CachingEndpointFactory
+from relay.client.keepalive import KeepAliveAgent
 from relay.client.relay_api import BytesProducer, describe_failure, read_token
 from relay.headers import go_canonical
 from relay.proto.http_relay_pb2 import HttpRequest
@@ -33,7 +34,7 @@ log = Logger()
 
 Header = Tuple[str, str]
 CONNECT_TIMEOUT = 30.0
-# Agent frames the body itself and manages its own connections; the body is
+# Twisted's HTTP client frames the body itself and manages its own connections; the body is
 # sent whole at once, so there is nothing for 100-continue to wait for.
 _AGENT_DROPS = frozenset(
     ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "expect"]
@@ -246,11 +247,22 @@ def response_headers(response, method: str) -> List[Header]:
 class Backend:
     """Plain (non-upgrade) requests, over a pool of persistent connections."""
 
-    def __init__(self, reactor: IReactorTime, target: BackendTarget, pool: HTTPConnectionPool, policy: TrustPolicy):
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        target: BackendTarget,
+        policy: TrustPolicy,
+        max_idle_per_host: int = 100,
+        idle_timeout: float = 90.0,
+    ):
         self.target = target
-        self.agent = Agent.usingEndpointFactory(
-            reactor, CachingEndpointFactory(reactor, policy, CONNECT_TIMEOUT), pool=pool
+        self.agent = KeepAliveAgent(
+            reactor, CachingEndpointFactory(reactor, policy, CONNECT_TIMEOUT), max_idle_per_host, idle_timeout
         )
+
+    def closeCachedConnections(self):
+        """Close the idle backend connections (at shutdown)."""
+        return self.agent.closeCachedConnections()
 
     async def open(self, request: BackendRequest) -> BackendResponse:
         headers = Headers()

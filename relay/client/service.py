@@ -21,7 +21,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from relay.client.backend import Backend, BackendTarget, TrustPolicy
 from relay.client.h2backend import H2Backend
@@ -37,16 +36,6 @@ POLL_BACKOFF_MULTIPLIER = 1.5
 POLL_MAX_BACKOFF = 10.0
 STOP_GRACE_PERIOD = 5.0
 IDLE_CONNECTION_TIMEOUT = 90.0
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
-class QuietPool(HTTPConnectionPool):
-    """A pool that does not log every connection it opens and closes."""
-
-    _factory = _QuietFactory
 
 
 class PollLoop(Service):
@@ -125,7 +114,7 @@ class RelayClientService(LogsThroughObserver, MultiService):
         reactor,
         api: RelayAPI,
         handler: RequestHandler,
-        pools: List[HTTPConnectionPool],
+        pools: List,  # whatever keeps connections: closeCachedConnections() at stop
         num_pending_requests: int = 1,
         on_fatal: Optional[Callable[[str], None]] = None,
         log_observer=None,
@@ -240,21 +229,18 @@ def make_client_service(
         back-off, timeouts); the reactor by default, a L{Clock} in tests that
         step through them while real sockets carry the traffic.
     """
-    from twisted.web.client import Agent
 
     from relay.client.endpoints import CachingEndpointFactory
+    from relay.client.keepalive import KeepAliveAgent
 
     clock = clock if clock is not None else reactor
-    relay_pool = QuietPool(reactor, persistent=True)
-    relay_pool.maxPersistentPerHost = max_idle_conns_per_host
-    relay_pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
-    backend_pool = QuietPool(reactor, persistent=True)
-    backend_pool.maxPersistentPerHost = max_idle_conns_per_host
-    backend_pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
     # The relay is verified against the system's CAs; --root_ca_file is for
     # the backend, as in the Go client.
+    relay_agent = KeepAliveAgent(
+        reactor, CachingEndpointFactory(reactor, connect_timeout=30), max_idle_conns_per_host, IDLE_CONNECTION_TIMEOUT
+    )
     api = RelayAPI(
-        Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor, connect_timeout=30), pool=relay_pool),
+        relay_agent,
         clock,
         relay_url,
         server_name,
@@ -268,12 +254,11 @@ def make_client_service(
         token_file=authentication_token_file,
     )
     policy = TrustPolicy(trust_root)
-    pools = [relay_pool, backend_pool]
     if force_http2:
         backend = H2Backend(reactor, policy)
-        pools.append(backend)
     else:
-        backend = Backend(reactor, target, backend_pool, policy)
+        backend = Backend(reactor, target, policy, max_idle_conns_per_host, IDLE_CONNECTION_TIMEOUT)
+    pools = [relay_agent, backend]
     handler = RequestHandler(
         clock,
         api,
