@@ -52,8 +52,11 @@ class TwistdSmokeTest(unittest.TestCase):
     def test_sigterm_lets_in_flight_request_finish(self):
         from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
-        proc = TwistdProcess.spawn(["relay", "--port=tcp:0:interface=127.0.0.1"])
+        # With busy polling on: the real reactor's poller is wrapped, and
+        # everything below must work the same.
+        proc = TwistdProcess.spawn(["relay", "--port=tcp:0:interface=127.0.0.1", "--busy_poll_us=200"])
         self.addCleanup(proc.terminate)
+        yield proc.wait_for(r'"Busy polling for 200 us before sleeping"')
         users = HTTPConnectionPool(reactor, persistent=False)
         # The relay-client keeps its connection alive, as real ones do.
         relay_client = HTTPConnectionPool(reactor, persistent=True)
