@@ -803,6 +803,9 @@ def main(argv=None):
     p.add_argument("--pypy-nursery", default="32MB",
                    help="PYPY_GC_NURSERY for the relay processes, as the README recommends on PyPy "
                         "('default': unset, PyPy's own choice, 1 MB on our VMs)")
+    p.add_argument("--busy-poll-us", type=int, default=300,
+                   help="--busy_poll_us for our server and client (not for --server-cmd/--client-cmd "
+                        "given here); 0: the relay's default, off")
     p.add_argument("--malloc-tuning", choices=("on", "off"), default="off",
                    help="on: run the relay processes with " + " ".join("%s=%s" % kv for kv in MALLOC_ENV.items()))
     p.add_argument("--sizes", default="1KiB,1MiB,100MiB", help="response sizes (comma-separated)")
@@ -835,6 +838,11 @@ def main(argv=None):
         for k, v in quick.items():
             if getattr(a, k) == p.get_default(k):
                 setattr(a, k, v)
+    if a.busy_poll_us:
+        if a.server_cmd == DEFAULT_SERVER_CMD:
+            a.server_cmd += " --busy_poll_us=%d" % a.busy_poll_us
+        if a.client_cmd == DEFAULT_CLIENT_CMD:
+            a.client_cmd += " --busy_poll_us=%d" % a.busy_poll_us
     if a.server_args:
         a.server_cmd += " " + a.server_args
     if a.client_args:
