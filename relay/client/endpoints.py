@@ -1,12 +1,13 @@
 """
-Endpoints for Agent, made once per (scheme, host, port).
+Endpoints for the client's HTTP agents, made once per (scheme, host, port).
 
 Agent's default endpoint factory builds a new HostnameEndpoint for every
 request, even when a pooled connection is then reused, and each one
 IDNA-encodes the host name again: a tenth of the client's time on small
 requests. The relay client only ever talks to one relay and one backend, so
-it keeps the few endpoints it needs, and gives their connections the
-settings of L{relay.transport_tuning} (send limit, TCP_NODELAY).
+it keeps the few endpoints it needs (for L{relay.client.keepalive}, or any
+Agent), and gives their connections the settings of
+L{relay.transport_tuning} (send limit, TCP_NODELAY).
 """
 
 from typing import Dict, Tuple
