@@ -6,7 +6,7 @@ backend -> relay-client -> server -> user), and each hop wakes a process
 that was asleep in C{epoll_wait}. On the virtual machines we benchmarked,
 waking a sleeping vCPU costs far more than the work of the hop: with one
 request at a time, 1 KiB requests went from about 1,200-1,700 to
-2,000-2,600 relayed per second on PyPy when both processes polled for
+1,800-2,750 relayed per second on PyPy when both processes polled for
 300 microseconds before sleeping (C{bench/run.py}, back to back), with the
 throughput at 8 connections unchanged or better.
 

@@ -5,8 +5,8 @@ connections, without L{twisted.web.client.Agent}'s per-request layers.
 Every relayed request costs the relay client three HTTP exchanges (its poll,
 the backend request, the posted response). Measured on PyPy at one request
 at a time, an exchange through C{Agent} and C{HTTPConnectionPool} took about
-twice the CPU of the same exchange on an C{HTTP11ClientProtocol} used
-directly: the URL is parsed again, a Host value and a pool key are computed
+1.6 times the CPU of the same exchange on an C{HTTP11ClientProtocol} used
+directly (85-89 against 54 microseconds, in a loop): the URL is parsed again, a Host value and a pool key are computed
 again, every connection put back gets its own idle timer (a heap insert and
 a cancel per request), and each reused connection is wrapped anew for the
 retry. The client talks to one relay server and one backend, so this agent

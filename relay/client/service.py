@@ -229,7 +229,6 @@ def make_client_service(
         back-off, timeouts); the reactor by default, a L{Clock} in tests that
         step through them while real sockets carry the traffic.
     """
-
     from relay.client.endpoints import CachingEndpointFactory
     from relay.client.keepalive import KeepAliveAgent
 

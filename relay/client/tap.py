@@ -15,13 +15,13 @@ from typing import List
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
+from relay import busy_poll
 from relay.client.backend import load_trust_root
 from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
 from relay.client.service import make_client_service
 from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, log_format, log_level, nonnegative_int, positive_int
-from relay import busy_poll
 from relay.pypy_gc import log_nursery_advice
 
 log = Logger()
