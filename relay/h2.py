@@ -20,17 +20,40 @@ is small, so we extend it rather than write a second HTTP/2 server:
     (with END_STREAM) instead of an empty DATA frame.
   - Twisted's C{ssl:} endpoint strings do not offer ALPN;
     L{offer_h2_over_tls} adds it to such an endpoint's TLS context.
+
+Two rules keep one hostile peer from hurting others on the connection or
+the server:
+
+  - Trailers never make the stack raise. A relay-client's trailers are
+    filtered (C{relay.headers.valid_trailer}) before they get here, and
+    L{TrailerH2Connection.end_stream} drops any connection-specific name
+    that is left; should C{h2} still refuse them, the stream is reset. An
+    exception there used to end Twisted's sending loop, which froze every
+    other stream of the user's connection.
+  - The slowloris guard (C{--header_timeout}) covers HTTP/2 too: a header
+    block (HEADERS without END_HEADERS, or a frame still arriving) must be
+    complete within the limit, and a connection with no open stream is
+    closed (GOAWAY) after the limit. Only a complete request resets the
+    clock: PING, SETTINGS or WINDOW_UPDATE frames do not.
 """
 
 from typing import Dict, List, Tuple
 
 import h2.connection
+import h2.exceptions
 from zope.interface import implementer
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.web._http2 import H2Connection
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Names HTTP/2 forbids in a header block (RFC 9113 8.2.2), which h2 raises on.
+_NOT_IN_H2_TRAILERS = frozenset(
+    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"]
+)
+# Frame types that carry a header block.
+_HEADERS, _CONTINUATION = 0x1, 0x9
 
 
 class TrailerH2Connection(h2.connection.H2Connection):
@@ -43,22 +66,84 @@ class TrailerH2Connection(h2.connection.H2Connection):
     def end_stream(self, stream_id):
         trailers = self.pending_trailers.pop(stream_id, None)
         if trailers:
-            return self.send_headers(stream_id, trailers, end_stream=True)
+            trailers = [(k, v) for k, v in trailers if k not in _NOT_IN_H2_TRAILERS]
+        if trailers:
+            # Nothing is left for h2's validation to refuse (it would run
+            # while the block is encoded, leaving the HPACK context changed):
+            # what may still fail is a stream the peer has reset.
+            try:
+                return self.send_headers(stream_id, trailers, end_stream=True)
+            except h2.exceptions.ProtocolError:
+                return self.reset_stream(stream_id)
         return super().end_stream(stream_id)
 
 
 class RelayH2Connection(H2Connection):
     """Twisted's HTTP/2 server connection, able to send trailers."""
 
+    _deadline = None
+    _gone = False
+
     def __init__(self, reactor=None):
         super().__init__(reactor)
         self.conn = TrailerH2Connection(config=self.conn.config)
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._watch_headers()
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        self._watch_headers()
+
+    def _requestDone(self, streamID):
+        super()._requestDone(streamID)
+        self._watch_headers()
+
+    def _awaiting_headers(self) -> bool:
+        """No open stream, or a header block still arriving."""
+        if not self.streams:
+            return True
+        incoming = self.conn.incoming_buffer
+        if getattr(incoming, "_headers_buffer", None):
+            return True
+        # The bytes of a frame still arriving (h2 4.x: _data; 3.x: data).
+        data = getattr(incoming, "_data", None)
+        if data is None:
+            data = getattr(incoming, "data", b"")
+        return len(data) >= 4 and data[3] in (_HEADERS, _CONTINUATION)
+
+    def _watch_headers(self) -> None:
+        timeout = getattr(getattr(self, "site", None), "header_timeout", None)
+        if not timeout or self._gone:
+            return
+        if self._awaiting_headers():
+            if self._deadline is None:
+                self._deadline = self.callLater(timeout, self._headers_timed_out)
+        elif self._deadline is not None:
+            self._cancel_deadline()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_timed_out(self) -> None:
+        self._deadline = None
+        self._log.info(
+            "Closing HTTP/2 connection: no complete request headers in time",
+            peer=str(self.transport.getPeer()),
+        )
+        self.timeoutConnection()
 
     def set_trailers(self, stream_id: int, trailers: List[Tuple[bytes, bytes]]) -> None:
         """Send C{trailers} when the stream's response ends."""
         self.conn.pending_trailers[stream_id] = [(k.lower(), v) for k, v in trailers]
 
     def connectionLost(self, reason, _cancelTimeouts=True):
+        self._gone = True
+        self._cancel_deadline()
         self.conn.pending_trailers.clear()
         super().connectionLost(reason, _cancelTimeouts)
 

@@ -15,6 +15,23 @@ the three things twisted.web lacks and a relay needs.
     work the way twisted.web itself hands a connection to its HTTP/2
     implementation after ALPN: detach the HTTP/1.1 parser from the transport
     and pass on any bytes it had already read.
+
+It also holds the request-framing rules that protect the relay from its
+users, as Go's C{net/http} server applies them (RFC 9112):
+
+  - Host (section 3.2): an HTTP/1.1 request needs exactly one Host header,
+    and a Host value must be a valid host (no blanks, no second value
+    after a comma and a space); otherwise C{400 Bad Request: missing
+    required Host header}, C{too many Host headers} or C{malformed Host
+    header}, and the connection closes, as Go does.
+  - Absolute-form targets (C{GET http://relay/client/x HTTP/1.1}, section
+    3.2.2) are accepted and routed by their path and query; the target's
+    authority is the request's host.
+  - A request line over 16 KiB gets C{414 URI Too Long} and a header line
+    over 16 KiB C{431 Request Header Fields Too Large} before the
+    connection closes (twisted.web closed it without an answer).
+  - A chunk size of more than 16 hex digits is refused with 400, as Go's
+    C{parseHexUint} does, instead of waiting for an absurd chunk.
 """
 
 from typing import List, Optional, Set, Tuple
@@ -25,7 +42,7 @@ from twisted.web import http, server
 
 from relay.bodybuffer import BodyBuffer
 from relay.h2 import PREFACE, RelayH2Connection, stream_connection
-from relay.headers import sanitize_value, valid_name
+from relay.headers import sanitize_value, valid_trailer
 from relay.transport_tuning import tune
 
 DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
@@ -147,7 +164,7 @@ class RelayRequest(server.Request):
         Content-Type) and could even refuse a malformed multipart body that
         is none of our business.
         """
-        if self.finished:
+        if self.finished or self._refused:
             return
         if self.body_too_large:
             # HTTP/1.1 answered from the headers already and is closing;
@@ -155,6 +172,7 @@ class RelayRequest(server.Request):
             self.refuse_body()
             return
         self.content.seek(0, 0)
+        path = self._origin_form(path)
         self.method, self.uri = command, path
         self.clientproto = version
         self.path, question, query = path.partition(b"?")
@@ -162,8 +180,28 @@ class RelayRequest(server.Request):
         self.args = http.parse_qs(query, 1) if question else {}
         self.process()
 
+    def _origin_form(self, target: bytes) -> bytes:
+        """
+        The path and query of an absolute-form target (RFC 9112 3.2.2),
+        whose authority then replaces the Host header, as Go does; any
+        other target as it is.
+        """
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return target
+        authority, slash, tail = rest.partition(b"/")
+        authority, question, query = authority.partition(b"?")
+        if question:
+            tail, slash = b"", b""
+            query = b"?" + query
+        else:
+            query = b""
+        if authority:
+            self.requestHeaders.setRawHeaders(b"host", [authority])
+        return b"/" + tail + query if slash else b"/" + query
+
     def add_trailer(self, name: str, value: str) -> None:
-        if valid_name(name):
+        if valid_trailer(name):
             self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
 
     def finish(self) -> None:
@@ -181,6 +219,33 @@ class RelayRequest(server.Request):
                 self.chunked = False
         self._give_back()
         super().finish()
+
+
+# Go's httpguts.ValidHostHeader: the bytes a Host value may hold.
+_HOST_BYTES = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    b"!$%&'()*+,-.:;=[]_~"
+)
+
+
+def _valid_host(value: bytes) -> bool:
+    return all(b in _HOST_BYTES for b in value)
+
+
+class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+    """
+    Twisted's chunked decoder, refusing a chunk size of more than 16 hex
+    digits as Go does (C{http chunk length too large}): it would otherwise
+    wait for an absurd chunk.
+    """
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        eol = self._buffer.find(b"\r\n")
+        line = self._buffer if eol == -1 else self._buffer[:eol]
+        size = line.split(b";", 1)[0]
+        if len(size) > 16 and (eol != -1 or b";" in line):
+            raise http._MalformedChunkedDataError("http chunk length too large")
+        return super()._dataReceived_CHUNK_LENGTH()
 
 
 class RelayChannel(http.HTTPChannel):
@@ -217,9 +282,53 @@ class RelayChannel(http.HTTPChannel):
         self._arm_header_timer()
         super().requestDone(request)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # twisted.web hangs up without a word; Go answers (431 for both,
+        # its limit being on the whole head). The request line gets 414.
+        if getattr(self, "_HTTPChannel__first_line", 0):
+            self._refuse_head(414, b"URI Too Long")
+        else:
+            self._refuse_head(431, b"Request Header Fields Too Large")
+
+    def _refuse_head(self, code: int, phrase: bytes, detail: bytes = b"") -> None:
+        """Go's answer to a request it cannot parse, then close."""
+        status = b"%d %s" % (code, phrase)
+        self.transport.write(
+            b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\n\r\n%s%s" % (status, status, detail)
+        )
+        if self.requests:
+            self.requests[-1]._refused = True
+        self.loseConnection()
+        # Nothing more from this connection is parsed.
+        self.dataReceived = lambda data: None
+
+    def _maybeChooseTransferDecoder(self, header, data):
+        ok = super()._maybeChooseTransferDecoder(header, data)
+        if type(self._transferDecoder) is http._ChunkedTransferDecoder:
+            self._transferDecoder.__class__ = _BoundedChunkedDecoder
+        return ok
+
+    def _bad_host(self, request) -> Optional[bytes]:
+        """Go's complaint about the request's Host headers, if any."""
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) > 1:
+            return b": too many Host headers"
+        if not hosts:
+            if self._version == b"HTTP/1.1" and self._command != b"CONNECT":
+                return b": missing required Host header"
+            return None
+        if not _valid_host(hosts[0]):
+            return b": malformed Host header"
+        return None
+
     def allHeadersReceived(self) -> None:
         self._disarm_header_timer()
         request = self.requests[-1]
+        bad_host = self._bad_host(request)
+        if bad_host is not None:
+            self._refuse_head(400, b"Bad Request", bad_host)
+            return
         if self.length is not None and self.length > self.site.max_request_body:
             # Answer with the final 413, not an interim 100 Continue that
             # would invite the body.
