@@ -8,10 +8,35 @@ traffic for a backend, named by C{/client/{name}/} or by the
 C{X-Server-Name} header. Status codes and bodies are the Go server's (its
 errors come from C{http.Error}: C{text/plain; charset=utf-8},
 C{X-Content-Type-Options: nosniff} and a trailing newline).
+
+Rules that keep one peer from reaching another (docs/security.md):
+
+  - Paths are cleaned as Go's ServeMux does, before any routing: when the
+    percent-decoded path holds C{.} or C{..} segments or empty ones
+    (C{//}), the answer is C{301} to the cleaned path and nothing is
+    relayed. Decoding first means C{%2e%2e} is a dot segment too. An
+    encoded slash (C{%2F}) stays part of its segment: it is relayed as it
+    came, encoded, and is not a separator for the backend name either.
+  - A backend name is at most L{MAX_NAME_BYTES} bytes (UTF-8): a longer
+    poll gets 400, so the backend table, bounded by C{--max_backends},
+    is bounded in bytes too.
+  - With C{--client_tokens}, the name a response or a request-stream pull
+    acts for is the pending request's own backend, never a prefix of its
+    id: names may contain C{:}.
+  - A relay-client's status is only used when it can be the final status
+    of an HTTP response. No status, or one outside 100..999: 500 C{Received
+    no header from relay client}, as before. An interim 1xx (100, 102,
+    103, ...) as the final status: 502, on HTTP/1.1 and HTTP/2 alike; it
+    would otherwise be written as an interim head followed by bytes the
+    user reads as the answer to its next request. A 101 switches protocols
+    only on HTTP/1.1, for a request that asked to upgrade (C{Connection:
+    upgrade} and C{Upgrade}), to the protocol it asked for when the 101
+    names one; otherwise 502, as Go's ReverseProxy answers a backend that
+    switches protocols unasked.
 """
 
 from typing import Dict, List, Optional, Tuple
-from urllib.parse import unquote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -43,6 +68,8 @@ REQUEST_CONTENT_TYPE = (
     b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpRequest"
 )
 TEXT_PLAIN = b"text/plain; charset=utf-8"
+# Kubernetes names (which robot names are) have at most 253 characters.
+MAX_NAME_BYTES = 256
 # Request headers Go's server does not put into Request.Header.
 _NOT_RELAYED = frozenset([b"host", b"transfer-encoding"])
 _HOP_BY_HOP_REQUEST = frozenset(
@@ -93,11 +120,76 @@ class RootResource(Resource):
 
     def getChildWithDefault(self, name, request):
         request.responseHeaders.removeHeader(b"server")
+        redirect = _redirect_if_unclean(request)
+        if redirect is not None:
+            return redirect
         return self._exact.get(request.path, self.client)
 
     def render(self, request):
         request.responseHeaders.removeHeader(b"server")
+        redirect = _redirect_if_unclean(request)
+        if redirect is not None:
+            return redirect.render(request)
         return self.client.render(request)
+
+
+def clean_path(path: bytes) -> bytes:
+    """
+    Go's C{cleanPath} (net/http): C{path.Clean}, keeping a trailing slash.
+    """
+    if not path:
+        return b"/"
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    out: List[bytes] = []
+    for segment in path.split(b"/"):
+        if segment in (b"", b"."):
+            continue
+        if segment == b"..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    cleaned = b"/" + b"/".join(out)
+    if path.endswith(b"/") and cleaned != b"/":
+        cleaned += b"/"
+    return cleaned
+
+
+def _redirect_if_unclean(request) -> Optional[Resource]:
+    """A 301 to the cleaned path, when the decoded path is not clean."""
+    path = request.path
+    if request.method == b"CONNECT" or not path.startswith(b"/"):
+        return None
+    decoded = unquote_to_bytes(path)
+    cleaned = clean_path(decoded)
+    if cleaned == decoded:
+        return None
+    location = quote(cleaned, safe="/!$&'()*+,;=:@~").encode("ascii")
+    _, question, query = request.uri.partition(b"?")
+    if question:
+        location += b"?" + query
+    return _Redirect(location)
+
+
+class _Redirect(Resource):
+    """Go's C{http.Redirect} with 301."""
+
+    isLeaf = True
+
+    def __init__(self, location: bytes):
+        super().__init__()
+        self.location = location
+
+    def render(self, request):
+        request.setResponseCode(301)
+        request.responseHeaders.setRawHeaders(b"location", [self.location])
+        if request.method in (b"GET", b"HEAD"):
+            request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
+            href = self.location.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;")
+            href = href.replace(b'"', b"&#34;").replace(b"'", b"&#39;")
+            return b'<a href="%s">Moved Permanently</a>.\n\n' % (href,)
+        return b""
 
 
 class HealthResource(Resource):
@@ -148,6 +240,8 @@ class ServerResource(Resource):
         server = _arg(request, b"server")
         if not server:
             return http_error(request, 400, "Missing server query parameter")
+        if len(server.encode("utf-8")) > MAX_NAME_BYTES:
+            return http_error(request, 400, "Backend name longer than %d bytes" % (MAX_NAME_BYTES,))
         if not self.policy.relay_client_allowed(request, server):
             return self._forbidden(request, server)
         log.info("Relay client connected", ServerName=server)
@@ -183,7 +277,7 @@ class ServerResource(Resource):
         if not isinstance(message.id, str):
             # proto2 hands invalid UTF-8 back as bytes: no id of ours.
             return http_error(request, 400, "Duplicate or invalid request ID %s" % (_text(message.id),))
-        name = message.id.split(":", 1)[0]
+        name = self._acting_for(message.id)
         if not self.policy.relay_client_allowed(request, name):
             return self._forbidden(request, name)
         try:
@@ -191,6 +285,18 @@ class ServerResource(Resource):
         except UnknownRequest as e:
             return http_error(request, 400, str(e))
         return _answer_when(request, d, self._answered, self._refused)
+
+    def _acting_for(self, request_id: str) -> str:
+        """
+        The backend a post or pull for C{request_id} acts for: the pending
+        request's own (names may contain C{:}, so the id's prefix is not
+        it); for an id that is not pending, the id's prefix up to its last
+        C{:} (nothing is acted on, the token check only picks 403 or 400).
+        """
+        pending = self.broker.requests.get(request_id)
+        if pending is not None:
+            return pending.backend
+        return request_id.rpartition(":")[0]
 
     def _answered(self, request, _) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain"])
@@ -207,7 +313,7 @@ class ServerResource(Resource):
         request_id = _arg(request, b"id")
         if not request_id:
             return http_error(request, 400, "Missing id query parameter")
-        name = request_id.split(":", 1)[0]
+        name = self._acting_for(request_id)
         if not self.policy.relay_client_allowed(request, name):
             return self._forbidden(request, name)
         try:
@@ -304,6 +410,7 @@ class ClientResource(Resource):
         _relayed_headers(request, message.header)
 
         response = UserResponse(self.broker, request)
+        response.upgrade = _upgrade_requested(request)
         try:
             response.pending = self.broker.relay(backend, message, response, charge)
         except UnknownBackend as e:
@@ -320,6 +427,23 @@ class ClientResource(Resource):
         return NOT_DONE_YET
 
 
+def _connection_tokens(headers) -> set:
+    return {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+
+
+def _upgrade_requested(request) -> Optional[bytes]:
+    """The protocol an upgrade request asks for (lower case), else None."""
+    headers = request.requestHeaders
+    upgrade = headers.getRawHeaders(b"upgrade")
+    if upgrade and b"upgrade" in _connection_tokens(headers):
+        return upgrade[0].strip().lower()
+    return None
+
+
 def _relayed_headers(request, out) -> None:
     """
     The user's headers as the backend should see them: one entry per value,
@@ -329,11 +453,7 @@ def _relayed_headers(request, out) -> None:
     trailers}), and with C{X-Forwarded-For}/C{-Proto} added.
     """
     headers = request.requestHeaders
-    connection = {
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"connection", [])
-        for token in value.split(b",")
-    }
+    connection = _connection_tokens(headers)
     upgrading = b"upgrade" in connection and headers.hasHeader(b"upgrade")
     forwarded_for = None
     has_proto = False
@@ -395,6 +515,8 @@ class UserResponse:
         self.started = False
         self.done = False
         self.tunnel: Optional[Tunnel] = None
+        # What the user's request asked to upgrade to, if it did.
+        self.upgrade: Optional[bytes] = None
         self.grpc_headers: List[Tuple[str, str]] = []
         self.bytes = 0
         # The Content-Length the backend declared, when the body must match it.
@@ -443,16 +565,16 @@ class UserResponse:
             self._answer_error(500, "Received no header from relay client")
             self.broker.reject(pending)
             return False
-        metrics.responses.labels("client", "ok", pending.backend, pending.path).inc()
         status = message.status_code
+        refused = self._refuse_status(message)
+        if refused is not None:
+            metrics.responses.labels("client", "invalid_status", pending.backend, pending.path).inc()
+            log.warn("Refusing status from relay client", ID=pending.id, Status=status)
+            self._answer_error(*refused)
+            self.broker.reject(pending)
+            return False
+        metrics.responses.labels("client", "ok", pending.backend, pending.path).inc()
         if status == 101:
-            if not hasattr(request.channel, "switch_protocol"):
-                # HTTP/2 has no 101 (Go answers the same way).
-                self._answer_error(
-                    500, "Backend returned 101 Switching Protocols, which is not supported by the relay server"
-                )
-                self.broker.reject(pending)
-                return False
             self._switch(message)
             return True
         request.setResponseCode(status)
@@ -479,6 +601,27 @@ class UserResponse:
         for name, values in grouped.items():
             request.responseHeaders.setRawHeaders(name, values)
         return True
+
+    def _refuse_status(self, message: HttpResponse) -> Optional[Tuple[int, str]]:
+        """
+        Why C{message}'s 1xx status cannot be this response's final status,
+        as C{(code, text)} for the user; None when it can.
+        """
+        status = message.status_code
+        if status >= 200:
+            return None
+        if status != 101:
+            return 502, "Backend returned interim status %d as its final response" % (status,)
+        if not hasattr(self.request.channel, "switch_protocol"):
+            # HTTP/2 has no 101 (Go answers the same way).
+            return 500, "Backend returned 101 Switching Protocols, which is not supported by the relay server"
+        if self.upgrade is None:
+            return 502, "Backend switched protocols for a request that did not ask to upgrade"
+        offered = [_text(h.value).strip().lower().encode("latin-1", "replace") for h in message.header
+                   if _text(h.name).lower() == "upgrade"]
+        if offered and offered[0] != self.upgrade:
+            return 502, "Backend switched to a protocol the request did not ask for"
+        return None
 
     def _switch(self, message: HttpResponse) -> None:
         request = self.request

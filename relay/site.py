@@ -292,10 +292,11 @@ class RelayChannel(http.HTTPChannel):
 
     def _refuse_head(self, code: int, phrase: bytes, detail: bytes = b"") -> None:
         """Go's answer to a request it cannot parse, then close."""
-        status = b"%d %s" % (code, phrase)
+        # Go puts the detail in the status line too.
+        status = b"%d %s%s" % (code, phrase, detail)
         self.transport.write(
             b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Connection: close\r\n\r\n%s%s" % (status, status, detail)
+            b"Connection: close\r\n\r\n%s" % (status, status)
         )
         if self.requests:
             self.requests[-1]._refused = True
@@ -313,7 +314,7 @@ class RelayChannel(http.HTTPChannel):
         """Go's complaint about the request's Host headers, if any."""
         hosts = request.requestHeaders.getRawHeaders(b"host") or []
         if len(hosts) > 1:
-            return b": too many Host headers"
+            return b""  # Go says no more than this
         if not hosts:
             if self._version == b"HTTP/1.1" and self._command != b"CONNECT":
                 return b": missing required Host header"

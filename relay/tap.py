@@ -168,15 +168,32 @@ class Options(GoFlagOptions):
 
 def port_endpoint(port: str) -> str:
     """
-    C{80} -> C{tcp:80:backlog=4096}; endpoint strings pass through. Twisted's
-    default listen backlog of 50 overflows when thousands of relay-clients
-    reconnect at once after a restart (Go takes the kernel's maximum).
+    C{80} -> C{tcp:80:backlog=4096}; an endpoint string of a listening
+    socket type (C{tcp}, C{tcp6}, C{ssl}, C{unix}) gets C{backlog=4096}
+    added unless it sets its own C{backlog=}; other endpoint strings pass
+    through. Twisted's default listen backlog of 50 overflows when thousands
+    of relay-clients reconnect at once after a restart (Go takes the
+    kernel's maximum), and users connecting at once get resets.
     """
+    backlog = "backlog=4096"
     text = str(port).strip()
     if text.isdigit():
-        return "tcp:%s:backlog=4096" % (text,)
+        return "tcp:%s:%s" % (text, backlog)
     if ":" not in text:
         raise usage.UsageError("--port must be a number or an endpoint string, not %r" % (port,))
+    # The string's fields, split at its unescaped colons.
+    fields, current, escaped = [], [], False
+    for ch in text:
+        if ch == ":" and not escaped:
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        escaped = ch == "\\" and not escaped
+    fields.append("".join(current))
+    takes_backlog = fields[0].lower() in ("tcp", "tcp6", "ssl", "unix")
+    if takes_backlog and not any(f.startswith("backlog=") for f in fields[1:]):
+        return "%s:%s" % (text, backlog)
     return text
 
 

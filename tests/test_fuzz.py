@@ -36,7 +36,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # What the server may answer, by endpoint family; 500 only for the
 # documented "Received no header from relay client".
-ALLOWED = {200, 204, 400, 401, 403, 404, 408, 410, 413, 503, 504}
+ALLOWED = {200, 204, 301, 400, 401, 403, 404, 408, 410, 413, 502, 503, 504}
 
 TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.%", min_size=0, max_size=12)
