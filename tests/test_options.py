@@ -37,8 +37,10 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(self.parse("--port=8080")["endpoint"], "tcp:8080:backlog=4096")
         self.assertEqual(self.parse("--port=0")["endpoint"], "tcp:0:backlog=4096")
         self.assertEqual(
-            self.parse("--port=tcp:8080:interface=127.0.0.1")["endpoint"], "tcp:8080:interface=127.0.0.1"
+            self.parse("--port=tcp:8080:interface=127.0.0.1")["endpoint"],
+            "tcp:8080:interface=127.0.0.1:backlog=4096",
         )
+        self.assertEqual(self.parse("--port=tcp:8080:backlog=64")["endpoint"], "tcp:8080:backlog=64")
         with self.assertRaises(usage.UsageError):
             self.parse("--port=eighty")
 
