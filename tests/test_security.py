@@ -305,13 +305,27 @@ class H2SlowlorisTests(unittest.TestCase):
         # HEADERS on stream 1 without END_HEADERS, and no CONTINUATION.
         payload = b"\x82\x86\x84"  # :method GET, :scheme http, :path /
         frame = struct.pack(">I", len(payload))[1:] + b"\x01\x00" + struct.pack(">I", 1) + payload
+        # (Any other frame now would be a protocol error: the peer just waits.)
         user.transport.write(frame)
         started = reactor.seconds()
-        while not user.ended.called and reactor.seconds() - started < 5:
-            conn.ping(b"12345678")
-            user.transport.write(conn.data_to_send())
+        while not user.ended.called and reactor.seconds() - started < 3:
             yield tick(0.05)
         self.assertTrue(user.ended.called, "a header block never finished kept the connection open")
+
+    @defer.inlineCallbacks
+    def test_half_sent_headers_frame_is_cut_off_while_another_stream_is_open(self):
+        client = H2Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port), client)
+        self.addCleanup(lambda: (client.transport.loseConnection(), client.lost)[1])
+        self.server.broker.get_request("robot").addErrback(lambda f: None)
+        client.request("GET", "/client/robot/slow")
+        yield tick(0.1)
+        # A HEADERS frame on stream 3 announcing 100 bytes, 3 of which come.
+        client.transport.write(struct.pack(">I", 100)[1:] + b"\x01\x04" + struct.pack(">I", 3) + b"\x82\x86\x84")
+        started = reactor.seconds()
+        while not client.lost.called and reactor.seconds() - started < 3:
+            yield tick(0.05)
+        self.assertTrue(client.lost.called, "a half-sent HEADERS frame kept the connection open")
 
     @defer.inlineCallbacks
     def test_an_open_stream_is_not_a_slow_header(self):
