@@ -137,6 +137,18 @@ class RelayH2Connection(H2Connection):
         )
         self.timeoutConnection()
 
+    def abortRequest(self, streamID):
+        """
+        Reset one stream; on a connection that is already closing (after a
+        GOAWAY, e.g. its idle timeout) there is nothing to reset, and h2's
+        refusal must not reach the caller (the broker's reaper).
+        """
+        try:
+            super().abortRequest(streamID)
+        except h2.exceptions.ProtocolError:
+            if streamID in self.streams:
+                self._requestDone(streamID)
+
     def set_trailers(self, stream_id: int, trailers: List[Tuple[bytes, bytes]]) -> None:
         """Send C{trailers} when the stream's response ends."""
         self.conn.pending_trailers[stream_id] = [(k.lower(), v) for k, v in trailers]

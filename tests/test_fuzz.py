@@ -164,3 +164,131 @@ class FuzzTests(unittest.TestCase):
         self.settle(pumps)
         if user.data:
             self.assertIn(self.status(user.data), ALLOWED | {101, 500} | set(range(100, 1000)))
+
+
+# The relay-client's side and HTTP/2: random response messages (any status,
+# any header or trailer name, bodies, eof anywhere) for a user who also has a
+# request to another backend on the same connection, pipelined (HTTP/1.1) or
+# multiplexed (HTTP/2); and random requests over HTTP/2.
+
+from tests.test_hostile_client import TRUE_ANSWER, H2User, HostileTestCase, http11_responses  # noqa: E402
+
+any_names = st.one_of(
+    st.sampled_from(
+        ["Connection", "TE", "Transfer-Encoding", "Upgrade", "Keep-Alive", "Trailer", "Content-Length",
+         "Host", "Grpc-Status", ":status", "X-A\n", "X-B\r\nInjected: 1", ""]
+    ),
+    st.text(max_size=12),
+    header_names,
+)
+any_values = st.one_of(st.text(max_size=20), st.sampled_from(["0", "5", "-1", "abc", " x ", "a\r\nInjected: 1"]))
+statuses = st.one_of(st.none(), st.integers(min_value=-3, max_value=1002), st.sampled_from([100, 101, 103, 204, 304]))
+response_messages = st.lists(
+    st.tuples(
+        statuses,
+        st.binary(max_size=40),
+        st.booleans(),
+        st.lists(st.tuples(any_names, any_values), max_size=3),
+        st.lists(st.tuples(any_names, any_values), max_size=3),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+class RelayClientFuzzTests(HostileTestCase):
+    def setUp(self):
+        pass  # a fresh server per example: see fresh()
+
+    def fresh(self):
+        HostileTestCase.setUp(self)
+
+    def post_all(self, request_id, messages):
+        for status, body, eof, hdrs, trailers in messages:
+            self.assertIn(self.post(request_id, status, body, eof, hdrs, trailers), (200, 400))
+            self.flush()
+
+    def end_evil(self):
+        """Let the inactive-request timeout end whatever evil left open."""
+        for _ in range(8):
+            if not any(p.backend == "evil" for p in self.broker.requests.values()):
+                return
+            self.clock.advance(10)
+            self.broker.reap()
+            self.flush()
+
+    def victim_waiting(self):
+        return any(p.backend == "victim" and not p.picked_up for p in self.broker.requests.values())
+
+    @given(response_messages)
+    def test_response_messages_to_a_pipelining_http11_user(self, messages):
+        self.fresh()
+        user, message = self.pipelined()
+        self.post_all(message.id, messages)
+        self.end_evil()
+        if self.victim_waiting():
+            self.victim_answers()
+        if user.lost:
+            # The evil response was cut short: the connection is aborted,
+            # and the victim's request was never relayed.
+            self.assertNotIn(TRUE_ANSWER, user.data)
+        else:
+            self.assert_victim_unharmed_http11(user)
+        self.assert_clean()
+
+    @given(response_messages)
+    def test_response_messages_to_a_multiplexing_h2_user(self, messages):
+        self.fresh()
+        user = self.h2_user()
+        evil, victim, message = self.multiplexed(user)
+        self.post_all(message.id, messages)
+        self.victim_answers()
+        self.assert_victim_unharmed_h2(user, victim)
+        # Whatever evil left open ends (by the inactive-request timeout, or
+        # with the connection at its idle timeout), without an error.
+        self.end_evil()
+        self.assertTrue(evil["end"] is not None or user.lost or user.terminated)
+        self.assert_clean()
+
+    @given(
+        st.lists(
+            st.tuples(methods, paths, queries, st.lists(st.tuples(header_names, header_values), max_size=4),
+                      st.binary(max_size=100)),
+            min_size=1,
+            max_size=3,
+        ),
+        st.booleans(),
+    )
+    def test_any_requests_over_h2(self, requests, known):
+        self.fresh()
+        if not known:
+            self.broker.backends.clear()
+        user = self.h2_user()
+        states = []
+        for method, path, query, hdrs, body in requests:
+            stream_id = user.conn.get_next_available_stream_id()
+            pairs = [(":method", method), (":path", path + query), (":scheme", "http"), (":authority", "relay")]
+            pairs += [(k.lower(), v) for k, v in hdrs if k.lower() not in _H2_FORBIDDEN]
+            user.conn.send_headers(stream_id, pairs, end_stream=not body)
+            if body:
+                user.conn.send_data(stream_id, body, end_stream=True)
+            user.transport.write(user.conn.data_to_send())
+            state = user.streams[stream_id] = {"headers": None, "data": b"", "trailers": None, "end": None}
+            states.append(state)
+        self.flush()
+        # Long polls end after 30 s, unclaimed requests after 10 s: well
+        # within the connection's idle timeout.
+        for _ in range(4):
+            self.clock.advance(10)
+            self.broker.reap()
+            self.flush()
+        for state in states:
+            if state["end"] == "ended":
+                self.assertIn(int(state["headers"][":status"]), ALLOWED | {500}, state)
+        health = user.request("/healthz")
+        self.flush()
+        self.assertEqual((health["end"], health["data"]), ("ended", b"ok"))
+        self.assert_clean()
+
+
+_H2_FORBIDDEN = frozenset(["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"])
