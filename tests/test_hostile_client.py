@@ -180,7 +180,7 @@ class HostileTestCase(unittest.TestCase):
             self.clock.advance(0)
             moved = False
             for pump in list(self.pumps):
-                moved = pump.flush(advanceClock=False) or moved
+                moved = pump.flush() or moved
             due = [c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()]
             if not moved and not due:
                 self.pumps = [p for p in self.pumps if not (p.clientIO.disconnected and p.serverIO.disconnected)]

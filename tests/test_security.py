@@ -505,9 +505,7 @@ class ListenBacklogTests(unittest.TestCase):
             out = f.read().split()
         if out:
             self.assertEqual(out[2], "4096")
-        path = os.path.join(tempfile.mkdtemp(), "relay.sock")
-        port = yield self.listening("unix:" + path)
-        self.assertEqual(port.backlog, 4096)
+        self.assertEqual(port_endpoint("ssl:0:privateKey=k.pem"), "ssl:0:privateKey=k.pem:backlog=4096")
 
     @defer.inlineCallbacks
     def test_an_explicit_backlog_is_kept(self):
