@@ -590,7 +590,11 @@ class UserResponse:
                 self.grpc_headers.append((name, value))
             grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(value))
         lengths = grouped.get(b"content-length")
-        if lengths is not None:
+        if lengths is not None and status == 204:
+            # A 204 has no body and no length (RFC 9110 8.6): a client that
+            # believed one would read the next response as its body.
+            del grouped[b"content-length"]
+        elif lengths is not None:
             if len(set(lengths)) == 1 and lengths[0].isdigit():
                 if request.method != b"HEAD" and status not in (204, 304):
                     self.expected = int(lengths[0])

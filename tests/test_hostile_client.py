@@ -313,6 +313,38 @@ class EveryStatusTests(HostileTestCase):
         self.assert_clean()
 
 
+class HeadAndNoBodyTests(HostileTestCase):
+    def test_bodies_for_head_204_and_304_never_reach_the_next_response(self):
+        for method in (b"HEAD", b"GET"):
+            for status in (200, 204, 304):
+                for length in (None, "6", "100", "0"):
+                    user = Bytes()
+                    self.connect(user)
+                    user.transport.write(
+                        b"%s /client/evil/x HTTP/1.1\r\nHost: relay\r\n\r\n"
+                        b"GET /client/victim/y HTTP/1.1\r\nHost: relay\r\n\r\n" % (method,)
+                    )
+                    self.flush()
+                    message = self.poll("evil")
+                    headers = [("Content-Length", length)] if length is not None else []
+                    self.post(message.id, status, FORGED, headers=headers)
+                    self.flush()
+                    if user.lost:
+                        # Cut short (a body shorter than its length): aborted
+                        # before the victim's request was relayed.
+                        self.assertEqual((method, status, length), (b"GET", 200, "100"))
+                        self.assertNotIn(TRUE_ANSWER, user.data)
+                        continue
+                    self.victim_answers()
+                    head = user.data.split(b"\r\n\r\n", 1)[0]
+                    if method == b"HEAD" or status in (204, 304):
+                        self.assertNotIn(b"forged", user.data, (method, status, length))
+                    if status == 204:
+                        self.assertNotIn(b"Content-Length", head)
+                    self.assertTrue(user.data.endswith(b"ictim's true answer\r\n0\r\nX-Done: 1\r\n\r\n"))
+        self.assert_clean()
+
+
 # One name of each kind a relay-client might send, with whether a
 # well-behaved relay passes it on to the user as a header / as a trailer.
 NAMES = [
