@@ -196,6 +196,7 @@ class RelayRequest(server.Request):
             query = b"?" + query
         else:
             query = b""
+        authority = authority.rpartition(b"@")[2]  # no userinfo, as Go's URL.Host
         if authority:
             self.requestHeaders.setRawHeaders(b"host", [authority])
         return b"/" + tail + query if slash else b"/" + query

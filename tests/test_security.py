@@ -431,7 +431,9 @@ class RawRequestTests(ServerTestCase):
         yield self.until(lambda: self.server.broker.backends.get("robot"))
         user = yield raw_connect(self.server.port)
         self.addCleanup(user.transport.loseConnection)
-        user.transport.write(b"GET http://relay.example/client/robot/x/y?q=1 HTTP/1.1\r\nHost: ignored\r\n\r\n")
+        user.transport.write(
+            b"GET http://user:pw@relay.example/client/robot/x/y?q=1 HTTP/1.1\r\nHost: ignored\r\n\r\n"
+        )
         code, message = yield poll
         self.assertEqual((message.url, message.host), ("http://invalid/x/y?q=1", "relay.example"))
         yield self.relay_client.respond(message.id, 200, b"ok", headers=[("Content-Length", "2")])
