@@ -67,15 +67,21 @@ class TrailerH2Connection(h2.connection.H2Connection):
         trailers = self.pending_trailers.pop(stream_id, None)
         if trailers:
             trailers = [(k, v) for k, v in trailers if k not in _NOT_IN_H2_TRAILERS]
-        if trailers:
-            # Nothing is left for h2's validation to refuse (it would run
-            # while the block is encoded, leaving the HPACK context changed):
-            # what may still fail is a stream the peer has reset.
-            try:
+        # Twisted calls this from its sending loop, which an exception would
+        # end for every stream of the connection: a stream h2 will not end
+        # is reset instead, or left alone if even that is refused.
+        try:
+            if trailers:
+                # Nothing is left for h2's validation to refuse (it would
+                # run while the block is encoded, leaving the HPACK context
+                # changed): what may still fail is a stream already reset.
                 return self.send_headers(stream_id, trailers, end_stream=True)
-            except h2.exceptions.ProtocolError:
+            return super().end_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            try:
                 return self.reset_stream(stream_id)
-        return super().end_stream(stream_id)
+            except h2.exceptions.ProtocolError:
+                return None
 
 
 class RelayH2Connection(H2Connection):
