@@ -21,9 +21,9 @@ users, as Go's C{net/http} server applies them (RFC 9112):
 
   - Host (section 3.2): an HTTP/1.1 request needs exactly one Host header,
     and a Host value must be a valid host (no blanks, no second value
-    after a comma and a space); otherwise C{400 Bad Request: missing
-    required Host header}, C{too many Host headers} or C{malformed Host
-    header}, and the connection closes, as Go does.
+    after a comma and a space); otherwise Go's C{400 Bad Request: missing
+    required Host header}, C{400 Bad Request} (two or more) or C{400 Bad
+    Request: malformed Host header}, and the connection closes.
   - Absolute-form targets (C{GET http://relay/client/x HTTP/1.1}, section
     3.2.2) are accepted and routed by their path and query; the target's
     authority is the request's host.
