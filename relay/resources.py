@@ -150,9 +150,8 @@ class ServerResource(Resource):
             return http_error(request, 400, "Missing server query parameter")
         if not self.policy.relay_client_allowed(request, server):
             return self._forbidden(request, server)
-        log.info("Relay client connected", ServerName=server)
         try:
-            d = self.broker.get_request(server, request.path.decode("latin-1"))
+            d = self.broker.get_request(server)
         except Overloaded as e:
             return _overloaded(request, e)
         return _answer_when(request, d, self._polled)
@@ -439,11 +438,10 @@ class UserResponse:
         metrics = self.broker.metrics
         pending = self.pending
         if not message.HasField("status_code") or not 100 <= message.status_code <= 999:
-            metrics.responses.labels("client", "missing_header", pending.backend, pending.path).inc()
+            metrics.responses.labels("client", "missing_header", pending.backend).inc()
             self._answer_error(500, "Received no header from relay client")
             self.broker.reject(pending)
             return False
-        metrics.responses.labels("client", "ok", pending.backend, pending.path).inc()
         status = message.status_code
         if status == 101:
             if not hasattr(request.channel, "switch_protocol"):
@@ -532,9 +530,7 @@ class UserResponse:
         pending = self.pending
         if not self.started:
             if isinstance(reason, RequestExpired):
-                self.broker.metrics.responses.labels(
-                    "client", "missing_message", pending.backend, pending.path
-                ).inc()
+                self.broker.metrics.responses.labels("client", "missing_message", pending.backend).inc()
                 self._answer_error(
                     504,
                     "Timeout after %s, indicating that the backend request took too long"
