@@ -12,6 +12,7 @@ whose format strings have placeholders, get C{msg} formatted.
 """
 
 import json
+import re
 import sys
 import time
 from functools import lru_cache
@@ -102,7 +103,11 @@ def _timestamp(event: dict) -> str:
 
 
 def json_line(event: dict) -> str:
-    """One event as a compact JSON line, slog style."""
+    """
+    One event as a compact JSON line, slog style. Every character that is
+    not printable ASCII is escaped (C{ensure_ascii}, and DEL by hand), so
+    that no value from a peer can move a terminal's cursor or forge a line.
+    """
     record = {
         "time": _timestamp(event),
         "level": _LEVEL_NAMES.get(event.get("log_level"), "INFO"),
@@ -113,29 +118,74 @@ def json_line(event: dict) -> str:
     err = _error_text(event)
     if err is not None:
         record["error"] = err
-    return json.dumps(record, separators=(",", ":"), default=repr) + "\n"
+    line = json.dumps(record, separators=(",", ":"), default=str)
+    if "\x7f" in line:
+        line = line.replace("\x7f", "\\u007f")
+    return line + "\n"
 
 
 def text_line(event: dict) -> str:
-    """One event as slog's text handler writes it: key=value pairs."""
+    """
+    One event as slog's text handler writes it: key=value pairs, each value
+    quoted (Go's C{strconv.Quote}) when it is empty or holds a space, C{=},
+    C{"}, a backslash or any character that is not printable.
+    """
     parts = [
         "time=" + _timestamp(event),
         "level=" + _LEVEL_NAMES.get(event.get("log_level"), "INFO"),
         "msg=" + _quote(_message(event)),
     ]
     for key, value in _fields(event).items():
-        parts.append("%s=%s" % (key, _quote(value)))
+        parts.append("%s=%s" % (_quote(str(key)), _quote(_text_value(value))))
     err = _error_text(event)
     if err is not None:
         parts.append("error=" + _quote(err))
     return " ".join(parts) + "\n"
 
 
-def _quote(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=repr)
-    if not text or any(c in text for c in ' ="\n\\') :
-        return json.dumps(text)
-    return text
+def _text_value(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+# Printable ASCII other than space, '=', '"' and backslash: left bare.
+_BARE = re.compile(r"[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+")
+_ESCAPES = {
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+    '"': '\\"',
+    "\\": "\\\\",
+}
+
+
+def _quote(text: str) -> str:
+    """C{text} bare if it is safe to, else quoted as Go's C{strconv.Quote} does."""
+    if _BARE.fullmatch(text):
+        return text
+    if text and all(c.isprintable() and c not in ' ="\\' for c in text):
+        return text  # printable non-ASCII, as slog leaves it
+    out = ['"']
+    for c in text:
+        escaped = _ESCAPES.get(c)
+        if escaped is not None:
+            out.append(escaped)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            n = ord(c)
+            out.append("\\x%02x" % n if n < 0x80 else "\\u%04x" % n if n < 0x10000 else "\\U%08x" % n)
+    out.append('"')
+    return "".join(out)
 
 
 FORMATTERS = {"json": json_line, "text": text_line}
