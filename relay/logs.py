@@ -25,6 +25,8 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
 )
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import provider
 
@@ -257,3 +259,67 @@ class LogsThroughObserver:
         ):
             parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
+
+
+def peer_text(address) -> str:
+    """
+    A peer as C{host:port} (C{[v6]:port}, or a UNIX socket's path), never as
+    Twisted's C{IPv4Address(type='TCP', …)} repr.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+    name = getattr(address, "name", None)
+    if name is not None:
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return "unknown"
+
+
+class Throttle:
+    """
+    At most one line per C{interval} seconds for an event that peers can
+    cause at will (a refused relay-client): an operator learns that it
+    happens, and how often, without the log growing with every attempt.
+
+    @param clock: an L{IReactorTime}.
+    """
+
+    def __init__(self, clock, interval: float = 10.0):
+        self.clock = clock
+        self.interval = interval
+        self._next = None
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        """True when a line may be written now (then read and reset L{suppressed})."""
+        now = self.clock.seconds()
+        if self._next is not None and now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + self.interval
+        return True
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+class _OneShotFactory(Factory):
+    noisy = False  # no "Starting factory <…object at 0x…>" line per connection
+
+    def __init__(self, protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
+
+
+def connect_quietly(endpoint, protocol) -> Deferred:
+    """
+    L{twisted.internet.endpoints.connectProtocol}, without its factory's
+    C{Starting factory} and C{Stopping factory} lines at info, which the
+    relay-client would write for every WebSocket and HTTP/2 backend
+    connection.
+    """
+    return endpoint.connect(_OneShotFactory(protocol))

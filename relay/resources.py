@@ -32,6 +32,7 @@ from relay.broker import (
 )
 from relay.durations import format_duration
 from relay.headers import HOP_BY_HOP, go_canonical, sanitize_value, valid_name
+from relay.logs import Throttle, peer_text
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.tunnel import Tunnel
@@ -135,6 +136,7 @@ class ServerResource(Resource):
         super().__init__()
         self.broker = broker
         self.policy = policy if policy is not None else AccessPolicy()
+        self._refusals = Throttle(broker.clock)
         self._routes = {
             b"/server/request": self.poll,
             b"/server/response": self.response,
@@ -157,7 +159,14 @@ class ServerResource(Resource):
         return _answer_when(request, d, self._polled)
 
     def _forbidden(self, request, name: str) -> bytes:
-        log.warn("Relay client refused", ServerName=name, Peer=str(request.getClientAddress()))
+        # Anyone can be refused as often as they like: one line per 10 s.
+        if self._refusals.allow():
+            log.warn(
+                "Relay client refused",
+                ServerName=name,
+                Peer=peer_text(request.getClientAddress()),
+                Suppressed=self._refusals.take_suppressed(),
+            )
         return http_error(request, 403, "Forbidden: this relay-client may not act for %s" % (name,))
 
     def _polled(self, request, message: Optional[HttpRequest]) -> bytes:
@@ -488,7 +497,8 @@ class UserResponse:
         lines.append(b"\r\n")
         request.unregisterProducer()
         self.tunnel = Tunnel(self.broker, self.pending)
-        log.info("Switched protocols", ID=self.pending.id)
+        if self.broker.trace:
+            log.debug("Switched protocols", ID=self.pending.id)
         request.channel.switch_protocol(self.tunnel, b"".join(lines))
 
     def _finish(self) -> None:

@@ -26,6 +26,7 @@ from twisted.web import http, server
 from relay.bodybuffer import BodyBuffer
 from relay.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.headers import sanitize_value, valid_name
+from relay.logs import peer_text
 from relay.transport_tuning import tune
 
 DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
@@ -210,7 +211,8 @@ class RelayChannel(http.HTTPChannel):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        self._log.info("Closing connection: no request headers in time", peer=str(self.transport.getPeer()))
+        # Every idle keep-alive connection ends here: not worth a line at info.
+        self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
         self.transport.abortConnection()
 
     def requestDone(self, request) -> None:
