@@ -30,6 +30,8 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.web._http2 import H2Connection
 
+from relay.logs import DebugInfoLogger
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -49,6 +51,8 @@ class TrailerH2Connection(h2.connection.H2Connection):
 
 class RelayH2Connection(H2Connection):
     """Twisted's HTTP/2 server connection, able to send trailers."""
+
+    _log = DebugInfoLogger()  # e.g. "Timing out client IPv4Address(...)"
 
     def __init__(self, reactor=None):
         super().__init__(reactor)

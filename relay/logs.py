@@ -21,6 +21,7 @@ from typing import IO, Callable, Optional
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -323,3 +324,18 @@ def connect_quietly(endpoint, protocol) -> Deferred:
     connection.
     """
     return endpoint.connect(_OneShotFactory(protocol))
+
+
+class DebugInfoLogger(Logger):
+    """
+    A C{_log} for our subclasses of Twisted's request and connection classes.
+    What those log at info concerns one request or connection (a HEAD
+    response's body eaten, an idle client timed out), with Python reprs of
+    requests, resources and peers in it: that goes to debug. Warnings and
+    errors stay as they are.
+    """
+
+    def emit(self, level, format=None, **kwargs):
+        if level == LogLevel.info:
+            level = LogLevel.debug
+        Logger.emit(self, level, format, **kwargs)

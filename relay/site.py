@@ -26,7 +26,7 @@ from twisted.web import http, server
 from relay.bodybuffer import BodyBuffer
 from relay.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.headers import sanitize_value, valid_name
-from relay.logs import peer_text
+from relay.logs import DebugInfoLogger, peer_text
 from relay.transport_tuning import tune
 
 DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
@@ -37,6 +37,8 @@ class RelayRequest(server.Request):
     A request whose body is capped and kept in memory, and whose chunked
     response can end with trailers.
     """
+
+    _log = DebugInfoLogger()  # e.g. a HEAD body eaten, per request
 
     # The relay sends the backend's Content-Type, or none: never a guess.
     defaultContentType = None
@@ -190,6 +192,8 @@ class RelayChannel(http.HTTPChannel):
     HTTP/2 when the connection starts with the HTTP/2 preface (or TLS chose
     C{h2}), a raw pipe after a 101.
     """
+
+    _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
 
     _switched: Optional[IProtocol] = None
     _sniffing = True

@@ -105,6 +105,18 @@ class EndToEndVolume(unittest.TestCase):
             yield resp.content()
         for _ in range(3):
             yield self.websocket()
+        # Users' requests that the server answers itself, HEAD included
+        # (Twisted logs "Warning: HEAD request <…> is returning a message
+        # body" at info for each).
+        for method, path in [
+            ("HEAD", "/healthz"),
+            ("HEAD", "/metrics"),
+            ("HEAD", "/client/nobody/x"),
+            ("GET", "/client/nobody/x"),
+            ("GET", "/elsewhere"),
+        ]:
+            resp = yield treq.request(method, self.relay.base + path, pool=self.users)
+            yield resp.content()
         # Idle keep-alive connections reach the header timeout (0.3 s here).
         yield self.users.closeCachedConnections()
         idle = user_pool()

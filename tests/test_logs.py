@@ -89,3 +89,16 @@ class LogTests(unittest.TestCase):
         self.assertEqual(line.count("\n"), 1)
         self.assertTrue(all(c.isprintable() for c in line[:-1]), line)
         self.assertIn("ValueError: bad\\r\\x1b[2K", line)
+
+    def test_twisteds_info_lines_go_to_debug_in_our_subclasses(self):
+        from relay.h2 import RelayH2Connection
+        from relay.logs import DebugInfoLogger
+        from relay.site import RelayChannel, RelayRequest
+
+        for cls in (RelayRequest, RelayChannel, RelayH2Connection):
+            self.assertIsInstance(cls._log, DebugInfoLogger)
+        out = io.StringIO()
+        log = DebugInfoLogger(observer=LogPublisher(make_observer(out, "text", LogLevel.info)))
+        log.info("Timing out client: {peer}", peer="IPv4Address(...)")
+        log.warn("kept")
+        self.assertEqual([l.split(" ", 2)[2] for l in out.getvalue().splitlines()], ["msg=kept"])
