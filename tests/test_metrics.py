@@ -21,7 +21,9 @@ from twisted.web.client import HTTPConnectionPool
 from relay.auth import AccessPolicy, ClientTokens
 from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpResponse
-from tests.fixtures.capture_go_metrics import series
+from relay.broker import POLL_TIMEOUT
+from relay.service import REAP_INTERVAL
+from tests.fixtures.capture_go_metrics import INACTIVE_REQUEST_TIMEOUT, series
 from tests.support import FakeRelayClient, RelayServer, until
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "go_metrics.txt")
@@ -73,17 +75,23 @@ class MetricsTestCase(unittest.TestCase):
     @defer.inlineCallbacks
     def relay_one(self, path, name="robot1"):
         """A user GET answered by the (fake) relay-client, as Go's client answers."""
-        poll = self.relay_client.poll(name)
-        yield until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
-        user = self.fetch("/client/%s%s" % (name, path))
-        code, message = yield poll
-        self.assertEqual(code, 200)
+        user, message = yield self.picked_up(name, path)
         code, _ = yield self.relay_client.post(
             HttpResponse(id=message.id, status_code=200, body=b"x", eof=True, backend_duration_ms=1)
         )
         self.assertEqual(code, 200)
         code, _ = yield user
         self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def picked_up(self, name, path):
+        """A user request that a poll of C{name} picked up: C{(user Deferred, HttpRequest)}."""
+        poll = self.relay_client.poll(name)
+        yield until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        user = self.fetch("/client/%s%s" % (name, path))
+        code, message = yield poll
+        self.assertEqual(code, 200)
+        return user, message
 
     def fabricated(self, name):
         return self.relay_client.post(HttpResponse(id=name + ":" + "0" * 32, status_code=200, eof=True))
@@ -93,13 +101,25 @@ class GoParityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_names_and_label_sets_match_the_go_server(self):
         """The traffic of capture_go_metrics.TRAFFIC, then a diff with Go's series."""
-        self.start(metrics=RelayMetrics())
+        clock = Clock()
+        self.start(metrics=RelayMetrics(), clock=clock, inactive_request_timeout=INACTIVE_REQUEST_TIMEOUT)
         yield self.relay_one("/bytes/1024")
         yield self.relay_one("/healthz")
         self.assertEqual((yield self.fetch("/client/nobody/x"))[0], 503)
         self.assertEqual((yield self.relay_client.post(b"garbage"))[0], 400)
         self.assertEqual((yield self.fabricated("robot1"))[0], 400)
         self.assertEqual((yield self.fabricated("stranger"))[0], 400)
+        # robot2: answered without a status; never answered; a poll times out.
+        user, message = yield self.picked_up("robot2", "/no-status")
+        yield self.relay_client.post(HttpResponse(id=message.id, eof=True))
+        self.assertEqual((yield user)[0], 500)
+        user, message = yield self.picked_up("robot2", "/never")
+        poll = self.relay_client.poll("robot2")
+        yield until(lambda: self.server.broker.backends["robot2"].polls)
+        clock.advance(INACTIVE_REQUEST_TIMEOUT + REAP_INTERVAL)
+        self.assertEqual((yield user)[0], 504)
+        clock.advance(POLL_TIMEOUT)
+        self.assertEqual((yield poll)[0], 408)
         ours = series((yield self.metrics()))
         go = go_series()
         self.assertEqual(sorted(go - ours), [], "series of the Go server we lack")
