@@ -9,6 +9,12 @@ ours must look the same: C{msg} is the event's format string, unformatted,
 and every other key a caller passed to L{twisted.logger.Logger} becomes a
 field of its own, in the order it was given. Events from Twisted itself,
 whose format strings have placeholders, get C{msg} formatted.
+
+Values come from peers (backend names, ids, header names), so both formats
+escape every character that is not printable, as slog does: a name holding
+a CR or an escape sequence cannot forge a line or rewrite a terminal. At
+info the server writes nothing per request or per poll; see L{peer_text},
+L{Throttle}, L{DebugInfoLogger} and L{connect_quietly} for how.
 """
 
 import json
@@ -95,7 +101,7 @@ def _error_text(event: dict) -> Optional[str]:
 
 @lru_cache(maxsize=4)
 def _second(whole: int) -> str:
-    # A busy relay logs a poll per request: format each second once.
+    # Debug logging writes several lines per request: format each second once.
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
