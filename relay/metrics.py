@@ -184,14 +184,32 @@ class _BrokerState:
 
 
 def go_float(value: float) -> str:
-    """A number as Go's C{strconv.FormatFloat(v, 'g', -1, 64)} writes it."""
+    """
+    A number as client_golang writes it: C{strconv.FormatFloat(v, 'g', -1,
+    64)}, the shortest digits that read back the same, in exponent form
+    below 1e-4 and from 1e6 up (C{59252736} is C{5.9252736e+07}).
+    """
     if value != value:
         return "NaN"
     if value in (float("inf"), float("-inf")):
         return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e21:
-        return "%d" % value
-    return repr(value)
+    if value == 0:
+        return "0"
+    text = repr(float(value))  # Python's repr is the shortest round trip too
+    sign = ""
+    if text[0] == "-":
+        sign, text = "-", text[1:]
+    mantissa, _, exponent = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = whole + fraction
+    significant = digits.lstrip("0")
+    exp = int(exponent or 0) + len(whole) - 1 - (len(digits) - len(significant))
+    if exp < -4 or exp >= 6:
+        significant = significant.rstrip("0")
+        head = significant[0] + ("." + significant[1:] if len(significant) > 1 else "")
+        return "%s%se%s%02d" % (sign, head, "-" if exp < 0 else "+", abs(exp))
+    # Python writes these without an exponent, as Go does.
+    return sign + (whole if fraction == "0" else mantissa)
 
 
 def _labels(labels: dict) -> str:

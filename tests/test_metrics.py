@@ -222,3 +222,25 @@ class _Sink:
 
     def resume(self):
         pass
+
+
+class NumberFormatTests(unittest.TestCase):
+    def test_numbers_as_client_golang_writes_them(self):
+        """Values as they appeared on the Go server's /metrics page."""
+        from relay.metrics import go_float
+
+        for value, text in [
+            (2, "2"),
+            (20000, "20000"),
+            (0.005, "0.005"),
+            (0.008730073999999999, "0.008730073999999999"),
+            (13869056.0, "1.3869056e+07"),
+            (1796067704.59, "1.79606770459e+09"),
+            (1300860928.0, "1.300860928e+09"),
+            (float(2**64 - 1), "1.8446744073709552e+19"),
+            (1e6, "1e+06"),
+            (1e-05, "1e-05"),
+            (-3.0, "-3"),
+            (float("inf"), "+Inf"),
+        ]:
+            self.assertEqual(go_float(value), text)
