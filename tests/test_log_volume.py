@@ -197,3 +197,26 @@ class FirstPollTests(unittest.TestCase):
         (line,) = self.log.with_message("Relay client refused")
         self.assertEqual(self.log.since(mark), [line])
         self.assertIn("msg=\"Relay client refused\" ServerName=intruder0 Peer=127.0.0.1:", line)
+
+
+class QuietFactoryTests(unittest.TestCase):
+    def test_the_relay_connects_through_quiet_factories_only(self):
+        """
+        Twisted's C{connectProtocol} builds a factory that logs C{Starting
+        factory <…OneShotFactory object at 0x…>} at info for every
+        connection: the relay-client's WebSockets and HTTP/2 backend
+        connections use L{connect_quietly} instead.
+        """
+        import glob
+
+        import relay
+        from relay.client.keepalive import _ConnectionFactory
+        from relay.logs import _OneShotFactory
+        from relay.site import RelaySite
+
+        root = os.path.dirname(relay.__file__)
+        for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
+            with open(path) as f:
+                self.assertNotIn("connectProtocol(", f.read(), path)
+        for factory in (_OneShotFactory, _ConnectionFactory, RelaySite):
+            self.assertFalse(factory.noisy, factory)
