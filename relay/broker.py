@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.metrics import RelayMetrics
+from relay.metrics import RESULT_UNKNOWN_ID, UNKNOWN_BACKEND, RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()
@@ -286,14 +286,12 @@ class PendingRequest:
         backend: str,
         message: HttpRequest,
         sink: ResponseSink,
-        path: str,
     ):
         self.broker = broker
         self.id = request_id
         self.backend = backend
         self.message: Optional[HttpRequest] = message
         self.sink = sink
-        self.path = path
         self.start = self.last_activity = broker.clock.seconds()
         self.picked_up = False
         self.started = False
@@ -477,15 +475,14 @@ class Broker:
         while request_id in self.requests:
             request_id = self._new_id(backend)
         message.id = request_id
-        path = self.metrics.path_label(backend, _url_path(message.url))
-        pending = PendingRequest(self, request_id, backend, message, sink, path)
+        pending = PendingRequest(self, request_id, backend, message, sink)
         # From here the body's share of the budget is the pending request's.
         pending.charge = charge
         self.requests[request_id] = pending
         b.active.add(request_id)
         if self.trace:
             log.debug("Enqueuing request", ID=request_id)
-        self.metrics.requests.labels("client", backend, path).inc()
+        self.metrics.requests.labels("client", backend).inc()
         if b.polls:
             d, timer = b.polls.popleft()
             timer.cancel()
@@ -512,7 +509,7 @@ class Broker:
         pending.picked_up = True
         pending.last_activity = self.clock.seconds()
         b.last_activity = pending.last_activity
-        self.metrics.responses.labels("server_request", "ok", b.name, "/server/request").inc()
+        self.metrics.responses.labels("server_request", "ok", b.name).inc()
         d.callback(message)
 
     def cancel(self, pending: PendingRequest) -> None:
@@ -538,11 +535,13 @@ class Broker:
 
     # The relay-client's side.
 
-    def get_request(self, backend: str, path: str = "/server/request") -> Deferred:
+    def get_request(self, backend: str) -> Deferred:
         """
         A long poll: fires with the next L{HttpRequest} for C{backend}, or
         with C{None} after L{POLL_TIMEOUT} (or at shutdown). The first poll
-        makes a backend known. Cancel the L{Deferred} when the poll's
+        makes a backend known, and only that one is logged (at info): a
+        relay-client polls once per request, and Go's integration test
+        waits for the line. Cancel the L{Deferred} when the poll's
         connection goes away, so that no request is handed to it.
         """
         now = self.clock.seconds()
@@ -551,8 +550,9 @@ class Broker:
             if len(self.backends) >= self.max_backends:
                 raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
             b = self.backends[backend] = Backend(backend, now)
+            log.info("Relay client connected", ServerName=backend)
         b.last_activity = now
-        self.metrics.requests.labels("server_request", backend, path).inc()
+        self.metrics.requests.labels("server_request", backend).inc()
         if self.stopping:
             return succeed(None)
         if b.queue:
@@ -578,7 +578,7 @@ class Broker:
                 b.polls.remove(entry)
                 break
         b.last_activity = self.clock.seconds()
-        self.metrics.responses.labels("server_request", "timeout", b.name, "/server/request").inc()
+        self.metrics.responses.labels("server_request", "timeout", b.name).inc()
         d.callback(None)
 
     def send_response(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> Deferred:
@@ -593,13 +593,20 @@ class Broker:
         request_id = message.id
         pending = self.requests.get(request_id)
         if pending is None or pending.eof_received:
-            backend = request_id.split(":", 1)[0]
-            self.metrics.responses.labels("server_response", "invalid", backend, "").inc()
+            if pending is not None:
+                backend = pending.backend
+            else:
+                # Only a name the broker knows gets a series of its own: a
+                # caller posting made-up ids must not grow /metrics.
+                backend = request_id.rpartition(":")[0]
+                if backend not in self.backends:
+                    backend = UNKNOWN_BACKEND
+            self.metrics.responses.labels("server_response", RESULT_UNKNOWN_ID, backend).inc()
             raise UnknownRequest(request_id)
         now = self.clock.seconds()
         pending.last_activity = now
         elapsed = now - pending.start
-        labels = ("server_response", pending.backend, pending.path)
+        labels = ("server_response", pending.backend)
         self.metrics.requests.labels(*labels).inc()
         self.metrics.response_durations.labels(*labels).observe(elapsed)
         if message.eof:
@@ -625,7 +632,7 @@ class Broker:
                 Bytes=_body_size(message, body),
                 Elapsed=elapsed,
             )
-        self.metrics.responses.labels("server_response", "ok", pending.backend, pending.path).inc()
+        self.metrics.responses.labels("server_response", "ok", pending.backend).inc()
         return pending._post(message, body)
 
     def reject(self, pending: PendingRequest) -> None:
@@ -690,14 +697,6 @@ class Broker:
         """The grace period is over: end whatever is still in flight."""
         for pending in list(self.requests.values()):
             self._forget(pending, ServerStopping("Server is restarting"))
-
-
-def _url_path(url: str) -> str:
-    rest = url.split("://", 1)[-1]
-    slash = rest.find("/")
-    if slash < 0:
-        return "/"
-    return rest[slash:].split("?", 1)[0]
 
 
 def _body_size(message: HttpResponse, body: Optional[List[bytes]]) -> int:

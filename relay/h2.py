@@ -46,6 +46,8 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.web._http2 import H2Connection
 
+from relay.logs import DebugInfoLogger
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Names HTTP/2 forbids in a header block (RFC 9113 8.2.2), which h2 raises on.
@@ -89,6 +91,7 @@ class RelayH2Connection(H2Connection):
 
     _deadline = None
     _gone = False
+    _log = DebugInfoLogger()  # e.g. "Timing out client IPv4Address(...)"
 
     def __init__(self, reactor=None):
         super().__init__(reactor)

@@ -9,9 +9,16 @@ ours must look the same: C{msg} is the event's format string, unformatted,
 and every other key a caller passed to L{twisted.logger.Logger} becomes a
 field of its own, in the order it was given. Events from Twisted itself,
 whose format strings have placeholders, get C{msg} formatted.
+
+Values come from peers (backend names, ids, header names), so both formats
+escape every character that is not printable, as slog does: a name holding
+a CR or an escape sequence cannot forge a line or rewrite a terminal. At
+info the server writes nothing per request or per poll; see L{peer_text},
+L{Throttle}, L{DebugInfoLogger} and L{connect_quietly} for how.
 """
 
 import json
+import re
 import sys
 import time
 from functools import lru_cache
@@ -20,10 +27,13 @@ from typing import IO, Callable, Optional
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
 )
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import provider
 
@@ -91,7 +101,7 @@ def _error_text(event: dict) -> Optional[str]:
 
 @lru_cache(maxsize=4)
 def _second(whole: int) -> str:
-    # A busy relay logs a poll per request: format each second once.
+    # Debug logging writes several lines per request: format each second once.
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
@@ -102,7 +112,11 @@ def _timestamp(event: dict) -> str:
 
 
 def json_line(event: dict) -> str:
-    """One event as a compact JSON line, slog style."""
+    """
+    One event as a compact JSON line, slog style. Every character that is
+    not printable ASCII is escaped (C{ensure_ascii}, and DEL by hand), so
+    that no value from a peer can move a terminal's cursor or forge a line.
+    """
     record = {
         "time": _timestamp(event),
         "level": _LEVEL_NAMES.get(event.get("log_level"), "INFO"),
@@ -113,29 +127,74 @@ def json_line(event: dict) -> str:
     err = _error_text(event)
     if err is not None:
         record["error"] = err
-    return json.dumps(record, separators=(",", ":"), default=repr) + "\n"
+    line = json.dumps(record, separators=(",", ":"), default=str)
+    if "\x7f" in line:
+        line = line.replace("\x7f", "\\u007f")
+    return line + "\n"
 
 
 def text_line(event: dict) -> str:
-    """One event as slog's text handler writes it: key=value pairs."""
+    """
+    One event as slog's text handler writes it: key=value pairs, each value
+    quoted (Go's C{strconv.Quote}) when it is empty or holds a space, C{=},
+    C{"}, a backslash or any character that is not printable.
+    """
     parts = [
         "time=" + _timestamp(event),
         "level=" + _LEVEL_NAMES.get(event.get("log_level"), "INFO"),
         "msg=" + _quote(_message(event)),
     ]
     for key, value in _fields(event).items():
-        parts.append("%s=%s" % (key, _quote(value)))
+        parts.append("%s=%s" % (_quote(str(key)), _quote(_text_value(value))))
     err = _error_text(event)
     if err is not None:
         parts.append("error=" + _quote(err))
     return " ".join(parts) + "\n"
 
 
-def _quote(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=repr)
-    if not text or any(c in text for c in ' ="\n\\') :
-        return json.dumps(text)
-    return text
+def _text_value(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+# Printable ASCII other than space, '=', '"' and backslash: left bare.
+_BARE = re.compile(r"[\x21\x23-\x3c\x3e-\x5b\x5d-\x7e]+")
+_ESCAPES = {
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+    '"': '\\"',
+    "\\": "\\\\",
+}
+
+
+def _quote(text: str) -> str:
+    """C{text} bare if it is safe to, else quoted as Go's C{strconv.Quote} does."""
+    if _BARE.fullmatch(text):
+        return text
+    if text and all(c.isprintable() and c not in ' ="\\' for c in text):
+        return text  # printable non-ASCII, as slog leaves it
+    out = ['"']
+    for c in text:
+        escaped = _ESCAPES.get(c)
+        if escaped is not None:
+            out.append(escaped)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            n = ord(c)
+            out.append("\\x%02x" % n if n < 0x80 else "\\u%04x" % n if n < 0x10000 else "\\U%08x" % n)
+    out.append('"')
+    return "".join(out)
 
 
 FORMATTERS = {"json": json_line, "text": text_line}
@@ -207,3 +266,82 @@ class LogsThroughObserver:
         ):
             parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
+
+
+def peer_text(address) -> str:
+    """
+    A peer as C{host:port} (C{[v6]:port}, or a UNIX socket's path), never as
+    Twisted's C{IPv4Address(type='TCP', …)} repr.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+    name = getattr(address, "name", None)
+    if name is not None:
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return "unknown"
+
+
+class Throttle:
+    """
+    At most one line per C{interval} seconds for an event that peers can
+    cause at will (a refused relay-client): an operator learns that it
+    happens, and how often, without the log growing with every attempt.
+
+    @param clock: an L{IReactorTime}.
+    """
+
+    def __init__(self, clock, interval: float = 10.0):
+        self.clock = clock
+        self.interval = interval
+        self._next = None
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        """True when a line may be written now (then read and reset L{suppressed})."""
+        now = self.clock.seconds()
+        if self._next is not None and now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + self.interval
+        return True
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+class _OneShotFactory(Factory):
+    noisy = False  # no "Starting factory <…object at 0x…>" line per connection
+
+    def __init__(self, protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
+
+
+def connect_quietly(endpoint, protocol) -> Deferred:
+    """
+    L{twisted.internet.endpoints.connectProtocol}, without its factory's
+    C{Starting factory} and C{Stopping factory} lines at info, which the
+    relay-client would write for every WebSocket and HTTP/2 backend
+    connection.
+    """
+    return endpoint.connect(_OneShotFactory(protocol))
+
+
+class DebugInfoLogger(Logger):
+    """
+    A C{_log} for our subclasses of Twisted's request and connection classes.
+    What those log at info concerns one request or connection (a HEAD
+    response's body eaten, an idle client timed out), with Python reprs of
+    requests, resources and peers in it: that goes to debug. Warnings and
+    errors stay as they are.
+    """
+
+    def emit(self, level, format=None, **kwargs):
+        if level == LogLevel.info:
+            level = LogLevel.debug
+        Logger.emit(self, level, format, **kwargs)

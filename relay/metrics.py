@@ -1,36 +1,55 @@
 """
-The Go relay's Prometheus metrics, under the Go names.
+The Go relay's Prometheus metrics, under the Go names and label sets.
 
-Dashboards built on the Go server query C{broker_requests},
-C{broker_responses}, C{broker_responses_durations},
-C{broker_backend_responses_durations} and C{broker_overhead_durations} with
-the labels C{method}, C{result}, C{backend} and C{request_path}. Go's client
-library exposes counters without the C{_total} suffix that prometheus_client
-adds, so L{render} writes the text format itself; the bookkeeping (label
-children, histogram buckets, the process collector) stays prometheus_client's.
+Dashboards built on the Go server query C{broker_requests{method,backend}},
+C{broker_responses{method,result,backend}} and the histograms
+C{broker_responses_durations}, C{broker_backend_responses_durations} and
+C{broker_overhead_durations} (C{{method,backend}}), and the process
+collector's C{process_*} series. Go dropped the C{request_path} label for
+cardinality, and so do we. Go's client library names the broker counters
+without the C{_total} suffix that prometheus_client adds, but keeps it where
+the name carries it (C{process_cpu_seconds_total}), so L{render} writes the
+text format itself; the bookkeeping (label children, histogram buckets, the
+process collector) stays prometheus_client's.
+
+C{tests/fixtures/go_metrics.txt} holds the Go server's series, and a test
+compares ours with it. The series Go has no counterpart for: the C{relay_*}
+gauges of L{RelayMetrics.watch}, and Python's C{python_info} and
+C{python_gc_*} in place of Go's C{go_*}.
+
+Label values come only from names the server knows (backends that polled,
+ids it issued): a caller who posts made-up ids or polls for a name it is
+refused cannot add series. Every series of a backend goes when the broker
+forgets the backend.
 """
 
-import re
+import resource
 from typing import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 # client_golang's DefBuckets, which the Go server's histograms use.
 GO_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
 
-_NUMBERS = re.compile(
-    r"(?i)[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12}|[a-f0-9]{20,}|[0-9]{2,}"
-)
+# The Go server's counters, named without _total. Every other counter keeps
+# prometheus_client's _total, as client_golang's process collector does.
+GO_BARE_COUNTERS = frozenset(("broker_requests", "broker_responses"))
 
+# Go's result label for a response to an id the broker does not know.
+RESULT_UNKNOWN_ID = "not recognized or reaches the inactivity timeout"
 
-def clean_path(path: str) -> str:
-    """
-    Replace numbers, long hex strings and GUIDs with C{XXX}, as the Go server
-    does, so that C{request_path} does not explode into one series per id.
-    """
-    return _NUMBERS.sub("XXX", path)
+# The backend label of responses to unknown ids whose name is not a known
+# backend: one series in all, however many names are made up.
+UNKNOWN_BACKEND = ""
 
 
 class RelayMetrics:
@@ -38,46 +57,45 @@ class RelayMetrics:
     The broker's metrics sink: one object per server, holding its own
     registry so that tests and several servers in one process do not share
     state.
-    """
 
-    # Distinct request_path values kept per backend. Paths come from users,
-    # and every new one adds series to five metrics: past this many, further
-    # paths of that backend are counted under "OTHER", so that nobody can
-    # grow the server's memory by requesting random URLs.
-    max_paths_per_backend = 1000
+    @param process: also export the C{process_*} series (and Python's
+        C{python_info} and C{python_gc_*}).
+    """
 
     def __init__(self, registry: CollectorRegistry = None, process: bool = True):
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._paths = {}
         r = self.registry
-        three = ["method", "backend", "request_path"]
-        self.requests = _Children(Counter, "broker_requests", "Number of requests to the broker", three, r)
+        two = ["method", "backend"]
+        self.requests = _Children(Counter, "broker_requests", "Number of requests to the broker", two, r)
         self.responses = _Children(
             Counter,
             "broker_responses",
             "Number of responses from the broker",
-            ["method", "result", "backend", "request_path"],
+            ["method", "result", "backend"],
             r,
         )
         self.response_durations = _Children(
-            Histogram, "broker_responses_durations", "Time from request to final response in s", three, r
+            Histogram, "broker_responses_durations", "Time from request to final response in s", two, r
         )
         self.backend_durations = _Children(
             Histogram,
             "broker_backend_responses_durations",
             "Time from backend request to final response in s",
-            three,
+            two,
             r,
         )
         self.overhead_durations = _Children(
             Histogram,
             "broker_overhead_durations",
             "Extra time spend between relay server and client in s",
-            three,
+            two,
             r,
         )
         if process:
             ProcessCollector(registry=r)
+            r.register(_VirtualMemoryMax())
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
 
     def watch(self, broker) -> None:
         """
@@ -86,19 +104,8 @@ class RelayMetrics:
         """
         self.registry.register(_BrokerState(broker))
 
-    def path_label(self, backend: str, path: str) -> str:
-        """The C{request_path} label for a request: cleaned, and bounded per backend."""
-        label = clean_path(path)
-        seen = self._paths.setdefault(backend, set())
-        if label not in seen:
-            if len(seen) >= self.max_paths_per_backend:
-                return "OTHER"
-            seen.add(label)
-        return label
-
     def forget_backend(self, backend: str) -> None:
         """Drop every series of a backend the broker has forgotten."""
-        self._paths.pop(backend, None)
         for metric in (
             self.requests,
             self.responses,
@@ -137,6 +144,25 @@ class _Children:
         self.metric.remove_by_labels(labels)
 
 
+class _VirtualMemoryMax:
+    """client_golang's C{process_virtual_memory_max_bytes}: RLIMIT_AS."""
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        except (OSError, ValueError):
+            return
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            soft = 2**64 - 1  # what Go reports for "unlimited"
+        yield GaugeMetricFamily(
+            "process_virtual_memory_max_bytes",
+            "Maximum amount of virtual memory available in bytes.",
+            value=float(soft),
+        )
+
+
 class _BrokerState:
     def __init__(self, broker):
         self.broker = broker
@@ -158,14 +184,32 @@ class _BrokerState:
 
 
 def go_float(value: float) -> str:
-    """A number as Go's C{strconv.FormatFloat(v, 'g', -1, 64)} writes it."""
+    """
+    A number as client_golang writes it: C{strconv.FormatFloat(v, 'g', -1,
+    64)}, the shortest digits that read back the same, in exponent form
+    below 1e-4 and from 1e6 up (C{59252736} is C{5.9252736e+07}).
+    """
     if value != value:
         return "NaN"
     if value in (float("inf"), float("-inf")):
         return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e21:
-        return "%d" % value
-    return repr(value)
+    if value == 0:
+        return "0"
+    text = repr(float(value))  # Python's repr is the shortest round trip too
+    sign = ""
+    if text[0] == "-":
+        sign, text = "-", text[1:]
+    mantissa, _, exponent = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = whole + fraction
+    significant = digits.lstrip("0")
+    exp = int(exponent or 0) + len(whole) - 1 - (len(digits) - len(significant))
+    if exp < -4 or exp >= 6:
+        significant = significant.rstrip("0")
+        head = significant[0] + ("." + significant[1:] if len(significant) > 1 else "")
+        return "%s%se%s%02d" % (sign, head, "-" if exp < 0 else "+", abs(exp))
+    # Python writes these without an exponent, as Go does.
+    return sign + (whole if fraction == "0" else mantissa)
 
 
 def _labels(labels: dict) -> str:
@@ -185,7 +229,8 @@ def _labels(labels: dict) -> str:
 def render(families: Iterable) -> bytes:
     """
     The Prometheus text format (0.0.4), with counters named as Go names them
-    (no C{_total}) and without prometheus_client's C{_created} series.
+    (L{GO_BARE_COUNTERS} without C{_total}, the others with it) and without
+    prometheus_client's C{_created} series.
     """
     out = []
     for family in families:
@@ -195,15 +240,18 @@ def render(families: Iterable) -> bytes:
             kind = "untyped"
         elif kind in ("info", "stateset"):
             kind = "gauge"
+        total = None
+        if kind == "counter":
+            total = name + "_total"
+            if name not in GO_BARE_COUNTERS:
+                name = total
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, doc, name, kind))
         for sample in family.samples:
             sname = sample.name
             if sname.endswith("_created"):
                 continue
-            if kind == "counter" and sname == name + "_total":
+            if sname == total:
                 sname = name
-            out.append(
-                "%s%s %s\n" % (sname, _labels(sample.labels), go_float(sample.value))
-            )
+            out.append("%s%s %s\n" % (sname, _labels(sample.labels), go_float(sample.value)))
     return "".join(out).encode("utf-8")

@@ -57,6 +57,7 @@ from relay.broker import (
 )
 from relay.durations import format_duration
 from relay.headers import HOP_BY_HOP, go_canonical, sanitize_value, valid_name
+from relay.logs import Throttle, peer_text
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.tunnel import Tunnel
@@ -227,6 +228,7 @@ class ServerResource(Resource):
         super().__init__()
         self.broker = broker
         self.policy = policy if policy is not None else AccessPolicy()
+        self._refusals = Throttle(broker.clock)
         self._routes = {
             b"/server/request": self.poll,
             b"/server/response": self.response,
@@ -244,15 +246,21 @@ class ServerResource(Resource):
             return http_error(request, 400, "Backend name longer than %d bytes" % (MAX_NAME_BYTES,))
         if not self.policy.relay_client_allowed(request, server):
             return self._forbidden(request, server)
-        log.info("Relay client connected", ServerName=server)
         try:
-            d = self.broker.get_request(server, request.path.decode("latin-1"))
+            d = self.broker.get_request(server)
         except Overloaded as e:
             return _overloaded(request, e)
         return _answer_when(request, d, self._polled)
 
     def _forbidden(self, request, name: str) -> bytes:
-        log.warn("Relay client refused", ServerName=name, Peer=str(request.getClientAddress()))
+        # Anyone can be refused as often as they like: one line per 10 s.
+        if self._refusals.allow():
+            log.warn(
+                "Relay client refused",
+                ServerName=name,
+                Peer=peer_text(request.getClientAddress()),
+                Suppressed=self._refusals.take_suppressed(),
+            )
         return http_error(request, 403, "Forbidden: this relay-client may not act for %s" % (name,))
 
     def _polled(self, request, message: Optional[HttpRequest]) -> bytes:
@@ -561,19 +569,18 @@ class UserResponse:
         metrics = self.broker.metrics
         pending = self.pending
         if not message.HasField("status_code") or not 100 <= message.status_code <= 999:
-            metrics.responses.labels("client", "missing_header", pending.backend, pending.path).inc()
+            metrics.responses.labels("client", "missing_header", pending.backend).inc()
             self._answer_error(500, "Received no header from relay client")
             self.broker.reject(pending)
             return False
         status = message.status_code
         refused = self._refuse_status(message)
         if refused is not None:
-            metrics.responses.labels("client", "invalid_status", pending.backend, pending.path).inc()
+            metrics.responses.labels("client", "invalid_status", pending.backend).inc()
             log.warn("Refusing status from relay client", ID=pending.id, Status=status)
             self._answer_error(*refused)
             self.broker.reject(pending)
             return False
-        metrics.responses.labels("client", "ok", pending.backend, pending.path).inc()
         if status == 101:
             self._switch(message)
             return True
@@ -637,7 +644,8 @@ class UserResponse:
         lines.append(b"\r\n")
         request.unregisterProducer()
         self.tunnel = Tunnel(self.broker, self.pending)
-        log.info("Switched protocols", ID=self.pending.id)
+        if self.broker.trace:
+            log.debug("Switched protocols", ID=self.pending.id)
         request.channel.switch_protocol(self.tunnel, b"".join(lines))
 
     def _finish(self) -> None:
@@ -679,9 +687,7 @@ class UserResponse:
         pending = self.pending
         if not self.started:
             if isinstance(reason, RequestExpired):
-                self.broker.metrics.responses.labels(
-                    "client", "missing_message", pending.backend, pending.path
-                ).inc()
+                self.broker.metrics.responses.labels("client", "missing_message", pending.backend).inc()
                 self._answer_error(
                     504,
                     "Timeout after %s, indicating that the backend request took too long"

@@ -43,6 +43,7 @@ from twisted.web import http, server
 from relay.bodybuffer import BodyBuffer
 from relay.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.headers import sanitize_value, valid_trailer
+from relay.logs import DebugInfoLogger, peer_text
 from relay.transport_tuning import tune
 
 DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
@@ -53,6 +54,8 @@ class RelayRequest(server.Request):
     A request whose body is capped and kept in memory, and whose chunked
     response can end with trailers.
     """
+
+    _log = DebugInfoLogger()  # e.g. a HEAD body eaten, per request
 
     # The relay sends the backend's Content-Type, or none: never a guess.
     defaultContentType = None
@@ -256,6 +259,8 @@ class RelayChannel(http.HTTPChannel):
     C{h2}), a raw pipe after a 101.
     """
 
+    _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
+
     _switched: Optional[IProtocol] = None
     _sniffing = True
     _sniffed = b""
@@ -276,7 +281,8 @@ class RelayChannel(http.HTTPChannel):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        self._log.info("Closing connection: no request headers in time", peer=str(self.transport.getPeer()))
+        # Every idle keep-alive connection ends here: not worth a line at info.
+        self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
         self.transport.abortConnection()
 
     def requestDone(self, request) -> None:

@@ -45,6 +45,7 @@ class Tunnel(Protocol):
             self.transport.abortConnection()
 
     def connectionLost(self, reason) -> None:
-        log.info("End of bidi-stream stream (closed socket)", ID=self.pending.id)
+        if self.broker.trace:
+            log.debug("End of bidi-stream stream (closed socket)", ID=self.pending.id)
         self.stream.close()
         self.broker.cancel(self.pending)

@@ -44,3 +44,61 @@ class LogTests(unittest.TestCase):
         out, log = self.capture("text")
         log.info("Relay client connected", ServerName="robot 1")
         self.assertRegex(out.getvalue(), r'^time=\S+ level=INFO msg="Relay client connected" ServerName="robot 1"\n$')
+
+    def test_text_values_are_quoted_as_slog_quotes_them(self):
+        """
+        Issue 11, defect 12: a poll for C{server=x%0D%1B%5B2KFAKE} was logged
+        with a raw CR and ESC, which rewrite an operator's terminal line.
+        Every character that is not printable is escaped, Go style.
+        """
+        out, log = self.capture("text")
+        log.info("Relay client connected", ServerName="x\r\x1b[2KFAKE\x7f\x9b\u2028\n", Plain="robot-1", Empty="")
+        line = out.getvalue()
+        self.assertEqual(
+            line.split(" ", 2)[2],
+            'msg="Relay client connected" ServerName="x\\r\\x1b[2KFAKE\\x7f\\u009b\\u2028\\n" Plain=robot-1 Empty=""\n',
+        )
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(all(c.isprintable() for c in line[:-1]), line)
+
+    def test_text_values_needing_quotes(self):
+        out, log = self.capture("text")
+        log.info("m", A="a b", B="a=b", C='say "hi"', D="back\\slash", E="ü", F=5, G=True, H=1.5)
+        self.assertTrue(
+            out.getvalue().endswith(
+                'msg=m A="a b" B="a=b" C="say \\"hi\\"" D="back\\\\slash" E=ü F=5 G=true H=1.5\n'
+            ),
+            out.getvalue(),
+        )
+
+    def test_json_escapes_every_non_printable_character(self):
+        out, log = self.capture()
+        log.info("Relay client connected", ServerName="x\r\x1b[2KFAKE\x7f\x9b\u2028\n")
+        line = out.getvalue()
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(all(" " <= c <= "~" for c in line[:-1]), line)
+        self.assertEqual(json.loads(line)["ServerName"], "x\r\x1b[2KFAKE\x7f\x9b\u2028\n")
+
+    def test_failures_stay_on_one_line_in_text(self):
+        out, log = self.capture("text")
+        try:
+            raise ValueError("bad\r\x1b[2K")
+        except ValueError:
+            log.failure("Boom")
+        line = out.getvalue()
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(all(c.isprintable() for c in line[:-1]), line)
+        self.assertIn("ValueError: bad\\r\\x1b[2K", line)
+
+    def test_twisteds_info_lines_go_to_debug_in_our_subclasses(self):
+        from relay.h2 import RelayH2Connection
+        from relay.logs import DebugInfoLogger
+        from relay.site import RelayChannel, RelayRequest
+
+        for cls in (RelayRequest, RelayChannel, RelayH2Connection):
+            self.assertIsInstance(cls._log, DebugInfoLogger)
+        out = io.StringIO()
+        log = DebugInfoLogger(observer=LogPublisher(make_observer(out, "text", LogLevel.info)))
+        log.info("Timing out client: {peer}", peer="IPv4Address(...)")
+        log.warn("kept")
+        self.assertEqual([l.split(" ", 2)[2] for l in out.getvalue().splitlines()], ["msg=kept"])

@@ -103,20 +103,16 @@ class OperationsTests(ServerTestCase):
         self.assertEqual(resp.code, 200)
         self.assertIn(b"text/plain; version=0.0.4", resp.headers.getRawHeaders(b"content-type")[0])
         self.assertIn("# TYPE broker_requests counter", text)
-        self.assertRegex(
-            text, r'broker_requests\{backend="robot",method="client",request_path="/api/items/XXX"\} 1\n'
-        )
-        self.assertRegex(
-            text,
-            r'broker_responses\{backend="robot",method="server_response",request_path="/api/items/XXX",result="ok"\} 1\n',
-        )
-        self.assertIn('broker_responses{backend="robot",method="server_request",request_path="/server/request",result="ok"} 1', text)
+        self.assertIn('broker_requests{backend="robot",method="client"} 1\n', text)
+        self.assertIn('broker_responses{backend="robot",method="server_response",result="ok"} 1\n', text)
+        self.assertIn('broker_responses{backend="robot",method="server_request",result="ok"} 1\n', text)
         for name in ("broker_responses_durations", "broker_backend_responses_durations", "broker_overhead_durations"):
             self.assertIn("# TYPE %s histogram" % name, text)
-            self.assertRegex(text, name + r'_count\{backend="robot",method="server_response",request_path="/api/items/XXX"\} 1')
+            self.assertIn(name + '_count{backend="robot",method="server_response"} 1\n', text)
         self.assertIn("relay_pending_requests 0\n", text)
         self.assertIn("relay_backends 1\n", text)
-        self.assertNotIn("_total", text)
+        self.assertNotIn("broker_requests_total", text)
+        self.assertNotIn("request_path", text)
         self.assertNotIn("_created", text)
 
 

@@ -55,6 +55,7 @@ from relay.client.backend import (
     split_address,
 )
 from relay.headers import go_canonical, valid_name
+from relay.logs import connect_quietly
 
 log = Logger()
 
@@ -532,7 +533,7 @@ class H2Backend:
             endpoint = endpoints.wrapClientTLS(options, endpoint)
         connection = H2ClientConnection(self.reactor, request, tls)
         try:
-            await endpoints.connectProtocol(endpoint, connection)
+            await connect_quietly(endpoint, connection)
         except Exception as e:
             raise BackendError(connect_error(request, Failure(e)))
         self._all.append(connection)

@@ -132,7 +132,7 @@ class RequestHandler:
             while True:
                 data = await self.api.request_stream(request_id)
                 if data is None:
-                    log.info("End of request stream", ID=request_id)
+                    log.debug("End of request stream", ID=request_id)
                     break
                 if data:
                     answer.write(data)

@@ -31,6 +31,7 @@ from relay.client.backend import (
     split_address,
 )
 from relay.headers import go_canonical, sanitize_value, valid_name
+from relay.logs import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
 
 log = Logger()
@@ -255,7 +256,7 @@ class Upgrader:
             )
         protocol = RawResponse(request)
         try:
-            await endpoints.connectProtocol(endpoint, protocol)
+            await connect_quietly(endpoint, protocol)
         except CancelledError:
             raise
         except Exception as e:

@@ -1,0 +1,222 @@
+"""
+What an operator reads at info (issue 12, item 6): the start, the first poll
+of each backend name, and trouble; nothing per request, nothing per poll,
+and no Python reprs. A real relay server, our relay-client and a backend run
+in this process on loopback sockets; an observer on the global log publisher
+keeps every event at info or above, each rendered as the text format writes
+it.
+"""
+
+import base64
+import hashlib
+import os
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+from relay.broker import Broker
+from relay.client.service import make_client_service
+from relay.logs import connect_quietly, text_line
+from tests.support import FakeRelayClient, RelayServer, tick, until
+from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, parse_frame
+
+NAME = "robot"
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+def user_pool():
+    """The test's own user-clients, quiet: every line seen comes from the relay."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietFactory
+    return pool
+
+
+class InfoLines:
+    """Every event at info or above, as text lines, from when it starts."""
+
+    def __init__(self, test):
+        self.lines = []
+        globalLogPublisher.addObserver(self)
+        test.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event):
+        if event.get("log_level", LogLevel.info) >= LogLevel.info:
+            self.lines.append(text_line(event))
+
+    def since(self, mark):
+        return self.lines[mark:]
+
+    def with_message(self, msg):
+        return [line for line in self.lines if (" msg=%s " % msg) in line or (' msg="%s" ' % msg) in line]
+
+
+class EndToEndVolume(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.backend = Backend()  # the test's backend, before we listen
+        self.addCleanup(self.backend.stop)
+        self.log = InfoLines(self)
+        self.relay = Relay(header_timeout=0.3)
+        self.addCleanup(lambda: self.relay.stop())
+        self.users = user_pool()
+        self.addCleanup(self.users.closeCachedConnections)
+        client = make_client_service(
+            reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, backend_address=self.backend.address, backend_scheme="http"
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield until(lambda: self.relay.polled_by(NAME))
+
+    @defer.inlineCallbacks
+    def websocket(self):
+        user = RawUser()
+        yield connect_quietly(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), user)
+        key = base64.b64encode(os.urandom(16))
+        user.transport.write(
+            b"GET /client/" + NAME.encode() + b"/ws HTTP/1.1\r\nHost: robot\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
+        yield user.read_until(lambda d: b"\r\n\r\n" in d)
+        head, _, user.data = user.data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"Sec-Websocket-Accept: " + base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()), head)
+        user.transport.write(make_frame(2, b"hello", mask=True))
+        yield user.read_until(lambda d: parse_frame(d) is not None)
+        user.transport.write(make_frame(8, b"\x03\xe8", mask=True))
+        yield user.closed
+
+    @defer.inlineCallbacks
+    def test_requests_polls_and_websockets_write_nothing_at_info(self):
+        self.assertEqual(len(self.log.with_message("Relay client connected")), 1, self.log.lines)
+        mark = len(self.log.lines)
+        for i in range(30):
+            resp = yield treq.get(self.relay.base + "/client/%s/echo/%d" % (NAME, i), pool=self.users)
+            self.assertEqual(resp.code, 200)
+            yield resp.content()
+        for _ in range(3):
+            yield self.websocket()
+        # Users' requests that the server answers itself, HEAD included
+        # (Twisted logs "Warning: HEAD request <…> is returning a message
+        # body" at info for each).
+        for method, path in [
+            ("HEAD", "/healthz"),
+            ("HEAD", "/metrics"),
+            ("HEAD", "/client/nobody/x"),
+            ("GET", "/client/nobody/x"),
+            ("GET", "/elsewhere"),
+        ]:
+            resp = yield treq.request(method, self.relay.base + path, pool=self.users)
+            yield resp.content()
+        # Idle keep-alive connections reach the header timeout (0.3 s here).
+        yield self.users.closeCachedConnections()
+        idle = user_pool()
+        self.addCleanup(idle.closeCachedConnections)
+        resp = yield treq.get(self.relay.base + "/healthz", pool=idle)
+        yield resp.content()
+        yield tick(0.6)
+        self.assertEqual(self.log.since(mark), [])
+
+    def test_no_python_reprs(self):
+        for line in self.log.lines:
+            self.assertNotRegex(line, r"object at 0x|<\w+[ .]|Address\(")
+
+
+class FirstPollTests(unittest.TestCase):
+    timeout = 30
+
+    def setUp(self):
+        self.log = InfoLines(self)
+
+    @defer.inlineCallbacks
+    def test_only_the_first_poll_of_a_name_is_logged_until_it_is_forgotten(self):
+        from twisted.internet.task import Clock
+        from relay.broker import POLL_TIMEOUT
+
+        clock = Clock()
+        server = RelayServer(clock=clock, inactive_backend_timeout=60)
+        self.addCleanup(server.stop)
+        relay_client = FakeRelayClient(server)
+        self.addCleanup(relay_client.close)
+        for round in range(2):
+            for _ in range(5):
+                poll = relay_client.poll(NAME)
+                yield until(lambda: NAME in server.broker.backends and server.broker.backends[NAME].polls)
+                clock.advance(POLL_TIMEOUT)
+                self.assertEqual((yield poll)[0], 408)
+            lines = self.log.with_message("Relay client connected")
+            self.assertEqual(len(lines), round + 1, self.log.lines)
+            self.assertTrue(lines[-1].endswith(" ServerName=robot\n"), lines[-1])
+            # Forgotten (reaped) after the inactive-backend timeout: the next
+            # poll is a first poll again.
+            clock.advance(61)
+            server.broker.reap()
+            self.assertNotIn(NAME, server.broker.backends)
+
+    @defer.inlineCallbacks
+    def test_a_name_with_control_characters_is_logged_quoted(self):
+        """Issue 11, defect 12, through a real server: C{server=x%0D%1B%5B2KFAKE}."""
+        server = RelayServer()
+        self.addCleanup(server.stop)
+        pool = user_pool()
+        self.addCleanup(pool.closeCachedConnections)
+        poll = treq.get(server.url("/server/request?server=x%0D%1B%5B2KFAKE"), pool=pool)
+        poll.addErrback(lambda _: None)
+        self.addCleanup(poll.cancel)
+        yield until(lambda: self.log.with_message("Relay client connected"))
+        (line,) = self.log.with_message("Relay client connected")
+        self.assertTrue(line.endswith(' ServerName="x\\r\\x1b[2KFAKE"\n'), line)
+
+    @defer.inlineCallbacks
+    def test_refused_relay_clients_are_logged_at_most_every_10_s(self):
+        import tempfile
+
+        from relay.auth import AccessPolicy, ClientTokens
+
+        fd, tokens = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.remove, tokens)
+        server = RelayServer(policy=AccessPolicy(client_tokens=ClientTokens(tokens)))
+        self.addCleanup(server.stop)
+        pool = user_pool()
+        self.addCleanup(pool.closeCachedConnections)
+        mark = len(self.log.lines)
+        for i in range(20):
+            resp = yield treq.get(server.url("/server/request?server=intruder%d" % i), pool=pool)
+            self.assertEqual(resp.code, 403)
+            yield resp.content()
+        (line,) = self.log.with_message("Relay client refused")
+        self.assertEqual(self.log.since(mark), [line])
+        self.assertIn("msg=\"Relay client refused\" ServerName=intruder0 Peer=127.0.0.1:", line)
+
+
+class QuietFactoryTests(unittest.TestCase):
+    def test_the_relay_connects_through_quiet_factories_only(self):
+        """
+        Twisted's C{connectProtocol} builds a factory that logs C{Starting
+        factory <…OneShotFactory object at 0x…>} at info for every
+        connection: the relay-client's WebSockets and HTTP/2 backend
+        connections use L{connect_quietly} instead.
+        """
+        import glob
+
+        import relay
+        from relay.client.keepalive import _ConnectionFactory
+        from relay.logs import _OneShotFactory
+        from relay.site import RelaySite
+
+        root = os.path.dirname(relay.__file__)
+        for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
+            with open(path) as f:
+                self.assertNotIn("connectProtocol(", f.read(), path)
+        for factory in (_OneShotFactory, _ConnectionFactory, RelaySite):
+            self.assertFalse(factory.noisy, factory)
