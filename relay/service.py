@@ -22,12 +22,14 @@ spells out, because a rolling deploy depends on it:
      C{Connection: close} (except a relay-client's 200s for requests still in
      flight, whose later chunks need the connection once the port is
      closed).
-  2. For C{drain_grace} seconds the port keeps accepting, so that
+  2. The port keeps accepting for C{drain_grace} seconds, so that
      connections a load balancer still sends get that 503 instead of a
-     refusal while readiness propagates.
-  3. The port closes; in-flight requests get up to 20 s to finish, then are
-     cut off; the remaining connections are closed (aborted 5 s later if
-     their peer does not read).
+     refusal while readiness propagates; and for as long as requests are in
+     flight (at most 20 s from the stop, then they are cut off), because a
+     relay-client whose poll connection the 503 closed needs a new
+     connection to post the rest of an answer.
+  3. The port closes; the remaining connections are closed (aborted 5 s
+     later if their peer does not read); the process exits.
 """
 
 from typing import Optional
@@ -110,7 +112,7 @@ class ListeningService(Service):
 class DrainService(Service):
     """
     On stop: end long polls, let in-flight requests finish, cut off what is
-    left after the grace period, then close the connections.
+    left after C{timeout}, then close the connections.
     """
 
     def __init__(
@@ -131,9 +133,19 @@ class DrainService(Service):
     def stopService(self):
         super().stopService()
         self.begin()
-        d = self._drain()
+        d = self.in_flight_done()
         d.addCallback(lambda _: self.site.close_connections())
         return d
+
+    def in_flight_done(self) -> defer.Deferred:
+        """Fires when no request is in flight, cutting off what is left after C{timeout}."""
+        if self._in_flight is None:
+            self._in_flight = self._drain()
+        d = defer.Deferred()
+        self._in_flight.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
+    _in_flight = None
 
     def _drain(self) -> defer.Deferred:
         if not self.broker.requests:
@@ -181,13 +193,14 @@ class RelayServerService(LogsThroughObserver, MultiService):
         """
         Service.stopService(self)
         drain = self.getServiceNamed("drain")
+        listen = self.getServiceNamed("listen")
         drain.begin()
+        waits = [drain.in_flight_done()]
         if self.drain_grace > 0 and self.clock is not None:
-            log.info("Draining: /healthz answers 503; still accepting", GraceSeconds=self.drain_grace)
-            d = task.deferLater(self.clock, self.drain_grace, lambda: None)
-        else:
-            d = defer.succeed(None)
-        d.addCallback(lambda _: self.getServiceNamed("listen").stopService())
+            log.info("Draining: /healthz answers 503, still accepting", GraceSeconds=self.drain_grace)
+            waits.append(task.deferLater(self.clock, self.drain_grace, lambda: None))
+        d = defer.gatherResults(waits)
+        d.addCallback(lambda _: listen.stopService())
         d.addCallback(lambda _: drain.stopService())
         d.addCallback(lambda _: self.getServiceNamed("reap").stopService())
         return d

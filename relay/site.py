@@ -173,9 +173,8 @@ class RelayRequest(server.Request):
         answer, so that they reconnect (to another server) instead of
         reusing it; Go's relay-client, told 408 on a kept-alive connection,
         re-polls at once in a loop. A relay-client's 200 to a response chunk
-        or stream read keeps its connection: the request it belongs to is
-        still in flight, and once the port is closed no new connection could
-        carry its next chunk.
+        or stream read keeps its connection for the rest of the request it
+        belongs to.
         """
         if self.code == 200 and self.path in (b"/server/response", b"/server/requeststream"):
             return

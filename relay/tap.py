@@ -159,11 +159,11 @@ class Options(GoFlagOptions):
             "drain_grace",
             None,
             "%gs" % DEFAULT_DRAIN_GRACE,
-            "Not in Go: after SIGTERM, keep accepting connections for this long (a Go "
-            "duration), answering /healthz, polls and user requests with 503 and "
+            "Not in Go: after SIGTERM, keep accepting connections for at least this long "
+            "(a Go duration), answering /healthz, polls and new user requests with 503 and "
             "Connection: close, so that load balancers see readiness fail before the port "
-            "closes; then close the port and let in-flight requests finish (up to 20s). "
-            "0: close the port at once.",
+            "closes. The port closes once this has passed and no request is in flight "
+            "(in-flight requests get at most 20s). 0: no grace.",
         ],
         [
             "log_level",

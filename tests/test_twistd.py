@@ -89,23 +89,35 @@ class TwistdSmokeTest(unittest.TestCase):
 
         proc.transport.signalProcess("TERM")
         yield proc.wait_for("Waiting for in-flight requests")
-        # No new connections are accepted while draining...
-        with self.assertRaises(ConnectionRefusedError):
-            yield treq.get(base + "/healthz", pool=users)
-        # ...but the in-flight request completes over the relay-client's
-        # open connection.
+        # While a request is in flight the port still accepts, answering
+        # 503 to all but the relay-client's answers...
+        resp = yield treq.get(base + "/healthz", pool=users)
+        self.assertEqual(resp.code, 503)
+        yield resp.content()
+        resp = yield treq.get(base + "/client/r/new", pool=users)
+        self.assertEqual((resp.code, (yield resp.content())), (503, b"Server is restarting\n"))
+        # ...so the in-flight request completes, in two chunks, one over the
+        # relay-client's open connection and one over a new one.
         r = yield treq.post(
             base + "/server/response",
-            data=HttpResponse(id=request.id, status_code=200, body=b"finished", eof=True).SerializeToString(),
+            data=HttpResponse(id=request.id, status_code=200, body=b"fini").SerializeToString(),
             pool=relay_client,
         )
         self.assertEqual(r.code, 200)
-        # The connection stays open for the request's later chunks.
-        self.assertIsNone(r.headers.getRawHeaders(b"connection"))
+        yield r.content()
+        r = yield treq.post(
+            base + "/server/response",
+            data=HttpResponse(id=request.id, body=b"shed", eof=True).SerializeToString(),
+            pool=users,
+        )
+        self.assertEqual(r.code, 200)
         yield r.content()
         answer = yield user
         self.assertEqual((answer.code, (yield answer.content())), (200, b"finished"))
         code, signal = yield proc.exited
+        # Then the port closed.
+        with self.assertRaises(ConnectionRefusedError):
+            yield treq.get(base + "/healthz", pool=users)
         self.assertIn((code, signal), [(0, None), (None, 15)])
 
     @defer.inlineCallbacks
