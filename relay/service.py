@@ -195,10 +195,11 @@ class RelayServerService(LogsThroughObserver, MultiService):
         drain = self.getServiceNamed("drain")
         listen = self.getServiceNamed("listen")
         drain.begin()
-        waits = [drain.in_flight_done()]
+        waits = []
         if self.drain_grace > 0 and self.clock is not None:
             log.info("Draining: /healthz answers 503, still accepting", GraceSeconds=self.drain_grace)
             waits.append(task.deferLater(self.clock, self.drain_grace, lambda: None))
+        waits.append(drain.in_flight_done())
         d = defer.gatherResults(waits)
         d.addCallback(lambda _: listen.stopService())
         d.addCallback(lambda _: drain.stopService())
