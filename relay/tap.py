@@ -300,3 +300,31 @@ def access_policy(options) -> AccessPolicy:
         )
     except TokenFileError as e:
         raise usage.UsageError(str(e))
+
+
+def twistd_options(argv) -> dict:
+    """
+    twistd's own options (C{-n}, C{--logfile}, C{--logger}) from its command
+    line, for C{relay.tac}: twistd gives a .tac file no other way to see
+    them, and without them the tac's log would go to stderr even when
+    daemonized, where stderr goes nowhere. Parsed without side effects
+    (twistd installs the reactor while parsing C{--reactor}); {} if that
+    fails.
+    """
+    from twisted.scripts.twistd import ServerOptions
+
+    class Peek(ServerOptions):
+        def opt_reactor(self, name):
+            pass
+
+        opt_r = opt_reactor
+
+        def postOptions(self):
+            pass
+
+    peek = Peek()
+    try:
+        peek.parseOptions(list(argv))
+    except (usage.UsageError, SystemExit):
+        return {}
+    return {key: peek[key] for key in ("nodaemon", "logfile", "logger")}
