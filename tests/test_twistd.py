@@ -124,7 +124,7 @@ class TwistdSmokeTest(unittest.TestCase):
     def test_tac_file_configured_by_environment(self):
         proc = TwistdProcess.spawn(
             ["-y", "relay.tac"],
-            env={"RELAY_PORT": "tcp:0:interface=127.0.0.1", "RELAY_LOG_FORMAT": "text"},
+            env={"RELAY_PORT": "tcp:0:interface=127.0.0.1", "RELAY_LOG_FORMAT": "text", "RELAY_DRAIN_GRACE": "0"},
         )
         self.addCleanup(proc.terminate)
         match = yield proc.wait_for(r"msg=\"Relay server listening\" Port=(\d+)")
