@@ -71,8 +71,8 @@ class EditableInstallTest(unittest.TestCase):
 
     def test_twistd_finds_both_plugins_from_any_folder(self):
         venv = editable_venv(self)
-        elsewhere = self.mktemp()
-        os.makedirs(elsewhere)
+        elsewhere = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, elsewhere, True)
         python = _bin(venv, "python")
         where = subprocess.run(
             [python, "-c", "import relay; print(relay.__file__)"],

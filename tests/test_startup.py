@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 from twisted.internet import error as net_error
@@ -66,6 +67,13 @@ def go_flags(name: str):
     return flags
 
 
+def scratch(test) -> str:
+    """An empty folder outside the checkout, removed after the test."""
+    path = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 SAMPLE = {"int": "7", "string": "x", "duration": "90s", "bool": None}
 
 
@@ -90,8 +98,7 @@ class OneLineErrors(unittest.TestCase):
         busy.listen(1)
         self.addCleanup(busy.close)
         in_use = busy.getsockname()[1]
-        cwd = self.mktemp()
-        os.makedirs(cwd)
+        cwd = scratch(self)
         relay = ["--pidfile=", "-n", "relay"]
         client = ["--pidfile=", "-n", "relay-client"]
         cases = [
@@ -203,8 +210,7 @@ class GoFlagsAccepted(unittest.TestCase):
         self.assertEqual(o.ignored_flags(), ["pprof_port"])
 
     def test_ignored_flags_warn_once_each(self):
-        cwd = self.mktemp()
-        os.makedirs(cwd)
+        cwd = scratch(self)
         p = subprocess.Popen(
             twistd_argv()
             + ["--pidfile=", "-n", "relay", "--port=tcp:0:interface=127.0.0.1", "--drain_grace=0",
@@ -248,8 +254,7 @@ class TacFile(unittest.TestCase):
         self.assertIn("#   RELAY_LOG_FILE ", text)
 
     def test_daemonized_logs_to_logfile(self):
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
+        cwd = scratch(self)
         logfile = os.path.join(cwd, "relay.log")
         pidfile = os.path.join(cwd, "relay.pid")
         run = subprocess.run(
