@@ -19,9 +19,8 @@ spells out, because a rolling deploy depends on it:
   1. At once: C{/healthz} answers 503, long polls end with C{503 Server is
      restarting} (Go's relay-client backs off on a 503, and loops on a 408),
      new polls and user requests get the same 503, and every answer carries
-     C{Connection: close} (except a relay-client's 200s for requests still in
-     flight, whose later chunks need the connection once the port is
-     closed).
+     C{Connection: close} (except a relay-client's 200s to answer chunks
+     and stream reads: the request they belong to is still in flight).
   2. The port keeps accepting for C{drain_grace} seconds, so that
      connections a load balancer still sends get that 503 instead of a
      refusal while readiness propagates; and for as long as requests are in
@@ -189,7 +188,8 @@ class RelayServerService(LogsThroughObserver, MultiService):
     def stopService(self):
         """
         The stop in the order the module docstring gives, rather than
-        L{MultiService}'s all children at once.
+        L{MultiService}'s all children at once. The children are exactly
+        the three L{make_server_service} names.
         """
         Service.stopService(self)
         drain = self.getServiceNamed("drain")
