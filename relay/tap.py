@@ -292,14 +292,19 @@ def _warn_ignored(options) -> None:
 
 
 def access_policy(options) -> AccessPolicy:
-    try:
-        return AccessPolicy(
-            client_tokens=ClientTokens(options["client_tokens"]) if options["client_tokens"] else None,
-            user_tokens=UserTokens(options["user_tokens"]) if options["user_tokens"] else None,
-            trusted_user_header=options["trusted_user_header"],
-        )
-    except TokenFileError as e:
-        raise usage.UsageError(str(e))
+    def load(name, kind):
+        if not options[name]:
+            return None
+        try:
+            return kind(options[name])
+        except TokenFileError as e:
+            raise usage.UsageError("--%s=%s: %s" % (name, options[name], e))
+
+    return AccessPolicy(
+        client_tokens=load("client_tokens", ClientTokens),
+        user_tokens=load("user_tokens", UserTokens),
+        trusted_user_header=options["trusted_user_header"],
+    )
 
 
 def twistd_options(argv) -> dict:

@@ -110,6 +110,7 @@ class OneLineErrors(unittest.TestCase):
             (relay + ["--inactive_request_timeout=soon"], r"^twistd relay: --inactive_request_timeout=soon: .*1m30s"),
             (relay + ["--drain_grace=-1s"], r"^twistd relay: --drain_grace=-1s: .*use 0"),
             (relay + ["--log_level=loud"], r"^twistd relay: --log_level=loud: .*debug, info"),
+            (relay + ["--client_tokens=/nonexistent/tokens"], r"^twistd relay: --client_tokens=/nonexistent/tokens: cannot read"),
             (relay + ["--bogus"], r"^twistd relay: option --bogus not recognized; see `twistd relay --help`"),
             (
                 relay + ["--port=tcp:%d:interface=127.0.0.1" % in_use],
