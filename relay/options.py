@@ -7,8 +7,8 @@ the options a subclass declares, so that a Kubernetes manifest written for the
 Go binary works unchanged with C{twistd relay}.
 
 Errors are one line that names the flag, says what was wrong and what to do.
-Under twistd, a bad flag ends the process with that line and exit status 2,
-like Go's C{flag} package: twistd's own handling of a L{usage.UsageError}
+Under twistd, a bad flag ends the process with that line and exit status 1,
+with no help: twistd's own handling of a L{usage.UsageError}
 reprints the whole help (77 lines for C{--port=abc}) before the message.
 """
 

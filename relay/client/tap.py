@@ -149,7 +149,7 @@ class Options(GoFlagOptions):
         for name in BOOL_FLAGS:
             self[name] = go_bool(self[name])
         if self["force_http2"] and self["disable_http2"]:
-            raise usage.UsageError("Cannot use --force_http2 together with --disable_http2")
+            raise usage.UsageError("--force_http2 and --disable_http2 contradict each other: give one of them")
         self.check("log_level", log_level)
         self.check("log_format", log_format)
         self.check("relay_address", host_port)
