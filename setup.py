@@ -17,6 +17,12 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["relay", "relay.*"]) + ["twisted.plugins"],
+    # Says the packages live at the top of the checkout, as they would by
+    # default, so that `pip install -e .` puts the checkout on sys.path (a
+    # .pth line) instead of setuptools' import hook. Twisted finds plugins
+    # by scanning sys.path for twisted/plugins/ folders, which the hook
+    # hides: `twistd relay` would be an "Unknown command".
+    package_dir={"": "."},
     package_data={"relay.proto": ["*.proto"]},
     python_requires=">=3.9",
     install_requires=[

@@ -234,13 +234,15 @@ def twistd_log_observer(options):
     """
     The observer for a twistd plugin's options: JSON (or text) lines on
     stderr in the foreground, as the Go programs write them; in the log file
-    twistd would use when daemonized. twistd's own C{--logger} wins (None).
+    twistd would use when daemonized, or when given C{--logfile} (C{-} is
+    stderr). twistd's own C{--logger} wins (None).
     """
     parent = getattr(options, "parent", None) or {}
     if parent.get("logger"):
         return None
     stream = None
-    if parent and not parent.get("nodaemon") and parent.get("logfile") != "-":
+    logfile = parent.get("logfile")
+    if parent and logfile != "-" and (logfile or not parent.get("nodaemon")):
         from twisted.python.logfile import LogFile
 
         stream = LogFile.fromFullPath(parent.get("logfile") or "twistd.log")

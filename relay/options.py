@@ -5,8 +5,14 @@ Go's C{flag} package takes C{-port 80}, C{--port=80} and C{-port=80}; our
 users also type C{--block-size}. L{GoFlagOptions} accepts all of these for
 the options a subclass declares, so that a Kubernetes manifest written for the
 Go binary works unchanged with C{twistd relay}.
+
+Errors are one line that names the flag, says what was wrong and what to do.
+Under twistd, a bad flag ends the process with that line and exit status 1,
+with no help: twistd's own handling of a L{usage.UsageError}
+reprints the whole help (77 lines for C{--port=abc}) before the message.
 """
 
+import sys
 from typing import List
 
 from twisted.python import usage
@@ -16,12 +22,45 @@ from relay.logs import parse_level
 
 
 class GoFlagOptions(usage.Options):
+    # Flags the Go binary takes that we accept and ignore, each with a
+    # warning at start-up when set: {flag: its "off" value}.
+    ignored_go_flags: dict = {}
+    # The twistd sub-command, for messages.
+    command = "relay"
+
+    def __init__(self):
+        super().__init__()
+        # Coercion errors name their flag and value: "--block_size=0: must
+        # be a whole number above 0". Twisted's own would say "Parameter type
+        # enforcement failed: must be positive: '0'".
+        for name, handler in list(self._dispatch.items()):
+            coerce = getattr(handler, "coerce", None)
+            if coerce is not None and len(name) > 1:
+                handler.coerce = _naming(name, coerce)
+
     def parseOptions(self, options=None):
         if options is None:
-            import sys
-
             options = sys.argv[1:]
-        super().parseOptions(self.normalize(list(options)))
+        try:
+            super().parseOptions(self.normalize(list(options)))
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise  # not under twistd: the caller reports it
+            message = str(e)
+            if "not recognized" in message:
+                message += "; see `%s --help` for the flags" % (self.command_name(),)
+            raise SystemExit("%s: %s" % (self.command_name(), message))
+
+    def command_name(self) -> str:
+        return "twistd " + self.command
+
+    def check(self, name: str, convert):
+        """C{self[name] = convert(self[name])}, naming the flag in any error."""
+        self[name] = _naming(name, convert)(self[name])
+
+    def ignored_flags(self) -> List[str]:
+        """The ignored Go flags that were set, for a warning each."""
+        return [name for name, off in self.ignored_go_flags.items() if self[name] != off]
 
     def normalize(self, argv: List[str]) -> List[str]:
         known = {name.rstrip("=") for name in self.longOpt}
@@ -34,7 +73,7 @@ class GoFlagOptions(usage.Options):
                 # Go's single-dash long flag, e.g. -port=80.
                 candidate = "-" + arg
                 name = candidate[2:].split("=", 1)[0]
-                if name.replace("-", "_") in known:
+                if name in known or name.replace("-", "_") in known:
                     arg = candidate
             if arg.startswith("--"):
                 name, eq, value = arg[2:].partition("=")
@@ -45,47 +84,64 @@ class GoFlagOptions(usage.Options):
         return out
 
 
+def _naming(name: str, convert):
+    def named(value):
+        try:
+            return convert(value)
+        except (usage.UsageError, ValueError) as e:
+            raise usage.UsageError("--%s=%s: %s" % (name, value, e))
+
+    return named
+
+
 def duration(text: str) -> float:
-    try:
-        value = parse_duration(text)
-    except ValueError as e:
-        raise usage.UsageError(str(e))
+    value = parse_duration(text)
     if value <= 0:
-        raise usage.UsageError("duration must be positive: %r" % (text,))
+        raise usage.UsageError("a duration must be above 0, e.g. 60s, 1m30s, 30m")
     return value
 
 
 duration.coerceDoc = "A Go duration, e.g. 60s, 1m30s, 30m."  # type: ignore[attr-defined]
 
 
+def nonnegative_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value < 0:
+        raise usage.UsageError("a duration must not be negative: use 0 for none, or e.g. 5s")
+    return value
+
+
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise usage.UsageError("not a whole number: %r" % (text,))
+    value = _whole(text)
     if value <= 0:
-        raise usage.UsageError("must be positive: %r" % (text,))
+        raise usage.UsageError("must be a whole number above 0")
     return value
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise usage.UsageError("not a whole number: %r" % (text,))
+    value = _whole(text)
     if value < 0:
-        raise usage.UsageError("must not be negative: %r" % (text,))
+        raise usage.UsageError("must be a whole number, 0 or more")
     return value
 
 
-def log_level(text: str):
+def go_int(text: str) -> int:
+    """Any whole number, as Go's C{flag.Int}."""
+    return _whole(text)
+
+
+def _whole(text) -> int:
     try:
-        return parse_level(text)
-    except ValueError as e:
-        raise usage.UsageError(str(e))
+        return int(text)
+    except ValueError:
+        raise usage.UsageError("not a whole number; use digits, e.g. 10240")
+
+
+def log_level(text: str):
+    return parse_level(text)
 
 
 def log_format(text: str) -> str:
     if text not in ("json", "text"):
-        raise usage.UsageError("--log_format must be json or text, not %r" % (text,))
+        raise usage.UsageError("use json or text")
     return text

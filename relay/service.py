@@ -10,15 +10,32 @@ twistd applications are usually put together:
     with the port actually bound, which tools watching the Go server's log
     look for;
   - a L{TimerService} runs L{Broker.reap} every 10 s;
-  - L{DrainService}, on stop, ends long polls and waits up to 20 s for
-    in-flight requests before cutting them off.
+  - L{DrainService} ends long polls and waits up to 20 s for in-flight
+    requests before cutting them off.
+
+A stop (SIGTERM) runs in a fixed order, which L{RelayServerService.stopService}
+spells out, because a rolling deploy depends on it:
+
+  1. At once: C{/healthz} answers 503, long polls end with C{503 Server is
+     restarting} (Go's relay-client backs off on a 503, and loops on a 408),
+     new polls and user requests get the same 503, and every answer carries
+     C{Connection: close} (except a relay-client's 200s to answer chunks
+     and stream reads: the request they belong to is still in flight).
+  2. The port keeps accepting for C{drain_grace} seconds, so that
+     connections a load balancer still sends get that 503 instead of a
+     refusal while readiness propagates; and for as long as requests are in
+     flight (at most 20 s from the stop, then they are cut off), because a
+     relay-client whose poll connection the 503 closed needs a new
+     connection to post the rest of an answer.
+  3. The port closes; the remaining connections are closed (aborted 5 s
+     later if their peer does not read); the process exits.
 """
 
 from typing import Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 
@@ -28,33 +45,44 @@ from relay.logs import LogsThroughObserver
 from relay.metrics import RelayMetrics
 from relay.resources import RootResource
 from relay.site import RelaySite
+from relay.startup import listen_error
 
 log = Logger()
 
 REAP_INTERVAL = 10.0
 CLEAN_SHUTDOWN_TIMEOUT = 20.0
+# How long the port keeps accepting after SIGTERM, answering 503, for
+# twistd's --drain_grace; make_server_service's own default is 0 (tests and
+# embedders that stop the service want it gone at once).
+DEFAULT_DRAIN_GRACE = 5.0
 
 
 class ListeningService(Service):
     """Listen on an endpoint; log the port; stop listening on stop."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory, reactor):
+    def __init__(self, endpoint: IStreamServerEndpoint, factory, reactor, flag: str = "--port", port=None):
         self.endpoint = endpoint
         self.factory = factory
         self.reactor = reactor
+        # How the operator set the endpoint, and its port, for error messages.
+        self.flag = flag
+        self.port_number = port
         self.port = None
         self._listening: Optional[defer.Deferred] = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         failures = []
-        self._listening = self.endpoint.listen(self.factory)
+        try:
+            self._listening = self.endpoint.listen(self.factory)
+        except Exception:
+            self._listening = defer.fail()
         self._listening.addCallbacks(self._listened, failures.append)
         if failures:
-            # A port in use or a bad address: fail twistd's start-up, which
-            # prints the error and exits non-zero.
+            # A port in use or a bad address: fail twistd's start-up with
+            # one line (see relay.startup) and a non-zero exit.
             self._listening = None
-            failures[0].raiseException()
+            raise listen_error(failures[0], self.flag, self.port_number) from failures[0].value
         self._listening.addErrback(self._failed)
 
     def startService(self) -> None:
@@ -83,7 +111,7 @@ class ListeningService(Service):
 class DrainService(Service):
     """
     On stop: end long polls, let in-flight requests finish, cut off what is
-    left after the grace period, then close the connections.
+    left after C{timeout}, then close the connections.
     """
 
     def __init__(
@@ -94,12 +122,29 @@ class DrainService(Service):
         self.clock = clock
         self.timeout = timeout
 
+    def begin(self) -> None:
+        """Step 1 of a stop: refuse new work, end polls, close connections after each answer."""
+        if self.site.draining:
+            return
+        self.site.draining = True
+        self.broker.stop()
+
     def stopService(self):
         super().stopService()
-        self.broker.stop()
-        d = self._drain()
+        self.begin()
+        d = self.in_flight_done()
         d.addCallback(lambda _: self.site.close_connections())
         return d
+
+    def in_flight_done(self) -> defer.Deferred:
+        """Fires when no request is in flight, cutting off what is left after C{timeout}."""
+        if self._in_flight is None:
+            self._in_flight = self._drain()
+        d = defer.Deferred()
+        self._in_flight.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
+    _in_flight = None
 
     def _drain(self) -> defer.Deferred:
         if not self.broker.requests:
@@ -128,15 +173,38 @@ class RelayServerService(LogsThroughObserver, MultiService):
     through our JSON (or text) observer, as the Go server does.
     """
 
-    def __init__(self, broker: Broker, site: RelaySite, log_observer=None):
+    def __init__(self, broker: Broker, site: RelaySite, log_observer=None, drain_grace: float = 0.0, clock=None):
         super().__init__()
         self.broker = broker
         self.site = site
         self.log_observer = log_observer
+        self.drain_grace = drain_grace
+        self.clock = clock
 
     @property
     def listening_port(self):
         return self.getServiceNamed("listen").port
+
+    def stopService(self):
+        """
+        The stop in the order the module docstring gives, rather than
+        L{MultiService}'s all children at once. The children are exactly
+        the three L{make_server_service} names.
+        """
+        Service.stopService(self)
+        drain = self.getServiceNamed("drain")
+        listen = self.getServiceNamed("listen")
+        drain.begin()
+        waits = []
+        if self.drain_grace > 0 and self.clock is not None:
+            log.info("Draining: /healthz answers 503, still accepting", GraceSeconds=self.drain_grace)
+            waits.append(task.deferLater(self.clock, self.drain_grace, lambda: None))
+        waits.append(drain.in_flight_done())
+        d = defer.gatherResults(waits)
+        d.addCallback(lambda _: listen.stopService())
+        d.addCallback(lambda _: drain.stopService())
+        d.addCallback(lambda _: self.getServiceNamed("reap").stopService())
+        return d
 
 
 def _safe_reap(broker: Broker) -> None:
@@ -164,11 +232,17 @@ def make_server_service(
     header_timeout: Optional[float] = 30.0,
     debug_logs: bool = False,
     max_buffered_bodies: int = 1024 * 1024 * 1024,
+    drain_grace: float = 0.0,
+    port_flag: str = "--port",
+    port_number=None,
 ) -> RelayServerService:
     """
     The relay server on C{endpoint}. C{clock} (the reactor by default)
     drives the protocol's timeouts; tests pass a L{Clock} to step through
     them while real sockets carry the traffic.
+
+    @param drain_grace: seconds the port keeps accepting (and answering 503)
+        after a stop begins; see the module docstring.
     """
     metrics = metrics if metrics is not None else RelayMetrics()
     clock = clock if clock is not None else reactor
@@ -194,13 +268,15 @@ def make_server_service(
         reactor=reactor,
     )
     site.body_budget = broker.bodies
-    service = RelayServerService(broker, site, log_observer)
+    service = RelayServerService(broker, site, log_observer, drain_grace, reactor)
     drain = DrainService(broker, site, reactor)
+    drain.setName("drain")
     drain.setServiceParent(service)
     timer = TimerService(REAP_INTERVAL, _safe_reap, broker)
     timer.clock = clock
+    timer.setName("reap")
     timer.setServiceParent(service)
-    listen = ListeningService(endpoint, site, reactor)
+    listen = ListeningService(endpoint, site, reactor, port_flag, port_number)
     listen.setName("listen")
     listen.setServiceParent(service)
     return service

@@ -204,6 +204,28 @@ class RelayRequest(server.Request):
             self.requestHeaders.setRawHeaders(b"host", [authority])
         return b"/" + tail + query if slash else b"/" + query
 
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and getattr(self.channel, "site", None) is not None and self.channel.site.draining:
+            self._close_after_answer()
+        super().write(data)
+
+    def _close_after_answer(self) -> None:
+        """
+        Draining: tell HTTP/1.1 clients this connection ends with this
+        answer, so that they reconnect (to another server) instead of
+        reusing it; Go's relay-client, told 408 on a kept-alive connection,
+        re-polls at once in a loop. A relay-client's 200 to a response chunk
+        or stream read keeps its connection for the rest of the request it
+        belongs to.
+        """
+        if self.code == 200 and self.path in (b"/server/response", b"/server/requeststream"):
+            return
+        conn, _ = stream_connection(self)
+        if conn is not None or not isinstance(self.channel, http.HTTPChannel):
+            return  # HTTP/2 has no Connection header
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.channel.persistent = False
+
     def add_trailer(self, name: str, value: str) -> None:
         if valid_trailer(name):
             self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
@@ -459,6 +481,8 @@ class RelaySite(server.Site):
         self.body_budget = None
         self.connections: Set[RelayChannel] = set()
         self._all_closed: List[Deferred] = []
+        # Set when a stop begins: every answer closes its connection.
+        self.draining = False
 
     def log(self, request) -> None:
         pass

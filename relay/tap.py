@@ -12,17 +12,29 @@ from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
 from relay.h2 import offer_h2_over_tls
 from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
-from relay.options import GoFlagOptions, duration, log_format, log_level, nonnegative_int, positive_int
+from relay.options import (
+    GoFlagOptions,
+    duration,
+    go_int,
+    log_format,
+    log_level,
+    nonnegative_duration,
+    nonnegative_int,
+    positive_int,
+)
 from relay import busy_poll
 from relay.pypy_gc import log_nursery_advice
-from relay.service import make_server_service
+from relay.service import DEFAULT_DRAIN_GRACE, make_server_service
 from relay.site import DEFAULT_MAX_REQUEST_BODY
+from relay.startup import report_startup_errors
 
 log = Logger()
 
 
 class Options(GoFlagOptions):
+    command = "relay"
     synopsis = "[options]"
+    ignored_go_flags = {"pprof_port": 0, "trace-stackdriver-project-id": ""}
     longdesc = (
         "A multiplexing HTTP relay server, wire-compatible with the Cloud Robotics "
         "Go http-relay-server: relay-clients long-poll /server/request under a "
@@ -144,6 +156,16 @@ class Options(GoFlagOptions):
             "headers, or sit idle this long between requests (slowloris guard).",
         ],
         [
+            "drain_grace",
+            None,
+            "%gs" % DEFAULT_DRAIN_GRACE,
+            "Not in Go: after SIGTERM, keep accepting connections for at least this long "
+            "(a Go duration), answering /healthz, polls and new user requests with 503 and "
+            "Connection: close, so that load balancers see readiness fail before the port "
+            "closes. The port closes once this has passed and no request is in flight "
+            "(in-flight requests get at most 20s). 0: no grace.",
+        ],
+        [
             "log_level",
             None,
             "info",
@@ -155,15 +177,68 @@ class Options(GoFlagOptions):
             "json",
             "json (one object per line, as the Go server) or text (key=value).",
         ],
+        [
+            "pprof_port",
+            None,
+            0,
+            "Go's profiler port: accepted so that Go manifests work, and ignored (with a "
+            "warning when set). Profile with py-spy or PyPy's vmprof instead.",
+            go_int,
+        ],
+        [
+            "trace-stackdriver-project-id",
+            None,
+            "",
+            "Go's tracing to Google Cloud: accepted so that Go manifests work, and ignored "
+            "(with a warning when set).",
+        ],
     ]
 
     def postOptions(self):
         for name in ("inactive_request_timeout", "inactive_backend_timeout", "header_timeout"):
-            self[name] = duration(self[name])
-        self["log_level"] = log_level(self["log_level"])
-        self["log_format"] = log_format(self["log_format"])
+            self.check(name, duration)
+        self.check("drain_grace", nonnegative_duration)
+        self.check("log_level", log_level)
+        self.check("log_format", log_format)
+        self.check("port", check_port)
         self["endpoint"] = port_endpoint(self["port"])
         self["policy"] = access_policy(self)
+
+
+def check_port(port: str) -> str:
+    """
+    What C{listen} would only find out later: a port number above 65535, or
+    an endpoint string Twisted cannot parse (C{tcp:abc}).
+    """
+    text = str(port).strip()
+    if text.isdigit():
+        if int(text) > 65535:
+            raise usage.UsageError("port numbers go up to 65535; use e.g. --port=8080")
+        return port
+    if ":" not in text:
+        raise usage.UsageError(
+            "not a port number or endpoint string; use e.g. --port=8080 or "
+            "--port=tcp:8080:interface=127.0.0.1"
+        )
+    else:
+        try:
+            # Parsing builds an endpoint without a reactor: nothing listens.
+            endpoints.serverFromString(None, text)
+        except Exception as e:
+            raise usage.UsageError(
+                "not a valid endpoint string (%s); use a port number such as 8080 or an "
+                "endpoint such as tcp:8080:interface=127.0.0.1" % (e,)
+            )
+    return port
+
+
+def _port_number(endpoint: str):
+    """The port of a C{tcp:PORT:…} or C{ssl:port=PORT:…} endpoint string, for messages."""
+    for field in endpoint.split(":")[1:]:
+        value = field.split("=", 1)[-1] if field.startswith("port=") else field
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 def port_endpoint(port: str) -> str:
@@ -200,7 +275,9 @@ def port_endpoint(port: str) -> str:
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    report_startup_errors("twistd relay")
     tune_malloc()
+    reactor.callWhenRunning(_warn_ignored, options)
     reactor.callWhenRunning(log_nursery_advice, log)
     reactor.callWhenRunning(busy_poll.install, reactor, options["busy_poll_us"], log)
     endpoint = offer_h2_over_tls(endpoints.serverFromString(reactor, options["endpoint"]))
@@ -220,15 +297,56 @@ def makeService(options, reactor=None):
         header_timeout=options["header_timeout"],
         debug_logs=options["log_level"] <= LogLevel.debug,
         max_buffered_bodies=options["max_buffered_bodies"],
+        drain_grace=options["drain_grace"],
+        port_flag="--port=%s" % (options["port"],),
+        port_number=_port_number(options["endpoint"]),
     )
 
 
+def _warn_ignored(options) -> None:
+    for name in options.ignored_flags():
+        log.warn("Ignoring --{flag}: not supported by this relay", flag=name)
+
+
 def access_policy(options) -> AccessPolicy:
+    def load(name, kind):
+        if not options[name]:
+            return None
+        try:
+            return kind(options[name])
+        except TokenFileError as e:
+            raise usage.UsageError("--%s=%s: %s" % (name, options[name], e))
+
+    return AccessPolicy(
+        client_tokens=load("client_tokens", ClientTokens),
+        user_tokens=load("user_tokens", UserTokens),
+        trusted_user_header=options["trusted_user_header"],
+    )
+
+
+def twistd_options(argv) -> dict:
+    """
+    twistd's own options (C{-n}, C{--logfile}, C{--logger}) from its command
+    line, for C{relay.tac}: twistd gives a .tac file no other way to see
+    them, and without them the tac's log would go to stderr even when
+    daemonized, where stderr goes nowhere. Parsed without side effects
+    (twistd installs the reactor while parsing C{--reactor}); {} if that
+    fails.
+    """
+    from twisted.scripts.twistd import ServerOptions
+
+    class Peek(ServerOptions):
+        def opt_reactor(self, name):
+            pass
+
+        opt_r = opt_reactor
+
+        def postOptions(self):
+            pass
+
+    peek = Peek()
     try:
-        return AccessPolicy(
-            client_tokens=ClientTokens(options["client_tokens"]) if options["client_tokens"] else None,
-            user_tokens=UserTokens(options["user_tokens"]) if options["user_tokens"] else None,
-            trusted_user_header=options["trusted_user_header"],
-        )
-    except TokenFileError as e:
-        raise usage.UsageError(str(e))
+        peek.parseOptions(list(argv))
+    except (usage.UsageError, SystemExit):
+        return {}
+    return {key: peek[key] for key in ("nodaemon", "logfile", "logger")}

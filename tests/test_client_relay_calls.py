@@ -107,6 +107,22 @@ class RelayCallsTests(unittest.TestCase):
         self.assertEqual(self.pending_delays(), [0.1])
 
     @defer.inlineCallbacks
+    def test_restarting_server_backs_off(self):
+        # A draining relay answers 503 (ours now) or, before, 408 "Server is
+        # restarting": both back off, where a plain 408 polls again at once.
+        self.relay.script[b"/server/request"] = [
+            (503, b"Server is restarting\n"),
+            (408, b"Server is restarting\n"),
+        ]
+        self.start_client()
+        for expected in (0.1, 0.15):
+            yield self.until(lambda: self.pending_delays() != [])
+            self.assertEqual(self.pending_delays(), [expected])
+            count = len(self.polls())
+            self.clock.advance(expected + 1e-9)
+            yield self.until(lambda: len(self.polls()) > count)
+
+    @defer.inlineCallbacks
     def test_backoff_is_capped_at_10s(self):
         self.relay.script[b"/server/request"] = [(502, b"")] * 14
         self.start_client()

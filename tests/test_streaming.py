@@ -74,7 +74,7 @@ class StreamingTest(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_256_mib_to_slow_reader_with_backpressure_and_bounded_memory(self):
-        proc = TwistdProcess.spawn(["relay", "--port=tcp:0:interface=127.0.0.1"])
+        proc = TwistdProcess.spawn(["relay", "--port=tcp:0:interface=127.0.0.1", "--drain_grace=0"])
         self.addCleanup(proc.terminate)
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)

@@ -252,6 +252,10 @@ class RelayAPI:
             failure = Failure(e)
             raise RelayError(describe_failure(failure), connection_refused=is_connection_refused(failure))
         if code == 408:
+            if body.startswith(b"Server is restarting"):
+                # A relay server from before 503s for draining: polling again
+                # at once would loop until its port closes.
+                raise RelayError("server status %s: Server is restarting" % (status_text(code),), code)
             return None
         if code == 403:
             raise Forbidden(status_text(code), code)

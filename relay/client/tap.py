@@ -21,7 +21,7 @@ from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
 from relay.client.service import make_client_service
 from relay.logs import twistd_log_observer
 from relay.malloc import tune_malloc
-from relay.options import GoFlagOptions, log_format, log_level, nonnegative_int, positive_int
+from relay.options import GoFlagOptions, go_int, log_format, log_level, nonnegative_int, positive_int
 from relay.pypy_gc import log_nursery_advice
 
 log = Logger()
@@ -59,7 +59,9 @@ BOOL_FLAGS = (
 
 
 class Options(GoFlagOptions):
+    command = "relay-client"
     synopsis = "[options]"
+    ignored_go_flags = {"pprof_port": 0, "trace-stackdriver-project-id": ""}
     longdesc = (
         "The relay client, wire-compatible with the Cloud Robotics Go http-relay-client: "
         "it long-polls the relay server for requests sent to --server_name, makes them "
@@ -125,8 +127,11 @@ class Options(GoFlagOptions):
          "Disable auth when talking to the relay server (for local testing, or when "
          "--relay_token_file is not needed).", go_bool],
         ["trace-stackdriver-project-id", None, "",
-         "Accepted for compatibility; tracing is not supported and this is ignored."],
-        ["pprof_port", None, 0, "Accepted for compatibility; ignored.", int],
+         "Go's tracing to Google Cloud: accepted so that Go manifests work, and ignored "
+         "(with a warning when set)."],
+        ["pprof_port", None, 0,
+         "Go's profiler port: accepted so that Go manifests work, and ignored (with a "
+         "warning when set).", go_int],
         ["log_level", None, "info",
          "Least severe level logged: debug, info, warn, error, or Go's -4, 0, 4, 8."],
         ["log_format", None, "json", "json (one object per line, as the Go relay) or text (key=value)."],
@@ -144,9 +149,13 @@ class Options(GoFlagOptions):
         for name in BOOL_FLAGS:
             self[name] = go_bool(self[name])
         if self["force_http2"] and self["disable_http2"]:
-            raise usage.UsageError("Cannot use --force_http2 together with --disable_http2")
-        self["log_level"] = log_level(self["log_level"])
-        self["log_format"] = log_format(self["log_format"])
+            raise usage.UsageError("--force_http2 and --disable_http2 contradict each other: give one of them")
+        self.check("log_level", log_level)
+        self.check("log_format", log_format)
+        self.check("relay_address", host_port)
+        self.check("backend_address", host_port)
+        for name in ("relay_token_file", "authentication_token_file", "root_ca_file"):
+            self.check(name, readable_file)
         self["relay_prefix"] = self["relay_prefix"].rstrip("/")
         if self["relay_prefix"] and not self["relay_prefix"].startswith("/"):
             self["relay_prefix"] = "/" + self["relay_prefix"]
@@ -155,9 +164,39 @@ class Options(GoFlagOptions):
             try:
                 self["trust_root"] = load_trust_root(self["root_ca_file"])
             except ValueError as e:
-                raise usage.UsageError(str(e))
+                raise usage.UsageError("--root_ca_file=%s: %s" % (self["root_ca_file"], e))
         if not self["server_name"]:
-            raise usage.UsageError("--server_name must not be empty")
+            raise usage.UsageError("--server_name must not be empty; give the backend's name, e.g. --server_name=robot1")
+
+
+def host_port(text: str) -> str:
+    """
+    C{host}, C{host:port} or C{[v6]:port}, checked now: a client that polls
+    C{localhost:abc} would retry for ever.
+    """
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise usage.UsageError("not HOST:PORT; write an IPv6 address as [::1]:8081")
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            host, port = text, None
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise usage.UsageError("the port must be a number from 1 to 65535, e.g. localhost:8081")
+    return text
+
+
+def readable_file(path: str) -> str:
+    """An empty value (not set), or a file we can read now."""
+    if path:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise usage.UsageError("cannot read the file (%s); give the path of an existing file" % (e.strerror or e,))
+    return path
 
 
 def relay_url(options) -> str:
@@ -194,8 +233,8 @@ def _warn_unsupported(options) -> None:
             "without authentication (use --relay_token_file, or --disable_auth_for_remote to "
             "silence this)"
         )
-    if options["trace-stackdriver-project-id"]:
-        log.warn("Tracing is not supported; ignoring --trace-stackdriver-project-id")
+    for name in options.ignored_flags():
+        log.warn("Ignoring --{flag}: not supported by this relay-client", flag=name)
 
 
 def makeService(options, reactor=None):
