@@ -242,7 +242,8 @@ class Chunker:
             return
         self._schedule_keepalive()
         self._pump()
-        if self._sending is None and self._size < self._max:
+        if self._size < self._max:
+            # Room for the next piece while this one (if any) is on its way.
             self._resume()
 
     def _failed(self, failure: Failure) -> None:
