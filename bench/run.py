@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
 """
-Benchmark of the relay (issue 5): one command, one markdown report.
+Benchmark of the relay: one command, one markdown report (bench/README.md).
 
-    python3 bench/run.py                                    # CPython venv, full run
-    python3 bench/run.py --python /tmp/pypy-try-3/bin/python  # relay on PyPy
-    python3 bench/run.py --quick                            # a smoke run (~1 min)
+    python3 bench/run.py                                    # side by side with the Go relay (issue 14)
+    python3 bench/run.py --python CPYTHON --python PYPY     # rows for both interpreters, one run
+    python3 bench/run.py --quick --skip-rss --skip-idle     # a smoke run (~45 s)
+    python3 bench/run.py --single                           # issue 5's report of one implementation
 
-It starts a fast in-memory backend (bench/backend.py, its own process), the
-relay server and the relay client (ours by default; any implementation with
---server-cmd / --client-cmd), waits until ``/client/bench/bytes/1`` answers
-through the relay, then runs ``wrk`` (Debian's package) for every response
-size x concurrency, through the relay and directly against the backend, and
-prints requests/s, MiB/s, p50 and p99 latency and the ratio relay/direct next
-to the Go relay's figures. Then, with fresh relay processes: the server's peak
-RSS while one 1 GiB response is relayed, and the server's RSS with 10,000
+Side by side (the default): the Go bench-backend behind four pairs, Go / Go,
+ours / Go (drop-in), ours / ours and Go / ours, the last three per --python;
+wrk for 1 KiB and 1 MiB at c=1 and c=8, two rounds interleaved; each cell
+as a ratio to the Go pair. Per pair also the round trip of one byte on an
+upgraded (101) connection (to bench/backend.py's echo) and the time to the
+500 for a request to a stopped backend. Then the memory checks: the server's
+peak RSS while one 1 GiB response is relayed, and its RSS with 10,000
 simulated idle relay-clients long-polling (bench/idle_clients.py) plus the
 latency of requests to random ones of them.
+
+--single: a fast in-memory backend (bench/backend.py, its own process), the
+relay server and the relay client (ours by default; any implementation with
+--server-cmd / --client-cmd), ``wrk`` for every response size x
+concurrency, through the relay and directly against the backend:
+requests/s, MiB/s, p50 and p99 latency, the ratio relay/direct and CPU,
+then the same memory checks.
 
 The harness itself needs only the Python standard library and wrk; the relay
 processes run under --python (default: /tmp/bench-venv/bin/python when it
