@@ -24,8 +24,8 @@ unbounded memory. The rule, like Nagle's algorithm:
   - messages go one at a time and in order.
 
 The Go client instead holds anything short of a full piece up to 100 ms
-after its first byte, for every response: a keystroke echo through the Go
-pair takes about 100 ms. We keep that gathering delay (C{flush_delay}) only
+after its first byte, for every response, so that a keystroke's echo
+through it may wait that long. We keep that gathering delay (C{flush_delay}) only
 for a response whose length the backend announced (C{Content-Length}):
 nobody can use part of such a body, it goes as one message as soon as it is
 complete, and holding an incomplete one keeps big bodies in few POSTs. Upgraded

@@ -13,7 +13,8 @@ Connections are made by L{client_endpoint}, not by Twisted's
 C{HostnameEndpoint}: that one starts a new attempt every 0.3 s and only
 gives up at the first tick after the last attempt failed, so with the
 backend down every request waited 0.3 s for its C{connection refused},
-even for a literal address (the Go client answers in about 2 ms). A
+even for a literal address, where the Go client answers as soon as the
+refusal comes. A
 literal address gets a plain TCP endpoint; a name's addresses are tried as
 Go's dialer does: the next one 0.3 s after the previous attempt started, or
 at once when it failed, and the error is reported as soon as the last one
