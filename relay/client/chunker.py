@@ -12,10 +12,10 @@ unbounded memory. The rule, like Nagle's algorithm:
     of the body, share a message). The first keystroke echo on a WebSocket
     or the first event of a stream after a quiet spell does not wait;
   - while a message is in flight, up to C{max_chunk_size} bytes are
-    gathered; they go as soon as the relay has taken that message. Then
-    the backend is paused (back-pressure: the relay server holds a POST
-    while its user is slow to read, and that must slow the backend down
-    rather than fill our memory);
+    gathered; they go as soon as the relay has taken that message. With
+    that much gathered the backend is paused until then (back-pressure:
+    the relay server holds a POST while its user is slow to read, and that
+    must slow the backend down rather than fill our memory);
   - a full piece of C{max_chunk_size} bytes goes at once (or as soon as the
     one in flight is taken);
   - when nothing at all has been sent for C{keepalive_interval} (3 s), an
@@ -25,12 +25,12 @@ unbounded memory. The rule, like Nagle's algorithm:
 
 The Go client instead holds anything short of a full piece up to 100 ms
 after its first byte, for every response, so that a keystroke's echo
-through it may wait that long. We keep that gathering delay (C{flush_delay}) only
-for a response whose length the backend announced (C{Content-Length}):
-nobody can use part of such a body, it goes as one message as soon as it is
-complete, and holding an incomplete one keeps big bodies in few POSTs. Upgraded
-(101) connections and streaming answers (chunked, or ended by closing) follow
-the rule above.
+through it may wait that long. We keep that gathering delay
+(C{flush_delay}) only for a response whose length the backend announced
+(C{Content-Length}): nobody can use part of such a body, it goes as one
+message as soon as it is complete, and holding an incomplete one keeps big
+bodies in few POSTs. Upgraded (101) connections and streaming answers
+(chunked, or ended by closing) follow the rule above.
 
 The policy is pure logic over an injected L{IReactorTime}, so that it can be
 pinned down with L{twisted.internet.task.Clock}.
