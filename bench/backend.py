@@ -7,6 +7,11 @@ prints ``Backend listening {"Port": N}`` on stdout and serves
 
     GET /bytes/N   ->  200, N bytes (Content-Length, keep-alive)
     GET /          ->  200 "ok"
+    any request with an Upgrade header
+                   ->  101 Switching Protocols (a WebSocket-like handshake,
+                       Sec-WebSocket-Accept included), then every byte
+                       received is echoed back at once, unframed: the
+                       interactive-latency cell of bench/run.py
 
 from one preallocated buffer, sliced with memoryviews: a 1 GiB response
 never holds more than the socket's write buffer in memory. It is a bare
@@ -17,6 +22,8 @@ directly as well.
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import signal
 import sys
@@ -53,8 +60,17 @@ class Backend(asyncio.Protocol):
         self.remaining = 0  # response body bytes still to write
         self.paused = False
         self.close_after = False
+        self.echo = False
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data):
+        if self.echo:
+            self.t.write(data)
+            return
         if self.skip:
             d = min(self.skip, len(data))
             self.skip -= d
@@ -82,6 +98,9 @@ class Backend(asyncio.Protocol):
                 self.buf = self.buf[d:]
                 self.skip = length - d
             path = parts[1] if len(parts) > 1 else b"/"
+            if b"\nupgrade:" in b"\n" + lower:
+                self.switch(rest)
+                return
             self.respond(path.split(b"?", 1)[0], close)
             if close:
                 self.close_after = True
@@ -110,6 +129,25 @@ class Backend(asyncio.Protocol):
             self.t.write(head(b"200 OK", 2, close) + b"ok")
             return
         self.t.write(head(b"404 Not Found", 10, close) + b"not found\n")
+
+    def switch(self, headers):
+        """101, then echo: what came after the request head is echoed too."""
+        upgrade, key = b"websocket", b""
+        for line in headers.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"upgrade":
+                upgrade = value.strip()
+            elif name.strip().lower() == b"sec-websocket-key":
+                key = value.strip()
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        self.t.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + upgrade + b"\r\nConnection: Upgrade\r\n"
+            + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        self.echo = True
+        rest, self.buf = self.buf, b""
+        if rest:
+            self.t.write(rest)
 
     def push(self):
         while self.remaining and not self.paused:

@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
 """
-Benchmark of the relay (issue 5): one command, one markdown report.
+Benchmark of the relay: one command, one markdown report (bench/README.md).
 
-    python3 bench/run.py                                    # CPython venv, full run
-    python3 bench/run.py --python /tmp/pypy-try-3/bin/python  # relay on PyPy
-    python3 bench/run.py --quick                            # a smoke run (~1 min)
+    python3 bench/run.py                                    # side by side with the Go relay (issue 14)
+    python3 bench/run.py --python CPYTHON --python PYPY     # rows for both interpreters, one run
+    python3 bench/run.py --quick --skip-rss --skip-idle     # a smoke run (~45 s)
+    python3 bench/run.py --single                           # issue 5's report of one implementation
 
-It starts a fast in-memory backend (bench/backend.py, its own process), the
-relay server and the relay client (ours by default; any implementation with
---server-cmd / --client-cmd), waits until ``/client/bench/bytes/1`` answers
-through the relay, then runs ``wrk`` (Debian's package) for every response
-size x concurrency, through the relay and directly against the backend, and
-prints requests/s, MiB/s, p50 and p99 latency and the ratio relay/direct next
-to the Go relay's figures. Then, with fresh relay processes: the server's peak
-RSS while one 1 GiB response is relayed, and the server's RSS with 10,000
+Side by side (the default): the Go bench-backend behind four pairs, Go / Go,
+ours / Go (drop-in), ours / ours and Go / ours, the last three per --python;
+wrk for 1 KiB and 1 MiB at c=1 and c=8, two rounds interleaved; each cell
+as a ratio to the Go pair. Per pair also the round trip of one byte on an
+upgraded (101) connection (to bench/backend.py's echo) and the time to the
+500 for a request to a stopped backend. Then the memory checks: the server's
+peak RSS while one 1 GiB response is relayed, and its RSS with 10,000
 simulated idle relay-clients long-polling (bench/idle_clients.py) plus the
 latency of requests to random ones of them.
+
+--single: a fast in-memory backend (bench/backend.py, its own process), the
+relay server and the relay client (ours by default; any implementation with
+--server-cmd / --client-cmd), ``wrk`` for every response size x
+concurrency, through the relay and directly against the backend:
+requests/s, MiB/s, p50 and p99 latency, the ratio relay/direct and CPU,
+then the same memory checks.
 
 The harness itself needs only the Python standard library and wrk; the relay
 processes run under --python (default: /tmp/bench-venv/bin/python when it
@@ -778,6 +785,368 @@ def raise_nofile(need):
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+
+# -- side by side (issue 14) -------------------------------------------------
+
+GO_DIR_CANDIDATES = (os.path.join(os.path.dirname(REPO), "shared", "reference-go"), "/work/shared/reference-go")
+ECHO_NAME, DOWN_NAME = "echo", "down"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(proc, port, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.p.poll() is not None:
+                raise RuntimeError("%s not listening on %d; see %s" % (proc.name, port, proc.logpath))
+            time.sleep(0.1)
+
+
+def interpreter_name(python):
+    out = subprocess.run(
+        [python, "-c", "import platform,sys,twisted; v=sys.version_info; print(platform.python_implementation(), "
+         "'%d.%d.%d' % v[:3], (getattr(sys, 'pypy_version_info', None) and '.'.join(map(str, sys.pypy_version_info[:3])) or ''), "
+         "twisted.__version__)"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout.decode().split()
+    if len(out) == 4:
+        impl, ver, pypy, tw = out
+        return {"short": "%s %s" % (impl, ".".join(ver.split(".")[:2])),
+                "long": "%s %s%s, Twisted %s (`%s`)" % (impl, ver, " (PyPy %s)" % pypy if impl == "PyPy" else "", tw, python),
+                "pypy": impl == "PyPy"}
+    if len(out) == 3:
+        impl, ver, tw = out
+        return {"short": "%s %s" % (impl, ".".join(ver.split(".")[:2])),
+                "long": "%s %s, Twisted %s (`%s`)" % (impl, ver, tw, python), "pypy": impl == "PyPy"}
+    raise RuntimeError("cannot run %s with Twisted: %s" % (python, " ".join(out)))
+
+
+def upgrade_rtts(port, path, count, gap=0.02, timeout=10.0):
+    """
+    The round trip of one byte on an upgraded connection, C{count} times,
+    C{gap} seconds apart (a typist: each keystroke after a quiet spell).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                   % (path, port)).encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise OSError("closed before the 101: %r" % data[:200])
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise OSError("no 101: %r" % head[:200])
+        if rest:
+            raise OSError("unexpected bytes after the 101: %r" % rest[:50])
+        times = []
+        for i in range(count):
+            time.sleep(gap)
+            t0 = time.perf_counter()
+            s.sendall(b"k")
+            got = s.recv(16)
+            times.append(time.perf_counter() - t0)
+            if got != b"k":
+                raise OSError("echo gave %r" % got)
+    return times
+
+
+def refused_times(port, name, count, first_timeout=60.0):
+    """How long a request to a relay-client whose backend is down takes to be answered (the first is a warm-up)."""
+    path = "/client/%s/refused" % name
+    deadline = time.monotonic() + first_timeout
+    while True:
+        try:
+            status, body = http_get(port, path, timeout=30)
+            if status == 500 and b"refused" in body.lower():
+                break
+            last = "status %d: %r" % (status, body[:200])
+        except OSError as e:
+            last = str(e)
+        if time.monotonic() > deadline:
+            raise RuntimeError("no 500 'connection refused' from the %s client (%s)" % (name, last))
+        time.sleep(0.2)
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        status, body = http_get(port, path, timeout=30)
+        times.append(time.perf_counter() - t0)
+        if status != 500:
+            raise RuntimeError("backend down: status %d, %r" % (status, body[:200]))
+    return times
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] + xs[(n - 1) // 2]) / 2.0 if xs else float("nan")
+
+
+def fmt_latency(seconds):
+    ms = seconds * 1000
+    if ms >= 10:
+        return "%.0f ms" % ms
+    if ms >= 1:
+        return "%.1f ms" % ms
+    return "%.2f ms" % ms
+
+
+class Pair:
+    """A relay server and relay-client, each Go's or ours (under an interpreter)."""
+
+    def __init__(self, server, client, python=None, interp=None):
+        self.server_kind, self.client_kind = server, client
+        self.python, self.interp = python, interp
+        if server == "go" and client == "go":
+            self.label = "Go / Go"
+        elif client == "go":
+            self.label = "ours on %s / Go (drop-in)" % interp["short"]
+        elif server == "go":
+            self.label = "Go / ours on %s" % interp["short"]
+        else:
+            self.label = "ours / ours, %s" % interp["short"]
+        self.procs = []
+        self.port = None
+        self.results = {}  # (round, size, c) -> wrk result
+        self.rtts = {}  # round -> [seconds]
+        self.refused = {}  # round -> [seconds]
+
+    @property
+    def pypy(self):
+        return bool(self.interp and self.interp["pypy"])
+
+
+class SideBySide:
+    def __init__(self, a, bench):
+        self.a = a
+        self.bench = bench
+        self.go = a.go_dir
+        self.pairs = []
+        self.direct_rtts = []
+
+    def our_twistd(self, python):
+        return shlex.split(TWISTD.format(python=shlex.quote(python)))
+
+    def start_backends(self):
+        port = free_port()
+        self.go_backend = start("go-backend", [os.path.join(self.go, "bench-backend"), str(port)], self.bench.logdir)
+        self.go_backend_port = port
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if http_get(port, "/healthz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.go_backend.p.poll() is not None:
+                raise RuntimeError("Go bench-backend did not answer /healthz; see %s" % self.go_backend.logpath)
+            time.sleep(0.1)
+        log("Go bench-backend on port %d" % port)
+        self.bench.start_backend()  # bench/backend.py: the 101 echo, and the memory checks' 1 GiB
+        self.echo_port = self.bench.backend.port
+        self.dead_port = free_port()  # nothing listens there
+
+    def server_cmd(self, pair, port):
+        if pair.server_kind == "go":
+            return [os.path.join(self.go, "http-relay-server"), "--port=%d" % port]
+        return self.our_twistd(pair.python) + ["-n", "relay", "--port=tcp:%d:interface=127.0.0.1" % port] + \
+            self.busy_poll() + shlex.split(self.a.server_args)
+
+    def client_cmd(self, pair, backend_port, name):
+        flags = ["--backend_scheme=http", "--backend_address=127.0.0.1:%d" % backend_port, "--relay_scheme=http",
+                 "--relay_address=127.0.0.1:%d" % pair.port, "--server_name=%s" % name, "--disable_auth_for_remote"]
+        if pair.client_kind == "go":
+            return [os.path.join(self.go, "http-relay-client")] + flags
+        return self.our_twistd(pair.python) + ["-n", "relay-client"] + flags + self.busy_poll() + \
+            shlex.split(self.a.client_args)
+
+    def busy_poll(self):
+        return ["--busy_poll_us=%d" % self.a.busy_poll_us] if self.a.busy_poll_us else []
+
+    def start_pair(self, i, pair):
+        env = self.bench.relay_env
+        pair.port = free_port()
+        args = self.server_cmd(pair, pair.port)
+        server = start("p%d-server" % i, args, self.bench.logdir, env=env)
+        pair.procs.append(server)
+        wait_listening(server, pair.port)
+        log("%s: server on port %d (pid %d): %s" % (pair.label, pair.port, server.pid, " ".join(args)))
+        for name, backend in (("bench", self.go_backend_port), (ECHO_NAME, self.echo_port), (DOWN_NAME, self.dead_port)):
+            args = self.client_cmd(pair, backend, name)
+            client = start("p%d-client-%s" % (i, name), args, self.bench.logdir, env=env)
+            pair.procs.append(client)
+            if name == "bench":
+                pair.client = client
+                log("%s: client (pid %d): %s" % (pair.label, client.pid, " ".join(args)))
+        wait_relay_ready(pair.port, "bench", timeout=60)
+        wait_relay_ready(pair.port, ECHO_NAME, timeout=60)
+
+    def pids(self, pair):
+        return [pair.procs[0].pid, pair.client.pid]
+
+    def url(self, pair, size):
+        return "http://127.0.0.1:%d/client/bench/bytes/%d" % (pair.port, size)
+
+    def run(self):
+        a = self.a
+        pythons = [(p, interpreter_name(p)) for p in a.pythons]
+        self.interps = pythons
+        self.pairs = [Pair("go", "go")]
+        for python, interp in pythons:
+            self.pairs += [Pair("ours", "go", python, interp), Pair("ours", "ours", python, interp),
+                           Pair("go", "ours", python, interp)]
+        self.start_backends()
+        for i, pair in enumerate(self.pairs):
+            self.start_pair(i, pair)
+        for rnd in range(1, a.rounds + 1):
+            log("round %d of %d" % (rnd, a.rounds))
+            if rnd == 1 and (a.warmup or a.warmup_pypy):
+                for pair in self.pairs:
+                    if pair.server_kind == pair.client_kind == "go":
+                        continue
+                    secs = a.warmup_pypy if pair.pypy else a.warmup
+                    for size in a.sizes:
+                        if secs:
+                            log("warm-up %s: %s, c=8, %ds" % (pair.label, fmt_size(size), secs))
+                            run_wrk(a.wrk, self.bench.lua, self.url(pair, size), 8, secs, 30)
+                    wait_quiet(self.pids(pair))
+            for size in a.sizes:
+                for c in a.concurrency:
+                    for pair in self.pairs:
+                        wait_quiet(self.pids(pair))
+                        r = run_wrk(a.wrk, self.bench.lua, self.url(pair, size), c, a.duration, 30)
+                        pair.results[(rnd, size, c)] = r
+                        log("round %d %s c=%d %-32s %s req/s %s MiB/s p50 %s errors %d" % (
+                            rnd, fmt_size(size), c, pair.label, fmt_rate(r["rps"]), fmt_rate(r["mibps"]),
+                            fmt_ms(r["p50_us"], r), r["errors"]))
+            self.direct_rtts += upgrade_rtts(self.echo_port, "/echo", a.latency_count)
+            for pair in self.pairs:
+                wait_quiet(self.pids(pair))
+                pair.rtts[rnd] = upgrade_rtts(pair.port, "/client/%s/tty" % ECHO_NAME, a.latency_count)
+                pair.refused[rnd] = refused_times(pair.port, DOWN_NAME, a.refused_count)
+                log("round %d %-32s 1-byte echo on a 101: median %s; backend down: 500 after %s (median)" % (
+                    rnd, pair.label, fmt_latency(median(pair.rtts[rnd])), fmt_latency(median(pair.refused[rnd]))))
+        for pair in self.pairs:
+            for p in pair.procs:
+                stop(p)
+        stop(self.go_backend)
+
+    def best(self, pair, size, c):
+        unit = "rps" if size < MiB else "mibps"
+        values = [r[unit] for (rnd, s, cc), r in pair.results.items() if s == size and cc == c]
+        return max(values) if values else float("nan")
+
+    def errors(self, pair):
+        return sum(r["errors"] for r in pair.results.values())
+
+    def table(self):
+        a = self.a
+        go = self.pairs[0]
+        cells = [(s, c) for s in a.sizes for c in a.concurrency]
+        head = ["server / client"] + ["%s c=%d" % (fmt_size(s), c) for s, c in cells] + [
+            "1-byte echo on a 101", "backend stopped: 500 after"]
+        out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        best_rtt = lambda p: min(median(v) for v in p.rtts.values())  # noqa: E731
+        best_ref = lambda p: min(median(v) for v in p.refused.values())  # noqa: E731
+        for pair in self.pairs:
+            row = []
+            if pair is go:
+                label = "Go / Go (req/s, MiB/s)"
+                row = [fmt_rate(self.best(go, s, c)) for s, c in cells]
+            else:
+                label = pair.label
+                row = ["%.2f" % (self.best(pair, s, c) / self.best(go, s, c)) for s, c in cells]
+            errors = self.errors(pair)
+            if errors:
+                label += " (%d wrk errors)" % errors
+            row += [fmt_latency(best_rtt(pair)), fmt_latency(best_ref(pair))]
+            out.append("| %s | %s |" % (label, " | ".join(row)))
+        return "\n".join(out)
+
+    def detail(self):
+        a = self.a
+        cells = [(s, c) for s in a.sizes for c in a.concurrency]
+        head = ["server / client", "round"] + ["%s c=%d" % (fmt_size(s), c) for s, c in cells] + [
+            "echo p50 / max", "refused p50 / max"]
+        out = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+        for pair in self.pairs:
+            for rnd in range(1, a.rounds + 1):
+                row = []
+                for s, c in cells:
+                    r = pair.results[(rnd, s, c)]
+                    row.append(fmt_rate(r["rps"] if s < MiB else r["mibps"]))
+                row.append("%s / %s" % (fmt_latency(median(pair.rtts[rnd])), fmt_latency(max(pair.rtts[rnd]))))
+                row.append("%s / %s" % (fmt_latency(median(pair.refused[rnd])), fmt_latency(max(pair.refused[rnd]))))
+                out.append("| %s | %d | %s |" % (pair.label, rnd, " | ".join(row)))
+        return "\n".join(out)
+
+
+def flags_note(a):
+    ours = (["--busy_poll_us=%d" % a.busy_poll_us] if a.busy_poll_us else []) + [
+        x for x in (a.server_args, a.client_args) if x]
+    if not ours:
+        return ""
+    return ", except our processes: `%s` (server) and `%s` (client)" % (
+        " ".join(ours[:1] + ([a.server_args] if a.server_args else [])),
+        " ".join(ours[:1] + ([a.client_args] if a.client_args else [])))
+
+
+def side_by_side_report(a, command, sbs, info, elapsed, others, big, idle):
+    r = []
+    r.append("Date: %s; command: `%s`; whole run %.0f s; code: %s  " % (
+        time.strftime("%Y-%m-%d %H:%M %Z"), command, elapsed, git_rev()))
+    r.append("Our processes: %s  " % "; ".join(i["long"] for _, i in sbs.interps))
+    r.append("Go binaries: `%s` (http-relay-server, http-relay-client, bench-backend behind every pair)  " % sbs.go)
+    r.append("Machine: %s CPUs (`nproc`), %s, %s RAM, Linux %s; %s, 1 thread, %d s per cell, %d rounds "
+             "interleaved; CPU used by other processes during the run: %.0f%% of one core  " % (
+                 info["nproc"], info["cpu"], info["mem"], info["kernel"], info["wrk"], a.duration, a.rounds,
+                 100 * others))
+    r.append("")
+    r.append(sbs.table())
+    r.append("")
+    r.append(
+        "Throughput cells: the best of the %d rounds, 1 KiB in requests/s and 1 MiB in MiB/s, for the Go pair; "
+        "every other row as a ratio to the Go pair's figure (above 1: faster). Default flags for every process%s. "
+        "1-byte echo: the round trip of one byte on an upgraded (101) connection through the pair to an echo "
+        "backend (bench/backend.py), one byte every 20 ms after the 101, the median of %d (best round); directly "
+        "against that backend it is %s. Backend stopped: the time to the relay-client's `500 … connection refused` "
+        "for a request through the pair to a relay-client whose backend address has nothing listening, the median "
+        "of %d (best round)." % (
+            a.rounds, flags_note(a), a.latency_count, fmt_latency(median(sbs.direct_rtts)),
+            a.refused_count))
+    r.append("")
+    r.append("<details><summary>Every round</summary>\n\n" + sbs.detail() + "\n\n</details>")
+    if big:
+        r.append("")
+        r.append("**1 GiB relayed in one request** (our pair, %s): %s, %.1f s (%.0f MiB/s); server peak RSS "
+                 "(VmHWM) %.1f MiB (%.1f MiB before) — %s (< 100 MiB); relay client peak RSS %.1f MiB." % (
+                     sbs.interps[0][1]["short"],
+                     "ok" if big["ok"] else "FAILED (status %s, %d bytes)" % (big["status"], big["bytes"]),
+                     big["seconds"], big["bytes"] / MiB / big["seconds"], big["server_hwm"] / MiB,
+                     big["server_rss_before"] / MiB, "PASS" if big["ok"] and big["server_hwm"] < 100 * MiB
+                     else "FAIL", big["client_hwm"] / MiB))
+    if idle:
+        t = idle["timed"]
+        r.append("")
+        r.append("**%s idle relay-clients long-polling** (our server, %s): server RSS %.1f MiB (%.1f MiB before) "
+                 "— %s (< 300 MiB); %d requests to random ones of them: p50 %.2f ms, p99 %.2f ms, %d errors — %s "
+                 "(p99 < 50 ms)." % (
+                     "{:,}".format(idle["count"]), sbs.interps[0][1]["short"], idle["rss"] / MiB,
+                     idle["rss_before"] / MiB, "PASS" if idle["rss"] < 300 * MiB else "FAIL", t["requests"],
+                     t["p50_ms"], t["p99_ms"], t["errors"], "PASS" if t["p99_ms"] < 50 and not t["errors"] else "FAIL"))
+    return "\n".join(r) + "\n"
+
+
 def main(argv=None):
     default_python = "/tmp/bench-venv/bin/python" if os.path.exists("/tmp/bench-venv/bin/python") else sys.executable
     p = argparse.ArgumentParser(
@@ -791,7 +1160,21 @@ def main(argv=None):
                "--port={port}' --client-cmd '/opt/go/http-relay-client --backend_scheme=http "
                "--backend_address={backend_address} --relay_scheme=http --relay_address={relay_address} "
                "--server_name={server_name} --disable_auth_for_remote'")
-    p.add_argument("--python", default=default_python, help="interpreter for our server and client")
+    p.add_argument("--python", action="append", default=None,
+                   help="interpreter for our server and client (default %s); side by side, give it twice "
+                        "(a CPython and a PyPy venv) for rows of both in one run" % default_python)
+    p.add_argument("--single", action="store_true",
+                   help="the issue-5 report of one implementation (--server-cmd/--client-cmd, direct runs, "
+                        "CPU, profile) instead of the side-by-side run against the Go binaries")
+    p.add_argument("--go-dir", default=next((d for d in GO_DIR_CANDIDATES if os.path.isdir(d)), GO_DIR_CANDIDATES[0]),
+                   help="where http-relay-server, http-relay-client and bench-backend are")
+    p.add_argument("--rounds", type=int, default=2, help="side by side: rounds, interleaved")
+    p.add_argument("--latency-count", type=int, default=20,
+                   help="side by side: 1-byte round trips on a 101 per pair and round")
+    p.add_argument("--refused-count", type=int, default=5,
+                   help="side by side: requests to a stopped backend per pair and round")
+    p.add_argument("--warmup-pypy", type=int, default=6,
+                   help="side by side: seconds of warm-up per size for pairs with our processes on PyPy")
     p.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD, help="relay server command template")
     p.add_argument("--client-cmd", default=DEFAULT_CLIENT_CMD, help="relay client command template")
     p.add_argument("--server-args", default="", help="extra arguments appended to the server command")
@@ -803,13 +1186,15 @@ def main(argv=None):
     p.add_argument("--pypy-nursery", default="32MB",
                    help="PYPY_GC_NURSERY for the relay processes, as the README recommends on PyPy "
                         "('default': unset, PyPy's own choice, 1 MB on our VMs)")
-    p.add_argument("--busy-poll-us", type=int, default=300,
+    p.add_argument("--busy-poll-us", type=int, default=0,
                    help="--busy_poll_us for our server and client (not for --server-cmd/--client-cmd "
                         "given here); 0: the relay's default, off")
     p.add_argument("--malloc-tuning", choices=("on", "off"), default="off",
                    help="on: run the relay processes with " + " ".join("%s=%s" % kv for kv in MALLOC_ENV.items()))
-    p.add_argument("--sizes", default="1KiB,1MiB,100MiB", help="response sizes (comma-separated)")
-    p.add_argument("--concurrency", default="1,8,64", help="connections (comma-separated)")
+    p.add_argument("--sizes", default=None,
+                   help="response sizes (comma-separated; default 1KiB,1MiB side by side, 1KiB,1MiB,100MiB --single)")
+    p.add_argument("--concurrency", default=None,
+                   help="connections (comma-separated; default 1,8 side by side, 1,8,64 --single)")
     p.add_argument("--duration", type=int, default=5, help="seconds per relayed wrk run (sizes up to 8 MiB)")
     p.add_argument("--big-duration", type=int, default=8, help="seconds per relayed wrk run for larger sizes")
     p.add_argument("--direct-duration", type=int, default=3, help="seconds per direct wrk run")
@@ -823,7 +1208,7 @@ def main(argv=None):
                    help="also run py-spy on server and client during 1 KiB at c=8 (CPython only)")
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1KiB,1MiB at c=1,8, 2 s each, 1,000 idle clients")
+                   help="smoke run: 1KiB,1MiB at c=1,8, 2 s each (side by side: 1 s, one round), 1,000 idle clients")
     p.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     p.add_argument("--output", help="also write the markdown report to this file")
     p.add_argument("--retry-busy", type=int, default=2,
@@ -832,9 +1217,17 @@ def main(argv=None):
     p.add_argument("--wait-idle", type=int, default=0, metavar="SECONDS",
                    help="first wait up to this long until other processes use under 10%% of a core")
     a = p.parse_args(argv)
+    a.pythons = a.python or [default_python]
+    a.python = a.pythons[0]
+    if a.sizes is None:
+        a.sizes = "1KiB,1MiB,100MiB" if a.single else "1KiB,1MiB"
+    if a.concurrency is None:
+        a.concurrency = "1,8,64" if a.single else "1,8"
     if a.quick:  # smaller defaults; options given explicitly still win
         quick = dict(sizes="1KiB,1MiB", concurrency="1,8", duration=2, direct_duration=2, warmup=2,
                      idle_clients=1000, idle_requests=100)
+        if not a.single:
+            quick.update(duration=1, rounds=1, warmup=1, warmup_pypy=2, latency_count=5, refused_count=2)
         for k, v in quick.items():
             if getattr(a, k) == p.get_default(k):
                 setattr(a, k, v)
@@ -872,6 +1265,11 @@ def main(argv=None):
     command = "python3 bench/run.py" + "".join(" " + shlex.quote(x) for x in shown)
     b = Bench(a)
     log("logs in %s" % b.logdir)
+    if not a.single:
+        for tool in ("http-relay-server", "http-relay-client", "bench-backend"):
+            if not os.access(os.path.join(a.go_dir, tool), os.X_OK):
+                p.error("%s not found in --go-dir %s" % (tool, a.go_dir))
+        return side_by_side(a, b, command)
     idle_before = other_load()
     deadline = time.monotonic() + a.wait_idle
     while idle_before > 0.1 and time.monotonic() < deadline:
@@ -951,6 +1349,37 @@ def main(argv=None):
         r.append("")
         r.append("Profile: " + prof)
     text = "\n".join(r) + "\n"
+    sys.stdout.write("\n" + text)
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(text)
+    return 0
+
+
+def side_by_side(a, b, command):
+    busy0, own0 = busy_seconds(), own_cpu_seconds()
+    t_start = time.monotonic()
+    sbs = SideBySide(a, b)
+    big = idle = None
+    try:
+        info = machine_info(a.python)
+        sbs.run()
+        if not a.skip_rss:
+            big = b.rss_1gib()
+        if not a.skip_idle:
+            idle = b.idle_clients()
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        stop_all()
+        return 130
+    except Exception:
+        stop_all()
+        log("failed; process logs are in %s" % b.logdir)
+        raise
+    stop_all()
+    elapsed = time.monotonic() - t_start
+    others = max(0.0, (busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / elapsed
+    text = side_by_side_report(a, command, sbs, info, elapsed, others, big, idle)
     sys.stdout.write("\n" + text)
     if a.output:
         with open(a.output, "w") as f:

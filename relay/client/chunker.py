@@ -4,21 +4,33 @@ When the backend's bytes go up to the relay, and in what pieces.
 Every message is a C{POST /server/response}, so sending each read as it comes
 would cost a round trip per few kilobytes, while waiting for the whole body
 would break streaming (C{kubectl logs -f}, server-sent events) and use
-unbounded memory. The Go client's answer, kept here because users feel it:
+unbounded memory. The rule, like Nagle's algorithm:
 
-  - a full piece of C{max_chunk_size} bytes goes at once;
-  - anything less goes at most C{flush_delay} (100 ms) after its first byte
-    arrived, the latency a user sees on a trickling stream; the status and
-    headers count as pending too, so they are held back the same 100 ms to
-    share a message with the start of the body (a small answer is then a
-    single message);
+  - when no message is in flight, what the backend sent goes at once: at
+    the end of the reactor turn in which it arrived (a zero-delay timer, so
+    that the reads of one turn, and the status and headers with the start
+    of the body, share a message). The first keystroke echo on a WebSocket
+    or the first event of a stream after a quiet spell does not wait;
+  - while a message is in flight, up to C{max_chunk_size} bytes are
+    gathered; they go as soon as the relay has taken that message. With
+    that much gathered the backend is paused until then (back-pressure:
+    the relay server holds a POST while its user is slow to read, and that
+    must slow the backend down rather than fill our memory);
+  - a full piece of C{max_chunk_size} bytes goes at once (or as soon as the
+    one in flight is taken);
   - when nothing at all has been sent for C{keepalive_interval} (3 s), an
     empty message tells the relay server that the request is still alive,
     so that it does not drop it as inactive;
-  - messages go one at a time and in order; while one is on its way at most
-    one more piece is gathered, then the backend is paused (back-pressure:
-    the relay server holds a POST while its user is slow to read, and that
-    must slow the backend down rather than fill our memory).
+  - messages go one at a time and in order.
+
+The Go client instead holds anything short of a full piece up to 100 ms
+after its first byte, for every response, so that a keystroke's echo
+through it may wait that long. We keep that gathering delay
+(C{flush_delay}) only for a response whose length the backend announced
+(C{Content-Length}): nobody can use part of such a body, it goes as one
+message as soon as it is complete, and holding an incomplete one keeps big
+bodies in few POSTs. Upgraded (101) connections and streaming answers
+(chunked, or ended by closing) follow the rule above.
 
 The policy is pure logic over an injected L{IReactorTime}, so that it can be
 pinned down with L{twisted.internet.task.Clock}.
@@ -70,7 +82,10 @@ class Chunker:
         self._send = send
         self._clock = clock
         self._max = max(1, max_chunk_size)
-        self._flush_delay = flush_delay
+        # Streaming answers (no length announced) and upgraded connections
+        # go at the end of the turn; see the module's docstring.
+        self._streaming = expected_length is None
+        self._flush_delay = 0.0 if self._streaming else flush_delay
         self._keepalive_interval = keepalive_interval
         self._started = clock.seconds() if started is None else started
         # The body read but not yet sent, as the pieces the backend gave:
@@ -114,7 +129,11 @@ class Chunker:
         if self._stopped or self._eof or not data:
             return
         if not self._size and self._flush_call is None and not self._flush_due:
-            self._schedule_flush()
+            if self._streaming and self._sending is not None:
+                # Gathered while a message is in flight: goes when it is taken.
+                self._flush_due = True
+            else:
+                self._schedule_flush()
         self._pieces.append(data)
         self._size += len(data)
         self._received += len(data)
@@ -193,7 +212,11 @@ class Chunker:
             message.backend_duration_ms = int(max(0.0, elapsed) * 1000 + 1e-6)
         self._header_pending = False
         if self._size:
-            if not self._flush_due and self._flush_call is None:
+            if self._streaming:
+                # The rest goes as soon as this message is taken.
+                self._cancel_flush()
+                self._flush_due = True
+            elif not self._flush_due and self._flush_call is None:
                 self._schedule_flush()
         else:
             self._flush_due = False
@@ -219,7 +242,8 @@ class Chunker:
             return
         self._schedule_keepalive()
         self._pump()
-        if self._sending is None and self._size < self._max:
+        if self._size < self._max:
+            # Room for the next piece while this one (if any) is on its way.
             self._resume()
 
     def _failed(self, failure: Failure) -> None:

@@ -8,16 +8,164 @@ requests. The relay client only ever talks to one relay and one backend, so
 it keeps the few endpoints it needs (for L{relay.client.keepalive}, or any
 Agent), and gives their connections the settings of
 L{relay.transport_tuning} (send limit, TCP_NODELAY).
+
+Connections are made by L{client_endpoint}, not by Twisted's
+C{HostnameEndpoint}: that one starts a new attempt every 0.3 s and only
+gives up at the first tick after the last attempt failed, so with the
+backend down every request waited 0.3 s for its C{connection refused},
+even for a literal address, where the Go client answers as soon as the
+refusal comes. A
+literal address gets a plain TCP endpoint; a name's addresses are tried as
+Go's dialer does: the next one 0.3 s after the previous attempt started, or
+at once when it failed, and the error is reported as soon as the last one
+failed.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple, Union
 
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet import error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
+from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from relay.transport_tuning import tune
+
+ATTEMPT_DELAY = 0.3  # Go's net.Dialer FallbackDelay, and Twisted's.
+
+
+def client_endpoint(reactor, host: Union[str, bytes], port: int, timeout: float = 30):
+    """
+    An endpoint for C{host} (a name or a literal IPv4/IPv6 address) and
+    C{port}; see the module's docstring.
+    """
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout)
+    return NameEndpoint(reactor, host, port, timeout)
+
+
+@implementer(IStreamClientEndpoint)
+class NameEndpoint:
+    """Resolves a host name at each connection and tries its addresses (see above)."""
+
+    def __init__(self, reactor, host: str, port: int, timeout: float = 30, attempt_delay: float = ATTEMPT_DELAY):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.attempt_delay = attempt_delay
+
+    def connect(self, factory) -> Deferred:
+        try:
+            host_ascii = self.host.encode("idna").decode("ascii")
+        except UnicodeError:
+            from twisted.internet.defer import fail
+
+            return fail(ValueError("invalid hostname: %s" % (self.host,)))
+        resolved: Deferred = Deferred()
+        addresses: List[object] = []
+
+        @implementer(IResolutionReceiver)
+        class Receiver:
+            @staticmethod
+            def resolutionBegan(resolution):
+                pass
+
+            @staticmethod
+            def addressResolved(address):
+                addresses.append(address)
+
+            @staticmethod
+            def resolutionComplete():
+                resolved.callback(addresses)
+
+        self.reactor.nameResolver.resolveHostName(Receiver(), host_ascii, portNumber=self.port)
+
+        def attempt(found):
+            endpoints = []
+            for address in found:
+                if isinstance(address, IPv6Address):
+                    endpoints.append(TCP6ClientEndpoint(self.reactor, address.host, address.port, self.timeout))
+                elif isinstance(address, IPv4Address):
+                    endpoints.append(TCP4ClientEndpoint(self.reactor, address.host, address.port, self.timeout))
+            if not endpoints:
+                raise error.DNSLookupError("no results for hostname lookup: %s" % (self.host,))
+            return _Attempts(self.reactor, endpoints, factory, self.attempt_delay, self.host, self.port).winner
+
+        return resolved.addCallback(attempt)
+
+
+class _Attempts:
+    """Connection attempts to one name's addresses; C{winner} fires with the first connected protocol."""
+
+    def __init__(self, reactor, endpoints, factory, delay: float, host: str, port: int):
+        self.reactor = reactor
+        self.left = list(endpoints)
+        self.factory = factory
+        self.delay = delay
+        self.address = HostnameAddress(host.encode("idna"), port)
+        self.pending: List[Deferred] = []
+        self.failures: List[Failure] = []
+        self.timer = None
+        self.over = False
+        self.winner: Deferred = Deferred(self._cancel)
+        self._next()
+
+    def _next(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.over:
+            return
+        if not self.left:
+            if not self.pending:
+                self.over = True
+                self.winner.errback(self.failures[0])
+            return
+        d = self.left.pop(0).connect(self.factory)
+        self.pending.append(d)
+        if self.left:
+            self.timer = self.reactor.callLater(self.delay, self._next)
+        d.addBoth(self._done, d)
+
+    def _done(self, result, d: Deferred) -> None:
+        if d in self.pending:
+            self.pending.remove(d)
+        if isinstance(result, Failure):
+            if not self.over:
+                self.failures.append(result)
+                self._next()  # the next address at once, or the error
+            return None
+        if self.over:
+            result.transport.loseConnection()
+            return None
+        self._stop()
+        self.winner.callback(result)
+        return None
+
+    def _stop(self) -> None:
+        self.over = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.left = []
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.cancel()
+
+    def _cancel(self, winner: Deferred) -> None:
+        self._stop()
+        winner.errback(error.ConnectingCancelledError(self.address))
 
 
 @implementer(IStreamClientEndpoint)
@@ -48,7 +196,7 @@ class CachingEndpointFactory:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.connect_timeout)
+            endpoint = client_endpoint(self.reactor, uri.host, uri.port, self.connect_timeout)
             if uri.scheme == b"https":
                 if self.tls_policy is None:
                     from twisted.web.client import BrowserLikePolicyForHTTPS

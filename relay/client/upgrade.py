@@ -30,6 +30,7 @@ from relay.client.backend import (
     connect_error,
     split_address,
 )
+from relay.client.endpoints import client_endpoint
 from relay.headers import go_canonical, sanitize_value, valid_name
 from relay.logs import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
@@ -249,7 +250,7 @@ class Upgrader:
 
     async def open(self, request: BackendRequest) -> RawResponse:
         host, port = split_address(request.address, request.scheme)
-        endpoint = endpoints.HostnameEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        endpoint = client_endpoint(self.reactor, host, port, CONNECT_TIMEOUT)
         if request.scheme == "https":
             endpoint = endpoints.wrapClientTLS(
                 self.policy.creatorForNetloc(host.encode("idna"), port), endpoint
