@@ -79,6 +79,14 @@ def parse_twistd(argv, placeholder_file: str):
     return name, options
 
 
+def placeholder_file(case) -> str:
+    """An empty file standing in for token files, removed after C{case}."""
+    fd, path = tempfile.mkstemp(prefix="relay-deploy-test-")
+    os.close(fd)
+    case.addCleanup(os.remove, path)
+    return path
+
+
 class ParserTests(unittest.SynchronousTestCase):
     """The helper itself: a typo in a flag must fail."""
 
@@ -115,8 +123,7 @@ class SystemdTests(unittest.SynchronousTestCase):
     units = {"relay.service": "relay", "relay-client.service": "relay-client"}
 
     def setUp(self):
-        self.placeholder = self.mktemp()
-        open(self.placeholder, "w").close()
+        self.placeholder = placeholder_file(self)
 
     def service(self, unit):
         return dict(systemd_unit(_read("systemd", unit))["Service"])
@@ -186,8 +193,7 @@ class KubernetesTests(unittest.SynchronousTestCase):
     def setUp(self):
         if yaml is None:
             raise unittest.SkipTest("PyYAML is not installed (it is in the test extra)")
-        self.placeholder = self.mktemp()
-        open(self.placeholder, "w").close()
+        self.placeholder = placeholder_file(self)
         folder = os.path.join(DEPLOY, "kubernetes")
         self.manifests = {}
         for name in sorted(os.listdir(folder)):
