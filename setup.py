@@ -38,6 +38,7 @@ setup(
             "pytest>=7",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
+            "pyyaml",  # tests/test_deploy.py parses deploy/ manifests
             'grpcio; platform_python_implementation != "PyPy"',
         ],
     },
