@@ -6,6 +6,7 @@ refused). On a fake reactor: nothing here may need the clock to move.
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
@@ -15,7 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
 from zope.interface import implementer
 
+from relay.client.backend import BackendError, BackendRequest, TrustPolicy
 from relay.client.endpoints import CachingEndpointFactory, NameEndpoint, TunedEndpoint, client_endpoint
+from relay.client.h2backend import H2Backend
 
 
 @implementer(IHostnameResolver)
@@ -84,6 +87,17 @@ class LiteralAddresses(SynchronousTestCase):
         self.failureResultOf(d, error.ConnectionRefusedError)
         endpoint = factory.endpointForURI(URI.fromBytes(b"http://[::1]:8080/x"))
         self.assertIsInstance(endpoint.endpoint, TCP6ClientEndpoint)
+
+    def test_http2_backend_down_is_reported_without_waiting(self):
+        """--backend_http2 too: a refused literal address fails its request at once."""
+        backend = H2Backend(self.reactor, TrustPolicy())
+        request = BackendRequest("GET", "http://127.0.0.1:8080/x", "http", "127.0.0.1:8080", "/x", "127.0.0.1:8080", [], b"")
+        d = Deferred.fromCoroutine(backend.open(request))
+        self.assertEqual([(h, p) for h, p, _, _, _ in self.reactor.tcpClients], [("127.0.0.1", 8080)])
+        refuse(self.reactor, 0)
+        failure = self.failureResultOf(d, BackendError)
+        self.assertIn("connection refused", str(failure.value))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class Names(SynchronousTestCase):

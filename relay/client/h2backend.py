@@ -54,6 +54,7 @@ from relay.client.backend import (
     connect_error,
     split_address,
 )
+from relay.client.endpoints import client_endpoint
 from relay.headers import go_canonical, valid_name
 from relay.logs import connect_quietly
 
@@ -526,7 +527,7 @@ class H2Backend:
 
     async def _dial(self, request: BackendRequest) -> H2ClientConnection:
         host, port = split_address(request.address, request.scheme)
-        endpoint = endpoints.HostnameEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
+        endpoint = client_endpoint(self.reactor, host, port, CONNECT_TIMEOUT)
         tls = request.scheme == "https"
         if tls:
             options = self.policy.tls_options(host, acceptable_protocols=[b"h2"])
