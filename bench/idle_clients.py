@@ -9,7 +9,7 @@ with ``--num_pending_requests=1`` would. Each poll that returns a request is
 answered on the same connection with ``POST /server/response`` carrying one
 minimal HttpResponse (status 200, body ``ok``, eof), and the poll is
 re-opened; a 408 re-opens it at once. Protobuf is hand-encoded (field
-numbers from PROTOCOL.md), so this process needs nothing but asyncio.
+numbers from docs/protocol.md), so this process needs nothing but asyncio.
 
 Protocol with the harness, on stdout, one JSON object a line:
 ``{"event": "polling", "count": N, "seconds": S}`` once every poll is sent;

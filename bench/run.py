@@ -1184,7 +1184,7 @@ def main(argv=None):
     p.add_argument("--installed-only", action="store_true",
                    help="do not put this checkout on PYTHONPATH: run the relay as installed in --python's env")
     p.add_argument("--pypy-nursery", default="32MB",
-                   help="PYPY_GC_NURSERY for the relay processes, as the README recommends on PyPy "
+                   help="PYPY_GC_NURSERY for the relay processes, as docs/performance.md recommends on PyPy "
                         "('default': unset, PyPy's own choice, 1 MB on our VMs)")
     p.add_argument("--busy-poll-us", type=int, default=0,
                    help="--busy_poll_us for our server and client (not for --server-cmd/--client-cmd "

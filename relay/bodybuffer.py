@@ -1,9 +1,10 @@
 """
 The in-memory file that holds a request body while it arrives.
 
-twisted.web gives every request a C{BytesIO}; on PyPy, writing a 1 MiB body
-into one in 64 KiB reads and taking it out again costs 0.18 ms (CPython:
-0.03 ms), a copy or two more than a list of the reads joined once. Bodies
+twisted.web gives every request a C{BytesIO}; writing a body into one in
+64 KiB reads and taking it out again costs a copy or two more than a list
+of the reads joined once, which on PyPy is a noticeable share of relaying
+a large body. Bodies
 here are only ever written in full and then taken whole, so that is all
 this supports, plus the C{seek}/C{read} twisted.web itself may call.
 """

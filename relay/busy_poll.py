@@ -3,12 +3,11 @@ Busy polling: look for new events for a moment before the reactor sleeps.
 
 A relayed request is a relay of hops (user -> server -> relay-client ->
 backend -> relay-client -> server -> user), and each hop wakes a process
-that was asleep in C{epoll_wait}. On the virtual machines we benchmarked,
-waking a sleeping vCPU costs far more than the work of the hop: with one
-request at a time, 1 KiB requests went from about 1,200-1,700 to
-1,800-2,750 relayed per second on PyPy when both processes polled for
-300 microseconds before sleeping (C{bench/run.py}, back to back), with the
-throughput at 8 connections unchanged or better.
+that was asleep in C{epoll_wait}. On virtual machines waking a sleeping
+vCPU can cost more than the work of the hop, so with one request at a time
+looking for events a little longer before sleeping can raise throughput;
+with other busy processes on few cores it can also lower it (both measured
+in docs/performance.md, "Busy polling").
 
 The price is CPU: after every burst of work a process spins for up to that
 long, yielding the CPU to anything else that is ready to run (so the

@@ -3,10 +3,10 @@ glibc malloc settings for a process that moves megabyte buffers around.
 
 By default glibc serves every allocation above 128 KiB with a fresh mmap()
 and gives it back with munmap() when freed, so each 1 MiB body chunk the
-relay builds, serializes and parses costs page faults on fresh memory: on
-the VMs we measured, a 1 MiB protobuf round took 0.9 ms that way and 0.23 ms
-with these thresholds raised (the same as setting MALLOC_MMAP_THRESHOLD_
-and MALLOC_TRIM_THRESHOLD_ in the environment, which operators rarely do).
+relay builds, serializes and parses costs page faults on fresh memory,
+several times the cost of the work itself (docs/performance.md). Raising
+the thresholds here is the same as setting MALLOC_MMAP_THRESHOLD_
+and MALLOC_TRIM_THRESHOLD_ in the environment, which operators rarely do.
 Freed chunks are then reused from the heap; the trim threshold lets up to
 256 MiB of free heap stay mapped instead of being returned and faulted in
 again. Memory use stays bounded by what the relay holds at once.

@@ -1,17 +1,14 @@
 """
 PyPy's garbage collector settings, which only the environment can set.
 
-PyPy sizes its young generation (the nursery) from the CPU cache it detects:
-1 MB on the VMs we benchmarked. A relay allocates a few objects per header
-and a few pieces per body chunk, so with 1 MB it collects thousands of times
-a second; with 16 MB, small relayed requests went from about 900 to
-1,400-1,900 per second on one connection, and 1 MiB responses from 77 to
-178 MiB/s (bench/run.py, same code, back to back). 32 MB did as well on
-small requests and better on large ones (1 MiB at 8 connections: 320-340
-MiB/s against 210-225 with 16 MB, back to back), since a megabyte body's
-pieces then die young instead of being copied into the old generation; it
-costs memory (peak RSS under that load 400 MB against 260 MB). The nursery is chosen when the interpreter starts, so the
-most we can do from here is say so in the log.
+PyPy sizes its young generation (the nursery) from the CPU cache it detects,
+which can be as little as 1 MB on a virtual machine. A relay allocates a few
+objects per header and a few pieces per body chunk, so with a small nursery
+it collects thousands of times a second. 32 MB lets a megabyte body's pieces
+die young instead of being copied into the old generation, at the price of
+memory under load (docs/performance.md, "Which interpreter"). The nursery is
+chosen when the interpreter starts, so the most we can do from here is say
+so in the log.
 """
 
 import os
@@ -33,7 +30,7 @@ def nursery_advice() -> Optional[str]:
         size = "its default size"
     return (
         "PyPy's GC nursery is %s: start with PYPY_GC_NURSERY=%s in the environment for "
-        "about 1.5 to 2 times the throughput (see the README's Speed section)" % (size, RECOMMENDED_NURSERY)
+        "more throughput (see docs/performance.md)" % (size, RECOMMENDED_NURSERY)
     )
 
 

@@ -5,13 +5,10 @@ that moves megabytes.
 Twisted sends at most 128 KiB per C{send()} call, which suits many small
 connections; here every relayed megabyte crosses two or three sockets in
 each process, and each extra pass through the reactor loop costs more than
-the copy it saves. Measured on the benchmark VM, a bare twisted.web serving
-1 MiB answers went from 1,425 to 2,860 requests/s (CPython) and from 1,006 to
-2,210 (PyPy) with a 512 KiB send limit; the relay's 1 MiB figures rose by
-about a third. (Reading 256 KiB per C{recv()} instead of 64 KiB gained
-little, and on PyPy let the server's peak memory grow by a tenth more while
-streaming.) Set on the transport instance, not the class, so nothing else
-in the process changes.
+the copy it saves, so the send limit is raised (docs/performance.md, "What
+made the difference"). Reads stay at Twisted's 64 KiB: larger ones gained
+little and let PyPy's peak memory grow while streaming. Set on the transport
+instance, not the class, so nothing else in the process changes.
 
 Nagle's algorithm is turned off too (TCP_NODELAY), as Go does for every TCP
 connection: a relay's small writes (a poll's answer, a chunk's tail) must

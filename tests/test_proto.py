@@ -1,6 +1,6 @@
 """
 The committed C{http_relay_pb2.py} matches C{http_relay.proto}, and the
-messages have the field numbers PROTOCOL.md fixes.
+messages have the field numbers docs/protocol.md fixes.
 """
 
 import os

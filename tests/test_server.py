@@ -1,5 +1,5 @@
 """
-The relay server's endpoints, status codes and bodies (PROTOCOL.md, server
+The relay server's endpoints, status codes and bodies (docs/protocol.md, server
 sections), over real loopback sockets with real protobuf messages. A
 L{FakeRelayClient} plays the relay-client; the protocol's timeouts run on a
 L{Clock} the tests advance.

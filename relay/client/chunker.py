@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 
 from relay.proto.http_relay_pb2 import HttpResponse
 
-# PROTOCOL.md's figure (some Go releases default to 50 KiB). Any chunking is
+# The Go relay-client's default (some older Go releases use 50 KiB). Any chunking is
 # legal on the wire; 1 MiB pieces cost far fewer POSTs on big responses.
 DEFAULT_MAX_CHUNK_SIZE = 1024 * 1024
 FLUSH_DELAY = 0.1

@@ -3,11 +3,10 @@ A lean L{IAgent}: Twisted's HTTP/1.1 client protocol over kept-alive
 connections, without L{twisted.web.client.Agent}'s per-request layers.
 
 Every relayed request costs the relay client three HTTP exchanges (its poll,
-the backend request, the posted response). Measured on PyPy at one request
-at a time, an exchange through C{Agent} and C{HTTPConnectionPool} took about
-1.6 times the CPU of the same exchange on an C{HTTP11ClientProtocol} used
-directly (85-89 against 54 microseconds, in a loop): the URL is parsed again, a Host value and a pool key are computed
-again, every connection put back gets its own idle timer (a heap insert and
+the backend request, the posted response). An exchange through C{Agent}
+and C{HTTPConnectionPool} costs markedly more CPU than the same exchange on
+an C{HTTP11ClientProtocol} used directly (docs/performance.md): the URL is
+parsed again, a Host value and a pool key are computed again, every connection put back gets its own idle timer (a heap insert and
 a cancel per request), and each reused connection is wrapped anew for the
 retry. The client talks to one relay server and one backend, so this agent
 keeps what those cost once per origin (C{scheme://host:port}) and does the

@@ -112,8 +112,8 @@ class Options(GoFlagOptions):
          "Not in Go: after each burst of work, poll for new events for up to this many "
          "microseconds before sleeping (yielding the CPU to anything ready to run). "
          "Cuts latency where waking an idle CPU is slow (VMs), at the cost of up to a "
-         "core of CPU under moderate load. 0 (the default): off. 300 is what the "
-         "README's figures use. Needs the epoll reactor (the default on Linux).", nonnegative_int],
+         "core of CPU under moderate load; on a busy machine with few cores it can "
+         "slow things down (docs/performance.md). 0 (the default): off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
         ["max_idle_conns_per_host", None, 100,
          "The maximum number of idle (keep-alive) connections to keep per-host.", positive_int],
         ["disable_http2", None, "false",
