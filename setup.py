@@ -16,6 +16,7 @@ setup(
     ),
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     packages=find_packages(include=["relay", "relay.*"]) + ["twisted.plugins"],
     # Says the packages live at the top of the checkout, as they would by
     # default, so that `pip install -e .` puts the checkout on sys.path (a
@@ -44,6 +45,7 @@ setup(
     },
     classifiers=[
         "Framework :: Twisted",
+        "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: Implementation :: CPython",
         "Programming Language :: Python :: Implementation :: PyPy",
