@@ -4,14 +4,18 @@ reaches the real options parser, so a typo in a manifest fails here rather
 than in a rolling deploy.
 
   - systemd units: C{ExecStart}'s flags through the parser, the hardening
-    docs/deploying.md promises, the stop timeout longer than the drain, and
-    C{systemd-analyze verify} (when it is installed) with no warning at all;
+    docs/deploying.md promises, the stop timeout longer than the drain (with
+    the unit's own C{--drain_grace}), and C{systemd-analyze verify} (when it
+    is installed) with no warning at all;
   - Kubernetes manifests: each container's C{args} through the parser of the
-    command it runs, probes, grace period, non-root, read-only root;
+    command it runs, probes (readiness fails within the drain's grace
+    period), termination grace period longer than the drain, non-root,
+    read-only root;
   - the nginx site: the timeouts and settings the long polls need;
   - the Prometheus scrape config and the container file.
 """
 
+import inspect
 import os
 import re
 import shlex
@@ -26,6 +30,7 @@ from twisted.trial import unittest
 from relay.client.tap import Options as ClientOptions
 from relay.durations import parse_duration as duration
 from relay.service import CLEAN_SHUTDOWN_TIMEOUT
+from relay.site import RelaySite
 from relay.tap import Options as ServerOptions
 
 try:
@@ -37,9 +42,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
 PARSERS = {"relay": ServerOptions, "relay-client": ClientOptions}
 
-# The longest a server may take to stop after SIGTERM: the drain.
-# TODO(drain): add the grace period of the new drain flag once it exists.
-DRAIN_SECONDS = CLEAN_SHUTDOWN_TIMEOUT
+# Once the port is closed, connections whose peer does not read are aborted
+# after this long (RelaySite.close_connections).
+CLOSE_ABORT_SECONDS = inspect.signature(RelaySite.close_connections).parameters["abort_after"].default
+
+
+def drain_seconds(options) -> float:
+    """
+    The longest a server run with C{options} may take to stop after SIGTERM
+    (docs/server.md#draining-on-sigterm): its C{--drain_grace}, the 20 s
+    requests in flight get, and the abort of connections that do not close.
+    The grace period and the 20 s run side by side, so this is an upper
+    bound.
+    """
+    return options["drain_grace"] + CLEAN_SHUTDOWN_TIMEOUT + CLOSE_ABORT_SECONDS
 
 
 def _read(*parts) -> str:
@@ -153,7 +169,9 @@ class SystemdTests(unittest.SynchronousTestCase):
                 self.assertEqual(service.get("CapabilityBoundingSet"), "", unit)
 
     def test_stop_timeout_longer_than_drain(self):
-        self.assertGreater(duration(self.service("relay.service")["TimeoutStopSec"] + "s"), DRAIN_SECONDS)
+        service = self.service("relay.service")
+        _, options = parse_twistd(shlex.split(service["ExecStart"]), self.placeholder)
+        self.assertGreater(duration(service["TimeoutStopSec"] + "s"), drain_seconds(options))
         # The relay-client gives requests in flight 5 s.
         self.assertGreater(duration(self.service("relay-client.service")["TimeoutStopSec"] + "s"), 5)
 
@@ -238,9 +256,17 @@ class KubernetesTests(unittest.SynchronousTestCase):
         ]
         self.assertEqual(len(servers), 1)
         doc, pod, container = servers[0]
-        self.assertGreater(pod["terminationGracePeriodSeconds"], DRAIN_SECONDS)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         _, options = parse_twistd(container["command"] + container["args"], self.placeholder)
+        self.assertGreater(pod["terminationGracePeriodSeconds"], drain_seconds(options))
+        # Readiness fails on the drain's 503 while the port still accepts:
+        # within periodSeconds x failureThreshold plus the probe's timeout
+        # (Kubernetes' defaults where unset).
+        readiness = container["readinessProbe"]
+        noticed = readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3) + readiness.get(
+            "timeoutSeconds", 1
+        )
+        self.assertLessEqual(noticed, options["drain_grace"])
         self.assertEqual(str(ports["http"]), options["port"])
         for probe in ("readinessProbe", "livenessProbe"):
             self.assertEqual(container[probe]["httpGet"]["path"], "/healthz")
