@@ -46,7 +46,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.web._http2 import H2Connection
 
-from relay.logs import DebugInfoLogger
+from relay.logs import DebugInfoLogger, peer_text
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -142,7 +142,7 @@ class RelayH2Connection(H2Connection):
         self._deadline = None
         self._log.info(
             "Closing HTTP/2 connection: no complete request headers in time",
-            peer=str(self.transport.getPeer()),
+            peer=peer_text(self.transport.getPeer()),
         )
         self.timeoutConnection()
 

@@ -96,7 +96,7 @@ def _plain(request, code: int, message: str) -> bytes:
 def _restarting(request) -> bytes:
     """
     A poll while the server drains: 503, which Go's relay-client (and ours)
-    answers by backing off (0.1 s growing 1.5 times), where a 408 would make
+    answers by backing off, where a 408 would make
     it poll again at once. Not logged: a drain must stay quiet.
     """
     request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
