@@ -153,6 +153,7 @@ class _Stream:
         self.closed = False  # no more frames for this stream either way
         self._sink = None
         self._pending: List[bytes] = []
+        self.error: Optional[str] = None  # why the stream failed, if it did
 
     # The response, as L{relay.client.backend.BackendResponse} offers it.
 
@@ -193,6 +194,7 @@ class _Stream:
     def failed(self, reason: str) -> None:
         """The stream was reset, or the connection lost."""
         self.ended = True
+        self.error = reason
         self._release()
         if not self.head.called:
             self.head.errback(BackendError(self.request.describe(reason)))

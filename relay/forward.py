@@ -1,0 +1,169 @@
+"""
+Passing a call that reached the wrong replica to the replica that owns it.
+
+With several replicas (docs/scaling.md) the ingress routes calls by backend
+name, but not all of them: the Go relay-client's response POSTs carry the
+name only inside their protobuf body, and while the ingress and the
+replicas disagree about a dead peer, calls land on a replica that does not
+own their name. Such a call is forwarded, and forwarding must keep every
+promise the relay makes to a user: the answer streams (nothing is buffered
+whole), a slow user slows the owner down, gRPC trailers arrive, and an
+answer cut short never looks complete.
+
+So calls go to the owner over cleartext HTTP/2, which every replica already
+serves on its port: one connection per peer, multiplexed, with trailers and
+per-stream flow control. That client is the relay-client's own
+(L{relay.client.h2backend}), which already does all of this for gRPC
+backends. A forwarded call carries C{Relay-Forwarded-By}, and a replica
+never forwards such a call again, whatever its own view of the ring: two
+replicas that disagree for a moment cannot bounce a call between them.
+
+Request bodies arrive whole before the server routes a call (as in Go), so
+they are passed on whole too. Upgrades (WebSockets) cannot ride HTTP/2
+streams and are not forwarded here.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET
+
+from relay.client.backend import BackendError, BackendRequest, TrustPolicy
+from relay.client.h2backend import H2Backend
+from relay.headers import HOP_BY_HOP
+
+log = Logger()
+
+FORWARDED_BY = "Relay-Forwarded-By"
+
+
+def forwarded(request) -> bool:
+    """Whether another replica already passed this call on."""
+    return request.requestHeaders.hasHeader(FORWARDED_BY.encode("ascii"))
+
+
+def _abort(request) -> None:
+    """End an answer that will not be completed so that it cannot look complete."""
+    channel = request.channel
+    if channel is not None:
+        # HTTP/2: reset just this stream; HTTP/1.1: the connection.
+        (channel.abortConnection if hasattr(channel, "abortConnection") else channel.transport.abortConnection)()
+
+
+class _UserSink:
+    """The owner's answer, written to the user's request as it comes."""
+
+    def __init__(self, request, stream):
+        self.request = request
+        self.stream = stream
+        self.producer = None
+
+    def set_producer(self, producer) -> None:
+        self.producer = producer
+        if producer is not None:
+            self.request.registerProducer(producer, True)
+
+    def write(self, data: bytes) -> None:
+        if not self.request.finished and not getattr(self.request, "_disconnected", False):
+            self.request.write(data)
+
+    def finish(self, trailers=()) -> None:
+        request = self.request
+        if self.producer is not None:
+            request.unregisterProducer()
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        if self.stream.error is not None:
+            log.warn("Forwarded answer ended early, aborting user connection", error=self.stream.error)
+            _abort(request)
+            return
+        add_trailer = getattr(request, "add_trailer", None)
+        for name, value in trailers or ():
+            if add_trailer is not None:
+                add_trailer(name, value)
+        request.finish()
+
+
+class Forwarder:
+    """
+    Forwards calls to peer replicas, given as C{host:port}. C{myself} names
+    this replica in C{Relay-Forwarded-By}, for the peer's logs and as the
+    mark that stops a second hop.
+    """
+
+    def __init__(self, reactor, myself: str):
+        self.reactor = reactor
+        self.myself = myself
+        self._peers: Dict[str, H2Backend] = {}
+
+    def _backend(self, peer: str) -> H2Backend:
+        backend = self._peers.get(peer)
+        if backend is None:
+            backend = self._peers[peer] = H2Backend(self.reactor, TrustPolicy())
+        return backend
+
+    def forward(self, request, peer: str):
+        """Answer C{request} (a twisted.web request) with C{peer}'s answer."""
+        headers: List[Tuple[str, str]] = []
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            text = name.decode("latin-1")
+            if text.lower() in HOP_BY_HOP and text.lower() != "te":
+                continue
+            headers.extend((text, value.decode("utf-8", "replace")) for value in values)
+        headers.append((FORWARDED_BY, self.myself))
+        request.content.seek(0)
+        target = request.uri.decode("utf-8", "replace")
+        host = (request.getHeader(b"host") or peer.encode("ascii")).decode("utf-8", "replace")
+        call = BackendRequest(
+            method=request.method.decode("ascii", "replace"),
+            url="http://%s%s" % (peer, target),
+            scheme="http",
+            address=peer,
+            target=target,
+            host=host,
+            headers=headers,
+            body=request.content.read(),
+        )
+        pending: Deferred = Deferred.fromCoroutine(self._backend(peer).open(call))
+        state: Dict[str, Optional[object]] = {"stream": None}
+
+        def answered(stream) -> None:
+            state["stream"] = stream
+            if request.finished or getattr(request, "_disconnected", False):
+                stream.cancel()
+                return
+            request.setResponseCode(stream.status)
+            grouped: Dict[bytes, List[bytes]] = {}
+            for name, value in stream.headers:
+                if name.lower() not in HOP_BY_HOP:
+                    grouped.setdefault(name.encode("latin-1", "replace"), []).append(value.encode("utf-8"))
+            for raw_name, values in grouped.items():
+                # Replaces twisted.web's own Date and Server: the owner's stand.
+                request.responseHeaders.setRawHeaders(raw_name, values)
+            stream.deliver(_UserSink(request, stream))
+
+        def failed(failure) -> None:
+            if failure.check(CancelledError) or request.finished or getattr(request, "_disconnected", False):
+                return
+            reason = failure.value.args[0] if failure.check(BackendError) else str(failure.value)
+            log.warn("Could not forward to peer replica", peer=peer, error=reason)
+            request.setResponseCode(502)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.write(b"Peer replica unreachable\n")
+            request.finish()
+
+        def user_gone(_) -> None:
+            stream = state["stream"]
+            if stream is not None:
+                stream.cancel()
+            elif not pending.called:
+                pending.cancel()
+
+        pending.addCallbacks(answered, failed)
+        request.notifyFinish().addErrback(user_gone)
+        return NOT_DONE_YET
+
+    def close(self) -> Deferred:
+        """Close the connections to the peers (at shutdown)."""
+        return gatherResults([b.closeCachedConnections() for b in self._peers.values()])
