@@ -41,7 +41,7 @@ import sys
 from twisted.application.service import Application
 from twisted.python import usage
 
-from relay.tap import Options, makeService, twistd_options
+from relay.server.tap import Options, makeService, twistd_options
 
 
 def _flags():

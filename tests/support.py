@@ -15,9 +15,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web.client import HTTPConnectionPool
 
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.service import make_server_service
+from relay.server.metrics import RelayMetrics
+from relay.server.service import make_server_service
 
 
 class RelayServer:

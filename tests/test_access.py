@@ -14,8 +14,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
 from relay.proto.http_relay_pb2 import HttpResponse
+from relay.server.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
 from tests.support import FakeRelayClient, RelayServer, raw_connect
 from tests.support import tick as _tick
 from tests.test_server import ServerTestCase
@@ -193,7 +193,7 @@ class HashCommandTests(unittest.TestCase):
 
         env = dict(os.environ, PYTHONPATH=ROOT)
         out = subprocess.run(
-            [sys.executable, "-m", "relay.auth", "hash"], input=b"s3cret\n", capture_output=True, check=True, env=env
+            [sys.executable, "-m", "relay.server.auth", "hash"], input=b"s3cret\n", capture_output=True, check=True, env=env
         ).stdout
         self.assertEqual(out.strip().decode(), token_hash("s3cret"))
 

@@ -9,7 +9,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from relay.broker import (
+from relay.server.broker import (
     PICKUP_TIMEOUT,
     POLL_TIMEOUT,
     STREAM_POLL_TIMEOUT,
@@ -22,8 +22,8 @@ from relay.broker import (
     UnknownRequest,
     RequestIds,
 )
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.server.metrics import RelayMetrics
 
 
 class Sink:

@@ -22,9 +22,9 @@ from twisted.web import http, resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from relay.client.service import make_client_service
-from relay.auth import AccessPolicy, ClientTokens
-from relay.metrics import RelayMetrics
-from relay.service import make_server_service
+from relay.server.auth import AccessPolicy, ClientTokens
+from relay.server.metrics import RelayMetrics
+from relay.server.service import make_server_service
 from tests.support import stalled, until
 
 NAME = "robot"

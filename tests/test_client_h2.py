@@ -27,11 +27,11 @@ from relay.client.endpoints import CachingEndpointFactory
 from relay.client.h2backend import STREAM_WINDOW, H2ClientConnection
 from relay.client.keepalive import KeepAliveAgent
 from relay.client.service import make_client_service
-from relay.h2 import offer_h2_over_tls
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest
-from relay.service import make_server_service
-from relay.site import RelaySite
+from relay.server.h2 import offer_h2_over_tls
+from relay.server.metrics import RelayMetrics
+from relay.server.service import make_server_service
+from relay.server.site import RelaySite
 from tests import test_client_e2e as e2e
 from tests.support import dechunk, head_and_body, stalled
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file

@@ -18,11 +18,11 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from relay.broker import Broker
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.resources import RootResource
-from relay.site import RelaySite
+from relay.server.broker import Broker
+from relay.server.metrics import RelayMetrics
+from relay.server.resources import RootResource
+from relay.server.site import RelaySite
 
 # The default profile replays the same examples every run, so that CI is
 # deterministic; HYPOTHESIS_PROFILE=explore searches afresh and far longer.

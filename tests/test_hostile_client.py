@@ -25,11 +25,11 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from relay.broker import Broker
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.resources import RootResource
-from relay.site import RelaySite
+from relay.server.broker import Broker
+from relay.server.metrics import RelayMetrics
+from relay.server.resources import RootResource
+from relay.server.site import RelaySite
 
 TRUE_ANSWER = b"the victim's true answer"
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"

@@ -15,10 +15,10 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.trial import unittest
 
-from relay.h2 import offer_h2_over_tls
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.service import make_server_service
+from relay.server.h2 import offer_h2_over_tls
+from relay.server.metrics import RelayMetrics
+from relay.server.service import make_server_service
 from tests.support import RelayServer, raw_connect
 from tests.test_server import ServerTestCase
 

@@ -18,9 +18,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-from relay.broker import Broker
 from relay.client.service import make_client_service
 from relay.logs import connect_quietly, text_line
+from relay.server.broker import Broker
 from tests.support import FakeRelayClient, RelayServer, tick, until
 from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, parse_frame
 
@@ -140,7 +140,7 @@ class FirstPollTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_only_the_first_poll_of_a_name_is_logged_until_it_is_forgotten(self):
         from twisted.internet.task import Clock
-        from relay.broker import POLL_TIMEOUT
+        from relay.server.broker import POLL_TIMEOUT
 
         clock = Clock()
         server = RelayServer(clock=clock, inactive_backend_timeout=60)
@@ -180,7 +180,7 @@ class FirstPollTests(unittest.TestCase):
     def test_refused_relay_clients_are_logged_at_most_every_10_s(self):
         import tempfile
 
-        from relay.auth import AccessPolicy, ClientTokens
+        from relay.server.auth import AccessPolicy, ClientTokens
 
         fd, tokens = tempfile.mkstemp()
         os.close(fd)
@@ -212,7 +212,7 @@ class QuietFactoryTests(unittest.TestCase):
         import relay
         from relay.client.keepalive import _ConnectionFactory
         from relay.logs import _OneShotFactory
-        from relay.site import RelaySite
+        from relay.server.site import RelaySite
 
         root = os.path.dirname(relay.__file__)
         for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):

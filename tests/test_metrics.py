@@ -18,11 +18,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.auth import AccessPolicy, ClientTokens
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.broker import POLL_TIMEOUT
-from relay.service import REAP_INTERVAL
+from relay.server.auth import AccessPolicy, ClientTokens
+from relay.server.broker import POLL_TIMEOUT
+from relay.server.metrics import RelayMetrics
+from relay.server.service import REAP_INTERVAL
 from tests.fixtures.capture_go_metrics import INACTIVE_REQUEST_TIMEOUT, series
 from tests.support import FakeRelayClient, RelayServer, until
 
@@ -194,7 +194,7 @@ class CardinalityTests(MetricsTestCase):
         self.assertEqual(before, after)
 
     def test_forgotten_backends_take_their_series_with_them(self):
-        from relay.broker import Broker
+        from relay.server.broker import Broker
         from relay.proto.http_relay_pb2 import HttpRequest
 
         clock = Clock()
@@ -227,7 +227,7 @@ class _Sink:
 class NumberFormatTests(unittest.TestCase):
     def test_numbers_as_client_golang_writes_them(self):
         """Values as they appeared on the Go server's /metrics page."""
-        from relay.metrics import go_float
+        from relay.server.metrics import go_float
 
         for value, text in [
             (2, "2"),

@@ -22,11 +22,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.auth import AccessPolicy, ClientTokens, token_hash
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.service import make_server_service
-from relay.tap import port_endpoint
+from relay.server.auth import AccessPolicy, ClientTokens, token_hash
+from relay.server.metrics import RelayMetrics
+from relay.server.service import make_server_service
+from relay.server.tap import port_endpoint
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, tick
 from tests.test_access import write
 from tests.test_http2 import H2Client

@@ -14,8 +14,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, STREAM_POLL_TIMEOUT
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, STREAM_POLL_TIMEOUT
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, until
 
 GO_ERROR_HEADERS = {

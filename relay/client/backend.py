@@ -25,8 +25,8 @@ from twisted.web.iweb import IPolicyForHTTPS, UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from relay.client.endpoints import CachingEndpointFactory
+from relay.client.http import BytesProducer, describe_failure, read_token
 from relay.client.keepalive import KeepAliveAgent
-from relay.client.relay_api import BytesProducer, describe_failure, read_token
 from relay.headers import go_canonical
 from relay.proto.http_relay_pb2 import HttpRequest
 

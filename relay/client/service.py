@@ -18,6 +18,7 @@ few seconds to finish, then their backend connections are closed.
 from typing import Callable, List, Optional, Set
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -25,7 +26,8 @@ from twisted.logger import Logger
 from relay.client.backend import Backend, BackendTarget, TrustPolicy
 from relay.client.h2backend import H2Backend
 from relay.client.handler import RequestHandler
-from relay.client.relay_api import Forbidden, RelayAPI, backoff_delays, sleep
+from relay.client.http import backoff_delays
+from relay.client.relay_api import Forbidden, RelayAPI
 from relay.client.upgrade import Upgrader
 from relay.logs import LogsThroughObserver
 
@@ -84,7 +86,7 @@ class PollLoop(Service):
                         error=str(e),
                         RetryIn="%.3gs" % (delay,),
                     )
-                    await sleep(client.clock, delay)
+                    await task.deferLater(client.clock, delay, lambda: None)
                     continue
                 next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
                 if request is None:

@@ -15,14 +15,12 @@ from typing import List
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
-from relay import busy_poll
+from relay import tuning
 from relay.client.backend import load_trust_root
 from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
 from relay.client.service import make_client_service
 from relay.logs import twistd_log_observer
-from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, go_int, log_format, log_level, nonnegative_int, positive_int
-from relay.pypy_gc import log_nursery_advice
 
 log = Logger()
 
@@ -240,8 +238,9 @@ def _warn_unsupported(options) -> None:
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    tune_malloc()
-    service = make_client_service(
+    reactor.callWhenRunning(_warn_unsupported, options)
+    tuning.apply(reactor, options["busy_poll_us"], log)
+    return make_client_service(
         reactor,
         relay_url(options),
         options["server_name"],
@@ -261,7 +260,3 @@ def makeService(options, reactor=None):
         log_observer=twistd_log_observer(options),
         debug_logs=options["log_level"] <= LogLevel.debug,
     )
-    reactor.callWhenRunning(_warn_unsupported, options)
-    reactor.callWhenRunning(log_nursery_advice, log)
-    reactor.callWhenRunning(busy_poll.install, reactor, options["busy_poll_us"], log)
-    return service

@@ -39,12 +39,12 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from relay.auth import AccessPolicy
-from relay.broker import Broker
 from relay.logs import LogsThroughObserver
-from relay.metrics import RelayMetrics
-from relay.resources import RootResource
-from relay.site import RelaySite
+from relay.server.auth import AccessPolicy
+from relay.server.broker import Broker
+from relay.server.metrics import RelayMetrics
+from relay.server.resources import RootResource
+from relay.server.site import RelaySite
 from relay.startup import listen_error
 
 log = Logger()

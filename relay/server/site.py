@@ -40,11 +40,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
 
-from relay.bodybuffer import BodyBuffer
-from relay.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.headers import sanitize_value, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
-from relay.transport_tuning import tune
+from relay.server.bodybuffer import BodyBuffer
+from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
+from relay.tuning.transport import tune
 
 DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
 

@@ -29,8 +29,8 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.metrics import RESULT_UNKNOWN_ID, UNKNOWN_BACKEND, RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.server.metrics import RESULT_UNKNOWN_ID, UNKNOWN_BACKEND, RelayMetrics
 
 log = Logger()
 

@@ -8,10 +8,9 @@ from twisted.internet import endpoints
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
-from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
-from relay.h2 import offer_h2_over_tls
 from relay.logs import twistd_log_observer
-from relay.malloc import tune_malloc
+from relay.server.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
+from relay.server.h2 import offer_h2_over_tls
 from relay.options import (
     GoFlagOptions,
     duration,
@@ -22,10 +21,9 @@ from relay.options import (
     nonnegative_int,
     positive_int,
 )
-from relay import busy_poll
-from relay.pypy_gc import log_nursery_advice
-from relay.service import DEFAULT_DRAIN_GRACE, make_server_service
-from relay.site import DEFAULT_MAX_REQUEST_BODY
+from relay import tuning
+from relay.server.service import DEFAULT_DRAIN_GRACE, make_server_service
+from relay.server.site import DEFAULT_MAX_REQUEST_BODY
 from relay.startup import report_startup_errors
 
 log = Logger()
@@ -108,7 +106,7 @@ class Options(GoFlagOptions):
             "File of 'NAME_GLOB SHA256_HEX' lines: relay-clients must send "
             "Authorization: Bearer TOKEN valid for the backend name they poll or "
             "answer for (else 403). Re-read when it changes. "
-            "`python -m relay.auth hash < token` prints a token's hash.",
+            "`python -m relay.server.auth hash < token` prints a token's hash.",
         ],
         [
             "user_tokens",
@@ -276,10 +274,8 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     report_startup_errors("twistd relay")
-    tune_malloc()
     reactor.callWhenRunning(_warn_ignored, options)
-    reactor.callWhenRunning(log_nursery_advice, log)
-    reactor.callWhenRunning(busy_poll.install, reactor, options["busy_poll_us"], log)
+    tuning.apply(reactor, options["busy_poll_us"], log)
     endpoint = offer_h2_over_tls(endpoints.serverFromString(reactor, options["endpoint"]))
     return make_server_service(
         endpoint,
