@@ -6,6 +6,7 @@ library would hide what we need to see (slow reading, aborted connections,
 101 pipes).
 """
 
+import dataclasses
 import re
 import socket
 from typing import List, Optional, Tuple
@@ -15,19 +16,50 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web.client import HTTPConnectionPool
 
+from relay.client.service import make_client_service
+from relay.config import ClientConfig, ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.metrics import RelayMetrics
 from relay.server.service import make_server_service
+
+
+def _split(config_class, kwargs: dict) -> dict:
+    """Take the config fields out of C{kwargs}; what is left goes to the builder."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+
+
+def server_service(endpoint, reactor, **kwargs):
+    """
+    L{make_server_service} with the config's defaults but for the fields
+    given, and no drain grace: a test's stop should not wait for load
+    balancers that are not there.
+    """
+    fields = {"drain_grace": 0.0}
+    fields.update(_split(ServerConfig, kwargs))
+    kwargs.setdefault("metrics", RelayMetrics(process=False))
+    return make_server_service(endpoint, reactor, ServerConfig(**fields), **kwargs)
+
+
+def client_service(reactor, relay_url: str, server_name: str, **kwargs):
+    """L{make_client_service} for the relay at C{relay_url}, with the config's defaults but for the fields given."""
+    scheme, _, rest = relay_url.partition("://")
+    address, slash, prefix = rest.partition("/")
+    config = ClientConfig(
+        relay_scheme=scheme,
+        relay_address=address,
+        relay_prefix=(slash + prefix).rstrip("/"),
+        server_name=server_name,
+        **_split(ClientConfig, kwargs)
+    )
+    return make_client_service(reactor, config, **kwargs)
 
 
 class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
     def __init__(self, port: int = 0, **kwargs):
-        kwargs.setdefault("metrics", RelayMetrics(process=False))
-        self.service = make_server_service(
-            TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"), reactor, **kwargs
-        )
+        self.service = server_service(TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"), reactor, **kwargs)
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
         self.broker = self.service.broker

@@ -16,8 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
-from tests.support import FakeRelayClient, RelayServer, raw_connect
-from tests.support import tick as _tick
+from tests.support import FakeRelayClient, RelayServer, raw_connect, tick as _tick
 from tests.test_server import ServerTestCase
 
 

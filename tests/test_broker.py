@@ -9,6 +9,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from relay.config import ServerConfig
 from relay.server.broker import (
     PICKUP_TIMEOUT,
     POLL_TIMEOUT,
@@ -54,7 +55,7 @@ class BrokerTestCase(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.metrics = RelayMetrics(process=False)
-        self.broker = Broker(self.clock, self.metrics, inactive_request_timeout=60, inactive_backend_timeout=1800)
+        self.broker = Broker(self.clock, ServerConfig(inactive_request_timeout=60, inactive_backend_timeout=1800), self.metrics)
 
     def relay(self, name="robot", url="http://invalid/x"):
         sink = Sink()
@@ -324,7 +325,7 @@ class StreamQueueTestCase(unittest.TestCase):
 class FailingSinkTests(unittest.TestCase):
     def test_a_sink_bug_fails_the_post_and_ends_the_request(self):
         clock = Clock()
-        broker = Broker(clock, RelayMetrics(process=False))
+        broker = Broker(clock, ServerConfig(), RelayMetrics(process=False))
 
         class Broken(Sink):
             def deliver(self, message, body=None):
@@ -345,7 +346,7 @@ class MetricCardinalityTests(unittest.TestCase):
     def test_request_paths_make_no_series(self):
         """Go dropped the request_path label: users' URLs never add series."""
         metrics = RelayMetrics(process=False)
-        broker = Broker(Clock(), metrics)
+        broker = Broker(Clock(), ServerConfig(), metrics)
         d = broker.get_request("robot")
         d.cancel()
         self.failureResultOf(d)

@@ -21,11 +21,10 @@ from twisted.trial import unittest
 from twisted.web import http, resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from relay.client.service import make_client_service
 from relay.server.auth import AccessPolicy, ClientTokens
 from relay.server.metrics import RelayMetrics
-from relay.server.service import make_server_service
-from tests.support import stalled, until
+
+from tests.support import client_service, server_service, stalled, until
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -400,7 +399,7 @@ class RawUser(protocol.Protocol):
 
 class Relay:
     def __init__(self, port=0, **kw):
-        self.service = make_server_service(
+        self.service = server_service(
             TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"),
             reactor,
             metrics=RelayMetrics(process=False),
@@ -438,7 +437,7 @@ class EndToEnd(unittest.TestCase):
         kw.setdefault("backend_scheme", self.backend_scheme)
         kw.setdefault("trust_root", self.trust_root)
         kw.setdefault("backend_address", self.backend.address)
-        client = make_client_service(reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, **kw)
+        client = client_service(reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, **kw)
         client.startService()
         self.addCleanup(client.stopService)
         return client
@@ -671,7 +670,7 @@ class RelayTokens(unittest.TestCase):
 
     def start_client(self, token):
         self.fatal = []
-        client = make_client_service(
+        client = client_service(
             reactor,
             self.relay.base,
             NAME,

@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial import unittest
 
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.metrics import RelayMetrics
@@ -86,9 +87,9 @@ class RawClient(Protocol):
 class FuzzTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.broker = Broker(self.clock, RelayMetrics(process=False), block_size=64)
+        self.broker = Broker(self.clock, ServerConfig(block_size=64), RelayMetrics(process=False))
         root = RootResource(self.broker, lambda: b"")
-        self.site = RelaySite(root, max_request_body=4096, header_timeout=None, reactor=self.clock)
+        self.site = RelaySite(root, ServerConfig(max_request_body=4096, header_timeout=None), reactor=self.clock)
         self.site.body_budget = self.broker.bodies
 
     def exchange(self, raw: bytes):

@@ -25,6 +25,7 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial import unittest
 
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.metrics import RelayMetrics
@@ -157,9 +158,9 @@ def expected_status(status, h2=False) -> int:
 class HostileTestCase(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.broker = Broker(self.clock, RelayMetrics(process=False), block_size=64)
+        self.broker = Broker(self.clock, ServerConfig(block_size=64), RelayMetrics(process=False))
         root = RootResource(self.broker, lambda: b"")
-        self.site = RelaySite(root, max_request_body=1 << 20, header_timeout=None, reactor=self.clock)
+        self.site = RelaySite(root, ServerConfig(max_request_body=1 << 20, header_timeout=None), reactor=self.clock)
         self.site.body_budget = self.broker.bodies
         self.pumps: List[iosim.IOPump] = []
         for name in ("evil", "victim"):

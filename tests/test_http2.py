@@ -18,8 +18,7 @@ from twisted.trial import unittest
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
-from relay.server.service import make_server_service
-from tests.support import RelayServer, raw_connect
+from tests.support import RelayServer, raw_connect, server_service
 from tests.test_server import ServerTestCase
 
 
@@ -268,7 +267,7 @@ class TLSTests(unittest.TestCase):
         endpoint = offer_h2_over_tls(
             serverFromString(reactor, "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (key, cert))
         )
-        service = make_server_service(endpoint, reactor, metrics=RelayMetrics(process=False))
+        service = server_service(endpoint, reactor, metrics=RelayMetrics(process=False))
         service.startService()
         self.addCleanup(service.stopService)
         url = "https://127.0.0.1:%d/healthz" % service.listening_port.getHost().port

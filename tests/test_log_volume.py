@@ -18,10 +18,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-from relay.client.service import make_client_service
 from relay.logs import connect_quietly, text_line
 from relay.server.broker import Broker
-from tests.support import FakeRelayClient, RelayServer, tick, until
+from tests.support import FakeRelayClient, RelayServer, client_service, tick, until
 from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, parse_frame
 
 NAME = "robot"
@@ -69,7 +68,7 @@ class EndToEndVolume(unittest.TestCase):
         self.addCleanup(lambda: self.relay.stop())
         self.users = user_pool()
         self.addCleanup(self.users.closeCachedConnections)
-        client = make_client_service(
+        client = client_service(
             reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, backend_address=self.backend.address, backend_scheme="http"
         )
         client.startService()

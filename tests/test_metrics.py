@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens
 from relay.server.broker import POLL_TIMEOUT
@@ -199,7 +200,7 @@ class CardinalityTests(MetricsTestCase):
 
         clock = Clock()
         metrics = RelayMetrics(process=False)
-        broker = Broker(clock, metrics, inactive_backend_timeout=60)
+        broker = Broker(clock, ServerConfig(inactive_backend_timeout=60), metrics)
         d = broker.get_request("robot")
         pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/a/1"), _Sink())
         self.assertEqual(self.successResultOf(d).id, pending.id)

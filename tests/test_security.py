@@ -25,9 +25,8 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
-from relay.server.service import make_server_service
 from relay.server.tap import port_endpoint
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, tick
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, server_service, tick
 from tests.test_access import write
 from tests.test_http2 import H2Client
 from tests.test_server import ServerTestCase
@@ -492,7 +491,7 @@ class ListenBacklogTests(unittest.TestCase):
     @defer.inlineCallbacks
     def listening(self, port_option):
         endpoint = serverFromString(reactor, port_endpoint(port_option))
-        service = make_server_service(endpoint, reactor, clock=Clock(), metrics=RelayMetrics(process=False))
+        service = server_service(endpoint, reactor, clock=Clock(), metrics=RelayMetrics(process=False))
         service.startService()
         self.addCleanup(service.stopService)
         yield tick()

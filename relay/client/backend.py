@@ -27,6 +27,7 @@ from zope.interface import implementer
 from relay.client.endpoints import CachingEndpointFactory
 from relay.client.http import BytesProducer, describe_failure, read_token
 from relay.client.keepalive import KeepAliveAgent
+from relay.config import ClientConfig
 from relay.headers import go_canonical
 from relay.proto.http_relay_pb2 import HttpRequest
 
@@ -65,19 +66,12 @@ class BackendRequest(NamedTuple):
 class BackendTarget:
     """Where and how relayed requests are sent: the C{--backend_*} flags."""
 
-    def __init__(
-        self,
-        scheme: str = "https",
-        address: str = "localhost:8080",
-        path_prefix: str = "",
-        preserve_host: bool = True,
-        token_file: str = "",
-    ):
-        self.scheme = scheme
-        self.address = address
-        self.path_prefix = path_prefix
-        self.preserve_host = preserve_host
-        self.token_file = token_file
+    def __init__(self, config: ClientConfig):
+        self.scheme = config.backend_scheme
+        self.address = config.backend_address
+        self.path_prefix = config.backend_path
+        self.preserve_host = config.preserve_host
+        self.token_file = config.authentication_token_file
 
     def build(self, request: HttpRequest, upgrade: bool = False) -> BackendRequest:
         """
@@ -252,8 +246,8 @@ class Backend:
         reactor: IReactorTime,
         target: BackendTarget,
         policy: TrustPolicy,
-        max_idle_per_host: int = 100,
-        idle_timeout: float = 90.0,
+        max_idle_per_host: int,
+        idle_timeout: float,
     ):
         self.target = target
         self.agent = KeepAliveAgent(

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.metrics import RESULT_UNKNOWN_ID, UNKNOWN_BACKEND, RelayMetrics
 
@@ -417,34 +418,29 @@ class Broker:
 
     @param clock: where time and timers come from.
     @param metrics: the metrics sink.
-    @param inactive_request_timeout: seconds without a message from the
-        relay-client after which a request is dropped (504 when nothing was
-        answered yet).
-    @param inactive_backend_timeout: seconds without a poll after which a
-        backend is forgotten (503 unknown client).
+    @param config: the limits and timeouts (C{inactive_request_timeout}:
+        seconds without a message from the relay-client after which a
+        request is dropped, 504 when nothing was answered yet;
+        C{inactive_backend_timeout}: seconds without a poll after which a
+        backend is forgotten, 503 unknown client).
     """
 
     def __init__(
         self,
         clock: IReactorTime,
+        config: ServerConfig,
         metrics: Optional[RelayMetrics] = None,
-        inactive_request_timeout: float = 60.0,
-        inactive_backend_timeout: float = 30 * 60.0,
         new_id: Optional[Callable[[str], str]] = None,
-        max_pending_per_backend: int = 1000,
-        max_backends: int = 100000,
-        block_size: int = 10240,
-        max_buffered_bodies: int = 1024 * 1024 * 1024,
     ):
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
-        self.inactive_request_timeout = inactive_request_timeout
-        self.inactive_backend_timeout = inactive_backend_timeout
+        self.inactive_request_timeout = config.inactive_request_timeout
+        self.inactive_backend_timeout = config.inactive_backend_timeout
         self._new_id = new_id if new_id is not None else RequestIds()
-        self.max_pending_per_backend = max_pending_per_backend
-        self.max_backends = max_backends
-        self.block_size = block_size
-        self.bodies = BodyBudget(max_buffered_bodies)
+        self.max_pending_per_backend = config.max_pending_per_backend
+        self.max_backends = config.max_backends
+        self.block_size = config.block_size
+        self.bodies = BodyBudget(config.max_buffered_bodies)
         # Per-request debug lines cost even when filtered out: only build
         # them when debug logging is on.
         self.trace = False

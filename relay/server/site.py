@@ -40,13 +40,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
 
+from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.tuning.transport import tune
-
-DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
 
 
 class RelayRequest(server.Request):
@@ -74,7 +73,7 @@ class RelayRequest(server.Request):
     @property
     def max_body(self) -> int:
         site = getattr(self.channel, "site", None)
-        return getattr(site, "max_request_body", DEFAULT_MAX_REQUEST_BODY)
+        return getattr(site, "max_request_body", ServerConfig.max_request_body)
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BodyBuffer()
@@ -463,20 +462,12 @@ class RelaySite(server.Site):
     requestFactory = RelayRequest
     noisy = False
 
-    def __init__(
-        self,
-        resource,
-        max_request_body: int = DEFAULT_MAX_REQUEST_BODY,
-        max_headers: int = 500,
-        max_header_bytes: int = 65536,
-        header_timeout: Optional[float] = 30.0,
-        **kwargs
-    ):
+    def __init__(self, resource, config: ServerConfig, **kwargs):
         super().__init__(resource, **kwargs)
-        self.max_request_body = max_request_body
-        self.max_headers = max_headers
-        self.max_header_bytes = max_header_bytes
-        self.header_timeout = header_timeout
+        self.max_request_body = config.max_request_body
+        self.max_headers = config.max_headers
+        self.max_header_bytes = config.max_header_bytes
+        self.header_timeout = config.header_timeout
         # Set by the service: the broker's budget for buffered bodies.
         self.body_budget = None
         self.connections: Set[RelayChannel] = set()
