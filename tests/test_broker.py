@@ -355,3 +355,42 @@ class MetricCardinalityTests(unittest.TestCase):
         text = metrics.render().decode()
         self.assertEqual(re.findall(r"broker_requests\{([^}]*)\}", text), ['backend="robot",method="server_request"', 'backend="robot",method="client"'])
         self.assertNotIn("page-", text)
+
+
+class WaitersTests(unittest.TestCase):
+    """The one waiting line behind long polls and stream reads."""
+
+    def setUp(self):
+        from relay.server.broker import Waiters
+
+        self.clock = Clock()
+        self.timed_out = []
+        self.line = Waiters(self.clock, 30, lambda d: (self.timed_out.append(d), d.callback("late")))
+
+    def test_oldest_first_with_its_timer_gone(self):
+        first, second = self.line.wait(), self.line.wait()
+        self.assertIs(self.line.pop(), first)
+        self.assertEqual(list(self.line), [second])
+        self.clock.advance(30)
+        self.assertEqual(self.timed_out, [second])
+        self.assertFalse(first.called)
+        self.assertEqual(len(self.line), 0)
+
+    def test_timeout_leaves_the_line_before_it_fires(self):
+        d = self.line.wait()
+        seen = []
+        d.addCallback(lambda result: seen.append((result, len(self.line))))
+        self.clock.advance(30)
+        self.assertEqual(seen, [("late", 0)])
+
+    def test_cancel_takes_the_timer_along(self):
+        d = self.line.wait()
+        d.addErrback(lambda f: None)
+        d.cancel()
+        self.assertEqual((len(self.line), self.clock.getDelayedCalls()), (0, []))
+
+    def test_fire_all(self):
+        waiting = [self.line.wait(), self.line.wait()]
+        self.line.fire_all(None)
+        self.assertEqual([d.called for d in waiting], [True, True])
+        self.assertEqual((len(self.line), self.clock.getDelayedCalls()), (0, []))

@@ -28,22 +28,13 @@ from relay.client.endpoints import CachingEndpointFactory
 from relay.client.http import BytesProducer, describe_failure, read_token
 from relay.client.keepalive import KeepAliveAgent
 from relay.config import ClientConfig
-from relay.headers import go_canonical
+from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical
 from relay.proto.http_relay_pb2 import HttpRequest
 
 log = Logger()
 
 Header = Tuple[str, str]
 CONNECT_TIMEOUT = 30.0
-# Twisted's HTTP client frames the body itself and manages its own connections; the body is
-# sent whole at once, so there is nothing for 100-continue to wait for.
-_AGENT_DROPS = frozenset(
-    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "expect"]
-)
-# An upgrade keeps Connection and Upgrade: they are the point of it.
-_UPGRADE_DROPS = frozenset(["host", "content-length", "transfer-encoding"])
-
-
 class BackendError(Exception):
     """The backend could not be asked, or did not answer; the text is for the user."""
 
@@ -82,7 +73,7 @@ class BackendTarget:
         if not path.startswith("/"):
             path = "/" + path
         target = path + ("?" + parts.query if parts.query else "")
-        drops = _UPGRADE_DROPS if upgrade else _AGENT_DROPS
+        drops = UPGRADE_DROPS if upgrade else BACKEND_DROPS
         headers = [(h.name, h.value) for h in request.header if h.name.lower() not in drops]
         if self.token_file:
             try:

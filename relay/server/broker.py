@@ -22,7 +22,7 @@ observable on the wire (messages, status codes, timeouts) ours is the same.
 
 import os
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -172,6 +172,64 @@ class BodyBudget:
         self.used = max(0, self.used - n)
 
 
+class Waiters:
+    """
+    Deferreds waiting in line, each with a deadline on the clock: a
+    backend's long polls, an upgraded request's stream reads. The oldest is
+    served first (L{pop}); one that times out leaves the line before
+    C{on_timeout} fires it; one that is cancelled (its peer went away)
+    leaves the line and takes its timer with it.
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float, on_timeout: Callable[[Deferred], None]):
+        self._clock = clock
+        self._timeout = timeout
+        self._on_timeout = on_timeout
+        self._line: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def __iter__(self) -> Iterator[Deferred]:
+        return (d for d, _ in self._line)
+
+    def wait(self) -> Deferred:
+        """A new place at the end of the line."""
+        d = Deferred(self._leave)
+        timer = self._clock.callLater(self._timeout, self._expire, d)
+        self._line.append((d, timer))
+        return d
+
+    def pop(self) -> Deferred:
+        """The oldest waiter, out of the line and with no timer, to fire."""
+        d, timer = self._line.popleft()
+        timer.cancel()
+        return d
+
+    def fire_all(self, result) -> None:
+        """Everyone in line gets C{result}: the wait is over for good."""
+        line, self._line = self._line, deque()
+        for d, timer in line:
+            timer.cancel()
+            d.callback(result)
+
+    def _remove(self, d: Deferred) -> Optional[IDelayedCall]:
+        for entry in self._line:
+            if entry[0] is d:
+                self._line.remove(entry)
+                return entry[1]
+        return None
+
+    def _leave(self, d: Deferred) -> None:
+        timer = self._remove(d)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, d: Deferred) -> None:
+        self._remove(d)
+        self._on_timeout(d)
+
+
 class StreamQueue:
     """
     Bytes a user-client sent after a 101, waiting for the relay-client's
@@ -186,7 +244,7 @@ class StreamQueue:
         self._high_water = high_water
         self._chunks: Deque[bytes] = deque()
         self._size = 0
-        self._waiters: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+        self._waiters = Waiters(clock, STREAM_POLL_TIMEOUT, lambda d: d.callback(b""))
         self._producer: Optional[IPushProducer] = None
         self._paused = False
         self.closed = False
@@ -204,9 +262,7 @@ class StreamQueue:
         self._chunks.append(data)
         self._size += len(data)
         while self._waiters and self._size:
-            d, timer = self._waiters.popleft()
-            timer.cancel()
-            d.callback(self._take())
+            self._waiters.pop().callback(self._take())
         if self._size > self._high_water and not self._paused and self._producer:
             self._paused = True
             self._producer.pauseProducing()
@@ -220,25 +276,7 @@ class StreamQueue:
             return succeed(self._take())
         if self.closed:
             return succeed(None)
-
-        def cancel(d: Deferred) -> None:
-            for entry in self._waiters:
-                if entry[0] is d:
-                    self._waiters.remove(entry)
-                    entry[1].cancel()
-                    return
-
-        d = Deferred(cancel)
-        timer = self._clock.callLater(STREAM_POLL_TIMEOUT, self._expire, d)
-        self._waiters.append((d, timer))
-        return d
-
-    def _expire(self, d: Deferred) -> None:
-        for entry in self._waiters:
-            if entry[0] is d:
-                self._waiters.remove(entry)
-                break
-        d.callback(b"")
+        return self._waiters.wait()
 
     def _take(self) -> bytes:
         out: List[bytes] = []
@@ -264,10 +302,7 @@ class StreamQueue:
         self.closed = True
         self._chunks.clear()
         self._size = 0
-        waiters, self._waiters = self._waiters, deque()
-        for d, timer in waiters:
-            timer.cancel()
-            d.callback(None)
+        self._waiters.fire_all(None)
         self._producer = None
 
 
@@ -403,9 +438,9 @@ class Backend:
 
     __slots__ = ("name", "polls", "queue", "active", "last_activity")
 
-    def __init__(self, name: str, now: float):
+    def __init__(self, name: str, now: float, polls: Waiters):
         self.name = name
-        self.polls: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+        self.polls = polls
         self.queue: Deque[PendingRequest] = deque()
         # Ids of this backend's requests that are not over yet.
         self.active: Set[str] = set()
@@ -480,9 +515,7 @@ class Broker:
             log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend).inc()
         if b.polls:
-            d, timer = b.polls.popleft()
-            timer.cancel()
-            self._hand_over(b, pending, d)
+            self._hand_over(b, pending, b.polls.pop())
         else:
             pending._pickup_timer = self.clock.callLater(
                 PICKUP_TIMEOUT, self._pickup_timeout, b, pending
@@ -545,7 +578,8 @@ class Broker:
         if b is None:
             if len(self.backends) >= self.max_backends:
                 raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
-            b = self.backends[backend] = Backend(backend, now)
+            polls = Waiters(self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(b, d))
+            b = self.backends[backend] = Backend(backend, now, polls)
             log.info("Relay client connected", ServerName=backend)
         b.last_activity = now
         self.metrics.requests.labels("server_request", backend).inc()
@@ -556,23 +590,9 @@ class Broker:
             self._hand_over(b, b.queue.popleft(), d)
             return d
 
-        def cancel(d: Deferred) -> None:
-            for entry in b.polls:
-                if entry[0] is d:
-                    b.polls.remove(entry)
-                    entry[1].cancel()
-                    return
-
-        d = Deferred(cancel)
-        timer = self.clock.callLater(POLL_TIMEOUT, self._poll_timeout, b, d)
-        b.polls.append((d, timer))
-        return d
+        return b.polls.wait()
 
     def _poll_timeout(self, b: Backend, d: Deferred) -> None:
-        for entry in b.polls:
-            if entry[0] is d:
-                b.polls.remove(entry)
-                break
         b.last_activity = self.clock.seconds()
         self.metrics.responses.labels("server_request", "timeout", b.name).inc()
         d.callback(None)
@@ -681,10 +701,7 @@ class Broker:
         """
         self.stopping = True
         for b in self.backends.values():
-            polls, b.polls = b.polls, deque()
-            for d, timer in polls:
-                timer.cancel()
-                d.callback(None)
+            b.polls.fire_all(None)
             for pending in list(b.queue):
                 b.queue.remove(pending)
                 self._forget(pending, ServerStopping("Server is restarting"))

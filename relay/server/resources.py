@@ -37,7 +37,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from relay import wire
-from relay.headers import go_canonical
+from relay.compat import request_gone
+from relay.headers import HOP_BY_HOP_REQUEST, NOT_RELAYED, as_bytes, go_canonical
 from relay.logs import Throttle, peer_text
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy
@@ -53,11 +54,8 @@ REQUEST_CONTENT_TYPE = (
 )
 # Kubernetes names (which robot names are) have at most 253 characters.
 MAX_NAME_BYTES = 256
-# Request headers Go's server does not put into Request.Header.
-_NOT_RELAYED = frozenset([b"host", b"transfer-encoding"])
-_HOP_BY_HOP_REQUEST = frozenset(
-    [b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate", b"trailer"]
-)
+_NOT_RELAYED = as_bytes(NOT_RELAYED)
+_HOP_BY_HOP_REQUEST = as_bytes(HOP_BY_HOP_REQUEST)
 
 
 def _restarting(request) -> bytes:
@@ -336,7 +334,7 @@ def _answer_when(request, d, on_result, on_failure=None):
             body = on_failure(request, outcome)
         else:
             body = on_result(request, outcome)
-        if request._disconnected:
+        if request_gone(request):
             return None
         if isinstance(body, list):
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % sum(map(len, body))])

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
+from relay.compat import request_gone
 from relay.durations import format_duration
 from relay.headers import HOP_BY_HOP, go_canonical, sanitize_value, valid_name
 from relay.proto.http_relay_pb2 import HttpResponse
@@ -208,14 +209,14 @@ class UserResponse:
         for name, value in self.grpc_headers:
             request.add_trailer(name, value)
         request.unregisterProducer()
-        if not request._disconnected:
+        if not request_gone(request):
             request.finish()
 
     def _answer_error(self, code: int, text: str, go_error: bool = False) -> None:
         self.done = True
         request = self.request
         request.unregisterProducer()
-        if request._disconnected:
+        if request_gone(request):
             return
         body = plain(request, code, text)
         if go_error:
