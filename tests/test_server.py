@@ -1,6 +1,8 @@
 """
-The relay server's endpoints, status codes and bodies (docs/protocol.md, server
-sections), over real loopback sockets with real protobuf messages. A
+The relay server's streaming, upgrades and connection handling
+(docs/protocol.md, server sections), over real loopback sockets with real
+protobuf messages: the cases where the socket is the point (the routes and
+status codes are in tests/test_routes.py, in memory). A
 L{FakeRelayClient} plays the relay-client; the protocol's timeouts run on a
 L{Clock} the tests advance.
 """
@@ -14,15 +16,9 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, STREAM_POLL_TIMEOUT
+from relay.proto.http_relay_pb2 import HttpResponse
+from relay.server.broker import POLL_TIMEOUT, STREAM_POLL_TIMEOUT
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, until
-
-GO_ERROR_HEADERS = {
-    b"content-type": [b"text/plain; charset=utf-8"],
-    b"x-content-type-options": [b"nosniff"],
-}
-
 
 class ServerTestCase(unittest.TestCase):
     timeout = 30
@@ -83,14 +79,6 @@ class ConnectionSettingsTests(ServerTestCase):
 
 
 class OperationsTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_healthz(self):
-        resp = yield self.get("/healthz")
-        self.assertEqual(resp.code, 200)
-        self.assertEqual((yield resp.content()), b"ok")
-        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"text/plain"])
-        self.assertIsNone(resp.headers.getRawHeaders(b"server"))
-
     @defer.inlineCallbacks
     def test_metrics_have_go_names_and_labels(self):
         user, message = yield self.relayed("/client/robot/api/items/123456")
@@ -153,53 +141,6 @@ class UserRoutingTests(ServerTestCase):
         self.assertEqual(message.url, "http://invalid/pkg.Service/Method")
         yield self.relay_client.respond(message.id, 200)
         yield (yield user).content()
-
-    @defer.inlineCallbacks
-    def test_empty_name_is_400(self):
-        for path in ("/client/",):
-            resp = yield self.get(path)
-            self.assertEqual(resp.code, 400, path)
-            self.assertEqual(
-                (yield resp.content()), b"Request path too short: missing remote server identifier\n"
-            )
-            for k, v in GO_ERROR_HEADERS.items():
-                self.assertEqual(resp.headers.getRawHeaders(k), v)
-
-    @defer.inlineCallbacks
-    def test_no_prefix_no_header_is_400(self):
-        resp = yield self.get("/anything")
-        self.assertEqual(resp.code, 400)
-        self.assertEqual((yield resp.content()), b'Request without required header: "X-Server-Name"\n')
-
-    @defer.inlineCallbacks
-    def test_exact_paths_only(self):
-        """Like Go's ServeMux: /healthz/x is user traffic, not the health check."""
-        resp = yield self.get("/healthz/x")
-        self.assertEqual(resp.code, 400)
-        yield resp.content()
-
-    @defer.inlineCallbacks
-    def test_unknown_backend_is_503(self):
-        resp = yield self.get("/client/nobody/x")
-        self.assertEqual(resp.code, 503)
-        body = yield resp.content()
-        self.assertEqual(
-            body,
-            b'Cannot reach the client "nobody". Check that it\'s turned on, set up, and '
-            b"connected to the internet. (unknown client)",
-        )
-
-    @defer.inlineCallbacks
-    def test_known_backend_not_picking_up_is_503(self):
-        yield self.known()
-        user = self.get("/client/robot/x")
-        yield self.until(lambda: self.server.broker.requests)
-        self.clock.advance(PICKUP_TIMEOUT)
-        resp = yield user
-        self.assertEqual(resp.code, 503)
-        self.assertIn(b"timeout waiting for relay client to accept request", (yield resp.content()))
-        self.assertEqual(self.server.broker.requests, {})
-
 
 class ResponseTests(ServerTestCase):
     @defer.inlineCallbacks
@@ -350,80 +291,6 @@ class ResponseTests(ServerTestCase):
         code, body = yield self.relay_client.post(HttpResponse(id=message.id, body=b"b"))
         self.assertEqual(code, 400)
         self.assertEqual(body, ("Duplicate or invalid request ID %s\n" % message.id).encode())
-
-
-class RelayClientEndpointTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_poll_returns_request_with_content_type(self):
-        yield self.known()
-        user = self.get("/client/robot/x")
-        yield self.until(lambda: self.server.broker.requests)
-        resp = yield treq.get(self.server.url("/server/request?server=robot"), pool=self.relay_client.pool)
-        self.assertEqual(resp.code, 200)
-        self.assertEqual(
-            resp.headers.getRawHeaders(b"content-type"),
-            [b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpRequest"],
-        )
-        message = HttpRequest()
-        message.ParseFromString((yield resp.content()))
-        self.assertEqual(message.url, "http://invalid/x")
-        yield self.relay_client.respond(message.id, 200, b"done")
-        self.assertEqual((yield (yield user).content()), b"done")
-
-    @defer.inlineCallbacks
-    def test_poll_timeout_is_408(self):
-        poll = treq.get(self.server.url("/server/request?server=robot"), pool=self.relay_client.pool)
-        yield self.until(lambda: self.server.broker.backends.get("robot") and self.server.broker.backends["robot"].polls)
-        self.clock.advance(POLL_TIMEOUT)
-        resp = yield poll
-        self.assertEqual(resp.code, 408)
-        self.assertEqual((yield resp.content()), b"No request received within timeout\n")
-
-    @defer.inlineCallbacks
-    def test_poll_without_server_is_400(self):
-        for query in ("", "?server="):
-            resp = yield treq.get(self.server.url("/server/request" + query), pool=self.relay_client.pool)
-            self.assertEqual(resp.code, 400)
-            self.assertEqual((yield resp.content()), b"Missing server query parameter\n")
-        self.assertEqual(self.server.broker.backends, {})
-
-    @defer.inlineCallbacks
-    def test_response_ok_is_text_plain(self):
-        user, message = yield self.relayed("/client/robot/x")
-        resp = yield treq.post(
-            self.server.url("/server/response"),
-            data=HttpResponse(id=message.id, status_code=200, eof=True).SerializeToString(),
-            pool=self.relay_client.pool,
-        )
-        self.assertEqual(resp.code, 200)
-        self.assertEqual((yield resp.content()), b"ok")
-        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"text/plain"])
-        yield (yield user).content()
-
-    @defer.inlineCallbacks
-    def test_response_for_unknown_id_is_400(self):
-        code, body = yield self.relay_client.respond("robot:" + "0" * 32, 200)
-        self.assertEqual(code, 400)
-        self.assertEqual(body, b"Duplicate or invalid request ID robot:" + b"0" * 32 + b"\n")
-
-    @defer.inlineCallbacks
-    def test_duplicate_response_after_eof_is_400(self):
-        user, message = yield self.relayed("/client/robot/x")
-        code, _ = yield self.relay_client.respond(message.id, 200, b"once")
-        self.assertEqual(code, 200)
-        code, _ = yield self.relay_client.respond(message.id, 200, b"twice")
-        self.assertEqual(code, 400)
-        self.assertEqual((yield (yield user).content()), b"once")
-
-    @defer.inlineCallbacks
-    def test_requeststream_without_id_is_400(self):
-        code, body = yield self.relay_client.request_stream("")
-        self.assertEqual((code, body), (400, b"Missing id query parameter\n"))
-
-    @defer.inlineCallbacks
-    def test_requeststream_for_unknown_id_is_410(self):
-        code, body = yield self.relay_client.request_stream("robot:abc")
-        self.assertEqual((code, body), (410, b"No ongoing request with id robot:abc\n"))
 
 
 class UpgradeTests(ServerTestCase):
