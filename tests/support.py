@@ -63,6 +63,12 @@ def client_service(reactor, relay_url: str, server_name: str, **kwargs):
     return make_client_service(reactor, config, **kwargs)
 
 
+def polled_by(broker, name: str) -> bool:
+    """Whether a relay-client's long poll for C{name} waits at the server."""
+    backend = broker.backends.get(name)
+    return backend is not None and bool(backend.polls)
+
+
 class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
@@ -75,6 +81,9 @@ class RelayServer:
 
     def url(self, path: str) -> str:
         return self.base + path
+
+    def polled_by(self, name: str) -> bool:
+        return polled_by(self.broker, name)
 
     def stop(self) -> defer.Deferred:
         return defer.maybeDeferred(self.service.stopService)

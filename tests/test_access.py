@@ -321,13 +321,9 @@ class RelayedHeaderTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_upgrade_request_keeps_upgrade_headers(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(
+        proto, message = yield self.raw_relayed(
             b"GET /client/robot/ws HTTP/1.1\r\nHost: r\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
-        code, message = yield poll
         headers = [(h.name, h.value) for h in message.header]
         self.assertIn(("Connection", "Upgrade"), headers)
         self.assertIn(("Upgrade", "websocket"), headers)

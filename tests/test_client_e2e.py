@@ -16,15 +16,14 @@ import time
 
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 from twisted.web import http, resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from relay.server.auth import AccessPolicy, ClientTokens
-from relay.server.metrics import RelayMetrics
 
-from tests.support import client_service, server_service, stalled, until
+from tests.support import RelayServer, client_service, stalled, until
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -397,25 +396,7 @@ class RawUser(protocol.Protocol):
 # The relay server and client.
 
 
-class Relay:
-    def __init__(self, port=0, **kw):
-        self.service = server_service(
-            TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"),
-            reactor,
-            metrics=RelayMetrics(process=False),
-            **kw
-        )
-        self.service.startService()
-        self.port = self.service.listening_port.getHost().port
-        self.broker = self.service.broker
-        self.base = "http://127.0.0.1:%d" % (self.port,)
-
-    def polled_by(self, name):
-        b = self.broker.backends.get(name)
-        return b is not None and bool(b.polls)
-
-    def stop(self):
-        return defer.maybeDeferred(self.service.stopService)
+Relay = RelayServer
 
 
 

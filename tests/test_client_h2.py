@@ -31,7 +31,7 @@ from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from relay.server.site import RelaySite
-from tests.support import client_service, dechunk, head_and_body, server_service, stalled
+from tests.support import client_service, dechunk, head_and_body, polled_by, server_service, stalled
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
 from tests.test_client_tls import make_ca_and_server_cert
@@ -391,8 +391,7 @@ class CurlThroughRelay(unittest.TestCase):
             client.api.agent = client.pools[0] = KeepAliveAgent(reactor, CachingEndpointFactory(reactor, TrustPolicy(trust_root)))
         client.startService()
         self.addCleanup(client.stopService)
-        broker = service.broker
-        yield e2e.EndToEnd.until(self, lambda: NAME in broker.backends and bool(broker.backends[NAME].polls))
+        yield e2e.EndToEnd.until(self, lambda: polled_by(service.broker, NAME))
         return "%s://127.0.0.1:%d" % (scheme, port)
 
     def curl(self, *args):

@@ -86,7 +86,7 @@ class FaultTests(unittest.TestCase):
         self.addCleanup(server.stop)
         client = spawn_client(server.port, self.backend)
         self.addCleanup(client.terminate)
-        yield self.until(lambda: server.broker.backends.get("robot") and server.broker.backends["robot"].polls)
+        yield self.until(lambda: server.polled_by("robot"))
 
         response = yield Agent(reactor, pool=self.users).request(
             b"GET", (server.base + "/client/robot" + path).encode()
@@ -116,7 +116,7 @@ class FaultTests(unittest.TestCase):
         server = RelayServer(port=port)
         client = spawn_client(port, self.backend, "robot", "--num_pending_requests=2")
         self.addCleanup(client.terminate)
-        yield self.until(lambda: server.broker.backends.get("robot") and server.broker.backends["robot"].polls)
+        yield self.until(lambda: server.polled_by("robot"))
 
         outcomes = []
         stop = []
@@ -184,7 +184,7 @@ class HangingBackendTests(unittest.TestCase):
         client.startService()
         self.addCleanup(client.stopService)
         deadline = reactor.seconds() + 10
-        while not (server.broker.backends.get("robot") and server.broker.backends["robot"].polls):
+        while not server.polled_by("robot"):
             self.assertLess(reactor.seconds(), deadline)
             yield _tick()
         pool = HTTPConnectionPool(reactor, persistent=False)

@@ -97,7 +97,7 @@ class H2cTests(ServerTestCase):
     def test_grpc_style_call_with_trailers(self):
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         _, state = client.request(
             "POST",
             "/pkg.Echo/Say",
@@ -136,7 +136,7 @@ class H2cTests(ServerTestCase):
         """Grpc-* headers of a body-less first message come back as trailers."""
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         _, state = client.request("POST", "/pkg.Echo/Missing", headers=[("x-server-name", "robot")], body=b"x")
         code, message = yield poll
         yield self.relay_client.post(
@@ -158,7 +158,7 @@ class H2cTests(ServerTestCase):
     def test_streamed_h2_response_arrives_in_pieces(self):
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         _, state = client.request("GET", "/client/robot/stream")
         code, message = yield poll
         state["got_data"] = defer.Deferred()
@@ -173,7 +173,7 @@ class H2cTests(ServerTestCase):
     def test_user_resetting_stream_cancels_request(self):
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         stream_id, state = client.request("GET", "/client/robot/x")
         code, message = yield poll
         state["done"].addErrback(lambda f: None)

@@ -149,7 +149,7 @@ class FirstPollTests(unittest.TestCase):
         for round in range(2):
             for _ in range(5):
                 poll = relay_client.poll(NAME)
-                yield until(lambda: NAME in server.broker.backends and server.broker.backends[NAME].polls)
+                yield until(lambda: server.polled_by(NAME))
                 clock.advance(POLL_TIMEOUT)
                 self.assertEqual((yield poll)[0], 408)
             lines = self.log.with_message("Relay client connected")

@@ -88,7 +88,7 @@ class MetricsTestCase(unittest.TestCase):
     def picked_up(self, name, path):
         """A user request that a poll of C{name} picked up: C{(user Deferred, HttpRequest)}."""
         poll = self.relay_client.poll(name)
-        yield until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        yield until(lambda: self.server.polled_by(name))
         user = self.fetch("/client/%s%s" % (name, path))
         code, message = yield poll
         self.assertEqual(code, 200)
@@ -116,7 +116,7 @@ class GoParityTests(MetricsTestCase):
         self.assertEqual((yield user)[0], 500)
         user, message = yield self.picked_up("robot2", "/never")
         poll = self.relay_client.poll("robot2")
-        yield until(lambda: self.server.broker.backends["robot2"].polls)
+        yield until(lambda: self.server.polled_by("robot2"))
         clock.advance(INACTIVE_REQUEST_TIMEOUT + REAP_INTERVAL)
         self.assertEqual((yield user)[0], 504)
         clock.advance(POLL_TIMEOUT)

@@ -38,11 +38,29 @@ class ServerTestCase(unittest.TestCase):
     def request(self, method, path, **kw):
         return treq.request(method, self.server.url(path), pool=self.users, **kw)
 
+    def polling(self, name="robot"):
+        """Fires once a relay-client's long poll for C{name} waits at the server."""
+        return self.until(lambda: self.server.polled_by(name))
+
+    @defer.inlineCallbacks
+    def raw_relayed(self, head: bytes, name="robot"):
+        """
+        A raw-socket user sends C{head} once a poll for C{name} waits, and
+        the poll picks it up: C{(the user's RawResponse, HttpRequest)}.
+        """
+        poll = self.relay_client.poll(name)
+        yield self.polling(name)
+        user = yield raw_connect(self.server.port)
+        user.transport.write(head)
+        code, message = yield poll
+        self.assertEqual(code, 200)
+        return user, message
+
     @defer.inlineCallbacks
     def known(self, name="robot"):
         """A relay-client polls once (and times out), making C{name} known."""
         poll = self.relay_client.poll(name)
-        yield self.until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        yield self.polling(name)
         self.clock.advance(POLL_TIMEOUT)
         code, _ = yield poll
         self.assertEqual(code, 408)
@@ -54,7 +72,7 @@ class ServerTestCase(unittest.TestCase):
     def relayed(self, path, method="GET", name="robot", **kw):
         """Start a user request and pick it up: C{(user Deferred, HttpRequest)}."""
         poll = self.relay_client.poll(name)
-        yield self.until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        yield self.polling(name)
         user = self.request(method, path, **kw)
         code, message = yield poll
         self.assertEqual(code, 200)
@@ -191,11 +209,7 @@ class ResponseTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_trailers_and_grpc_headers_as_trailers(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"POST /rpc HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"POST /rpc HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n")
         yield self.relay_client.post(
             HttpResponse(
                 id=message.id,
@@ -245,11 +259,7 @@ class ResponseTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_response_ending_without_eof_aborts_user_connection(self):
         """Honest truncation: a response cut short never looks complete."""
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
         yield self.relay_client.post(
             HttpResponse(id=message.id, status_code=200, header=[{"name": "Content-Length", "value": "100"}], body=b"x" * 10)
         )
@@ -262,11 +272,7 @@ class ResponseTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_truncated_chunked_response_has_no_final_chunk(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
         yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"partial"))
         yield proto.wait_for(b"partial")
         self.clock.advance(70)
@@ -278,11 +284,7 @@ class ResponseTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_user_disconnect_makes_id_unknown(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         code, _ = yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"a"))
         self.assertEqual(code, 200)
         proto.transport.loseConnection()
@@ -296,14 +298,10 @@ class ResponseTests(ServerTestCase):
 class UpgradeTests(ServerTestCase):
     @defer.inlineCallbacks
     def start_upgrade(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(
+        proto, message = yield self.raw_relayed(
             b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n"
             b"Upgrade: websocket\r\n\r\nearly bytes"
         )
-        code, message = yield poll
         code, _ = yield self.relay_client.post(
             HttpResponse(
                 id=message.id,
@@ -405,13 +403,9 @@ class EarlyStreamPullTests(UpgradeTests):
         The Go relay-client starts pulling the request stream just before it
         posts the 101: the pull must wait for the user's bytes, not get 410.
         """
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(
+        proto, message = yield self.raw_relayed(
             b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
-        code, message = yield poll
         early = self.relay_client.request_stream(message.id)
         yield self.until(lambda: self.server.broker.requests[message.id].stream is not None)
         yield self.relay_client.post(HttpResponse(id=message.id, status_code=101))

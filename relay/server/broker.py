@@ -633,20 +633,14 @@ class Broker:
             if backend_duration > 0:
                 self.metrics.backend_durations.labels(*labels).observe(backend_duration)
                 self.metrics.overhead_durations.labels(*labels).observe(elapsed - backend_duration)
-            if self.trace:
-                log.debug(
-                    "Delivered final response to client",
-                    ID=request_id,
-                    Bytes=_body_size(message, body),
-                    Elapsed=elapsed,
-                    BackendDuration=backend_duration,
-                )
-        elif self.trace:
+        if self.trace:
+            final = {"BackendDuration": backend_duration} if message.eof else {}
             log.debug(
-                "Delivered response to client",
+                "Delivered final response to client" if message.eof else "Delivered response to client",
                 ID=request_id,
                 Bytes=_body_size(message, body),
                 Elapsed=elapsed,
+                **final
             )
         self.metrics.responses.labels("server_response", "ok", pending.backend).inc()
         return pending._post(message, body)
