@@ -32,6 +32,7 @@ __all__ = [
     "ResponseNeverReceived",
     "bound_chunked_decoder",
     "chunk_line_buffer",
+    "client_idle",
     "client_request",
     "detach_channel",
     "h2_header_block_pending",
@@ -144,6 +145,11 @@ def client_request(method: bytes, path: bytes, headers, body_producer, uri) -> R
     method and path that Agent's requests get (no CR, LF or spaces).
     """
     return Request._construct(method, path, headers, body_producer, persistent=True, parsedURI=uri)
+
+
+def client_idle(protocol: HTTP11ClientProtocol) -> bool:
+    """Whether a kept-alive client connection is free for the next request."""
+    return protocol.state == "QUIESCENT"
 
 
 def reactor_poller(reactor):

@@ -157,6 +157,18 @@ class ClientRequestTests(unittest.SynchronousTestCase):
             compat.client_request(b"GET", b"/x\r\nEvil: 1", Headers(), None, uri)
 
 
+class ClientProtocolTests(unittest.SynchronousTestCase):
+    def test_client_idle_until_a_request_is_sent(self):
+        from twisted.web.client import URI
+
+        protocol = compat.HTTP11ClientProtocol()
+        protocol.makeConnection(StringTransport())
+        self.assertTrue(compat.client_idle(protocol))
+        uri = URI.fromBytes(b"http://example.com/")
+        protocol.request(compat.client_request(b"GET", b"/", Headers({b"host": [b"example.com"]}), None, uri))
+        self.assertFalse(compat.client_idle(protocol))
+
+
 class ReactorPollerTests(unittest.SynchronousTestCase):
     def test_epoll_reactor_polls_through_its_poller(self):
         if not hasattr(select, "epoll"):

@@ -41,6 +41,7 @@ from relay.compat import (
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseNeverReceived,
+    client_idle,
     client_request,
 )
 
@@ -114,7 +115,7 @@ class KeepAliveAgent:
         request = client_request(method, path, headers, bodyProducer, origin.uri)
         while origin.idle:
             protocol, _ = origin.idle.pop()
-            if protocol.state == "QUIESCENT":
+            if client_idle(protocol):
                 return protocol.request(request).addErrback(self._retry, origin, request)
         return self._connect(origin).addCallback(lambda protocol: protocol.request(request))
 
@@ -179,7 +180,7 @@ class KeepAliveAgent:
         for origin in self._origins.values():
             keep = []
             for protocol, since in origin.idle:
-                if protocol.state != "QUIESCENT":
+                if not client_idle(protocol):
                     continue
                 if since <= cutoff:
                     protocol.transport.loseConnection()
@@ -199,7 +200,7 @@ class KeepAliveAgent:
         closing = []
         for origin in self._origins.values():
             for protocol, _ in origin.idle:
-                if protocol.state == "QUIESCENT":
+                if client_idle(protocol):
                     closing.append(protocol.abort())
             origin.idle = []
         if not closing:
