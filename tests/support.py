@@ -124,6 +124,10 @@ class InMemoryRelay:
 
     def request(self, method: str, path: str, **kwargs) -> defer.Deferred:
         """A request, carried as far as it goes now; flush() after the clock moves."""
+        if isinstance(kwargs.get("data"), bytes):
+            # Written at once: treq's own producer for bytes would wait for
+            # the real reactor's cooperator.
+            kwargs["data"] = BytesProducer(kwargs["data"])
         d = self.http.request(method, self.base + path, **kwargs)
         self.flush()
         return d
@@ -132,9 +136,7 @@ class InMemoryRelay:
         return self.request("GET", path, **kwargs)
 
     def post(self, path: str, data: bytes = b"", **kwargs) -> defer.Deferred:
-        # Written at once: treq's own producer for bytes would wait for the
-        # real reactor's cooperator.
-        return self.request("POST", path, data=BytesProducer(data), **kwargs)
+        return self.request("POST", path, data=data, **kwargs)
 
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)

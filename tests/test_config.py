@@ -12,7 +12,10 @@ C{makeService} to the object that uses it, where two defaults once drifted
 import dataclasses
 import importlib
 import inspect
+import os
 import pkgutil
+import shutil
+import tempfile
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel
@@ -122,7 +125,9 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.options = parsed(server_tap.Options)
-        self.logfile = self.mktemp()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.logfile = os.path.join(folder, "relay.log")
         self.options.parent = {"nodaemon": False, "logfile": self.logfile}
         self.service = server_tap.makeService(self.options, reactor=self.reactor)
         self.broker = self.service.broker

@@ -39,10 +39,10 @@ class RouteTestCase(unittest.SynchronousTestCase):
         response, _ = self.answer(poll)
         self.assertEqual(response.code, 408)
 
-    def relayed(self, path, name="robot"):
+    def relayed(self, path, name="robot", method="GET", **kwargs):
         """A user request picked up by a poll: C{(user Deferred, HttpRequest)}."""
         poll = self.relay.get("/server/request?server=" + name)
-        user = self.relay.get(path)
+        user = self.relay.request(method, path, **kwargs)
         response, body = self.answer(poll)
         self.assertEqual(response.code, 200)
         message = HttpRequest()
@@ -51,6 +51,12 @@ class RouteTestCase(unittest.SynchronousTestCase):
 
     def respond(self, message: HttpResponse):
         return self.answer(self.relay.post("/server/response", message.SerializeToString()))
+
+    def respond_with(self, request_id, status=200, body=b"", headers=()):
+        message = HttpResponse(id=request_id, status_code=status, body=body, eof=True)
+        for name, value in headers:
+            message.header.add(name=name, value=value)
+        return self.respond(message)
 
 
 class OperationsTests(RouteTestCase):
@@ -61,7 +67,61 @@ class OperationsTests(RouteTestCase):
         self.assertIsNone(response.headers.getRawHeaders(b"server"))
 
 
+    def test_metrics_have_go_names_and_labels(self):
+        user, message = self.relayed("/client/robot/api/items/123456")
+        self.respond(HttpResponse(id=message.id, status_code=200, body=b"x", eof=True, backend_duration_ms=5))
+        self.answer(user)
+        response, body = self.answer(self.relay.get("/metrics"))
+        text = body.decode()
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"text/plain; version=0.0.4", response.headers.getRawHeaders(b"content-type")[0])
+        self.assertIn("# TYPE broker_requests counter", text)
+        self.assertIn('broker_requests{backend="robot",method="client"} 1\n', text)
+        self.assertIn('broker_responses{backend="robot",method="server_response",result="ok"} 1\n', text)
+        self.assertIn('broker_responses{backend="robot",method="server_request",result="ok"} 1\n', text)
+        for name in ("broker_responses_durations", "broker_backend_responses_durations", "broker_overhead_durations"):
+            self.assertIn("# TYPE %s histogram" % name, text)
+            self.assertIn(name + '_count{backend="robot",method="server_response"} 1\n', text)
+        self.assertIn("relay_pending_requests 0\n", text)
+        self.assertIn("relay_backends 1\n", text)
+        self.assertNotIn("broker_requests_total", text)
+        self.assertNotIn("request_path", text)
+        self.assertNotIn("_created", text)
+
+
 class UserRoutingTests(RouteTestCase):
+    def test_client_prefix_builds_http_request(self):
+        user, message = self.relayed(
+            "/client/robot/some/path?a=1&b=two%20words",
+            method="POST",
+            data=b"request body",
+            headers={b"X-Multi": [b"one", b"two"], b"Content-Type": [b"text/plain"]},
+        )
+        self.assertRegex(message.id, r"^robot:[0-9a-f]{32}$")
+        self.assertEqual(message.method, "POST")
+        self.assertEqual(message.url, "http://invalid/some/path?a=1&b=two%20words")
+        self.assertEqual(message.host, "relay")
+        self.assertEqual(message.body, b"request body")
+        headers = [(h.name, h.value) for h in message.header]
+        self.assertIn(("X-Multi", "one"), headers)
+        self.assertIn(("X-Multi", "two"), headers)
+        self.assertIn(("Content-Type", "text/plain"), headers)
+        self.assertNotIn("Host", [h.name for h in message.header])
+        self.respond_with(message.id, 204)
+        self.assertEqual(self.successResultOf(user).code, 204)
+
+    def test_name_only_path_becomes_slash(self):
+        user, message = self.relayed("/client/robot")
+        self.assertEqual(message.url, "http://invalid/")
+        self.respond_with(message.id)
+        self.assertEqual(self.answer(user)[0].code, 200)
+
+    def test_x_server_name_keeps_path(self):
+        user, message = self.relayed("/pkg.Service/Method", method="POST", headers={b"X-Server-Name": [b"robot"]})
+        self.assertEqual(message.url, "http://invalid/pkg.Service/Method")
+        self.respond_with(message.id)
+        self.assertEqual(self.answer(user)[0].code, 200)
+
     def test_empty_name_is_400(self):
         response, body = self.answer(self.relay.get("/client/"))
         self.assertEqual(response.code, 400)
@@ -96,6 +156,29 @@ class UserRoutingTests(RouteTestCase):
         self.assertEqual(response.code, 503)
         self.assertIn(b"timeout waiting for relay client to accept request", body)
         self.assertEqual(self.relay.broker.requests, {})
+
+
+class ResponseTests(RouteTestCase):
+    def test_status_headers_body_and_repeated_headers(self):
+        user, message = self.relayed("/client/robot/x")
+        self.respond_with(
+            message.id,
+            201,
+            b"created",
+            headers=[("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")],
+        )
+        response, body = self.answer(user)
+        self.assertEqual((response.code, body), (201, b"created"))
+        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+
+    def test_first_message_without_status_is_500(self):
+        user, message = self.relayed("/client/robot/x")
+        self.respond(HttpResponse(id=message.id, body=b"no status"))
+        response, body = self.answer(user)
+        self.assertEqual((response.code, body), (500, b"Received no header from relay client"))
+        later, _ = self.respond(HttpResponse(id=message.id, body=b"more"))
+        self.assertEqual(later.code, 400)
 
 
 class RelayClientEndpointTests(RouteTestCase):

@@ -96,86 +96,7 @@ class ConnectionSettingsTests(ServerTestCase):
         self.assertEqual(channel.transport.SEND_LIMIT, 512 * 1024)
 
 
-class OperationsTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_metrics_have_go_names_and_labels(self):
-        user, message = yield self.relayed("/client/robot/api/items/123456")
-        yield self.relay_client.post(
-            HttpResponse(id=message.id, status_code=200, body=b"x", eof=True, backend_duration_ms=5)
-        )
-        yield (yield user).content()
-        resp = yield self.get("/metrics")
-        text = (yield resp.content()).decode()
-        self.assertEqual(resp.code, 200)
-        self.assertIn(b"text/plain; version=0.0.4", resp.headers.getRawHeaders(b"content-type")[0])
-        self.assertIn("# TYPE broker_requests counter", text)
-        self.assertIn('broker_requests{backend="robot",method="client"} 1\n', text)
-        self.assertIn('broker_responses{backend="robot",method="server_response",result="ok"} 1\n', text)
-        self.assertIn('broker_responses{backend="robot",method="server_request",result="ok"} 1\n', text)
-        for name in ("broker_responses_durations", "broker_backend_responses_durations", "broker_overhead_durations"):
-            self.assertIn("# TYPE %s histogram" % name, text)
-            self.assertIn(name + '_count{backend="robot",method="server_response"} 1\n', text)
-        self.assertIn("relay_pending_requests 0\n", text)
-        self.assertIn("relay_backends 1\n", text)
-        self.assertNotIn("broker_requests_total", text)
-        self.assertNotIn("request_path", text)
-        self.assertNotIn("_created", text)
-
-
-class UserRoutingTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_client_prefix_builds_http_request(self):
-        user, message = yield self.relayed(
-            "/client/robot/some/path?a=1&b=two%20words",
-            method="POST",
-            data=b"request body",
-            headers={b"X-Multi": [b"one", b"two"], b"Content-Type": [b"text/plain"]},
-        )
-        self.assertRegex(message.id, r"^robot:[0-9a-f]{32}$")
-        self.assertEqual(message.method, "POST")
-        self.assertEqual(message.url, "http://invalid/some/path?a=1&b=two%20words")
-        self.assertEqual(message.host, "127.0.0.1:%d" % self.server.port)
-        self.assertEqual(message.body, b"request body")
-        headers = [(h.name, h.value) for h in message.header]
-        self.assertIn(("X-Multi", "one"), headers)
-        self.assertIn(("X-Multi", "two"), headers)
-        self.assertIn(("Content-Type", "text/plain"), headers)
-        self.assertNotIn("Host", [h.name for h in message.header])
-        yield self.relay_client.respond(message.id, 204)
-        self.assertEqual((yield user).code, 204)
-
-    @defer.inlineCallbacks
-    def test_name_only_path_becomes_slash(self):
-        user, message = yield self.relayed("/client/robot")
-        self.assertEqual(message.url, "http://invalid/")
-        yield self.relay_client.respond(message.id, 200)
-        yield (yield user).content()
-
-    @defer.inlineCallbacks
-    def test_x_server_name_keeps_path(self):
-        user, message = yield self.relayed(
-            "/pkg.Service/Method", method="POST", headers={b"X-Server-Name": [b"robot"]}
-        )
-        self.assertEqual(message.url, "http://invalid/pkg.Service/Method")
-        yield self.relay_client.respond(message.id, 200)
-        yield (yield user).content()
-
 class ResponseTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_status_headers_body_and_repeated_headers(self):
-        user, message = yield self.relayed("/client/robot/x")
-        yield self.relay_client.respond(
-            message.id,
-            201,
-            b"created",
-            headers=[("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")],
-        )
-        resp = yield user
-        self.assertEqual(resp.code, 201)
-        self.assertEqual((yield resp.content()), b"created")
-        self.assertEqual(resp.headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
-        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"application/json"])
-
     @defer.inlineCallbacks
     def test_chunks_are_streamed_as_they_come(self):
         user, message = yield self.relayed("/client/robot/stream")
@@ -229,16 +150,6 @@ class ResponseTests(ServerTestCase):
         self.assertEqual(trailers, [b"Grpc-Message: done", b"Grpc-Status: 0"])
         proto.transport.loseConnection()
         yield proto.ended
-
-    @defer.inlineCallbacks
-    def test_first_message_without_status_is_500(self):
-        user, message = yield self.relayed("/client/robot/x")
-        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"no status"))
-        resp = yield user
-        self.assertEqual(resp.code, 500)
-        self.assertEqual((yield resp.content()), b"Received no header from relay client")
-        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"more"))
-        self.assertEqual(code, 400)
 
     @defer.inlineCallbacks
     def test_no_first_response_in_time_is_504(self):
