@@ -2,28 +2,29 @@
 #
 # Configured by environment variables, each named after the twistd relay
 # flag it stands for (RELAY_ and the flag's name in capitals, dashes as
-# underscores; see `twistd relay --help` for what each does):
+# underscores; see `twistd relay --help` for what each does and its
+# default, which relay/config.py's ServerConfig holds):
 #
-#   RELAY_PORT                          port or endpoint string     (default 80)
-#   RELAY_BLOCK_SIZE                    bytes                       (default 10240)
-#   RELAY_INACTIVE_REQUEST_TIMEOUT      Go duration                 (default 60s)
-#   RELAY_INACTIVE_BACKEND_TIMEOUT      Go duration                 (default 30m)
-#   RELAY_MAX_REQUEST_BODY              bytes                       (default 104857600)
-#   RELAY_BUSY_POLL_US                  microseconds, 0 is off      (default 0)
-#   RELAY_MAX_BUFFERED_BODIES           bytes                       (default 1073741824)
-#   RELAY_CLIENT_TOKENS                 file of relay-client tokens (default none)
-#   RELAY_USER_TOKENS                   file of user tokens         (default none)
-#   RELAY_TRUSTED_USER_HEADER           header name                 (default none)
-#   RELAY_MAX_PENDING_PER_BACKEND       requests                    (default 1000)
-#   RELAY_MAX_BACKENDS                  backend names               (default 100000)
-#   RELAY_MAX_HEADERS                   header lines                (default 500)
-#   RELAY_MAX_HEADER_BYTES              bytes                       (default 65536)
-#   RELAY_HEADER_TIMEOUT                Go duration                 (default 30s)
-#   RELAY_DRAIN_GRACE                   Go duration, 0 is none      (default 5s)
-#   RELAY_LOG_LEVEL                     debug|info|warn|error       (default info)
-#   RELAY_LOG_FORMAT                    json|text                   (default json)
-#   RELAY_PPROF_PORT                    accepted, ignored (Go's)    (default 0)
-#   RELAY_TRACE_STACKDRIVER_PROJECT_ID  accepted, ignored (Go's)    (default none)
+#   RELAY_PORT                          port or endpoint string
+#   RELAY_BLOCK_SIZE                    bytes
+#   RELAY_INACTIVE_REQUEST_TIMEOUT      Go duration
+#   RELAY_INACTIVE_BACKEND_TIMEOUT      Go duration
+#   RELAY_MAX_REQUEST_BODY              bytes
+#   RELAY_BUSY_POLL_US                  microseconds, 0 is off
+#   RELAY_MAX_BUFFERED_BODIES           bytes
+#   RELAY_CLIENT_TOKENS                 file of relay-client tokens
+#   RELAY_USER_TOKENS                   file of user tokens
+#   RELAY_TRUSTED_USER_HEADER           header name
+#   RELAY_MAX_PENDING_PER_BACKEND       requests
+#   RELAY_MAX_BACKENDS                  backend names
+#   RELAY_MAX_HEADERS                   header lines
+#   RELAY_MAX_HEADER_BYTES              bytes
+#   RELAY_HEADER_TIMEOUT                Go duration
+#   RELAY_DRAIN_GRACE                   Go duration, 0 is none
+#   RELAY_LOG_LEVEL                     debug|info|warn|error
+#   RELAY_LOG_FORMAT                    json|text
+#   RELAY_PPROF_PORT                    accepted, ignored (Go's)
+#   RELAY_TRACE_STACKDRIVER_PROJECT_ID  accepted, ignored (Go's)
 #
 # Logs go where twistd's own options say: stderr with -n, else the
 # --logfile (twistd.log by default; --logfile=- is stderr). One more
@@ -41,7 +42,7 @@ import sys
 from twisted.application.service import Application
 from twisted.python import usage
 
-from relay.tap import Options, makeService, twistd_options
+from relay.server.tap import Options, makeService, twistd_options
 
 
 def _flags():
@@ -52,6 +53,7 @@ def _flags():
             yield variable, name[0], value
 
 
+# The same parsing as the command line's, so the same ServerConfig comes of it.
 options = Options()
 try:
     options.parseOptions(["--%s=%s" % (flag, value) for _, flag, value in _flags()])
@@ -61,7 +63,7 @@ except usage.UsageError as e:
         message = message.replace("--%s=" % (name[0],), "RELAY_%s=" % (name[0].upper().replace("-", "_"),))
     raise SystemExit("relay.tac: %s" % (message,))
 if os.environ.get("RELAY_LOG_FILE"):
-    # twistd_log_observer() reads twistd's own options from .parent.
+    # makeService hands twistd's own options (.parent) to the log observer.
     options.parent = {"nodaemon": False, "logfile": os.environ["RELAY_LOG_FILE"]}
 else:
     options.parent = twistd_options(sys.argv[1:])

@@ -2,8 +2,8 @@ from setuptools import find_packages, setup
 
 # Debian's PyPy is Python 3.9: the newest cryptography with a PyPy 3.9 wheel
 # is 43.x (newer ones would need a Rust build). Twisted 26.4 itself installs
-# there, but its TLS extra (which we and treq need) wants pyOpenSSL >= 25.2,
-# hence cryptography >= 45; without it pip falls back to a 2015 treq. So PyPy
+# there, but its TLS extra (which we and the tests' treq need) wants pyOpenSSL
+# >= 25.2, hence cryptography >= 45; without it pip falls back to a 2015 treq. So PyPy
 # gets Twisted 25.5, the newest whose TLS extra fits cryptography 43.
 PYPY39 = 'platform_python_implementation == "PyPy" and python_version < "3.10"'
 
@@ -28,7 +28,6 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "twisted[tls,http2]>=24.7",
-        "treq>=24.9",
         "protobuf>=4.21.6",
         "prometheus_client>=0.21",
         "cryptography<44; " + PYPY39,
@@ -37,6 +36,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=7",
+            "treq>=24.9",  # the tests' HTTP client, and StubTreq for in-memory cases
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "pyyaml",  # tests/test_deploy.py parses deploy/ manifests

@@ -37,6 +37,35 @@ HOP_BY_HOP = frozenset(
     ]
 )
 
+# The other hop-by-hop names of a user's request, which the server drops on
+# the way to the backend (Connection, Upgrade and TE have rules of their own).
+HOP_BY_HOP_REQUEST = frozenset(
+    ["keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "trailer"]
+)
+
+# Request headers Go's server does not put into Request.Header: they never
+# reach the relay-client.
+NOT_RELAYED = frozenset(["host", "transfer-encoding"])
+
+# Connection-specific names, which HTTP/2 forbids in a header block (RFC
+# 9113 8.2.2, C{TE: trailers} aside): the C{h2} stack raises on them.
+CONNECTION_SPECIFIC = frozenset(
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"]
+)
+
+# What the relay-client leaves out of a backend request over HTTP/1.1:
+# Twisted's client frames the body itself and manages its own connections;
+# the body is sent whole at once, so there is nothing for 100-continue to
+# wait for.
+BACKEND_DROPS = frozenset(
+    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "expect"]
+)
+# An upgrade keeps Connection and Upgrade: they are the point of it.
+UPGRADE_DROPS = frozenset(["host", "content-length", "transfer-encoding"])
+# Over HTTP/2, Host becomes :authority, the length is ours to declare, and
+# connection-specific names (bar TE, see there) are not allowed.
+H2_BACKEND_DROPS = (CONNECTION_SPECIFIC - {"te"}) | {"host", "http2-settings", "content-length"}
+
 
 # Go's httpguts badTrailer: never valid as a trailer.
 BAD_TRAILERS = frozenset(
@@ -65,6 +94,22 @@ BAD_TRAILERS = frozenset(
         "www-authenticate",
     ]
 )
+
+
+# Go's httpguts.ValidHostHeader: the bytes a Host value may hold.
+_HOST_BYTES = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    b"!$%&'()*+,-.:;=[]_~"
+)
+
+
+def valid_host(value: bytes) -> bool:
+    return all(b in _HOST_BYTES for b in value)
+
+
+def as_bytes(names) -> frozenset:
+    """A set of names above as the bytes twisted.web's headers are."""
+    return frozenset(name.encode("ascii") for name in names)
 
 
 def valid_name(name: str) -> bool:

@@ -200,11 +200,7 @@ def _quote(text: str) -> str:
 FORMATTERS = {"json": json_line, "text": text_line}
 
 
-def make_observer(
-    stream: Optional[IO[str]] = None,
-    log_format: str = "json",
-    level: LogLevel = LogLevel.info,
-) -> ILogObserver:
+def make_observer(stream: Optional[IO[str]], log_format: str, level: LogLevel) -> ILogObserver:
     """
     An observer that writes each event at C{level} or above to C{stream} (the
     current C{sys.stderr} when None, looked up at each write so that twistd's
@@ -230,14 +226,15 @@ def make_observer(
     return FilteringLogObserver(write, [predicate])
 
 
-def twistd_log_observer(options):
+def twistd_log_observer(config, parent) -> Optional[ILogObserver]:
     """
-    The observer for a twistd plugin's options: JSON (or text) lines on
-    stderr in the foreground, as the Go programs write them; in the log file
-    twistd would use when daemonized, or when given C{--logfile} (C{-} is
-    stderr). twistd's own C{--logger} wins (None).
+    The observer for a side's C{config} (its C{log_format} and
+    C{log_level}) under twistd, whose own options are C{parent}: JSON (or
+    text) lines on stderr in the foreground, as the Go programs write them;
+    in the log file twistd would use when daemonized, or when given
+    C{--logfile} (C{-} is stderr). twistd's own C{--logger} wins (None).
     """
-    parent = getattr(options, "parent", None) or {}
+    parent = parent or {}
     if parent.get("logger"):
         return None
     stream = None
@@ -246,7 +243,7 @@ def twistd_log_observer(options):
         from twisted.python.logfile import LogFile
 
         stream = LogFile.fromFullPath(parent.get("logfile") or "twistd.log")
-    return make_observer(stream, options["log_format"], options["log_level"])
+    return make_observer(stream, config.log_format, config.log_level)
 
 
 class LogsThroughObserver:

@@ -13,7 +13,7 @@ reprints the whole help (77 lines for C{--port=abc}) before the message.
 """
 
 import sys
-from typing import List
+from typing import List, Tuple
 
 from twisted.python import usage
 
@@ -23,8 +23,8 @@ from relay.logs import parse_level
 
 class GoFlagOptions(usage.Options):
     # Flags the Go binary takes that we accept and ignore, each with a
-    # warning at start-up when set: {flag: its "off" value}.
-    ignored_go_flags: dict = {}
+    # warning at start-up when set to anything but its default.
+    ignored_go_flags: Tuple[str, ...] = ()
     # The twistd sub-command, for messages.
     command = "relay"
 
@@ -60,7 +60,7 @@ class GoFlagOptions(usage.Options):
 
     def ignored_flags(self) -> List[str]:
         """The ignored Go flags that were set, for a warning each."""
-        return [name for name, off in self.ignored_go_flags.items() if self[name] != off]
+        return [name for name in self.ignored_go_flags if self[name] != self.defaults[name]]
 
     def normalize(self, argv: List[str]) -> List[str]:
         known = {name.rstrip("=") for name in self.longOpt}

@@ -6,28 +6,74 @@ library would hide what we need to see (slow reading, aborted connections,
 101 pipes).
 """
 
+import dataclasses
 import re
 import socket
 from typing import List, Optional, Tuple
 
 import treq
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import Clock
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.web import server as server_module
 from twisted.web.client import HTTPConnectionPool
 
-from relay.metrics import RelayMetrics
+from relay.client.http import BytesProducer
+from relay.client.service import make_client_service
+from relay.config import ClientConfig, ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.service import make_server_service
+from relay.server.broker import Broker
+from relay.server.metrics import RelayMetrics
+from relay.server.resources import RootResource
+from relay.server.service import make_server_service
+from relay.server.site import RelaySite
+
+
+def _split(config_class, kwargs: dict) -> dict:
+    """Take the config fields out of C{kwargs}; what is left goes to the builder."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+
+
+def server_service(endpoint, reactor, **kwargs):
+    """
+    L{make_server_service} with the config's defaults but for the fields
+    given, and no drain grace: a test's stop should not wait for load
+    balancers that are not there.
+    """
+    fields = {"drain_grace": 0.0}
+    fields.update(_split(ServerConfig, kwargs))
+    kwargs.setdefault("metrics", RelayMetrics(process=False))
+    return make_server_service(endpoint, reactor, ServerConfig(**fields), **kwargs)
+
+
+def client_service(reactor, relay_url: str, server_name: str, **kwargs):
+    """L{make_client_service} for the relay at C{relay_url}, with the config's defaults but for the fields given."""
+    scheme, _, rest = relay_url.partition("://")
+    address, slash, prefix = rest.partition("/")
+    config = ClientConfig(
+        relay_scheme=scheme,
+        relay_address=address,
+        relay_prefix=(slash + prefix).rstrip("/"),
+        server_name=server_name,
+        **_split(ClientConfig, kwargs)
+    )
+    return make_client_service(reactor, config, **kwargs)
+
+
+def polled_by(broker, name: str) -> bool:
+    """Whether a relay-client's long poll for C{name} waits at the server."""
+    backend = broker.backends.get(name)
+    return backend is not None and bool(backend.polls)
 
 
 class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
     def __init__(self, port: int = 0, **kwargs):
-        kwargs.setdefault("metrics", RelayMetrics(process=False))
-        self.service = make_server_service(
-            TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"), reactor, **kwargs
-        )
+        self.service = server_service(TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"), reactor, **kwargs)
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
         self.broker = self.service.broker
@@ -36,8 +82,73 @@ class RelayServer:
     def url(self, path: str) -> str:
         return self.base + path
 
+    def polled_by(self, name: str) -> bool:
+        return polled_by(self.broker, name)
+
     def stop(self) -> defer.Deferred:
         return defer.maybeDeferred(self.service.stopService)
+
+
+class _RelaySiteAgent(RequestTraversalAgent):
+    """
+    treq's in-memory agent, serving through the relay's own Site: its
+    request class keeps bodies as the relay's resources read them. treq
+    builds a plain Site in C{_serverFactory}; this is the one place the
+    tests replace a treq internal, and it fails at once if treq renames it.
+    """
+
+    def __init__(self, site_for):
+        super().__init__(None)
+        assert isinstance(getattr(self, "_serverFactory", None), server_module.Site), "treq changed"
+        self._serverFactory = site_for(self._memoryReactor)
+
+
+class InMemoryRelay:
+    """
+    The relay server's Site with no sockets: treq's client over iosim
+    transports, the protocol's timeouts on a L{Clock}, every exchange
+    finished before a call returns (no polling of the reactor).
+    """
+
+    base = "http://relay"
+
+    def __init__(self, **fields):
+        self.clock = Clock()
+        config = ServerConfig(**dict({"header_timeout": None}, **fields))
+        metrics = RelayMetrics(process=False)
+        self.broker = Broker(self.clock, config, metrics)
+        metrics.watch(self.broker)
+        root = RootResource(self.broker, metrics.render)
+        self.agent = _RelaySiteAgent(lambda memory: RelaySite(root, config, reactor=memory))
+        self.http = HTTPClient(self.agent)
+
+    def request(self, method: str, path: str, **kwargs) -> defer.Deferred:
+        """A request, carried as far as it goes now; flush() after the clock moves."""
+        if isinstance(kwargs.get("data"), bytes):
+            # Written at once: treq's own producer for bytes would wait for
+            # the real reactor's cooperator.
+            kwargs["data"] = BytesProducer(kwargs["data"])
+        d = self.http.request(method, self.base + path, **kwargs)
+        self.flush()
+        return d
+
+    def get(self, path: str, **kwargs) -> defer.Deferred:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, data: bytes = b"", **kwargs) -> defer.Deferred:
+        return self.request("POST", path, data=data, **kwargs)
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.flush()
+
+    def flush(self) -> None:
+        self.agent.flush()
+
+    def content(self, response) -> defer.Deferred:
+        d = response.content()
+        self.flush()
+        return d
 
 
 class FakeRelayClient:

@@ -14,10 +14,9 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
 from relay.proto.http_relay_pb2 import HttpResponse
-from tests.support import FakeRelayClient, RelayServer, raw_connect
-from tests.support import tick as _tick
+from relay.server.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
+from tests.support import FakeRelayClient, RelayServer, raw_connect, tick as _tick
 from tests.test_server import ServerTestCase
 
 
@@ -193,7 +192,7 @@ class HashCommandTests(unittest.TestCase):
 
         env = dict(os.environ, PYTHONPATH=ROOT)
         out = subprocess.run(
-            [sys.executable, "-m", "relay.auth", "hash"], input=b"s3cret\n", capture_output=True, check=True, env=env
+            [sys.executable, "-m", "relay.server.auth", "hash"], input=b"s3cret\n", capture_output=True, check=True, env=env
         ).stdout
         self.assertEqual(out.strip().decode(), token_hash("s3cret"))
 
@@ -322,13 +321,9 @@ class RelayedHeaderTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_upgrade_request_keeps_upgrade_headers(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(
+        proto, message = yield self.raw_relayed(
             b"GET /client/robot/ws HTTP/1.1\r\nHost: r\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
-        code, message = yield poll
         headers = [(h.name, h.value) for h in message.header]
         self.assertIn(("Connection", "Upgrade"), headers)
         self.assertIn(("Upgrade", "websocket"), headers)

@@ -113,11 +113,7 @@ class BadInputTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_crlf_in_response_header_does_not_inject(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         yield self.relay_client.post(
             HttpResponse(
                 id=message.id,
@@ -216,11 +212,7 @@ class ContentLengthTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def start(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         return proto, message
 
     @defer.inlineCallbacks

@@ -9,7 +9,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from relay.broker import (
+from relay.config import ServerConfig
+from relay.server.broker import (
     PICKUP_TIMEOUT,
     POLL_TIMEOUT,
     STREAM_POLL_TIMEOUT,
@@ -22,8 +23,8 @@ from relay.broker import (
     UnknownRequest,
     RequestIds,
 )
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.server.metrics import RelayMetrics
 
 
 class Sink:
@@ -54,7 +55,7 @@ class BrokerTestCase(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.metrics = RelayMetrics(process=False)
-        self.broker = Broker(self.clock, self.metrics, inactive_request_timeout=60, inactive_backend_timeout=1800)
+        self.broker = Broker(self.clock, ServerConfig(inactive_request_timeout=60, inactive_backend_timeout=1800), self.metrics)
 
     def relay(self, name="robot", url="http://invalid/x"):
         sink = Sink()
@@ -324,7 +325,7 @@ class StreamQueueTestCase(unittest.TestCase):
 class FailingSinkTests(unittest.TestCase):
     def test_a_sink_bug_fails_the_post_and_ends_the_request(self):
         clock = Clock()
-        broker = Broker(clock, RelayMetrics(process=False))
+        broker = Broker(clock, ServerConfig(), RelayMetrics(process=False))
 
         class Broken(Sink):
             def deliver(self, message, body=None):
@@ -345,7 +346,7 @@ class MetricCardinalityTests(unittest.TestCase):
     def test_request_paths_make_no_series(self):
         """Go dropped the request_path label: users' URLs never add series."""
         metrics = RelayMetrics(process=False)
-        broker = Broker(Clock(), metrics)
+        broker = Broker(Clock(), ServerConfig(), metrics)
         d = broker.get_request("robot")
         d.cancel()
         self.failureResultOf(d)
@@ -354,3 +355,42 @@ class MetricCardinalityTests(unittest.TestCase):
         text = metrics.render().decode()
         self.assertEqual(re.findall(r"broker_requests\{([^}]*)\}", text), ['backend="robot",method="server_request"', 'backend="robot",method="client"'])
         self.assertNotIn("page-", text)
+
+
+class WaitersTests(unittest.TestCase):
+    """The one waiting line behind long polls and stream reads."""
+
+    def setUp(self):
+        from relay.server.broker import Waiters
+
+        self.clock = Clock()
+        self.timed_out = []
+        self.line = Waiters(self.clock, 30, lambda d: (self.timed_out.append(d), d.callback("late")))
+
+    def test_oldest_first_with_its_timer_gone(self):
+        first, second = self.line.wait(), self.line.wait()
+        self.assertIs(self.line.pop(), first)
+        self.assertEqual(list(self.line), [second])
+        self.clock.advance(30)
+        self.assertEqual(self.timed_out, [second])
+        self.assertFalse(first.called)
+        self.assertEqual(len(self.line), 0)
+
+    def test_timeout_leaves_the_line_before_it_fires(self):
+        d = self.line.wait()
+        seen = []
+        d.addCallback(lambda result: seen.append((result, len(self.line))))
+        self.clock.advance(30)
+        self.assertEqual(seen, [("late", 0)])
+
+    def test_cancel_takes_the_timer_along(self):
+        d = self.line.wait()
+        d.addErrback(lambda f: None)
+        d.cancel()
+        self.assertEqual((len(self.line), self.clock.getDelayedCalls()), (0, []))
+
+    def test_fire_all(self):
+        waiting = [self.line.wait(), self.line.wait()]
+        self.line.fire_all(None)
+        self.assertEqual([d.called for d in waiting], [True, True])
+        self.assertEqual((len(self.line), self.clock.getDelayedCalls()), (0, []))

@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from relay.busy_poll import SpinningPoller, install
+from relay.tuning.busy_poll import SpinningPoller, install
 
 
 class FakePoller:

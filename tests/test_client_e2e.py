@@ -16,16 +16,14 @@ import time
 
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 from twisted.web import http, resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from relay.client.service import make_client_service
-from relay.auth import AccessPolicy, ClientTokens
-from relay.metrics import RelayMetrics
-from relay.service import make_server_service
-from tests.support import stalled, until
+from relay.server.auth import AccessPolicy, ClientTokens
+
+from tests.support import RelayServer, client_service, stalled, until
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -398,25 +396,7 @@ class RawUser(protocol.Protocol):
 # The relay server and client.
 
 
-class Relay:
-    def __init__(self, port=0, **kw):
-        self.service = make_server_service(
-            TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"),
-            reactor,
-            metrics=RelayMetrics(process=False),
-            **kw
-        )
-        self.service.startService()
-        self.port = self.service.listening_port.getHost().port
-        self.broker = self.service.broker
-        self.base = "http://127.0.0.1:%d" % (self.port,)
-
-    def polled_by(self, name):
-        b = self.broker.backends.get(name)
-        return b is not None and bool(b.polls)
-
-    def stop(self):
-        return defer.maybeDeferred(self.service.stopService)
+Relay = RelayServer
 
 
 
@@ -438,7 +418,7 @@ class EndToEnd(unittest.TestCase):
         kw.setdefault("backend_scheme", self.backend_scheme)
         kw.setdefault("trust_root", self.trust_root)
         kw.setdefault("backend_address", self.backend.address)
-        client = make_client_service(reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, **kw)
+        client = client_service(reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, **kw)
         client.startService()
         self.addCleanup(client.stopService)
         return client
@@ -671,7 +651,7 @@ class RelayTokens(unittest.TestCase):
 
     def start_client(self, token):
         self.fatal = []
-        client = make_client_service(
+        client = client_service(
             reactor,
             self.relay.base,
             NAME,

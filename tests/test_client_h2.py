@@ -22,18 +22,17 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
+from relay.config import ClientConfig, ServerConfig
 from relay.client.backend import BackendError, BackendTarget, TrustPolicy, load_trust_root
 from relay.client.endpoints import CachingEndpointFactory
 from relay.client.h2backend import STREAM_WINDOW, H2ClientConnection
 from relay.client.keepalive import KeepAliveAgent
-from relay.client.service import make_client_service
-from relay.h2 import offer_h2_over_tls
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest
-from relay.service import make_server_service
-from relay.site import RelaySite
+from relay.server.h2 import offer_h2_over_tls
+from relay.server.metrics import RelayMetrics
+from relay.server.site import RelaySite
+from tests.support import client_service, dechunk, head_and_body, polled_by, server_service, stalled
 from tests import test_client_e2e as e2e
-from tests.support import dechunk, head_and_body, stalled
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
 from tests.test_client_tls import make_ca_and_server_cert
 from tests.test_http2 import H2Client
@@ -68,7 +67,7 @@ class H2Backend(e2e.Backend):
         self.forever_closed = defer.Deferred()
         self.forever_started = defer.Deferred()
         self.connections_made = 0
-        self.site = RelaySite(H2BackendResource(self), header_timeout=None)
+        self.site = RelaySite(H2BackendResource(self), ServerConfig(header_timeout=None))
         build = self.site.buildProtocol
 
         def counting(addr):
@@ -101,7 +100,7 @@ class H2EndToEnd(unittest.TestCase):
     def start_client(self, **kw):
         kw.setdefault("backend_scheme", self.backend_scheme)
         kw.setdefault("backend_address", self.backend.address)
-        client = make_client_service(reactor, self.relay.base, NAME, force_http2=True, **kw)
+        client = client_service(reactor, self.relay.base, NAME, force_http2=True, **kw)
         client.startService()
         self.addCleanup(client.stopService)
         return client
@@ -295,7 +294,7 @@ class H2OverTLS(unittest.TestCase):
     def start_client(self, backend):
         backend.address = "localhost:%d" % (backend.port.getHost().port,)
         self.addCleanup(backend.stop)
-        client = make_client_service(
+        client = client_service(
             reactor,
             self.relay.base,
             NAME,
@@ -340,7 +339,7 @@ class H2OverTLS(unittest.TestCase):
 
     def test_other_alpn_choice_is_refused(self):
         """A server that picks anything but h2 (or nothing) by ALPN is not spoken to."""
-        request = BackendTarget(scheme="https", address="localhost:1").build(HttpRequest(method="GET", url="http://invalid/x"))
+        request = BackendTarget(ClientConfig(backend_scheme="https", backend_address="localhost:1")).build(HttpRequest(method="GET", url="http://invalid/x"))
         for chosen, shown in ((b"http/1.1", b"http/1.1"), (None, b"")):
             connection = H2ClientConnection(reactor, request, tls=True)
             transport = StringTransport()
@@ -373,12 +372,12 @@ class CurlThroughRelay(unittest.TestCase):
 
     @defer.inlineCallbacks
     def serve(self, endpoint, scheme, trust_root=None):
-        service = make_server_service(endpoint, reactor, metrics=RelayMetrics(process=False))
+        service = server_service(endpoint, reactor, metrics=RelayMetrics(process=False))
         service.startService()
         self.addCleanup(service.stopService)
         port = service.listening_port.getHost().port
         host = "localhost" if scheme == "https" else "127.0.0.1"
-        client = make_client_service(
+        client = client_service(
             reactor,
             "%s://%s:%d" % (scheme, host, port),
             NAME,
@@ -392,8 +391,7 @@ class CurlThroughRelay(unittest.TestCase):
             client.api.agent = client.pools[0] = KeepAliveAgent(reactor, CachingEndpointFactory(reactor, TrustPolicy(trust_root)))
         client.startService()
         self.addCleanup(client.stopService)
-        broker = service.broker
-        yield e2e.EndToEnd.until(self, lambda: NAME in broker.backends and bool(broker.backends[NAME].polls))
+        yield e2e.EndToEnd.until(self, lambda: polled_by(service.broker, NAME))
         return "%s://127.0.0.1:%d" % (scheme, port)
 
     def curl(self, *args):

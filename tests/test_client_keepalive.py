@@ -14,8 +14,8 @@ from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import ResponseFailed
 
 from relay.client.endpoints import CachingEndpointFactory
+from relay.client.http import BytesProducer, read_all
 from relay.client.keepalive import KeepAliveAgent
-from relay.client.relay_api import BytesProducer, read_all
 from tests.support import until
 
 

@@ -16,8 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 
 import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
-from relay.client.service import make_client_service
-from tests.support import until
+from tests.support import client_service, until
 from tests.test_client_e2e import NAME, Backend, RawUser, Relay
 
 
@@ -86,7 +85,7 @@ class Latency(unittest.TestCase):
         self.addCleanup(self.users.closeCachedConnections)
 
     def start_client(self, backend_address):
-        client = make_client_service(
+        client = client_service(
             reactor, self.relay.base, NAME, backend_scheme="http", backend_address=backend_address
         )
         client.startService()

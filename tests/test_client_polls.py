@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from relay.config import ClientConfig
 from relay.client.service import RelayClientService
 from relay.proto.http_relay_pb2 import HttpRequest
 
@@ -41,7 +42,7 @@ class PollCountTests(unittest.TestCase):
         self.api = FakeAPI()
         self.handler = FakeHandler()
         service = RelayClientService(
-            None, self.api, self.handler, [], num_pending_requests=num, max_pending_requests=most, clock=Clock()
+            None, self.api, self.handler, [], ClientConfig(num_pending_requests=num, max_pending_requests=most), clock=Clock()
         )
         service.startService()
         self.addCleanup(service.stopService)

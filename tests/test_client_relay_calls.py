@@ -13,10 +13,9 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from relay.client.relay_api import Forbidden, PermanentRelayError, RelayAPI, RelayError
-from relay.client.service import make_client_service
 from relay.proto.http_relay_pb2 import HttpResponse
+from tests.support import client_service, until
 from tests.test_client_e2e import temp_file
-from tests.support import until
 
 
 class ScriptedRelay(resource.Resource):
@@ -67,7 +66,7 @@ class RelayCallsTests(unittest.TestCase):
 
     def start_client(self, base=None, **kw):
         self.fatal = []
-        client = make_client_service(
+        client = client_service(
             reactor,
             base or self.base,
             "robot",

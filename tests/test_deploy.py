@@ -29,9 +29,9 @@ from twisted.trial import unittest
 
 from relay.client.tap import Options as ClientOptions
 from relay.durations import parse_duration as duration
-from relay.service import CLEAN_SHUTDOWN_TIMEOUT
-from relay.site import RelaySite
-from relay.tap import Options as ServerOptions
+from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT
+from relay.server.site import RelaySite
+from relay.server.tap import Options as ServerOptions
 
 try:
     import yaml

@@ -115,3 +115,23 @@ class LinkTests(unittest.SynchronousTestCase):
             with open(page, encoding="utf-8") as f:
                 text = f.read()
             self.assertNotIn("PROTOCOL.md", text, page)
+
+    def test_module_map_lists_every_module_once(self):
+        """
+        docs/development.md's module map is one line per module of relay/,
+        and names no module that is gone.
+        """
+        with open(os.path.join(ROOT, "docs", "development.md"), encoding="utf-8") as f:
+            text = f.read()
+        section = text[text.index("## Module map"):text.index("Elsewhere:")]
+        mapped = []
+        for target in links(section):
+            path = os.path.normpath(os.path.join(ROOT, "docs", target))
+            if path.endswith(".py"):
+                mapped.append(os.path.relpath(path, ROOT))
+        modules = sorted(
+            os.path.relpath(path, ROOT)
+            for path in glob.glob(os.path.join(ROOT, "relay", "**", "*.py"), recursive=True)
+            if os.path.basename(path) != "__init__.py"
+        )
+        self.assertEqual(sorted(mapped), modules)

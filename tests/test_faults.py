@@ -10,9 +10,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
+from tests.support import RelayServer, free_port, tick as _tick, until
 from tests.process import TwistdProcess
-from tests.support import RelayServer, free_port, until
-from tests.support import tick as _tick
 from tests.test_client_e2e import Backend
 
 MiB = 1024 * 1024
@@ -87,7 +86,7 @@ class FaultTests(unittest.TestCase):
         self.addCleanup(server.stop)
         client = spawn_client(server.port, self.backend)
         self.addCleanup(client.terminate)
-        yield self.until(lambda: server.broker.backends.get("robot") and server.broker.backends["robot"].polls)
+        yield self.until(lambda: server.polled_by("robot"))
 
         response = yield Agent(reactor, pool=self.users).request(
             b"GET", (server.base + "/client/robot" + path).encode()
@@ -117,7 +116,7 @@ class FaultTests(unittest.TestCase):
         server = RelayServer(port=port)
         client = spawn_client(port, self.backend, "robot", "--num_pending_requests=2")
         self.addCleanup(client.terminate)
-        yield self.until(lambda: server.broker.backends.get("robot") and server.broker.backends["robot"].polls)
+        yield self.until(lambda: server.polled_by("robot"))
 
         outcomes = []
         stop = []
@@ -167,14 +166,14 @@ class HangingBackendTests(unittest.TestCase):
         """A backend that accepts the request and says nothing: 504 once the relay gives up."""
         from twisted.internet.protocol import Factory, Protocol
 
-        from relay.client.service import make_client_service
+        from tests.support import client_service
 
         silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(silent.stopListening)
         clock = Clock()
         server = RelayServer(clock=clock)
         self.addCleanup(server.stop)
-        client = make_client_service(
+        client = client_service(
             reactor,
             server.base,
             "robot",
@@ -185,7 +184,7 @@ class HangingBackendTests(unittest.TestCase):
         client.startService()
         self.addCleanup(client.stopService)
         deadline = reactor.seconds() + 10
-        while not (server.broker.backends.get("robot") and server.broker.backends["robot"].polls):
+        while not server.polled_by("robot"):
             self.assertLess(reactor.seconds(), deadline)
             yield _tick()
         pool = HTTPConnectionPool(reactor, persistent=False)

@@ -1,5 +1,5 @@
 """
-Forwarding a call to the replica that owns its name (relay/forward.py), over
+Forwarding a call to the replica that owns its name (relay/server/forward.py), over
 real loopback sockets: a front site that forwards every request, and behind
 it a real relay server with a relay-client played by the test. The user must
 get the owner's answer as if they had asked it directly: streamed, with its
@@ -11,8 +11,9 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from relay.forward import FORWARDED_BY, Forwarder, forwarded
-from relay.site import RelaySite
+from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
+from relay.config import ServerConfig
+from relay.server.site import RelaySite
 from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_connect, until
 
 NAME = "robot"
@@ -57,7 +58,7 @@ class ForwardTests(unittest.TestCase):
         self.forwarder = Forwarder(reactor, "front:1")
         self.addCleanup(self.forwarder.close)
         self.front = ForwardAll(self.forwarder, "127.0.0.1:%d" % self.owner.port)
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(RelaySite(self.front))
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(RelaySite(self.front, ServerConfig()))
         self.addCleanup(port.stopListening)
         self.front_port = port.getHost().port
         # The name is known to the owner once its relay-client has polled.
@@ -148,7 +149,7 @@ class ForwardTests(unittest.TestCase):
     def test_forwarded_calls_carry_the_mark(self):
         """The mark that stops a second hop: the peer sees who forwarded."""
         recorder = Recorder()
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(RelaySite(recorder))
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(RelaySite(recorder, ServerConfig()))
         self.addCleanup(port.stopListening)
         self.front.peer = "127.0.0.1:%d" % port.getHost().port
         user = yield self.user(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -18,11 +18,12 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from relay.broker import Broker
-from relay.metrics import RelayMetrics
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.resources import RootResource
-from relay.site import RelaySite
+from relay.server.broker import Broker
+from relay.server.metrics import RelayMetrics
+from relay.server.resources import RootResource
+from relay.server.site import RelaySite
 
 # The default profile replays the same examples every run, so that CI is
 # deterministic; HYPOTHESIS_PROFILE=explore searches afresh and far longer.
@@ -86,9 +87,9 @@ class RawClient(Protocol):
 class FuzzTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.broker = Broker(self.clock, RelayMetrics(process=False), block_size=64)
+        self.broker = Broker(self.clock, ServerConfig(block_size=64), RelayMetrics(process=False))
         root = RootResource(self.broker, lambda: b"")
-        self.site = RelaySite(root, max_request_body=4096, header_timeout=None, reactor=self.clock)
+        self.site = RelaySite(root, ServerConfig(max_request_body=4096, header_timeout=None), reactor=self.clock)
         self.site.body_budget = self.broker.bodies
 
     def exchange(self, raw: bytes):

@@ -20,11 +20,10 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from relay.client.service import make_client_service
+from tests.support import client_service, stalled
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, Relay
 from tests.test_client_twistd import spawn
-from tests.support import stalled
 
 try:
     import grpc
@@ -148,7 +147,7 @@ class GrpcThroughRelay(unittest.TestCase):
         self.addCleanup(self.backend.stop)
         self.relay = Relay()
         self.addCleanup(lambda: self.relay.stop())
-        client = make_client_service(
+        client = client_service(
             reactor,
             self.relay.base,
             NAME,

@@ -25,11 +25,12 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from relay.broker import Broker
-from relay.metrics import RelayMetrics
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.resources import RootResource
-from relay.site import RelaySite
+from relay.server.broker import Broker
+from relay.server.metrics import RelayMetrics
+from relay.server.resources import RootResource
+from relay.server.site import RelaySite
 
 TRUE_ANSWER = b"the victim's true answer"
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
@@ -157,9 +158,9 @@ def expected_status(status, h2=False) -> int:
 class HostileTestCase(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.broker = Broker(self.clock, RelayMetrics(process=False), block_size=64)
+        self.broker = Broker(self.clock, ServerConfig(block_size=64), RelayMetrics(process=False))
         root = RootResource(self.broker, lambda: b"")
-        self.site = RelaySite(root, max_request_body=1 << 20, header_timeout=None, reactor=self.clock)
+        self.site = RelaySite(root, ServerConfig(max_request_body=1 << 20, header_timeout=None), reactor=self.clock)
         self.site.body_budget = self.broker.bodies
         self.pumps: List[iosim.IOPump] = []
         for name in ("evil", "victim"):

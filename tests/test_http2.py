@@ -15,11 +15,10 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.trial import unittest
 
-from relay.h2 import offer_h2_over_tls
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.service import make_server_service
-from tests.support import RelayServer, raw_connect
+from relay.server.h2 import offer_h2_over_tls
+from relay.server.metrics import RelayMetrics
+from tests.support import RelayServer, raw_connect, server_service
 from tests.test_server import ServerTestCase
 
 
@@ -98,7 +97,7 @@ class H2cTests(ServerTestCase):
     def test_grpc_style_call_with_trailers(self):
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         _, state = client.request(
             "POST",
             "/pkg.Echo/Say",
@@ -137,7 +136,7 @@ class H2cTests(ServerTestCase):
         """Grpc-* headers of a body-less first message come back as trailers."""
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         _, state = client.request("POST", "/pkg.Echo/Missing", headers=[("x-server-name", "robot")], body=b"x")
         code, message = yield poll
         yield self.relay_client.post(
@@ -159,7 +158,7 @@ class H2cTests(ServerTestCase):
     def test_streamed_h2_response_arrives_in_pieces(self):
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         _, state = client.request("GET", "/client/robot/stream")
         code, message = yield poll
         state["got_data"] = defer.Deferred()
@@ -174,7 +173,7 @@ class H2cTests(ServerTestCase):
     def test_user_resetting_stream_cancels_request(self):
         client = yield self.h2_client()
         poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
+        yield self.polling()
         stream_id, state = client.request("GET", "/client/robot/x")
         code, message = yield poll
         state["done"].addErrback(lambda f: None)
@@ -268,7 +267,7 @@ class TLSTests(unittest.TestCase):
         endpoint = offer_h2_over_tls(
             serverFromString(reactor, "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (key, cert))
         )
-        service = make_server_service(endpoint, reactor, metrics=RelayMetrics(process=False))
+        service = server_service(endpoint, reactor, metrics=RelayMetrics(process=False))
         service.startService()
         self.addCleanup(service.stopService)
         url = "https://127.0.0.1:%d/healthz" % service.listening_port.getHost().port

@@ -18,10 +18,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-from relay.broker import Broker
-from relay.client.service import make_client_service
 from relay.logs import connect_quietly, text_line
-from tests.support import FakeRelayClient, RelayServer, tick, until
+from relay.server.broker import Broker
+from tests.support import FakeRelayClient, RelayServer, client_service, tick, until
 from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, parse_frame
 
 NAME = "robot"
@@ -69,7 +68,7 @@ class EndToEndVolume(unittest.TestCase):
         self.addCleanup(lambda: self.relay.stop())
         self.users = user_pool()
         self.addCleanup(self.users.closeCachedConnections)
-        client = make_client_service(
+        client = client_service(
             reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, backend_address=self.backend.address, backend_scheme="http"
         )
         client.startService()
@@ -140,7 +139,7 @@ class FirstPollTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_only_the_first_poll_of_a_name_is_logged_until_it_is_forgotten(self):
         from twisted.internet.task import Clock
-        from relay.broker import POLL_TIMEOUT
+        from relay.server.broker import POLL_TIMEOUT
 
         clock = Clock()
         server = RelayServer(clock=clock, inactive_backend_timeout=60)
@@ -150,7 +149,7 @@ class FirstPollTests(unittest.TestCase):
         for round in range(2):
             for _ in range(5):
                 poll = relay_client.poll(NAME)
-                yield until(lambda: NAME in server.broker.backends and server.broker.backends[NAME].polls)
+                yield until(lambda: server.polled_by(NAME))
                 clock.advance(POLL_TIMEOUT)
                 self.assertEqual((yield poll)[0], 408)
             lines = self.log.with_message("Relay client connected")
@@ -180,7 +179,7 @@ class FirstPollTests(unittest.TestCase):
     def test_refused_relay_clients_are_logged_at_most_every_10_s(self):
         import tempfile
 
-        from relay.auth import AccessPolicy, ClientTokens
+        from relay.server.auth import AccessPolicy, ClientTokens
 
         fd, tokens = tempfile.mkstemp()
         os.close(fd)
@@ -212,7 +211,7 @@ class QuietFactoryTests(unittest.TestCase):
         import relay
         from relay.client.keepalive import _ConnectionFactory
         from relay.logs import _OneShotFactory
-        from relay.site import RelaySite
+        from relay.server.site import RelaySite
 
         root = os.path.dirname(relay.__file__)
         for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):

@@ -18,11 +18,12 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.auth import AccessPolicy, ClientTokens
-from relay.metrics import RelayMetrics
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.broker import POLL_TIMEOUT
-from relay.service import REAP_INTERVAL
+from relay.server.auth import AccessPolicy, ClientTokens
+from relay.server.broker import POLL_TIMEOUT
+from relay.server.metrics import RelayMetrics
+from relay.server.service import REAP_INTERVAL
 from tests.fixtures.capture_go_metrics import INACTIVE_REQUEST_TIMEOUT, series
 from tests.support import FakeRelayClient, RelayServer, until
 
@@ -87,7 +88,7 @@ class MetricsTestCase(unittest.TestCase):
     def picked_up(self, name, path):
         """A user request that a poll of C{name} picked up: C{(user Deferred, HttpRequest)}."""
         poll = self.relay_client.poll(name)
-        yield until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        yield until(lambda: self.server.polled_by(name))
         user = self.fetch("/client/%s%s" % (name, path))
         code, message = yield poll
         self.assertEqual(code, 200)
@@ -115,7 +116,7 @@ class GoParityTests(MetricsTestCase):
         self.assertEqual((yield user)[0], 500)
         user, message = yield self.picked_up("robot2", "/never")
         poll = self.relay_client.poll("robot2")
-        yield until(lambda: self.server.broker.backends["robot2"].polls)
+        yield until(lambda: self.server.polled_by("robot2"))
         clock.advance(INACTIVE_REQUEST_TIMEOUT + REAP_INTERVAL)
         self.assertEqual((yield user)[0], 504)
         clock.advance(POLL_TIMEOUT)
@@ -194,12 +195,12 @@ class CardinalityTests(MetricsTestCase):
         self.assertEqual(before, after)
 
     def test_forgotten_backends_take_their_series_with_them(self):
-        from relay.broker import Broker
+        from relay.server.broker import Broker
         from relay.proto.http_relay_pb2 import HttpRequest
 
         clock = Clock()
         metrics = RelayMetrics(process=False)
-        broker = Broker(clock, metrics, inactive_backend_timeout=60)
+        broker = Broker(clock, ServerConfig(inactive_backend_timeout=60), metrics)
         d = broker.get_request("robot")
         pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/a/1"), _Sink())
         self.assertEqual(self.successResultOf(d).id, pending.id)
@@ -227,7 +228,7 @@ class _Sink:
 class NumberFormatTests(unittest.TestCase):
     def test_numbers_as_client_golang_writes_them(self):
         """Values as they appeared on the Go server's /metrics page."""
-        from relay.metrics import go_float
+        from relay.server.metrics import go_float
 
         for value, text in [
             (2, "2"),

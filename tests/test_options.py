@@ -5,7 +5,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from relay.durations import format_duration, parse_duration
-from relay.tap import Options
+from relay.server.tap import Options
 
 
 class OptionsTests(unittest.TestCase):

@@ -1,5 +1,5 @@
 """
-The replicas' view of which peers are up (relay/peers.py): two failed checks
+The replicas' view of which peers are up (relay/server/peers.py): two failed checks
 in a row take a peer out of the ring, one success brings it back, and a
 check never hangs or piles up.
 """
@@ -11,8 +11,8 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from relay.peers import CHECK_TIMEOUT, PeerHealth, healthz_probe
-from relay.ring import Ring
+from relay.server.peers import CHECK_TIMEOUT, PeerHealth, healthz_probe
+from relay.server.ring import Ring
 
 
 class PeerHealthTests(unittest.SynchronousTestCase):

@@ -5,7 +5,7 @@ import platform
 from twisted.logger import Logger, eventAsText
 from twisted.trial import unittest
 
-from relay import pypy_gc
+from relay.tuning import pypy_gc
 
 
 class NurseryAdviceTests(unittest.TestCase):

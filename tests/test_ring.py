@@ -16,7 +16,7 @@ import zlib
 
 from twisted.trial import unittest
 
-from relay.ring import Ring, _host_and_port
+from relay.server.ring import Ring, _host_and_port
 
 
 class RingTests(unittest.SynchronousTestCase):

@@ -22,12 +22,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.auth import AccessPolicy, ClientTokens, token_hash
-from relay.metrics import RelayMetrics
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.service import make_server_service
-from relay.tap import port_endpoint
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, tick
+from relay.server.auth import AccessPolicy, ClientTokens, token_hash
+from relay.server.metrics import RelayMetrics
+from relay.server.tap import port_endpoint
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, server_service, tick
 from tests.test_access import write
 from tests.test_http2 import H2Client
 from tests.test_server import ServerTestCase
@@ -51,7 +50,7 @@ class TwoBackends(ServerTestCase):
     @defer.inlineCallbacks
     def waiting_poll(self, name):
         poll = self.relay_client.poll(name)
-        yield self.until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        yield self.polling(name)
         return poll
 
     @defer.inlineCallbacks
@@ -348,11 +347,7 @@ class HeaderNameTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_header_and_trailer_names_with_final_newline_are_dropped(self):
-        user = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        user.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        user, message = yield self.raw_relayed(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         code, _ = yield self.relay_client.respond(
             message.id, 200, b"body", headers=[("X-Evil\n", "v"), ("X-Good", "1")],
             trailers=[("X-Trail\n", "t"), ("X-Fine", "2")],
@@ -371,13 +366,9 @@ class HeaderNameTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_101_head_has_no_bad_names(self):
-        user = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        user.transport.write(
+        user, message = yield self.raw_relayed(
             b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
-        code, message = yield poll
         yield self.relay_client.respond(
             message.id, 101, eof=False, headers=[("Upgrade", "websocket"), ("X-Evil\n", "v")]
         )
@@ -417,37 +408,25 @@ class RawRequestTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_http10_without_host_is_relayed(self):
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        user = yield raw_connect(self.server.port)
-        user.transport.write(b"GET /client/robot/x HTTP/1.0\r\n\r\n")
-        code, message = yield poll
+        user, message = yield self.raw_relayed(b"GET /client/robot/x HTTP/1.0\r\n\r\n")
         self.assertEqual((message.url, message.host), ("http://invalid/x", ""))
         yield self.relay_client.respond(message.id, 204)
         yield within(user.ended)
 
     @defer.inlineCallbacks
     def test_absolute_form_is_routed_by_its_path(self):
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        user = yield raw_connect(self.server.port)
-        self.addCleanup(user.transport.loseConnection)
-        user.transport.write(
+        user, message = yield self.raw_relayed(
             b"GET http://user:pw@relay.example/client/robot/x/y?q=1 HTTP/1.1\r\nHost: ignored\r\n\r\n"
         )
-        code, message = yield poll
+        self.addCleanup(user.transport.loseConnection)
         self.assertEqual((message.url, message.host), ("http://invalid/x/y?q=1", "relay.example"))
         yield self.relay_client.respond(message.id, 200, b"ok", headers=[("Content-Length", "2")])
         yield user.wait_for(b"\r\n\r\nok")
 
     @defer.inlineCallbacks
     def test_absolute_form_with_x_server_name(self):
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        user = yield raw_connect(self.server.port)
+        user, message = yield self.raw_relayed(b"GET HTTP://relay/api?x HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\n\r\n")
         self.addCleanup(user.transport.loseConnection)
-        user.transport.write(b"GET HTTP://relay/api?x HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\n\r\n")
-        code, message = yield poll
         self.assertEqual(message.url, "http://invalid/api?x")
         yield self.relay_client.respond(message.id, 204)
 
@@ -492,7 +471,7 @@ class ListenBacklogTests(unittest.TestCase):
     @defer.inlineCallbacks
     def listening(self, port_option):
         endpoint = serverFromString(reactor, port_endpoint(port_option))
-        service = make_server_service(endpoint, reactor, clock=Clock(), metrics=RelayMetrics(process=False))
+        service = server_service(endpoint, reactor, clock=Clock(), metrics=RelayMetrics(process=False))
         service.startService()
         self.addCleanup(service.stopService)
         yield tick()

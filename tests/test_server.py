@@ -1,6 +1,8 @@
 """
-The relay server's endpoints, status codes and bodies (docs/protocol.md, server
-sections), over real loopback sockets with real protobuf messages. A
+The relay server's streaming, upgrades and connection handling
+(docs/protocol.md, server sections), over real loopback sockets with real
+protobuf messages: the cases where the socket is the point (the routes and
+status codes are in tests/test_routes.py, in memory). A
 L{FakeRelayClient} plays the relay-client; the protocol's timeouts run on a
 L{Clock} the tests advance.
 """
@@ -14,15 +16,9 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, STREAM_POLL_TIMEOUT
-from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.proto.http_relay_pb2 import HttpResponse
+from relay.server.broker import POLL_TIMEOUT, STREAM_POLL_TIMEOUT
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, until
-
-GO_ERROR_HEADERS = {
-    b"content-type": [b"text/plain; charset=utf-8"],
-    b"x-content-type-options": [b"nosniff"],
-}
-
 
 class ServerTestCase(unittest.TestCase):
     timeout = 30
@@ -42,11 +38,29 @@ class ServerTestCase(unittest.TestCase):
     def request(self, method, path, **kw):
         return treq.request(method, self.server.url(path), pool=self.users, **kw)
 
+    def polling(self, name="robot"):
+        """Fires once a relay-client's long poll for C{name} waits at the server."""
+        return self.until(lambda: self.server.polled_by(name))
+
+    @defer.inlineCallbacks
+    def raw_relayed(self, head: bytes, name="robot"):
+        """
+        A raw-socket user sends C{head} once a poll for C{name} waits, and
+        the poll picks it up: C{(the user's RawResponse, HttpRequest)}.
+        """
+        poll = self.relay_client.poll(name)
+        yield self.polling(name)
+        user = yield raw_connect(self.server.port)
+        user.transport.write(head)
+        code, message = yield poll
+        self.assertEqual(code, 200)
+        return user, message
+
     @defer.inlineCallbacks
     def known(self, name="robot"):
         """A relay-client polls once (and times out), making C{name} known."""
         poll = self.relay_client.poll(name)
-        yield self.until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        yield self.polling(name)
         self.clock.advance(POLL_TIMEOUT)
         code, _ = yield poll
         self.assertEqual(code, 408)
@@ -58,7 +72,7 @@ class ServerTestCase(unittest.TestCase):
     def relayed(self, path, method="GET", name="robot", **kw):
         """Start a user request and pick it up: C{(user Deferred, HttpRequest)}."""
         poll = self.relay_client.poll(name)
-        yield self.until(lambda: name in self.server.broker.backends and self.server.broker.backends[name].polls)
+        yield self.polling(name)
         user = self.request(method, path, **kw)
         code, message = yield poll
         self.assertEqual(code, 200)
@@ -82,141 +96,7 @@ class ConnectionSettingsTests(ServerTestCase):
         self.assertEqual(channel.transport.SEND_LIMIT, 512 * 1024)
 
 
-class OperationsTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_healthz(self):
-        resp = yield self.get("/healthz")
-        self.assertEqual(resp.code, 200)
-        self.assertEqual((yield resp.content()), b"ok")
-        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"text/plain"])
-        self.assertIsNone(resp.headers.getRawHeaders(b"server"))
-
-    @defer.inlineCallbacks
-    def test_metrics_have_go_names_and_labels(self):
-        user, message = yield self.relayed("/client/robot/api/items/123456")
-        yield self.relay_client.post(
-            HttpResponse(id=message.id, status_code=200, body=b"x", eof=True, backend_duration_ms=5)
-        )
-        yield (yield user).content()
-        resp = yield self.get("/metrics")
-        text = (yield resp.content()).decode()
-        self.assertEqual(resp.code, 200)
-        self.assertIn(b"text/plain; version=0.0.4", resp.headers.getRawHeaders(b"content-type")[0])
-        self.assertIn("# TYPE broker_requests counter", text)
-        self.assertIn('broker_requests{backend="robot",method="client"} 1\n', text)
-        self.assertIn('broker_responses{backend="robot",method="server_response",result="ok"} 1\n', text)
-        self.assertIn('broker_responses{backend="robot",method="server_request",result="ok"} 1\n', text)
-        for name in ("broker_responses_durations", "broker_backend_responses_durations", "broker_overhead_durations"):
-            self.assertIn("# TYPE %s histogram" % name, text)
-            self.assertIn(name + '_count{backend="robot",method="server_response"} 1\n', text)
-        self.assertIn("relay_pending_requests 0\n", text)
-        self.assertIn("relay_backends 1\n", text)
-        self.assertNotIn("broker_requests_total", text)
-        self.assertNotIn("request_path", text)
-        self.assertNotIn("_created", text)
-
-
-class UserRoutingTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_client_prefix_builds_http_request(self):
-        user, message = yield self.relayed(
-            "/client/robot/some/path?a=1&b=two%20words",
-            method="POST",
-            data=b"request body",
-            headers={b"X-Multi": [b"one", b"two"], b"Content-Type": [b"text/plain"]},
-        )
-        self.assertRegex(message.id, r"^robot:[0-9a-f]{32}$")
-        self.assertEqual(message.method, "POST")
-        self.assertEqual(message.url, "http://invalid/some/path?a=1&b=two%20words")
-        self.assertEqual(message.host, "127.0.0.1:%d" % self.server.port)
-        self.assertEqual(message.body, b"request body")
-        headers = [(h.name, h.value) for h in message.header]
-        self.assertIn(("X-Multi", "one"), headers)
-        self.assertIn(("X-Multi", "two"), headers)
-        self.assertIn(("Content-Type", "text/plain"), headers)
-        self.assertNotIn("Host", [h.name for h in message.header])
-        yield self.relay_client.respond(message.id, 204)
-        self.assertEqual((yield user).code, 204)
-
-    @defer.inlineCallbacks
-    def test_name_only_path_becomes_slash(self):
-        user, message = yield self.relayed("/client/robot")
-        self.assertEqual(message.url, "http://invalid/")
-        yield self.relay_client.respond(message.id, 200)
-        yield (yield user).content()
-
-    @defer.inlineCallbacks
-    def test_x_server_name_keeps_path(self):
-        user, message = yield self.relayed(
-            "/pkg.Service/Method", method="POST", headers={b"X-Server-Name": [b"robot"]}
-        )
-        self.assertEqual(message.url, "http://invalid/pkg.Service/Method")
-        yield self.relay_client.respond(message.id, 200)
-        yield (yield user).content()
-
-    @defer.inlineCallbacks
-    def test_empty_name_is_400(self):
-        for path in ("/client/",):
-            resp = yield self.get(path)
-            self.assertEqual(resp.code, 400, path)
-            self.assertEqual(
-                (yield resp.content()), b"Request path too short: missing remote server identifier\n"
-            )
-            for k, v in GO_ERROR_HEADERS.items():
-                self.assertEqual(resp.headers.getRawHeaders(k), v)
-
-    @defer.inlineCallbacks
-    def test_no_prefix_no_header_is_400(self):
-        resp = yield self.get("/anything")
-        self.assertEqual(resp.code, 400)
-        self.assertEqual((yield resp.content()), b'Request without required header: "X-Server-Name"\n')
-
-    @defer.inlineCallbacks
-    def test_exact_paths_only(self):
-        """Like Go's ServeMux: /healthz/x is user traffic, not the health check."""
-        resp = yield self.get("/healthz/x")
-        self.assertEqual(resp.code, 400)
-        yield resp.content()
-
-    @defer.inlineCallbacks
-    def test_unknown_backend_is_503(self):
-        resp = yield self.get("/client/nobody/x")
-        self.assertEqual(resp.code, 503)
-        body = yield resp.content()
-        self.assertEqual(
-            body,
-            b'Cannot reach the client "nobody". Check that it\'s turned on, set up, and '
-            b"connected to the internet. (unknown client)",
-        )
-
-    @defer.inlineCallbacks
-    def test_known_backend_not_picking_up_is_503(self):
-        yield self.known()
-        user = self.get("/client/robot/x")
-        yield self.until(lambda: self.server.broker.requests)
-        self.clock.advance(PICKUP_TIMEOUT)
-        resp = yield user
-        self.assertEqual(resp.code, 503)
-        self.assertIn(b"timeout waiting for relay client to accept request", (yield resp.content()))
-        self.assertEqual(self.server.broker.requests, {})
-
-
 class ResponseTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_status_headers_body_and_repeated_headers(self):
-        user, message = yield self.relayed("/client/robot/x")
-        yield self.relay_client.respond(
-            message.id,
-            201,
-            b"created",
-            headers=[("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")],
-        )
-        resp = yield user
-        self.assertEqual(resp.code, 201)
-        self.assertEqual((yield resp.content()), b"created")
-        self.assertEqual(resp.headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
-        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"application/json"])
-
     @defer.inlineCallbacks
     def test_chunks_are_streamed_as_they_come(self):
         user, message = yield self.relayed("/client/robot/stream")
@@ -250,11 +130,7 @@ class ResponseTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_trailers_and_grpc_headers_as_trailers(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"POST /rpc HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"POST /rpc HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n")
         yield self.relay_client.post(
             HttpResponse(
                 id=message.id,
@@ -276,16 +152,6 @@ class ResponseTests(ServerTestCase):
         yield proto.ended
 
     @defer.inlineCallbacks
-    def test_first_message_without_status_is_500(self):
-        user, message = yield self.relayed("/client/robot/x")
-        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"no status"))
-        resp = yield user
-        self.assertEqual(resp.code, 500)
-        self.assertEqual((yield resp.content()), b"Received no header from relay client")
-        code, _ = yield self.relay_client.post(HttpResponse(id=message.id, body=b"more"))
-        self.assertEqual(code, 400)
-
-    @defer.inlineCallbacks
     def test_no_first_response_in_time_is_504(self):
         user, message = yield self.relayed("/client/robot/slow")
         self.clock.advance(60)
@@ -304,11 +170,7 @@ class ResponseTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_response_ending_without_eof_aborts_user_connection(self):
         """Honest truncation: a response cut short never looks complete."""
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
         yield self.relay_client.post(
             HttpResponse(id=message.id, status_code=200, header=[{"name": "Content-Length", "value": "100"}], body=b"x" * 10)
         )
@@ -321,11 +183,7 @@ class ResponseTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_truncated_chunked_response_has_no_final_chunk(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
         yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"partial"))
         yield proto.wait_for(b"partial")
         self.clock.advance(70)
@@ -337,11 +195,7 @@ class ResponseTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_user_disconnect_makes_id_unknown(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
-        code, message = yield poll
+        proto, message = yield self.raw_relayed(b"GET /client/robot/x HTTP/1.1\r\nHost: relay\r\n\r\n")
         code, _ = yield self.relay_client.post(HttpResponse(id=message.id, status_code=200, body=b"a"))
         self.assertEqual(code, 200)
         proto.transport.loseConnection()
@@ -352,91 +206,13 @@ class ResponseTests(ServerTestCase):
         self.assertEqual(body, ("Duplicate or invalid request ID %s\n" % message.id).encode())
 
 
-class RelayClientEndpointTests(ServerTestCase):
-    @defer.inlineCallbacks
-    def test_poll_returns_request_with_content_type(self):
-        yield self.known()
-        user = self.get("/client/robot/x")
-        yield self.until(lambda: self.server.broker.requests)
-        resp = yield treq.get(self.server.url("/server/request?server=robot"), pool=self.relay_client.pool)
-        self.assertEqual(resp.code, 200)
-        self.assertEqual(
-            resp.headers.getRawHeaders(b"content-type"),
-            [b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpRequest"],
-        )
-        message = HttpRequest()
-        message.ParseFromString((yield resp.content()))
-        self.assertEqual(message.url, "http://invalid/x")
-        yield self.relay_client.respond(message.id, 200, b"done")
-        self.assertEqual((yield (yield user).content()), b"done")
-
-    @defer.inlineCallbacks
-    def test_poll_timeout_is_408(self):
-        poll = treq.get(self.server.url("/server/request?server=robot"), pool=self.relay_client.pool)
-        yield self.until(lambda: self.server.broker.backends.get("robot") and self.server.broker.backends["robot"].polls)
-        self.clock.advance(POLL_TIMEOUT)
-        resp = yield poll
-        self.assertEqual(resp.code, 408)
-        self.assertEqual((yield resp.content()), b"No request received within timeout\n")
-
-    @defer.inlineCallbacks
-    def test_poll_without_server_is_400(self):
-        for query in ("", "?server="):
-            resp = yield treq.get(self.server.url("/server/request" + query), pool=self.relay_client.pool)
-            self.assertEqual(resp.code, 400)
-            self.assertEqual((yield resp.content()), b"Missing server query parameter\n")
-        self.assertEqual(self.server.broker.backends, {})
-
-    @defer.inlineCallbacks
-    def test_response_ok_is_text_plain(self):
-        user, message = yield self.relayed("/client/robot/x")
-        resp = yield treq.post(
-            self.server.url("/server/response"),
-            data=HttpResponse(id=message.id, status_code=200, eof=True).SerializeToString(),
-            pool=self.relay_client.pool,
-        )
-        self.assertEqual(resp.code, 200)
-        self.assertEqual((yield resp.content()), b"ok")
-        self.assertEqual(resp.headers.getRawHeaders(b"content-type"), [b"text/plain"])
-        yield (yield user).content()
-
-    @defer.inlineCallbacks
-    def test_response_for_unknown_id_is_400(self):
-        code, body = yield self.relay_client.respond("robot:" + "0" * 32, 200)
-        self.assertEqual(code, 400)
-        self.assertEqual(body, b"Duplicate or invalid request ID robot:" + b"0" * 32 + b"\n")
-
-    @defer.inlineCallbacks
-    def test_duplicate_response_after_eof_is_400(self):
-        user, message = yield self.relayed("/client/robot/x")
-        code, _ = yield self.relay_client.respond(message.id, 200, b"once")
-        self.assertEqual(code, 200)
-        code, _ = yield self.relay_client.respond(message.id, 200, b"twice")
-        self.assertEqual(code, 400)
-        self.assertEqual((yield (yield user).content()), b"once")
-
-    @defer.inlineCallbacks
-    def test_requeststream_without_id_is_400(self):
-        code, body = yield self.relay_client.request_stream("")
-        self.assertEqual((code, body), (400, b"Missing id query parameter\n"))
-
-    @defer.inlineCallbacks
-    def test_requeststream_for_unknown_id_is_410(self):
-        code, body = yield self.relay_client.request_stream("robot:abc")
-        self.assertEqual((code, body), (410, b"No ongoing request with id robot:abc\n"))
-
-
 class UpgradeTests(ServerTestCase):
     @defer.inlineCallbacks
     def start_upgrade(self):
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(
+        proto, message = yield self.raw_relayed(
             b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n"
             b"Upgrade: websocket\r\n\r\nearly bytes"
         )
-        code, message = yield poll
         code, _ = yield self.relay_client.post(
             HttpResponse(
                 id=message.id,
@@ -538,13 +314,9 @@ class EarlyStreamPullTests(UpgradeTests):
         The Go relay-client starts pulling the request stream just before it
         posts the 101: the pull must wait for the user's bytes, not get 410.
         """
-        proto = yield raw_connect(self.server.port)
-        poll = self.relay_client.poll("robot")
-        yield self.until(lambda: self.server.broker.backends.get("robot"))
-        proto.transport.write(
+        proto, message = yield self.raw_relayed(
             b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
-        code, message = yield poll
         early = self.relay_client.request_stream(message.id)
         yield self.until(lambda: self.server.broker.requests[message.id].stream is not None)
         yield self.relay_client.post(HttpResponse(id=message.id, status_code=101))

@@ -22,8 +22,8 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from relay import tap
 from relay.client import tap as client_tap
+from relay.server import tap
 from relay.startup import listen_error
 from tests.process import ROOT, twistd_argv
 

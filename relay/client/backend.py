@@ -25,24 +25,16 @@ from twisted.web.iweb import IPolicyForHTTPS, UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from relay.client.endpoints import CachingEndpointFactory
+from relay.client.http import BytesProducer, describe_failure, read_token
 from relay.client.keepalive import KeepAliveAgent
-from relay.client.relay_api import BytesProducer, describe_failure, read_token
-from relay.headers import go_canonical
+from relay.config import ClientConfig
+from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical
 from relay.proto.http_relay_pb2 import HttpRequest
 
 log = Logger()
 
 Header = Tuple[str, str]
 CONNECT_TIMEOUT = 30.0
-# Twisted's HTTP client frames the body itself and manages its own connections; the body is
-# sent whole at once, so there is nothing for 100-continue to wait for.
-_AGENT_DROPS = frozenset(
-    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "expect"]
-)
-# An upgrade keeps Connection and Upgrade: they are the point of it.
-_UPGRADE_DROPS = frozenset(["host", "content-length", "transfer-encoding"])
-
-
 class BackendError(Exception):
     """The backend could not be asked, or did not answer; the text is for the user."""
 
@@ -65,19 +57,12 @@ class BackendRequest(NamedTuple):
 class BackendTarget:
     """Where and how relayed requests are sent: the C{--backend_*} flags."""
 
-    def __init__(
-        self,
-        scheme: str = "https",
-        address: str = "localhost:8080",
-        path_prefix: str = "",
-        preserve_host: bool = True,
-        token_file: str = "",
-    ):
-        self.scheme = scheme
-        self.address = address
-        self.path_prefix = path_prefix
-        self.preserve_host = preserve_host
-        self.token_file = token_file
+    def __init__(self, config: ClientConfig):
+        self.scheme = config.backend_scheme
+        self.address = config.backend_address
+        self.path_prefix = config.backend_path
+        self.preserve_host = config.preserve_host
+        self.token_file = config.authentication_token_file
 
     def build(self, request: HttpRequest, upgrade: bool = False) -> BackendRequest:
         """
@@ -88,7 +73,7 @@ class BackendTarget:
         if not path.startswith("/"):
             path = "/" + path
         target = path + ("?" + parts.query if parts.query else "")
-        drops = _UPGRADE_DROPS if upgrade else _AGENT_DROPS
+        drops = UPGRADE_DROPS if upgrade else BACKEND_DROPS
         headers = [(h.name, h.value) for h in request.header if h.name.lower() not in drops]
         if self.token_file:
             try:
@@ -252,8 +237,8 @@ class Backend:
         reactor: IReactorTime,
         target: BackendTarget,
         policy: TrustPolicy,
-        max_idle_per_host: int = 100,
-        idle_timeout: float = 90.0,
+        max_idle_per_host: int,
+        idle_timeout: float,
     ):
         self.target = target
         self.agent = KeepAliveAgent(

@@ -45,9 +45,6 @@ from twisted.python.failure import Failure
 
 from relay.proto.http_relay_pb2 import HttpResponse
 
-# The Go relay-client's default (some older Go releases use 50 KiB). Any chunking is
-# legal on the wire; 1 MiB pieces cost far fewer POSTs on big responses.
-DEFAULT_MAX_CHUNK_SIZE = 1024 * 1024
 FLUSH_DELAY = 0.1
 KEEPALIVE_INTERVAL = 3.0
 
@@ -70,7 +67,7 @@ class Chunker:
         first: HttpResponse,
         send: Callable[[HttpResponse, Optional[List[bytes]]], Deferred],
         clock: IReactorTime,
-        max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+        max_chunk_size: int,
         flush_delay: float = FLUSH_DELAY,
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         started: Optional[float] = None,

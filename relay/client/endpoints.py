@@ -7,7 +7,7 @@ IDNA-encodes the host name again: a tenth of the client's time on small
 requests. The relay client only ever talks to one relay and one backend, so
 it keeps the few endpoints it needs (for L{relay.client.keepalive}, or any
 Agent), and gives their connections the settings of
-L{relay.transport_tuning} (send limit, TCP_NODELAY).
+L{relay.tuning.transport} (send limit, TCP_NODELAY).
 
 Connections are made by L{client_endpoint}, not by Twisted's
 C{HostnameEndpoint}: that one starts a new attempt every 0.3 s and only
@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from relay.transport_tuning import tune
+from relay.tuning.transport import tune
 
 ATTEMPT_DELAY = 0.3  # Go's net.Dialer FallbackDelay, and Twisted's.
 

@@ -55,7 +55,7 @@ from relay.client.backend import (
     split_address,
 )
 from relay.client.endpoints import client_endpoint
-from relay.headers import go_canonical, valid_name
+from relay.headers import H2_BACKEND_DROPS, go_canonical, sanitize_value, valid_name
 from relay.logs import connect_quietly
 
 log = Logger()
@@ -70,22 +70,6 @@ STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 1 << 30
 IDLE_CONNECTION_TIMEOUT = 90.0
 
-# Connection-specific headers are not allowed in HTTP/2 (RFC 9113 8.2.2);
-# Host becomes :authority.
-_DROPS = frozenset(
-    [
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "http2-settings",
-        "content-length",
-    ]
-)
-
-
 def request_headers(request: BackendRequest) -> List[Tuple[bytes, bytes]]:
     """The HEADERS of C{request}: pseudo-headers first, names lower case."""
     headers = [
@@ -96,12 +80,11 @@ def request_headers(request: BackendRequest) -> List[Tuple[bytes, bytes]]:
     ]
     for name, value in request.headers:
         lower = name.lower()
-        if lower in _DROPS or not valid_name(name):
+        if lower in H2_BACKEND_DROPS or not valid_name(name):
             continue
         if lower == "te" and value.strip().lower() != "trailers":
             continue  # The only TE that HTTP/2 allows.
-        clean = value.replace("\r", " ").replace("\n", " ").replace("\0", " ").strip()
-        headers.append((lower.encode("ascii"), clean.encode("utf-8")))
+        headers.append((lower.encode("ascii"), sanitize_value(value)))
     if request.body or request.method.upper() in ("POST", "PUT", "PATCH"):
         headers.append((b"content-length", b"%d" % (len(request.body),)))
     return headers

@@ -30,17 +30,20 @@ from typing import Dict, List, Tuple
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.web._newclient import (
+from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
+
+from relay.compat import (
     HTTP11ClientProtocol,
     Request,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseNeverReceived,
+    client_idle,
+    client_request,
 )
-from twisted.web.client import URI
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
-from zope.interface import implementer
 
 _RETRYABLE_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
 _MAX_ORIGINS = 64
@@ -109,10 +112,10 @@ class KeepAliveAgent:
             headers = headers.copy()
             headers.addRawHeader(b"host", origin.host)
         # Validates method and path as Agent's requests do (no CR, LF, spaces).
-        request = Request._construct(method, path, headers, bodyProducer, persistent=True, parsedURI=origin.uri)
+        request = client_request(method, path, headers, bodyProducer, origin.uri)
         while origin.idle:
             protocol, _ = origin.idle.pop()
-            if protocol.state == "QUIESCENT":
+            if client_idle(protocol):
                 return protocol.request(request).addErrback(self._retry, origin, request)
         return self._connect(origin).addCallback(lambda protocol: protocol.request(request))
 
@@ -177,7 +180,7 @@ class KeepAliveAgent:
         for origin in self._origins.values():
             keep = []
             for protocol, since in origin.idle:
-                if protocol.state != "QUIESCENT":
+                if not client_idle(protocol):
                     continue
                 if since <= cutoff:
                     protocol.transport.loseConnection()
@@ -197,7 +200,7 @@ class KeepAliveAgent:
         closing = []
         for origin in self._origins.values():
             for protocol, _ in origin.idle:
-                if protocol.state == "QUIESCENT":
+                if client_idle(protocol):
                     closing.append(protocol.abort())
             origin.idle = []
         if not closing:

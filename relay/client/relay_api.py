@@ -9,21 +9,19 @@ loop, request-stream reads are not retried at all because the relay server
 has no way to tell a repeated read from a new one.
 """
 
-from typing import Callable, List, Optional, Union
+from typing import List, Optional, Union
 from urllib.parse import quote, urlencode
 
-from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.internet.protocol import Protocol
-from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from relay import wire
+from relay.client.http import BytesProducer, backoff_delays, describe_failure, is_connection_refused, read_all, read_token
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()
@@ -79,92 +77,6 @@ class Forbidden(RelayError):
     """403 on a poll: our credentials are not (or no longer) accepted."""
 
     retryable = False
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body that is already in memory (bytes, or a list of pieces), written in one go."""
-
-    def __init__(self, body: Union[bytes, List[bytes]]):
-        self.pieces = [body] if isinstance(body, bytes) else body
-        self.length = sum(map(len, self.pieces))
-
-    def startProducing(self, consumer):
-        for piece in self.pieces:
-            consumer.write(piece)
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-class _Collect(Protocol):
-    def __init__(self, done: Deferred):
-        self.done = done
-        self.data: List[bytes] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def connectionLost(self, reason: Failure) -> None:
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.data))
-        else:
-            self.done.errback(reason)
-
-
-def read_all(response) -> Deferred:
-    """A relay answer's whole body; cancelling drops the connection."""
-    collector: _Collect
-
-    def cancel(d: Deferred) -> None:
-        transport = getattr(collector, "transport", None)
-        if transport is not None:
-            transport.stopProducing()
-
-    d: Deferred = Deferred(cancel)
-    collector = _Collect(d)
-    response.deliverBody(collector)
-    return d
-
-
-def read_token(path: str) -> str:
-    """A token file's contents, without the trailing newline editors add."""
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8").strip()
-
-
-def describe_failure(failure: Failure) -> str:
-    """A one-line reason, digging through Agent's wrapper exceptions."""
-    value = failure.value
-    if isinstance(value, (ResponseFailed, ResponseNeverReceived)) and value.reasons:
-        return describe_failure(value.reasons[0])
-    if isinstance(value, net_error.ConnectionRefusedError):
-        return "connect: connection refused"
-    if isinstance(value, (net_error.ConnectionDone, net_error.ConnectionLost)):
-        return "connection closed before the answer was complete"
-    if isinstance(value, CancelledError):
-        return "timeout"
-    if type(value).__module__.startswith("OpenSSL") and value.args and isinstance(value.args[0], list):
-        # [('SSL routines', '', 'certificate verify failed')] -> readable.
-        reasons = [str(r[-1]) for r in value.args[0] if isinstance(r, tuple) and r]
-        if reasons:
-            return "tls: " + "; ".join(reasons)
-    text = str(value).strip()
-    return text or type(value).__name__
-
-
-def is_connection_refused(failure: Failure) -> bool:
-    value = failure.value
-    if isinstance(value, (ResponseFailed, ResponseNeverReceived)) and value.reasons:
-        return any(is_connection_refused(r) for r in value.reasons)
-    return isinstance(value, net_error.ConnectionRefusedError)
 
 
 class RelayAPI:
@@ -297,7 +209,7 @@ class RelayAPI:
         return Deferred.fromCoroutine(self._post_with_retry(message, body))
 
     async def _post_with_retry(self, message: HttpResponse, body: Optional[List[bytes]]) -> None:
-        delay = POST_INITIAL_BACKOFF
+        next_delay = backoff_delays(POST_INITIAL_BACKOFF, POST_BACKOFF_MULTIPLIER, POST_MAX_BACKOFF)
         retries = 0
         while True:
             try:
@@ -308,8 +220,7 @@ class RelayAPI:
                 if not e.retryable or retries >= POST_MAX_RETRIES:
                     raise
             retries += 1
-            await sleep(self.clock, delay)
-            delay = min(delay * POST_BACKOFF_MULTIPLIER, POST_MAX_BACKOFF)
+            await task.deferLater(self.clock, next_delay(), lambda: None)
 
     async def request_stream(self, request_id: str) -> Optional[bytes]:
         """
@@ -332,22 +243,3 @@ class RelayAPI:
                 code,
             )
         return body
-
-
-def sleep(clock: IReactorTime, seconds: float) -> Deferred:
-    """A cancellable pause on C{clock}."""
-    d: Deferred = Deferred(lambda d: call.cancel() if call.active() else None)
-    call = clock.callLater(seconds, lambda: d.callback(None) if not d.called else None)
-    return d
-
-
-def backoff_delays(initial: float, multiplier: float, maximum: float) -> Callable[[], float]:
-    """Successive back-off delays, growing to C{maximum}."""
-    state = {"next": initial}
-
-    def next_delay() -> float:
-        value = state["next"]
-        state["next"] = min(value * multiplier, maximum)
-        return value
-
-    return next_delay

@@ -18,15 +18,20 @@ few seconds to finish, then their backend connections are closed.
 from typing import Callable, List, Optional, Set
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relay.client.backend import Backend, BackendTarget, TrustPolicy
+from relay.client.endpoints import CachingEndpointFactory
 from relay.client.h2backend import H2Backend
 from relay.client.handler import RequestHandler
-from relay.client.relay_api import Forbidden, RelayAPI, backoff_delays, sleep
+from relay.client.http import backoff_delays
+from relay.client.keepalive import KeepAliveAgent
+from relay.client.relay_api import Forbidden, RelayAPI
 from relay.client.upgrade import Upgrader
+from relay.config import ClientConfig
 from relay.logs import LogsThroughObserver
 
 log = Logger()
@@ -84,7 +89,7 @@ class PollLoop(Service):
                         error=str(e),
                         RetryIn="%.3gs" % (delay,),
                     )
-                    await sleep(client.clock, delay)
+                    await task.deferLater(client.clock, delay, lambda: None)
                     continue
                 next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
                 if request is None:
@@ -115,12 +120,11 @@ class RelayClientService(LogsThroughObserver, MultiService):
         api: RelayAPI,
         handler: RequestHandler,
         pools: List,  # whatever keeps connections: closeCachedConnections() at stop
-        num_pending_requests: int = 1,
+        config: ClientConfig,
         on_fatal: Optional[Callable[[str], None]] = None,
         log_observer=None,
         stop_grace_period: float = STOP_GRACE_PERIOD,
         clock: Optional[IReactorTime] = None,
-        max_pending_requests: int = 0,
     ):
         super().__init__()
         self.reactor = reactor
@@ -133,10 +137,10 @@ class RelayClientService(LogsThroughObserver, MultiService):
         self.stop_grace_period = stop_grace_period
         self.in_flight: Set[Deferred] = set()
         self.fatal_error: Optional[str] = None
-        self.num_pending_requests = num_pending_requests
-        self.max_pending_requests = max(num_pending_requests, max_pending_requests)
+        self.num_pending_requests = config.num_pending_requests
+        self.max_pending_requests = max(config.num_pending_requests, config.max_pending_requests)
         self.bursts: Set[PollLoop] = set()
-        for i in range(num_pending_requests):
+        for i in range(config.num_pending_requests):
             PollLoop(self, i).setServiceParent(self)
 
     def dispatch(self, request) -> None:
@@ -199,83 +203,50 @@ class RelayClientService(LogsThroughObserver, MultiService):
 
 def make_client_service(
     reactor,
-    relay_url: str,
-    server_name: str,
-    backend_scheme: str = "https",
-    backend_address: str = "localhost:8080",
-    backend_path: str = "",
-    preserve_host: bool = True,
-    authentication_token_file: str = "",
-    relay_token_file: str = "",
+    config: ClientConfig,
     trust_root=None,
-    max_chunk_size: int = 50 * 1024,
-    num_pending_requests: int = 1,
-    max_idle_conns_per_host: int = 100,
-    force_http2: bool = False,
     on_fatal: Optional[Callable[[str], None]] = None,
     log_observer=None,
-    debug_logs: bool = False,
     stop_grace_period: float = STOP_GRACE_PERIOD,
     clock: Optional[IReactorTime] = None,
-    max_pending_requests: int = 0,
 ) -> RelayClientService:
     """
-    @param relay_url: C{scheme://address} and the relay prefix, e.g.
-        C{http://127.0.0.1:8081} or C{https://relay.example.com/prefix}.
-    @param force_http2: plain requests go to the backend over HTTP/2 (h2c
-        for C{http}, ALPN for C{https}), as gRPC backends need; otherwise
-        HTTP/1.1. Upgrades always use HTTP/1.1.
+    The relay client as C{config} says. With C{config.force_http2}, plain
+    requests go to the backend over HTTP/2 (h2c for C{http}, ALPN for
+    C{https}), as gRPC backends need; upgrades always use HTTP/1.1.
+
+    @param trust_root: the certificates of C{config.root_ca_file}, loaded
+        (the options load them to refuse a bad file at start-up).
     @param clock: drives the protocol's timers (chunking, keep-alives,
         back-off, timeouts); the reactor by default, a L{Clock} in tests that
         step through them while real sockets carry the traffic.
     """
-    from relay.client.endpoints import CachingEndpointFactory
-    from relay.client.keepalive import KeepAliveAgent
-
     clock = clock if clock is not None else reactor
     # The relay is verified against the system's CAs; --root_ca_file is for
     # the backend, as in the Go client.
     relay_agent = KeepAliveAgent(
-        reactor, CachingEndpointFactory(reactor, connect_timeout=30), max_idle_conns_per_host, IDLE_CONNECTION_TIMEOUT
+        reactor,
+        CachingEndpointFactory(reactor, connect_timeout=30),
+        config.max_idle_conns_per_host,
+        IDLE_CONNECTION_TIMEOUT,
     )
-    api = RelayAPI(
-        relay_agent,
-        clock,
-        relay_url,
-        server_name,
-        token_file=relay_token_file,
-    )
-    target = BackendTarget(
-        scheme=backend_scheme,
-        address=backend_address,
-        path_prefix=backend_path,
-        preserve_host=preserve_host,
-        token_file=authentication_token_file,
-    )
+    api = RelayAPI(relay_agent, clock, config.relay_url, config.server_name, token_file=config.relay_token_file)
+    target = BackendTarget(config)
     policy = TrustPolicy(trust_root)
-    if force_http2:
+    if config.force_http2:
         backend = H2Backend(reactor, policy)
     else:
-        backend = Backend(reactor, target, policy, max_idle_conns_per_host, IDLE_CONNECTION_TIMEOUT)
-    pools = [relay_agent, backend]
-    handler = RequestHandler(
-        clock,
-        api,
-        target,
-        backend,
-        Upgrader(reactor, policy),
-        max_chunk_size,
-    )
-    handler.trace = debug_logs
+        backend = Backend(reactor, target, policy, config.max_idle_conns_per_host, IDLE_CONNECTION_TIMEOUT)
+    handler = RequestHandler(clock, api, target, backend, Upgrader(reactor, policy), config.max_chunk_size)
+    handler.trace = config.debug_logs
     return RelayClientService(
         reactor,
         api,
         handler,
-        pools,
-        num_pending_requests=num_pending_requests,
+        [relay_agent, backend],
+        config,
         on_fatal=on_fatal,
         log_observer=log_observer,
         stop_grace_period=stop_grace_period,
         clock=clock,
-        max_pending_requests=max_pending_requests,
     )

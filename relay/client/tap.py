@@ -12,19 +12,21 @@ import os
 import sys
 from typing import List
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python import usage
 
-from relay import busy_poll
+from relay import tuning
 from relay.client.backend import load_trust_root
-from relay.client.chunker import DEFAULT_MAX_CHUNK_SIZE
 from relay.client.service import make_client_service
+from relay.config import ClientConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
-from relay.malloc import tune_malloc
 from relay.options import GoFlagOptions, go_int, log_format, log_level, nonnegative_int, positive_int
-from relay.pypy_gc import log_nursery_advice
 
 log = Logger()
+
+
+def default(flag: str):
+    return flag_default(ClientConfig, flag)
 
 _TRUE = ("1", "t", "T", "true", "TRUE", "True")
 _FALSE = ("0", "f", "F", "false", "FALSE", "False")
@@ -61,7 +63,7 @@ BOOL_FLAGS = (
 class Options(GoFlagOptions):
     command = "relay-client"
     synopsis = "[options]"
-    ignored_go_flags = {"pprof_port": 0, "trace-stackdriver-project-id": ""}
+    ignored_go_flags = ("pprof_port", "trace-stackdriver-project-id")
     longdesc = (
         "The relay client, wire-compatible with the Cloud Robotics Go http-relay-client: "
         "it long-polls the relay server for requests sent to --server_name, makes them "
@@ -72,69 +74,69 @@ class Options(GoFlagOptions):
         "credentials are not supported."
     )
     optParameters = [
-        ["backend_scheme", None, "https",
+        ["backend_scheme", None, default("backend_scheme"),
          "Connection scheme (http, https) for connection from relay client to backend server.", scheme],
-        ["backend_address", None, "localhost:8080",
+        ["backend_address", None, default("backend_address"),
          "Hostname (and port) of the backend server as seen by the relay client."],
-        ["backend_path", None, "", "Path prefix for backend requests (default: none)."],
-        ["preserve_host", None, "true",
+        ["backend_path", None, default("backend_path"), "Path prefix for backend requests (default: none)."],
+        ["preserve_host", None, default("preserve_host"),
          "Preserve Host header of the original request for compatibility with "
          "cross-origin request checks (otherwise Host is --backend_address).", go_bool],
-        ["relay_scheme", None, "https",
+        ["relay_scheme", None, default("relay_scheme"),
          "Connection scheme (http, https) for connection from relay client to relay server.", scheme],
-        ["relay_address", None, "localhost:8081",
+        ["relay_address", None, default("relay_address"),
          "Hostname (and port) of the relay server as seen by the relay client."],
-        ["relay_prefix", None, "", "Path prefix for the relay server."],
-        ["server_name", None, "server_name",
+        ["relay_prefix", None, default("relay_prefix"), "Path prefix for the relay server."],
+        ["server_name", None, default("server_name"),
          "Fetch requests from the relay server for this server name."],
-        ["authentication_token_file", None, "",
+        ["authentication_token_file", None, default("authentication_token_file"),
          "File with authentication token for backend requests: sent as "
          "'Authorization: Bearer <token>', re-read for every request."],
-        ["relay_token_file", None, "",
+        ["relay_token_file", None, default("relay_token_file"),
          "File with a token for the relay server: sent as 'Authorization: Bearer <token>' "
          "on every relay call, re-read each time. (Not a Go client flag: it stands in "
          "for the Google credentials the Go client uses.)"],
-        ["root_ca_file", None, "",
+        ["root_ca_file", None, default("root_ca_file"),
          "File with root CA cert(s) (PEM) to verify the backend's TLS certificate "
          "(default: the system's CAs)."],
-        ["max_chunk_size", None, DEFAULT_MAX_CHUNK_SIZE,
+        ["max_chunk_size", None, default("max_chunk_size"),
          "Max size of data in bytes to accumulate before sending to the peer.", positive_int],
-        ["block_size", None, 64 * 1024,
+        ["block_size", None, default("block_size"),
          "Size of i/o buffer in bytes (accepted for compatibility: reads are as large as "
          "the network delivers).", positive_int],
-        ["num_pending_requests", None, 1,
+        ["num_pending_requests", None, default("num_pending_requests"),
          "Number of pending http requests (long polls) to the relay.", positive_int],
-        ["max_pending_requests", None, 4,
+        ["max_pending_requests", None, default("max_pending_requests"),
          "Not in Go: while requests keep coming, poll up to this many at once "
          "(extra polls close when they come back empty). 0 or at most "
          "--num_pending_requests: never more than --num_pending_requests.", nonnegative_int],
-        ["busy_poll_us", None, 0,
+        ["busy_poll_us", None, default("busy_poll_us"),
          "Not in Go: after each burst of work, poll for new events for up to this many "
          "microseconds before sleeping (yielding the CPU to anything ready to run). "
          "Cuts latency where waking an idle CPU is slow (VMs), at the cost of up to a "
          "core of CPU under moderate load; on a busy machine with few cores it can "
          "slow things down (docs/performance.md). 0 (the default): off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
-        ["max_idle_conns_per_host", None, 100,
+        ["max_idle_conns_per_host", None, default("max_idle_conns_per_host"),
          "The maximum number of idle (keep-alive) connections to keep per-host.", positive_int],
-        ["disable_http2", None, "false",
+        ["disable_http2", None, default("disable_http2"),
          "Disable http2 protocol usage: HTTP/1.1 to the backend (the default unless "
          "--force_http2).", go_bool],
-        ["force_http2", None, "false",
+        ["force_http2", None, default("force_http2"),
          "Force http2 to the backend, e.g. for gRPC: cleartext HTTP/2 with prior knowledge "
          "(h2c) for --backend_scheme=http, HTTP/2 chosen by ALPN for https. Upgrades "
          "(WebSockets) still use HTTP/1.1.", go_bool],
-        ["disable_auth_for_remote", None, "false",
+        ["disable_auth_for_remote", None, default("disable_auth_for_remote"),
          "Disable auth when talking to the relay server (for local testing, or when "
          "--relay_token_file is not needed).", go_bool],
-        ["trace-stackdriver-project-id", None, "",
+        ["trace-stackdriver-project-id", None, default("trace-stackdriver-project-id"),
          "Go's tracing to Google Cloud: accepted so that Go manifests work, and ignored "
          "(with a warning when set)."],
-        ["pprof_port", None, 0,
+        ["pprof_port", None, default("pprof_port"),
          "Go's profiler port: accepted so that Go manifests work, and ignored (with a "
          "warning when set).", go_int],
-        ["log_level", None, "info",
+        ["log_level", None, default("log_level"),
          "Least severe level logged: debug, info, warn, error, or Go's -4, 0, 4, 8."],
-        ["log_format", None, "json", "json (one object per line, as the Go relay) or text (key=value)."],
+        ["log_format", None, default("log_format"), "json (one object per line, as the Go relay) or text (key=value)."],
     ]
 
     def normalize(self, argv: List[str]) -> List[str]:
@@ -167,6 +169,7 @@ class Options(GoFlagOptions):
                 raise usage.UsageError("--root_ca_file=%s: %s" % (self["root_ca_file"], e))
         if not self["server_name"]:
             raise usage.UsageError("--server_name must not be empty; give the backend's name, e.g. --server_name=robot1")
+        self.config = from_options(ClientConfig, self)
 
 
 def host_port(text: str) -> str:
@@ -197,10 +200,6 @@ def readable_file(path: str) -> str:
         except OSError as e:
             raise usage.UsageError("cannot read the file (%s); give the path of an existing file" % (e.strerror or e,))
     return path
-
-
-def relay_url(options) -> str:
-    return "%s://%s%s" % (options["relay_scheme"], options["relay_address"], options["relay_prefix"])
 
 
 def exit_after_stop(reactor, code: int = 1):
@@ -240,28 +239,12 @@ def _warn_unsupported(options) -> None:
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    tune_malloc()
-    service = make_client_service(
-        reactor,
-        relay_url(options),
-        options["server_name"],
-        backend_scheme=options["backend_scheme"],
-        backend_address=options["backend_address"],
-        backend_path=options["backend_path"],
-        preserve_host=options["preserve_host"],
-        authentication_token_file=options["authentication_token_file"],
-        relay_token_file=options["relay_token_file"],
-        trust_root=options["trust_root"],
-        max_chunk_size=options["max_chunk_size"],
-        num_pending_requests=options["num_pending_requests"],
-        max_pending_requests=options["max_pending_requests"],
-        max_idle_conns_per_host=options["max_idle_conns_per_host"],
-        force_http2=options["force_http2"],
-        on_fatal=exit_after_stop(reactor),
-        log_observer=twistd_log_observer(options),
-        debug_logs=options["log_level"] <= LogLevel.debug,
-    )
     reactor.callWhenRunning(_warn_unsupported, options)
-    reactor.callWhenRunning(log_nursery_advice, log)
-    reactor.callWhenRunning(busy_poll.install, reactor, options["busy_poll_us"], log)
-    return service
+    tuning.apply(reactor, options["busy_poll_us"], log)
+    return make_client_service(
+        reactor,
+        options.config,
+        trust_root=options["trust_root"],
+        on_fatal=exit_after_stop(reactor),
+        log_observer=twistd_log_observer(options.config, getattr(options, "parent", None)),
+    )

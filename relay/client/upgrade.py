@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder
 from zope.interface import implementer
 
 from relay.client.backend import (
@@ -31,6 +30,7 @@ from relay.client.backend import (
     split_address,
 )
 from relay.client.endpoints import client_endpoint
+from relay.compat import ChunkedTransferDecoder
 from relay.headers import go_canonical, sanitize_value, valid_name
 from relay.logs import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
@@ -125,7 +125,7 @@ class RawResponse(Protocol):
         self._pending: List[bytes] = []
         self._ended = False
         self._remaining: Optional[int] = None  # bytes left of a Content-Length body
-        self._decoder: Optional[_ChunkedTransferDecoder] = None
+        self._decoder: Optional[ChunkedTransferDecoder] = None
         self._body_done = False
 
     # Requests.
@@ -181,7 +181,7 @@ class RawResponse(Protocol):
         if self.request.method.upper() == "HEAD" or self.status in (204, 304):
             self._remaining = 0
         elif "chunked" in (_header(self.headers, "transfer-encoding") or "").lower():
-            self._decoder = _ChunkedTransferDecoder(self._deliver, lambda extra: self._end_body())
+            self._decoder = ChunkedTransferDecoder(self._deliver, lambda extra: self._end_body())
             self.headers = [(n, v) for n, v in self.headers if n.lower() != "transfer-encoding"]
         else:
             length = _header(self.headers, "content-length")

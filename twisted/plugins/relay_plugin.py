@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 relay = ServiceMaker(
     "relay",
-    "relay.tap",
+    "relay.server.tap",
     "A multiplexing HTTP relay server (Cloud Robotics http-relay-server compatible).",
     "relay",
 )

@@ -18,7 +18,7 @@ User tokens (C{--user_tokens}), one per line::
     2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae  robot-1,lab-*
 
 Print the hash of a token read from stdin with
-C{python -m relay.auth hash < token.txt}.
+C{python -m relay.server.auth hash < token.txt}.
 """
 
 import hashlib
@@ -149,7 +149,7 @@ def _match(entries, digest: str, name: str) -> bool:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv != ["hash"]:
-        sys.stderr.write("usage: python -m relay.auth hash < token-file\n")
+        sys.stderr.write("usage: python -m relay.server.auth hash < token-file\n")
         return 2
     token = sys.stdin.read().strip()
     if not token:

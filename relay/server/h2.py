@@ -4,14 +4,14 @@ as HTTP/1.1, with trailers.
 
 gRPC user-clients talk to the relay over HTTP/2, usually without TLS, and
 need the backend's trailers (C{grpc-status}) to arrive. Twisted serves
-HTTP/2 through L{twisted.web._http2.H2Connection}, which turns every stream
+HTTP/2 through C{twisted.web._http2.H2Connection}, which turns every stream
 into an ordinary twisted.web request on the same Site and Resources, with
 HTTP/2 flow control wired into the producer/consumer interfaces: exactly
 what the relay's streaming and back-pressure already rely on. What it lacks
 is small, so we extend it rather than write a second HTTP/2 server:
 
   - It is only reached through ALPN on TLS. L{RelayChannel} (in
-    C{relay.site}) also recognises the HTTP/2 connection preface on a plain
+    C{relay.server.site}) also recognises the HTTP/2 connection preface on a plain
     connection and hands the connection over, the same way Twisted's own
     generic channel does after ALPN picks C{h2}.
   - It cannot end a stream with trailers. L{TrailerH2Connection} is the
@@ -44,18 +44,14 @@ import h2.exceptions
 from zope.interface import implementer
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
-from twisted.web._http2 import H2Connection
 
+from relay.compat import H2Connection, h2_header_block_pending, h2_stream_connection, set_ssl_context_factory, ssl_context_factory
+from relay.headers import CONNECTION_SPECIFIC, as_bytes
 from relay.logs import DebugInfoLogger, peer_text
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-# Names HTTP/2 forbids in a header block (RFC 9113 8.2.2), which h2 raises on.
-_NOT_IN_H2_TRAILERS = frozenset(
-    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"]
-)
-# Frame types that carry a header block.
-_HEADERS, _CONTINUATION = 0x1, 0x9
+_NOT_IN_H2_TRAILERS = as_bytes(CONNECTION_SPECIFIC)
 
 
 class TrailerH2Connection(h2.connection.H2Connection):
@@ -111,16 +107,7 @@ class RelayH2Connection(H2Connection):
 
     def _awaiting_headers(self) -> bool:
         """No open stream, or a header block still arriving."""
-        if not self.streams:
-            return True
-        incoming = self.conn.incoming_buffer
-        if getattr(incoming, "_headers_buffer", None):
-            return True
-        # The bytes of a frame still arriving (h2 4.x: _data; 3.x: data).
-        data = getattr(incoming, "_data", None)
-        if data is None:
-            data = getattr(incoming, "data", b"")
-        return len(data) >= 4 and data[3] in (_HEADERS, _CONTINUATION)
+        return not self.streams or h2_header_block_pending(self.conn)
 
     def _watch_headers(self) -> None:
         timeout = getattr(getattr(self, "site", None), "header_timeout", None)
@@ -172,8 +159,7 @@ class RelayH2Connection(H2Connection):
 def stream_connection(request):
     """The L{RelayH2Connection} and stream id a request arrived on, if any."""
     channel = request.channel
-    # H2Stream keeps its connection in _conn: the one place we look inside it.
-    conn = getattr(channel, "_conn", None)
+    conn = h2_stream_connection(channel)
     if isinstance(conn, RelayH2Connection):
         return conn, channel.streamID
     return None, None
@@ -215,5 +201,5 @@ def offer_h2_over_tls(endpoint):
     ALPN; any other endpoint is returned as it is.
     """
     if isinstance(endpoint, SSL4ServerEndpoint):
-        endpoint._sslContextFactory = ALPNContextFactory(endpoint._sslContextFactory)
+        set_ssl_context_factory(endpoint, ALPNContextFactory(ssl_context_factory(endpoint)))
     return endpoint

@@ -13,7 +13,7 @@ ends both.
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from relay.broker import Broker, PendingRequest
+from relay.server.broker import Broker, PendingRequest
 
 log = Logger()
 

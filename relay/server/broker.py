@@ -22,15 +22,16 @@ observable on the wire (messages, status codes, timeouts) ours is the same.
 
 import os
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.metrics import RESULT_UNKNOWN_ID, UNKNOWN_BACKEND, RelayMetrics
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.server.metrics import RESULT_UNKNOWN_ID, UNKNOWN_BACKEND, RelayMetrics
 
 log = Logger()
 
@@ -190,6 +191,64 @@ class BodyBudget:
         self.used = max(0, self.used - n)
 
 
+class Waiters:
+    """
+    Deferreds waiting in line, each with a deadline on the clock: a
+    backend's long polls, an upgraded request's stream reads. The oldest is
+    served first (L{pop}); one that times out leaves the line before
+    C{on_timeout} fires it; one that is cancelled (its peer went away)
+    leaves the line and takes its timer with it.
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float, on_timeout: Callable[[Deferred], None]):
+        self._clock = clock
+        self._timeout = timeout
+        self._on_timeout = on_timeout
+        self._line: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def __iter__(self) -> Iterator[Deferred]:
+        return (d for d, _ in self._line)
+
+    def wait(self) -> Deferred:
+        """A new place at the end of the line."""
+        d = Deferred(self._leave)
+        timer = self._clock.callLater(self._timeout, self._expire, d)
+        self._line.append((d, timer))
+        return d
+
+    def pop(self) -> Deferred:
+        """The oldest waiter, out of the line and with no timer, to fire."""
+        d, timer = self._line.popleft()
+        timer.cancel()
+        return d
+
+    def fire_all(self, result) -> None:
+        """Everyone in line gets C{result}: the wait is over for good."""
+        line, self._line = self._line, deque()
+        for d, timer in line:
+            timer.cancel()
+            d.callback(result)
+
+    def _remove(self, d: Deferred) -> Optional[IDelayedCall]:
+        for entry in self._line:
+            if entry[0] is d:
+                self._line.remove(entry)
+                return entry[1]
+        return None
+
+    def _leave(self, d: Deferred) -> None:
+        timer = self._remove(d)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, d: Deferred) -> None:
+        self._remove(d)
+        self._on_timeout(d)
+
+
 class StreamQueue:
     """
     Bytes a user-client sent after a 101, waiting for the relay-client's
@@ -204,7 +263,7 @@ class StreamQueue:
         self._high_water = high_water
         self._chunks: Deque[bytes] = deque()
         self._size = 0
-        self._waiters: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+        self._waiters = Waiters(clock, STREAM_POLL_TIMEOUT, lambda d: d.callback(b""))
         self._producer: Optional[IPushProducer] = None
         self._paused = False
         self.closed = False
@@ -222,9 +281,7 @@ class StreamQueue:
         self._chunks.append(data)
         self._size += len(data)
         while self._waiters and self._size:
-            d, timer = self._waiters.popleft()
-            timer.cancel()
-            d.callback(self._take())
+            self._waiters.pop().callback(self._take())
         if self._size > self._high_water and not self._paused and self._producer:
             self._paused = True
             self._producer.pauseProducing()
@@ -238,25 +295,7 @@ class StreamQueue:
             return succeed(self._take())
         if self.closed:
             return succeed(None)
-
-        def cancel(d: Deferred) -> None:
-            for entry in self._waiters:
-                if entry[0] is d:
-                    self._waiters.remove(entry)
-                    entry[1].cancel()
-                    return
-
-        d = Deferred(cancel)
-        timer = self._clock.callLater(STREAM_POLL_TIMEOUT, self._expire, d)
-        self._waiters.append((d, timer))
-        return d
-
-    def _expire(self, d: Deferred) -> None:
-        for entry in self._waiters:
-            if entry[0] is d:
-                self._waiters.remove(entry)
-                break
-        d.callback(b"")
+        return self._waiters.wait()
 
     def _take(self) -> bytes:
         out: List[bytes] = []
@@ -282,10 +321,7 @@ class StreamQueue:
         self.closed = True
         self._chunks.clear()
         self._size = 0
-        waiters, self._waiters = self._waiters, deque()
-        for d, timer in waiters:
-            timer.cancel()
-            d.callback(None)
+        self._waiters.fire_all(None)
         self._producer = None
 
 
@@ -421,9 +457,9 @@ class Backend:
 
     __slots__ = ("name", "polls", "queue", "active", "last_activity")
 
-    def __init__(self, name: str, now: float):
+    def __init__(self, name: str, now: float, polls: Waiters):
         self.name = name
-        self.polls: Deque[Tuple[Deferred, IDelayedCall]] = deque()
+        self.polls = polls
         self.queue: Deque[PendingRequest] = deque()
         # Ids of this backend's requests that are not over yet.
         self.active: Set[str] = set()
@@ -436,34 +472,29 @@ class Broker:
 
     @param clock: where time and timers come from.
     @param metrics: the metrics sink.
-    @param inactive_request_timeout: seconds without a message from the
-        relay-client after which a request is dropped (504 when nothing was
-        answered yet).
-    @param inactive_backend_timeout: seconds without a poll after which a
-        backend is forgotten (503 unknown client).
+    @param config: the limits and timeouts (C{inactive_request_timeout}:
+        seconds without a message from the relay-client after which a
+        request is dropped, 504 when nothing was answered yet;
+        C{inactive_backend_timeout}: seconds without a poll after which a
+        backend is forgotten, 503 unknown client).
     """
 
     def __init__(
         self,
         clock: IReactorTime,
+        config: ServerConfig,
         metrics: Optional[RelayMetrics] = None,
-        inactive_request_timeout: float = 60.0,
-        inactive_backend_timeout: float = 30 * 60.0,
         new_id: Optional[Callable[[str], str]] = None,
-        max_pending_per_backend: int = 1000,
-        max_backends: int = 100000,
-        block_size: int = 10240,
-        max_buffered_bodies: int = 1024 * 1024 * 1024,
     ):
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
-        self.inactive_request_timeout = inactive_request_timeout
-        self.inactive_backend_timeout = inactive_backend_timeout
+        self.inactive_request_timeout = config.inactive_request_timeout
+        self.inactive_backend_timeout = config.inactive_backend_timeout
         self._new_id = new_id if new_id is not None else RequestIds()
-        self.max_pending_per_backend = max_pending_per_backend
-        self.max_backends = max_backends
-        self.block_size = block_size
-        self.bodies = BodyBudget(max_buffered_bodies)
+        self.max_pending_per_backend = config.max_pending_per_backend
+        self.max_backends = config.max_backends
+        self.block_size = config.block_size
+        self.bodies = BodyBudget(config.max_buffered_bodies)
         # Per-request debug lines cost even when filtered out: only build
         # them when debug logging is on.
         self.trace = False
@@ -503,9 +534,7 @@ class Broker:
             log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend).inc()
         if b.polls:
-            d, timer = b.polls.popleft()
-            timer.cancel()
-            self._hand_over(b, pending, d)
+            self._hand_over(b, pending, b.polls.pop())
         else:
             pending._pickup_timer = self.clock.callLater(
                 PICKUP_TIMEOUT, self._pickup_timeout, b, pending
@@ -568,7 +597,8 @@ class Broker:
         if b is None:
             if len(self.backends) >= self.max_backends:
                 raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
-            b = self.backends[backend] = Backend(backend, now)
+            polls = Waiters(self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(b, d))
+            b = self.backends[backend] = Backend(backend, now, polls)
             log.info("Relay client connected", ServerName=backend)
         b.last_activity = now
         self.metrics.requests.labels("server_request", backend).inc()
@@ -579,23 +609,9 @@ class Broker:
             self._hand_over(b, b.queue.popleft(), d)
             return d
 
-        def cancel(d: Deferred) -> None:
-            for entry in b.polls:
-                if entry[0] is d:
-                    b.polls.remove(entry)
-                    entry[1].cancel()
-                    return
-
-        d = Deferred(cancel)
-        timer = self.clock.callLater(POLL_TIMEOUT, self._poll_timeout, b, d)
-        b.polls.append((d, timer))
-        return d
+        return b.polls.wait()
 
     def _poll_timeout(self, b: Backend, d: Deferred) -> None:
-        for entry in b.polls:
-            if entry[0] is d:
-                b.polls.remove(entry)
-                break
         b.last_activity = self.clock.seconds()
         self.metrics.responses.labels("server_request", "timeout", b.name).inc()
         d.callback(None)
@@ -636,20 +652,14 @@ class Broker:
             if backend_duration > 0:
                 self.metrics.backend_durations.labels(*labels).observe(backend_duration)
                 self.metrics.overhead_durations.labels(*labels).observe(elapsed - backend_duration)
-            if self.trace:
-                log.debug(
-                    "Delivered final response to client",
-                    ID=request_id,
-                    Bytes=_body_size(message, body),
-                    Elapsed=elapsed,
-                    BackendDuration=backend_duration,
-                )
-        elif self.trace:
+        if self.trace:
+            final = {"BackendDuration": backend_duration} if message.eof else {}
             log.debug(
-                "Delivered response to client",
+                "Delivered final response to client" if message.eof else "Delivered response to client",
                 ID=request_id,
                 Bytes=_body_size(message, body),
                 Elapsed=elapsed,
+                **final
             )
         self.metrics.responses.labels("server_response", "ok", pending.backend).inc()
         return pending._post(message, body)
@@ -704,10 +714,7 @@ class Broker:
         """
         self.stopping = True
         for b in self.backends.values():
-            polls, b.polls = b.polls, deque()
-            for d, timer in polls:
-                timer.cancel()
-                d.callback(None)
+            b.polls.fire_all(None)
             for pending in list(b.queue):
                 b.queue.remove(pending)
                 self._forget(pending, ServerStopping("Server is restarting"))

@@ -23,19 +23,11 @@ Rules that keep one peer from reaching another (docs/security.md):
   - With C{--client_tokens}, the name a response or a request-stream pull
     acts for is the pending request's own backend, never a prefix of its
     id: names may contain C{:}.
-  - A relay-client's status is only used when it can be the final status
-    of an HTTP response. No status, or one outside 100..999: 500 C{Received
-    no header from relay client}, as before. An interim 1xx (100, 102,
-    103, ...) as the final status: 502, on HTTP/1.1 and HTTP/2 alike; it
-    would otherwise be written as an interim head followed by bytes the
-    user reads as the answer to its next request. A 101 switches protocols
-    only on HTTP/1.1, for a request that asked to upgrade (C{Connection:
-    upgrade} and C{Upgrade}), to the protocol it asked for when the 101
-    names one; otherwise 502, as Go's ReverseProxy answers a backend that
-    switches protocols unasked.
+
+What the user gets back, and the rules for it, are in L{relay.server.response}.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from twisted.internet.defer import CancelledError
@@ -45,22 +37,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from relay import wire
-from relay.auth import AccessPolicy
-from relay.broker import (
-    Broker,
-    BrokerError,
-    Overloaded,
-    PendingRequest,
-    RequestExpired,
-    UnknownBackend,
-    UnknownRequest,
-)
-from relay.durations import format_duration
-from relay.headers import HOP_BY_HOP, go_canonical, sanitize_value, valid_name
+from relay.compat import request_gone
+from relay.headers import HOP_BY_HOP_REQUEST, NOT_RELAYED, as_bytes, go_canonical
 from relay.logs import Throttle, peer_text
-from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.tunnel import Tunnel
+from relay.server.auth import AccessPolicy
+from relay.server.broker import Broker, BrokerError, Overloaded, UnknownBackend, UnknownRequest
+from relay.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.server.response import UserResponse, http_error, plain, proto_text
 
 log = Logger()
 
@@ -68,29 +52,10 @@ CLIENT_PREFIX = b"/client/"
 REQUEST_CONTENT_TYPE = (
     b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpRequest"
 )
-TEXT_PLAIN = b"text/plain; charset=utf-8"
 # Kubernetes names (which robot names are) have at most 253 characters.
 MAX_NAME_BYTES = 256
-# Request headers Go's server does not put into Request.Header.
-_NOT_RELAYED = frozenset([b"host", b"transfer-encoding"])
-_HOP_BY_HOP_REQUEST = frozenset(
-    [b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate", b"trailer"]
-)
-
-
-def http_error(request, code: int, message: str) -> bytes:
-    """Go's C{http.Error}: the body for C{render} to return."""
-    request.setResponseCode(code)
-    request.responseHeaders.setRawHeaders(b"content-type", [TEXT_PLAIN])
-    request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
-    return (message + "\n").encode("utf-8")
-
-
-def _plain(request, code: int, message: str) -> bytes:
-    """A body written without C{http.Error} (no newline), as Go does in places."""
-    request.setResponseCode(code)
-    request.responseHeaders.setRawHeaders(b"content-type", [TEXT_PLAIN])
-    return message.encode("utf-8")
+_NOT_RELAYED = as_bytes(NOT_RELAYED)
+_HOP_BY_HOP_REQUEST = as_bytes(HOP_BY_HOP_REQUEST)
 
 
 def _restarting(request) -> bytes:
@@ -298,7 +263,7 @@ class ServerResource(Resource):
             return http_error(request, 400, "HttpResponse without id")
         if not isinstance(message.id, str):
             # proto2 hands invalid UTF-8 back as bytes: no id of ours.
-            return http_error(request, 400, "Duplicate or invalid request ID %s" % (_text(message.id),))
+            return http_error(request, 400, "Duplicate or invalid request ID %s" % (proto_text(message.id),))
         name = self._acting_for(message.id)
         if not self.policy.relay_client_allowed(request, name):
             return self._forbidden(request, name)
@@ -369,7 +334,7 @@ def _answer_when(request, d, on_result, on_failure=None):
             body = on_failure(request, outcome)
         else:
             body = on_result(request, outcome)
-        if request._disconnected:
+        if request_gone(request):
             return None
         if isinstance(body, list):
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % sum(map(len, body))])
@@ -437,7 +402,7 @@ class ClientResource(Resource):
             response.pending = self.broker.relay(backend, message, response, charge)
         except UnknownBackend as e:
             self.broker.bodies.give(charge)
-            return _plain(request, 503, str(e))
+            return plain(request, 503, str(e))
         except Overloaded as e:
             self.broker.bodies.give(charge)
             return _overloaded(request, e)
@@ -506,11 +471,6 @@ def _relayed_headers(request, out) -> None:
         out.add(name="X-Forwarded-Proto", value="https" if request.isSecure() else "http")
 
 
-def _text(value) -> str:
-    """A proto2 string field: str, or bytes when it was not valid UTF-8."""
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
-
-
 def _overloaded(request, error) -> bytes:
     request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
     return http_error(request, 503, str(error))
@@ -522,208 +482,3 @@ def _backend_url(path: bytes, uri: bytes) -> str:
     if query:
         url += b"?" + query
     return url.decode("utf-8", "replace")
-
-
-class UserResponse:
-    """
-    The L{ResponseSink} for one user request: turns the relay-client's
-    messages into the user-client's response.
-    """
-
-    def __init__(self, broker: Broker, request):
-        self.broker = broker
-        self.request = request
-        self.pending: Optional[PendingRequest] = None
-        self.started = False
-        self.done = False
-        self.tunnel: Optional[Tunnel] = None
-        # What the user's request asked to upgrade to, if it did.
-        self.upgrade: Optional[bytes] = None
-        self.grpc_headers: List[Tuple[str, str]] = []
-        self.bytes = 0
-        # The Content-Length the backend declared, when the body must match it.
-        self.expected: Optional[int] = None
-
-    def user_gone(self) -> None:
-        self.done = True
-        if self.pending is not None:
-            self.broker.cancel(self.pending)
-
-    def deliver(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
-        if self.done:
-            return
-        if not self.started:
-            if not self._start(message):
-                return
-        for piece in (message.body,) if body is None else body:
-            overflow = self.expected is not None and self.bytes + len(piece) > self.expected
-            if overflow:
-                # More than declared would be read as the start of another
-                # response on a keep-alive connection: never write it (Go's
-                # ResponseWriter refuses it too).
-                log.warn("Dropping body bytes beyond Content-Length", ID=self.pending.id)
-                piece = piece[: self.expected - self.bytes]
-            if piece:
-                self.bytes += len(piece)
-                if self.tunnel is not None:
-                    self.tunnel.write(piece)
-                else:
-                    self.request.write(piece)
-            if overflow:
-                break
-        for h in message.trailer:
-            self.request.add_trailer(_text(h.name), _text(h.value))
-        if message.eof:
-            self._finish()
-
-    def _start(self, message: HttpResponse) -> bool:
-        """The first message: status and headers. False if unusable."""
-        self.started = True
-        request = self.request
-        metrics = self.broker.metrics
-        pending = self.pending
-        if not message.HasField("status_code") or not 100 <= message.status_code <= 999:
-            metrics.responses.labels("client", "missing_header", pending.backend).inc()
-            self._answer_error(500, "Received no header from relay client")
-            self.broker.reject(pending)
-            return False
-        status = message.status_code
-        refused = self._refuse_status(message)
-        if refused is not None:
-            metrics.responses.labels("client", "invalid_status", pending.backend).inc()
-            log.warn("Refusing status from relay client", ID=pending.id, Status=status)
-            self._answer_error(*refused)
-            self.broker.reject(pending)
-            return False
-        if status == 101:
-            self._switch(message)
-            return True
-        request.setResponseCode(status)
-        grouped: Dict[bytes, List[bytes]] = {}
-        for h in message.header:
-            name, value = _text(h.name), _text(h.value)
-            if not valid_name(name):
-                log.warn("Dropping invalid header name from relay client", ID=pending.id, Name=name)
-                continue
-            if name.lower() in HOP_BY_HOP:
-                continue
-            if name[:5].lower() == "grpc-":
-                self.grpc_headers.append((name, value))
-            grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(value))
-        lengths = grouped.get(b"content-length")
-        if lengths is not None and status == 204:
-            # A 204 has no body and no length (RFC 9110 8.6): a client that
-            # believed one would read the next response as its body.
-            del grouped[b"content-length"]
-        elif lengths is not None:
-            if len(set(lengths)) == 1 and lengths[0].isdigit():
-                if request.method != b"HEAD" and status not in (204, 304):
-                    self.expected = int(lengths[0])
-                grouped[b"content-length"] = lengths[:1]
-            else:
-                # Conflicting or malformed: let the framing be chunked.
-                del grouped[b"content-length"]
-        for name, values in grouped.items():
-            request.responseHeaders.setRawHeaders(name, values)
-        return True
-
-    def _refuse_status(self, message: HttpResponse) -> Optional[Tuple[int, str]]:
-        """
-        Why C{message}'s 1xx status cannot be this response's final status,
-        as C{(code, text)} for the user; None when it can.
-        """
-        status = message.status_code
-        if status >= 200:
-            return None
-        if status != 101:
-            return 502, "Backend returned interim status %d as its final response" % (status,)
-        if not hasattr(self.request.channel, "switch_protocol"):
-            # HTTP/2 has no 101 (Go answers the same way).
-            return 500, "Backend returned 101 Switching Protocols, which is not supported by the relay server"
-        if self.upgrade is None:
-            return 502, "Backend switched protocols for a request that did not ask to upgrade"
-        offered = [_text(h.value).strip().lower().encode("latin-1", "replace") for h in message.header
-                   if _text(h.name).lower() == "upgrade"]
-        if offered and offered[0] != self.upgrade:
-            return 502, "Backend switched to a protocol the request did not ask for"
-        return None
-
-    def _switch(self, message: HttpResponse) -> None:
-        request = self.request
-        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        for h in message.header:
-            name = _text(h.name)
-            if valid_name(name):
-                lines.append(b"%s: %s\r\n" % (go_canonical(name).encode("latin-1"), sanitize_value(_text(h.value))))
-        lines.append(b"\r\n")
-        request.unregisterProducer()
-        self.tunnel = Tunnel(self.broker, self.pending)
-        if self.broker.trace:
-            log.debug("Switched protocols", ID=self.pending.id)
-        request.channel.switch_protocol(self.tunnel, b"".join(lines))
-
-    def _finish(self) -> None:
-        self.done = True
-        if self.broker.trace:
-            log.debug("Wrote response chunk to request", ID=self.pending.id, Bytes=self.bytes)
-        if self.tunnel is not None:
-            self.tunnel.close(clean=True)
-            return
-        request = self.request
-        if self.expected is not None and self.bytes < self.expected:
-            # Finishing would leave the user waiting for the rest, or worse,
-            # reading our next response as its body: the answer is cut short.
-            self.done = False
-            self.fail(RequestExpired("body shorter than its Content-Length"))
-            return
-        for name, value in self.grpc_headers:
-            request.add_trailer(name, value)
-        request.unregisterProducer()
-        if not request._disconnected:
-            request.finish()
-
-    def _answer_error(self, code: int, text: str, go_error: bool = False) -> None:
-        self.done = True
-        request = self.request
-        request.unregisterProducer()
-        if request._disconnected:
-            return
-        body = _plain(request, code, text)
-        if go_error:
-            request.responseHeaders.setRawHeaders(b"x-content-type-options", [b"nosniff"])
-        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        request.write(body)
-        request.finish()
-
-    def fail(self, reason: BrokerError) -> None:
-        if self.done:
-            return
-        pending = self.pending
-        if not self.started:
-            if isinstance(reason, RequestExpired):
-                self.broker.metrics.responses.labels("client", "missing_message", pending.backend).inc()
-                self._answer_error(
-                    504,
-                    "Timeout after %s, indicating that the backend request took too long"
-                    % (format_duration(self.broker.inactive_request_timeout),),
-                )
-            else:
-                # Go answers these with http.Error (a newline, nosniff).
-                self._answer_error(503, (str(reason) or "Server is restarting") + "\n", go_error=True)
-            return
-        # A response has begun and will not be completed: it must not look
-        # complete, so the connection is aborted rather than finished.
-        self.done = True
-        log.warn("Response ended early, aborting user connection", ID=pending.id, reason=type(reason).__name__)
-        if self.tunnel is not None:
-            self.tunnel.close(clean=False)
-            return
-        request = self.request
-        request.unregisterProducer()
-        channel = request.channel
-        if channel is None:
-            return
-        if hasattr(channel, "abortConnection"):
-            channel.abortConnection()  # HTTP/2: reset just this stream
-        else:
-            channel.transport.abortConnection()

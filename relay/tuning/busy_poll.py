@@ -26,6 +26,8 @@ import os
 import time
 from typing import Callable, List, Tuple
 
+from relay.compat import reactor_poller, set_reactor_poller
+
 _yield = getattr(os, "sched_yield", lambda: None)
 
 
@@ -43,13 +45,13 @@ class SpinningPoller:
         now: Callable[[], float] = time.monotonic,
         pause: Callable[[], None] = _yield,
     ):
-        self._poller = poller
+        self._wrapped = poller
         self.spin = spin
         self._now = now
         self._pause = pause
 
     def poll(self, timeout=-1, maxevents=-1) -> List[Tuple[int, int]]:
-        poll = self._poller.poll
+        poll = self._wrapped.poll
         if timeout == 0:
             return poll(timeout, maxevents)
         deadline = self._now() + self.spin
@@ -66,7 +68,7 @@ class SpinningPoller:
 
     def __getattr__(self, name):
         # register, modify, unregister, close, fileno, closed...
-        return getattr(self._poller, name)
+        return getattr(self._wrapped, name)
 
 
 def install(reactor, microseconds: int, log) -> bool:
@@ -76,15 +78,15 @@ def install(reactor, microseconds: int, log) -> bool:
     """
     if microseconds <= 0:
         return False
-    poller = getattr(reactor, "_poller", None)
-    if poller is None or not hasattr(poller, "poll") or not hasattr(reactor, "doPoll"):
+    poller = reactor_poller(reactor)
+    if poller is None:
         log.warn(
             "--busy_poll_us needs the epoll reactor; {reactor} has none, so it is off",
             reactor=type(reactor).__name__,
         )
         return False
     if not isinstance(poller, SpinningPoller):
-        reactor._poller = SpinningPoller(poller, microseconds / 1e6)
+        set_reactor_poller(reactor, SpinningPoller(poller, microseconds / 1e6))
     else:
         poller.spin = microseconds / 1e6
     log.info("Busy polling for {BusyPollMicroseconds} us before sleeping", BusyPollMicroseconds=microseconds)

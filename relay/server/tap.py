@@ -5,13 +5,13 @@ C{http-relay-server}.
 
 
 from twisted.internet import endpoints
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python import usage
 
-from relay.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
-from relay.h2 import offer_h2_over_tls
+from relay.config import ServerConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
-from relay.malloc import tune_malloc
+from relay.server.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
+from relay.server.h2 import offer_h2_over_tls
 from relay.options import (
     GoFlagOptions,
     duration,
@@ -22,19 +22,21 @@ from relay.options import (
     nonnegative_int,
     positive_int,
 )
-from relay import busy_poll
-from relay.pypy_gc import log_nursery_advice
-from relay.service import DEFAULT_DRAIN_GRACE, make_server_service
-from relay.site import DEFAULT_MAX_REQUEST_BODY
+from relay import tuning
+from relay.server.service import make_server_service
 from relay.startup import report_startup_errors
 
 log = Logger()
 
 
+def default(flag: str):
+    return flag_default(ServerConfig, flag)
+
+
 class Options(GoFlagOptions):
     command = "relay"
     synopsis = "[options]"
-    ignored_go_flags = {"pprof_port": 0, "trace-stackdriver-project-id": ""}
+    ignored_go_flags = ("pprof_port", "trace-stackdriver-project-id")
     longdesc = (
         "A multiplexing HTTP relay server, wire-compatible with the Cloud Robotics "
         "Go http-relay-server: relay-clients long-poll /server/request under a "
@@ -46,7 +48,7 @@ class Options(GoFlagOptions):
         [
             "port",
             None,
-            "80",
+            default("port"),
             "Port number to listen on, or a Twisted endpoint string such as "
             "tcp:8080:interface=127.0.0.1 or ssl:443:privateKey=key.pem:certKey=cert.pem; "
             "0 picks a free port (it is logged).",
@@ -54,7 +56,7 @@ class Options(GoFlagOptions):
         [
             "block_size",
             None,
-            10240,
+            default("block_size"),
             "Size in bytes of the reads from an upgraded (101) user connection that "
             "become request-stream chunks.",
             positive_int,
@@ -62,7 +64,7 @@ class Options(GoFlagOptions):
         [
             "inactive_request_timeout",
             None,
-            "60s",
+            default("inactive_request_timeout"),
             "Drop a request when its relay-client has sent nothing for this long "
             "(a Go duration such as 60s or 1m30s; the user gets a 504 if no answer "
             "had begun). Checked every 10s.",
@@ -70,14 +72,14 @@ class Options(GoFlagOptions):
         [
             "inactive_backend_timeout",
             None,
-            "30m",
+            default("inactive_backend_timeout"),
             "Forget a backend name (503 unknown client) when no relay-client has "
             "polled for it for this long (a Go duration).",
         ],
         [
             "max_request_body",
             None,
-            DEFAULT_MAX_REQUEST_BODY,
+            default("max_request_body"),
             "Largest request body in bytes the relay buffers (bodies travel whole "
             "in the protocol); larger ones get 413.",
             positive_int,
@@ -85,7 +87,7 @@ class Options(GoFlagOptions):
         [
             "busy_poll_us",
             None,
-            0,
+            default("busy_poll_us"),
             "Not in Go: after each burst of work, poll for new events for up to this many "
             "microseconds before sleeping (yielding the CPU to anything ready to run). Cuts "
             "latency where waking an idle CPU is slow (VMs), at the cost of up to a core of "
@@ -96,7 +98,7 @@ class Options(GoFlagOptions):
         [
             "max_buffered_bodies",
             None,
-            1024 * 1024 * 1024,
+            default("max_buffered_bodies"),
             "Bytes of request bodies held at once across all requests (bodies wait "
             "whole until a relay-client picks them up); beyond it new uploads get 503.",
             positive_int,
@@ -104,16 +106,16 @@ class Options(GoFlagOptions):
         [
             "client_tokens",
             None,
-            None,
+            default("client_tokens"),
             "File of 'NAME_GLOB SHA256_HEX' lines: relay-clients must send "
             "Authorization: Bearer TOKEN valid for the backend name they poll or "
             "answer for (else 403). Re-read when it changes. "
-            "`python -m relay.auth hash < token` prints a token's hash.",
+            "`python -m relay.server.auth hash < token` prints a token's hash.",
         ],
         [
             "user_tokens",
             None,
-            None,
+            default("user_tokens"),
             "File of 'SHA256_HEX NAME_GLOB[,NAME_GLOB...]' lines: users must send a "
             "token valid for the backend (Authorization: Bearer, or X-Relay-Token "
             "when the backend needs the Authorization header); 401 without, 403 "
@@ -122,43 +124,43 @@ class Options(GoFlagOptions):
         [
             "trusted_user_header",
             None,
-            None,
+            default("trusted_user_header"),
             "Only accept user requests carrying this header (set by an "
             "authenticating proxy in front, e.g. X-Forwarded-User); 401 otherwise.",
         ],
         [
             "max_pending_per_backend",
             None,
-            1000,
+            default("max_pending_per_backend"),
             "Requests in flight per backend; beyond it 503 with Retry-After.",
             positive_int,
         ],
         [
             "max_backends",
             None,
-            100000,
+            default("max_backends"),
             "Backend names known at once; polls for new names beyond it get 503.",
             positive_int,
         ],
-        ["max_headers", None, 500, "Most header lines in a request (else 400).", positive_int],
+        ["max_headers", None, default("max_headers"), "Most header lines in a request (else 400).", positive_int],
         [
             "max_header_bytes",
             None,
-            65536,
+            default("max_header_bytes"),
             "Most bytes of request headers (else 400).",
             positive_int,
         ],
         [
             "header_timeout",
             None,
-            "30s",
+            default("header_timeout"),
             "Close connections that take longer than this to send a request's "
             "headers, or sit idle this long between requests (slowloris guard).",
         ],
         [
             "drain_grace",
             None,
-            "%gs" % DEFAULT_DRAIN_GRACE,
+            default("drain_grace"),
             "Not in Go: after SIGTERM, keep accepting connections for at least this long "
             "(a Go duration), answering /healthz, polls and new user requests with 503 and "
             "Connection: close, so that load balancers see readiness fail before the port "
@@ -168,19 +170,19 @@ class Options(GoFlagOptions):
         [
             "log_level",
             None,
-            "info",
+            default("log_level"),
             "Least severe level logged: debug, info, warn, error, or Go's -4, 0, 4, 8.",
         ],
         [
             "log_format",
             None,
-            "json",
+            default("log_format"),
             "json (one object per line, as the Go server) or text (key=value).",
         ],
         [
             "pprof_port",
             None,
-            0,
+            default("pprof_port"),
             "Go's profiler port: accepted so that Go manifests work, and ignored (with a "
             "warning when set). Profile with py-spy or PyPy's vmprof instead.",
             go_int,
@@ -188,7 +190,7 @@ class Options(GoFlagOptions):
         [
             "trace-stackdriver-project-id",
             None,
-            "",
+            default("trace-stackdriver-project-id"),
             "Go's tracing to Google Cloud: accepted so that Go manifests work, and ignored "
             "(with a warning when set).",
         ],
@@ -203,6 +205,7 @@ class Options(GoFlagOptions):
         self.check("port", check_port)
         self["endpoint"] = port_endpoint(self["port"])
         self["policy"] = access_policy(self)
+        self.config = from_options(ServerConfig, self)
 
 
 def check_port(port: str) -> str:
@@ -276,29 +279,15 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     report_startup_errors("twistd relay")
-    tune_malloc()
     reactor.callWhenRunning(_warn_ignored, options)
-    reactor.callWhenRunning(log_nursery_advice, log)
-    reactor.callWhenRunning(busy_poll.install, reactor, options["busy_poll_us"], log)
+    tuning.apply(reactor, options["busy_poll_us"], log)
     endpoint = offer_h2_over_tls(endpoints.serverFromString(reactor, options["endpoint"]))
     return make_server_service(
         endpoint,
         reactor,
-        block_size=options["block_size"],
-        inactive_request_timeout=options["inactive_request_timeout"],
-        inactive_backend_timeout=options["inactive_backend_timeout"],
-        max_request_body=options["max_request_body"],
-        log_observer=twistd_log_observer(options),
+        options.config,
+        log_observer=twistd_log_observer(options.config, getattr(options, "parent", None)),
         policy=options["policy"],
-        max_pending_per_backend=options["max_pending_per_backend"],
-        max_backends=options["max_backends"],
-        max_headers=options["max_headers"],
-        max_header_bytes=options["max_header_bytes"],
-        header_timeout=options["header_timeout"],
-        debug_logs=options["log_level"] <= LogLevel.debug,
-        max_buffered_bodies=options["max_buffered_bodies"],
-        drain_grace=options["drain_grace"],
-        port_flag="--port=%s" % (options["port"],),
         port_number=_port_number(options["endpoint"]),
     )
 

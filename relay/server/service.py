@@ -39,34 +39,31 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from relay.auth import AccessPolicy
-from relay.broker import Broker
+from relay.config import ServerConfig
 from relay.logs import LogsThroughObserver
-from relay.metrics import RelayMetrics
-from relay.resources import RootResource
-from relay.site import RelaySite
+from relay.server.auth import AccessPolicy
+from relay.server.broker import Broker
+from relay.server.metrics import RelayMetrics
+from relay.server.resources import RootResource
+from relay.server.site import RelaySite
 from relay.startup import listen_error
 
 log = Logger()
 
 REAP_INTERVAL = 10.0
 CLEAN_SHUTDOWN_TIMEOUT = 20.0
-# How long the port keeps accepting after SIGTERM, answering 503, for
-# twistd's --drain_grace; make_server_service's own default is 0 (tests and
-# embedders that stop the service want it gone at once).
-DEFAULT_DRAIN_GRACE = 5.0
 
 
 class ListeningService(Service):
     """Listen on an endpoint; log the port; stop listening on stop."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory, reactor, flag: str = "--port", port=None):
+    def __init__(self, endpoint: IStreamServerEndpoint, factory, reactor, flag: str, port_number=None):
         self.endpoint = endpoint
         self.factory = factory
         self.reactor = reactor
         # How the operator set the endpoint, and its port, for error messages.
         self.flag = flag
-        self.port_number = port
+        self.port_number = port_number
         self.port = None
         self._listening: Optional[defer.Deferred] = None
 
@@ -173,7 +170,7 @@ class RelayServerService(LogsThroughObserver, MultiService):
     through our JSON (or text) observer, as the Go server does.
     """
 
-    def __init__(self, broker: Broker, site: RelaySite, log_observer=None, drain_grace: float = 0.0, clock=None):
+    def __init__(self, broker: Broker, site: RelaySite, log_observer, drain_grace: float, clock):
         super().__init__()
         self.broker = broker
         self.site = site
@@ -217,58 +214,28 @@ def _safe_reap(broker: Broker) -> None:
 def make_server_service(
     endpoint: IStreamServerEndpoint,
     reactor,
-    block_size: int = 10240,
-    inactive_request_timeout: float = 60.0,
-    inactive_backend_timeout: float = 30 * 60.0,
-    max_request_body: int = 100 * 1024 * 1024,
+    config: ServerConfig,
     metrics: Optional[RelayMetrics] = None,
     log_observer=None,
     clock: Optional[IReactorTime] = None,
     policy: Optional[AccessPolicy] = None,
-    max_pending_per_backend: int = 1000,
-    max_backends: int = 100000,
-    max_headers: int = 500,
-    max_header_bytes: int = 65536,
-    header_timeout: Optional[float] = 30.0,
-    debug_logs: bool = False,
-    max_buffered_bodies: int = 1024 * 1024 * 1024,
-    drain_grace: float = 0.0,
-    port_flag: str = "--port",
     port_number=None,
 ) -> RelayServerService:
     """
-    The relay server on C{endpoint}. C{clock} (the reactor by default)
-    drives the protocol's timeouts; tests pass a L{Clock} to step through
-    them while real sockets carry the traffic.
-
-    @param drain_grace: seconds the port keeps accepting (and answering 503)
-        after a stop begins; see the module docstring.
+    The relay server on C{endpoint}, as C{config} says. C{clock} (the
+    reactor by default) drives the protocol's timeouts; tests pass a
+    L{Clock} to step through them while real sockets carry the traffic.
+    C{port_number} is the port C{config.port} names, for error messages.
     """
     metrics = metrics if metrics is not None else RelayMetrics()
     clock = clock if clock is not None else reactor
-    broker = Broker(
-        clock=clock,
-        metrics=metrics,
-        inactive_request_timeout=inactive_request_timeout,
-        inactive_backend_timeout=inactive_backend_timeout,
-        max_pending_per_backend=max_pending_per_backend,
-        max_backends=max_backends,
-        block_size=block_size,
-        max_buffered_bodies=max_buffered_bodies,
-    )
-    broker.trace = debug_logs
+    broker = Broker(clock, config, metrics)
+    broker.trace = config.debug_logs
     metrics.watch(broker)
     root = RootResource(broker, metrics.render, policy=policy)
-    site = RelaySite(
-        root,
-        max_request_body=max_request_body,
-        max_headers=max_headers,
-        max_header_bytes=max_header_bytes,
-        header_timeout=header_timeout,
-        reactor=reactor,
-    )
+    site = RelaySite(root, config, reactor=reactor)
     site.body_budget = broker.bodies
-    service = RelayServerService(broker, site, log_observer, drain_grace, reactor)
+    service = RelayServerService(broker, site, log_observer, config.drain_grace, reactor)
     drain = DrainService(broker, site, reactor)
     drain.setName("drain")
     drain.setServiceParent(service)
@@ -276,7 +243,7 @@ def make_server_service(
     timer.clock = clock
     timer.setName("reap")
     timer.setServiceParent(service)
-    listen = ListeningService(endpoint, site, reactor, port_flag, port_number)
+    listen = ListeningService(endpoint, site, reactor, "--port=%s" % (config.port,), port_number)
     listen.setName("listen")
     listen.setServiceParent(service)
     return service

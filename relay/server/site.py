@@ -40,13 +40,22 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
 from twisted.web import http, server
 
-from relay.bodybuffer import BodyBuffer
-from relay.h2 import PREFACE, RelayH2Connection, stream_connection
-from relay.headers import sanitize_value, valid_trailer
+from relay.compat import (
+    ChunkedTransferDecoder,
+    MalformedChunkedDataError,
+    bound_chunked_decoder,
+    chunk_line_buffer,
+    detach_channel,
+    reading_request_line,
+    request_gone,
+    request_line,
+)
+from relay.config import ServerConfig
+from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
-from relay.transport_tuning import tune
-
-DEFAULT_MAX_REQUEST_BODY = 100 * 1024 * 1024
+from relay.server.bodybuffer import BodyBuffer
+from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
+from relay.tuning.transport import tune
 
 
 class RelayRequest(server.Request):
@@ -74,7 +83,7 @@ class RelayRequest(server.Request):
     @property
     def max_body(self) -> int:
         site = getattr(self.channel, "site", None)
-        return getattr(site, "max_request_body", DEFAULT_MAX_REQUEST_BODY)
+        return getattr(site, "max_request_body", ServerConfig.max_request_body)
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BodyBuffer()
@@ -231,7 +240,7 @@ class RelayRequest(server.Request):
             self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
 
     def finish(self) -> None:
-        if self.trailers and not self.finished and not self._disconnected:
+        if self.trailers and not self.finished and not request_gone(self):
             if not self.startedWriting:
                 self.write(b"")
             conn, stream_id = stream_connection(self)
@@ -247,18 +256,7 @@ class RelayRequest(server.Request):
         super().finish()
 
 
-# Go's httpguts.ValidHostHeader: the bytes a Host value may hold.
-_HOST_BYTES = frozenset(
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-    b"!$%&'()*+,-.:;=[]_~"
-)
-
-
-def _valid_host(value: bytes) -> bool:
-    return all(b in _HOST_BYTES for b in value)
-
-
-class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+class _BoundedChunkedDecoder(ChunkedTransferDecoder):
     """
     Twisted's chunked decoder, refusing a chunk size of more than 16 hex
     digits as Go does (C{http chunk length too large}): it would otherwise
@@ -266,11 +264,12 @@ class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
     """
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        eol = self._buffer.find(b"\r\n")
-        line = self._buffer if eol == -1 else self._buffer[:eol]
+        buffer = chunk_line_buffer(self)
+        eol = buffer.find(b"\r\n")
+        line = buffer if eol == -1 else buffer[:eol]
         size = line.split(b";", 1)[0]
         if len(size) > 16 and (eol != -1 or b";" in line):
-            raise http._MalformedChunkedDataError("http chunk length too large")
+            raise MalformedChunkedDataError("http chunk length too large")
         return super()._dataReceived_CHUNK_LENGTH()
 
 
@@ -314,7 +313,7 @@ class RelayChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         # twisted.web hangs up without a word; Go answers (431 for both,
         # its limit being on the whole head). The request line gets 414.
-        if getattr(self, "_HTTPChannel__first_line", 0):
+        if reading_request_line(self):
             self._refuse_head(414, b"URI Too Long")
         else:
             self._refuse_head(431, b"Request Header Fields Too Large")
@@ -335,8 +334,7 @@ class RelayChannel(http.HTTPChannel):
 
     def _maybeChooseTransferDecoder(self, header, data):
         ok = super()._maybeChooseTransferDecoder(header, data)
-        if type(self._transferDecoder) is http._ChunkedTransferDecoder:
-            self._transferDecoder.__class__ = _BoundedChunkedDecoder
+        bound_chunked_decoder(self, _BoundedChunkedDecoder)
         return ok
 
     def _bad_host(self, request) -> Optional[bytes]:
@@ -345,10 +343,11 @@ class RelayChannel(http.HTTPChannel):
         if len(hosts) > 1:
             return b""  # Go says no more than this
         if not hosts:
-            if self._version == b"HTTP/1.1" and self._command != b"CONNECT":
+            command, version = request_line(self)
+            if version == b"HTTP/1.1" and command != b"CONNECT":
                 return b": missing required Host header"
             return None
-        if not _valid_host(hosts[0]):
+        if not valid_host(hosts[0]):
             return b": malformed Host header"
         return None
 
@@ -374,10 +373,7 @@ class RelayChannel(http.HTTPChannel):
         """
         self.setTimeout(None)
         self._disarm_header_timer()
-        network = self._networkProducer
-        network.unregisterProducer()
-        buffered = b"".join(self._dataBuffer)
-        self._dataBuffer = []
+        network, buffered = detach_channel(self)
         self._switched = protocol
         self.transport.write(head)
         protocol.makeConnection(self.transport)
@@ -436,8 +432,8 @@ class RelayChannel(http.HTTPChannel):
         h2.callLater = self.callLater
         self.setTimeout(None)
         self._disarm_header_timer()
-        network = self._networkProducer
-        network.unregisterProducer()
+        # Sniffing happens before the parser sees a byte: it has none buffered.
+        network, _ = detach_channel(self)
         self._switched = h2
         h2.makeConnection(self.transport)
         network.registerProducer(h2, True)
@@ -463,20 +459,12 @@ class RelaySite(server.Site):
     requestFactory = RelayRequest
     noisy = False
 
-    def __init__(
-        self,
-        resource,
-        max_request_body: int = DEFAULT_MAX_REQUEST_BODY,
-        max_headers: int = 500,
-        max_header_bytes: int = 65536,
-        header_timeout: Optional[float] = 30.0,
-        **kwargs
-    ):
+    def __init__(self, resource, config: ServerConfig, **kwargs):
         super().__init__(resource, **kwargs)
-        self.max_request_body = max_request_body
-        self.max_headers = max_headers
-        self.max_header_bytes = max_header_bytes
-        self.header_timeout = header_timeout
+        self.max_request_body = config.max_request_body
+        self.max_headers = config.max_headers
+        self.max_header_bytes = config.max_header_bytes
+        self.header_timeout = config.header_timeout
         # Set by the service: the broker's budget for buffered bodies.
         self.body_budget = None
         self.connections: Set[RelayChannel] = set()

@@ -1,0 +1,113 @@
+"""
+The client's HTTP helpers, for its calls to the relay server and to the
+backend alike: bodies already in memory, whole answers, failures as one
+line of text, and back-off between retries.
+"""
+
+from typing import Callable, List, Union
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body that is already in memory (bytes, or a list of pieces), written in one go."""
+
+    def __init__(self, body: Union[bytes, List[bytes]]):
+        self.pieces = [body] if isinstance(body, bytes) else body
+        self.length = sum(map(len, self.pieces))
+
+    def startProducing(self, consumer):
+        for piece in self.pieces:
+            consumer.write(piece)
+        return succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class _Collect(Protocol):
+    def __init__(self, done: Deferred):
+        self.done = done
+        self.data: List[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.data))
+        else:
+            self.done.errback(reason)
+
+
+def read_all(response) -> Deferred:
+    """A relay answer's whole body; cancelling drops the connection."""
+    collector: _Collect
+
+    def cancel(d: Deferred) -> None:
+        transport = getattr(collector, "transport", None)
+        if transport is not None:
+            transport.stopProducing()
+
+    d: Deferred = Deferred(cancel)
+    collector = _Collect(d)
+    response.deliverBody(collector)
+    return d
+
+
+def read_token(path: str) -> str:
+    """A token file's contents, without the trailing newline editors add."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8").strip()
+
+
+def describe_failure(failure: Failure) -> str:
+    """A one-line reason, digging through Agent's wrapper exceptions."""
+    value = failure.value
+    if isinstance(value, (ResponseFailed, ResponseNeverReceived)) and value.reasons:
+        return describe_failure(value.reasons[0])
+    if isinstance(value, net_error.ConnectionRefusedError):
+        return "connect: connection refused"
+    if isinstance(value, (net_error.ConnectionDone, net_error.ConnectionLost)):
+        return "connection closed before the answer was complete"
+    if isinstance(value, CancelledError):
+        return "timeout"
+    if type(value).__module__.startswith("OpenSSL") and value.args and isinstance(value.args[0], list):
+        # [('SSL routines', '', 'certificate verify failed')] -> readable.
+        reasons = [str(r[-1]) for r in value.args[0] if isinstance(r, tuple) and r]
+        if reasons:
+            return "tls: " + "; ".join(reasons)
+    text = str(value).strip()
+    return text or type(value).__name__
+
+
+def is_connection_refused(failure: Failure) -> bool:
+    value = failure.value
+    if isinstance(value, (ResponseFailed, ResponseNeverReceived)) and value.reasons:
+        return any(is_connection_refused(r) for r in value.reasons)
+    return isinstance(value, net_error.ConnectionRefusedError)
+
+
+def backoff_delays(initial: float, multiplier: float, maximum: float) -> Callable[[], float]:
+    """Successive back-off delays, growing to C{maximum}."""
+    state = {"next": initial}
+
+    def next_delay() -> float:
+        value = state["next"]
+        state["next"] = min(value * multiplier, maximum)
+        return value
+
+    return next_delay

@@ -1,0 +1,164 @@
+"""
+Every private Twisted (and C{h2}) API the relay touches, in one place.
+
+The relay runs on two Twisted majors (PyPy stays on 25.5), and a private
+name may change in either without notice. Each use is wrapped here, so that
+the rest of the code reads as if it used public APIs, and
+C{tests/test_compat.py} has one test per entry that fails loudly, naming
+the entry, when a Twisted release changes it. Methods our subclasses
+override are listed in L{OVERRIDDEN} for the same reason: renamed upstream,
+an override would silently stop being called.
+"""
+
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.web import http
+from twisted.web._http2 import H2Connection, H2Stream
+from twisted.web._newclient import (
+    HTTP11ClientProtocol,
+    Request,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
+
+__all__ = [
+    "ChunkedTransferDecoder",
+    "H2Connection",
+    "HTTP11ClientProtocol",
+    "MalformedChunkedDataError",
+    "OVERRIDDEN",
+    "RequestNotSent",
+    "RequestTransmissionFailed",
+    "ResponseNeverReceived",
+    "bound_chunked_decoder",
+    "chunk_line_buffer",
+    "client_idle",
+    "client_request",
+    "detach_channel",
+    "h2_header_block_pending",
+    "h2_stream_connection",
+    "reactor_poller",
+    "reading_request_line",
+    "request_gone",
+    "request_line",
+    "set_reactor_poller",
+    "ssl_context_factory",
+    "set_ssl_context_factory",
+]
+
+# twisted.web.http: the chunked decoder, which the server bounds (site.py)
+# and the client's upgrade path reuses to read a backend's chunked answer.
+ChunkedTransferDecoder = http._ChunkedTransferDecoder
+MalformedChunkedDataError = http._MalformedChunkedDataError
+
+# Methods of Twisted classes that our subclasses override.
+OVERRIDDEN = (
+    # site.RelayChannel: swaps in the bounded chunked decoder.
+    (http.HTTPChannel, "_maybeChooseTransferDecoder"),
+    # site._BoundedChunkedDecoder: refuses absurd chunk sizes.
+    (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
+    # h2.RelayH2Connection: re-arms the header deadline after each stream.
+    (H2Connection, "_requestDone"),
+    # h2.RelayH2Connection: keeps h2's refusal from its callers.
+    (H2Connection, "abortRequest"),
+    # h2.RelayH2Connection: passes Twisted's private _cancelTimeouts on.
+    (H2Connection, "connectionLost"),
+)
+
+
+def chunk_line_buffer(decoder) -> bytes:
+    """The bytes a chunked decoder holds that it has not parsed yet."""
+    return decoder._buffer
+
+
+def bound_chunked_decoder(channel, decoder_class) -> None:
+    """
+    Make the channel's chunked decoder (if the request has one) a
+    C{decoder_class}, a subclass of L{ChunkedTransferDecoder}.
+    """
+    if type(channel._transferDecoder) is ChunkedTransferDecoder:
+        channel._transferDecoder.__class__ = decoder_class
+
+
+def reading_request_line(channel) -> bool:
+    """Whether an L{http.HTTPChannel} is still reading a request line (not a header)."""
+    return bool(channel._HTTPChannel__first_line)
+
+
+def request_line(channel):
+    """The method and version of the request an L{http.HTTPChannel} is reading."""
+    return channel._command, channel._version
+
+
+def detach_channel(channel):
+    """
+    Take an L{http.HTTPChannel}'s transport away from its parser: its
+    network producer (unregistered, to be resumed by whoever takes over)
+    and the bytes it had read but not parsed.
+    """
+    network = channel._networkProducer
+    network.unregisterProducer()
+    buffered = b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+    return network, buffered
+
+
+def request_gone(request) -> bool:
+    """Whether a twisted.web request's connection is gone (nothing may be written)."""
+    return request._disconnected
+
+
+def h2_stream_connection(channel):
+    """The L{H2Connection} an L{H2Stream} belongs to; None for any other channel."""
+    if isinstance(channel, H2Stream):
+        return channel._conn
+    return None
+
+
+def h2_header_block_pending(conn) -> bool:
+    """
+    Whether an C{h2} connection has a header block partly received (HEADERS
+    without END_HEADERS), or the start of a HEADERS or CONTINUATION frame
+    whose rest has not arrived.
+    """
+    incoming = conn.incoming_buffer
+    if getattr(incoming, "_headers_buffer", None):
+        return True
+    # The bytes of a frame still arriving (h2 4.x: _data; 3.x: data).
+    data = getattr(incoming, "_data", None)
+    if data is None:
+        data = incoming.data
+    return len(data) >= 4 and data[3] in (0x1, 0x9)
+
+
+def ssl_context_factory(endpoint: SSL4ServerEndpoint):
+    return endpoint._sslContextFactory
+
+
+def set_ssl_context_factory(endpoint: SSL4ServerEndpoint, factory) -> None:
+    endpoint._sslContextFactory = factory
+
+
+def client_request(method: bytes, path: bytes, headers, body_producer, uri) -> Request:
+    """
+    A persistent L{Request} for L{HTTP11ClientProtocol}, with the checks of
+    method and path that Agent's requests get (no CR, LF or spaces).
+    """
+    return Request._construct(method, path, headers, body_producer, persistent=True, parsedURI=uri)
+
+
+def client_idle(protocol: HTTP11ClientProtocol) -> bool:
+    """Whether a kept-alive client connection is free for the next request."""
+    return protocol.state == "QUIESCENT"
+
+
+def reactor_poller(reactor):
+    """The epoll object of Twisted's epoll reactor; None on any other reactor."""
+    poller = getattr(reactor, "_poller", None)
+    if poller is None or not hasattr(poller, "poll") or not hasattr(reactor, "doPoll"):
+        return None
+    return poller
+
+
+def set_reactor_poller(reactor, poller) -> None:
+    reactor._poller = poller

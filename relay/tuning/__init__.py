@@ -1,0 +1,21 @@
+"""
+Runtime tuning: settings that change how fast the process moves bytes,
+never what it sends. Both sides apply the same ones, through L{apply};
+only the per-connection settings (L{relay.tuning.transport}) are applied
+elsewhere, by the code that makes the connections.
+"""
+
+from relay.tuning import busy_poll
+from relay.tuning.malloc import tune_malloc
+from relay.tuning.pypy_gc import log_nursery_advice
+
+
+def apply(reactor, busy_poll_us: int, log) -> None:
+    """
+    The process-wide tuning both taps start with: malloc at once, before the
+    first large buffer; the PyPy advice and busy polling once the reactor
+    runs, so that they go to the configured log.
+    """
+    tune_malloc()
+    reactor.callWhenRunning(log_nursery_advice, log)
+    reactor.callWhenRunning(busy_poll.install, reactor, busy_poll_us, log)

@@ -1,0 +1,257 @@
+"""
+One configuration per side, and one home for each default.
+
+The option tables take their defaults from L{ServerConfig} and
+L{ClientConfig}; the builders take a config and declare no default of their
+own. These tests walk the option tables, the config classes and every
+function of C{relay} to keep it so, and follow each flag's default through
+C{makeService} to the object that uses it, where two defaults once drifted
+(the client's chunk size and its most polls at once).
+"""
+
+import dataclasses
+import importlib
+import inspect
+import os
+import pkgutil
+import shutil
+import tempfile
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
+from twisted.trial import unittest
+
+import relay
+from relay import config as config_module
+from relay.client import tap as client_tap
+from relay.config import ClientConfig, ServerConfig, field_name, flag_default
+from relay.server import tap as server_tap
+
+
+def parsed(options_class, argv=()):
+    options = options_class()
+    options.parseOptions(list(argv))
+    return options
+
+
+def flags(options_class):
+    return [row[0] for row in options_class.optParameters]
+
+
+# Parameters named like a flag that are not the flag.
+NOT_FLAGS = {
+    # The token files loaded, not their paths; None is no check at all.
+    "relay.server.auth.AccessPolicy.__init__",
+}
+
+SIDES = ((server_tap.Options, ServerConfig), (client_tap.Options, ClientConfig))
+
+
+class OneHomeTests(unittest.SynchronousTestCase):
+    def test_every_flag_is_a_config_field_and_back(self):
+        for options_class, config_class in SIDES:
+            self.assertEqual(
+                sorted(field_name(f) for f in flags(options_class)),
+                sorted(f.name for f in dataclasses.fields(config_class)),
+                options_class.command,
+            )
+
+    def test_option_tables_take_their_defaults_from_the_config(self):
+        for options_class, config_class in SIDES:
+            for row in options_class.optParameters:
+                self.assertEqual(row[2], flag_default(config_class, row[0]), row[0])
+
+    def test_parsing_no_flags_gives_the_config_defaults(self):
+        self.assertEqual(parsed(server_tap.Options).config, ServerConfig())
+        self.assertEqual(parsed(client_tap.Options).config, ClientConfig())
+
+    def test_the_config_is_frozen(self):
+        config = parsed(server_tap.Options, ["--block_size=4096"]).config
+        self.assertEqual(config.block_size, 4096)
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            config.block_size = 1  # type: ignore[misc]
+
+    def test_no_builder_repeats_a_default(self):
+        """
+        No function or class of C{relay} takes a parameter named after a
+        flag with a default of its own: it takes the config, or the value
+        without a default.
+        """
+        fields = [f for c in (ServerConfig, ClientConfig) for f in dataclasses.fields(c)]
+        names = {f.name for f in fields}
+        # Values too common to tell a repeated default from a coincidence
+        # (and durations: 5 s and 60 s are common timeouts).
+        values = [f.default for f in fields if f.default not in (None, 0, 1, "", True, False) and not f.metadata]
+        offenders = []
+        for module in _modules():
+            if module is config_module:
+                continue
+            for where, function in _functions(module):
+                try:
+                    parameters = inspect.signature(function).parameters.values()
+                except (TypeError, ValueError):
+                    continue
+                for p in parameters:
+                    if p.default is inspect.Parameter.empty or where in NOT_FLAGS:
+                        continue
+                    if p.name in names or any(type(p.default) is type(v) and p.default == v for v in values):
+                        offenders.append("%s(%s=%r)" % (where, p.name, p.default))
+        self.assertEqual(offenders, [])
+
+
+def _modules():
+    yield relay
+    for info in pkgutil.walk_packages(relay.__path__, "relay."):
+        if info.name.endswith("_pb2") or info.name.endswith(".generate"):
+            continue
+        yield importlib.import_module(info.name)
+
+
+def _functions(module):
+    for name, value in vars(module).items():
+        if getattr(value, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(value):
+            yield "%s.%s" % (module.__name__, name), value
+        elif inspect.isclass(value):
+            for attribute, member in vars(value).items():
+                if inspect.isfunction(member):
+                    yield "%s.%s.%s" % (module.__name__, name, attribute), member
+
+
+class ServerDefaultsReachTheirUsers(unittest.TestCase):
+    """Each C{twistd relay} default, from the flag to the object that acts on it."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.options = parsed(server_tap.Options)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.logfile = os.path.join(folder, "relay.log")
+        self.options.parent = {"nodaemon": False, "logfile": self.logfile}
+        self.service = server_tap.makeService(self.options, reactor=self.reactor)
+        self.broker = self.service.broker
+        self.site = self.service.site
+
+    def users(self):
+        """Where each flag's value ends up, as (flag, value there)."""
+        policy = self.site.resource.client.policy
+        [(_, install_args, _)] = [hook for hook in self.reactor.whenRunningHooks if hook[0].__name__ == "install"]
+        return {
+            "port": self.service.getServiceNamed("listen").flag,
+            "block_size": self.broker.block_size,
+            "inactive_request_timeout": self.broker.inactive_request_timeout,
+            "inactive_backend_timeout": self.broker.inactive_backend_timeout,
+            "max_request_body": self.site.max_request_body,
+            "busy_poll_us": install_args[1],
+            "max_buffered_bodies": self.broker.bodies.limit,
+            "client_tokens": policy.client_tokens,
+            "user_tokens": policy.user_tokens,
+            "trusted_user_header": policy.trusted_user_header,
+            "max_pending_per_backend": self.broker.max_pending_per_backend,
+            "max_backends": self.broker.max_backends,
+            "max_headers": self.site.max_headers,
+            "max_header_bytes": self.site.max_header_bytes,
+            "header_timeout": self.site.header_timeout,
+            "drain_grace": self.service.drain_grace,
+            "log_level": self.broker.trace,
+            "log_format": self.logged_line()[:1],
+            "pprof_port": self.options.ignored_flags(),
+            "trace-stackdriver-project-id": self.options.ignored_flags(),
+        }
+
+    def logged_line(self) -> str:
+        self.service.log_observer(
+            {"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "test", "log_time": 0.0}
+        )
+        with open(self.logfile) as f:
+            return f.readline()
+
+    def test_every_flag_is_followed(self):
+        self.assertEqual(sorted(self.users()), sorted(flags(server_tap.Options)))
+
+    def test_defaults_arrive(self):
+        d = ServerConfig()
+        users = self.users()
+        expected = {
+            "port": "--port=%s" % (d.port,),
+            "block_size": d.block_size,
+            "inactive_request_timeout": d.inactive_request_timeout,
+            "inactive_backend_timeout": d.inactive_backend_timeout,
+            "max_request_body": d.max_request_body,
+            "busy_poll_us": d.busy_poll_us,
+            "max_buffered_bodies": d.max_buffered_bodies,
+            "client_tokens": d.client_tokens,
+            "user_tokens": d.user_tokens,
+            "trusted_user_header": d.trusted_user_header,
+            "max_pending_per_backend": d.max_pending_per_backend,
+            "max_backends": d.max_backends,
+            "max_headers": d.max_headers,
+            "max_header_bytes": d.max_header_bytes,
+            "header_timeout": d.header_timeout,
+            "drain_grace": d.drain_grace,
+            "log_level": d.debug_logs,
+            "log_format": "{" if d.log_format == "json" else "t",
+            "pprof_port": [],
+            "trace-stackdriver-project-id": [],
+        }
+        self.assertEqual({k: users[k] for k in expected}, expected)
+
+
+class ClientDefaultsReachTheirUsers(unittest.TestCase):
+    """Each C{twistd relay-client} default, from the flag to the object that acts on it."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.options = parsed(client_tap.Options)
+        self.service = client_tap.makeService(self.options, reactor=self.reactor)
+
+    def test_the_drifted_defaults(self):
+        """
+        The chunk size is Go's 1 MiB all the way to the handler (the service
+        once had 50 KiB of its own), and a client polls up to 4 at once
+        while requests keep coming (the service once had 0).
+        """
+        self.assertEqual(self.service.handler.max_chunk_size, 1024 * 1024)
+        self.assertEqual(self.service.max_pending_requests, 4)
+
+    def test_defaults_arrive(self):
+        d = ClientConfig()
+        s = self.service
+        target = s.handler.target
+        [(_, install_args, _)] = [hook for hook in self.reactor.whenRunningHooks if hook[0].__name__ == "install"]
+        users = {
+            "backend_scheme": target.scheme,
+            "backend_address": target.address,
+            "backend_path": target.path_prefix,
+            "preserve_host": target.preserve_host,
+            "relay_url": s.api.base_url,
+            "server_name": s.api.server_name,
+            "authentication_token_file": target.token_file,
+            "relay_token_file": s.api.token_file,
+            "max_chunk_size": s.handler.max_chunk_size,
+            "num_pending_requests": s.num_pending_requests,
+            "max_pending_requests": s.max_pending_requests,
+            "busy_poll_us": install_args[1],
+            "force_http2": type(s.handler.backend).__name__,
+            "log_level": s.handler.trace,
+        }
+        self.assertEqual(
+            users,
+            {
+                "backend_scheme": d.backend_scheme,
+                "backend_address": d.backend_address,
+                "backend_path": d.backend_path,
+                "preserve_host": d.preserve_host,
+                "relay_url": "%s://%s%s" % (d.relay_scheme, d.relay_address, d.relay_prefix),
+                "server_name": d.server_name,
+                "authentication_token_file": d.authentication_token_file,
+                "relay_token_file": d.relay_token_file,
+                "max_chunk_size": d.max_chunk_size,
+                "num_pending_requests": d.num_pending_requests,
+                "max_pending_requests": d.max_pending_requests,
+                "busy_poll_us": d.busy_poll_us,
+                "force_http2": "H2Backend" if d.force_http2 else "Backend",
+                "log_level": d.debug_logs,
+            },
+        )
