@@ -262,6 +262,8 @@ class ServerResource(Resource):
             d = self.broker.get_request(server)
         except Overloaded as e:
             return _overloaded(request, e)
+        if self.broker.stats is not None:
+            self.broker.stats.polled(server, getattr(request.getClientAddress(), "host", None))
         return _answer_when(request, d, self._polled)
 
     def _forbidden(self, request, name: str) -> bytes:
@@ -543,6 +545,8 @@ class UserResponse:
         self.bytes = 0
         # The Content-Length the backend declared, when the body must match it.
         self.expected: Optional[int] = None
+        # The answer was cut off part-way (for the admin view's counts).
+        self.truncated = False
 
     def user_gone(self) -> None:
         self.done = True
@@ -714,6 +718,7 @@ class UserResponse:
         # A response has begun and will not be completed: it must not look
         # complete, so the connection is aborted rather than finished.
         self.done = True
+        self.truncated = True
         log.warn("Response ended early, aborting user connection", ID=pending.id, reason=type(reason).__name__)
         if self.tunnel is not None:
             self.tunnel.close(clean=False)
