@@ -167,7 +167,9 @@ def _sort_key(key: str, now: float):
         return lambda row: (len(row[1].active) if row[1] is not None else 0, row[0].name)
     if key == "last_poll":
         return lambda row: (row[0].last_poll, row[0].name)
-    if key in ("requests", "bytes", "errors"):
+    if key == "errors":
+        return lambda row: (sum(row[0].errors.values()), row[0].name)
+    if key in ("requests", "bytes"):
         return lambda row: (sum(getattr(x, key) for x in row[0].window(now)), row[0].name)
     # p50, p99: the only keys that need the histograms of every row.
     return lambda row: (_minute(row[0], now)[key] or 0.0, row[0].name)

@@ -82,7 +82,11 @@
   }
 
   function line(svg, points) {
-    if (points.length === 1) points.push(points[0]);
+    if (points.length === 1) {
+      // A lone bucket: a short dash, so that it shows.
+      var xy = points[0].split(",");
+      points = [(Number(xy[0]) - 2).toFixed(1) + "," + xy[1], (Number(xy[0]) + 2).toFixed(1) + "," + xy[1]];
+    }
     var p = document.createElementNS(SVG, "polyline");
     p.setAttribute("points", points.join(" "));
     svg.appendChild(p);

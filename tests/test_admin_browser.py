@@ -1,0 +1,124 @@
+"""
+The admin page in a real headless Chromium (Debian's C{chromium}; C{.ci/run}
+installs it when missing, and without it this test skips saying so).
+
+One relay server with the view on, real relay-clients and users over
+loopback. The page must show the backends and a request in flight, pick
+up a relay-client that connects later without a reload, and show an error
+row for a 504. A screenshot is saved as the test's artifact: its path is
+printed, in C{$RELAY_TEST_ARTIFACTS} (default: the system's temporary
+folder).
+"""
+
+import os
+import tempfile
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial import unittest
+from twisted.web import server
+from twisted.web.client import HTTPConnectionPool
+
+from relay.admin import TokenCheck, attach_admin
+from relay.client.service import make_client_service
+from tests.chromium import Chromium, find_chromium
+from tests.support import RelayServer, raw_connect, until
+from tests.test_admin import Hanging
+
+TOKEN = "browser-token"
+CHROMIUM = find_chromium()
+
+
+def artifact(name: str) -> str:
+    folder = os.environ.get("RELAY_TEST_ARTIFACTS") or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
+class AdminPage(unittest.TestCase):
+    timeout = 120
+    if CHROMIUM is None:
+        skip = "no chromium on PATH (apt-get install chromium; .ci/run does this as root)"
+
+    def setUp(self):
+        # A short inactive-request timeout, so that a 504 comes within the
+        # test; the reap that turns it into one is called by the test.
+        self.relay = RelayServer(inactive_request_timeout=1.0)
+        self.addCleanup(self.relay.stop)
+        self.admin = attach_admin(
+            self.relay.service,
+            reactor,
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            check=TokenCheck(TOKEN.encode()),
+            flags={"port": "0", "inactive_request_timeout": 1.0},
+        )
+        self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
+        self.backend_resource = Hanging()
+        self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
+        self.addCleanup(self.backend.stopListening)
+        self.users = HTTPConnectionPool(reactor, persistent=False)
+
+    def start_client(self, name: str):
+        client = make_client_service(
+            reactor,
+            self.relay.base,
+            name,
+            backend_scheme="http",
+            backend_address="127.0.0.1:%d" % (self.backend.getHost().port,),
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        return until(lambda: name in self.relay.broker.backends and bool(self.relay.broker.backends[name].polls))
+
+    @defer.inlineCallbacks
+    def get(self, name: str, path: str):
+        response = yield treq.get(self.relay.url("/client/%s%s" % (name, path)), pool=self.users)
+        yield response.content()
+        return response.code
+
+    @defer.inlineCallbacks
+    def test_page_renders_updates_live_and_shows_errors(self):
+        yield self.start_client("robot-1")
+        for _ in range(3):
+            self.assertEqual((yield self.get("robot-1", "/ok")), 200)
+        # A 504: the backend never answers, the request goes inactive.
+        hang = self.get("robot-1", "/hang")
+        yield until(lambda: any(p.picked_up for p in self.relay.broker.requests.values()))
+        # A streaming request that stays in flight.
+        user = yield raw_connect(self.relay.port)
+        self.addCleanup(user.transport.abortConnection)
+        user.transport.write(b"GET /client/robot-1/stream HTTP/1.1\r\nHost: relay\r\n\r\n")
+        yield user.wait_for(b"xxxx")
+        yield until(lambda: self.relay.broker.clock.seconds() - min(
+            p.last_activity for p in self.relay.broker.requests.values()) > 1.0)
+        self.relay.broker.reap()
+        self.assertEqual((yield hang), 504)
+
+        browser = Chromium(CHROMIUM)
+        self.addCleanup(browser.close)
+        yield browser.open(self.admin_base + "/?token=" + TOKEN)
+        yield browser.wait_for("!!document.querySelector('#backends tr[data-backend=\"robot-1\"]')")
+        yield browser.wait_for("!!document.querySelector('#inflight tr[data-state=\"streaming\"]')")
+        state = yield browser.evaluate("document.querySelector('#backends tr[data-backend=\"robot-1\"]').dataset.state")
+        self.assertEqual(state, "connected")
+        page_id = yield browser.evaluate("document.body.dataset.pageId")
+        bytes_out = yield browser.evaluate("document.querySelector('#inflight td.bytes-out').textContent")
+        self.assertTrue(bytes_out and bytes_out != "0 B", bytes_out)
+
+        # A relay-client connects: the page shows it without a reload.
+        yield self.start_client("robot-2")
+        yield browser.wait_for("!!document.querySelector('#backends tr[data-backend=\"robot-2\"]')")
+        self.assertEqual((yield browser.evaluate("document.body.dataset.pageId")), page_id)
+        self.assertGreater(int((yield browser.evaluate("document.body.dataset.updates"))), 1)
+
+        # The backend's panel lists the 504 as an error row.
+        yield browser.evaluate("document.querySelector('#backends tr[data-backend=\"robot-1\"]').click()")
+        yield browser.wait_for("!!document.querySelector('#recent-errors tr.error[data-status=\"504\"]')")
+        kind = yield browser.evaluate("document.querySelector('#recent-errors tr.error td.kind').textContent")
+        self.assertEqual(kind, "504")
+        self.assertEqual((yield browser.evaluate("document.querySelector('#banner').hidden")), True)
+
+        path = yield browser.screenshot(artifact("relay-admin.png"))
+        print("admin page screenshot: " + path)
+        self.assertGreater(os.path.getsize(path), 10000)
