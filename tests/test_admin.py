@@ -476,14 +476,6 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertLess(len(json.dumps(data)), 200000)
         self.assertLess(elapsed, 5.0)
 
-    def test_hooks_absent_when_the_view_is_off(self):
-        broker = Broker(Clock())
-        self.assertIsNone(broker.stats)
-        relay = RelayServer()
-        self.addCleanup(relay.stop)
-        self.assertIsNone(relay.broker.stats)
-        self.assertEqual(sorted(s.name for s in relay.service), ["drain", "listen", "reap"])
-
 
 class _Sink:
     def __init__(self, code, truncated):
@@ -516,6 +508,37 @@ class Flags(unittest.TestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         return directory
+
+    def test_hooks_absent_when_the_view_is_off(self):
+        self.assertIsNone(Broker(Clock()).stats)
+        relay = RelayServer()
+        self.addCleanup(relay.stop)
+        self.assertIsNone(relay.broker.stats)
+        self.assertEqual(sorted(s.name for s in relay.service), ["drain", "listen", "reap"])
+        options = tap.Options()
+        options.parseOptions(["--port=tcp:0:interface=127.0.0.1"])
+        service = tap.makeService(options, reactor)
+        self.assertEqual(sorted(s.name for s in service), ["drain", "listen", "reap"])
+        self.assertIsNone(service.broker.stats)
+
+    def test_a_failing_hook_costs_the_view_not_the_request(self):
+        clock = Clock()
+        broker = Broker(clock)
+        broker.stats = AdminStats(clock)
+        broker.get_request("robot")
+
+
+        class Broken:
+            """A sink the view cannot read: stands for a bug in the view."""
+
+            @property
+            def tunnel(self):
+                raise RuntimeError("a bug")
+
+        pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/"), Broken())
+        broker.cancel(pending)
+        self.assertEqual(broker.requests, {})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_admin_port_number_binds_loopback(self):
         self.assertEqual(admin_endpoint("8081"), "tcp:8081:interface=127.0.0.1")

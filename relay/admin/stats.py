@@ -41,6 +41,9 @@ from collections import OrderedDict, deque
 from typing import Deque, Dict, List, Optional, Tuple
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
 
 # Width of a time bucket, and how many are kept: the sparklines show the
 # last SERIES * BUCKET seconds, the "last minute" figures sum the buckets
@@ -333,13 +336,23 @@ class AdminStats:
 
     def started(self, pending, message) -> None:
         """A user request was queued: what it asked for, for the views."""
-        headers = None
-        if self.inspect_headers:
-            headers = redact_headers([(h.name, h.value) for h in message.header], self.redact)
-        pending.info = (message.method, redact_path(message.url), len(message.body), headers)
+        try:
+            headers = None
+            if self.inspect_headers:
+                headers = redact_headers([(h.name, h.value) for h in message.header], self.redact)
+            pending.info = (message.method, redact_path(message.url), len(message.body), headers)
+        except Exception:
+            # A bug here must cost the view a row, never the user a request.
+            log.failure("Admin view: recording a request failed")
 
     def finished(self, pending, reason) -> None:
         """The broker forgot C{pending}; C{reason} as L{Broker._forget} got it."""
+        try:
+            self._finished(pending, reason)
+        except Exception:
+            log.failure("Admin view: recording a finished request failed")
+
+    def _finished(self, pending, reason) -> None:
         now = self.clock.seconds()
         sink = pending.sink
         status, kind = outcome(pending, reason)
@@ -375,10 +388,10 @@ class AdminStats:
         bucket = b.bucket(int(now // BUCKET))
         bucket.requests += 1
         bucket.bytes += r.bytes_in + r.bytes_out
-        if kind is OK:
+        if kind == OK:
             i = latency_bucket(r.duration)
             bucket.latency[i] = bucket.latency.get(i, 0) + 1
-        elif kind is CANCELLED:
+        elif kind == CANCELLED:
             b.cancelled += 1
         else:
             bucket.errors += 1

@@ -152,7 +152,14 @@ class AdminResource(Resource):
 
 
 class AdminSite(Site):
-    """A quiet Site: the page polls every two seconds, which no log wants."""
+    """
+    A quiet Site: the page polls every two seconds, which no log wants.
+    Idle connections close after a minute (twisted.web's default is 12
+    hours), so that forgotten tabs and slow peers do not pile up.
+    """
+
+    def __init__(self, resource):
+        super().__init__(resource, timeout=60)
 
     def log(self, request) -> None:
         pass
