@@ -242,6 +242,36 @@ class StatusWithRealClients(AdminCase):
         self.assertEqual(b["recent_errors"], [])
 
     @defer.inlineCallbacks
+    def test_upgraded_request_counts_both_ways(self):
+        from tests.test_client_e2e import Backend as EchoBackend, make_frame
+
+        echo = EchoBackend()
+        self.addCleanup(echo.stop)
+        self.start_client("ws", address=echo.address)
+        yield self.polled("ws")
+        user = yield raw_connect(self.relay.port)
+        self.addCleanup(user.transport.abortConnection)
+        user.transport.write(
+            b"GET /client/ws/chat?k=v HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        yield user.wait_for(b"101 Switching Protocols")
+        user.transport.write(make_frame(1, b"hello", mask=True))
+        yield user.wait_for(b"hello")
+        data = yield self.until_status(
+            lambda s: s["in_flight"]["items"] and s["in_flight"]["items"][0]["bytes_out"] >= 7
+        )
+        [item] = data["in_flight"]["items"]
+        self.assertEqual((item["state"], item["path"], item["bytes_in"]), ("upgraded", "/chat?<redacted>", 11))
+        user.transport.write(make_frame(8, b"", mask=True))  # close
+        yield user.ended
+        yield self.until_status(lambda s: not s["in_flight"]["items"])
+        b = yield self.backend_status("ws")
+        [r] = b["recent"]
+        self.assertEqual((r["status"], r["kind"], r["bytes_in"]), (101, "ok", 17))
+
+    @defer.inlineCallbacks
     def test_waiting_for_pickup_then_503(self):
         client = self.start_client("robot")
         yield self.polled("robot")
@@ -598,3 +628,44 @@ class Flags(unittest.TestCase):
         self.assertGreater(data["server"]["open_fds"], 0)
         yield service.stopService()
         self.assertFalse(admin.running)
+
+
+class Twistd(unittest.TestCase):
+    """The view as an operator turns it on: relay.tac's variables under the real twistd."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_relay_tac_variables(self):
+        from tests.process import ROOT, TwistdProcess
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "token")
+        with open(path, "w") as f:
+            f.write("tac-token\n")
+        proc = TwistdProcess.spawn(
+            ["-y", os.path.join(ROOT, "relay.tac")],
+            env={
+                "RELAY_PORT": "tcp:0:interface=127.0.0.1",
+                "RELAY_ADMIN_PORT": "tcp:0:interface=127.0.0.1",
+                "RELAY_ADMIN_TOKEN_FILE": path,
+                "RELAY_INSPECT_HEADERS": "1",
+                "RELAY_DRAIN_GRACE": "0",
+                "RELAY_LOG_FILE": "",
+            },
+        )
+        self.addCleanup(proc.terminate)
+        admin = yield proc.wait_for(r'"msg":"Admin view listening".*"Port":(\d+)')
+        yield proc.wait_for(r'"msg":"Relay server listening"')
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        url = "http://127.0.0.1:%s/api/status" % (admin.group(1),)
+        response = yield treq.get(url, pool=pool)
+        self.assertEqual(response.code, 401)
+        yield response.content()
+        response = yield treq.get(url, headers={"Authorization": ["Bearer tac-token"]}, pool=pool)
+        data = yield response.json()
+        flags = data["server"]["flags"]
+        self.assertEqual((flags["admin_token_file"], flags["inspect_headers"]), ("<redacted>", 1))
+        self.assertTrue(data["server"]["admin"]["inspect_headers"])
+        self.assertEqual((yield proc.terminate()), (None, 15))
