@@ -127,7 +127,10 @@ class Chromium:
         """
         deadline = reactor.seconds() + timeout
         while True:
-            value = yield self.evaluate(expression)
+            try:
+                value = yield self.evaluate(expression)
+            except CDPError:
+                value = None  # e.g. the page is still loading: not yet
             if value:
                 return value
             if reactor.seconds() > deadline:

@@ -122,3 +122,32 @@ class AdminPage(unittest.TestCase):
         path = yield browser.screenshot(artifact("relay-admin.png"))
         print("admin page screenshot: " + path)
         self.assertGreater(os.path.getsize(path), 10000)
+
+    @defer.inlineCallbacks
+    def test_ten_thousand_backends_are_paged_sorted_and_filtered(self):
+        from relay.broker import Backend
+
+        broker = self.relay.broker
+        for i in range(10000):
+            name = "robot-%05d" % (i,)
+            broker.backends[name] = Backend(name, broker.clock.seconds())
+            broker.stats.polled(name, "10.0.%d.%d" % (i // 256, i % 256))
+        browser = Chromium(CHROMIUM)
+        self.addCleanup(browser.close)
+        yield browser.open(self.admin_base + "/?token=" + TOKEN)
+        rows = "document.querySelectorAll('#backends tbody tr')"
+        first = "document.querySelector('#backends tbody tr').dataset.backend"
+        yield browser.wait_for("document.querySelector('#page').textContent === '1–50 of 10000'")
+        self.assertEqual((yield browser.evaluate(rows + ".length")), 50)
+        yield browser.evaluate("document.querySelector('#next').click()")
+        yield browser.wait_for("document.querySelector('#page').textContent === '51–100 of 10000'")
+        self.assertEqual((yield browser.evaluate(first)), "robot-00050")
+        yield browser.evaluate("document.querySelector('#backends th[data-sort=\"name\"]').click()")
+        yield browser.wait_for(first + " === 'robot-09999'")
+        yield browser.evaluate(
+            "var f = document.querySelector('#filter'); f.value = 'robot-0123';"
+            "f.dispatchEvent(new Event('input'))"
+        )
+        yield browser.wait_for(rows + ".length === 10 && " + first + " === 'robot-01239'")
+        path = yield browser.screenshot(artifact("relay-admin-10000.png"))
+        print("admin page screenshot: " + path)
