@@ -35,6 +35,9 @@ from relay.broker import Broker, PendingRequest
 # with no poll open: a relay-client polls again right after each answer.
 PRESENT_GRACE = 10.0
 MAX_LIMIT = 1000
+# Backends per answer unless asked otherwise: with their recent requests,
+# a page of 100 is already a few hundred kilobytes.
+DEFAULT_LIMIT = 100
 DEFAULT_IN_FLIGHT = 200
 SORT_KEYS = ("name", "state", "open_polls", "in_flight", "requests", "bytes", "p50", "p99", "errors", "last_poll")
 _STATE_ORDER = {"connected": 0, "idle": 1, "gone": 2}
@@ -57,7 +60,7 @@ class Query:
                 return default
 
         self.offset = number("offset", 0, 10 ** 9)
-        self.limit = number("limit", MAX_LIMIT, MAX_LIMIT)
+        self.limit = number("limit", DEFAULT_LIMIT, MAX_LIMIT)
         sort = text("sort", "name")
         self.sort = sort if sort in SORT_KEYS else "name"
         self.descending = text("order", "asc") == "desc"
