@@ -231,6 +231,7 @@ class StatusWithRealClients(AdminCase):
         self.assertGreaterEqual(data["in_flight"]["items"][0]["age"], 3)
         b = yield self.backend_status("robot")
         self.assertEqual(b["in_flight"], 1)
+        self.assertEqual([r["id"] for r in b["in_flight_requests"]["items"]], [first["id"]])
         self.assertEqual(b["state"], "connected")
         user.transport.abortConnection()  # the user walks away
         data = yield self.until_status(lambda s: not s["in_flight"]["items"])
@@ -396,6 +397,8 @@ class AdminPort(AdminCase):
         self.assertEqual(response.code, 200)
         response, _ = yield self.get(self.admin_base + "/?token=wrong")
         self.assertEqual(response.code, 401)
+        response, _ = yield self.get(self.admin_base + "/?backend=robot%201&token=" + self.token)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/?backend=robot+1"])
 
     @defer.inlineCallbacks
     def test_browser_login_sets_a_cookie_and_leaves_the_address_bar(self):

@@ -12,16 +12,20 @@ folder).
 
 import os
 import tempfile
+import time
+from random import Random
 
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
 from relay.admin import TokenCheck, attach_admin
 from relay.client.service import make_client_service
+from relay.proto.http_relay_pb2 import HttpRequest
 from tests.chromium import Chromium, find_chromium
 from tests.support import RelayServer, raw_connect, until
 from tests.test_admin import Hanging
@@ -36,28 +40,12 @@ def artifact(name: str) -> str:
     return os.path.join(folder, name)
 
 
-class AdminPage(unittest.TestCase):
+class PageCase(unittest.TestCase):
+    """Helpers for a relay server with the view on, a backend, and relay-clients."""
+
     timeout = 120
     if CHROMIUM is None:
         skip = "no chromium on PATH (apt-get install chromium; .ci/run does this as root)"
-
-    def setUp(self):
-        # A short inactive-request timeout, so that a 504 comes within the
-        # test; the reap that turns it into one is called by the test.
-        self.relay = RelayServer(inactive_request_timeout=1.0)
-        self.addCleanup(self.relay.stop)
-        self.admin = attach_admin(
-            self.relay.service,
-            reactor,
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
-            check=TokenCheck(TOKEN.encode()),
-            flags={"port": "0", "inactive_request_timeout": 1.0},
-        )
-        self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
-        self.backend_resource = Hanging()
-        self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
-        self.addCleanup(self.backend.stopListening)
-        self.users = HTTPConnectionPool(reactor, persistent=False)
 
     def start_client(self, name: str):
         client = make_client_service(
@@ -76,6 +64,26 @@ class AdminPage(unittest.TestCase):
         response = yield treq.get(self.relay.url("/client/%s%s" % (name, path)), pool=self.users)
         yield response.content()
         return response.code
+
+
+class AdminPage(PageCase):
+    def setUp(self):
+        # A short inactive-request timeout, so that a 504 comes within the
+        # test; the reap that turns it into one is called by the test.
+        self.relay = RelayServer(inactive_request_timeout=1.0)
+        self.addCleanup(self.relay.stop)
+        self.admin = attach_admin(
+            self.relay.service,
+            reactor,
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            check=TokenCheck(TOKEN.encode()),
+            flags={"port": "0", "inactive_request_timeout": 1.0},
+        )
+        self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
+        self.backend_resource = Hanging()
+        self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
+        self.addCleanup(self.backend.stopListening)
+        self.users = HTTPConnectionPool(reactor, persistent=False)
 
     @defer.inlineCallbacks
     def test_page_renders_updates_live_and_shows_errors(self):
@@ -150,4 +158,102 @@ class AdminPage(unittest.TestCase):
         )
         yield browser.wait_for(rows + ".length === 10 && " + first + " === 'robot-01239'")
         path = yield browser.screenshot(artifact("relay-admin-10000.png"))
+        print("admin page screenshot: " + path)
+
+
+class BusyRelayPage(PageCase):
+    """
+    A relay with five minutes of history, for the sparklines (and for the
+    screenshot in docs/server.md): the server's clock is a L{Clock} set to
+    the wall clock, stepped through the buckets while finished requests
+    are fed to the statistics directly.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(time.time() - 300)
+        self.relay = RelayServer(clock=self.clock)
+        self.addCleanup(self.relay.stop)
+        self.admin = attach_admin(
+            self.relay.service,
+            reactor,
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            check=TokenCheck(TOKEN.encode()),
+            flags={"port": "8080", "admin_port": "8081", "admin_token_file": "<redacted>"},
+        )
+        self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
+        self.backend_resource = Hanging()
+        self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
+        self.addCleanup(self.backend.stopListening)
+        self.users = HTTPConnectionPool(reactor, persistent=False)
+
+    def history(self):
+        from relay.broker import Backend
+        from tests.test_admin import _Pending
+
+        broker, stats = self.relay.broker, self.relay.broker.stats
+        names = ["arm-%02d" % (i,) for i in range(1, 9)] + ["dock-1", "dock-2", "lidar-7", "robot-1"]
+        random = Random(16)
+        for name in names:
+            broker.backends[name] = Backend(name, self.clock.seconds())
+            stats.polled(name, "10.8.0.%d" % (random.randint(2, 250),))
+        count = 0
+        for step in range(60):  # 5 minutes in 5 s steps
+            for name in names:
+                busy = 1 + (sum(map(ord, name)) % 5) + (3 if 20 < step < 35 and name.startswith("arm") else 0)
+                if name == "lidar-7" and step > 45:
+                    busy = 0  # idle for the last minute
+                for _ in range(random.randint(0, busy)):
+                    count += 1
+                    code = random.choice([200] * 60 + [504, 503, 500]) if name != "lidar-7" else 200
+                    pending = _Pending(0, name, "%s:%032x" % (name, count), code, False)
+                    pending.start = self.clock.seconds() - random.lognormvariate(-4 + (step > 40), 0.6)
+                    message = HttpRequest(method=random.choice(["GET", "GET", "POST"]),
+                                          url="http://invalid/api/v1/" + random.choice(["state", "joints", "map?tile=7"]))
+                    stats.started(pending, message)
+                    stats.finished(pending, None)
+            self.clock.advance(5)
+            for name in names:
+                if name != "dock-2" or step < 30:
+                    stats.polled(name, None)
+        stats.forget("dock-2")
+        del broker.backends["dock-2"]
+        for name in names:
+            if name not in ("dock-2", "robot-1"):
+                for _ in range(1 + sum(map(ord, name)) % 3):
+                    broker.get_request(name)  # polls waiting, as relay-clients' would
+                stats.polled(name, None)
+
+    @defer.inlineCallbacks
+    def test_sparklines_of_a_busy_relay(self):
+        self.history()
+        yield self.start_client("robot-1")
+        user = yield raw_connect(self.relay.port)
+        self.addCleanup(user.transport.abortConnection)
+        user.transport.write(b"GET /client/robot-1/stream?follow=1 HTTP/1.1\r\nHost: relay\r\n\r\n")
+        yield user.wait_for(b"xxxx")
+        hang = self.get("robot-1", "/hang")
+        hang.addErrback(lambda _: None)
+        self.addCleanup(hang.cancel)  # or the drain waits for it
+        yield until(lambda: len(self.relay.broker.requests) == 2)
+        self.clock.advance(2.5)  # ages, and "last poll … ago"
+        browser = Chromium(CHROMIUM, height=1200)
+        self.addCleanup(browser.close)
+        yield browser.open(self.admin_base + "/?token=" + TOKEN + "&backend=arm-03")
+        yield browser.wait_for("document.querySelectorAll('#backends tbody tr').length === 12")
+        yield browser.wait_for("document.querySelectorAll('#inflight tbody tr').length === 2")
+        yield browser.wait_for("!!document.querySelector('#recent-errors tr.error')")
+        # A rate line of many points for a busy backend, and a p99 line.
+        points = yield browser.evaluate(
+            "document.querySelector('#backends tr[data-backend=\"arm-03\"] svg.rate polyline')"
+            ".getAttribute('points').split(' ').length"
+        )
+        self.assertGreater(points, 20)
+        self.assertTrue((yield browser.evaluate(
+            "!!document.querySelector('#backends tr[data-backend=\"arm-03\"] svg.p99 polyline')")))
+        states = yield browser.evaluate(
+            "Array.from(document.querySelectorAll('#backends tbody tr')).map(r => r.dataset.state).join(' ')"
+        )
+        self.assertEqual(sorted(set(states.split())), ["connected", "gone", "idle"])
+        path = yield browser.screenshot(artifact("relay-admin-busy.png"))
         print("admin page screenshot: " + path)

@@ -112,7 +112,7 @@ def snapshot(broker: Broker, stats: AdminStats, flags: dict, query: Query) -> di
             "bucket_seconds": BUCKET,
             "items": items,
         },
-        "in_flight": _in_flight(broker, now, query),
+        "in_flight": _in_flight(broker, now, query.in_flight),
         "unknown_backends": [
             {"time": t, "backend": name, "method": method, "path": path}
             for t, name, method, path in reversed(stats.unknown_recent)
@@ -122,6 +122,8 @@ def snapshot(broker: Broker, stats: AdminStats, flags: dict, query: Query) -> di
         b = stats.backends.get(query.backend) or stats.forgotten.get(query.backend)
         known = broker.backends.get(query.backend)
         out["detail"] = None if b is None else _backend(b, known, _state(b, known, now), now, True)
+        if b is not None:
+            out["detail"]["in_flight_requests"] = _in_flight(broker, now, query.in_flight, query.backend)
     return out
 
 
@@ -222,17 +224,17 @@ def request_state(pending: PendingRequest) -> str:
     return "waiting_for_pickup"
 
 
-def _in_flight(broker: Broker, now: float, query: Query) -> dict:
-    if query.backend is not None:
-        known = broker.backends.get(query.backend)
+def _in_flight(broker: Broker, now: float, limit: int, backend: Optional[str] = None) -> dict:
+    if backend is not None:
+        known = broker.backends.get(backend)
         ids = sorted(known.active) if known is not None else []
         pendings = [p for p in (broker.requests.get(i) for i in ids) if p is not None]
         pendings.sort(key=lambda p: p.start)
     else:
         # The broker's dict keeps creation order: the oldest come first.
-        pendings = list(islice(broker.requests.values(), query.in_flight))
+        pendings = list(islice(broker.requests.values(), limit))
     items = []
-    for pending in pendings[: query.in_flight]:
+    for pending in pendings[:limit]:
         method, path, bytes_in, headers = pending.info or ("", "", 0, None)
         sink = pending.sink
         tunnel = getattr(sink, "tunnel", None)
@@ -250,7 +252,7 @@ def _in_flight(broker: Broker, now: float, query: Query) -> dict:
         if headers is not None:
             item["request_headers"] = headers
         items.append(item)
-    total = len(pendings) if query.backend is not None else len(broker.requests)
+    total = len(pendings) if backend is not None else len(broker.requests)
     return {"total": total, "items": items}
 
 

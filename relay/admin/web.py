@@ -23,7 +23,7 @@ import hmac
 import json
 import pkgutil
 from typing import Callable, Optional
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -140,8 +140,11 @@ class AdminResource(Resource):
             sameSite="strict",
             secure=request.isSecure(),
         )
+        # The rest of the query (?backend=NAME) stays: it is what the page
+        # was opened for.
+        rest = [(k, v) for k, v in parse_qsl(request.uri.partition(b"?")[2], keep_blank_values=True) if k != b"token"]
         request.setResponseCode(303)
-        request.setHeader(b"location", b"/")
+        request.setHeader(b"location", b"/" + (b"?" + urlencode(rest).encode("ascii") if rest else b""))
         return b""
 
     @staticmethod

@@ -7,6 +7,8 @@
 
 (function () {
   var INTERVAL = 2000;
+  // Rows of a backend's recent requests shown until "more" is clicked.
+  var SHORT_LIST = 15;
   var state = {
     offset: 0,
     limit: 50,
@@ -15,6 +17,7 @@
     filter: "",
     selected: null,
     timer: null,
+    showAll: false,
     inFlightRequest: false,
   };
   var SVG = "http://www.w3.org/2000/svg";
@@ -219,7 +222,19 @@
     [["recent", d.recent], ["recent-errors", d.recent_errors]].forEach(function (pair) {
       var body = $(pair[0]).tBodies[0];
       body.textContent = "";
-      pair[1].forEach(function (r) { body.appendChild(requestRow(r)); });
+      var shown = state.showAll ? pair[1] : pair[1].slice(0, SHORT_LIST);
+      shown.forEach(function (r) { body.appendChild(requestRow(r)); });
+      if (shown.length < pair[1].length) {
+        var more = el("tr", null, "more");
+        var cell = el("td", null, "muted");
+        cell.colSpan = 8;
+        var button = el("button", (pair[1].length - shown.length) + " more");
+        button.type = "button";
+        button.addEventListener("click", function () { state.showAll = true; refresh(); });
+        cell.appendChild(button);
+        more.appendChild(cell);
+        body.appendChild(more);
+      }
       if (!pair[1].length) {
         var tr = el("tr");
         var td = el("td", "none", "muted");
@@ -326,6 +341,7 @@
     var tr = e.target.closest("tr");
     if (!tr || !tr.dataset.backend) return;
     state.selected = tr.dataset.backend === state.selected ? null : tr.dataset.backend;
+    state.showAll = false;
     refresh();
   });
   $("detail-close").addEventListener("click", function () { state.selected = null; refresh(); });
