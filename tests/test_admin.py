@@ -376,6 +376,23 @@ class InspectHeaders(AdminCase):
         self.assertEqual(r["path"], "/echo?<redacted>")
 
 
+class NoToken(AdminCase):
+    @defer.inlineCallbacks
+    def test_without_a_token_only_ip_or_localhost_hosts(self):
+        port = self.admin.port.getHost().port
+        for host, code in [
+            ("127.0.0.1:%d" % (port,), 200),
+            ("localhost:%d" % (port,), 200),
+            ("[::1]:%d" % (port,), 200),
+            ("10.1.2.3", 200),
+            ("rebind.example:%d" % (port,), 403),
+            ("127.0.0.1.nip.io", 403),
+        ]:
+            response = yield treq.get(self.admin_base + "/api/status", headers={"Host": [host]}, pool=self.users)
+            body = yield response.content()
+            self.assertEqual(response.code, code, (host, body))
+
+
 class AdminPort(AdminCase):
     token = "admin-" + SECRET
 

@@ -20,6 +20,7 @@ anything else, inline scripts included.
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import pkgutil
 from typing import Callable, Optional
@@ -111,6 +112,13 @@ class AdminResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return self._text(request, 405, b"Only GET and HEAD\n")
+        if not self.check.required and not _literal_host(request.getHeader(b"host")):
+            return self._text(
+                request,
+                403,
+                b"Forbidden: without --admin_token_file this port only answers requests for an "
+                b"IP address or localhost\n",
+            )
         if request.path == b"/" and b"token" in request.args and self.check.required:
             return self._login(request)
         if not self.check.allows(request):
@@ -152,6 +160,30 @@ class AdminResource(Resource):
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return body
+
+
+def _literal_host(host: Optional[bytes]) -> bool:
+    """
+    Whether a Host header names an IP address or localhost. Without a
+    token, that is all the view answers: a web page the operator happens
+    to visit could otherwise point a DNS name of its own at 127.0.0.1 and
+    read the view from the browser (DNS rebinding), since the browser
+    would send no credentials and need none.
+    """
+    if not host:
+        return False
+    name = host.decode("latin-1").strip()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name[1:]
+    else:
+        name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class AdminSite(Site):
