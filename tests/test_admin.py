@@ -487,6 +487,31 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertEqual(sum(b.requests for b in stats.backends.values()), 100000)
         self.assertEqual(sum(b.errors["504"] for b in stats.backends.values()), 10000)
 
+    def test_memory_stops_growing_at_the_bounds(self):
+        import gc
+        import tracemalloc
+
+        clock = Clock()
+        stats = AdminStats(clock, total=5000)
+        names = ["robot-%d" % (i,) for i in range(50)]
+        for name in names:
+            stats.polled(name, "127.0.0.1")
+        tracemalloc.start()
+        try:
+            for i in range(10000):
+                self.finish(stats, names[i % 50], i, 504 if i % 3 == 0 else 200)
+            gc.collect()
+            at_10k = tracemalloc.get_traced_memory()[0]
+            for i in range(10000, 50000):
+                self.finish(stats, names[i % 50], i, 504 if i % 3 == 0 else 200)
+            gc.collect()
+            at_50k = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        # Five times the requests, the same memory (give or take the
+        # time buckets of the latest minutes).
+        self.assertLess(at_50k - at_10k, 256 * 1024, (at_10k, at_50k))
+
     def test_default_ring_per_backend(self):
         clock = Clock()
         stats = AdminStats(clock)
