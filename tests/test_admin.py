@@ -489,7 +489,11 @@ class Bounds(unittest.SynchronousTestCase):
 
     def test_memory_stops_growing_at_the_bounds(self):
         import gc
-        import tracemalloc
+
+        try:
+            import tracemalloc
+        except ImportError:
+            raise unittest.SkipTest("no tracemalloc here (PyPy): the ring bounds test counts records instead")
 
         clock = Clock()
         stats = AdminStats(clock, total=5000)
