@@ -225,6 +225,7 @@ class BackendStats:
         "recent",
         "recent_errors",
         "forgotten_at",
+        "summary",
     )
 
     def __init__(self, name: str, now: float, ring: int, error_ring: int):
@@ -242,6 +243,10 @@ class BackendStats:
         self.recent: Deque[Finished] = deque(maxlen=ring)
         self.recent_errors: Deque[Finished] = deque(maxlen=error_ring)
         self.forgotten_at: Optional[float] = None
+        # The last-minute summary of relay.admin.status, with what it was
+        # computed from: a page polled every 2 s recomputes only backends
+        # that had traffic since.
+        self.summary: Optional[tuple] = None
 
     def bucket(self, index: int) -> Bucket:
         series = self.series

@@ -145,6 +145,16 @@ def _state(b: BackendStats, known, now: float) -> str:
 
 
 def _minute(b: BackendStats, now: float) -> dict:
+    """The last minute's figures, cached until a request ends or a bucket turns."""
+    key = (int(now // BUCKET), b.requests)
+    if b.summary is not None and b.summary[0] == key:
+        return dict(b.summary[1])
+    summary = _compute_minute(b, now)
+    b.summary = (key, summary)
+    return dict(summary)
+
+
+def _compute_minute(b: BackendStats, now: float) -> dict:
     window = b.window(now, LAST_MINUTE)
     histogram: Dict[int, int] = {}
     for x in window:
