@@ -516,6 +516,29 @@ class Bounds(unittest.SynchronousTestCase):
         # time buckets of the latest minutes).
         self.assertLess(at_50k - at_10k, 256 * 1024, (at_10k, at_50k))
 
+    def test_overload_and_unknown_names_are_counted_within_bounds(self):
+        from relay.admin import stats as module
+        from relay.broker import Overloaded, UnknownBackend
+
+        clock = Clock()
+        broker = Broker(clock, max_pending_per_backend=1)
+        stats = broker.stats = AdminStats(clock)
+        broker.get_request("robot")
+        stats.polled("robot", None)
+        broker.relay("robot", HttpRequest(method="GET", url="http://invalid/a"), _Sink(200, False))
+        self.assertRaises(Overloaded, broker.relay, "robot", HttpRequest(method="GET", url="http://invalid/b"), None)
+        b = stats.backends["robot"]
+        self.assertEqual((b.errors["503"], b.recent[-1].status, b.recent_errors[-1].kind), (1, 503, "503"))
+        for i in range(module.UNKNOWN_RING * 3):
+            self.assertRaises(
+                UnknownBackend, broker.relay, "x" * 1000 + str(i), HttpRequest(method="GET", url="http://invalid/?q"), None
+            )
+        self.assertEqual(stats.unknown_requests, module.UNKNOWN_RING * 3)
+        self.assertEqual(len(stats.unknown_recent), module.UNKNOWN_RING)
+        self.assertEqual(len(stats.unknown_recent[-1][1]), module.MAX_TEXT + 1)
+        self.assertEqual(stats.unknown_recent[-1][3], "/?<redacted>")
+        self.assertEqual(list(stats.backends), ["robot"])
+
     def test_default_ring_per_backend(self):
         clock = Clock()
         stats = AdminStats(clock)
