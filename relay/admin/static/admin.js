@@ -18,6 +18,7 @@
     selected: null,
     timer: null,
     showAll: false,
+    again: false,
     inFlightRequest: false,
   };
   var SVG = "http://www.w3.org/2000/svg";
@@ -297,8 +298,13 @@
   function update() {
     clearTimeout(state.timer);
     state.timer = null;
-    if (state.inFlightRequest) return;
+    if (state.inFlightRequest) {
+      // A click while a poll is out: ask again as soon as it is back.
+      state.again = true;
+      return;
+    }
     state.inFlightRequest = true;
+    state.again = false;
     fetch("/api/status?" + query(), { credentials: "same-origin", cache: "no-store" })
       .then(function (response) {
         if (response.status === 401) throw new Error("Not authorized: open this page as /?token=YOUR_TOKEN once.");
@@ -322,7 +328,7 @@
       })
       .then(function () {
         state.inFlightRequest = false;
-        state.timer = setTimeout(update, INTERVAL);
+        state.timer = setTimeout(update, state.again ? 0 : INTERVAL);
       });
   }
 
