@@ -23,6 +23,9 @@
 #   RELAY_DRAIN_GRACE                   Go duration, 0 is none
 #   RELAY_LOG_LEVEL                     debug|info|warn|error
 #   RELAY_LOG_FORMAT                    json|text
+#   RELAY_ADMIN_PORT                    port or endpoint string, off if unset
+#   RELAY_ADMIN_TOKEN_FILE              file of the admin token
+#   RELAY_INSPECT_HEADERS               1 or true: keep headers
 #   RELAY_PPROF_PORT                    accepted, ignored (Go's)
 #   RELAY_TRACE_STACKDRIVER_PROJECT_ID  accepted, ignored (Go's)
 #
@@ -50,13 +53,18 @@ def _flags():
         variable = "RELAY_" + name[0].upper().replace("-", "_")
         value = os.environ.get(variable)
         if value is not None:
-            yield variable, name[0], value
+            yield "--%s=%s" % (name[0], value)
+    # On/off flags (--inspect_headers): on for 1, true or yes.
+    for name in Options.optFlags:
+        value = os.environ.get("RELAY_" + name[0].upper().replace("-", "_"), "")
+        if value.strip().lower() in ("1", "true", "yes"):
+            yield "--" + name[0]
 
 
 # The same parsing as the command line's, so the same ServerConfig comes of it.
 options = Options()
 try:
-    options.parseOptions(["--%s=%s" % (flag, value) for _, flag, value in _flags()])
+    options.parseOptions(list(_flags()))
 except usage.UsageError as e:
     message = str(e)
     for name in Options.optParameters:

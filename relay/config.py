@@ -55,6 +55,9 @@ class ServerConfig:
     drain_grace: float = _seconds(5.0)
     log_level: LogLevel = _level(LogLevel.info)
     log_format: str = "json"
+    admin_port: Optional[str] = None
+    admin_token_file: Optional[str] = None
+    inspect_headers: bool = False
     pprof_port: int = 0
     trace_stackdriver_project_id: str = ""
 

@@ -35,7 +35,7 @@ def parsed(options_class, argv=()):
 
 
 def flags(options_class):
-    return [row[0] for row in options_class.optParameters]
+    return [row[0] for row in options_class.optParameters + getattr(options_class, "optFlags", [])]
 
 
 # Parameters named like a flag that are not the flag.
@@ -158,6 +158,10 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "log_format": self.logged_line()[:1],
             "pprof_port": self.options.ignored_flags(),
             "trace-stackdriver-project-id": self.options.ignored_flags(),
+            # The admin view is off by default: no statistics in the broker.
+            "admin_port": self.broker.stats,
+            "admin_token_file": self.broker.stats,
+            "inspect_headers": self.broker.stats,
         }
 
     def logged_line(self) -> str:
@@ -194,6 +198,9 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "log_format": "{" if d.log_format == "json" else "t",
             "pprof_port": [],
             "trace-stackdriver-project-id": [],
+            "admin_port": None,
+            "admin_token_file": None,
+            "inspect_headers": None,
         }
         self.assertEqual({k: users[k] for k in expected}, expected)
 

@@ -362,6 +362,11 @@ class PendingRequest:
         # Bytes of the body charged to the broker's BodyBudget, given back
         # once the message has been handed over (or dropped).
         self.charge = 0
+        # For the admin view (relay.admin): what was asked, set only when
+        # the view is on, since the message itself goes at pickup; and
+        # whether the user went away first.
+        self.info = None
+        self.cancelled = False
 
     # IPushProducer, driven by the user-client's connection.
 
@@ -501,6 +506,9 @@ class Broker:
         self.backends: Dict[str, Backend] = {}
         self.requests: Dict[str, PendingRequest] = {}
         self.stopping = False
+        # The admin view's statistics (relay.admin.stats.AdminStats), or
+        # None when the view is off: then each hook below costs one test.
+        self.stats = None
 
     # The user-client's side.
 
@@ -516,8 +524,12 @@ class Broker:
             raise ServerStopping("Server is restarting")
         b = self.backends.get(backend)
         if b is None:
+            if self.stats is not None:
+                self.stats.unknown(backend, message.method, message.url)
             raise UnknownBackend(backend)
         if len(b.active) >= self.max_pending_per_backend:
+            if self.stats is not None:
+                self.stats.refused(backend, 503)
             raise Overloaded(
                 "Too many pending requests for %s (%d): try again later" % (backend, len(b.active))
             )
@@ -528,6 +540,8 @@ class Broker:
         pending = PendingRequest(self, request_id, backend, message, sink)
         # From here the body's share of the budget is the pending request's.
         pending.charge = charge
+        if self.stats is not None:
+            self.stats.started(pending, message)
         self.requests[request_id] = pending
         b.active.add(request_id)
         if self.trace:
@@ -571,15 +585,20 @@ class Broker:
         if b is not None and pending in b.queue:
             b.queue.remove(pending)
         pending.finished = True
+        pending.cancelled = True
         self._forget(pending, None)
 
     def _forget(self, pending: PendingRequest, reason: Optional[BrokerError]) -> None:
-        if self.requests.get(pending.id) is pending:
+        current = self.requests.get(pending.id) is pending
+        if current:
             del self.requests[pending.id]
         b = self.backends.get(pending.backend)
         if b is not None:
             b.active.discard(pending.id)
         pending._end(reason)
+        if current and self.stats is not None:
+            # After _end: the user's side has written its last answer.
+            self.stats.finished(pending, reason)
 
     # The relay-client's side.
 
@@ -706,6 +725,8 @@ class Broker:
             log.info("Forgetting inactive relay client", ServerName=b.name)
             del self.backends[b.name]
             self.metrics.forget_backend(b.name)
+            if self.stats is not None:
+                self.stats.forget(b.name)
 
     def stop(self) -> None:
         """

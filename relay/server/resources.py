@@ -227,6 +227,8 @@ class ServerResource(Resource):
             d = self.broker.get_request(server)
         except Overloaded as e:
             return _overloaded(request, e)
+        if self.broker.stats is not None:
+            self.broker.stats.polled(server, getattr(request.getClientAddress(), "host", None))
         return _answer_when(request, d, self._polled)
 
     def _forbidden(self, request, name: str) -> bytes:

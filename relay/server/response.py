@@ -73,6 +73,8 @@ class UserResponse:
         self.bytes = 0
         # The Content-Length the backend declared, when the body must match it.
         self.expected: Optional[int] = None
+        # The answer was cut off part-way (for the admin view's counts).
+        self.truncated = False
 
     def user_gone(self) -> None:
         self.done = True
@@ -244,6 +246,7 @@ class UserResponse:
         # A response has begun and will not be completed: it must not look
         # complete, so the connection is aborted rather than finished.
         self.done = True
+        self.truncated = True
         log.warn("Response ended early, aborting user connection", ID=pending.id, reason=type(reason).__name__)
         if self.tunnel is not None:
             self.tunnel.close(clean=False)

@@ -185,8 +185,9 @@ class RelayServerService(LogsThroughObserver, MultiService):
     def stopService(self):
         """
         The stop in the order the module docstring gives, rather than
-        L{MultiService}'s all children at once. The children are exactly
-        the three L{make_server_service} names.
+        L{MultiService}'s all children at once. The children are the
+        three L{make_server_service} names, and any other (the admin
+        listener), stopped at the end.
         """
         Service.stopService(self)
         drain = self.getServiceNamed("drain")
@@ -201,7 +202,14 @@ class RelayServerService(LogsThroughObserver, MultiService):
         d.addCallback(lambda _: listen.stopService())
         d.addCallback(lambda _: drain.stopService())
         d.addCallback(lambda _: self.getServiceNamed("reap").stopService())
+        # Anything else added to the server (the admin listener) stops last.
+        d.addCallback(lambda _: defer.gatherResults(
+            [defer.maybeDeferred(s.stopService) for s in list(self) if s.name not in _OWN and s.running]
+        ))
         return d
+
+
+_OWN = ("drain", "listen", "reap")
 
 
 def _safe_reap(broker: Broker) -> None:

@@ -180,11 +180,28 @@ class Options(GoFlagOptions):
             "json (one object per line, as the Go server) or text (key=value).",
         ],
         [
+            "admin_port",
+            None,
+            default("admin_port"),
+            "Not in Go: serve the operator's live view (an HTML page and GET /api/status) "
+            "on this port, apart from user traffic. A number binds 127.0.0.1 only; an "
+            "endpoint string (tcp:8081:interface=0.0.0.0) binds where it says. Off by default.",
+        ],
+        [
+            "admin_token_file",
+            None,
+            default("admin_token_file"),
+            "File holding the admin view's token: every request to --admin_port must then "
+            "send Authorization: Bearer TOKEN (a browser opens /?token=TOKEN once). "
+            "Read at start-up.",
+        ],
+        [
             "pprof_port",
             None,
             default("pprof_port"),
             "Go's profiler port: accepted so that Go manifests work, and ignored (with a "
-            "warning when set). Profile with py-spy or PyPy's vmprof instead.",
+            "warning when set); it does not open --admin_port. Profile with py-spy or "
+            "PyPy's vmprof instead.",
             go_int,
         ],
         [
@@ -193,6 +210,14 @@ class Options(GoFlagOptions):
             default("trace-stackdriver-project-id"),
             "Go's tracing to Google Cloud: accepted so that Go manifests work, and ignored "
             "(with a warning when set).",
+        ],
+    ]
+    optFlags = [
+        [
+            "inspect_headers",
+            None,
+            "Not in Go: the admin view also keeps the headers of the last requests "
+            "(Authorization, Cookie and relay tokens always redacted).",
         ],
     ]
 
@@ -205,6 +230,7 @@ class Options(GoFlagOptions):
         self.check("port", check_port)
         self["endpoint"] = port_endpoint(self["port"])
         self["policy"] = access_policy(self)
+        self["admin_check"] = admin_check(self)
         self.config = from_options(ServerConfig, self)
 
 
@@ -282,13 +308,49 @@ def makeService(options, reactor=None):
     reactor.callWhenRunning(_warn_ignored, options)
     tuning.apply(reactor, options["busy_poll_us"], log)
     endpoint = offer_h2_over_tls(endpoints.serverFromString(reactor, options["endpoint"]))
-    return make_server_service(
+    service = make_server_service(
         endpoint,
         reactor,
         options.config,
         log_observer=twistd_log_observer(options.config, getattr(options, "parent", None)),
         policy=options["policy"],
         port_number=_port_number(options["endpoint"]),
+    )
+    if options["admin_port"]:
+        _attach_admin(service, reactor, options)
+    return service
+
+
+def admin_check(options):
+    """The admin view's token check, or None when the view is off."""
+    if not options["admin_port"]:
+        if options["admin_token_file"] or options["inspect_headers"]:
+            raise usage.UsageError("--admin_token_file and --inspect_headers need --admin_port")
+        return None
+    from relay.admin.web import TokenCheck
+
+    options.check("admin_port", check_port)
+    try:
+        return TokenCheck.from_file(options["admin_token_file"])
+    except (OSError, ValueError) as e:
+        raise usage.UsageError("--admin_token_file=%s: %s" % (options["admin_token_file"], e))
+
+
+def _attach_admin(service, reactor, options) -> None:
+    from relay.admin.service import admin_endpoint, attach_admin
+    from relay.admin.status import effective_flags
+
+    endpoint = admin_endpoint(options["admin_port"])
+    attach_admin(
+        service,
+        reactor,
+        endpoints.serverFromString(reactor, endpoint),
+        check=options["admin_check"],
+        flags=effective_flags(options),
+        keep_headers=bool(options["inspect_headers"]),
+        redact=[options["trusted_user_header"]] if options["trusted_user_header"] else [],
+        port_flag="--admin_port=%s" % (options["admin_port"],),
+        port_number=_port_number(endpoint),
     )
 
 
