@@ -64,13 +64,8 @@ class PageCase(unittest.TestCase):
         yield response.content()
         return response.code
 
-
-class AdminPage(PageCase):
-    def setUp(self):
-        # The server's timeouts on a Clock set to the wall clock, so that
-        # the test steps to a 504 and the page shows real times.
-        self.clock = Clock()
-        self.clock.advance(time.time())
+    def start_relay(self, flags):
+        """A relay on C{self.clock} with the admin view on, behind L{TOKEN}."""
         self.relay = RelayServer(clock=self.clock)
         self.addCleanup(self.relay.stop)
         self.admin = attach_admin(
@@ -78,9 +73,18 @@ class AdminPage(PageCase):
             reactor,
             TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
             check=TokenCheck(TOKEN.encode()),
-            flags={"port": "0", "inactive_request_timeout": 60.0},
+            flags=flags,
         )
         self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
+
+
+class AdminPage(PageCase):
+    def setUp(self):
+        # The server's timeouts on a Clock set to the wall clock, so that
+        # the test steps to a 504 and the page shows real times.
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        self.start_relay({"port": "0", "inactive_request_timeout": 60.0})
         self.backend_resource = Hanging()
         self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
         self.addCleanup(self.backend.stopListening)
@@ -172,16 +176,7 @@ class BusyRelayPage(PageCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(time.time() - 300)
-        self.relay = RelayServer(clock=self.clock)
-        self.addCleanup(self.relay.stop)
-        self.admin = attach_admin(
-            self.relay.service,
-            reactor,
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
-            check=TokenCheck(TOKEN.encode()),
-            flags={"port": "8080", "admin_port": "8081", "admin_token_file": "<redacted>"},
-        )
-        self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
+        self.start_relay({"port": "8080", "admin_port": "8081", "admin_token_file": "<redacted>"})
         self.backend_resource = Hanging()
         self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
         self.addCleanup(self.backend.stopListening)
