@@ -31,7 +31,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.client.backend import BackendError, BackendRequest, TrustPolicy
 from relay.client.h2backend import H2Backend
+from relay.compat import request_gone
 from relay.headers import HOP_BY_HOP
+from relay.server.response import abort_answer
 
 log = Logger()
 
@@ -41,14 +43,6 @@ FORWARDED_BY = "Relay-Forwarded-By"
 def forwarded(request) -> bool:
     """Whether another replica already passed this call on."""
     return request.requestHeaders.hasHeader(FORWARDED_BY.encode("ascii"))
-
-
-def _abort(request) -> None:
-    """End an answer that will not be completed so that it cannot look complete."""
-    channel = request.channel
-    if channel is not None:
-        # HTTP/2: reset just this stream; HTTP/1.1: the connection.
-        (channel.abortConnection if hasattr(channel, "abortConnection") else channel.transport.abortConnection)()
 
 
 class _UserSink:
@@ -65,18 +59,18 @@ class _UserSink:
             self.request.registerProducer(producer, True)
 
     def write(self, data: bytes) -> None:
-        if not self.request.finished and not getattr(self.request, "_disconnected", False):
+        if not self.request.finished and not request_gone(self.request):
             self.request.write(data)
 
     def finish(self, trailers=()) -> None:
         request = self.request
         if self.producer is not None:
             request.unregisterProducer()
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or request_gone(request):
             return
         if self.stream.error is not None:
             log.warn("Forwarded answer ended early, aborting user connection", error=self.stream.error)
-            _abort(request)
+            abort_answer(request)
             return
         add_trailer = getattr(request, "add_trailer", None)
         for name, value in trailers or ():
@@ -130,7 +124,7 @@ class Forwarder:
 
         def answered(stream) -> None:
             state["stream"] = stream
-            if request.finished or getattr(request, "_disconnected", False):
+            if request.finished or request_gone(request):
                 stream.cancel()
                 return
             request.setResponseCode(stream.status)
@@ -144,7 +138,7 @@ class Forwarder:
             stream.deliver(_UserSink(request, stream))
 
         def failed(failure) -> None:
-            if failure.check(CancelledError) or request.finished or getattr(request, "_disconnected", False):
+            if failure.check(CancelledError) or request.finished or request_gone(request):
                 return
             reason = failure.value.args[0] if failure.check(BackendError) else str(failure.value)
             log.warn("Could not forward to peer replica", peer=peer, error=reason)

@@ -251,12 +251,19 @@ class UserResponse:
         if self.tunnel is not None:
             self.tunnel.close(clean=False)
             return
-        request = self.request
-        request.unregisterProducer()
-        channel = request.channel
-        if channel is None:
-            return
-        if hasattr(channel, "abortConnection"):
-            channel.abortConnection()  # HTTP/2: reset just this stream
-        else:
-            channel.transport.abortConnection()
+        self.request.unregisterProducer()
+        abort_answer(self.request)
+
+
+def abort_answer(request) -> None:
+    """
+    End an answer that will not be completed so that it cannot look
+    complete: reset its HTTP/2 stream, or abort its HTTP/1.1 connection.
+    """
+    channel = request.channel
+    if channel is None:
+        return
+    if hasattr(channel, "abortConnection"):
+        channel.abortConnection()  # HTTP/2: reset just this stream
+    else:
+        channel.transport.abortConnection()
