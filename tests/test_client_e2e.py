@@ -393,6 +393,29 @@ class RawUser(protocol.Protocol):
                 pass
 
 
+@defer.inlineCallbacks
+def open_websocket(test, port: int, name: str, connect=connectProtocol):
+    """
+    A L{RawUser} whose WebSocket handshake through the relay at C{port} to
+    C{name} succeeded (C{test} asserts the 101 and its accept key); what
+    came after the head is left in its C{data}.
+    """
+    user = RawUser()
+    yield connect(TCP4ClientEndpoint(reactor, "127.0.0.1", port), user)
+    key = base64.b64encode(os.urandom(16))
+    user.transport.write(
+        b"GET /client/" + name.encode() + b"/ws HTTP/1.1\r\nHost: robot\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
+    )
+    yield user.read_until(lambda d: b"\r\n\r\n" in d)
+    head, _, user.data = user.data.partition(b"\r\n\r\n")
+    test.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    test.assertIn(b"Sec-Websocket-Accept: " + accept, head)
+    return user
+
+
 # The relay server and client.
 
 
@@ -547,19 +570,7 @@ class EndToEnd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_websocket_echo(self):
-        user = RawUser()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), user)
-        key = base64.b64encode(os.urandom(16))
-        user.transport.write(
-            b"GET /client/" + NAME.encode() + b"/ws HTTP/1.1\r\nHost: robot\r\n"
-            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
-        )
-        yield user.read_until(lambda d: b"\r\n\r\n" in d)
-        head, _, user.data = user.data.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
-        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        self.assertIn(b"Sec-Websocket-Accept: " + accept, head)
+        user = yield open_websocket(self, self.relay.port, NAME)
         for message in (b"hello", b"x" * 70000, b"bye"):
             user.transport.write(make_frame(2, message, mask=True))
             yield user.read_until(lambda d: parse_frame(d) is not None)

@@ -7,13 +7,10 @@ keeps every event at info or above, each rendered as the text format writes
 it.
 """
 
-import base64
-import hashlib
 import os
 
 import treq
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
@@ -21,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from relay.logs import connect_quietly, text_line
 from relay.server.broker import Broker
 from tests.support import FakeRelayClient, RelayServer, client_service, tick, until
-from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, parse_frame
+from tests.test_client_e2e import Backend, Relay, make_frame, open_websocket, parse_frame
 
 NAME = "robot"
 
@@ -77,18 +74,7 @@ class EndToEndVolume(unittest.TestCase):
 
     @defer.inlineCallbacks
     def websocket(self):
-        user = RawUser()
-        yield connect_quietly(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), user)
-        key = base64.b64encode(os.urandom(16))
-        user.transport.write(
-            b"GET /client/" + NAME.encode() + b"/ws HTTP/1.1\r\nHost: robot\r\n"
-            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
-        )
-        yield user.read_until(lambda d: b"\r\n\r\n" in d)
-        head, _, user.data = user.data.partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
-        self.assertIn(b"Sec-Websocket-Accept: " + base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()), head)
+        user = yield open_websocket(self, self.relay.port, NAME, connect=connect_quietly)
         user.transport.write(make_frame(2, b"hello", mask=True))
         yield user.read_until(lambda d: parse_frame(d) is not None)
         user.transport.write(make_frame(8, b"\x03\xe8", mask=True))
