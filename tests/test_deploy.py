@@ -6,12 +6,16 @@ than in a rolling deploy.
   - systemd units: C{ExecStart}'s flags through the parser, the hardening
     docs/deploying.md promises, the stop timeout longer than the drain (with
     the unit's own C{--drain_grace}), and C{systemd-analyze verify} (when it
-    is installed) with no warning at all;
-  - Kubernetes manifests: each container's C{args} through the parser of the
-    command it runs, probes (readiness fails within the drain's grace
+    is installed) with no warning at all; the replicas' template unit lists
+    the same peers as the nginx site in front of them;
+  - Kubernetes manifests: each relay container's C{args} through the parser
+    of the command it runs, probes (readiness fails within the drain's grace
     period), termination grace period longer than the drain, non-root,
-    read-only root;
-  - the nginx site: the timeouts and settings the long polls need;
+    read-only root; for the replicas, that C{--peers}, the per-pod Services
+    and nginx's upstream blocks name the same replicas in the same order, and
+    that nginx's ConfigMap is the nginx site of this folder but for them;
+  - the nginx sites: the timeouts and settings the long polls need, the
+    consistent hash on the backend name, and C{nginx -t};
   - the Prometheus scrape config and the container file.
 """
 
@@ -31,6 +35,7 @@ from relay.client.tap import Options as ClientOptions
 from relay.durations import parse_duration as duration
 from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT
 from relay.server.site import RelaySite
+from relay.server import tap as server_tap
 from relay.server.tap import Options as ServerOptions
 
 try:
@@ -135,8 +140,12 @@ def systemd_unit(text: str):
     return sections
 
 
+# A template unit's instance in the tests: a replica's port.
+INSTANCE = "8081"
+
+
 class SystemdTests(unittest.SynchronousTestCase):
-    units = {"relay.service": "relay", "relay-client.service": "relay-client"}
+    units = {"relay.service": "relay", "relay-client.service": "relay-client", "relay@.service": "relay"}
 
     def setUp(self):
         self.placeholder = placeholder_file(self)
@@ -144,10 +153,12 @@ class SystemdTests(unittest.SynchronousTestCase):
     def service(self, unit):
         return dict(systemd_unit(_read("systemd", unit))["Service"])
 
+    def argv(self, unit):
+        return shlex.split(self.service(unit)["ExecStart"].replace("%d", "/run/credentials/x").replace("%i", INSTANCE))
+
     def test_execstart_flags_parse(self):
         for unit, expected in self.units.items():
-            argv = shlex.split(self.service(unit)["ExecStart"].replace("%d", "/run/credentials/x"))
-            name, options = parse_twistd(argv, self.placeholder)
+            name, options = parse_twistd(self.argv(unit), self.placeholder)
             self.assertEqual(name, expected)
 
     def test_hardening(self):
@@ -156,8 +167,7 @@ class SystemdTests(unittest.SynchronousTestCase):
             self.assertEqual(service.get("NoNewPrivileges"), "yes", unit)
             self.assertEqual(service.get("ProtectSystem"), "strict", unit)
             self.assertTrue(service.get("DynamicUser") == "yes" or service.get("User"), unit)
-            argv = shlex.split(service["ExecStart"].replace("%d", "/x"))
-            _, options = parse_twistd(argv, self.placeholder)
+            _, options = parse_twistd(self.argv(unit), self.placeholder)
             port = options.get("port")
             low = port is not None and re.search(r"(?:^|:)(\d+)", port) and int(
                 re.search(r"(?:^|:)(\d+)", port).group(1)
@@ -168,12 +178,26 @@ class SystemdTests(unittest.SynchronousTestCase):
                 self.assertNotIn("AmbientCapabilities", service, unit)
                 self.assertEqual(service.get("CapabilityBoundingSet"), "", unit)
 
+    def test_replicas_are_hardened_as_the_single_server(self):
+        single, replica = self.service("relay.service"), self.service("relay@.service")
+        for key in ("ExecStart", "Restart", "RestartSec"):
+            single.pop(key), replica.pop(key)
+        self.assertEqual(replica, single)
+
     def test_stop_timeout_longer_than_drain(self):
-        service = self.service("relay.service")
-        _, options = parse_twistd(shlex.split(service["ExecStart"]), self.placeholder)
-        self.assertGreater(duration(service["TimeoutStopSec"] + "s"), drain_seconds(options))
+        for unit in ("relay.service", "relay@.service"):
+            _, options = parse_twistd(self.argv(unit), self.placeholder)
+            self.assertGreater(duration(self.service(unit)["TimeoutStopSec"] + "s"), drain_seconds(options))
         # The relay-client gives requests in flight 5 s.
         self.assertGreater(duration(self.service("relay-client.service")["TimeoutStopSec"] + "s"), 5)
+
+    def test_replica_is_its_own_entry_of_the_peers_nginx_has(self):
+        _, options = parse_twistd(self.argv("relay@.service"), self.placeholder)
+        peers = options["peers"].split(",")
+        self.assertEqual(peers, NginxSite("relay-replicas.conf").upstream_servers("relay"))
+        self.assertEqual(options["peer_self"], "127.0.0.1:" + INSTANCE)
+        self.assertIn(options["peer_self"], peers)
+        self.assertEqual(options["port"], "tcp:%s:interface=127.0.0.1" % INSTANCE)
 
     def test_systemd_analyze_verify(self):
         tool = shutil.which("systemd-analyze")
@@ -187,7 +211,7 @@ class SystemdTests(unittest.SynchronousTestCase):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         for unit in self.units:
-            path = os.path.join(folder, unit)
+            path = os.path.join(folder, unit.replace("@.", "@%s." % INSTANCE))
             with open(path, "w") as f:
                 f.write(_read("systemd", unit).replace("/opt/relay/bin/twistd", twistd))
             result = subprocess.run(
@@ -201,10 +225,14 @@ class SystemdTests(unittest.SynchronousTestCase):
 
 def containers(docs):
     for doc in docs:
-        if doc and doc.get("kind") == "Deployment":
+        if doc and doc.get("kind") in ("Deployment", "StatefulSet"):
             pod = doc["spec"]["template"]["spec"]
             for container in pod["containers"]:
                 yield doc, pod, container
+
+
+def runs_relay(container) -> bool:
+    return os.path.basename(container.get("command", [""])[0]) == "twistd"
 
 
 class KubernetesTests(unittest.SynchronousTestCase):
@@ -218,15 +246,22 @@ class KubernetesTests(unittest.SynchronousTestCase):
             if name.endswith((".yaml", ".yml")):
                 with open(os.path.join(folder, name)) as f:
                     self.manifests[name] = list(yaml.safe_load_all(f))
+        # A replica finds itself in --peers by its hostname: parse the
+        # StatefulSet's flags as its first pod would.
+        self.patch(server_tap, "local_hostname", lambda: "relay-0")
 
     def all_containers(self):
         for name, docs in self.manifests.items():
             for doc, pod, container in containers(docs):
                 yield name, doc, pod, container
 
+    def kinds(self, manifest, kind):
+        return [doc for doc in self.manifests[manifest] if doc["kind"] == kind]
+
     def test_every_document_has_kind(self):
         self.assertIn("relay-server.yaml", self.manifests)
         self.assertIn("relay-client.yaml", self.manifests)
+        self.assertIn("relay-replicas.yaml", self.manifests)
         for name, docs in self.manifests.items():
             for doc in docs:
                 self.assertIn("apiVersion", doc, name)
@@ -236,9 +271,10 @@ class KubernetesTests(unittest.SynchronousTestCase):
     def test_args_parse(self):
         seen = set()
         for name, doc, pod, container in self.all_containers():
-            argv = container["command"] + container.get("args", [])
-            subcommand, options = parse_twistd(argv, self.placeholder)
-            seen.add(subcommand)
+            if runs_relay(container):
+                argv = container["command"] + container.get("args", [])
+                subcommand, options = parse_twistd(argv, self.placeholder)
+                seen.add(subcommand)
         self.assertEqual(seen, {"relay", "relay-client"})
 
     def test_non_root_read_only(self):
@@ -252,50 +288,173 @@ class KubernetesTests(unittest.SynchronousTestCase):
 
     def test_server_probes_and_grace_period(self):
         servers = [
-            (doc, pod, c) for _, doc, pod, c in self.all_containers() if "relay" in c["command"]
+            (name, doc, pod, c)
+            for name, doc, pod, c in self.all_containers()
+            if runs_relay(c) and "relay" in c["command"]
         ]
-        self.assertEqual(len(servers), 1)
-        doc, pod, container = servers[0]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        self.assertEqual(sorted(name for name, _, _, _ in servers), ["relay-replicas.yaml", "relay-server.yaml"])
+        for name, doc, pod, container in servers:
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            _, options = parse_twistd(container["command"] + container["args"], self.placeholder)
+            self.assertGreater(pod["terminationGracePeriodSeconds"], drain_seconds(options), name)
+            # Readiness fails on the drain's 503 while the port still accepts:
+            # within periodSeconds x failureThreshold plus the probe's timeout
+            # (Kubernetes' defaults where unset).
+            readiness = container["readinessProbe"]
+            noticed = readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3) + readiness.get(
+                "timeoutSeconds", 1
+            )
+            self.assertLessEqual(noticed, options["drain_grace"], name)
+            self.assertEqual(str(ports["http"]), options["port"], name)
+            for probe in ("readinessProbe", "livenessProbe"):
+                self.assertEqual(container[probe]["httpGet"]["path"], "/healthz", name)
+                self.assertIn(container[probe]["httpGet"]["port"], ("http", ports["http"]), name)
+            # Every Service of the manifest sends traffic to this workload's pods.
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            for service in self.kinds(name, "Service"):
+                if service["metadata"]["name"].startswith("relay-nginx"):
+                    continue
+                for key, value in service["spec"]["selector"].items():
+                    if key != "statefulset.kubernetes.io/pod-name":
+                        self.assertEqual(labels.get(key), value, name)
+            self.assertTrue(set(doc["spec"]["selector"]["matchLabels"].items()) <= set(labels.items()), name)
+
+    def test_replicas_peers_services_and_nginx_agree(self):
+        (statefulset,) = self.kinds("relay-replicas.yaml", "StatefulSet")
+        name = statefulset["metadata"]["name"]
+        (container,) = statefulset["spec"]["template"]["spec"]["containers"]
         _, options = parse_twistd(container["command"] + container["args"], self.placeholder)
-        self.assertGreater(pod["terminationGracePeriodSeconds"], drain_seconds(options))
-        # Readiness fails on the drain's 503 while the port still accepts:
-        # within periodSeconds x failureThreshold plus the probe's timeout
-        # (Kubernetes' defaults where unset).
-        readiness = container["readinessProbe"]
-        noticed = readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3) + readiness.get(
-            "timeoutSeconds", 1
-        )
-        self.assertLessEqual(noticed, options["drain_grace"])
-        self.assertEqual(str(ports["http"]), options["port"])
-        for probe in ("readinessProbe", "livenessProbe"):
-            self.assertEqual(container[probe]["httpGet"]["path"], "/healthz")
-            self.assertIn(container[probe]["httpGet"]["port"], ("http", ports["http"]))
-        # The Service sends traffic to the Deployment's pods.
-        services = [d for d in self.manifests["relay-server.yaml"] if d["kind"] == "Service"]
-        self.assertEqual(len(services), 1)
-        labels = doc["spec"]["template"]["metadata"]["labels"]
-        for key, value in services[0]["spec"]["selector"].items():
-            self.assertEqual(labels.get(key), value)
-        self.assertEqual(doc["spec"]["selector"]["matchLabels"], services[0]["spec"]["selector"])
+        peers = options["peers"].split(",")
+        # One peer per pod, in ordinal order, each the pod's own Service.
+        self.assertEqual(len(peers), statefulset["spec"]["replicas"])
+        services = {s["metadata"]["name"]: s["spec"] for s in self.kinds("relay-replicas.yaml", "Service")}
+        for ordinal, peer in enumerate(peers):
+            pod = "%s-%d" % (name, ordinal)
+            host, _, port = peer.rpartition(":")
+            self.assertEqual(host, pod)
+            spec = services[host]
+            self.assertEqual(spec["selector"]["statefulset.kubernetes.io/pod-name"], pod)
+            (service_port,) = spec["ports"]
+            self.assertEqual(str(service_port["port"]), port)
+            self.assertEqual(service_port["targetPort"], "http")
+            # Each pod finds its own entry by its hostname.
+            self.patch(server_tap, "local_hostname", lambda: pod)
+            _, options = parse_twistd(container["command"] + container["args"], self.placeholder)
+            self.assertEqual(options["peer_self"], peer)
+        # The governing Service is headless: pods are relay-0.relay, ...
+        self.assertEqual(services[statefulset["spec"]["serviceName"]].get("clusterIP"), "None")
+        # nginx hashes over the same text, in the same order.
+        site = NginxSite.from_configmap(self.kinds("relay-replicas.yaml", "ConfigMap"))
+        self.assertEqual(site.upstream_servers("relay"), peers)
+        self.assertEqual(site.upstream_servers("relay_grpc"), peers)
+
+    def test_nginx_configmap_is_the_replicas_site(self):
+        site = NginxSite.from_configmap(self.kinds("relay-replicas.yaml", "ConfigMap"))
+        self.assertEqual(site.settings(), NginxSite("relay-replicas.conf").settings())
+
+    def test_nginx_pod_mounts_its_site_and_certificate(self):
+        (deployment,) = [d for d in self.kinds("relay-replicas.yaml", "Deployment")]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (configmap,) = self.kinds("relay-replicas.yaml", "ConfigMap")
+        self.assertEqual(volumes["site"]["configMap"]["name"], configmap["metadata"]["name"])
+        self.assertEqual(mounts["site"], "/etc/nginx/conf.d")
+        site = NginxSite.from_configmap([configmap])
+        for path in site.directives["ssl_certificate"] + site.directives["ssl_certificate_key"]:
+            self.assertEqual(os.path.dirname(path), mounts["tls"])
+        (listen,) = site.directives["listen"]
+        (port,) = container["ports"]
+        self.assertEqual(listen.split()[0], str(port["containerPort"]))
+        (service,) = [s for s in self.kinds("relay-replicas.yaml", "Service") if s["metadata"]["name"] == "relay-nginx"]
+        self.assertEqual(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
 
 
-class NginxTests(unittest.SynchronousTestCase):
-    def setUp(self):
-        self.conf = _read("nginx", "relay.conf")
+class NginxSite:
+    """An nginx site's directives, one line each, comments left out."""
+
+    def __init__(self, name=None, text=None):
+        self.conf = _read("nginx", name) if text is None else text
         self.directives = {}
+        self.lines = []
         for line in self.conf.splitlines():
             line = line.split("#", 1)[0].strip().rstrip(";")
             if line:
+                self.lines.append(" ".join(line.split()))
                 key, _, value = line.partition(" ")
                 self.directives.setdefault(key, []).append(value.strip())
+
+    @classmethod
+    def from_configmap(cls, configmaps):
+        (configmap,) = configmaps
+        (text,) = configmap["data"].values()
+        return cls(text=text)
+
+    def upstream_servers(self, upstream: str):
+        """The servers of one upstream block, as written (the replicas' ring hashes this text)."""
+        block = re.search(r"upstream %s \{(.*?)\}" % re.escape(upstream), self.conf, re.S).group(1)
+        return re.findall(r"^\s*server\s+(\S+?)[\s;]", block, re.M)
+
+    def settings(self):
+        """Every line but those that differ between one machine and a cluster."""
+        return [
+            line
+            for line in self.lines
+            if not re.match(r"(listen|ssl_certificate|ssl_certificate_key) ", line)
+            and not re.match(r"server \S+ max_fails=", line)
+        ]
+
+    def plain_http(self, folder: str, http_port: int, h2c_port: int, upstreams=None) -> str:
+        """
+        The site as a complete nginx.conf in C{folder}, listening on
+        127.0.0.1 with plain HTTP/1.1 on C{http_port} and h2c on
+        C{h2c_port} instead of TLS (a throw-away certificate is more than
+        the tests need), with C{upstreams} in place of the upstream servers
+        when given; the path of the file.
+        """
+        site = self.conf
+        listens = "listen 127.0.0.1:%d;" % http_port
+        if h2c_port:
+            listens += " listen 127.0.0.1:%d http2;" % h2c_port
+        site = re.sub(r"\n\s*listen \[::\][^;]*;", "", site)
+        site = re.sub(r"listen [^;]*;", listens, site, count=1)
+        site = re.sub(r"\n\s*ssl_certificate\S* [^;]*;", "", site)
+        if upstreams is not None:
+            servers = iter(upstreams * site.count("hash $relay_name"))
+            site = re.sub(r"(server )\S+( max_fails=)", lambda m: m.group(1) + next(servers) + m.group(2), site)
+        path = os.path.join(folder, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(
+                "daemon off;\nmaster_process off;\npid %(d)s/nginx.pid;\nerror_log %(d)s/error.log;\n"
+                "events {}\nhttp {\naccess_log off;\nclient_body_temp_path %(d)s;\nproxy_temp_path %(d)s;\n"
+                "fastcgi_temp_path %(d)s;\nuwsgi_temp_path %(d)s;\nscgi_temp_path %(d)s;\n%(site)s\n}\n"
+                % {"d": folder, "site": site}
+            )
+        return path
+
+
+def find_nginx():
+    """Debian's nginx, or None (.ci/run installs nginx-light)."""
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+class NginxTests(unittest.SynchronousTestCase):
+    site = "relay.conf"
+
+    def setUp(self):
+        self.nginx = NginxSite(self.site)
+        self.conf = self.nginx.conf
+        self.directives = self.nginx.directives
 
     def test_read_timeout_longer_than_the_relays_silences(self):
         timeout = ServerOptions()
         timeout.parseOptions([])
-        (read,) = self.directives["proxy_read_timeout"]
-        # A long poll lasts 30 s; a backend may take inactive_request_timeout.
-        self.assertGreater(duration(read), max(30.0, timeout["inactive_request_timeout"]))
+        for key in ("proxy_read_timeout", "grpc_read_timeout"):
+            for read in self.directives.get(key, []):
+                # A long poll lasts 30 s; a backend may take inactive_request_timeout.
+                self.assertGreater(duration(read), max(30.0, timeout["inactive_request_timeout"]))
+        self.assertTrue(self.directives["proxy_read_timeout"])
 
     def test_streaming_and_upgrades(self):
         d = self.directives
@@ -311,25 +470,44 @@ class NginxTests(unittest.SynchronousTestCase):
         self.assertEqual(code.count("{"), code.count("}"))
 
     def test_nginx_t(self):
-        nginx = shutil.which("nginx")
+        nginx = find_nginx()
         if nginx is None:
             raise unittest.SkipTest("nginx is not installed")
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
-        # A throw-away certificate is more than this test needs: check the
-        # site as plain HTTP.
-        site = re.sub(r"\n\s*listen \[::\]:443 ssl;", "", self.conf)
-        site = re.sub(r"listen 443 ssl;", "listen 127.0.0.1:18080;", site)
-        site = re.sub(r"\n\s*ssl_certificate\S* [^;]*;", "", site)
-        with open(os.path.join(folder, "nginx.conf"), "w") as f:
-            f.write("pid %s/nginx.pid;\nerror_log stderr;\nevents {}\nhttp {\n%s\n}\n" % (folder, site))
-        result = subprocess.run(
-            [nginx, "-t", "-p", folder, "-c", os.path.join(folder, "nginx.conf")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        path = self.nginx.plain_http(folder, 18080, 18081 if "http2" in self.conf else 0)
+        result = subprocess.run([nginx, "-t", "-p", folder, "-c", path], capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class ReplicasNginxTests(NginxTests):
+    """The site in front of several replicas: what tests/test_replicas.py runs for real."""
+
+    site = "relay-replicas.conf"
+
+    def test_consistent_hash_on_the_name_then_keepalive(self):
+        for upstream in ("relay", "relay_grpc"):
+            block = re.search(r"upstream %s \{(.*?)\}" % upstream, self.conf, re.S).group(1)
+            lines = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+            # nginx wants the balancer before keepalive.
+            self.assertEqual(lines[0], "hash $relay_name consistent;")
+            self.assertTrue(lines[-1].startswith("keepalive "))
+            for line in lines[1:-1]:
+                # A dead replica is skipped at its first failure.
+                self.assertRegex(line, r"^server \S+ max_fails=1 fail_timeout=\d+s;$")
+        self.assertEqual(self.nginx.upstream_servers("relay"), self.nginx.upstream_servers("relay_grpc"))
+        self.assertGreater(len(self.nginx.upstream_servers("relay")), 1)
+
+    def test_grpc_over_http2_and_dead_replicas_skipped(self):
+        d = self.directives
+        self.assertIn("grpc://relay_grpc", d["grpc_pass"])
+        self.assertIn("http://relay", d["proxy_pass"])
+        self.assertTrue(all("http2" in listen for listen in d["listen"]))
+        self.assertEqual(d["proxy_next_upstream"], ["error timeout"])
+        self.assertEqual(d["grpc_next_upstream"], ["error timeout"])
+        for key in ("proxy_connect_timeout", "grpc_connect_timeout"):
+            (connect,) = d[key]
+            self.assertLessEqual(duration(connect), 5.0)
 
 
 class PrometheusTests(unittest.SynchronousTestCase):
