@@ -1,6 +1,7 @@
 """
-Running the real C{twistd} in a child process and reading its JSON log, for
-tests that must see what an operator sees.
+Running the real C{twistd} (or another program: nginx, the Go binaries) in a
+child process and reading its output, for tests that must see what an
+operator sees.
 """
 
 import os
@@ -80,4 +81,34 @@ class TwistdProcess(protocol.ProcessProtocol):
     def terminate(self):
         if not self.exited.called:
             self.transport.signalProcess("TERM")
+        return self.exited
+
+
+class ChildProcess(protocol.ProcessProtocol):
+    """Any other program (nginx, a Go binary): its output, and its exit."""
+
+    def __init__(self):
+        self.output = b""
+        self.exited = defer.Deferred()
+
+    @classmethod
+    def spawn(cls, argv, env=None):
+        proc = cls()
+        reactor.spawnProcess(proc, argv[0], list(argv), env=dict(os.environ) if env is None else env)
+        return proc
+
+    def errReceived(self, data):
+        self.output += data
+
+    outReceived = errReceived
+
+    def processEnded(self, reason):
+        self.exited.callback(None)
+
+    def signal(self, name: str) -> None:
+        if not self.exited.called:
+            self.transport.signalProcess(name)
+
+    def terminate(self):
+        self.signal("TERM")
         return self.exited

@@ -215,8 +215,9 @@ class Sniffer(protocol.Protocol):
     backend would.
     """
 
-    def __init__(self, site):
+    def __init__(self, site, websocket=WebSocketEcho):
         self.site = site
+        self.websocket = websocket
         self.buffer = b""
         self.inner = None
 
@@ -230,7 +231,7 @@ class Sniffer(protocol.Protocol):
             return
         head, rest = self.buffer[:end], self.buffer[end + 4 :]
         if b"\r\nupgrade: websocket" in head.lower():
-            self.inner = WebSocketEcho(head)
+            self.inner = self.websocket(head)
             self.inner.makeConnection(self.transport)
             if rest:
                 self.inner.dataReceived(rest)

@@ -14,7 +14,7 @@ import os
 import re
 
 import treq
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.protocols import portforward
@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool
 
-from tests.process import ROOT, TwistdProcess
+from tests.process import ROOT, ChildProcess, TwistdProcess
 
 GO_CLIENT = os.path.join(os.path.dirname(ROOT), "shared", "reference-go", "http-relay-client")
 GRACE = 2.0
@@ -68,25 +68,6 @@ def counting_proxy(counter: PollCounter, port: int):
     return TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
 
 
-class GoClient(protocol.ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.exited = defer.Deferred()
-
-    def errReceived(self, data):
-        self.output += data
-
-    outReceived = errReceived
-
-    def processEnded(self, reason):
-        self.exited.callback(None)
-
-    def terminate(self):
-        if not self.exited.called:
-            self.transport.signalProcess("TERM")
-        return self.exited
-
-
 class RollingDeployTest(unittest.TestCase):
     timeout = 90
 
@@ -118,8 +99,7 @@ class RollingDeployTest(unittest.TestCase):
             self.addCleanup(client.terminate)
             clients.append(client)
         if os.access(GO_CLIENT, os.X_OK):
-            go = GoClient()
-            reactor.spawnProcess(go, GO_CLIENT, [GO_CLIENT, "--server_name=go"] + common, env=dict(os.environ))
+            go = ChildProcess.spawn([GO_CLIENT, "--server_name=go"] + common)
             self.addCleanup(go.terminate)
         else:
             names[2] = "ours3"
