@@ -224,11 +224,18 @@ def _safe_reap(broker: Broker) -> None:
         log.failure("Reaping inactive requests failed")
 
 
-def _safe_check(health: PeerHealth) -> None:
+def _safe_check(health: PeerHealth):
+    """
+    One round of peer checks. Its Deferred goes back to the timer, so that
+    a stop waits for the round (at most a check's timeout) instead of
+    leaving connections behind.
+    """
     try:
-        health.check()
+        d = health.check()
     except Exception:
         log.failure("Checking peer replicas failed")
+        return None
+    return d.addErrback(lambda f: log.failure("Checking peer replicas failed", f))
 
 
 class _Closing(Service):
