@@ -25,6 +25,11 @@ Rules that keep one peer from reaching another (docs/security.md):
     id: names may contain C{:}.
 
 What the user gets back, and the rules for it, are in L{relay.server.response}.
+
+With several replicas (C{--peers}, docs/scaling.md) a L{Routing} is passed
+in: once a call's name or id is known and its caller checked, a call for
+another replica is forwarded there, and a user request for a name no
+relay-client polls for yet waits for the name's first poll.
 """
 
 from typing import List, Optional
