@@ -112,13 +112,13 @@ class InMemoryRelay:
 
     base = "http://relay"
 
-    def __init__(self, **fields):
+    def __init__(self, routing=None, **fields):
         self.clock = Clock()
         config = ServerConfig(**dict({"header_timeout": None}, **fields))
         metrics = RelayMetrics(process=False)
         self.broker = Broker(self.clock, config, metrics)
         metrics.watch(self.broker)
-        root = RootResource(self.broker, metrics.render)
+        root = RootResource(self.broker, metrics.render, routing=routing)
         self.agent = _RelaySiteAgent(lambda memory: RelaySite(root, config, reactor=memory))
         self.http = HTTPClient(self.agent)
 

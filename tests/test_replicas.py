@@ -1,421 +1,404 @@
 """
-Several replicas acting as one relay, end to end (docs/scaling.md): Debian's
-nginx runs the site of C{deploy/nginx/relay-replicas.conf} (plain HTTP/1.1
-and h2c listeners instead of TLS), hashing consistently on the backend name
-over three C{twistd -n relay} replicas on 127.0.0.1. Behind them, 20 backend
-names: half served by our relay-clients (in this process), half by the Go
-relay-client, each name by a backend of its own that puts its name into
-every answer, so an answer from the wrong backend cannot pass. Relay-clients
-and users all talk to nginx only, as they would in production.
+Several replicas acting as one relay (docs/scaling.md): which replica a
+call goes to, calls that reach the wrong replica answered through the
+owner, requests for a moving name waiting for its relay-client, and the
+start-up checks of --peers and --peer_self.
 
-The test checks, in order:
-
-  - every name answers through nginx: a plain request, a 1 MiB body and a
-    WebSocket for the HTTP names, a unary call for the gRPC names;
-  - a relay-client's response POST that reaches a replica other than the one
-    holding the request (the Go client's POSTs carry the name only in their
-    body) is delivered by forwarding;
-  - after SIGKILL of the replica owning the most names, answers that had
-    begun through it end in an error, never a complete-looking body, and
-    every name answers again within L{MOVE_BOUND} seconds.
-
-Every answer in every phase is checked against its name.
+The routing rule and the wait run in memory; the forwarding runs between
+two or three real servers on 127.0.0.1 in this process.
 """
 
-import os
-import shutil
-import tempfile
-
-import treq
-from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import defer, reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.python import usage
 from twisted.trial import unittest
-from twisted.web import resource, server
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
+from relay.config import ServerConfig
+from relay.headers import FORWARDED_BY
+from relay.proto.http_relay_pb2 import HttpRequest
+from relay.server import tap
+from relay.server.broker import Broker, Overloaded, RequestIds, issuing_replica
 from relay.server.ring import Ring
+from relay.server.routing import Routing, find_self, replica_list
+from tests.support import (
+    FakeRelayClient,
+    InMemoryRelay,
+    RelayServer,
+    dechunk,
+    free_port,
+    head_and_body,
+    raw_connect,
+    until,
+)
+from tests.test_startup import environ, run_all, scratch, twistd_argv
 
-from tests.process import ChildProcess, TwistdProcess
-from tests.support import FakeRelayClient, client_service, free_port, tick, until
-from tests.test_client_e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
-from tests.test_deploy import NginxSite, find_nginx
-from tests.test_rolling_deploy import GO_CLIENT
-
-try:
-    import grpc
-    from concurrent import futures
-
-    from tests.test_grpc import SERVICE, CallThreads, identity, method
-except ImportError:  # e.g. on PyPy, which grpcio has no wheels for
-    grpc = None
-
-REPLICAS = 3
-HTTP_NAMES = ["ours-%d" % i for i in range(8)] + ["go-%d" % i for i in range(8)]
-GRPC_NAMES = ["ours-grpc-0", "ours-grpc-1", "go-grpc-0", "go-grpc-1"]
-BIG = 1024 * 1024
-# Every name answers again within this many seconds of a replica's SIGKILL:
-# the replicas notice a dead peer within about 2 s (two failed health checks
-# a second apart), relay-clients poll the new owner at their next poll
-# (nginx sends a poll cut by the death on to the next replica at once), and
-# a request that arrives before the poll waits for it (--move_wait).
-MOVE_BOUND = 15.0
-CALL_TIMEOUT = 20.0
+PEERS = ["relay-0.relay:80", "relay-1.relay:80", "relay-2.relay:80"]
 
 
-def big_body(name: str) -> bytes:
-    pattern = (name + "|").encode()
-    return (pattern * (BIG // len(pattern) + 1))[:BIG]
+class FakeRequest:
+    def __init__(self, headers=None):
+        self.requestHeaders = Headers(headers or {})
 
 
-class NamedResource(resource.Resource):
-    """A backend's HTTP side: every answer carries its name."""
-
-    isLeaf = True
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name.encode()
-        self.big = big_body(name)
-
-    def render_GET(self, request):
-        if request.path == b"/name":
-            return self.name
-        if request.path == b"/big":
-            return self.big
-        if request.path == b"/slow":
-            # The name, then a tick every 0.1 s until the user goes away.
-            request.write(self.name + b"\n")
-            ticking = [None]
-
-            def write():
-                request.write(b"tick\n")
-                ticking[0] = reactor.callLater(0.1, write)
-
-            ticking[0] = reactor.callLater(0.1, write)
-            request.notifyFinish().addBoth(lambda _: ticking[0].active() and ticking[0].cancel())
-            return server.NOT_DONE_YET
-        request.setResponseCode(404)
-        return b"no such page"
+def name_owned_by(peers, owner, usable=lambda peer: True):
+    ring = Ring(peers)
+    return next(n for n in ("robot-%d" % i for i in range(1000)) if ring.owner(n, usable) == owner)
 
 
-class NamedWebSocket(WebSocketEcho):
-    """An echo whose first message is the backend's name."""
+class PeerListTests(unittest.SynchronousTestCase):
+    def test_the_list_keeps_its_order(self):
+        self.assertEqual(replica_list(" b:1, a:2 ,c:3"), ["b:1", "a:2", "c:3"])
 
-    name = b""
+    def test_bad_lists(self):
+        for text, why in [
+            ("a:1,a:1", "listed twice"),
+            ("a:1,b", "not host:port"),
+            ("a:1,,b:1", "not host:port"),
+            ("a:99999", "not host:port"),
+            (",".join("h%d:80" % i for i in range(257)), "at most 256"),
+        ]:
+            with self.assertRaises(ValueError) as caught:
+                replica_list(text)
+            self.assertIn(why, str(caught.exception), text)
 
-    def connectionMade(self):
-        super().connectionMade()
-        self.transport.write(make_frame(1, self.name, mask=False))
+    def test_self_from_the_statefulset_hostname(self):
+        self.assertEqual(find_self(PEERS, "", "relay-2"), "relay-2.relay:80")
+        self.assertEqual(find_self(PEERS, "", "relay-1.relay.default.svc.cluster.local"), "relay-1.relay:80")
+        self.assertEqual(find_self(["relay-1:80", "relay-10:80"], "", "relay-1"), "relay-1:80")
 
+    def test_self_given_or_not_found(self):
+        self.assertEqual(find_self(PEERS, "relay-0.relay:80", "anything"), "relay-0.relay:80")
+        for given, hostname in [("relay-0:80", "x"), ("", "vm"), ("", "")]:
+            with self.assertRaises(ValueError):
+                find_self(PEERS, given, hostname)
+        with self.assertRaises(ValueError) as caught:
+            find_self(["127.0.0.1:8081", "127.0.0.1:8082"], "", "127")
+        self.assertIn("set --peer_self", str(caught.exception))
 
-class NamedBackend:
-    def __init__(self, name: str):
-        site = server.Site(NamedResource(name))
-        websocket = type("WebSocket", (NamedWebSocket,), {"name": name.encode()})
-        factory = protocol.Factory.forProtocol(lambda: Sniffer(site, websocket))
-        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.address = "127.0.0.1:%d" % self.port.getHost().port
-
-    def stop(self):
-        return self.port.stopListening()
-
-
-class GrpcNamedBackend:
-    """A gRPC backend whose one method answers with its name."""
-
-    def __init__(self, name: str):
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        unary = grpc.unary_unary_rpc_method_handler(
-            lambda request, context: name.encode() + b":" + request, identity, identity
-        )
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Unary": unary}),))
-        self.address = "127.0.0.1:%d" % self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def stop(self):
-        return threads.deferToThread(lambda: self.server.stop(None).wait(10))
-
-
-class At:
-    """The address a L{FakeRelayClient} talks to: nginx, or one replica."""
-
-    def __init__(self, port: int):
-        self.base = "http://127.0.0.1:%d" % port
-
-    def url(self, path: str) -> str:
-        return self.base + path
+    def test_flags(self):
+        options = tap.Options()
+        options.parseOptions(["--peers=a:1,b:2", "--peer_self=b:2", "--move_wait=3s"])
+        self.assertEqual((options.config.peers, options.config.peer_self, options.config.move_wait), ("a:1,b:2", "b:2", 3.0))
+        for argv, message in [
+            (["--peers=a:1,a:1", "--peer_self=a:1"], "--peers=a:1,a:1: a:1 is listed twice"),
+            (["--peers=a:1,b:2", "--peer_self=c:3"], "--peer_self=c:3: not one of --peers"),
+            (["--peer_self=a:1"], "--peer_self=a:1 needs --peers"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                tap.Options().parseOptions(argv)
+            self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
 
 
-class ReplicasBehindNginx(unittest.TestCase):
+class StartupErrorTests(unittest.TestCase):
     timeout = 120
 
-    def setUp(self):
-        nginx = find_nginx()
-        if nginx is None:
-            raise unittest.SkipTest("nginx is not installed (.ci/run installs Debian's nginx-light)")
-        self.grpc_names = GRPC_NAMES if grpc is not None else []
-        self.names = HTTP_NAMES + self.grpc_names
-        self.users = HTTPConnectionPool(reactor, persistent=False)
-        if grpc is not None:
-            self.in_thread = CallThreads(self)
-        return self.start(nginx)
-
-    # Setting up.
-
-    @defer.inlineCallbacks
-    def start(self, nginx):
-        ports = [free_port() for _ in range(REPLICAS)]
-        self.peers = ["127.0.0.1:%d" % port for port in ports]
-        self.ring = Ring(self.peers)
-        self.replicas = {}
-        for peer, port in zip(self.peers, ports):
-            replica = TwistdProcess.spawn(
-                [
-                    "relay",
-                    "--port=tcp:%d:interface=127.0.0.1" % port,
-                    "--peers=" + ",".join(self.peers),
-                    "--peer_self=" + peer,
-                    "--drain_grace=0s",
-                ]
-            )
-            self.addCleanup(replica.terminate)
-            self.replicas[peer] = replica
-        for replica in self.replicas.values():
-            yield replica.wait_for(r"Relay server listening")
-        self.replica_ports = dict(zip(self.peers, ports))
-
-        folder = tempfile.mkdtemp(prefix="relay-replicas-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        self.http_port, self.h2c_port = free_port(), free_port()
-        conf = NginxSite("relay-replicas.conf").plain_http(folder, self.http_port, self.h2c_port, self.peers)
-        self.nginx = ChildProcess.spawn([nginx, "-p", folder, "-c", conf])
-        self.addCleanup(self.nginx.terminate)
-        self.nginx_log = os.path.join(folder, "error.log")
-        yield self.listening(self.http_port)
-
-        for name in HTTP_NAMES:
-            backend = NamedBackend(name)
-            self.addCleanup(backend.stop)
-            self.serve(name, backend.address)
-        for name in self.grpc_names:
-            backend = GrpcNamedBackend(name)
-            self.addCleanup(backend.stop)
-            self.serve(name, backend.address, grpc_backend=True)
-        if grpc is not None:
-            self.channel = grpc.insecure_channel(
-                "127.0.0.1:%d" % self.h2c_port, options=[("grpc.enable_http_proxy", 0)]
-            )
-            self.addCleanup(self.channel.close)
-        # Every name answers once its relay-client's first poll is in.
-        results = yield defer.gatherResults([self.reachable(name, deadline=30.0) for name in self.names])
-        unreachable = [(name, last) for name, (ok, last) in zip(self.names, results) if not ok]
-        self.assertEqual(unreachable, [], self.logs())
-
-    def serve(self, name: str, backend_address: str, grpc_backend: bool = False):
-        relay_address = "127.0.0.1:%d" % self.http_port
-        if name.startswith("go-") and os.access(GO_CLIENT, os.X_OK):
-            argv = [
-                GO_CLIENT,
-                "--backend_scheme=http",
-                "--relay_scheme=http",
-                "--disable_auth_for_remote",
-                "--server_name=" + name,
-                "--backend_address=" + backend_address,
-                "--relay_address=" + relay_address,
-            ]
-            go = ChildProcess.spawn(argv + (["--force_http2"] if grpc_backend else []))
-            self.addCleanup(go.terminate)
-            return
-        client = client_service(
-            reactor,
-            "http://" + relay_address,
-            name,
-            backend_scheme="http",
-            backend_address=backend_address,
-            force_http2=grpc_backend,
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-
-    @defer.inlineCallbacks
-    def listening(self, port: int):
-        """A real process's port: nothing to wait on but the socket."""
-        deadline = reactor.seconds() + 10
-        while True:
-            try:
-                connection = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol.Protocol())
-                connection.transport.loseConnection()
-                return
-            except Exception:
-                self.assertFalse(self.nginx.exited.called, self.nginx.output)
-                self.assertLess(reactor.seconds(), deadline, "nginx does not listen: %r" % self.nginx.output)
-                yield tick(0.05)
-
-    def logs(self) -> str:
-        """The tails of the replicas' and nginx's logs, for a failure's message."""
-        parts = []
-        for peer, replica in self.replicas.items():
-            parts.append("--- replica %s:\n%s" % (peer, "\n".join(replica.lines[-15:])))
-        try:
-            with open(self.nginx_log) as f:
-                parts.append("--- nginx:\n" + "".join(f.readlines()[-15:]))
-        except OSError:
-            pass
-        return "\n".join(parts)
-
-    # Calls, each answer checked against its name.
-
-    def url(self, name: str, path: str) -> str:
-        return "http://127.0.0.1:%d/client/%s%s" % (self.http_port, name, path)
-
-    @defer.inlineCallbacks
-    def get(self, name: str, path: str, expected: bytes):
-        """C{(status, body)} of a GET through nginx; a 200 must carry C{expected}."""
-        response = yield treq.get(self.url(name, path), pool=self.users, timeout=CALL_TIMEOUT)
-        body = yield response.content()
-        if response.code == 200:
-            self.assertEqual(body, expected, "%s%s answered by another backend" % (name, path))
-        return response.code, body
-
-    @defer.inlineCallbacks
-    def unary(self, name: str):
-        """A gRPC call through nginx's h2c port; its answer must carry C{name}."""
-        call = self.channel.unary_unary(method("Unary"), request_serializer=identity, response_deserializer=identity)
-        answer = yield self.in_thread(call, b"hello", timeout=CALL_TIMEOUT, metadata=[("x-server-name", name)])
-        self.assertEqual(answer, name.encode() + b":hello", "%s answered by another backend" % (name,))
-        return answer
-
-    @defer.inlineCallbacks
-    def answers(self, name: str):
-        """Whether C{name} answers now; a wrong answer fails the test."""
-        try:
-            if name in self.grpc_names:
-                yield self.unary(name)
-                return True, "ok"
-            code, body = yield self.get(name, "/name", name.encode())
-        except AssertionError:
-            raise
-        except Exception as e:
-            return False, repr(e)
-        return code == 200, "%d %r" % (code, body[:200])
-
-    @defer.inlineCallbacks
-    def reachable(self, name: str, deadline: float):
-        """C{(True, when)} once C{name} answers, or C{(False, last answer)} after C{deadline} seconds."""
-        started = reactor.seconds()
-        while True:
-            ok, last = yield self.answers(name)
-            if ok:
-                return True, reactor.seconds()
-            if reactor.seconds() - started > deadline:
-                return False, last
-            yield tick(0.2)
-
-    # The checks.
-
-    @defer.inlineCallbacks
-    def test_names_answer_through_nginx_and_move_when_a_replica_dies(self):
-        started = reactor.seconds()
-        yield self.every_name_answers_every_kind_of_call()
-        yield self.response_post_to_the_wrong_replica_is_forwarded()
-        yield self.replica_killed()
-        # The whole test, setup included, stays short.
-        self.assertLess(reactor.seconds() - started, 90)
-
-    @defer.inlineCallbacks
-    def every_name_answers_every_kind_of_call(self):
-        calls = []
-        for name in HTTP_NAMES:
-            calls.append(self.get(name, "/name", name.encode()))
-            calls.append(self.get(name, "/big", big_body(name)))
-            calls.append(self.websocket(name))
-        for name in self.grpc_names:
-            calls.append(self.unary(name))
-        results = yield defer.gatherResults(calls, consumeErrors=True)
-        statuses = [r[0] for r in results if isinstance(r, tuple)]
-        self.assertEqual(statuses, [200] * (2 * len(HTTP_NAMES)))
-
-    @defer.inlineCallbacks
-    def websocket(self, name: str):
-        user = yield open_websocket(self, self.http_port, name)
-        yield user.read_until(lambda d: parse_frame(d) is not None)
-        opcode, payload, used = parse_frame(user.data)
-        user.data = user.data[used:]
-        self.assertEqual((opcode, payload), (1, name.encode()), "WebSocket to %s answered by another backend" % name)
-        message = b"echo through nginx " + name.encode()
-        user.transport.write(make_frame(2, message, mask=True))
-        yield user.read_until(lambda d: parse_frame(d) is not None)
-        self.assertEqual(parse_frame(user.data)[:2], (2, message))
-        user.transport.loseConnection()
-        yield user.closed
-
-    @defer.inlineCallbacks
-    def response_post_to_the_wrong_replica_is_forwarded(self):
-        """
-        We play a relay-client for a new name: it polls through nginx (so
-        the poll reaches the name's owner, which issues the request's id),
-        and posts the response straight to another replica, as nginx does
-        with the Go client's POSTs, which carry the name only in their body.
-        """
-        name = "by-hand"
-        owner = self.ring.owner(name)
-        wrong = [peer for peer in self.peers if peer != owner][0]
-        polling = FakeRelayClient(At(self.http_port))
-        self.addCleanup(polling.close)
-        posting = FakeRelayClient(At(self.replica_ports[wrong]))
-        self.addCleanup(posting.close)
-        poll = polling.poll(name)
-        # The user's request waits (--move_wait) for the name's first poll.
-        user = treq.get(self.url(name, "/hand"), pool=self.users, timeout=CALL_TIMEOUT)
-        code, request = yield poll
-        self.assertEqual(code, 200)
-        self.assertTrue(request.id.startswith(name + ":"))
-        self.assertEqual(request.url, "http://invalid/hand")
-        code, body = yield posting.respond(request.id, 200, b"answered by hand")
-        self.assertEqual((code, body), (200, b"ok"))
-        response = yield user
-        self.assertEqual((response.code, (yield response.content())), (200, b"answered by hand"))
-
-    @defer.inlineCallbacks
-    def replica_killed(self):
-        owned = {peer: [name for name in self.names if self.ring.owner(name) == peer] for peer in self.peers}
-        victim = max(self.peers, key=lambda peer: len(owned[peer]))
-        # Answers that have begun through the victim: one per kind of relay-client.
-        slow_names = [
-            [name for name in owned[victim] if name in HTTP_NAMES and name.startswith(kind)][:1]
-            for kind in ("ours-", "go-")
+    def test_one_line_and_exit_1(self):
+        relay = ["--pidfile=", "-n", "relay", "--port=tcp:0:interface=127.0.0.1"]
+        cases = [
+            (relay + ["--peers=a:1,a:1", "--peer_self=a:1"], {}),
+            (relay + ["--peers=nobody-here-0:80,nobody-here-1:80"], {}),
+            (["--pidfile=", "-ny", "relay.tac"], {"RELAY_PEERS": "a:1", "RELAY_PEER_SELF": "b:1"}),
         ]
-        slow_names = sum(slow_names, [])
-        self.assertTrue(slow_names, "the victim owns no HTTP name: %r" % (owned,))
-        agent = Agent(reactor, pool=self.users)
-        begun = []
-        for name in slow_names:
-            response = yield agent.request(b"GET", self.url(name, "/slow").encode())
-            self.assertEqual(response.code, 200)
-            collect = Collect()
-            response.deliverBody(collect)
-            begun.append((name, collect))
-        yield until(lambda: all(collect.size > len(name) for name, collect in begun))
+        from tests.process import ROOT
 
-        self.replicas[victim].transport.signalProcess("KILL")
-        killed = reactor.seconds()
+        cases[2] = (["--pidfile=", "-ny", ROOT + "/relay.tac"], cases[2][1])
+        results = run_all(cases, scratch(self))
+        patterns = [
+            r"^twistd relay: --peers=a:1,a:1: a:1 is listed twice",
+            r"^twistd relay: --peers=nobody-here-0:80,nobody-here-1:80: cannot tell which entry .*set --peer_self$",
+            r"^relay\.tac: RELAY_PEER_SELF=b:1: not one of --peers",
+        ]
+        for (code, output), pattern in zip(results, patterns):
+            self.assertEqual(code, 1, output)
+            lines = [line for line in output.splitlines() if line and not line.startswith("{")]
+            self.assertEqual(len(lines), 1, output)
+            self.assertRegex(lines[0], pattern)
 
-        # Cut off: an error, never a body that looks complete.
-        for name, collect in begun:
-            try:
-                yield collect.done
-            except Exception:
-                pass
-            else:
-                self.fail("the answer from %s cut off by the kill looked complete" % (name,))
-            self.assertTrue(b"".join(collect.pieces).startswith(name.encode() + b"\n"))
 
-        # Every name answers again, each with its own answer, in time.
-        results = yield defer.gatherResults(
-            [self.reachable(name, deadline=MOVE_BOUND + 10) for name in self.names]
+class RoutingRuleTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.down = set()
+        self.routing = Routing(PEERS, PEERS[1], lambda peer: peer not in self.down, None, None)
+
+    def test_a_name_goes_to_its_ring_owner(self):
+        mine = name_owned_by(PEERS, PEERS[1])
+        theirs = name_owned_by(PEERS, PEERS[2])
+        self.assertIsNone(self.routing.owner(FakeRequest(), mine))
+        self.assertEqual(self.routing.owner(FakeRequest(), theirs), PEERS[2])
+
+    def test_a_dead_owners_names_move_as_nginx_moves_them(self):
+        theirs = name_owned_by(PEERS, PEERS[2])
+        self.down.add(PEERS[2])
+        expected = Ring(PEERS).owner(theirs, lambda p: p != PEERS[2])
+        self.assertEqual(self.routing.owner(FakeRequest(), theirs), None if expected == PEERS[1] else expected)
+
+    def test_a_forwarded_call_is_handled_here(self):
+        theirs = name_owned_by(PEERS, PEERS[2])
+        request = FakeRequest({FORWARDED_BY: [PEERS[0]]})
+        self.assertIsNone(self.routing.owner(request, theirs))
+        self.assertIsNone(self.routing.issuer(request, RequestIds(replica=2)("robot")))
+
+    def test_an_id_goes_to_its_issuer_whoever_owns_the_name(self):
+        mine = name_owned_by(PEERS, PEERS[1])
+        self.assertEqual(self.routing.issuer(FakeRequest(), RequestIds(replica=0)(mine)), PEERS[0])
+        self.assertIsNone(self.routing.issuer(FakeRequest(), RequestIds(replica=1)(mine)))
+
+    def test_ids_of_no_replica_are_handled_here(self):
+        for request_id in [RequestIds(replica=7)("robot"), "robot:123", "nonsense", RequestIds()("robot")[:-1]]:
+            self.assertIsNone(self.routing.issuer(FakeRequest(), request_id), request_id)
+
+
+def lone_replica():
+    """Multi-replica mode with a ring of one: every name is this replica's."""
+    return Routing(["relay:80"], "relay:80", lambda peer: True, None, None)
+
+
+class MoveWaitTests(unittest.SynchronousTestCase):
+    """A request for a name no relay-client polls for yet waits for its first poll."""
+
+    def setUp(self):
+        self.relay = InMemoryRelay(routing=lone_replica(), move_wait=15.0, max_pending_per_backend=2, max_backends=3)
+
+    def test_waits_and_is_relayed_when_the_poll_comes(self):
+        user = self.relay.get("/client/robot/x")
+        self.relay.advance(14)
+        self.assertNoResult(user)
+        poll = self.relay.get("/server/request?server=robot")
+        message = HttpRequest()
+        message.ParseFromString(self.successResultOf(self.relay.content(self.successResultOf(poll))))
+        self.assertEqual(message.url, "http://invalid/x")
+        self.relay.post("/server/response", b"")  # not ours: nothing changes
+        from relay.proto.http_relay_pb2 import HttpResponse
+
+        self.relay.post("/server/response", HttpResponse(id=message.id, status_code=200, body=b"hi", eof=True).SerializeToString())
+        response = self.successResultOf(user)
+        self.assertEqual((response.code, self.successResultOf(self.relay.content(response))), (200, b"hi"))
+        self.assertEqual(self.relay.broker.arriving, {})
+
+    def test_unknown_client_after_the_bound(self):
+        user = self.relay.get("/client/robot/x")
+        self.relay.advance(14.9)
+        self.assertNoResult(user)
+        self.relay.advance(0.1)
+        response = self.successResultOf(user)
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"(unknown client)", self.successResultOf(self.relay.content(response)))
+        self.assertEqual(self.relay.broker.arriving, {})
+
+    def test_waits_count_against_the_pending_limits(self):
+        waiting = [self.relay.get("/client/robot/x") for _ in range(2)]
+        third = self.successResultOf(self.relay.get("/client/robot/x"))
+        self.assertEqual(third.code, 503)
+        self.assertIn(b"Too many pending requests", self.successResultOf(self.relay.content(third)))
+        # Three names at most, waited for or polled for.
+        self.relay.get("/client/other/x")
+        self.relay.get("/client/third/x")
+        fourth = self.successResultOf(self.relay.get("/client/fourth/x"))
+        self.assertEqual(fourth.code, 503)
+        self.assertEqual(sorted(self.relay.broker.arriving), ["other", "robot", "third"])
+        for d in waiting:
+            self.assertNoResult(d)
+        self.relay.advance(15)
+        self.assertEqual(self.relay.broker.arriving, {})
+
+    def test_a_single_replica_does_not_wait(self):
+        relay = InMemoryRelay()
+        response = self.successResultOf(relay.get("/client/robot/x"))
+        self.assertEqual(response.code, 503)
+
+
+class ArrivalTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.broker = Broker(self.clock, ServerConfig(move_wait=5.0, max_backends=2, max_pending_per_backend=1))
+
+    def test_a_user_gone_leaves_nothing_behind(self):
+        d = self.broker.arrival("robot")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.broker.arriving, {})
+
+    def test_polls_are_not_locked_out_by_waits(self):
+        self.broker.arrival("a")
+        self.broker.arrival("b")
+        with self.assertRaises(Overloaded):
+            self.broker.arrival("c")
+        self.broker.get_request("a")
+        self.broker.get_request("b")
+        self.assertEqual(sorted(self.broker.backends), ["a", "b"])
+
+    def test_shutdown_wakes_the_waits(self):
+        d = self.broker.arrival("robot")
+        self.broker.stop()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.broker.arriving, {})
+
+
+class Replicas:
+    """C{count} relay servers on 127.0.0.1 that know each other, one Clock for their timers."""
+
+    def __init__(self, test, count: int, **fields):
+        self.clock = Clock()
+        ports = [free_port() for _ in range(count)]
+        self.peers = ["127.0.0.1:%d" % port for port in ports]
+        self.servers = []
+        for port, peer in zip(ports, self.peers):
+            server = RelayServer(port, peers=",".join(self.peers), peer_self=peer, clock=self.clock, **fields)
+            test.addCleanup(server.stop)
+            self.servers.append(server)
+
+    def name_owned_by(self, index: int) -> str:
+        return name_owned_by(self.peers, self.peers[index])
+
+
+class ForwardingTests(unittest.TestCase):
+    """Two real replicas: A owns the name, B gets the calls it should not."""
+
+    timeout = 20
+
+    def setUp(self):
+        self.replicas = Replicas(self, 2)
+        self.a, self.b = self.replicas.servers
+        self.name = self.replicas.name_owned_by(0)
+        self.at_a = FakeRelayClient(self.a)
+        self.at_b = FakeRelayClient(self.b)
+        self.addCleanup(self.at_a.close)
+        self.addCleanup(self.at_b.close)
+
+    @defer.inlineCallbacks
+    def user(self, server, data: bytes):
+        user = yield raw_connect(server.port)
+        self.addCleanup(user.transport.abortConnection)
+        user.transport.write(data)
+        return user
+
+    @defer.inlineCallbacks
+    def test_user_request_at_the_wrong_replica(self):
+        poll = self.at_a.poll(self.name)
+        user = yield self.user(self.b, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % self.name.encode())
+        status, message = yield poll
+        self.assertEqual(status, 200)
+        self.assertNotIn(FORWARDED_BY, [h.name for h in message.header])
+        self.assertFalse(self.b.broker.backends)
+        self.assertEqual(issuing_replica(message.id), 0)
+        yield self.at_a.respond(message.id, 200, b"from a", headers=[("Content-Length", "6")])
+        yield user.wait_for(b"from a")
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "), bytes(user.data))
+
+    @defer.inlineCallbacks
+    def test_poll_and_response_at_the_wrong_replica(self):
+        """The Go relay-client's response POST carries its name only in its body."""
+        poll = self.at_b.poll(self.name)
+        yield until(lambda: self.a.polled_by(self.name))
+        self.assertFalse(self.b.broker.backends)
+        user = yield self.user(self.a, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % self.name.encode())
+        status, message = yield poll
+        code, _ = yield self.at_b.respond(message.id, 200, b"part one, ", eof=False)
+        self.assertEqual(code, 200)
+        yield user.wait_for(b"part one, ")
+        code, _ = yield self.at_b.respond(message.id, None, b"part two")
+        self.assertEqual(code, 200)
+        yield until(lambda: dechunk(head_and_body(user.data)[1])[2])
+        self.assertEqual(dechunk(head_and_body(user.data)[1])[0], b"part one, part two")
+
+    @defer.inlineCallbacks
+    def test_a_response_goes_to_the_issuer_not_the_owner(self):
+        """B issued the id (its call was forwarded and handled there); A owns the name."""
+        forwarded = b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (self.name.encode(), FORWARDED_BY.encode())
+        # Marked as forwarded, B handles it: the name has no relay-client
+        # there, so it waits for one; a poll marked the same way brings it.
+        user = yield self.user(self.b, forwarded)
+        yield until(lambda: self.name in self.b.broker.arriving)
+        local_poll = yield raw_connect(self.b.port)
+        self.addCleanup(local_poll.transport.abortConnection)
+        local_poll.transport.write(
+            b"GET /server/request?server=%s HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (self.name.encode(), FORWARDED_BY.encode())
         )
-        late = {}
-        for name, (ok, when) in zip(self.names, results):
-            if not ok or when - killed > MOVE_BOUND:
-                late[name] = when if not ok else "after %.1f s" % (when - killed)
-        self.assertEqual(late, {}, "names of %s (killed): %r\n%s" % (victim, owned[victim], self.logs()))
+        yield local_poll.wait_for(b"http://invalid/x")
+        [request_id] = list(self.b.broker.requests)
+        code, _ = yield self.at_a.respond(request_id, 200, b"to b", headers=[("Content-Length", "4")])
+        self.assertEqual(code, 200)
+        yield user.wait_for(b"to b")
+
+    @defer.inlineCallbacks
+    def test_an_id_of_no_replica_is_answered_here(self):
+        code, body = yield self.at_b.respond("robot:" + "ff" * 16, 200, b"x")
+        self.assertEqual((code, body), (400, b"Duplicate or invalid request ID robot:" + b"ff" * 16 + b"\n"))
+
+    @defer.inlineCallbacks
+    def test_websocket_through_the_wrong_replica(self):
+        poll = self.at_a.poll(self.name)
+        user = yield self.user(
+            self.b,
+            b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % self.name.encode(),
+        )
+        status, message = yield poll
+        headers = {h.name: h.value for h in message.header}
+        self.assertEqual(headers.get("Upgrade"), "websocket")
+        code, _ = yield self.at_a.respond(message.id, 101, eof=False, headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")])
+        self.assertEqual(code, 200)
+        yield user.wait_for(b"\r\n\r\n")
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 101 "), bytes(user.data))
+        user.transport.write(b"ping")
+        # The relay-client pulls the user's bytes at the wrong replica too.
+        code, data = yield self.at_b.request_stream(message.id)
+        self.assertEqual((code, data), (200, b"ping"))
+        yield self.at_a.respond(message.id, None, b"pong", eof=False)
+        yield user.wait_for(b"pong")
+        # The backend's end closes the user's connection, through both replicas.
+        yield self.at_a.respond(message.id, None, b"", eof=True)
+        yield user.ended
+        self.assertTrue(user.clean)
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_users_are_refused_before_forwarding(self):
+        import os
+        import tempfile
+
+        from relay.server.auth import AccessPolicy, UserTokens, token_hash
+
+        folder = tempfile.mkdtemp()
+        path = os.path.join(folder, "users")
+        with open(path, "w") as f:
+            f.write("%s *\n" % (token_hash("secret"),))
+        # A replica whose peer is gone: a forwarded call would get 502.
+        peers = ["127.0.0.1:%d" % free_port(), "127.0.0.1:%d" % free_port()]
+        name = name_owned_by(peers, peers[0])
+        server = RelayServer(
+            int(peers[1].rpartition(":")[2]), peers=",".join(peers), peer_self=peers[1], clock=Clock(),
+            policy=AccessPolicy(user_tokens=UserTokens(path)),
+        )
+        self.addCleanup(server.stop)
+        refused = yield self.user(server, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
+        yield refused.wait_for(b"\r\n\r\n")
+        self.assertTrue(bytes(refused.data).startswith(b"HTTP/1.1 401 "), bytes(refused.data))
+        allowed = yield self.user(server, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\nX-Relay-Token: secret\r\n\r\n" % name.encode())
+        yield allowed.wait_for(b"unreachable")
+        self.assertTrue(bytes(allowed.data).startswith(b"HTTP/1.1 502 "), bytes(allowed.data))
+
+
+class ThreeReplicasTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_every_replica_answers_for_every_name(self):
+        replicas = Replicas(self, 3)
+        names = [replicas.name_owned_by(i) for i in range(3)]
+        clients = [FakeRelayClient(server) for server in replicas.servers]
+        for client in clients:
+            self.addCleanup(client.close)
+        for i, name in enumerate(names):
+            for server in replicas.servers:
+                # The relay-client polls at the next replica over, and
+                # answers at the one after.
+                poll = clients[(i + 1) % 3].poll(name)
+                yield until(lambda: replicas.servers[i].polled_by(name))
+                user = yield raw_connect(server.port)
+                self.addCleanup(user.transport.abortConnection)
+                user.transport.write(b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
+                status, message = yield poll
+                yield clients[(i + 2) % 3].respond(message.id, 200, name.encode(), headers=[("Content-Length", str(len(name)))])
+                yield user.wait_for(name.encode())
+                self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "))

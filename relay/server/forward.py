@@ -32,17 +32,24 @@ from twisted.web.server import NOT_DONE_YET
 from relay.client.backend import BackendError, BackendRequest, TrustPolicy
 from relay.client.h2backend import H2Backend
 from relay.compat import request_gone
-from relay.headers import HOP_BY_HOP
+from relay.headers import FORWARDED_BY, HOP_BY_HOP
 from relay.server.response import abort_answer
 
 log = Logger()
 
-FORWARDED_BY = "Relay-Forwarded-By"
-
-
 def forwarded(request) -> bool:
     """Whether another replica already passed this call on."""
     return request.requestHeaders.hasHeader(FORWARDED_BY.encode("ascii"))
+
+
+def peer_unreachable(request) -> None:
+    """The answer to a call the owner could not be reached for."""
+    body = b"Peer replica unreachable\n"
+    request.setResponseCode(502)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    request.write(body)
+    request.finish()
 
 
 class _UserSink:
@@ -142,10 +149,7 @@ class Forwarder:
                 return
             reason = failure.value.args[0] if failure.check(BackendError) else str(failure.value)
             log.warn("Could not forward to peer replica", peer=peer, error=reason)
-            request.setResponseCode(502)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.write(b"Peer replica unreachable\n")
-            request.finish()
+            peer_unreachable(request)
 
         def user_gone(_) -> None:
             stream = state["stream"]
