@@ -376,6 +376,13 @@ class ReplicasBehindNginx(unittest.TestCase):
         response = yield user
         self.assertEqual((response.code, (yield response.content())), (200, b"answered by hand"))
 
+    def collect(self, response):
+        """The body of C{response} as it comes (L{Collect})."""
+        self.assertEqual(response.code, 200)
+        collect = Collect()
+        response.deliverBody(collect)
+        return collect
+
     @defer.inlineCallbacks
     def replica_killed(self):
         owned = {peer: [name for name in self.names if self.ring.owner(name) == peer] for peer in self.peers}
@@ -391,10 +398,17 @@ class ReplicasBehindNginx(unittest.TestCase):
         begun = []
         for name in slow_names:
             response = yield agent.request(b"GET", self.url(name, "/slow").encode())
-            self.assertEqual(response.code, 200)
-            collect = Collect()
-            response.deliverBody(collect)
-            begun.append((name, collect))
+            begun.append((name, self.collect(response)))
+        # And one we play the relay-client for, to see what it is told.
+        hand = next(n for n in ("by-hand-%d" % i for i in range(1000)) if self.ring.owner(n) == victim)
+        polling = FakeRelayClient(At(self.http_port))
+        self.addCleanup(polling.close)
+        poll = polling.poll(hand)
+        user = agent.request(b"GET", self.url(hand, "/cut").encode())
+        code, request = yield poll
+        self.assertEqual(code, 200)
+        self.assertEqual((yield polling.respond(request.id, 200, hand.encode() + b"\n", eof=False)), (200, b"ok"))
+        begun.append((hand, self.collect((yield user))))
         yield until(lambda: all(collect.size > len(name) for name, collect in begun))
 
         self.replicas[victim].transport.signalProcess("KILL")
@@ -409,6 +423,16 @@ class ReplicasBehindNginx(unittest.TestCase):
             else:
                 self.fail("the answer from %s cut off by the kill looked complete" % (name,))
             self.assertTrue(b"".join(collect.pieces).startswith(name.encode() + b"\n"))
+        # The relay-client's next chunk for the dead replica's request is
+        # refused for good (400, the request is gone), so that it stops
+        # work on it, rather than retried without end.
+        while True:
+            code, body = yield polling.respond(request.id, 200, b"more", eof=False)
+            self.assertIn(code, (400, 502, 503), body)
+            if code == 400:
+                break
+            self.assertLess(reactor.seconds() - killed, MOVE_BOUND, "still %d %r" % (code, body))
+            yield tick(0.2)
 
         # Every name answers again, each with its own answer, in time.
         results = yield defer.gatherResults(
