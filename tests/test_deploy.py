@@ -38,6 +38,8 @@ from relay.server.site import RelaySite
 from relay.server import tap as server_tap
 from relay.server.tap import Options as ServerOptions
 
+from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
+
 try:
     import yaml
 except ImportError:  # pragma: no cover - pyyaml is in the test extra
@@ -194,7 +196,7 @@ class SystemdTests(unittest.SynchronousTestCase):
     def test_replica_is_its_own_entry_of_the_peers_nginx_has(self):
         _, options = parse_twistd(self.argv("relay@.service"), self.placeholder)
         peers = options["peers"].split(",")
-        self.assertEqual(peers, NginxSite("relay-replicas.conf").upstream_servers("relay"))
+        self.assertEqual(peers, NginxSite(REPLICAS_SITE).upstream_servers("relay"))
         self.assertEqual(options["peer_self"], "127.0.0.1:" + INSTANCE)
         self.assertIn(options["peer_self"], peers)
         self.assertEqual(options["port"], "tcp:%s:interface=127.0.0.1" % INSTANCE)
@@ -350,7 +352,7 @@ class KubernetesTests(unittest.SynchronousTestCase):
 
     def test_nginx_configmap_is_the_replicas_site(self):
         site = NginxSite.from_configmap(self.kinds("relay-replicas.yaml", "ConfigMap"))
-        self.assertEqual(site.settings(), NginxSite("relay-replicas.conf").settings())
+        self.assertEqual(site.settings(), NginxSite(REPLICAS_SITE).settings())
 
     def test_nginx_pod_mounts_its_site_and_certificate(self):
         (deployment,) = [d for d in self.kinds("relay-replicas.yaml", "Deployment")]
@@ -371,79 +373,11 @@ class KubernetesTests(unittest.SynchronousTestCase):
         self.assertEqual(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
 
 
-class NginxSite:
-    """An nginx site's directives, one line each, comments left out."""
-
-    def __init__(self, name=None, text=None):
-        self.conf = _read("nginx", name) if text is None else text
-        self.directives = {}
-        self.lines = []
-        for line in self.conf.splitlines():
-            line = line.split("#", 1)[0].strip().rstrip(";")
-            if line:
-                self.lines.append(" ".join(line.split()))
-                key, _, value = line.partition(" ")
-                self.directives.setdefault(key, []).append(value.strip())
-
-    @classmethod
-    def from_configmap(cls, configmaps):
-        (configmap,) = configmaps
-        (text,) = configmap["data"].values()
-        return cls(text=text)
-
-    def upstream_servers(self, upstream: str):
-        """The servers of one upstream block, as written (the replicas' ring hashes this text)."""
-        block = re.search(r"upstream %s \{(.*?)\}" % re.escape(upstream), self.conf, re.S).group(1)
-        return re.findall(r"^\s*server\s+(\S+?)[\s;]", block, re.M)
-
-    def settings(self):
-        """Every line but those that differ between one machine and a cluster."""
-        return [
-            line
-            for line in self.lines
-            if not re.match(r"(listen|ssl_certificate|ssl_certificate_key) ", line)
-            and not re.match(r"server \S+ max_fails=", line)
-        ]
-
-    def plain_http(self, folder: str, http_port: int, h2c_port: int, upstreams=None) -> str:
-        """
-        The site as a complete nginx.conf in C{folder}, listening on
-        127.0.0.1 with plain HTTP/1.1 on C{http_port} and h2c on
-        C{h2c_port} instead of TLS (a throw-away certificate is more than
-        the tests need), with C{upstreams} in place of the upstream servers
-        when given; the path of the file.
-        """
-        site = self.conf
-        listens = "listen 127.0.0.1:%d;" % http_port
-        if h2c_port:
-            listens += " listen 127.0.0.1:%d http2;" % h2c_port
-        site = re.sub(r"\n\s*listen \[::\][^;]*;", "", site)
-        site = re.sub(r"listen [^;]*;", listens, site, count=1)
-        site = re.sub(r"\n\s*ssl_certificate\S* [^;]*;", "", site)
-        if upstreams is not None:
-            servers = iter(upstreams * site.count("hash $relay_name"))
-            site = re.sub(r"(server )\S+( max_fails=)", lambda m: m.group(1) + next(servers) + m.group(2), site)
-        path = os.path.join(folder, "nginx.conf")
-        with open(path, "w") as f:
-            f.write(
-                "daemon off;\nmaster_process off;\npid %(d)s/nginx.pid;\nerror_log %(d)s/error.log;\n"
-                "events {}\nhttp {\naccess_log off;\nclient_body_temp_path %(d)s;\nproxy_temp_path %(d)s;\n"
-                "fastcgi_temp_path %(d)s;\nuwsgi_temp_path %(d)s;\nscgi_temp_path %(d)s;\n%(site)s\n}\n"
-                % {"d": folder, "site": site}
-            )
-        return path
-
-
-def find_nginx():
-    """Debian's nginx, or None (.ci/run installs nginx-light)."""
-    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
 class NginxTests(unittest.SynchronousTestCase):
     site = "relay.conf"
 
     def setUp(self):
-        self.nginx = NginxSite(self.site)
+        self.nginx = NginxSite(os.path.join(DEPLOY, "nginx", self.site))
         self.conf = self.nginx.conf
         self.directives = self.nginx.directives
 

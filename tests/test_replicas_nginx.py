@@ -35,10 +35,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from relay.server.ring import Ring
 
+from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
 from tests.process import ChildProcess, TwistdProcess
 from tests.support import FakeRelayClient, client_service, free_port, tick, until
 from tests.test_client_e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
-from tests.test_deploy import NginxSite, find_nginx
 from tests.test_rolling_deploy import GO_CLIENT
 
 try:
@@ -187,7 +187,9 @@ class ReplicasBehindNginx(unittest.TestCase):
         folder = tempfile.mkdtemp(prefix="relay-replicas-")
         self.addCleanup(shutil.rmtree, folder, True)
         self.http_port, self.h2c_port = free_port(), free_port()
-        conf = NginxSite("relay-replicas.conf").plain_http(folder, self.http_port, self.h2c_port, self.peers)
+        conf = NginxSite(REPLICAS_SITE).plain_http(folder, self.http_port, self.h2c_port, self.peers)
+        for upstream in ("relay", "relay_grpc"):
+            self.assertEqual(NginxSite(conf).upstream_servers(upstream), self.peers)
         self.nginx = ChildProcess.spawn([nginx, "-p", folder, "-c", conf])
         self.addCleanup(self.nginx.terminate)
         self.nginx_log = os.path.join(folder, "error.log")
