@@ -523,6 +523,21 @@ CATEGORIES = [
 # -- phases -----------------------------------------------------------------
 
 
+def relay_env(a):
+    """The environment of our processes: --malloc-tuning, --pypy-nursery, this checkout unless --installed-only."""
+    env = dict(os.environ)
+    for k in MALLOC_ENV:
+        env.pop(k, None)
+    if a.malloc_tuning == "on":
+        env.update(MALLOC_ENV)
+    env.pop("PYPY_GC_NURSERY", None)
+    if a.pypy_nursery != "default":
+        env["PYPY_GC_NURSERY"] = a.pypy_nursery  # CPython ignores it
+    if not a.installed_only:
+        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 class Bench:
     def __init__(self, a):
         self.a = a
@@ -533,17 +548,7 @@ class Bench:
             f.write(WRK_LUA)
         self.backend = None
         self.server = self.client = None
-        env = dict(os.environ)
-        for k in MALLOC_ENV:
-            env.pop(k, None)
-        if a.malloc_tuning == "on":
-            env.update(MALLOC_ENV)
-        env.pop("PYPY_GC_NURSERY", None)
-        if a.pypy_nursery != "default":
-            env["PYPY_GC_NURSERY"] = a.pypy_nursery  # CPython ignores it
-        if not a.installed_only:
-            env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.relay_env = env
+        self.relay_env = relay_env(a)
         self.generation = 0
 
     def fmt(self, template, **kw):
@@ -810,6 +815,24 @@ def wait_listening(proc, port, timeout=30.0):
             time.sleep(0.1)
 
 
+def start_go_backend(go_dir, logdir):
+    """The Go bench-backend (GET /bytes/N) on a free port, once it answers: (Proc, port)."""
+    port = free_port()
+    proc = start("go-backend", [os.path.join(go_dir, "bench-backend"), str(port)], logdir)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if http_get(port, "/healthz", timeout=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.p.poll() is not None:
+            raise RuntimeError("Go bench-backend did not answer /healthz; see %s" % proc.logpath)
+        time.sleep(0.1)
+    log("Go bench-backend on port %d" % port)
+    return proc, port
+
+
 def interpreter_name(python):
     out = subprocess.run(
         [python, "-c", "import platform,sys,twisted; v=sys.version_info; print(platform.python_implementation(), "
@@ -938,20 +961,7 @@ class SideBySide:
         return shlex.split(TWISTD.format(python=shlex.quote(python)))
 
     def start_backends(self):
-        port = free_port()
-        self.go_backend = start("go-backend", [os.path.join(self.go, "bench-backend"), str(port)], self.bench.logdir)
-        self.go_backend_port = port
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if http_get(port, "/healthz", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.go_backend.p.poll() is not None:
-                raise RuntimeError("Go bench-backend did not answer /healthz; see %s" % self.go_backend.logpath)
-            time.sleep(0.1)
-        log("Go bench-backend on port %d" % port)
+        self.go_backend, self.go_backend_port = start_go_backend(self.go, self.bench.logdir)
         self.bench.start_backend()  # bench/backend.py: the 101 echo, and the memory checks' 1 GiB
         self.echo_port = self.bench.backend.port
         self.dead_port = free_port()  # nothing listens there
