@@ -42,6 +42,10 @@ class FakeRequest:
         self.requestHeaders = Headers(headers or {})
 
 
+def headers_of(message):
+    return {h.name: h.value for h in message.header}
+
+
 def name_owned_by(peers, owner, usable=lambda peer: True):
     ring = Ring(peers)
     return next(n for n in ("robot-%d" % i for i in range(1000)) if ring.owner(n, usable) == owner)
@@ -283,6 +287,8 @@ class ForwardingTests(unittest.TestCase):
         self.assertNotIn(FORWARDED_BY, [h.name for h in message.header])
         self.assertFalse(self.b.broker.backends)
         self.assertEqual(issuing_replica(message.id), 0)
+        # The user's address first, then the replica that passed it on.
+        self.assertEqual(headers_of(message)["X-Forwarded-For"], "127.0.0.1, 127.0.0.1")
         yield self.at_a.respond(message.id, 200, b"from a", headers=[("Content-Length", "6")])
         yield user.wait_for(b"from a")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "), bytes(user.data))
@@ -335,8 +341,8 @@ class ForwardingTests(unittest.TestCase):
             b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % self.name.encode(),
         )
         status, message = yield poll
-        headers = {h.name: h.value for h in message.header}
-        self.assertEqual(headers.get("Upgrade"), "websocket")
+        self.assertEqual(headers_of(message).get("Upgrade"), "websocket")
+        self.assertEqual(headers_of(message)["X-Forwarded-Proto"], "http")
         code, _ = yield self.at_a.respond(message.id, 101, eof=False, headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")])
         self.assertEqual(code, 200)
         yield user.wait_for(b"\r\n\r\n")

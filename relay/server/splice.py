@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY
-from relay.server.forward import peer_unreachable
+from relay.server.forward import peer_unreachable, proxied_headers
 
 log = Logger()
 
@@ -64,7 +64,7 @@ def request_head(request, myself: str) -> bytes:
     """C{request} as it came, for the owner: its line, its headers, our mark, its body."""
     body = request.content.read() if request.content is not None else b""
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.uri)]
-    for name, values in request.requestHeaders.getAllRawHeaders():
+    for name, values in proxied_headers(request):
         if name.lower() in (b"content-length", b"transfer-encoding"):
             continue
         lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
