@@ -408,3 +408,25 @@ class ThreeReplicasTests(unittest.TestCase):
                 yield clients[(i + 2) % 3].respond(message.id, 200, name.encode(), headers=[("Content-Length", str(len(name)))])
                 yield user.wait_for(name.encode())
                 self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "))
+
+
+class QuietChecksTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_a_check_a_second_logs_nothing(self):
+        """Each round of peer checks would otherwise log Twisted's C{Starting factory} line at info."""
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from relay.server.peers import healthz_probe
+
+        peer = RelayServer()
+        self.addCleanup(peer.stop)
+        events = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        probe = healthz_probe(reactor)
+        for _ in range(3):
+            self.assertIs((yield probe("127.0.0.1:%d" % peer.port)), True)
+        self.assertEqual([e.get("log_format") for e in events if e["log_level"] >= LogLevel.info], [])

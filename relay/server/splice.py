@@ -17,7 +17,7 @@ aborts the other, so that a cut-off stream never looks finished.
 from typing import Optional
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY
+from relay.logs import connect_quietly
 from relay.server.forward import peer_unreachable, proxied_headers
 
 log = Logger()
@@ -89,7 +90,7 @@ class UpgradeForwarder:
         request.content.seek(0)
         head = request_head(request, self.myself)
         owner = _End()
-        connecting = connectProtocol(endpoint, owner)
+        connecting = connect_quietly(endpoint, owner)
 
         def connected(_) -> None:
             if request.finished or request_gone(request):
