@@ -251,6 +251,15 @@ def raw_connect(port: int) -> RawResponse:
     return proto
 
 
+@defer.inlineCallbacks
+def raw_user(test, port: int, data: bytes) -> RawResponse:
+    """A raw user-client on C{port} that has sent C{data}; aborted when C{test} ends."""
+    user = yield raw_connect(port)
+    test.addCleanup(user.transport.abortConnection)
+    user.transport.write(data)
+    return user
+
+
 def head_and_body(data: bytes) -> Tuple[bytes, bytes]:
     head, _, body = bytes(data).partition(b"\r\n\r\n")
     return head, body

@@ -8,18 +8,23 @@ The routing rule and the wait run in memory; the forwarding runs between
 two or three real servers on 127.0.0.1 in this process.
 """
 
+import os
+
 from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
 from relay.config import ServerConfig
 from relay.headers import FORWARDED_BY
-from relay.proto.http_relay_pb2 import HttpRequest
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server import tap
+from relay.server.auth import AccessPolicy, UserTokens, token_hash
 from relay.server.broker import Broker, Overloaded, RequestIds, issuing_replica
+from relay.server.peers import healthz_probe
 from relay.server.ring import Ring
 from relay.server.routing import Routing, find_self, replica_list
 from tests.support import (
@@ -29,10 +34,11 @@ from tests.support import (
     dechunk,
     free_port,
     head_and_body,
-    raw_connect,
+    raw_user,
     until,
 )
-from tests.test_startup import environ, run_all, scratch, twistd_argv
+from tests.process import ROOT
+from tests.test_startup import run_all, scratch
 
 PEERS = ["relay-0.relay:80", "relay-1.relay:80", "relay-2.relay:80"]
 
@@ -40,6 +46,10 @@ PEERS = ["relay-0.relay:80", "relay-1.relay:80", "relay-2.relay:80"]
 class FakeRequest:
     def __init__(self, headers=None):
         self.requestHeaders = Headers(headers or {})
+
+
+def headers_of(message):
+    return {h.name: h.value for h in message.header}
 
 
 def name_owned_by(peers, owner, usable=lambda peer: True):
@@ -99,11 +109,8 @@ class StartupErrorTests(unittest.TestCase):
         cases = [
             (relay + ["--peers=a:1,a:1", "--peer_self=a:1"], {}),
             (relay + ["--peers=nobody-here-0:80,nobody-here-1:80"], {}),
-            (["--pidfile=", "-ny", "relay.tac"], {"RELAY_PEERS": "a:1", "RELAY_PEER_SELF": "b:1"}),
+            (["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")], {"RELAY_PEERS": "a:1", "RELAY_PEER_SELF": "b:1"}),
         ]
-        from tests.process import ROOT
-
-        cases[2] = (["--pidfile=", "-ny", ROOT + "/relay.tac"], cases[2][1])
         results = run_all(cases, scratch(self))
         patterns = [
             r"^twistd relay: --peers=a:1,a:1: a:1 is listed twice",
@@ -169,9 +176,6 @@ class MoveWaitTests(unittest.SynchronousTestCase):
         message = HttpRequest()
         message.ParseFromString(self.successResultOf(self.relay.content(self.successResultOf(poll))))
         self.assertEqual(message.url, "http://invalid/x")
-        self.relay.post("/server/response", b"")  # not ours: nothing changes
-        from relay.proto.http_relay_pb2 import HttpResponse
-
         self.relay.post("/server/response", HttpResponse(id=message.id, status_code=200, body=b"hi", eof=True).SerializeToString())
         response = self.successResultOf(user)
         self.assertEqual((response.code, self.successResultOf(self.relay.content(response))), (200, b"hi"))
@@ -267,12 +271,8 @@ class ForwardingTests(unittest.TestCase):
         self.addCleanup(self.at_a.close)
         self.addCleanup(self.at_b.close)
 
-    @defer.inlineCallbacks
     def user(self, server, data: bytes):
-        user = yield raw_connect(server.port)
-        self.addCleanup(user.transport.abortConnection)
-        user.transport.write(data)
-        return user
+        return raw_user(self, server.port, data)
 
     @defer.inlineCallbacks
     def test_user_request_at_the_wrong_replica(self):
@@ -283,6 +283,8 @@ class ForwardingTests(unittest.TestCase):
         self.assertNotIn(FORWARDED_BY, [h.name for h in message.header])
         self.assertFalse(self.b.broker.backends)
         self.assertEqual(issuing_replica(message.id), 0)
+        # The user's address first, then the replica that passed it on.
+        self.assertEqual(headers_of(message)["X-Forwarded-For"], "127.0.0.1, 127.0.0.1")
         yield self.at_a.respond(message.id, 200, b"from a", headers=[("Content-Length", "6")])
         yield user.wait_for(b"from a")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "), bytes(user.data))
@@ -311,10 +313,8 @@ class ForwardingTests(unittest.TestCase):
         # there, so it waits for one; a poll marked the same way brings it.
         user = yield self.user(self.b, forwarded)
         yield until(lambda: self.name in self.b.broker.arriving)
-        local_poll = yield raw_connect(self.b.port)
-        self.addCleanup(local_poll.transport.abortConnection)
-        local_poll.transport.write(
-            b"GET /server/request?server=%s HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (self.name.encode(), FORWARDED_BY.encode())
+        local_poll = yield self.user(
+            self.b, b"GET /server/request?server=%s HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (self.name.encode(), FORWARDED_BY.encode())
         )
         yield local_poll.wait_for(b"http://invalid/x")
         [request_id] = list(self.b.broker.requests)
@@ -335,8 +335,8 @@ class ForwardingTests(unittest.TestCase):
             b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % self.name.encode(),
         )
         status, message = yield poll
-        headers = {h.name: h.value for h in message.header}
-        self.assertEqual(headers.get("Upgrade"), "websocket")
+        self.assertEqual(headers_of(message).get("Upgrade"), "websocket")
+        self.assertEqual(headers_of(message)["X-Forwarded-Proto"], "http")
         code, _ = yield self.at_a.respond(message.id, 101, eof=False, headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")])
         self.assertEqual(code, 200)
         yield user.wait_for(b"\r\n\r\n")
@@ -354,12 +354,7 @@ class ForwardingTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unauthenticated_users_are_refused_before_forwarding(self):
-        import os
-        import tempfile
-
-        from relay.server.auth import AccessPolicy, UserTokens, token_hash
-
-        folder = tempfile.mkdtemp()
+        folder = scratch(self)
         path = os.path.join(folder, "users")
         with open(path, "w") as f:
             f.write("%s *\n" % (token_hash("secret"),))
@@ -395,10 +390,26 @@ class ThreeReplicasTests(unittest.TestCase):
                 # answers at the one after.
                 poll = clients[(i + 1) % 3].poll(name)
                 yield until(lambda: replicas.servers[i].polled_by(name))
-                user = yield raw_connect(server.port)
-                self.addCleanup(user.transport.abortConnection)
-                user.transport.write(b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
+                user = yield raw_user(self, server.port, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
                 status, message = yield poll
                 yield clients[(i + 2) % 3].respond(message.id, 200, name.encode(), headers=[("Content-Length", str(len(name)))])
                 yield user.wait_for(name.encode())
                 self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "))
+
+
+class QuietChecksTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_a_check_a_second_logs_nothing(self):
+        """Each round of peer checks would otherwise log Twisted's C{Starting factory} line at info."""
+        peer = RelayServer()
+        self.addCleanup(peer.stop)
+        events = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        probe = healthz_probe(reactor)
+        for _ in range(3):
+            self.assertIs((yield probe("127.0.0.1:%d" % peer.port)), True)
+        self.assertEqual([e.get("log_format") for e in events if e["log_level"] >= LogLevel.info], [])

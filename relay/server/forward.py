@@ -42,6 +42,25 @@ def forwarded(request) -> bool:
     return request.requestHeaders.hasHeader(FORWARDED_BY.encode("ascii"))
 
 
+def proxied_headers(request) -> List[Tuple[bytes, List[bytes]]]:
+    """
+    The request's headers for the owner, as a proxy passes them on: with
+    the caller's address added to C{X-Forwarded-For} and C{X-Forwarded-Proto}
+    set when absent, so that the backend learns who called as it would from
+    the replica the call reached.
+    """
+    headers = [(n, v) for n, v in request.requestHeaders.getAllRawHeaders() if n.lower() != b"x-forwarded-for"]
+    chain = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+    caller = getattr(request.getClientAddress(), "host", None)
+    if caller:
+        chain = chain + [caller.encode("latin-1")]
+    if chain:
+        headers.append((b"X-Forwarded-For", [b", ".join(chain)]))
+    if not request.requestHeaders.hasHeader(b"x-forwarded-proto"):
+        headers.append((b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"]))
+    return headers
+
+
 def peer_unreachable(request) -> None:
     """The answer to a call the owner could not be reached for."""
     body = b"Peer replica unreachable\n"
@@ -107,7 +126,7 @@ class Forwarder:
     def forward(self, request, peer: str):
         """Answer C{request} (a twisted.web request) with C{peer}'s answer."""
         headers: List[Tuple[str, str]] = []
-        for name, values in request.requestHeaders.getAllRawHeaders():
+        for name, values in proxied_headers(request):
             text = name.decode("latin-1")
             if text.lower() in HOP_BY_HOP and text.lower() != "te":
                 continue

@@ -433,11 +433,11 @@ class ClientResource(Resource):
         return self._relay(request, backend, response, message, charge, wait=self.routing is not None)
 
     def _relay(self, request, backend: str, response: UserResponse, message: HttpRequest, charge: int, wait: bool):
+        if wait and backend not in self.broker.backends and not self.broker.stopping:
+            return self._wait_for_poll(request, backend, response, message, charge)
         try:
             response.pending = self.broker.relay(backend, message, response, charge)
         except UnknownBackend as e:
-            if wait:
-                return self._wait_for_poll(request, backend, response, message, charge)
             self.broker.bodies.give(charge)
             return plain(request, 503, str(e))
         except Overloaded as e:

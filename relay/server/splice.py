@@ -17,7 +17,7 @@ aborts the other, so that a cut-off stream never looks finished.
 from typing import Optional
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -25,7 +25,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY
-from relay.server.forward import peer_unreachable
+from relay.logs import connect_quietly
+from relay.server.forward import peer_unreachable, proxied_headers
 
 log = Logger()
 
@@ -64,7 +65,7 @@ def request_head(request, myself: str) -> bytes:
     """C{request} as it came, for the owner: its line, its headers, our mark, its body."""
     body = request.content.read() if request.content is not None else b""
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.uri)]
-    for name, values in request.requestHeaders.getAllRawHeaders():
+    for name, values in proxied_headers(request):
         if name.lower() in (b"content-length", b"transfer-encoding"):
             continue
         lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
@@ -89,7 +90,7 @@ class UpgradeForwarder:
         request.content.seek(0)
         head = request_head(request, self.myself)
         owner = _End()
-        connecting = connectProtocol(endpoint, owner)
+        connecting = connect_quietly(endpoint, owner)
 
         def connected(_) -> None:
             if request.finished or request_gone(request):
