@@ -266,12 +266,8 @@ def main(argv=None):
     finally:
         stop_all()
     elapsed = time.monotonic() - started
-    others = max(0.0, (busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / elapsed
-    text = report(a, b, command, info, interp, elapsed, others)
-    sys.stdout.write("\n" + text)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(text)
+    others = harness.others_since(busy0, own0, elapsed)
+    harness.publish(report(a, b, command, info, interp, elapsed, others), a.output)
     return 0
 
 

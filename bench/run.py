@@ -769,6 +769,19 @@ def other_load(seconds=1.0):
     return max(0.0, (busy_seconds() - b0) - (own_cpu_seconds() - o0)) / seconds
 
 
+def others_since(busy0, own0, elapsed):
+    """CPU used by processes outside the harness since busy_seconds() and own_cpu_seconds() were busy0 and own0, in cores."""
+    return max(0.0, (busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / elapsed
+
+
+def publish(text, output):
+    """The report on stdout, and in the --output file when given."""
+    sys.stdout.write("\n" + text)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+
+
 def listen_overflows():
     try:
         with open("/proc/net/netstat") as f:
@@ -1309,7 +1322,7 @@ def main(argv=None):
         raise
     stop_all()
     elapsed = time.monotonic() - t_start
-    others = max(0.0, (busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / elapsed
+    others = others_since(busy0, own0, elapsed)
 
     r = []
     r.append("Command: `%s`  " % command)
@@ -1359,10 +1372,7 @@ def main(argv=None):
         r.append("")
         r.append("Profile: " + prof)
     text = "\n".join(r) + "\n"
-    sys.stdout.write("\n" + text)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(text)
+    publish(text, a.output)
     return 0
 
 
@@ -1388,12 +1398,9 @@ def side_by_side(a, b, command):
         raise
     stop_all()
     elapsed = time.monotonic() - t_start
-    others = max(0.0, (busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / elapsed
+    others = others_since(busy0, own0, elapsed)
     text = side_by_side_report(a, command, sbs, info, elapsed, others, big, idle)
-    sys.stdout.write("\n" + text)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(text)
+    publish(text, a.output)
     return 0
 
 
