@@ -272,7 +272,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        stop_all()
+    sys.exit(main())  # main() stops every process it started, whatever happens
