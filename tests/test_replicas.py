@@ -141,6 +141,15 @@ class RoutingRuleTests(unittest.SynchronousTestCase):
         expected = Ring(PEERS).owner(theirs, lambda p: p != PEERS[2])
         self.assertEqual(self.routing.owner(FakeRequest(), theirs), None if expected == PEERS[1] else expected)
 
+    def test_a_leaving_replica_passes_its_names_on(self):
+        """Draining before a stop, new calls go where the ingress will send them once this port closes."""
+        mine = name_owned_by(PEERS, PEERS[1])
+        expected = Ring(PEERS).owner(mine, lambda p: p != PEERS[1])
+        self.assertEqual(self.routing.owner(FakeRequest(), mine, leaving=True), expected)
+        self.assertIsNone(self.routing.owner(FakeRequest({FORWARDED_BY: [PEERS[0]]}), mine, leaving=True))
+        self.down.update([PEERS[0], PEERS[2]])
+        self.assertIsNone(self.routing.owner(FakeRequest(), mine, leaving=True))
+
     def test_a_forwarded_call_is_handled_here(self):
         theirs = name_owned_by(PEERS, PEERS[2])
         request = FakeRequest({FORWARDED_BY: [PEERS[0]]})
@@ -321,6 +330,16 @@ class ForwardingTests(unittest.TestCase):
         code, _ = yield self.at_a.respond(request_id, 200, b"to b", headers=[("Content-Length", "4")])
         self.assertEqual(code, 200)
         yield user.wait_for(b"to b")
+
+    @defer.inlineCallbacks
+    def test_a_draining_replica_passes_new_requests_on(self):
+        self.a.service.getServiceNamed("drain").begin()
+        user = yield self.user(self.a, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % self.name.encode())
+        # B takes it, and waits for the name's relay-client to find it.
+        yield until(lambda: self.name in self.b.broker.arriving)
+        self.replicas.clock.advance(ServerConfig.move_wait)
+        yield user.wait_for(b"(unknown client)")
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 503 "), bytes(user.data))
 
     @defer.inlineCallbacks
     def test_an_id_of_no_replica_is_answered_here(self):

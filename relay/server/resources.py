@@ -229,11 +229,11 @@ class ServerResource(Resource):
             return http_error(request, 400, "Backend name longer than %d bytes" % (MAX_NAME_BYTES,))
         if not self.policy.relay_client_allowed(request, server):
             return self._forbidden(request, server)
-        if self.broker.stopping:
-            return _restarting(request)
-        peer = self.routing.owner(request, server) if self.routing is not None else None
+        peer = self.routing.owner(request, server, self.broker.stopping) if self.routing is not None else None
         if peer is not None:
             return self.routing.forward(request, peer)
+        if self.broker.stopping:
+            return _restarting(request)
         try:
             d = self.broker.get_request(server)
         except Overloaded as e:
@@ -406,7 +406,7 @@ class ClientResource(Resource):
             backend = names[0].decode("utf-8", "replace")
             backend_path = path
 
-        peer = self.routing.owner(request, backend) if self.routing is not None else None
+        peer = self.routing.owner(request, backend, self.broker.stopping) if self.routing is not None else None
         # Checked before forwarding, so that callers without a token cannot
         # make replicas work; the owner checks (and consumes) it again.
         refused = self.policy.check_user(request, backend, consume=peer is None)

@@ -115,12 +115,20 @@ class Routing:
         self._forward = forward
         self._forward_upgrade = forward_upgrade
 
-    def owner(self, request, name: str) -> Optional[str]:
-        """The peer a call about C{name} goes to; None: handle it here."""
+    def owner(self, request, name: str, leaving: bool = False) -> Optional[str]:
+        """
+        The peer a call about C{name} goes to; None: handle it here. While
+        this replica is C{leaving} (draining before a stop) it passes new
+        calls on to the owner the ring has without it, as the ingress will
+        once its port closes; with no peer left it keeps them.
+        """
         if forwarded(request):
             return None
-        peer = self.ring.owner(name, self.usable)
+        peer = self.ring.owner(name, self._usable_without_me if leaving else self.usable)
         return None if peer is None or peer == self.myself else peer
+
+    def _usable_without_me(self, peer: str) -> bool:
+        return peer != self.myself and self.usable(peer)
 
     def issuer(self, request, request_id: str) -> Optional[str]:
         """The peer a call about C{request_id} goes to; None: handle it here."""
