@@ -38,6 +38,7 @@ from typing import List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from relay.compat import (
@@ -191,6 +192,29 @@ class RelayRequest(server.Request):
         # twisted's parse_qs: bytes in, bytes out (urllib's chokes on %ff).
         self.args = http.parse_qs(query, 1) if question else {}
         self.process()
+
+    def process(self) -> None:
+        """
+        twisted.web's, less what a relay pays for on each of the three
+        exchanges of every relayed request and never uses: a C{Server}
+        header (Go sends none, so the resources removed it again), a C{Date}
+        formatted anew each time (the site keeps one per second), and the
+        path split and unquoted into C{postpath} segments (the relay routes
+        on the whole path, L{relay.server.resources.RootResource.route}).
+        Any other resource tree, and C{OPTIONS *}, get twisted.web's own.
+        """
+        site = self.site = self.channel.site
+        route = getattr(site.resource, "route", None)
+        if route is None or self.path == b"*":
+            super().process()
+            return
+        self.responseHeaders.setRawHeaders(b"date", [site.http_date()])
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(route(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     def _origin_form(self, target: bytes) -> bytes:
         """
@@ -474,6 +498,17 @@ class RelaySite(server.Site):
 
     def log(self, request) -> None:
         pass
+
+    _date_second = None
+    _date = b""
+
+    def http_date(self) -> bytes:
+        """The C{Date} header's value: formatted once a second, not per answer."""
+        now = int(self.reactor.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = http.datetimeToString(now)
+        return self._date
 
     def connection_closed(self, channel: "RelayChannel") -> None:
         self.connections.discard(channel)
