@@ -347,7 +347,8 @@ class ForwardingTests(unittest.TestCase):
         self.assertEqual((code, body), (400, b"Duplicate or invalid request ID robot:" + b"ff" * 16 + b"\n"))
 
     @defer.inlineCallbacks
-    def test_websocket_through_the_wrong_replica(self):
+    def websocket_at_b(self):
+        """A WebSocket through B to A's relay-client, switched: C{(user, message)}."""
         poll = self.at_a.poll(self.name)
         user = yield self.user(
             self.b,
@@ -360,6 +361,11 @@ class ForwardingTests(unittest.TestCase):
         self.assertEqual(code, 200)
         yield user.wait_for(b"\r\n\r\n")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 101 "), bytes(user.data))
+        return user, message
+
+    @defer.inlineCallbacks
+    def test_websocket_through_the_wrong_replica(self):
+        user, message = yield self.websocket_at_b()
         user.transport.write(b"ping")
         # The relay-client pulls the user's bytes at the wrong replica too.
         code, data = yield self.at_b.request_stream(message.id)
@@ -372,19 +378,39 @@ class ForwardingTests(unittest.TestCase):
         self.assertTrue(user.clean)
 
     @defer.inlineCallbacks
+    def test_websocket_cut_at_the_owner_is_cut_for_the_user(self):
+        user, message = yield self.websocket_at_b()
+        for channel in list(self.a.service.site.connections):
+            channel.transport.abortConnection()
+        yield user.ended
+        self.assertFalse(user.clean)
+
+    def replica_of_a_dead_owner(self, **kwargs):
+        """A replica whose one peer is gone, and a name that peer owns."""
+        peers = ["127.0.0.1:%d" % free_port(), "127.0.0.1:%d" % free_port()]
+        server = RelayServer(
+            int(peers[1].rpartition(":")[2]), peers=",".join(peers), peer_self=peers[1], clock=Clock(), **kwargs
+        )
+        self.addCleanup(server.stop)
+        return server, name_owned_by(peers, peers[0])
+
+    @defer.inlineCallbacks
+    def test_upgrade_to_an_unreachable_owner_is_502(self):
+        server, name = self.replica_of_a_dead_owner()
+        user = yield self.user(
+            server, b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % name.encode()
+        )
+        yield user.wait_for(b"unreachable\n")
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 502 "), bytes(user.data))
+
+    @defer.inlineCallbacks
     def test_unauthenticated_users_are_refused_before_forwarding(self):
         folder = scratch(self)
         path = os.path.join(folder, "users")
         with open(path, "w") as f:
             f.write("%s *\n" % (token_hash("secret"),))
-        # A replica whose peer is gone: a forwarded call would get 502.
-        peers = ["127.0.0.1:%d" % free_port(), "127.0.0.1:%d" % free_port()]
-        name = name_owned_by(peers, peers[0])
-        server = RelayServer(
-            int(peers[1].rpartition(":")[2]), peers=",".join(peers), peer_self=peers[1], clock=Clock(),
-            policy=AccessPolicy(user_tokens=UserTokens(path)),
-        )
-        self.addCleanup(server.stop)
+        # A forwarded call would get 502.
+        server, name = self.replica_of_a_dead_owner(policy=AccessPolicy(user_tokens=UserTokens(path)))
         refused = yield self.user(server, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
         yield refused.wait_for(b"\r\n\r\n")
         self.assertTrue(bytes(refused.data).startswith(b"HTTP/1.1 401 "), bytes(refused.data))

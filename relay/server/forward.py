@@ -33,6 +33,7 @@ from relay.client.backend import BackendError, BackendRequest, TrustPolicy
 from relay.client.h2backend import H2Backend
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY, HOP_BY_HOP
+from relay.logs import Throttle
 from relay.server.response import abort_answer
 
 log = Logger()
@@ -61,8 +62,14 @@ def proxied_headers(request) -> List[Tuple[bytes, List[bytes]]]:
     return headers
 
 
-def peer_unreachable(request) -> None:
-    """The answer to a call the owner could not be reached for."""
+def peer_unreachable(request, throttle: Throttle, peer: str, reason: str) -> None:
+    """
+    The answer to a call the owner could not be reached for. Logged once per
+    10 s: while a dead peer is still in the ring, every call for its names
+    fails the same way.
+    """
+    if throttle.allow():
+        log.warn("Could not forward to peer replica", peer=peer, error=reason, Suppressed=throttle.take_suppressed())
     body = b"Peer replica unreachable\n"
     request.setResponseCode(502)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -116,6 +123,7 @@ class Forwarder:
         self.reactor = reactor
         self.myself = myself
         self._peers: Dict[str, H2Backend] = {}
+        self._failures = Throttle(reactor)
 
     def _backend(self, peer: str) -> H2Backend:
         backend = self._peers.get(peer)
@@ -167,8 +175,7 @@ class Forwarder:
             if failure.check(CancelledError) or request.finished or request_gone(request):
                 return
             reason = failure.value.args[0] if failure.check(BackendError) else str(failure.value)
-            log.warn("Could not forward to peer replica", peer=peer, error=reason)
-            peer_unreachable(request)
+            peer_unreachable(request, self._failures, peer, reason)
 
         def user_gone(_) -> None:
             stream = state["stream"]

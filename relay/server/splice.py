@@ -20,15 +20,12 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY
-from relay.logs import connect_quietly
+from relay.logs import Throttle, connect_quietly
 from relay.server.forward import peer_unreachable, proxied_headers
-
-log = Logger()
 
 CONNECT_TIMEOUT = 5.0  # seconds; a peer that passes its health checks answers at once
 
@@ -82,6 +79,7 @@ class UpgradeForwarder:
     def __init__(self, reactor, myself: str):
         self.reactor = reactor
         self.myself = myself
+        self._failures = Throttle(reactor)
 
     def forward(self, request, peer: str):
         """Answer C{request} (an HTTP/1.1 upgrade request) with C{peer}'s connection."""
@@ -107,8 +105,7 @@ class UpgradeForwarder:
         def failed(failure) -> None:
             if failure.check(CancelledError) or request.finished or request_gone(request):
                 return
-            log.warn("Could not forward upgrade to peer replica", peer=peer, error=str(failure.value))
-            peer_unreachable(request)
+            peer_unreachable(request, self._failures, peer, str(failure.value))
 
         connecting.addCallbacks(connected, failed)
         request.notifyFinish().addErrback(lambda _: connecting.cancel())
