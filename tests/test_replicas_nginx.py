@@ -415,6 +415,8 @@ class ReplicasBehindNginx(unittest.TestCase):
 
         self.replicas[victim].transport.signalProcess("KILL")
         killed = reactor.seconds()
+        # Every name answers again, each with its own answer: from now on.
+        recovering = defer.gatherResults([self.reachable(name, deadline=MOVE_BOUND + 10) for name in self.names])
 
         # Cut off: an error, never a body that looks complete.
         for name, collect in begun:
@@ -426,8 +428,9 @@ class ReplicasBehindNginx(unittest.TestCase):
                 self.fail("the answer from %s cut off by the kill looked complete" % (name,))
             self.assertTrue(b"".join(collect.pieces).startswith(name.encode() + b"\n"))
         # The relay-client's next chunk for the dead replica's request is
-        # refused for good (400, the request is gone), so that it stops
-        # work on it, rather than retried without end.
+        # refused for good once the replicas know the replica is dead: 400,
+        # the request is gone (docs/scaling.md), so that the relay-client
+        # stops work on it rather than retry it for a minute.
         while True:
             code, body = yield polling.respond(request.id, 200, b"more", eof=False)
             self.assertIn(code, (400, 502, 503), body)
@@ -436,10 +439,8 @@ class ReplicasBehindNginx(unittest.TestCase):
             self.assertLess(reactor.seconds() - killed, MOVE_BOUND, "still %d %r" % (code, body))
             yield tick(0.2)
 
-        # Every name answers again, each with its own answer, in time.
-        results = yield defer.gatherResults(
-            [self.reachable(name, deadline=MOVE_BOUND + 10) for name in self.names]
-        )
+        # Every name answered again in time.
+        results = yield recovering
         late = {}
         for name, (ok, when) in zip(self.names, results):
             if not ok or when - killed > MOVE_BOUND:
