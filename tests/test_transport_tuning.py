@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from twisted.internet.interfaces import IPullProducer
 
-from relay.tuning.transport import tune
+from relay.tuning.transport import corked, tune
 
 
 class _Collect(Protocol):
@@ -87,3 +87,28 @@ class EagerWriteTests(unittest.TestCase):
         transport, done = yield self.connected(5 * 200)
         transport.registerProducer(_Pieces(transport, pieces), False)
         self.assertEqual((yield done), b"".join(pieces))
+
+    @defer.inlineCallbacks
+    def test_corked_writes_leave_in_one_send(self):
+        transport, done = yield self.connected(9)
+        writes = transport._relay_writes
+        sends = []
+        real_send = writes.send
+        writes.send = lambda data: sends.append(bytes(data)) or real_send(data)
+
+        def answer():
+            transport.write(b"head|")
+            corked(transport, transport.writeSequence, [b"bo", b"dy"])  # nested: no second cork
+            return "answered"
+
+        self.assertEqual(corked(transport, answer), "answered")
+        transport.write(b"!")
+        self.assertEqual((yield done), b"head|body!")
+        self.assertEqual(sends, [b"head|body", b"!"])
+
+    def test_an_untuned_transport_runs_the_action_as_it_is(self):
+        from twisted.internet.testing import StringTransport
+
+        transport = StringTransport()
+        self.assertEqual(corked(transport, lambda: transport.write(b"x") or 7), 7)
+        self.assertEqual(transport.value(), b"x")

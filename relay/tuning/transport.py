@@ -22,11 +22,15 @@ the three answers of every relayed request, where the socket almost
 always has room. What the socket does not take is buffered as before.
 """
 
+from typing import Callable, List, Optional, TypeVar
+
 from twisted.internet.abstract import FileDescriptor
 
 from relay.compat import nothing_to_write
 
 SEND_LIMIT = 512 * 1024
+
+T = TypeVar("T")
 
 
 def tune(transport) -> None:
@@ -52,13 +56,31 @@ def tune(transport) -> None:
 
 def _write_eagerly(transport) -> None:
     """Make C{transport}'s writes try the socket first."""
-    buffered_write = transport.write
-    send = transport.socket.send
+    transport._relay_writes = _EagerWrites(transport)
 
-    def write(data: bytes) -> None:
-        if data and nothing_to_write(transport):
+
+class _EagerWrites:
+    """
+    The write side of a tuned transport: straight to the socket when
+    nothing waits before the data, else Twisted's own buffered write; and,
+    inside L{corked}, held back to leave as one.
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.buffered_write = transport.write
+        self.send = transport.socket.send
+        self.held: Optional[List[bytes]] = None
+        transport.write = self.write
+        transport.writeSequence = self.writeSequence
+
+    def write(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        if data and nothing_to_write(self.transport):
             try:
-                sent = send(data)
+                sent = self.send(data)
             except OSError:
                 # Full (EAGAIN) or broken: the reactor's next write meets
                 # the same condition and handles it as always.
@@ -66,10 +88,30 @@ def _write_eagerly(transport) -> None:
             if sent == len(data):
                 return
             data = data[sent:]
-        buffered_write(data)
+        self.buffered_write(data)
 
-    def writeSequence(iovec) -> None:
-        write(b"".join(iovec))
+    def writeSequence(self, iovec) -> None:
+        self.write(b"".join(iovec))
 
-    transport.write = write
-    transport.writeSequence = writeSequence
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.write(b"".join(held))
+
+
+def corked(transport, action: Callable[..., T], *args) -> T:
+    """
+    C{action(*args)}, with what it writes to C{transport} sent in one piece
+    when it returns: an HTTP head and the body written right after it (by
+    twisted.web, or by the HTTP client and a body producer) are one packet
+    and one wake-up of the peer, not two. Any transport that is not tuned,
+    or a cork already in place, runs C{action} as it is.
+    """
+    writes = getattr(transport, "_relay_writes", None)
+    if writes is None or writes.held is not None:
+        return action(*args)
+    writes.held = []
+    try:
+        return action(*args)
+    finally:
+        writes.release()
