@@ -26,6 +26,9 @@
 #   RELAY_ADMIN_PORT                    port or endpoint string, off if unset
 #   RELAY_ADMIN_TOKEN_FILE              file of the admin token
 #   RELAY_INSPECT_HEADERS               1 or true: keep headers
+#   RELAY_PEERS                         host:port,host:port,... (all replicas)
+#   RELAY_PEER_SELF                     host:port, from the hostname if unset
+#   RELAY_MOVE_WAIT                     Go duration, with RELAY_PEERS only
 #   RELAY_PPROF_PORT                    accepted, ignored (Go's)
 #   RELAY_TRACE_STACKDRIVER_PROJECT_ID  accepted, ignored (Go's)
 #

@@ -60,6 +60,12 @@ class ServerConfig:
     inspect_headers: bool = False
     pprof_port: int = 0
     trace_stackdriver_project_id: str = ""
+    # Several replicas (docs/scaling.md): every replica's host:port as the
+    # ingress's upstream block spells them; empty is a single replica.
+    peers: str = ""
+    # Which entry of peers this replica is; empty: from the hostname.
+    peer_self: str = ""
+    move_wait: float = _seconds(15.0)
 
     @property
     def debug_logs(self) -> bool:

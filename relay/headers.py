@@ -43,9 +43,14 @@ HOP_BY_HOP_REQUEST = frozenset(
     ["keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "trailer"]
 )
 
-# Request headers Go's server does not put into Request.Header: they never
-# reach the relay-client.
-NOT_RELAYED = frozenset(["host", "transfer-encoding"])
+# The mark a replica puts on a call it passes to the peer that owns it
+# (relay.server.forward): it stops a second hop, and is the relay's own, so
+# the owner drops it before the backend could see it.
+FORWARDED_BY = "Relay-Forwarded-By"
+
+# Request headers Go's server does not put into Request.Header, and our own
+# mark: they never reach the relay-client.
+NOT_RELAYED = frozenset(["host", "transfer-encoding", FORWARDED_BY.lower()])
 
 # Connection-specific names, which HTTP/2 forbids in a header block (RFC
 # 9113 8.2.2, C{TE: trailers} aside): the C{h2} stack raises on them.

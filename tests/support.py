@@ -112,13 +112,13 @@ class InMemoryRelay:
 
     base = "http://relay"
 
-    def __init__(self, **fields):
+    def __init__(self, routing=None, **fields):
         self.clock = Clock()
         config = ServerConfig(**dict({"header_timeout": None}, **fields))
         metrics = RelayMetrics(process=False)
         self.broker = Broker(self.clock, config, metrics)
         metrics.watch(self.broker)
-        root = RootResource(self.broker, metrics.render)
+        root = RootResource(self.broker, metrics.render, routing=routing)
 
         def site_for(memory):
             # The site's own reactor (treq's memory reactor, with a clock of
@@ -256,6 +256,15 @@ def raw_connect(port: int) -> RawResponse:
     proto = RawResponse()
     yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
     return proto
+
+
+@defer.inlineCallbacks
+def raw_user(test, port: int, data: bytes) -> RawResponse:
+    """A raw user-client on C{port} that has sent C{data}; aborted when C{test} ends."""
+    user = yield raw_connect(port)
+    test.addCleanup(user.transport.abortConnection)
+    user.transport.write(data)
+    return user
 
 
 def head_and_body(data: bytes) -> Tuple[bytes, bytes]:

@@ -162,6 +162,10 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "admin_port": self.broker.stats,
             "admin_token_file": self.broker.stats,
             "inspect_headers": self.broker.stats,
+            # A single replica by default: no routing among peers.
+            "peers": self.site.resource.client.routing,
+            "peer_self": self.site.resource.client.routing,
+            "move_wait": self.broker.move_wait,
         }
 
     def logged_line(self) -> str:
@@ -201,6 +205,9 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "admin_port": None,
             "admin_token_file": None,
             "inspect_headers": None,
+            "peers": None,
+            "peer_self": None,
+            "move_wait": d.move_wait,
         }
         self.assertEqual({k: users[k] for k in expected}, expected)
 

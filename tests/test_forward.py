@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.config import ServerConfig
 from relay.server.site import RelaySite
-from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_connect, until
+from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_user, until
 
 NAME = "robot"
 
@@ -65,12 +65,8 @@ class ForwardTests(unittest.TestCase):
         self.polls = [self.robot.poll(NAME)]
         yield until(lambda: self.owner.broker.backends.get(NAME) is not None)
 
-    @defer.inlineCallbacks
     def user(self, data: bytes):
-        user = yield raw_connect(self.front_port)
-        self.addCleanup(user.transport.abortConnection)
-        user.transport.write(data)
-        return user
+        return raw_user(self, self.front_port, data)
 
     @defer.inlineCallbacks
     def test_request_and_answer_pass_through(self):

@@ -191,11 +191,13 @@ class AccessPolicy:
         token = bearer(request.requestHeaders.getRawHeaders(b"authorization", [None])[0])
         return self.client_tokens.allows(token, name)
 
-    def check_user(self, request, name: str):
+    def check_user(self, request, name: str, consume: bool = True):
         """
         C{None} if the user may call backend C{name}, else C{(status,
         message)}. The credential the relay consumed is removed from the
-        request, so it is not relayed to the backend.
+        request, so it is not relayed to the backend; unless C{consume} is
+        false, for a call passed on to the replica that owns C{name}, which
+        checks it again.
         """
         headers = request.requestHeaders
         if self.trusted_user_header is not None:
@@ -207,10 +209,11 @@ class AccessPolicy:
         relay_token = headers.getRawHeaders(b"x-relay-token")
         if relay_token:
             token = relay_token[0].decode("latin-1").strip() or None
-            headers.removeHeader(b"x-relay-token")
+            if consume:
+                headers.removeHeader(b"x-relay-token")
         else:
             token = bearer(headers.getRawHeaders(b"authorization", [None])[0])
-            if token is not None:
+            if token is not None and consume:
                 headers.removeHeader(b"authorization")
         if token is None:
             return 401, "Unauthorized: send a relay token in Authorization: Bearer or X-Relay-Token"

@@ -498,6 +498,10 @@ class Broker:
         self._new_id = new_id if new_id is not None else RequestIds()
         self.max_pending_per_backend = config.max_pending_per_backend
         self.max_backends = config.max_backends
+        self.move_wait = config.move_wait
+        # Requests waiting for the first poll of a name no relay-client
+        # polls for yet (L{arrival}), by name.
+        self.arriving: Dict[str, Waiters] = {}
         self.block_size = config.block_size
         self.bodies = BodyBudget(config.max_buffered_bodies)
         # Per-request debug lines cost even when filtered out: only build
@@ -556,6 +560,34 @@ class Broker:
             b.queue.append(pending)
         return pending
 
+    def arrival(self, backend: str) -> Deferred:
+        """
+        Fires (with None) at the first poll for C{backend}, at shutdown, or
+        after C{move_wait} seconds, whichever comes first: a request for a
+        name that is moving between replicas waits for its relay-client
+        instead of failing at once (docs/scaling.md). Cancel it when the
+        user goes away. A waiting request counts as pending for its name,
+        and a name waited for counts as a backend, so the waits stay within
+        the limits on both.
+
+        @raise Overloaded: either limit is reached.
+        """
+        line = self.arriving.get(backend)
+        if line is None:
+            if len(self.backends) + len(self.arriving) >= self.max_backends:
+                raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
+            line = self.arriving[backend] = Waiters(self.clock, self.move_wait, lambda d: d.callback(None))
+        elif len(line) >= self.max_pending_per_backend:
+            raise Overloaded("Too many pending requests for %s (%d): try again later" % (backend, len(line)))
+        d = line.wait()
+
+        def leave(result):
+            if not line and self.arriving.get(backend) is line:
+                del self.arriving[backend]
+            return result
+
+        return d.addBoth(leave)
+
     def _pickup_timeout(self, b: Backend, pending: PendingRequest) -> None:
         pending._pickup_timer = None
         if pending in b.queue:
@@ -613,16 +645,22 @@ class Broker:
         """
         now = self.clock.seconds()
         b = self.backends.get(backend)
+        arriving = None
         if b is None:
             if len(self.backends) >= self.max_backends:
                 raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
             polls = Waiters(self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(b, d))
             b = self.backends[backend] = Backend(backend, now, polls)
             log.info("Relay client connected", ServerName=backend)
+            arriving = self.arriving.pop(backend, None)
         b.last_activity = now
         self.metrics.requests.labels("server_request", backend).inc()
         if self.stopping:
             return succeed(None)
+        if arriving is not None:
+            # The requests that waited for this name queue now; this poll
+            # takes the first.
+            arriving.fire_all(None)
         if b.queue:
             d = Deferred()
             self._hand_over(b, b.queue.popleft(), d)
@@ -734,6 +772,9 @@ class Broker:
         refuse new requests; in-flight ones carry on.
         """
         self.stopping = True
+        for line in list(self.arriving.values()):
+            line.fire_all(None)
+        self.arriving.clear()
         for b in self.backends.values():
             b.polls.fire_all(None)
             for pending in list(b.queue):

@@ -32,17 +32,50 @@ from twisted.web.server import NOT_DONE_YET
 from relay.client.backend import BackendError, BackendRequest, TrustPolicy
 from relay.client.h2backend import H2Backend
 from relay.compat import request_gone
-from relay.headers import HOP_BY_HOP
+from relay.headers import FORWARDED_BY, HOP_BY_HOP
+from relay.logs import Throttle
 from relay.server.response import abort_answer
 
 log = Logger()
 
-FORWARDED_BY = "Relay-Forwarded-By"
-
-
 def forwarded(request) -> bool:
     """Whether another replica already passed this call on."""
     return request.requestHeaders.hasHeader(FORWARDED_BY.encode("ascii"))
+
+
+def proxied_headers(request) -> List[Tuple[bytes, List[bytes]]]:
+    """
+    The request's headers for the owner, as a proxy passes them on: with
+    the caller's address added to C{X-Forwarded-For} and C{X-Forwarded-Proto}
+    set when absent, so that the backend learns who called as it would from
+    the replica the call reached.
+    """
+    headers = [(n, v) for n, v in request.requestHeaders.getAllRawHeaders() if n.lower() != b"x-forwarded-for"]
+    chain = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+    caller = getattr(request.getClientAddress(), "host", None)
+    if caller:
+        chain = chain + [caller.encode("latin-1")]
+    if chain:
+        headers.append((b"X-Forwarded-For", [b", ".join(chain)]))
+    if not request.requestHeaders.hasHeader(b"x-forwarded-proto"):
+        headers.append((b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"]))
+    return headers
+
+
+def peer_unreachable(request, throttle: Throttle, peer: str, reason: str) -> None:
+    """
+    The answer to a call the owner could not be reached for. Logged once per
+    10 s: while a dead peer is still in the ring, every call for its names
+    fails the same way.
+    """
+    if throttle.allow():
+        log.warn("Could not forward to peer replica", peer=peer, error=reason, Suppressed=throttle.take_suppressed())
+    body = b"Peer replica unreachable\n"
+    request.setResponseCode(502)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    request.write(body)
+    request.finish()
 
 
 class _UserSink:
@@ -90,6 +123,7 @@ class Forwarder:
         self.reactor = reactor
         self.myself = myself
         self._peers: Dict[str, H2Backend] = {}
+        self._failures = Throttle(reactor)
 
     def _backend(self, peer: str) -> H2Backend:
         backend = self._peers.get(peer)
@@ -100,7 +134,7 @@ class Forwarder:
     def forward(self, request, peer: str):
         """Answer C{request} (a twisted.web request) with C{peer}'s answer."""
         headers: List[Tuple[str, str]] = []
-        for name, values in request.requestHeaders.getAllRawHeaders():
+        for name, values in proxied_headers(request):
             text = name.decode("latin-1")
             if text.lower() in HOP_BY_HOP and text.lower() != "te":
                 continue
@@ -141,11 +175,7 @@ class Forwarder:
             if failure.check(CancelledError) or request.finished or request_gone(request):
                 return
             reason = failure.value.args[0] if failure.check(BackendError) else str(failure.value)
-            log.warn("Could not forward to peer replica", peer=peer, error=reason)
-            request.setResponseCode(502)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.write(b"Peer replica unreachable\n")
-            request.finish()
+            peer_unreachable(request, self._failures, peer, reason)
 
         def user_gone(_) -> None:
             stream = state["stream"]

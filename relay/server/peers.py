@@ -17,9 +17,13 @@ tests drive them with a L{twisted.internet.task.Clock} and no sockets.
 from typing import Callable, Dict, Iterable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 log = Logger()
 
@@ -36,12 +40,35 @@ class _Discard(Protocol):
         self.done.callback(None)
 
 
+@implementer(IStreamClientEndpoint)
+class _Quiet:
+    """An endpoint whose connections log no C{Starting factory} line: a check a second is not news."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+
+    def connect(self, factory):
+        factory.noisy = False
+        return self.endpoint.connect(factory)
+
+
+@implementer(IAgentEndpointFactory)
+class _QuietEndpoints:
+    """Agent's own endpoints (a host's addresses tried in turn), made quiet."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def endpointForURI(self, uri):
+        return _Quiet(HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=CHECK_TIMEOUT))
+
+
 def healthz_probe(reactor, scheme: str = "http") -> Callable[[str], Deferred]:
     """
     A probe that asks C{scheme://PEER/healthz}: fires True for a 200, False
     for any other answer, an error or no answer within L{CHECK_TIMEOUT}.
     """
-    agent = Agent(reactor, connectTimeout=CHECK_TIMEOUT)
+    agent = Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor))
 
     def probe(peer: str) -> Deferred:
         d = agent.request(b"GET", ("%s://%s/healthz" % (scheme, peer)).encode("ascii"))

@@ -25,6 +25,11 @@ Rules that keep one peer from reaching another (docs/security.md):
     id: names may contain C{:}.
 
 What the user gets back, and the rules for it, are in L{relay.server.response}.
+
+With several replicas (C{--peers}, docs/scaling.md) a L{Routing} is passed
+in: once a call's name or id is known and its caller checked, a call for
+another replica is forwarded there, and a user request for a name no
+relay-client polls for yet waits for the name's first poll.
 """
 
 from typing import List, Optional
@@ -44,6 +49,7 @@ from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy
 from relay.server.broker import Broker, BrokerError, Overloaded, UnknownBackend, UnknownRequest
 from relay.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.server.routing import Routing
 from relay.server.response import UserResponse, http_error, plain, proto_text
 
 log = Logger()
@@ -81,11 +87,11 @@ def _on_disconnect(request, callback) -> None:
 class RootResource(Resource):
     """Dispatches exact paths; everything else goes to the backends."""
 
-    def __init__(self, broker: Broker, metrics_body, policy: AccessPolicy = None):
+    def __init__(self, broker: Broker, metrics_body, policy: AccessPolicy = None, routing: Optional[Routing] = None):
         super().__init__()
         policy = policy if policy is not None else AccessPolicy()
-        self.client = ClientResource(broker, policy)
-        server = ServerResource(broker, policy)
+        self.client = ClientResource(broker, policy, routing)
+        server = ServerResource(broker, policy, routing)
         self._exact = {
             b"/healthz": HealthResource(broker),
             b"/metrics": MetricsResource(metrics_body),
@@ -205,10 +211,12 @@ class ServerResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, broker: Broker, policy: AccessPolicy = None):
+    def __init__(self, broker: Broker, policy: AccessPolicy = None, routing: Optional[Routing] = None):
         super().__init__()
         self.broker = broker
         self.policy = policy if policy is not None else AccessPolicy()
+        # With several replicas: where calls for other replicas' names go.
+        self.routing = routing
         self._refusals = Throttle(broker.clock)
         self._routes = {
             b"/server/request": self.poll,
@@ -227,6 +235,9 @@ class ServerResource(Resource):
             return http_error(request, 400, "Backend name longer than %d bytes" % (MAX_NAME_BYTES,))
         if not self.policy.relay_client_allowed(request, server):
             return self._forbidden(request, server)
+        peer = self.routing.owner(request, server, self.broker.stopping) if self.routing is not None else None
+        if peer is not None:
+            return self.routing.forward(request, peer)
         if self.broker.stopping:
             return _restarting(request)
         try:
@@ -275,6 +286,9 @@ class ServerResource(Resource):
         name = self._acting_for(message.id)
         if not self.policy.relay_client_allowed(request, name):
             return self._forbidden(request, name)
+        peer = self.routing.issuer(request, message.id) if self.routing is not None else None
+        if peer is not None:
+            return self.routing.forward(request, peer)
         try:
             d = self.broker.send_response(message, body)
         except UnknownRequest as e:
@@ -311,6 +325,9 @@ class ServerResource(Resource):
         name = self._acting_for(request_id)
         if not self.policy.relay_client_allowed(request, name):
             return self._forbidden(request, name)
+        peer = self.routing.issuer(request, request_id) if self.routing is not None else None
+        if peer is not None:
+            return self.routing.forward(request, peer)
         try:
             d = self.broker.get_request_stream(request_id)
         except UnknownRequest:
@@ -342,16 +359,7 @@ def _answer_when(request, d, on_result, on_failure=None):
             body = on_failure(request, outcome)
         else:
             body = on_result(request, outcome)
-        if request_gone(request):
-            return None
-        if isinstance(body, list):
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % sum(map(len, body))])
-            for piece in body:
-                request.write(piece)
-        else:
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-            request.write(body)
-        request.finish()
+        _answer_whole(request, body)
         return None
 
     d.addBoth(answer)
@@ -359,15 +367,32 @@ def _answer_when(request, d, on_result, on_failure=None):
     return NOT_DONE_YET
 
 
+def _answer_whole(request, body) -> None:
+    """Answer C{request} later with C{body} (bytes or a list of them), as render's return value would."""
+    if request_gone(request):
+        return
+    if isinstance(body, list):
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % sum(map(len, body))])
+        for piece in body:
+            request.write(piece)
+    else:
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+    request.finish()
+
+
 class ClientResource(Resource):
     """User traffic: wrap the request into an L{HttpRequest} and relay it."""
 
     isLeaf = True
 
-    def __init__(self, broker: Broker, policy: AccessPolicy = None):
+    def __init__(self, broker: Broker, policy: AccessPolicy = None, routing: Optional[Routing] = None):
         super().__init__()
         self.broker = broker
         self.policy = policy if policy is not None else AccessPolicy()
+        # With several replicas: where calls for other replicas' names go,
+        # and requests for a name with no relay-client wait for its poll.
+        self.routing = routing
 
     def render(self, request):
         path = request.path
@@ -387,12 +412,17 @@ class ClientResource(Resource):
             backend = names[0].decode("utf-8", "replace")
             backend_path = path
 
-        refused = self.policy.check_user(request, backend)
+        peer = self.routing.owner(request, backend, self.broker.stopping) if self.routing is not None else None
+        # Checked before forwarding, so that callers without a token cannot
+        # make replicas work; the owner checks (and consumes) it again.
+        refused = self.policy.check_user(request, backend, consume=peer is None)
         if refused is not None:
             code, text = refused
             if code == 401:
                 request.responseHeaders.setRawHeaders(b"www-authenticate", [b'Bearer realm="relay"'])
             return http_error(request, code, text)
+        if peer is not None:
+            return self.routing.forward(request, peer, upgrade=_upgrade_requested(request) is not None)
 
         message = HttpRequest(
             method=request.method.decode("latin-1"),
@@ -406,6 +436,11 @@ class ClientResource(Resource):
 
         response = UserResponse(self.broker, request)
         response.upgrade = _upgrade_requested(request)
+        return self._relay(request, backend, response, message, charge, wait=self.routing is not None)
+
+    def _relay(self, request, backend: str, response: UserResponse, message: HttpRequest, charge: int, wait: bool):
+        if wait and backend not in self.broker.backends and not self.broker.stopping:
+            return self._wait_for_poll(request, backend, response, message, charge)
         try:
             response.pending = self.broker.relay(backend, message, response, charge)
         except UnknownBackend as e:
@@ -419,6 +454,36 @@ class ClientResource(Resource):
             return http_error(request, 503, str(e))
         request.registerProducer(response.pending, True)
         _on_disconnect(request, response.user_gone)
+        return NOT_DONE_YET
+
+    def _wait_for_poll(self, request, backend: str, response: UserResponse, message: HttpRequest, charge: int):
+        """
+        No relay-client polls for C{backend} here yet: with several
+        replicas its name may be moving from a dead one, so wait for the
+        first poll (L{Broker.arrival}), then relay once more, without
+        waiting again.
+        """
+        try:
+            d = self.broker.arrival(backend)
+        except Overloaded as e:
+            self.broker.bodies.give(charge)
+            return _overloaded(request, e)
+        _on_disconnect(request, d.cancel)
+
+        def arrived(_):
+            if request_gone(request):
+                self.broker.bodies.give(charge)
+                return
+            body = self._relay(request, backend, response, message, charge, wait=False)
+            if body is not NOT_DONE_YET:
+                _answer_whole(request, body)
+
+        def gone(failure):
+            self.broker.bodies.give(charge)
+            failure.trap(CancelledError)
+
+        d.addCallbacks(arrived, gone)
+        d.addErrback(lambda f: log.failure("Unexpected error relaying a waiting request", f))
         return NOT_DONE_YET
 
 

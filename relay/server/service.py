@@ -31,7 +31,7 @@ spells out, because a rolling deploy depends on it:
      later if their peer does not read); the process exits.
 """
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -42,15 +42,20 @@ from twisted.logger import Logger
 from relay.config import ServerConfig
 from relay.logs import LogsThroughObserver
 from relay.server.auth import AccessPolicy
-from relay.server.broker import Broker
+from relay.server.broker import Broker, RequestIds
+from relay.server.forward import Forwarder
+from relay.server.peers import PeerHealth, healthz_probe
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
+from relay.server.routing import Routing, find_self, local_hostname, replica_list
 from relay.server.site import RelaySite
+from relay.server.splice import UpgradeForwarder
 from relay.startup import listen_error
 
 log = Logger()
 
 REAP_INTERVAL = 10.0
+PEER_CHECK_INTERVAL = 1.0
 CLEAN_SHUTDOWN_TIMEOUT = 20.0
 
 
@@ -219,6 +224,51 @@ def _safe_reap(broker: Broker) -> None:
         log.failure("Reaping inactive requests failed")
 
 
+def _safe_check(health: PeerHealth):
+    """
+    One round of peer checks. Its Deferred goes back to the timer, so that
+    a stop waits for the round (at most a check's timeout) instead of
+    leaving connections behind.
+    """
+    try:
+        d = health.check()
+    except Exception:
+        log.failure("Checking peer replicas failed")
+        return None
+    return d.addErrback(lambda f: log.failure("Checking peer replicas failed", f))
+
+
+class _Closing(Service):
+    """Closes the forwarder's connections to the peers, last of all at stop."""
+
+    def __init__(self, forwarder: Forwarder):
+        self.forwarder = forwarder
+
+    def stopService(self):
+        super().stopService()
+        return self.forwarder.close()
+
+
+def _replicas(reactor, clock, config: ServerConfig) -> Tuple[Optional[Routing], List[Service]]:
+    """
+    With C{--peers}: the routing among the replicas, and the services that
+    keep it (the health checks, the forwarder's connections). C{(None, [])}
+    for a single replica.
+    """
+    if not config.peers:
+        return None, []
+    peers = replica_list(config.peers)
+    myself = find_self(peers, config.peer_self, local_hostname())
+    health = PeerHealth(peers, myself, healthz_probe(reactor))
+    checks = TimerService(PEER_CHECK_INTERVAL, _safe_check, health)
+    checks.clock = clock
+    checks.setName("peers")
+    forwarder = Forwarder(reactor, myself)
+    upgrades = UpgradeForwarder(reactor, myself)
+    routing = Routing(peers, myself, health.usable, forwarder.forward, upgrades.forward)
+    return routing, [checks, _Closing(forwarder)]
+
+
 def make_server_service(
     endpoint: IStreamServerEndpoint,
     reactor,
@@ -237,13 +287,19 @@ def make_server_service(
     """
     metrics = metrics if metrics is not None else RelayMetrics()
     clock = clock if clock is not None else reactor
-    broker = Broker(clock, config, metrics)
+    routing, replica_services = _replicas(reactor, clock, config)
+    # With several replicas, each id names the replica that issued it.
+    ids = RequestIds(replica=routing.index if routing is not None else None)
+    broker = Broker(clock, config, metrics, new_id=ids)
     broker.trace = config.debug_logs
     metrics.watch(broker)
-    root = RootResource(broker, metrics.render, policy=policy)
+    root = RootResource(broker, metrics.render, policy=policy, routing=routing)
     site = RelaySite(root, config, reactor=reactor)
     site.body_budget = broker.bodies
     service = RelayServerService(broker, site, log_observer, config.drain_grace, reactor)
+    service.routing = routing
+    for child in replica_services:
+        child.setServiceParent(service)
     drain = DrainService(broker, site, reactor)
     drain.setName("drain")
     drain.setServiceParent(service)

@@ -23,6 +23,7 @@ from relay.options import (
     positive_int,
 )
 from relay import tuning
+from relay.server.routing import find_self, local_hostname, replica_list
 from relay.server.service import make_server_service
 from relay.startup import report_startup_errors
 
@@ -196,6 +197,29 @@ class Options(GoFlagOptions):
             "Read at start-up.",
         ],
         [
+            "peers",
+            None,
+            default("peers"),
+            "Not in Go: run as one of several replicas behind an ingress that hashes "
+            "consistently on the backend name (docs/scaling.md). Every replica's host:port, "
+            "comma-separated, spelled and ordered exactly as in the ingress's upstream block, "
+            "and the same on every replica. Empty (the default): a single replica.",
+        ],
+        [
+            "peer_self",
+            None,
+            default("peer_self"),
+            "Which entry of --peers this replica is. Default: the entry whose host is this "
+            "machine's hostname (a StatefulSet pod relay-2 is relay-2:PORT or relay-2.relay:PORT).",
+        ],
+        [
+            "move_wait",
+            None,
+            default("move_wait"),
+            "With --peers: how long a request for a name no relay-client polls for yet waits "
+            "for its first poll (while a dead replica's names move) before it gets 503 unknown client.",
+        ],
+        [
             "pprof_port",
             None,
             default("pprof_port"),
@@ -222,7 +246,7 @@ class Options(GoFlagOptions):
     ]
 
     def postOptions(self):
-        for name in ("inactive_request_timeout", "inactive_backend_timeout", "header_timeout"):
+        for name in ("inactive_request_timeout", "inactive_backend_timeout", "header_timeout", "move_wait"):
             self.check(name, duration)
         self.check("drain_grace", nonnegative_duration)
         self.check("log_level", log_level)
@@ -231,6 +255,7 @@ class Options(GoFlagOptions):
         self["endpoint"] = port_endpoint(self["port"])
         self["policy"] = access_policy(self)
         self["admin_check"] = admin_check(self)
+        self["peer_self"] = replica_self(self)
         self.config = from_options(ServerConfig, self)
 
 
@@ -319,6 +344,26 @@ def makeService(options, reactor=None):
     if options["admin_port"]:
         _attach_admin(service, reactor, options)
     return service
+
+
+def replica_self(options) -> str:
+    """
+    This replica's entry in C{--peers} (empty for a single replica), checked
+    now: a replica that cannot place itself among its peers can never route.
+    """
+    if not options["peers"]:
+        if options["peer_self"]:
+            raise usage.UsageError("--peer_self=%s needs --peers" % (options["peer_self"],))
+        return ""
+    try:
+        peers = replica_list(options["peers"])
+    except ValueError as e:
+        raise usage.UsageError("--peers=%s: %s" % (options["peers"], e))
+    try:
+        return find_self(peers, options["peer_self"], local_hostname())
+    except ValueError as e:
+        flag = "peer_self" if options["peer_self"] else "peers"
+        raise usage.UsageError("--%s=%s: %s" % (flag, options[flag], e))
 
 
 def admin_check(options):
