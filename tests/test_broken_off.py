@@ -300,7 +300,7 @@ class ScriptedRelayClient(ServerTestCase):
         head, body = head_and_body(user.data)
         self.assertTrue(head.startswith(b"HTTP/1.1 502 "), head)
         self.assertNotIn(b"X-Backend", head)
-        self.assertEqual(body, b"Backend response failed: connection reset by peer")
+        self.assertEqual(body, b"Backend response failed with error: connection reset by peer")
         code, _ = yield self.relay_client.respond(message.id, status=None, eof=True)
         self.assertEqual(code, 200)
         self.assertEqual(self.server.broker.requests, {})

@@ -148,7 +148,7 @@ class UserResponse:
         self.broker.metrics.responses.labels("client", "backend_error", pending.backend).inc()
         if not self.started:
             self.started = True
-            self._answer_error(502, "Backend response failed: " + reason)
+            self._answer_error(502, "Backend response failed with error: " + reason)
         else:
             self._abort("backend answer broke off: " + reason)
         # Nobody reads any more: whatever comes until the eof is dropped
