@@ -108,8 +108,16 @@ class OurPair(unittest.TestCase):
         return treq.get(self.relay.base + "/client/" + NAME + path, pool=self.users)
 
     @defer.inlineCallbacks
-    def assert_broken(self, response, received: bytes):
-        """The user's client reports an error after C{received}, never a clean end."""
+    def cut_midway(self, answer: bytes, received: bytes, abort: bool):
+        """
+        The backend sends C{answer} and, once the user has the head, cuts:
+        the user's client reports an error after C{received}, never a clean
+        end.
+        """
+        yield self.start(answer)
+        response = yield self.get("/file")
+        self.assertEqual(response.code, 200)
+        self.backend.cut(abort=abort)
         body = Collect()
         response.deliverBody(body)
         failure = yield self.assertFailure(body.done, ResponseFailed)
@@ -118,29 +126,15 @@ class OurPair(unittest.TestCase):
         yield until(lambda: not self.relay.broker.requests)
         self.assertTrue(backend_errors(self.relay))
 
-    @defer.inlineCallbacks
     def test_chunked_body_reset_midway_is_an_error_for_the_user(self):
-        yield self.start(CHUNKED_HEAD + b"7\r\npartial\r\n")
-        response = yield self.get("/stream")
-        self.assertEqual(response.code, 200)
-        self.backend.cut(abort=True)
-        yield self.assert_broken(response, b"partial")
+        return self.cut_midway(CHUNKED_HEAD + b"7\r\npartial\r\n", b"partial", abort=True)
 
-    @defer.inlineCallbacks
     def test_chunked_body_closed_midway_is_an_error_for_the_user(self):
         """A clean close inside a chunked body is a cut all the same."""
-        yield self.start(CHUNKED_HEAD + b"7\r\npartial\r\n")
-        response = yield self.get("/stream")
-        self.backend.cut(abort=False)
-        yield self.assert_broken(response, b"partial")
+        return self.cut_midway(CHUNKED_HEAD + b"7\r\npartial\r\n", b"partial", abort=False)
 
-    @defer.inlineCallbacks
     def test_content_length_body_cut_short_is_an_error_for_the_user(self):
-        yield self.start(LENGTH_HEAD + b"0123456789")
-        response = yield self.get("/file")
-        self.assertEqual(response.length, 100)
-        self.backend.cut(abort=False)
-        yield self.assert_broken(response, b"0123456789")
+        return self.cut_midway(LENGTH_HEAD + b"0123456789", b"0123456789", abort=False)
 
     @defer.inlineCallbacks
     def test_cut_before_anything_was_relayed_is_a_502(self):
