@@ -98,7 +98,9 @@ class OurPair(unittest.TestCase):
         self.addCleanup(self.backend.stop)
         self.relay = RelayServer()
         self.addCleanup(self.relay.stop)
-        client = client_service(reactor, self.relay.base, NAME, backend_scheme="http", backend_address=self.backend.address)
+        client = client_service(
+            reactor, self.relay.base, NAME, backend_scheme="http", backend_address=self.backend.address
+        )
         client.startService()
         self.addCleanup(client.stopService)
         self.users = HTTPConnectionPool(reactor, persistent=False)
