@@ -38,8 +38,8 @@ SECRET = "s3cr3t-value"
 class Hanging(resource.Resource):
     """
     The backend: C{/ok} answers, C{/hang} never does, C{/short} promises
-    100 bytes and hangs up after 10, C{/stream} writes forever, C{/echo}
-    sets a cookie.
+    100 bytes, sends 10 and waits for the test to hang up, C{/stream}
+    writes forever, C{/echo} sets a cookie.
     """
 
     isLeaf = True
@@ -61,7 +61,7 @@ class Hanging(resource.Resource):
         if path == b"/short":
             request.setHeader(b"content-length", b"100")
             request.write(b"0123456789")
-            reactor.callLater(0.05, request.transport.loseConnection)
+            self.open.append(request)
             return server.NOT_DONE_YET
         if path == b"/stream":
             self.open.append(request)
@@ -301,11 +301,12 @@ class StatusWithRealClients(AdminCase):
         self.relay.broker.reap()
         response = yield d
         self.assertEqual(response.code, 504)
-        # Truncated: 10 of the 100 bytes promised, then the backend hangs up.
-        # The user's connection is aborted (before or after the head,
-        # as the bytes happen to go): nothing that looks complete.
+        # Truncated: 10 of the 100 bytes promised, and once the user has
+        # the head, the backend hangs up. The user's connection is
+        # aborted: nothing that looks complete.
+        response = yield self.user("robot", "/short")
+        self.backend_resource.open[-1].transport.loseConnection()
         try:
-            response = yield self.user("robot", "/short")
             yield response.content()
         except Exception:
             pass

@@ -188,7 +188,7 @@ class BackendResponse:
         """
         Stream the body into C{sink} (a L{relay.client.chunker.Chunker}):
         C{set_producer} with what to pause, C{write} per read, C{finish} at
-        the end.
+        the end, or C{fail} with a reason when the body broke off.
         """
         self._response.deliverBody(_BodyPump(sink))
 
@@ -204,10 +204,17 @@ class _BodyPump(Protocol):
         self.sink.write(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        if not reason.check(ResponseDone, PotentialDataLoss):
-            # As the Go client: the user gets what came, then the end.
-            log.warn("Failed to read from backend", error=describe_failure(reason))
-        self.sink.finish()
+        # ResponseDone: the body was complete. PotentialDataLoss: it had no
+        # length and no chunking, so the connection's close is its end, as
+        # HTTP/1.1 says. Anything else (a Content-Length or chunked body
+        # cut short, a reset) broke off, and must not look complete; the Go
+        # client ends it as if it were.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.sink.finish()
+            return
+        error = describe_failure(reason)
+        log.warn("Failed to read from backend", error=error)
+        self.sink.fail(error)
 
 
 def response_headers(response, method: str) -> List[Header]:

@@ -146,7 +146,9 @@ class _Stream:
         pending, self._pending = self._pending, []
         for data in pending:
             sink.write(data)
-        if self.ended:
+        if self.error is not None:
+            sink.fail(self.error)
+        elif self.ended:
             sink.finish(self.trailers)
         else:
             self.acknowledge()
@@ -175,16 +177,19 @@ class _Stream:
             self._sink.finish(self.trailers)
 
     def failed(self, reason: str) -> None:
-        """The stream was reset, or the connection lost."""
+        """
+        The stream was reset (even with NO_ERROR: before END_STREAM the
+        answer is incomplete), or the connection lost or refused by GOAWAY:
+        an answer that had begun broke off.
+        """
         self.ended = True
         self.error = reason
         self._release()
         if not self.head.called:
             self.head.errback(BackendError(self.request.describe(reason)))
         elif self._sink is not None:
-            # As with HTTP/1.1: the user gets what came, then the end.
             log.warn("Failed to read from backend", error=reason)
-            self._sink.finish()
+            self._sink.fail(reason)
 
     # Flow control.
 

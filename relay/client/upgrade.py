@@ -224,7 +224,7 @@ class RawResponse(Protocol):
         for data in pending:
             sink.write(data)
         if self._ended:
-            sink.finish()
+            self._end_sink()
 
     def connectionLost(self, reason: Failure) -> None:
         self._ended = True
@@ -232,6 +232,18 @@ class RawResponse(Protocol):
             self._fail_head("EOF")
             return
         if self._sink is not None:
+            self._end_sink()
+
+    def _end_sink(self) -> None:
+        """
+        The connection is gone. After a 101, or for a body that runs until
+        the close, that is the normal end; a chunked or C{Content-Length}
+        body that had not ended broke off.
+        """
+        framed = self._decoder is not None or self._remaining is not None
+        if framed and not self._body_done:
+            self._sink.fail("unexpected EOF")
+        else:
             self._sink.finish()
 
     def _fail_head(self, reason: str) -> None:
