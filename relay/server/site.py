@@ -383,7 +383,10 @@ class RelayChannel(http.HTTPChannel):
 
     def _maybeChooseTransferDecoder(self, header, data):
         ok = super()._maybeChooseTransferDecoder(header, data)
-        bound_chunked_decoder(self, _BoundedChunkedDecoder)
+        # Called for every header line; only this one (twisted.web
+        # canonicalises its name) can choose the chunked decoder.
+        if header == b"Transfer-Encoding":
+            bound_chunked_decoder(self, _BoundedChunkedDecoder)
         return ok
 
     def _bad_host(self, request) -> Optional[bytes]:
