@@ -9,7 +9,7 @@ library would hide what we need to see (slow reading, aborted connections,
 import dataclasses
 import re
 import socket
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import treq
 from treq.client import HTTPClient
@@ -69,6 +69,56 @@ def polled_by(broker, name: str) -> bool:
     return backend is not None and bool(backend.polls)
 
 
+class BrokerEvents:
+    """
+    Broker states that bytes crossing a socket bring about (a poll waiting,
+    a request forgotten), as Deferreds, so that a real-socket test waits for
+    the event rather than polling the reactor. The server's resources reach
+    the broker only through the calls in L{CALLS}: each condition is checked
+    again after each such call, and when the Deferred a call returned fires
+    (a poll cancelled because its connection went away). A Deferred fires
+    on the next reactor turn, outside the broker's call.
+    """
+
+    CALLS = ("get_request", "relay", "cancel", "send_response", "reject", "get_request_stream")
+
+    def __init__(self, broker):
+        self._waiting: List[Tuple[Callable[[], object], defer.Deferred]] = []
+        for name in self.CALLS:
+            setattr(broker, name, self._watched(getattr(broker, name)))
+
+    def _watched(self, call):
+        def watched(*args, **kwargs):
+            try:
+                result = call(*args, **kwargs)
+            finally:
+                self._check()
+            if isinstance(result, defer.Deferred):
+                result.addBoth(self._passing)
+            return result
+
+        return watched
+
+    def _passing(self, result):
+        self._check()
+        return result
+
+    def _check(self) -> None:
+        for entry in list(self._waiting):
+            condition, d = entry
+            if condition():
+                self._waiting.remove(entry)
+                reactor.callLater(0, d.callback, None)
+
+    def when(self, condition: Callable[[], object]) -> defer.Deferred:
+        """Fires once C{condition()} holds (at once if it does now)."""
+        if condition():
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append((condition, d))
+        return d
+
+
 class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
@@ -77,6 +127,7 @@ class RelayServer:
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
         self.broker = self.service.broker
+        self.events = BrokerEvents(self.broker)
         self.base = "http://127.0.0.1:%d" % (self.port,)
 
     def url(self, path: str) -> str:
@@ -84,6 +135,14 @@ class RelayServer:
 
     def polled_by(self, name: str) -> bool:
         return polled_by(self.broker, name)
+
+    def polling(self, name: str) -> defer.Deferred:
+        """Fires once a relay-client's long poll for C{name} waits here."""
+        return self.events.when(lambda: polled_by(self.broker, name))
+
+    def when(self, condition: Callable[[], object]) -> defer.Deferred:
+        """Fires once the broker's state satisfies C{condition} (see L{BrokerEvents})."""
+        return self.events.when(condition)
 
     def stop(self) -> defer.Deferred:
         return defer.maybeDeferred(self.service.stopService)

@@ -74,14 +74,14 @@ class ClientTokenTests(AuthTestCase):
     def test_glob_and_own_name_allowed(self):
         for token, name in (("token-a", "robot-a"), ("token-lab", "lab-7")):
             poll = self.as_client("GET", "/server/request?server=" + name, token)
-            yield self.until(lambda: name in self.server.broker.backends)
+            yield self.polling(name)
             self.clock.advance(30)
             self.assertEqual((yield poll).code, 408)
 
     @defer.inlineCallbacks
     def test_cannot_answer_or_stream_another_backends_requests(self):
         poll = self.as_client("GET", "/server/request?server=lab-1", "token-lab")
-        yield self.until(lambda: "lab-1" in self.server.broker.backends)
+        yield self.polling("lab-1")
         user = self.get("/client/lab-1/secret")
         resp = yield poll
         self.assertEqual(resp.code, 200)
@@ -110,7 +110,7 @@ class ClientTokenTests(AuthTestCase):
         self.assertEqual(resp.code, 403)
         yield resp.content()
         poll = self.as_client("GET", "/server/request?server=robot-a", "rotated")
-        yield self.until(lambda: "robot-a" in self.server.broker.backends)
+        yield self.polling("robot-a")
         self.clock.advance(30)
         self.assertEqual((yield poll).code, 408)
 
@@ -118,7 +118,7 @@ class ClientTokenTests(AuthTestCase):
     def test_broken_reload_keeps_previous_tokens(self):
         write(os.path.join(self.tmp, "clients"), "robot-a not-a-hash\n")
         poll = self.as_client("GET", "/server/request?server=robot-a", "token-a")
-        yield self.until(lambda: "robot-a" in self.server.broker.backends)
+        yield self.polling("robot-a")
         self.clock.advance(30)
         self.assertEqual((yield poll).code, 408)
         self.flushLoggedErrors()
