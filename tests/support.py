@@ -9,6 +9,7 @@ library would hide what we need to see (slow reading, aborted connections,
 import dataclasses
 import re
 import socket
+import weakref
 from typing import Callable, List, Optional, Tuple
 
 import treq
@@ -69,41 +70,19 @@ def polled_by(broker, name: str) -> bool:
     return backend is not None and bool(backend.polls)
 
 
-class BrokerEvents:
+class Changes:
     """
-    Broker states that bytes crossing a socket bring about (a poll waiting,
-    a request forgotten), as Deferreds, so that a real-socket test waits for
-    the event rather than polling the reactor. The server's resources reach
-    the broker only through the calls in L{CALLS}: each condition is checked
-    again after each such call, and when the Deferred a call returned fires
-    (a poll cancelled because its connection went away). A Deferred fires
-    on the next reactor turn, outside the broker's call.
+    Deferreds for conditions over state that a real-socket test cannot
+    see change (what a server holds after bytes crossed a socket): each
+    condition is checked again whenever the code that changes the state
+    calls L{changed}, rather than by polling the reactor. A Deferred fires
+    on the next reactor turn, outside the call that changed the state.
     """
 
-    CALLS = ("get_request", "relay", "cancel", "send_response", "reject", "get_request_stream")
-
-    def __init__(self, broker):
+    def __init__(self):
         self._waiting: List[Tuple[Callable[[], object], defer.Deferred]] = []
-        for name in self.CALLS:
-            setattr(broker, name, self._watched(getattr(broker, name)))
 
-    def _watched(self, call):
-        def watched(*args, **kwargs):
-            try:
-                result = call(*args, **kwargs)
-            finally:
-                self._check()
-            if isinstance(result, defer.Deferred):
-                result.addBoth(self._passing)
-            return result
-
-        return watched
-
-    def _passing(self, result):
-        self._check()
-        return result
-
-    def _check(self) -> None:
+    def changed(self) -> None:
         for entry in list(self._waiting):
             condition, d = entry
             if condition():
@@ -119,6 +98,70 @@ class BrokerEvents:
         return d
 
 
+class BrokerEvents(Changes):
+    """
+    L{Changes} of a broker (a poll waiting, a request forgotten). The
+    server's resources reach the broker only through the calls in L{CALLS}:
+    conditions are checked after each such call, and when the Deferred a
+    call returned fires (a poll cancelled because its connection went away).
+    """
+
+    CALLS = ("get_request", "relay", "cancel", "send_response", "reject", "get_request_stream")
+
+    def __init__(self, broker):
+        super().__init__()
+        for name in self.CALLS:
+            setattr(broker, name, self._watched(getattr(broker, name)))
+
+    def _watched(self, call):
+        def watched(*args, **kwargs):
+            try:
+                result = call(*args, **kwargs)
+            finally:
+                self.changed()
+            if isinstance(result, defer.Deferred):
+                result.addBoth(self._passing)
+            return result
+
+        return watched
+
+    def _passing(self, result):
+        self.changed()
+        return result
+
+
+class Recorder(list):
+    """A callback (an C{on_fatal}) that keeps what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.changes = Changes()
+
+    def __call__(self, value) -> None:
+        self.append(value)
+        self.changes.changed()
+
+    def called(self) -> defer.Deferred:
+        """Fires once it has been called."""
+        return self.changes.when(lambda: self)
+
+
+_events: "weakref.WeakKeyDictionary[Broker, BrokerEvents]" = weakref.WeakKeyDictionary()
+
+
+def broker_events(broker) -> BrokerEvents:
+    """The broker's L{BrokerEvents}, made on first use."""
+    events = _events.get(broker)
+    if events is None:
+        events = _events[broker] = BrokerEvents(broker)
+    return events
+
+
+def polling(broker, name: str) -> defer.Deferred:
+    """Fires once a relay-client's long poll for C{name} waits at C{broker}."""
+    return broker_events(broker).when(lambda: polled_by(broker, name))
+
+
 class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
@@ -127,7 +170,7 @@ class RelayServer:
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
         self.broker = self.service.broker
-        self.events = BrokerEvents(self.broker)
+        broker_events(self.broker)  # from the start: it sees every poll
         self.base = "http://127.0.0.1:%d" % (self.port,)
 
     def url(self, path: str) -> str:
@@ -137,12 +180,10 @@ class RelayServer:
         return polled_by(self.broker, name)
 
     def polling(self, name: str) -> defer.Deferred:
-        """Fires once a relay-client's long poll for C{name} waits here."""
-        return self.events.when(lambda: polled_by(self.broker, name))
+        return polling(self.broker, name)
 
     def when(self, condition: Callable[[], object]) -> defer.Deferred:
-        """Fires once the broker's state satisfies C{condition} (see L{BrokerEvents})."""
-        return self.events.when(condition)
+        return broker_events(self.broker).when(condition)
 
     def stop(self) -> defer.Deferred:
         return defer.maybeDeferred(self.service.stopService)
@@ -282,12 +323,16 @@ class RawResponse(protocol.Protocol):
 
     def wait_for(self, pattern: bytes) -> defer.Deferred:
         """Fires once C{pattern} has been received."""
+        return self.wait_until(lambda data: pattern in data, repr(pattern))
+
+    def wait_until(self, predicate, what: str = "what was expected") -> defer.Deferred:
+        """Fires once C{predicate(data received)} holds."""
 
         @defer.inlineCallbacks
         def loop():
-            while pattern not in self.data:
+            while not predicate(bytes(self.data)):
                 if self.ended.called:
-                    raise AssertionError("connection ended before %r: %r" % (pattern, bytes(self.data)))
+                    raise AssertionError("connection ended before %s: %r" % (what, bytes(self.data)))
                 self.received = defer.Deferred()
                 yield self.received
 

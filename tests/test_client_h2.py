@@ -31,7 +31,7 @@ from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from relay.server.site import RelaySite
-from tests.support import client_service, dechunk, head_and_body, polled_by, server_service, stalled
+from tests.support import Changes, client_service, dechunk, head_and_body, polling, server_service, stalled
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
 from tests.test_client_tls import make_ca_and_server_cert
@@ -64,6 +64,7 @@ class H2Backend(e2e.Backend):
         self.requests = []
         self.trickle_sent = []
         self.firehose_bytes = 0
+        self.firehose_changes = Changes()
         self.forever_closed = defer.Deferred()
         self.forever_started = defer.Deferred()
         self.connections_made = 0
@@ -92,7 +93,7 @@ class H2EndToEnd(unittest.TestCase):
         self.relay = Relay()
         self.addCleanup(lambda: self.relay.stop())
         self.client = self.start_client()
-        return self.until(lambda: self.relay.polled_by(NAME))
+        return self.relay.polling(NAME)
 
     def make_backend(self):
         return H2Backend()
@@ -104,8 +105,6 @@ class H2EndToEnd(unittest.TestCase):
         client.startService()
         self.addCleanup(client.stopService)
         return client
-
-    until = e2e.EndToEnd.until
 
     @defer.inlineCallbacks
     def h2_user(self):
@@ -244,7 +243,7 @@ class H2EndToEnd(unittest.TestCase):
         self.assertLess(stalled_at, 64 * 1024 * 1024)
         self.assertLessEqual(stream.unacknowledged, STREAM_WINDOW)
         user.transport.resumeProducing()
-        yield self.until(lambda: self.backend.firehose_bytes > stalled_at + 8 * 1024 * 1024)
+        yield self.backend.firehose_past(stalled_at + 8 * 1024 * 1024)
 
     @defer.inlineCallbacks
     def test_user_disconnect_resets_the_stream(self):
@@ -309,7 +308,7 @@ class H2OverTLS(unittest.TestCase):
 
     @defer.inlineCallbacks
     def get(self, path):
-        yield e2e.EndToEnd.until(self, lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
         raw = RawUser()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), raw)
         self.addCleanup(raw.transport.abortConnection)
@@ -391,7 +390,7 @@ class CurlThroughRelay(unittest.TestCase):
             client.api.agent = client.pools[0] = KeepAliveAgent(reactor, CachingEndpointFactory(reactor, TrustPolicy(trust_root)))
         client.startService()
         self.addCleanup(client.stopService)
-        yield e2e.EndToEnd.until(self, lambda: polled_by(service.broker, NAME))
+        yield polling(service.broker, NAME)
         return "%s://127.0.0.1:%d" % (scheme, port)
 
     def curl(self, *args):

@@ -16,7 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 
 import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
-from tests.support import client_service, until
+from tests.support import client_service
 from tests.test_client_e2e import NAME, Backend, RawUser, Relay
 
 
@@ -90,7 +90,7 @@ class Latency(unittest.TestCase):
         )
         client.startService()
         self.addCleanup(client.stopService)
-        return until(lambda: self.relay.polled_by(NAME), 10.0)
+        return self.relay.polling(NAME)
 
     @defer.inlineCallbacks
     def test_keystrokes_on_an_upgraded_connection_are_not_held(self):

@@ -167,7 +167,7 @@ class GrpcThroughRelay(unittest.TestCase):
         )
         self.addCleanup(self.channel.close)
         self.metadata = [("x-server-name", NAME)]
-        return e2e.EndToEnd.until(self, lambda: self.relay.polled_by(NAME))
+        return self.relay.polling(NAME)
 
     def call(self, kind, name, request, timeout=CALL_TIMEOUT, with_call=False):
         """Make a call in a thread; fires with its result, fails with the RpcError."""

@@ -17,7 +17,7 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from relay.logs import connect_quietly, text_line
 from relay.server.broker import Broker
-from tests.support import FakeRelayClient, RelayServer, client_service, tick, until
+from tests.support import FakeRelayClient, RelayServer, client_service, tick
 from tests.test_client_e2e import Backend, Relay, make_frame, open_websocket, parse_frame
 
 NAME = "robot"
@@ -70,7 +70,7 @@ class EndToEndVolume(unittest.TestCase):
         )
         client.startService()
         self.addCleanup(client.stopService)
-        yield until(lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
 
     @defer.inlineCallbacks
     def websocket(self):
@@ -135,7 +135,7 @@ class FirstPollTests(unittest.TestCase):
         for round in range(2):
             for _ in range(5):
                 poll = relay_client.poll(NAME)
-                yield until(lambda: server.polled_by(NAME))
+                yield server.polling(NAME)
                 clock.advance(POLL_TIMEOUT)
                 self.assertEqual((yield poll)[0], 408)
             lines = self.log.with_message("Relay client connected")
@@ -157,7 +157,7 @@ class FirstPollTests(unittest.TestCase):
         poll = treq.get(server.url("/server/request?server=x%0D%1B%5B2KFAKE"), pool=pool)
         poll.addErrback(lambda _: None)
         self.addCleanup(poll.cancel)
-        yield until(lambda: self.log.with_message("Relay client connected"))
+        yield server.when(lambda: self.log.with_message("Relay client connected"))
         (line,) = self.log.with_message("Relay client connected")
         self.assertTrue(line.endswith(' ServerName="x\\r\\x1b[2KFAKE"\n'), line)
 
