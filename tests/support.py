@@ -16,6 +16,10 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.internet.task import Clock
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web import server as server_module
@@ -249,6 +253,51 @@ class InMemoryRelay:
         d = response.content()
         self.flush()
         return d
+
+
+class MemoryNetwork:
+    """
+    The connections a L{MemoryReactorClock} was asked to make, served in
+    memory by C{server_factory} over iosim transports: client code that
+    takes a reactor (the relay-client's agents and endpoints) runs
+    unchanged with no socket. L{flush} carries every byte across, and the
+    reactor's C{callLater(0)}s, until nothing moves; with C{refusing} set,
+    new connections are refused instead.
+
+    @param factory_for: makes the server's factory, given the reactor.
+    """
+
+    def __init__(self, factory_for):
+        self.reactor = MemoryReactorClock()
+        self.server_factory = factory_for(self.reactor)
+        self.refusing = False
+        self.opened = 0
+        self._pumps: List[iosim.IOPump] = []
+
+    def flush(self) -> None:
+        moved = True
+        while moved:
+            self.reactor.advance(0)
+            moved = self._connect()
+            for pump in self._pumps:
+                moved = pump.pump(advanceClock=False) or moved
+
+    def _connect(self) -> bool:
+        connected = False
+        while self.reactor.tcpClients:
+            factory = self.reactor.tcpClients.pop(0)[2]
+            connector = self.reactor.connectors.pop(0)
+            connected = True
+            if self.refusing:
+                factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+                continue
+            self.opened += 1
+            client = factory.buildProtocol(None)
+            server = self.server_factory.buildProtocol(None)
+            self._pumps.append(
+                iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False)
+            )
+        return connected
 
 
 class FakeRelayClient:

@@ -127,7 +127,7 @@ class AdminCase(unittest.TestCase):
         return client
 
     def polled(self, name: str):
-        return until(lambda: name in self.relay.broker.backends and bool(self.relay.broker.backends[name].polls))
+        return self.relay.polling(name)
 
     def user(self, name: str, path: str, **kw):
         return treq.get(self.relay.url("/client/%s%s" % (name, path)), pool=self.users, **kw)
@@ -191,7 +191,7 @@ class StatusWithRealClients(AdminCase):
 
         # The relay-client goes: gone, then forgotten, with its history.
         yield client.stopService()
-        yield until(lambda: not self.relay.broker.backends["robot"].polls)
+        yield self.relay.when(lambda: not self.relay.broker.backends["robot"].polls)
         self.clock.advance(11)
         b = yield self.backend_status("robot")
         self.assertEqual((b["state"], b["open_polls"], b["forgotten"]), ("gone", 0, False))
@@ -277,7 +277,7 @@ class StatusWithRealClients(AdminCase):
         client = self.start_client("robot")
         yield self.polled("robot")
         yield client.stopService()
-        yield until(lambda: not self.relay.broker.backends["robot"].polls)
+        yield self.relay.when(lambda: not self.relay.broker.backends["robot"].polls)
         d = self.user("robot", "/ok")
         data = yield self.until_status(lambda s: s["in_flight"]["items"])
         self.assertEqual(data["in_flight"]["items"][0]["state"], "waiting_for_pickup")
