@@ -672,7 +672,7 @@ class RelayTokens(unittest.TestCase):
             backend_scheme="http",
             backend_address=self.backend.address,
             relay_token_file=temp_file(self, token + "\n"),
-            on_fatal=self.fatal.append,
+            on_fatal=self.fatal,
         )
         client.startService()
         self.addCleanup(client.stopService)
