@@ -68,6 +68,19 @@ def client_service(reactor, relay_url: str, server_name: str, **kwargs):
     return make_client_service(reactor, config, **kwargs)
 
 
+def started_client(test, relay_url: str, server_name: str, backend_address: str, **kwargs):
+    """
+    A relay-client on the real reactor (L{client_service}; the backend over
+    plain HTTP unless C{backend_scheme} says otherwise), started now and
+    stopped at C{test}'s clean-up.
+    """
+    kwargs.setdefault("backend_scheme", "http")
+    client = client_service(reactor, relay_url, server_name, backend_address=backend_address, **kwargs)
+    client.startService()
+    test.addCleanup(client.stopService)
+    return client
+
+
 def polled_by(broker, name: str) -> bool:
     """Whether a relay-client's long poll for C{name} waits at the server."""
     backend = broker.backends.get(name)

@@ -30,7 +30,7 @@ from relay.admin.stats import DEFAULT_RING
 from relay.admin.status import Query, effective_flags, snapshot
 from relay.server.broker import Backend, Broker, Waiters
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.support import RelayServer, client_service, free_port, raw_connect, until
+from tests.support import RelayServer, free_port, raw_connect, started_client, until
 
 SECRET = "s3cr3t-value"
 
@@ -115,16 +115,7 @@ class AdminCase(unittest.TestCase):
                 request.transport.abortConnection()
 
     def start_client(self, name: str, address: str = None):
-        client = client_service(
-            reactor,
-            self.relay.base,
-            name,
-            backend_scheme="http",
-            backend_address=address or "127.0.0.1:%d" % (self.backend.getHost().port,),
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
+        return started_client(self, self.relay.base, name, address or "127.0.0.1:%d" % (self.backend.getHost().port,))
 
     def polled(self, name: str):
         return self.relay.polling(name)

@@ -26,7 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.admin import TokenCheck, attach_admin
 from relay.proto.http_relay_pb2 import HttpRequest
 from tests.chromium import Chromium, find_chromium
-from tests.support import RelayServer, client_service, raw_connect
+from tests.support import RelayServer, raw_connect, started_client
 from tests.test_admin import Hanging
 
 TOKEN = "browser-token"
@@ -47,15 +47,7 @@ class PageCase(unittest.TestCase):
         skip = "no chromium on PATH (apt-get install chromium; .ci/run does this as root)"
 
     def start_client(self, name: str):
-        client = client_service(
-            reactor,
-            self.relay.base,
-            name,
-            backend_scheme="http",
-            backend_address="127.0.0.1:%d" % (self.backend.getHost().port,),
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
+        started_client(self, self.relay.base, name, "127.0.0.1:%d" % (self.backend.getHost().port,))
         return self.relay.polling(name)
 
     @defer.inlineCallbacks

@@ -23,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from relay.server.auth import AccessPolicy, ClientTokens
 
-from tests.support import Changes, Recorder, RelayServer, client_service, stalled
+from tests.support import Changes, Recorder, RelayServer, stalled, started_client
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -447,10 +447,7 @@ class EndToEnd(unittest.TestCase):
         kw.setdefault("backend_scheme", self.backend_scheme)
         kw.setdefault("trust_root", self.trust_root)
         kw.setdefault("backend_address", self.backend.address)
-        client = client_service(reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, **kw)
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
+        return started_client(self, self.relay.base, NAME, **kw)
 
     def url(self, path):
         return self.relay.base + "/client/" + NAME + path
@@ -665,18 +662,9 @@ class RelayTokens(unittest.TestCase):
 
     def start_client(self, token):
         self.fatal = Recorder()
-        client = client_service(
-            reactor,
-            self.relay.base,
-            NAME,
-            backend_scheme="http",
-            backend_address=self.backend.address,
-            relay_token_file=temp_file(self, token + "\n"),
-            on_fatal=self.fatal,
+        return started_client(
+            self, self.relay.base, NAME, self.backend.address, relay_token_file=temp_file(self, token + "\n"), on_fatal=self.fatal
         )
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
 
     @defer.inlineCallbacks
     def test_accepted_token_serves(self):

@@ -31,7 +31,7 @@ from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from relay.server.site import RelaySite
-from tests.support import Changes, client_service, dechunk, head_and_body, polling, server_service, stalled
+from tests.support import Changes, client_service, dechunk, head_and_body, polling, server_service, stalled, started_client
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
 from tests.test_client_tls import make_ca_and_server_cert
@@ -101,10 +101,7 @@ class H2EndToEnd(unittest.TestCase):
     def start_client(self, **kw):
         kw.setdefault("backend_scheme", self.backend_scheme)
         kw.setdefault("backend_address", self.backend.address)
-        client = client_service(reactor, self.relay.base, NAME, force_http2=True, **kw)
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
+        return started_client(self, self.relay.base, NAME, force_http2=True, **kw)
 
     @defer.inlineCallbacks
     def h2_user(self):
@@ -293,17 +290,9 @@ class H2OverTLS(unittest.TestCase):
     def start_client(self, backend):
         backend.address = "localhost:%d" % (backend.port.getHost().port,)
         self.addCleanup(backend.stop)
-        client = client_service(
-            reactor,
-            self.relay.base,
-            NAME,
-            backend_scheme="https",
-            backend_address=backend.address,
-            trust_root=self.trust_root,
-            force_http2=True,
+        started_client(
+            self, self.relay.base, NAME, backend.address, backend_scheme="https", trust_root=self.trust_root, force_http2=True
         )
-        client.startService()
-        self.addCleanup(client.stopService)
         return backend
 
     @defer.inlineCallbacks

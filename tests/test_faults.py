@@ -165,23 +165,14 @@ class HangingBackendTests(unittest.TestCase):
         """A backend that accepts the request and says nothing: 504 once the relay gives up."""
         from twisted.internet.protocol import Factory, Protocol
 
-        from tests.support import client_service
+        from tests.support import started_client
 
         silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(silent.stopListening)
         clock = Clock()
         server = RelayServer(clock=clock)
         self.addCleanup(server.stop)
-        client = client_service(
-            reactor,
-            server.base,
-            "robot",
-            backend_scheme="http",
-            backend_address="127.0.0.1:%d" % silent.getHost().port,
-            stop_grace_period=0.1,
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
+        started_client(self, server.base, "robot", "127.0.0.1:%d" % silent.getHost().port, stop_grace_period=0.1)
         yield server.polling("robot")
         pool = HTTPConnectionPool(reactor, persistent=False)
         user = treq.get(server.base + "/client/robot/slow", pool=pool)

@@ -20,8 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from tests.support import client_service, stalled
-from tests import test_client_e2e as e2e
+from tests.support import stalled, started_client
 from tests.test_client_e2e import NAME, Relay
 from tests.test_client_twistd import spawn
 
@@ -147,17 +146,7 @@ class GrpcThroughRelay(unittest.TestCase):
         self.addCleanup(self.backend.stop)
         self.relay = Relay()
         self.addCleanup(lambda: self.relay.stop())
-        client = client_service(
-            reactor,
-            self.relay.base,
-            NAME,
-            backend_scheme="http",
-            backend_address=self.backend.address,
-            force_http2=True,
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        self.client = client
+        self.client = started_client(self, self.relay.base, NAME, self.backend.address, force_http2=True)
         self.channel = grpc.insecure_channel(
             "127.0.0.1:%d" % (self.relay.port,),
             options=[

@@ -17,7 +17,7 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from relay.logs import connect_quietly, text_line
 from relay.server.broker import Broker
-from tests.support import FakeRelayClient, RelayServer, client_service, tick
+from tests.support import FakeRelayClient, RelayServer, started_client, tick
 from tests.test_client_e2e import Backend, Relay, make_frame, open_websocket, parse_frame
 
 NAME = "robot"
@@ -65,11 +65,7 @@ class EndToEndVolume(unittest.TestCase):
         self.addCleanup(lambda: self.relay.stop())
         self.users = user_pool()
         self.addCleanup(self.users.closeCachedConnections)
-        client = client_service(
-            reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, backend_address=self.backend.address, backend_scheme="http"
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
+        started_client(self, self.relay.base, NAME, self.backend.address)
         yield self.relay.polling(NAME)
 
     @defer.inlineCallbacks
