@@ -16,13 +16,12 @@ import threading
 from concurrent import futures
 
 from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from tests.support import stalled, started_client
 from tests.test_client_e2e import NAME, Relay
-from tests.test_client_twistd import spawn
+from tests.test_client_twistd import polling_from, spawn
 
 try:
     import grpc
@@ -323,11 +322,7 @@ class GrpcThroughTwistd(unittest.TestCase):
             return child.exited
 
         self.addCleanup(stop)
-        deadline = reactor.seconds() + 30
-        while not relay.polled_by(NAME):
-            self.assertFalse(child.exited.called, child.output)
-            self.assertLess(reactor.seconds(), deadline, child.output)
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield polling_from(child, relay, NAME)
         channel = grpc.insecure_channel("127.0.0.1:%d" % (relay.port,), options=[("grpc.enable_http_proxy", 0)])
         self.addCleanup(channel.close)
         metadata = [("x-server-name", NAME)]
