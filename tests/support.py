@@ -313,6 +313,18 @@ class MemoryNetwork:
         return connected
 
 
+def response_message(request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()):
+    """An L{HttpResponse} as a relay-client posts it; C{status} None: a later message."""
+    m = HttpResponse(id=request_id, body=body, eof=eof)
+    if status is not None:
+        m.status_code = status
+    for k, v in headers:
+        m.header.add(name=k, value=v)
+    for k, v in trailers:
+        m.trailer.add(name=k, value=v)
+    return m
+
+
 class FakeRelayClient:
     """
     Speaks the relay-client side of the protocol, one call at a time, so a
@@ -347,14 +359,7 @@ class FakeRelayClient:
         return resp.code, body
 
     def respond(self, request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()):
-        m = HttpResponse(id=request_id, body=body, eof=eof)
-        if status is not None:
-            m.status_code = status
-        for k, v in headers:
-            m.header.add(name=k, value=v)
-        for k, v in trailers:
-            m.trailer.add(name=k, value=v)
-        return self.post(m)
+        return self.post(response_message(request_id, status, body, eof, headers, trailers))
 
     @defer.inlineCallbacks
     def request_stream(self, request_id: str):

@@ -254,13 +254,17 @@ class Backend:
         self.firehose_changes = Changes()
         self.forever_closed = defer.Deferred()
         self.forever_started = defer.Deferred()
-        self.site = server.Site(BackendResource(self))
-        factory = protocol.Factory.forProtocol(lambda: Sniffer(self.site))
+        factory = self.factory()
         if tls is None:
             self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
             self.port = reactor.listenSSL(0, factory, tls, interface="127.0.0.1")
         self.address = "%s:%d" % (host, self.port.getHost().port)
+
+    def factory(self):
+        """What listens: twisted.web's Site, behind a sniffer of the first bytes."""
+        self.site = server.Site(BackendResource(self))
+        return protocol.Factory.forProtocol(lambda: Sniffer(self.site))
 
     def trickle(self, request, pieces=5, interval=0.3):
         def send(i):

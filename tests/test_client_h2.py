@@ -31,7 +31,7 @@ from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from relay.server.site import RelaySite
-from tests.support import Changes, client_service, dechunk, head_and_body, polling, server_service, stalled, started_client
+from tests.support import client_service, dechunk, head_and_body, polling, server_service, stalled, started_client
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
 from tests.test_client_tls import make_ca_and_server_cert
@@ -60,14 +60,10 @@ class H2Backend(e2e.Backend):
     """
 
     def __init__(self, tls=None):
-        self.pattern = os.urandom(e2e.BIG_BLOCK)
-        self.requests = []
-        self.trickle_sent = []
-        self.firehose_bytes = 0
-        self.firehose_changes = Changes()
-        self.forever_closed = defer.Deferred()
-        self.forever_started = defer.Deferred()
         self.connections_made = 0
+        super().__init__(tls)
+
+    def factory(self):
         self.site = RelaySite(H2BackendResource(self), ServerConfig(header_timeout=None))
         build = self.site.buildProtocol
 
@@ -76,11 +72,7 @@ class H2Backend(e2e.Backend):
             return build(addr)
 
         self.site.buildProtocol = counting
-        if tls is None:
-            self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        else:
-            self.port = reactor.listenSSL(0, self.site, tls, interface="127.0.0.1")
-        self.address = "127.0.0.1:%d" % (self.port.getHost().port,)
+        return self.site
 
 
 class H2EndToEnd(unittest.TestCase):
