@@ -229,13 +229,13 @@ class InMemoryRelay:
 
     base = "http://relay"
 
-    def __init__(self, **fields):
+    def __init__(self, policy=None, **fields):
         self.clock = Clock()
         config = ServerConfig(**dict({"header_timeout": None}, **fields))
         metrics = RelayMetrics(process=False)
         self.broker = Broker(self.clock, config, metrics)
         metrics.watch(self.broker)
-        root = RootResource(self.broker, metrics.render)
+        root = RootResource(self.broker, metrics.render, policy)
         self.agent = _RelaySiteAgent(lambda memory: RelaySite(root, config, reactor=memory))
         self.http = HTTPClient(self.agent)
 
@@ -453,19 +453,6 @@ def tick(seconds: float = 0.005) -> defer.Deferred:
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def until(condition, timeout: float = 10.0):
-    """
-    Wait on the real reactor for state we have no Deferred for (what a
-    server holds after bytes crossed a socket); fail after C{timeout}.
-    """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        yield tick()
 
 
 @defer.inlineCallbacks
