@@ -191,11 +191,7 @@ class BodyLimitTests(unittest.TestCase):
     def test_body_at_limit_is_relayed(self):
         poll = self.relay_client.poll("robot")
         proto = yield raw_connect(self.server.port)
-        while "robot" not in self.server.broker.backends:
-            from twisted.internet import reactor
-            from twisted.internet.task import deferLater
-
-            yield deferLater(reactor, 0.005, lambda: None)
+        yield self.server.polling("robot")
         proto.transport.write(
             b"POST /client/robot/x HTTP/1.1\r\nHost: r\r\nContent-Length: 1024\r\n\r\n" + b"y" * 1024
         )
