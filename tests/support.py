@@ -102,7 +102,14 @@ class Changes:
     def changed(self) -> None:
         for entry in list(self._waiting):
             condition, d = entry
-            if condition():
+            try:
+                held = condition()
+            except Exception:
+                # The test's Deferred fails, not the code that changed the state.
+                self._waiting.remove(entry)
+                reactor.callLater(0, d.errback, Failure())
+                continue
+            if held:
                 self._waiting.remove(entry)
                 reactor.callLater(0, d.callback, None)
 
