@@ -243,7 +243,14 @@ class InMemoryRelay:
         self.broker = Broker(self.clock, config, metrics)
         metrics.watch(self.broker)
         root = RootResource(self.broker, metrics.render, policy)
-        self.agent = _RelaySiteAgent(lambda memory: RelaySite(root, config, reactor=memory))
+
+        def site_for(memory):
+            # The site's own reactor (treq's memory reactor, with a clock of
+            # its own) stays reachable for what the Site itself times.
+            self.site = RelaySite(root, config, reactor=memory)
+            return self.site
+
+        self.agent = _RelaySiteAgent(site_for)
         self.http = HTTPClient(self.agent)
 
     def request(self, method: str, path: str, **kwargs) -> defer.Deferred:

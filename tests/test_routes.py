@@ -66,6 +66,18 @@ class OperationsTests(RouteTestCase):
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain"])
         self.assertIsNone(response.headers.getRawHeaders(b"server"))
 
+    def test_date_follows_the_clock(self):
+        """Every answer has a Date, of the second it is sent (it is formatted once a second)."""
+        site_clock = self.relay.site.reactor
+        site_clock.advance(1_700_000_000)
+        first, _ = self.answer(self.relay.get("/healthz"))
+        site_clock.advance(0.5)
+        same, _ = self.answer(self.relay.get("/healthz"))
+        site_clock.advance(1)
+        later, _ = self.answer(self.relay.get("/nowhere"))
+        self.assertEqual(first.headers.getRawHeaders(b"date"), [b"Tue, 14 Nov 2023 22:13:20 GMT"])
+        self.assertEqual(same.headers.getRawHeaders(b"date"), [b"Tue, 14 Nov 2023 22:13:20 GMT"])
+        self.assertEqual(later.headers.getRawHeaders(b"date"), [b"Tue, 14 Nov 2023 22:13:21 GMT"])
 
     def test_metrics_have_go_names_and_labels(self):
         user, message = self.relayed("/client/robot/api/items/123456")

@@ -94,12 +94,18 @@ class RootResource(Resource):
             b"/server/requeststream": server,
         }
 
-    def getChildWithDefault(self, name, request):
-        request.responseHeaders.removeHeader(b"server")
+    def route(self, request) -> Resource:
+        """The resource for C{request}, chosen by its whole path."""
         redirect = _redirect_if_unclean(request)
         if redirect is not None:
             return redirect
         return self._exact.get(request.path, self.client)
+
+    def getChildWithDefault(self, name, request):
+        # Only for a request class other than RelayRequest, which calls
+        # route() itself and sets no Server header.
+        request.responseHeaders.removeHeader(b"server")
+        return self.route(request)
 
     def render(self, request):
         request.responseHeaders.removeHeader(b"server")

@@ -38,6 +38,7 @@ from typing import List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from relay.compat import (
@@ -56,6 +57,10 @@ from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.tuning.transport import tune
+
+
+# HTTP/2 connections keep twisted.web's idle timeout (its Site default).
+H2_IDLE_TIMEOUT = 12 * 60 * 60
 
 
 class RelayRequest(server.Request):
@@ -192,6 +197,29 @@ class RelayRequest(server.Request):
         self.args = http.parse_qs(query, 1) if question else {}
         self.process()
 
+    def process(self) -> None:
+        """
+        twisted.web's, less what a relay pays for on each of the three
+        exchanges of every relayed request and never uses: a C{Server}
+        header (Go sends none, so the resources removed it again), a C{Date}
+        formatted anew each time (the site keeps one per second), and the
+        path split and unquoted into C{postpath} segments (the relay routes
+        on the whole path, L{relay.server.resources.RootResource.route}).
+        Any other resource tree, and C{OPTIONS *}, get twisted.web's own.
+        """
+        site = self.site = self.channel.site
+        route = getattr(site.resource, "route", None)
+        if route is None or self.path == b"*":
+            super().process()
+            return
+        self.responseHeaders.setRawHeaders(b"date", [site.http_date()])
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(route(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
     def _origin_form(self, target: bytes) -> bytes:
         """
         The path and query of an absolute-form target (RFC 9112 3.2.2),
@@ -286,22 +314,39 @@ class RelayChannel(http.HTTPChannel):
     _sniffing = True
     _sniffed = b""
     _header_timer = None
+    # When the current wait for a request's headers ends; None while a
+    # request is being read or answered.
+    _head_deadline: Optional[float] = None
 
     # Slowloris: a client gets this long to send a request's headers (from
     # the connection's start, or from the end of the previous request).
+    # One timer per connection, not per request: each request only moves
+    # the deadline, and the timer, when it fires early, waits on for it.
     def _arm_header_timer(self) -> None:
         timeout = getattr(self.site, "header_timeout", None)
-        if timeout and self._header_timer is None:
-            self._header_timer = self.callLater(timeout, self._header_timed_out)
+        if not timeout:
+            return
+        self._head_deadline = self.site.reactor.seconds() + timeout
+        if self._header_timer is None:
+            self._header_timer = self.callLater(timeout, self._check_header_deadline)
 
-    def _disarm_header_timer(self) -> None:
+    def _stop_header_timer(self) -> None:
+        self._head_deadline = None
         if self._header_timer is not None:
             if self._header_timer.active():
                 self._header_timer.cancel()
             self._header_timer = None
 
-    def _header_timed_out(self) -> None:
+    def _check_header_deadline(self) -> None:
         self._header_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # a request is in hand; its end arms the timer again
+        left = deadline - self.site.reactor.seconds()
+        if left > 0:
+            self._header_timer = self.callLater(left, self._check_header_deadline)
+            return
+        self._head_deadline = None
         # Every idle keep-alive connection ends here: not worth a line at info.
         self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
         self.transport.abortConnection()
@@ -352,7 +397,7 @@ class RelayChannel(http.HTTPChannel):
         return None
 
     def allHeadersReceived(self) -> None:
-        self._disarm_header_timer()
+        self._head_deadline = None
         request = self.requests[-1]
         bad_host = self._bad_host(request)
         if bad_host is not None:
@@ -372,7 +417,7 @@ class RelayChannel(http.HTTPChannel):
         C{protocol}, with whatever the client sent after its request.
         """
         self.setTimeout(None)
-        self._disarm_header_timer()
+        self._stop_header_timer()
         network, buffered = detach_channel(self)
         self._switched = protocol
         self.transport.write(head)
@@ -428,10 +473,10 @@ class RelayChannel(http.HTTPChannel):
         h2.requestFactory = self.requestFactory
         h2.site = self.site
         h2.factory = self.factory
-        h2.timeOut = self.timeOut
+        h2.timeOut = H2_IDLE_TIMEOUT
         h2.callLater = self.callLater
         self.setTimeout(None)
-        self._disarm_header_timer()
+        self._stop_header_timer()
         # Sniffing happens before the parser sees a byte: it has none buffered.
         network, _ = detach_channel(self)
         self._switched = h2
@@ -440,7 +485,7 @@ class RelayChannel(http.HTTPChannel):
         h2.dataReceived(data)
 
     def connectionLost(self, reason) -> None:
-        self._disarm_header_timer()
+        self._stop_header_timer()
         if self._switched is not None:
             switched, self._switched = self._switched, None
             switched.connectionLost(reason)
@@ -460,6 +505,10 @@ class RelaySite(server.Site):
     noisy = False
 
     def __init__(self, resource, config: ServerConfig, **kwargs):
+        # No idle timer for HTTP/1.1 (twisted.web's is 12 hours, rearmed
+        # around every request): the header timeout closes idle
+        # connections, for a fraction of the cost.
+        kwargs.setdefault("timeout", None)
         super().__init__(resource, **kwargs)
         self.max_request_body = config.max_request_body
         self.max_headers = config.max_headers
@@ -474,6 +523,17 @@ class RelaySite(server.Site):
 
     def log(self, request) -> None:
         pass
+
+    _date_second = None
+    _date = b""
+
+    def http_date(self) -> bytes:
+        """The C{Date} header's value: formatted once a second, not per answer."""
+        now = int(self.reactor.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = http.datetimeToString(now)
+        return self._date
 
     def connection_closed(self, channel: "RelayChannel") -> None:
         self.connections.discard(channel)
