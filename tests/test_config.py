@@ -36,6 +36,13 @@ def parsed(options_class, argv=()):
     return options
 
 
+def logged_line(service, logfile: str) -> str:
+    """The first line a twistd service's log observer writes to C{logfile}."""
+    service.log_observer({"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "test", "log_time": 0.0})
+    with open(logfile) as f:
+        return f.readline()
+
+
 def flags(options_class):
     return [row[0] for row in options_class.optParameters + getattr(options_class, "optFlags", [])]
 
@@ -167,11 +174,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
         }
 
     def logged_line(self) -> str:
-        self.service.log_observer(
-            {"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "test", "log_time": 0.0}
-        )
-        with open(self.logfile) as f:
-            return f.readline()
+        return logged_line(self.service, self.logfile)
 
     def test_every_flag_is_followed(self):
         self.assertEqual(sorted(self.users()), sorted(flags(server_tap.Options)))
@@ -238,11 +241,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
         return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
 
     def logged_line(self) -> str:
-        self.service.log_observer(
-            {"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "test", "log_time": 0.0}
-        )
-        with open(self.logfile) as f:
-            return f.readline()
+        return logged_line(self.service, self.logfile)
 
     def users(self):
         """Where each flag's value ends up, as (flag, value there)."""
