@@ -30,7 +30,7 @@ from relay.admin.stats import DEFAULT_RING
 from relay.admin.status import Query, effective_flags, snapshot
 from relay.server.broker import Backend, Broker, Waiters
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.support import RelayServer, client_service, free_port, raw_connect, until
+from tests.support import RelayServer, free_port, raw_connect, started_client, tick
 
 SECRET = "s3cr3t-value"
 
@@ -115,19 +115,10 @@ class AdminCase(unittest.TestCase):
                 request.transport.abortConnection()
 
     def start_client(self, name: str, address: str = None):
-        client = client_service(
-            reactor,
-            self.relay.base,
-            name,
-            backend_scheme="http",
-            backend_address=address or "127.0.0.1:%d" % (self.backend.getHost().port,),
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
+        return started_client(self, self.relay.base, name, address or "127.0.0.1:%d" % (self.backend.getHost().port,))
 
     def polled(self, name: str):
-        return until(lambda: name in self.relay.broker.backends and bool(self.relay.broker.backends[name].polls))
+        return self.relay.polling(name)
 
     def user(self, name: str, path: str, **kw):
         return treq.get(self.relay.url("/client/%s%s" % (name, path)), pool=self.users, **kw)
@@ -154,7 +145,7 @@ class AdminCase(unittest.TestCase):
                 return data
             if time.monotonic() > deadline:
                 raise AssertionError("status never matched: %s" % (json.dumps(data)[:2000],))
-            yield until(lambda: True)  # one reactor turn
+            yield tick()  # the admin API is what is polled here
 
 
 class StatusWithRealClients(AdminCase):
@@ -191,7 +182,7 @@ class StatusWithRealClients(AdminCase):
 
         # The relay-client goes: gone, then forgotten, with its history.
         yield client.stopService()
-        yield until(lambda: not self.relay.broker.backends["robot"].polls)
+        yield self.relay.when(lambda: not self.relay.broker.backends["robot"].polls)
         self.clock.advance(11)
         b = yield self.backend_status("robot")
         self.assertEqual((b["state"], b["open_polls"], b["forgotten"]), ("gone", 0, False))
@@ -277,7 +268,7 @@ class StatusWithRealClients(AdminCase):
         client = self.start_client("robot")
         yield self.polled("robot")
         yield client.stopService()
-        yield until(lambda: not self.relay.broker.backends["robot"].polls)
+        yield self.relay.when(lambda: not self.relay.broker.backends["robot"].polls)
         d = self.user("robot", "/ok")
         data = yield self.until_status(lambda s: s["in_flight"]["items"])
         self.assertEqual(data["in_flight"]["items"][0]["state"], "waiting_for_pickup")

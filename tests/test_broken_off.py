@@ -26,7 +26,7 @@ from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.response import UserResponse
-from tests.support import RelayServer, client_service, dechunk, head_and_body, until
+from tests.support import RelayServer, client_service, dechunk, head_and_body
 from tests.test_client_e2e import Collect
 from tests.test_client_h2 import H2Backend, H2BackendResource
 from tests.test_http2 import H2Client
@@ -104,7 +104,7 @@ class OurPair(unittest.TestCase):
         client.startService()
         self.addCleanup(client.stopService)
         self.users = HTTPConnectionPool(reactor, persistent=False)
-        return until(lambda: self.relay.polled_by(NAME))
+        return self.relay.polling(NAME)
 
     def get(self, path: str):
         return treq.get(self.relay.base + "/client/" + NAME + path, pool=self.users)
@@ -125,7 +125,7 @@ class OurPair(unittest.TestCase):
         failure = yield self.assertFailure(body.done, ResponseFailed)
         self.assertEqual(b"".join(body.pieces), received, failure)
         # The server forgot the request once the relay-client's eof came.
-        yield until(lambda: not self.relay.broker.requests)
+        yield self.relay.when(lambda: not self.relay.broker.requests)
         self.assertTrue(backend_errors(self.relay))
 
     def test_chunked_body_reset_midway_is_an_error_for_the_user(self):
@@ -150,7 +150,7 @@ class OurPair(unittest.TestCase):
         self.assertEqual(response.code, 502)
         body = yield response.content()
         self.assertEqual(body, b"Backend response failed with error: connection closed before the answer was complete")
-        yield until(lambda: not self.relay.broker.requests)
+        yield self.relay.when(lambda: not self.relay.broker.requests)
 
     @defer.inlineCallbacks
     def test_body_ended_by_close_is_complete(self):
@@ -190,7 +190,7 @@ class OurPairOverHTTP2(unittest.TestCase):
         )
         client.startService()
         self.addCleanup(client.stopService)
-        yield until(lambda: relay.polled_by(NAME))
+        yield relay.polling(NAME)
         user = H2Client()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port), user)
         self.addCleanup(lambda: (user.transport.loseConnection(), user.lost)[1])
@@ -201,7 +201,7 @@ class OurPairOverHTTP2(unittest.TestCase):
         backend.requests[-1].channel.abortConnection()  # RST_STREAM before END_STREAM
         yield self.assertFailure(state["done"], AssertionError)  # H2Client: "stream reset"
         self.assertIsNone(state["trailers"])
-        yield until(lambda: not relay.broker.requests)
+        yield relay.when(lambda: not relay.broker.requests)
         self.assertTrue(backend_errors(relay))
         # Only that stream: the user's connection serves the next request.
         _, state = user.request("GET", "/healthz")
@@ -239,7 +239,7 @@ class GoClientOnOurServer(unittest.TestCase):
         ]
         reactor.spawnProcess(go, GO_CLIENT, argv, env=dict(os.environ))
         self.addCleanup(go.terminate)
-        yield until(lambda: relay.polled_by(NAME))
+        yield relay.polling(NAME)
         users = HTTPConnectionPool(reactor, persistent=False)
         try:
             response = yield treq.get(relay.base + "/client/%s/file" % (NAME,), pool=users)
@@ -250,7 +250,7 @@ class GoClientOnOurServer(unittest.TestCase):
             pass  # aborted before or after the head, as the bytes happened to go
         else:
             self.fail("a body of 10 of its 100 bytes looked complete: %r" % (b"".join(body.pieces),))
-        yield until(lambda: not relay.broker.requests)
+        yield relay.when(lambda: not relay.broker.requests)
         self.assertTrue(backend_errors(relay))
 
 

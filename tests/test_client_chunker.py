@@ -277,29 +277,28 @@ class ChunkerTests(SynchronousTestCase):
 class KnownLengthTests(SynchronousTestCase):
     """A body of known length that fits one piece goes out as one message."""
 
-    def test_full_piece_that_is_the_end_is_one_final_message(self):
+    def chunker(self, expected_length, max_chunk_size=8):
+        """A chunker for a body of C{expected_length} bytes, and the messages it posted."""
+        self.clock = Clock()
         sent = []
         chunker = Chunker(
             HttpResponse(id="r:1", status_code=200),
             lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
-            Clock(),
-            max_chunk_size=8,
-            expected_length=8,
+            self.clock,
+            max_chunk_size=max_chunk_size,
+            expected_length=expected_length,
         )
+        return chunker, sent
+
+    def test_full_piece_that_is_the_end_is_one_final_message(self):
+        chunker, sent = self.chunker(8)
         chunker.write(b"12345678")
         self.assertEqual(sent, [])  # waits for the end it knows is here
         chunker.finish()
         self.assertEqual([(m.body, m.eof, m.status_code) for m in sent], [(b"12345678", True, 200)])
 
     def test_longer_bodies_still_go_in_full_pieces_at_once(self):
-        sent = []
-        chunker = Chunker(
-            HttpResponse(id="r:1", status_code=200),
-            lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
-            Clock(),
-            max_chunk_size=8,
-            expected_length=12,
-        )
+        chunker, sent = self.chunker(12)
         chunker.write(b"12345678")
         self.assertEqual([m.body for m in sent], [b"12345678"])
         chunker.write(b"9abc")
@@ -311,15 +310,8 @@ class KnownLengthTests(SynchronousTestCase):
         Only a body of announced length is held as the Go client holds every
         body: nobody can use part of it, and a big one then goes in few POSTs.
         """
-        clock = Clock()
-        sent = []
-        chunker = Chunker(
-            HttpResponse(id="r:1", status_code=200),
-            lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
-            clock,
-            max_chunk_size=1000,
-            expected_length=10,
-        )
+        chunker, sent = self.chunker(10, max_chunk_size=1000)
+        clock = self.clock
         chunker.write(b"12345")
         clock.advance(0.099)
         self.assertEqual(sent, [])

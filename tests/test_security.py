@@ -220,7 +220,7 @@ class ColonNameTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_backend_with_colon_answers_with_its_own_token_only(self):
         poll = self.as_client("GET", "/server/request?server=a:b", b"token-ab")
-        yield self.until(lambda: "a:b" in self.server.broker.backends)
+        yield self.polling("a:b")
         user = self.get("/client/a:b/x")
         resp = yield poll
         self.assertEqual(resp.code, 200)
