@@ -1023,6 +1023,11 @@ class SideBySide:
     def run(self):
         a = self.a
         pythons = [(p, interpreter_name(p)) for p in a.pythons]
+        shorts = [interp["short"] for _, interp in pythons]
+        for p, interp in pythons:
+            if shorts.count(interp["short"]) > 1:
+                # Two builds on one interpreter (old code against new): name the venv.
+                interp["short"] += " (%s)" % os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(p))))
         self.interps = pythons
         self.pairs = [Pair("go", "go")]
         for python, interp in pythons:

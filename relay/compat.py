@@ -37,6 +37,7 @@ __all__ = [
     "detach_channel",
     "h2_header_block_pending",
     "h2_stream_connection",
+    "nothing_to_write",
     "reactor_poller",
     "reading_request_line",
     "request_gone",
@@ -162,3 +163,23 @@ def reactor_poller(reactor):
 
 def set_reactor_poller(reactor, poller) -> None:
     reactor._poller = poller
+
+
+# twisted.internet.abstract.FileDescriptor: its write buffers. The
+# transport tuning writes straight to the socket when they are empty.
+def nothing_to_write(transport) -> bool:
+    """
+    Whether a TCP transport is open for writing with nothing waiting to
+    be written: a byte sent now cannot overtake one written before. A
+    transport that speaks TLS itself (C{connectSSL}, C{listenSSL}: its
+    C{TLS} flag) never qualifies: its writes must go through the TLS engine.
+    """
+    return (
+        transport.connected
+        and not transport.TLS
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataBuffer
+        and (transport.producer is None or transport.streamingProducer)
+        and len(transport.dataBuffer) == transport.offset
+    )

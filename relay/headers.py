@@ -72,6 +72,13 @@ UPGRADE_DROPS = frozenset(["host", "content-length", "transfer-encoding"])
 H2_BACKEND_DROPS = (CONNECTION_SPECIFIC - {"te"}) | {"host", "http2-settings", "content-length"}
 
 
+# Our extension (docs/protocol.md): a trailer on a relay-client's message
+# saying that the backend's answer broke off, with a short reason. Our
+# server aborts the user's answer on it and never relays it; the Go server
+# relays it as an ordinary trailer.
+RELAY_ERROR = "Relay-Error"
+
+
 # Go's httpguts badTrailer: never valid as a trailer.
 BAD_TRAILERS = frozenset(
     [

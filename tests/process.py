@@ -70,6 +70,10 @@ class TwistdProcess(protocol.ProcessProtocol):
         self._watchers.append((regex, d))
         return d
 
+    def listening_port(self) -> defer.Deferred:
+        """Fires with the port a C{twistd relay} says it listens on."""
+        return self.wait_for(r'Relay server listening.*"Port":(\d+)').addCallback(lambda m: int(m.group(1)))
+
     def processEnded(self, reason):
         for _, d in self._watchers:
             d.errback(AssertionError("twistd exited; log:\n" + "\n".join(self.lines)))

@@ -9,12 +9,17 @@ library would hide what we need to see (slow reading, aborted connections,
 import dataclasses
 import re
 import socket
-from typing import List, Optional, Tuple
+import weakref
+from typing import Callable, List, Optional, Tuple
 
 import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.internet.task import Clock
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web import server as server_module
@@ -63,10 +68,122 @@ def client_service(reactor, relay_url: str, server_name: str, **kwargs):
     return make_client_service(reactor, config, **kwargs)
 
 
+def started_client(test, relay_url: str, server_name: str, backend_address: str, **kwargs):
+    """
+    A relay-client on the real reactor (L{client_service}; the backend over
+    plain HTTP unless C{backend_scheme} says otherwise), started now and
+    stopped at C{test}'s clean-up.
+    """
+    kwargs.setdefault("backend_scheme", "http")
+    client = client_service(reactor, relay_url, server_name, backend_address=backend_address, **kwargs)
+    client.startService()
+    test.addCleanup(client.stopService)
+    return client
+
+
 def polled_by(broker, name: str) -> bool:
     """Whether a relay-client's long poll for C{name} waits at the server."""
     backend = broker.backends.get(name)
     return backend is not None and bool(backend.polls)
+
+
+class Changes:
+    """
+    Deferreds for conditions over state that a real-socket test cannot
+    see change (what a server holds after bytes crossed a socket): each
+    condition is checked again whenever the code that changes the state
+    calls L{changed}, rather than by polling the reactor. A Deferred fires
+    on the next reactor turn, outside the call that changed the state.
+    """
+
+    def __init__(self):
+        self._waiting: List[Tuple[Callable[[], object], defer.Deferred]] = []
+
+    def changed(self) -> None:
+        for entry in list(self._waiting):
+            condition, d = entry
+            try:
+                held = condition()
+            except Exception:
+                # The test's Deferred fails, not the code that changed the state.
+                self._waiting.remove(entry)
+                reactor.callLater(0, d.errback, Failure())
+                continue
+            if held:
+                self._waiting.remove(entry)
+                reactor.callLater(0, d.callback, None)
+
+    def when(self, condition: Callable[[], object]) -> defer.Deferred:
+        """Fires once C{condition()} holds (at once if it does now)."""
+        if condition():
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append((condition, d))
+        return d
+
+
+class BrokerEvents(Changes):
+    """
+    L{Changes} of a broker (a poll waiting, a request forgotten). The
+    server's resources reach the broker only through the calls in L{CALLS}:
+    conditions are checked after each such call, and when the Deferred a
+    call returned fires (a poll cancelled because its connection went away).
+    """
+
+    CALLS = ("get_request", "relay", "arrival", "cancel", "send_response", "reject", "get_request_stream")
+
+    def __init__(self, broker):
+        super().__init__()
+        for name in self.CALLS:
+            setattr(broker, name, self._watched(getattr(broker, name)))
+
+    def _watched(self, call):
+        def watched(*args, **kwargs):
+            try:
+                result = call(*args, **kwargs)
+            finally:
+                self.changed()
+            if isinstance(result, defer.Deferred):
+                result.addBoth(self._passing)
+            return result
+
+        return watched
+
+    def _passing(self, result):
+        self.changed()
+        return result
+
+
+class Recorder(list):
+    """A callback (an C{on_fatal}) that keeps what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.changes = Changes()
+
+    def __call__(self, value) -> None:
+        self.append(value)
+        self.changes.changed()
+
+    def called(self) -> defer.Deferred:
+        """Fires once it has been called."""
+        return self.changes.when(lambda: self)
+
+
+_events: "weakref.WeakKeyDictionary[Broker, BrokerEvents]" = weakref.WeakKeyDictionary()
+
+
+def broker_events(broker) -> BrokerEvents:
+    """The broker's L{BrokerEvents}, made on first use."""
+    events = _events.get(broker)
+    if events is None:
+        events = _events[broker] = BrokerEvents(broker)
+    return events
+
+
+def polling(broker, name: str) -> defer.Deferred:
+    """Fires once a relay-client's long poll for C{name} waits at C{broker}."""
+    return broker_events(broker).when(lambda: polled_by(broker, name))
 
 
 class RelayServer:
@@ -77,6 +194,7 @@ class RelayServer:
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
         self.broker = self.service.broker
+        broker_events(self.broker)  # from the start: it sees every poll
         self.base = "http://127.0.0.1:%d" % (self.port,)
 
     def url(self, path: str) -> str:
@@ -84,6 +202,12 @@ class RelayServer:
 
     def polled_by(self, name: str) -> bool:
         return polled_by(self.broker, name)
+
+    def polling(self, name: str) -> defer.Deferred:
+        return polling(self.broker, name)
+
+    def when(self, condition: Callable[[], object]) -> defer.Deferred:
+        return broker_events(self.broker).when(condition)
 
     def stop(self) -> defer.Deferred:
         return defer.maybeDeferred(self.service.stopService)
@@ -112,13 +236,13 @@ class InMemoryRelay:
 
     base = "http://relay"
 
-    def __init__(self, routing=None, **fields):
+    def __init__(self, policy=None, routing=None, **fields):
         self.clock = Clock()
         config = ServerConfig(**dict({"header_timeout": None}, **fields))
         metrics = RelayMetrics(process=False)
         self.broker = Broker(self.clock, config, metrics)
         metrics.watch(self.broker)
-        root = RootResource(self.broker, metrics.render, routing=routing)
+        root = RootResource(self.broker, metrics.render, policy, routing=routing)
 
         def site_for(memory):
             # The site's own reactor (treq's memory reactor, with a clock of
@@ -158,6 +282,63 @@ class InMemoryRelay:
         return d
 
 
+class MemoryNetwork:
+    """
+    The connections a L{MemoryReactorClock} was asked to make, served in
+    memory by C{server_factory} over iosim transports: client code that
+    takes a reactor (the relay-client's agents and endpoints) runs
+    unchanged with no socket. L{flush} carries every byte across, and the
+    reactor's C{callLater(0)}s, until nothing moves; with C{refusing} set,
+    new connections are refused instead.
+
+    @param factory_for: makes the server's factory, given the reactor.
+    """
+
+    def __init__(self, factory_for):
+        self.reactor = MemoryReactorClock()
+        self.server_factory = factory_for(self.reactor)
+        self.refusing = False
+        self.opened = 0
+        self._pumps: List[iosim.IOPump] = []
+
+    def flush(self) -> None:
+        moved = True
+        while moved:
+            self.reactor.advance(0)
+            moved = self._connect()
+            for pump in self._pumps:
+                moved = pump.pump(advanceClock=False) or moved
+
+    def _connect(self) -> bool:
+        connected = False
+        while self.reactor.tcpClients:
+            factory = self.reactor.tcpClients.pop(0)[2]
+            connector = self.reactor.connectors.pop(0)
+            connected = True
+            if self.refusing:
+                factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+                continue
+            self.opened += 1
+            client = factory.buildProtocol(None)
+            server = self.server_factory.buildProtocol(None)
+            self._pumps.append(
+                iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False)
+            )
+        return connected
+
+
+def response_message(request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()):
+    """An L{HttpResponse} as a relay-client posts it; C{status} None: a later message."""
+    m = HttpResponse(id=request_id, body=body, eof=eof)
+    if status is not None:
+        m.status_code = status
+    for k, v in headers:
+        m.header.add(name=k, value=v)
+    for k, v in trailers:
+        m.trailer.add(name=k, value=v)
+    return m
+
+
 class FakeRelayClient:
     """
     Speaks the relay-client side of the protocol, one call at a time, so a
@@ -192,14 +373,7 @@ class FakeRelayClient:
         return resp.code, body
 
     def respond(self, request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()):
-        m = HttpResponse(id=request_id, body=body, eof=eof)
-        if status is not None:
-            m.status_code = status
-        for k, v in headers:
-            m.header.add(name=k, value=v)
-        for k, v in trailers:
-            m.trailer.add(name=k, value=v)
-        return self.post(m)
+        return self.post(response_message(request_id, status, body, eof, headers, trailers))
 
     @defer.inlineCallbacks
     def request_stream(self, request_id: str):
@@ -230,12 +404,16 @@ class RawResponse(protocol.Protocol):
 
     def wait_for(self, pattern: bytes) -> defer.Deferred:
         """Fires once C{pattern} has been received."""
+        return self.wait_until(lambda data: pattern in data, repr(pattern))
+
+    def wait_until(self, predicate, what: str = "what was expected") -> defer.Deferred:
+        """Fires once C{predicate(data received)} holds."""
 
         @defer.inlineCallbacks
         def loop():
-            while pattern not in self.data:
+            while not predicate(bytes(self.data)):
                 if self.ended.called:
-                    raise AssertionError("connection ended before %r: %r" % (pattern, bytes(self.data)))
+                    raise AssertionError("connection ended before %s: %r" % (what, bytes(self.data)))
                 self.received = defer.Deferred()
                 yield self.received
 
@@ -298,19 +476,6 @@ def tick(seconds: float = 0.005) -> defer.Deferred:
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def until(condition, timeout: float = 10.0):
-    """
-    Wait on the real reactor for state we have no Deferred for (what a
-    server holds after bytes crossed a socket); fail after C{timeout}.
-    """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        yield tick()
 
 
 @defer.inlineCallbacks

@@ -4,6 +4,7 @@ global limits, the slowloris guard, and the headers relayed to backends.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,9 +15,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from relay.proto.http_relay_pb2 import HttpResponse
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
-from tests.support import FakeRelayClient, RelayServer, raw_connect, tick as _tick
+from relay.server.broker import POLL_TIMEOUT
+from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect, tick as _tick
+from tests.test_routes import RouteTestCase
 from tests.test_server import ServerTestCase
 
 
@@ -28,13 +31,16 @@ def write(path, text):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000000))
 
 
-class AuthTestCase(ServerTestCase):
+class AuthTestCase(RouteTestCase):
+    """The access policy in memory: only HTTP semantics matter here."""
+
     client_tokens = "# relay-clients\nrobot-a  %s\nlab-*    %s\n" % (token_hash("token-a"), token_hash("token-lab"))
     user_tokens = None
     trusted_user_header = None
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
         client = user = None
         if self.client_tokens is not None:
             client = os.path.join(self.tmp, "clients")
@@ -44,83 +50,60 @@ class AuthTestCase(ServerTestCase):
             user = os.path.join(self.tmp, "users")
             write(user, self.user_tokens)
             user = UserTokens(user)
-        self.clock = Clock()
-        self.server = RelayServer(
-            clock=self.clock, policy=AccessPolicy(client, user, self.trusted_user_header)
-        )
-        self.relay_client = FakeRelayClient(self.server)
-        self.users = HTTPConnectionPool(reactor, persistent=True)
-        self.addCleanup(self.users.closeCachedConnections)
-        self.addCleanup(self.relay_client.close)
-        self.addCleanup(self.server.stop)
+        self.relay = InMemoryRelay(policy=AccessPolicy(client, user, self.trusted_user_header))
 
-    def as_client(self, method, path, token, **kw):
-        headers = kw.pop("headers", {})
+    def as_client(self, method, path, token, data=b""):
+        headers = {}
         if token is not None:
             headers[b"Authorization"] = [b"Bearer " + token.encode()]
-        return treq.request(method, self.server.url(path), headers=headers, pool=self.relay_client.pool, **kw)
+        return self.relay.request(method, path, headers=headers, data=data)
+
+    def polled(self, name, token):
+        """A poll for C{name} with C{token} waits, then times out (408)."""
+        poll = self.as_client("GET", "/server/request?server=" + name, token)
+        self.assertNoResult(poll)
+        self.assertTrue(polled_by(self.relay.broker, name))
+        self.relay.advance(POLL_TIMEOUT)
+        self.assertEqual(self.answer(poll)[0].code, 408)
 
 
 class ClientTokenTests(AuthTestCase):
-    @defer.inlineCallbacks
     def test_poll_needs_a_token_for_that_name(self):
         for token, name in ((None, "robot-a"), ("wrong", "robot-a"), ("token-a", "robot-b"), ("token-lab", "robot-a")):
-            resp = yield self.as_client("GET", "/server/request?server=" + name, token)
-            self.assertEqual(resp.code, 403, (token, name))
-            self.assertIn(b"Forbidden", (yield resp.content()))
-        self.assertEqual(self.server.broker.backends, {})
+            response, body = self.answer(self.as_client("GET", "/server/request?server=" + name, token))
+            self.assertEqual(response.code, 403, (token, name))
+            self.assertIn(b"Forbidden", body)
+        self.assertEqual(self.relay.broker.backends, {})
 
-    @defer.inlineCallbacks
     def test_glob_and_own_name_allowed(self):
         for token, name in (("token-a", "robot-a"), ("token-lab", "lab-7")):
-            poll = self.as_client("GET", "/server/request?server=" + name, token)
-            yield self.until(lambda: name in self.server.broker.backends)
-            self.clock.advance(30)
-            self.assertEqual((yield poll).code, 408)
+            self.polled(name, token)
 
-    @defer.inlineCallbacks
     def test_cannot_answer_or_stream_another_backends_requests(self):
         poll = self.as_client("GET", "/server/request?server=lab-1", "token-lab")
-        yield self.until(lambda: "lab-1" in self.server.broker.backends)
-        user = self.get("/client/lab-1/secret")
-        resp = yield poll
-        self.assertEqual(resp.code, 200)
-        from relay.proto.http_relay_pb2 import HttpRequest
-
-        message = HttpRequest.FromString((yield resp.content()))
+        user = self.relay.get("/client/lab-1/secret")
+        response, body = self.answer(poll)
+        self.assertEqual(response.code, 200)
+        message = HttpRequest.FromString(body)
         # robot-a's client tries to answer lab-1's request, and read its stream.
         forged = HttpResponse(id=message.id, status_code=200, body=b"forged", eof=True).SerializeToString()
-        resp = yield self.as_client("POST", "/server/response", "token-a", data=forged)
-        self.assertEqual(resp.code, 403)
-        yield resp.content()
-        resp = yield self.as_client("POST", "/server/requeststream?id=" + message.id, "token-a", data=b"")
-        self.assertEqual(resp.code, 403)
-        yield resp.content()
+        self.assertEqual(self.answer(self.as_client("POST", "/server/response", "token-a", data=forged))[0].code, 403)
+        response, _ = self.answer(self.as_client("POST", "/server/requeststream?id=" + message.id, "token-a"))
+        self.assertEqual(response.code, 403)
         # The rightful client answers.
         real = HttpResponse(id=message.id, status_code=200, body=b"real", eof=True).SerializeToString()
-        resp = yield self.as_client("POST", "/server/response", "token-lab", data=real)
-        self.assertEqual(resp.code, 200)
-        yield resp.content()
-        self.assertEqual((yield (yield user).content()), b"real")
+        self.assertEqual(self.answer(self.as_client("POST", "/server/response", "token-lab", data=real))[0].code, 200)
+        self.assertEqual(self.answer(user)[1], b"real")
 
-    @defer.inlineCallbacks
     def test_token_file_is_reloaded(self):
         write(os.path.join(self.tmp, "clients"), "robot-a %s\n" % (token_hash("rotated"),))
-        resp = yield self.as_client("GET", "/server/request?server=robot-a", "token-a")
-        self.assertEqual(resp.code, 403)
-        yield resp.content()
-        poll = self.as_client("GET", "/server/request?server=robot-a", "rotated")
-        yield self.until(lambda: "robot-a" in self.server.broker.backends)
-        self.clock.advance(30)
-        self.assertEqual((yield poll).code, 408)
+        response, _ = self.answer(self.as_client("GET", "/server/request?server=robot-a", "token-a"))
+        self.assertEqual(response.code, 403)
+        self.polled("robot-a", "rotated")
 
-    @defer.inlineCallbacks
     def test_broken_reload_keeps_previous_tokens(self):
         write(os.path.join(self.tmp, "clients"), "robot-a not-a-hash\n")
-        poll = self.as_client("GET", "/server/request?server=robot-a", "token-a")
-        yield self.until(lambda: "robot-a" in self.server.broker.backends)
-        self.clock.advance(30)
-        self.assertEqual((yield poll).code, 408)
+        self.polled("robot-a", "token-a")
         self.flushLoggedErrors()
 
 
@@ -128,38 +111,29 @@ class UserTokenTests(AuthTestCase):
     client_tokens = None
     user_tokens = "%s robot-1,lab-*\n%s robot-2\n" % (token_hash("alice"), token_hash("bob"))
 
-    @defer.inlineCallbacks
     def test_no_token_is_401_with_challenge(self):
-        yield self.known("robot-1")
-        resp = yield self.get("/client/robot-1/x")
-        self.assertEqual(resp.code, 401)
-        self.assertEqual(resp.headers.getRawHeaders(b"www-authenticate"), [b'Bearer realm="relay"'])
-        yield resp.content()
-        self.assertEqual(self.server.broker.requests, {})
+        self.known("robot-1")
+        response, _ = self.answer(self.relay.get("/client/robot-1/x"))
+        self.assertEqual(response.code, 401)
+        self.assertEqual(response.headers.getRawHeaders(b"www-authenticate"), [b'Bearer realm="relay"'])
+        self.assertEqual(self.relay.broker.requests, {})
 
-    @defer.inlineCallbacks
     def test_token_for_other_backend_is_403(self):
-        yield self.known("robot-1")
-        resp = yield self.get("/client/robot-1/x", headers={b"Authorization": [b"Bearer bob"]})
-        self.assertEqual(resp.code, 403)
-        yield resp.content()
+        self.known("robot-1")
+        response, _ = self.answer(self.relay.get("/client/robot-1/x", headers={b"Authorization": [b"Bearer bob"]}))
+        self.assertEqual(response.code, 403)
         # Even for names nobody serves: no 503 that would reveal which exist.
-        resp = yield self.get("/client/ghost/x", headers={b"Authorization": [b"Bearer bob"]})
-        self.assertEqual(resp.code, 403)
-        yield resp.content()
+        response, _ = self.answer(self.relay.get("/client/ghost/x", headers={b"Authorization": [b"Bearer bob"]}))
+        self.assertEqual(response.code, 403)
 
-    @defer.inlineCallbacks
     def test_bearer_token_is_consumed(self):
-        user, message = yield self.relayed(
-            "/client/lab-3/x", name="lab-3", headers={b"Authorization": [b"Bearer alice"]}
-        )
+        user, message = self.relayed("/client/lab-3/x", name="lab-3", headers={b"Authorization": [b"Bearer alice"]})
         self.assertNotIn("Authorization", [h.name for h in message.header])
-        yield self.relay_client.respond(message.id, 200, b"hi")
-        self.assertEqual((yield (yield user).content()), b"hi")
+        self.respond_with(message.id, 200, b"hi")
+        self.assertEqual(self.answer(user)[1], b"hi")
 
-    @defer.inlineCallbacks
     def test_x_relay_token_leaves_authorization_for_the_backend(self):
-        user, message = yield self.relayed(
+        user, message = self.relayed(
             "/client/robot-2/x",
             name="robot-2",
             headers={b"X-Relay-Token": [b"bob"], b"Authorization": [b"Basic dXNlcjpwdw=="]},
@@ -167,23 +141,21 @@ class UserTokenTests(AuthTestCase):
         headers = [(h.name, h.value) for h in message.header]
         self.assertIn(("Authorization", "Basic dXNlcjpwdw=="), headers)
         self.assertNotIn("X-Relay-Token", [h.name for h in message.header])
-        yield self.relay_client.respond(message.id, 200)
-        yield (yield user).content()
+        self.respond_with(message.id, 200)
+        self.assertEqual(self.answer(user)[0].code, 200)
 
 
 class TrustedHeaderTests(AuthTestCase):
     client_tokens = None
     trusted_user_header = "X-Forwarded-User"
 
-    @defer.inlineCallbacks
     def test_requests_need_the_proxy_header(self):
-        yield self.known()
-        resp = yield self.get("/client/robot/x")
-        self.assertEqual(resp.code, 401)
-        yield resp.content()
-        user, message = yield self.relayed("/client/robot/x", headers={b"X-Forwarded-User": [b"alice@example.com"]})
-        yield self.relay_client.respond(message.id, 200)
-        self.assertEqual((yield user).code, 200)
+        self.known()
+        response, _ = self.answer(self.relay.get("/client/robot/x"))
+        self.assertEqual(response.code, 401)
+        user, message = self.relayed("/client/robot/x", headers={b"X-Forwarded-User": [b"alice@example.com"]})
+        self.respond_with(message.id, 200)
+        self.assertEqual(self.answer(user)[0].code, 200)
 
 
 class HashCommandTests(unittest.TestCase):
@@ -221,16 +193,14 @@ class LimitTests(unittest.TestCase):
             d.cancel()
             d.addErrback(lambda f: None)
         first = [treq.get(self.server.url("/client/busy/%d" % i), pool=self.users) for i in range(2)]
-        while len(self.server.broker.requests) < 2:
-            yield _tick()
+        yield self.server.when(lambda: len(self.server.broker.requests) == 2)
         resp = yield treq.get(self.server.url("/client/busy/3"), pool=self.users)
         self.assertEqual(resp.code, 503)
         self.assertEqual(resp.headers.getRawHeaders(b"retry-after"), [b"1"])
         self.assertIn(b"Too many pending requests", (yield resp.content()))
         # Another backend is not affected.
         other = treq.get(self.server.url("/client/other/x"), pool=self.users)
-        while len(self.server.broker.requests) < 3:
-            yield _tick()
+        yield self.server.when(lambda: len(self.server.broker.requests) == 3)
         yield self.healthy()
         self.clock.advance(10)  # nobody picks them up: 503 each, state released
         for d in first + [other]:
@@ -241,8 +211,7 @@ class LimitTests(unittest.TestCase):
     def test_max_backends(self):
         self.start(max_backends=1)
         poll = self.relay_client.poll("one")
-        while "one" not in self.server.broker.backends:
-            yield _tick()
+        yield self.server.polling("one")
         code, body = yield self.relay_client.poll("two")
         self.assertEqual(code, 503)
         self.assertIn(b"Too many relay clients", body)
@@ -285,9 +254,8 @@ class LimitTests(unittest.TestCase):
     def test_long_poll_is_not_a_slow_header(self):
         self.start(header_timeout=0.2)
         poll = self.relay_client.poll("robot")
-        while "robot" not in self.server.broker.backends:
-            yield _tick()
-        yield _tick(0.5)
+        yield self.server.polling("robot")
+        yield _tick(0.5)  # past the header timeout, on the real reactor
         self.clock.advance(30)
         self.assertEqual((yield poll)[0], 408)
 

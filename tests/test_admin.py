@@ -30,7 +30,7 @@ from relay.admin.stats import DEFAULT_RING
 from relay.admin.status import Query, effective_flags, snapshot
 from relay.server.broker import Backend, Broker, Waiters
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.support import RelayServer, client_service, free_port, raw_connect, until
+from tests.support import RelayServer, free_port, raw_connect, started_client, tick
 
 SECRET = "s3cr3t-value"
 
@@ -38,8 +38,8 @@ SECRET = "s3cr3t-value"
 class Hanging(resource.Resource):
     """
     The backend: C{/ok} answers, C{/hang} never does, C{/short} promises
-    100 bytes and hangs up after 10, C{/stream} writes forever, C{/echo}
-    sets a cookie.
+    100 bytes, sends 10 and waits for the test to hang up, C{/stream}
+    writes forever, C{/echo} sets a cookie.
     """
 
     isLeaf = True
@@ -61,7 +61,7 @@ class Hanging(resource.Resource):
         if path == b"/short":
             request.setHeader(b"content-length", b"100")
             request.write(b"0123456789")
-            reactor.callLater(0.05, request.transport.loseConnection)
+            self.open.append(request)
             return server.NOT_DONE_YET
         if path == b"/stream":
             self.open.append(request)
@@ -115,19 +115,10 @@ class AdminCase(unittest.TestCase):
                 request.transport.abortConnection()
 
     def start_client(self, name: str, address: str = None):
-        client = client_service(
-            reactor,
-            self.relay.base,
-            name,
-            backend_scheme="http",
-            backend_address=address or "127.0.0.1:%d" % (self.backend.getHost().port,),
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
+        return started_client(self, self.relay.base, name, address or "127.0.0.1:%d" % (self.backend.getHost().port,))
 
     def polled(self, name: str):
-        return until(lambda: name in self.relay.broker.backends and bool(self.relay.broker.backends[name].polls))
+        return self.relay.polling(name)
 
     def user(self, name: str, path: str, **kw):
         return treq.get(self.relay.url("/client/%s%s" % (name, path)), pool=self.users, **kw)
@@ -154,7 +145,7 @@ class AdminCase(unittest.TestCase):
                 return data
             if time.monotonic() > deadline:
                 raise AssertionError("status never matched: %s" % (json.dumps(data)[:2000],))
-            yield until(lambda: True)  # one reactor turn
+            yield tick()  # the admin API is what is polled here
 
 
 class StatusWithRealClients(AdminCase):
@@ -191,7 +182,7 @@ class StatusWithRealClients(AdminCase):
 
         # The relay-client goes: gone, then forgotten, with its history.
         yield client.stopService()
-        yield until(lambda: not self.relay.broker.backends["robot"].polls)
+        yield self.relay.when(lambda: not self.relay.broker.backends["robot"].polls)
         self.clock.advance(11)
         b = yield self.backend_status("robot")
         self.assertEqual((b["state"], b["open_polls"], b["forgotten"]), ("gone", 0, False))
@@ -277,7 +268,7 @@ class StatusWithRealClients(AdminCase):
         client = self.start_client("robot")
         yield self.polled("robot")
         yield client.stopService()
-        yield until(lambda: not self.relay.broker.backends["robot"].polls)
+        yield self.relay.when(lambda: not self.relay.broker.backends["robot"].polls)
         d = self.user("robot", "/ok")
         data = yield self.until_status(lambda s: s["in_flight"]["items"])
         self.assertEqual(data["in_flight"]["items"][0]["state"], "waiting_for_pickup")
@@ -301,11 +292,12 @@ class StatusWithRealClients(AdminCase):
         self.relay.broker.reap()
         response = yield d
         self.assertEqual(response.code, 504)
-        # Truncated: 10 of the 100 bytes promised, then the backend hangs up.
-        # The user's connection is aborted (before or after the head,
-        # as the bytes happen to go): nothing that looks complete.
+        # Truncated: 10 of the 100 bytes promised, and once the user has
+        # the head, the backend hangs up. The user's connection is
+        # aborted: nothing that looks complete.
+        response = yield self.user("robot", "/short")
+        self.backend_resource.open[-1].transport.loseConnection()
         try:
-            response = yield self.user("robot", "/short")
             yield response.content()
         except Exception:
             pass

@@ -26,7 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.admin import TokenCheck, attach_admin
 from relay.proto.http_relay_pb2 import HttpRequest
 from tests.chromium import Chromium, find_chromium
-from tests.support import RelayServer, client_service, raw_connect, until
+from tests.support import RelayServer, raw_connect, started_client
 from tests.test_admin import Hanging
 
 TOKEN = "browser-token"
@@ -47,16 +47,8 @@ class PageCase(unittest.TestCase):
         skip = "no chromium on PATH (apt-get install chromium; .ci/run does this as root)"
 
     def start_client(self, name: str):
-        client = client_service(
-            reactor,
-            self.relay.base,
-            name,
-            backend_scheme="http",
-            backend_address="127.0.0.1:%d" % (self.backend.getHost().port,),
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        return until(lambda: name in self.relay.broker.backends and bool(self.relay.broker.backends[name].polls))
+        started_client(self, self.relay.base, name, "127.0.0.1:%d" % (self.backend.getHost().port,))
+        return self.relay.polling(name)
 
     @defer.inlineCallbacks
     def get(self, name: str, path: str):
@@ -97,7 +89,7 @@ class AdminPage(PageCase):
             self.assertEqual((yield self.get("robot-1", "/ok")), 200)
         # A 504: the backend never answers, the request goes inactive.
         hang = self.get("robot-1", "/hang")
-        yield until(lambda: any(p.picked_up for p in self.relay.broker.requests.values()))
+        yield self.relay.when(lambda: any(p.picked_up for p in self.relay.broker.requests.values()))
         self.clock.advance(61)
         self.relay.broker.reap()
         self.assertEqual((yield hang), 504)
@@ -230,7 +222,7 @@ class BusyRelayPage(PageCase):
         hang = self.get("robot-1", "/hang")
         hang.addErrback(lambda _: None)
         self.addCleanup(hang.cancel)  # or the drain waits for it
-        yield until(lambda: len(self.relay.broker.requests) == 2)
+        yield self.relay.when(lambda: len(self.relay.broker.requests) == 2)
         self.clock.advance(2.5)  # ages, and "last poll … ago"
         browser = Chromium(CHROMIUM, height=1200)
         self.addCleanup(browser.close)

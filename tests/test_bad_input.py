@@ -87,7 +87,7 @@ class BadInputTests(ServerTestCase):
         """Found by the fuzz tests: invalid UTF-8 in a query must not crash."""
         user, message = yield self.in_flight()
         poll = treq.get(self.server.url("/server/request?server=%ff%fe"), pool=self.relay_client.pool)
-        yield self.until(lambda: len(self.server.broker.backends) == 2)
+        yield self.server.when(lambda: len(self.server.broker.backends) == 2)
         self.clock.advance(30)
         resp = yield poll
         self.assertEqual(resp.code, 408)
@@ -191,11 +191,7 @@ class BodyLimitTests(unittest.TestCase):
     def test_body_at_limit_is_relayed(self):
         poll = self.relay_client.poll("robot")
         proto = yield raw_connect(self.server.port)
-        while "robot" not in self.server.broker.backends:
-            from twisted.internet import reactor
-            from twisted.internet.task import deferLater
-
-            yield deferLater(reactor, 0.005, lambda: None)
+        yield self.server.polling("robot")
         proto.transport.write(
             b"POST /client/robot/x HTTP/1.1\r\nHost: r\r\nContent-Length: 1024\r\n\r\n" + b"y" * 1024
         )
@@ -296,13 +292,11 @@ class BodyBudgetTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_budget_refuses_then_recovers(self):
-        from tests.support import until
-
         d = self.server.broker.get_request("robot")
         d.cancel()
         d.addErrback(lambda f: None)
         first = yield self.upload()  # waits for a relay-client: its body is held
-        yield until(lambda: self.server.broker.requests)
+        yield self.server.when(lambda: self.server.broker.requests)
         self.assertEqual(self.server.broker.bodies.used, 2000)
         second = yield self.upload()
         yield second.ended
@@ -313,12 +307,12 @@ class BodyBudgetTests(unittest.TestCase):
         self.assertEqual(message.body, b"u" * 2000)
         self.assertEqual(self.server.broker.bodies.used, 0)
         third = yield self.upload()
-        yield until(lambda: len(self.server.broker.requests) == 2)
+        yield self.server.when(lambda: len(self.server.broker.requests) == 2)
         self.assertEqual(self.server.broker.bodies.used, 2000)
         yield self.relay_client.respond(message.id, 200, b"done")
         yield first.wait_for(b"done")
         for proto in (first, third):
             proto.transport.loseConnection()
             yield proto.ended
-        yield until(lambda: not self.server.broker.requests)
+        yield self.server.when(lambda: not self.server.broker.requests)
         self.assertEqual(self.server.broker.bodies.used, 0)

@@ -277,29 +277,28 @@ class ChunkerTests(SynchronousTestCase):
 class KnownLengthTests(SynchronousTestCase):
     """A body of known length that fits one piece goes out as one message."""
 
-    def test_full_piece_that_is_the_end_is_one_final_message(self):
+    def chunker(self, expected_length, max_chunk_size=8):
+        """A chunker for a body of C{expected_length} bytes, and the messages it posted."""
+        self.clock = Clock()
         sent = []
         chunker = Chunker(
             HttpResponse(id="r:1", status_code=200),
             lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
-            Clock(),
-            max_chunk_size=8,
-            expected_length=8,
+            self.clock,
+            max_chunk_size=max_chunk_size,
+            expected_length=expected_length,
         )
+        return chunker, sent
+
+    def test_full_piece_that_is_the_end_is_one_final_message(self):
+        chunker, sent = self.chunker(8)
         chunker.write(b"12345678")
         self.assertEqual(sent, [])  # waits for the end it knows is here
         chunker.finish()
         self.assertEqual([(m.body, m.eof, m.status_code) for m in sent], [(b"12345678", True, 200)])
 
     def test_longer_bodies_still_go_in_full_pieces_at_once(self):
-        sent = []
-        chunker = Chunker(
-            HttpResponse(id="r:1", status_code=200),
-            lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
-            Clock(),
-            max_chunk_size=8,
-            expected_length=12,
-        )
+        chunker, sent = self.chunker(12)
         chunker.write(b"12345678")
         self.assertEqual([m.body for m in sent], [b"12345678"])
         chunker.write(b"9abc")
@@ -311,15 +310,8 @@ class KnownLengthTests(SynchronousTestCase):
         Only a body of announced length is held as the Go client holds every
         body: nobody can use part of it, and a big one then goes in few POSTs.
         """
-        clock = Clock()
-        sent = []
-        chunker = Chunker(
-            HttpResponse(id="r:1", status_code=200),
-            lambda m, body=None: (sent.append(as_posted(m, body)), succeed(None))[1],
-            clock,
-            max_chunk_size=1000,
-            expected_length=10,
-        )
+        chunker, sent = self.chunker(10, max_chunk_size=1000)
+        clock = self.clock
         chunker.write(b"12345")
         clock.advance(0.099)
         self.assertEqual(sent, [])
@@ -329,3 +321,99 @@ class KnownLengthTests(SynchronousTestCase):
         chunker.finish()
         self.assertEqual([(m.body, m.eof) for m in sent], [(b"12345", False), (b"67890", True)])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class BrokenOffTests(SynchronousTestCase):
+    """
+    A backend body that breaks off (L{Chunker.fail}) must not reach the
+    relay server as a complete answer.
+    """
+
+    def make(self, auto=True, **kw):
+        self.clock = Clock()
+        self.relay = FakeRelay(auto=auto, clock=self.clock)
+        self.producer = FakeProducer()
+        chunker = Chunker(first_message(), self.relay.send, self.clock, max_chunk_size=1000, **kw)
+        chunker.set_producer(self.producer)
+        return chunker
+
+    def trailers(self, m: HttpResponse):
+        return [(h.name, h.value) for h in m.trailer]
+
+    def test_begun_answer_ends_with_relay_error_then_eof(self):
+        c = self.make(auto=False)
+        c.write(b"part one")
+        self.clock.advance(0)
+        self.relay.answer()  # status, headers, the first bytes: the answer has begun
+        c.write(b" and two")
+        c.fail("connection closed\nbefore the answer was complete")
+        self.assertTrue(self.producer.stopped, "the backend connection stays open")
+        error = self.relay.messages[-1]
+        # What was read still goes; no status, no eof, and the reason on one line.
+        self.assertEqual((error.HasField("status_code"), error.body, error.eof), (False, b" and two", False))
+        self.assertEqual(
+            self.trailers(error), [("Relay-Error", "connection closed before the answer was complete")]
+        )
+        self.assertNoResult(c.done)
+        self.relay.answer()
+        # Then the eof that a server without the extension needs to end the answer at once.
+        eof = self.relay.messages[-1]
+        self.assertEqual((eof.HasField("status_code"), eof.body, eof.eof, self.trailers(eof)), (False, b"", True, []))
+        self.assertEqual(len(self.relay.messages), 3)
+        self.relay.answer()
+        self.assertIsNone(self.successResultOf(c.done))
+        # No keep-alive, no timer: the request is over.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(len(self.relay.messages), 3)
+
+    def test_error_waits_for_the_message_in_flight(self):
+        c = self.make(auto=False)
+        self.clock.advance(0)  # status and headers in flight
+        c.write(b"abc")
+        c.fail("stream error: stream ID 1; CANCEL")
+        self.assertEqual(len(self.relay.messages), 1)
+        self.relay.answer()
+        self.assertEqual([(m.body, m.eof) for m in self.relay.messages], [(b"", False), (b"abc", False)])
+        self.assertEqual(self.trailers(self.relay.messages[-1]), [("Relay-Error", "stream error: stream ID 1; CANCEL")])
+
+    def test_refused_eof_after_the_error_ends_quietly(self):
+        """A server that forgot the request when it aborted it may refuse the eof: nothing more to do."""
+        c = self.make(auto=False)
+        self.clock.advance(0)
+        self.relay.answer()
+        c.fail("reset")
+        self.relay.answer()
+        self.relay.fail(ValueError("relay server responded Bad Request"))
+        self.assertIsNone(self.successResultOf(c.done))
+
+    def test_refused_error_message_fails_done(self):
+        c = self.make(auto=False)
+        self.clock.advance(0)
+        self.relay.answer()
+        c.fail("reset")
+        self.relay.fail(ValueError("relay server responded Bad Request"))
+        self.failureResultOf(c.done, ValueError)
+        self.assertEqual(len(self.relay.messages), 2)
+
+    def test_nothing_sent_yet_becomes_a_502(self):
+        """The status has not gone: the user can still get an honest error instead of part of a body."""
+        c = self.make(expected_length=100)
+        c.write(b"0123456789")  # gathered: a body of known length waits up to 100 ms
+        c.fail("connection closed before the answer was complete")
+        [m] = self.relay.messages
+        self.assertEqual((m.status_code, m.eof, self.trailers(m)), (502, True, []))
+        self.assertEqual(
+            m.body, b"Backend response failed with error: connection closed before the answer was complete"
+        )
+        self.assertEqual([(h.name, h.value) for h in m.header], [("Content-Type", "text/plain")])
+        self.assertIsNone(self.successResultOf(c.done))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_finish_or_fail_after_the_end_changes_nothing(self):
+        c = self.make()
+        c.write(b"all")
+        c.finish()
+        c.fail("late reset")
+        self.assertEqual([m.eof for m in self.relay.messages], [True])
+        self.assertEqual(self.trailers(self.relay.messages[0]), [])

@@ -23,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from relay.server.auth import AccessPolicy, ClientTokens
 
-from tests.support import RelayServer, client_service, stalled, until
+from tests.support import Changes, Recorder, RelayServer, stalled, started_client
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -252,15 +252,20 @@ class Backend:
         self.requests = []
         self.trickle_sent = []
         self.firehose_bytes = 0
+        self.firehose_changes = Changes()
         self.forever_closed = defer.Deferred()
         self.forever_started = defer.Deferred()
-        self.site = server.Site(BackendResource(self))
-        factory = protocol.Factory.forProtocol(lambda: Sniffer(self.site))
+        factory = self.factory()
         if tls is None:
             self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
             self.port = reactor.listenSSL(0, factory, tls, interface="127.0.0.1")
         self.address = "%s:%d" % (host, self.port.getHost().port)
+
+    def factory(self):
+        """What listens: twisted.web's Site, behind a sniffer of the first bytes."""
+        self.site = server.Site(BackendResource(self))
+        return protocol.Factory.forProtocol(lambda: Sniffer(self.site))
 
     def trickle(self, request, pieces=5, interval=0.3):
         def send(i):
@@ -300,12 +305,17 @@ class Backend:
                         return
                     request.write(block)
                     backend.firehose_bytes += len(block)
+                    backend.firehose_changes.changed()
                 reactor.callLater(0, self.run)
 
         producer = Push()
         request.registerProducer(producer, True)
         request.notifyFinish().addBoth(lambda _: producer.stopProducing())
         producer.run()
+
+    def firehose_past(self, count: int) -> defer.Deferred:
+        """Fires once the firehose has written more than C{count} bytes."""
+        return self.firehose_changes.when(lambda: self.firehose_bytes > count)
 
     def forever(self, request):
         call = [None]
@@ -436,19 +446,13 @@ class EndToEnd(unittest.TestCase):
         self.addCleanup(lambda: self.relay.stop())
         self.users = HTTPConnectionPool(reactor, persistent=False)
         self.client = self.start_client()
-        return self.until(lambda: self.relay.polled_by(NAME))
+        return self.relay.polling(NAME)
 
     def start_client(self, **kw):
         kw.setdefault("backend_scheme", self.backend_scheme)
         kw.setdefault("trust_root", self.trust_root)
         kw.setdefault("backend_address", self.backend.address)
-        client = client_service(reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, **kw)
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
-
-    def until(self, condition, timeout=10.0):
-        return until(condition, timeout)
+        return started_client(self, self.relay.base, NAME, **kw)
 
     def url(self, path):
         return self.relay.base + "/client/" + NAME + path
@@ -501,7 +505,7 @@ class EndToEnd(unittest.TestCase):
         yield self.relay.stop()
         self.relay = Relay()
         self.start_client(preserve_host=False)
-        yield self.until(lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
         got = yield self.echo(headers={"Host": ["robot.example.com:8443"]})
         self.assertEqual(got["host"], self.backend.address)
 
@@ -510,7 +514,7 @@ class EndToEnd(unittest.TestCase):
         path = temp_file(self, "first-token\n")
         yield self.client.stopService()
         self.start_client(authentication_token_file=path)
-        yield self.until(lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
         got = yield self.echo(headers={"Authorization": ["Basic user-credentials"]})
         self.assertEqual([v for k, v in got["headers"] if k.lower() == "authorization"], ["Bearer first-token"])
         with open(path, "w") as f:
@@ -611,7 +615,7 @@ class EndToEnd(unittest.TestCase):
         self.assertLess(self.backend.firehose_bytes, 64 * 1024 * 1024)
         # Reading again lets it go on.
         user.transport.resumeProducing()
-        yield self.until(lambda: self.backend.firehose_bytes > last + 8 * 1024 * 1024)
+        yield self.backend.firehose_past(last + 8 * 1024 * 1024)
         user.transport.abortConnection()
 
     # Failures.
@@ -631,7 +635,7 @@ class EndToEnd(unittest.TestCase):
         port = self.relay.port
         yield self.relay.stop()
         self.relay = Relay(port)
-        yield self.until(lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
         got = yield self.echo("POST", "/echo/again", data=b"after restart")
         self.assertEqual(got["body"], "after restart")
 
@@ -662,24 +666,15 @@ class RelayTokens(unittest.TestCase):
         self.addCleanup(self.relay.stop)
 
     def start_client(self, token):
-        self.fatal = []
-        client = client_service(
-            reactor,
-            self.relay.base,
-            NAME,
-            backend_scheme="http",
-            backend_address=self.backend.address,
-            relay_token_file=temp_file(self, token + "\n"),
-            on_fatal=self.fatal.append,
+        self.fatal = Recorder()
+        return started_client(
+            self, self.relay.base, NAME, self.backend.address, relay_token_file=temp_file(self, token + "\n"), on_fatal=self.fatal
         )
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
 
     @defer.inlineCallbacks
     def test_accepted_token_serves(self):
         self.start_client("robot-secret")
-        yield EndToEnd.until(self, lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
         pool = HTTPConnectionPool(reactor, persistent=False)
         response = yield treq.post(self.relay.base + "/client/robot/echo", data=b"hi", pool=pool)
         self.assertEqual(response.code, 200)
@@ -688,6 +683,6 @@ class RelayTokens(unittest.TestCase):
     @defer.inlineCallbacks
     def test_refused_token_is_fatal(self):
         self.start_client("wrong")
-        yield EndToEnd.until(self, lambda: self.fatal)
+        yield self.fatal.called()
         self.assertIn("failed to authenticate", self.fatal[0])
         self.assertFalse(self.relay.polled_by(NAME))

@@ -31,7 +31,7 @@ from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from relay.server.site import RelaySite
-from tests.support import client_service, dechunk, head_and_body, polled_by, server_service, stalled
+from tests.support import client_service, dechunk, head_and_body, polling, server_service, stalled, started_client
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
 from tests.test_client_tls import make_ca_and_server_cert
@@ -60,13 +60,10 @@ class H2Backend(e2e.Backend):
     """
 
     def __init__(self, tls=None):
-        self.pattern = os.urandom(e2e.BIG_BLOCK)
-        self.requests = []
-        self.trickle_sent = []
-        self.firehose_bytes = 0
-        self.forever_closed = defer.Deferred()
-        self.forever_started = defer.Deferred()
         self.connections_made = 0
+        super().__init__(tls)
+
+    def factory(self):
         self.site = RelaySite(H2BackendResource(self), ServerConfig(header_timeout=None))
         build = self.site.buildProtocol
 
@@ -75,11 +72,7 @@ class H2Backend(e2e.Backend):
             return build(addr)
 
         self.site.buildProtocol = counting
-        if tls is None:
-            self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        else:
-            self.port = reactor.listenSSL(0, self.site, tls, interface="127.0.0.1")
-        self.address = "127.0.0.1:%d" % (self.port.getHost().port,)
+        return self.site
 
 
 class H2EndToEnd(unittest.TestCase):
@@ -92,7 +85,7 @@ class H2EndToEnd(unittest.TestCase):
         self.relay = Relay()
         self.addCleanup(lambda: self.relay.stop())
         self.client = self.start_client()
-        return self.until(lambda: self.relay.polled_by(NAME))
+        return self.relay.polling(NAME)
 
     def make_backend(self):
         return H2Backend()
@@ -100,12 +93,7 @@ class H2EndToEnd(unittest.TestCase):
     def start_client(self, **kw):
         kw.setdefault("backend_scheme", self.backend_scheme)
         kw.setdefault("backend_address", self.backend.address)
-        client = client_service(reactor, self.relay.base, NAME, force_http2=True, **kw)
-        client.startService()
-        self.addCleanup(client.stopService)
-        return client
-
-    until = e2e.EndToEnd.until
+        return started_client(self, self.relay.base, NAME, force_http2=True, **kw)
 
     @defer.inlineCallbacks
     def h2_user(self):
@@ -244,7 +232,7 @@ class H2EndToEnd(unittest.TestCase):
         self.assertLess(stalled_at, 64 * 1024 * 1024)
         self.assertLessEqual(stream.unacknowledged, STREAM_WINDOW)
         user.transport.resumeProducing()
-        yield self.until(lambda: self.backend.firehose_bytes > stalled_at + 8 * 1024 * 1024)
+        yield self.backend.firehose_past(stalled_at + 8 * 1024 * 1024)
 
     @defer.inlineCallbacks
     def test_user_disconnect_resets_the_stream(self):
@@ -294,22 +282,14 @@ class H2OverTLS(unittest.TestCase):
     def start_client(self, backend):
         backend.address = "localhost:%d" % (backend.port.getHost().port,)
         self.addCleanup(backend.stop)
-        client = client_service(
-            reactor,
-            self.relay.base,
-            NAME,
-            backend_scheme="https",
-            backend_address=backend.address,
-            trust_root=self.trust_root,
-            force_http2=True,
+        started_client(
+            self, self.relay.base, NAME, backend.address, backend_scheme="https", trust_root=self.trust_root, force_http2=True
         )
-        client.startService()
-        self.addCleanup(client.stopService)
         return backend
 
     @defer.inlineCallbacks
     def get(self, path):
-        yield e2e.EndToEnd.until(self, lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
         raw = RawUser()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), raw)
         self.addCleanup(raw.transport.abortConnection)
@@ -391,7 +371,7 @@ class CurlThroughRelay(unittest.TestCase):
             client.api.agent = client.pools[0] = KeepAliveAgent(reactor, CachingEndpointFactory(reactor, TrustPolicy(trust_root)))
         client.startService()
         self.addCleanup(client.stopService)
-        yield e2e.EndToEnd.until(self, lambda: polled_by(service.broker, NAME))
+        yield polling(service.broker, NAME)
         return "%s://127.0.0.1:%d" % (scheme, port)
 
     def curl(self, *args):

@@ -16,7 +16,7 @@ from twisted.web.client import ResponseFailed
 from relay.client.endpoints import CachingEndpointFactory
 from relay.client.http import BytesProducer, read_all
 from relay.client.keepalive import KeepAliveAgent
-from tests.support import until
+from tests.support import Changes
 
 
 class Recorder(resource.Resource):
@@ -24,8 +24,9 @@ class Recorder(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self):
+    def __init__(self, changes: Changes):
         super().__init__()
+        self.changes = changes
         self.drops = 0
         self.held = []
 
@@ -36,6 +37,7 @@ class Recorder(resource.Resource):
             return server.NOT_DONE_YET
         if request.path == b"/hold":
             self.held.append(request)
+            self.changes.changed()
             return server.NOT_DONE_YET
         return b"%d %s %s" % (request.getClientAddress().port, request.getHeader(b"host"), request.content.read())
 
@@ -43,8 +45,9 @@ class Recorder(resource.Resource):
 class Tracking(server.Site):
     """Counts the connections the server sees open and closed."""
 
-    def __init__(self, root):
+    def __init__(self, root: Recorder):
         super().__init__(root)
+        self.changes = root.changes
         self.opened = 0
         self.closed = 0
 
@@ -55,7 +58,10 @@ class Tracking(server.Site):
 
         def connectionLost(reason):
             site.closed += 1
-            return lost(reason)
+            try:
+                return lost(reason)
+            finally:
+                site.changes.changed()
 
         channel.connectionLost = connectionLost
         self.opened += 1
@@ -66,7 +72,7 @@ class KeepAliveAgentTests(unittest.TestCase):
     timeout = 20
 
     def setUp(self):
-        self.root = Recorder()
+        self.root = Recorder(Changes())
         self.site = Tracking(self.root)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
@@ -115,7 +121,7 @@ class KeepAliveAgentTests(unittest.TestCase):
         yield self.get("/a")
         self.assertEqual((self.site.opened, self.site.closed), (1, 0))
         self.clock.advance(90)
-        yield until(lambda: self.site.closed == 1)
+        yield self.site.changes.when(lambda: self.site.closed == 1)
         yield self.get("/a")
         self.assertEqual(self.site.opened, 2)
         self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 179 + 90)
@@ -123,12 +129,12 @@ class KeepAliveAgentTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_keeps_at_most_max_idle_per_host(self):
         held = [self.get("/hold") for _ in range(3)]
-        yield until(lambda: len(self.root.held) == 3)
+        yield self.site.changes.when(lambda: len(self.root.held) == 3)
         for request in self.root.held:
             request.write(b"done")
             request.finish()
         yield defer.gatherResults(held)
-        yield until(lambda: self.site.closed == 1)
+        yield self.site.changes.when(lambda: self.site.closed == 1)
         self.assertEqual(self.site.opened, 3)
         self.assertEqual(len(self.agent._origins[self.url.encode()].idle), 2)
 
@@ -136,7 +142,7 @@ class KeepAliveAgentTests(unittest.TestCase):
     def test_close_cached_connections(self):
         yield self.get("/a")
         yield self.agent.closeCachedConnections()
-        yield until(lambda: self.site.closed == 1)
+        yield self.site.changes.when(lambda: self.site.closed == 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         yield self.get("/a")
         self.assertEqual(self.site.opened, 2)

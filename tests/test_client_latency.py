@@ -16,7 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 
 import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
-from tests.support import client_service, until
+from tests.support import started_client
 from tests.test_client_e2e import NAME, Backend, RawUser, Relay
 
 
@@ -85,12 +85,8 @@ class Latency(unittest.TestCase):
         self.addCleanup(self.users.closeCachedConnections)
 
     def start_client(self, backend_address):
-        client = client_service(
-            reactor, self.relay.base, NAME, backend_scheme="http", backend_address=backend_address
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        return until(lambda: self.relay.polled_by(NAME), 10.0)
+        started_client(self, self.relay.base, NAME, backend_address)
+        return self.relay.polling(NAME)
 
     @defer.inlineCallbacks
     def test_keystrokes_on_an_upgraded_connection_are_not_held(self):

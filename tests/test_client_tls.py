@@ -72,7 +72,7 @@ class TLSBackend(e2e.EndToEnd):
         self.users = HTTPConnectionPool(reactor, persistent=False)
         self.trust_root = load_trust_root(self.ca_file)
         self.client = self.start_client()
-        return self.until(lambda: self.relay.polled_by(NAME))
+        return self.relay.polling(NAME)
 
     @defer.inlineCallbacks
     def test_verified_with_root_ca_file(self):
@@ -83,7 +83,7 @@ class TLSBackend(e2e.EndToEnd):
     def test_untrusted_certificate_is_500(self):
         yield self.client.stopService()
         self.start_client(trust_root=None)  # the system's CAs only
-        yield self.until(lambda: self.relay.polled_by(NAME))
+        yield self.relay.polling(NAME)
         response = yield self.request("GET", "/echo")
         body = yield response.content()
         self.assertEqual(response.code, 500)

@@ -12,7 +12,6 @@ import sys
 
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
@@ -81,6 +80,29 @@ def spawn(args):
     argv = twistd_argv() + ["-n", "--pidfile=", "relay-client"] + list(args)
     reactor.spawnProcess(child, argv[0], argv, env=environ(), path=ROOT)
     return child
+
+
+@defer.inlineCallbacks
+def polling_from(child, relay, name: str, timeout: float = 30.0):
+    """
+    Fires once the relay-client process C{child} polls for C{name} at
+    C{relay}; fails with what the child wrote if it exits first, or has not
+    polled within C{timeout} seconds.
+    """
+    done = defer.Deferred()
+
+    def settle(outcome):
+        if not done.called:
+            done.callback(outcome)
+
+    relay.polling(name).addCallback(lambda _: settle("polled"))
+    child.exited.addBoth(lambda result: (settle("exited"), result)[1])
+    timer = reactor.callLater(timeout, settle, "no poll within %gs" % (timeout,))
+    outcome = yield done
+    if timer.active():
+        timer.cancel()
+    if outcome != "polled":
+        raise AssertionError("%s: %s" % (outcome, child.output.decode("utf-8", "replace")))
 
 
 class HelpAndFlags(unittest.SynchronousTestCase):
@@ -180,11 +202,7 @@ class RunningTwistd(unittest.TestCase):
             ]
         )
         self.addCleanup(lambda: child.exited if child.exited.called else self._kill(child))
-        deadline = reactor.seconds() + 30
-        while not relay.polled_by("robot"):
-            self.assertFalse(child.exited.called, child.output)
-            self.assertLess(reactor.seconds(), deadline, child.output)
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield polling_from(child, relay, "robot")
         pool = HTTPConnectionPool(reactor, persistent=False)
         response = yield treq.get(relay.base + "/client/robot/echo/hi?x=1", pool=pool)
         body = yield response.content()

@@ -197,6 +197,32 @@ class ReactorPollerTests(unittest.SynchronousTestCase):
         self.assertIsNone(compat.reactor_poller(MemoryReactor()))
 
 
+class WriteBufferTests(unittest.TestCase):
+    def test_nothing_to_write_follows_the_write_buffers(self):
+        """A real TCP transport: empty, then holding what the socket has not taken."""
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Silent(Protocol):
+            def connectionMade(self):
+                self.transport.pauseProducing()  # reads nothing: the writer's buffer fills
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol())
+
+        def check(protocol):
+            transport = protocol.transport
+            self.assertTrue(compat.nothing_to_write(transport))
+            transport.write(b"x" * (64 << 20))  # buffered whole: the reactor sends later
+            self.assertFalse(compat.nothing_to_write(transport))
+            transport.abortConnection()
+            self.assertFalse(compat.nothing_to_write(transport))
+
+        return d.addCallback(check)
+
+
 class OnlyHereTests(unittest.SynchronousTestCase):
     def test_no_other_module_reaches_into_twisted(self):
         """The private names above appear in relay/compat.py and nowhere else in relay/."""
@@ -206,7 +232,7 @@ class OnlyHereTests(unittest.SynchronousTestCase):
         private = re.compile(
             r"from twisted[\w.]*\._|twisted[\w.]*\._\w|http\._[A-Za-z]|_HTTPChannel__"
             r"|\._(poller|sslContextFactory|networkProducer|dataBuffer|transferDecoder|disconnected"
-            r"|command|version|conn|headers_buffer|construct)\b"
+            r"|command|version|conn|headers_buffer|construct|tempDataBuffer|writeDisconnected)\b"
         )
         root = os.path.dirname(compat.__file__)
         found = []

@@ -16,9 +16,11 @@ import os
 import pkgutil
 import shutil
 import tempfile
+from urllib.parse import urlsplit
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel
+from twisted.python import usage
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 import relay
@@ -32,6 +34,13 @@ def parsed(options_class, argv=()):
     options = options_class()
     options.parseOptions(list(argv))
     return options
+
+
+def logged_line(service, logfile: str) -> str:
+    """The first line a twistd service's log observer writes to C{logfile}."""
+    service.log_observer({"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "test", "log_time": 0.0})
+    with open(logfile) as f:
+        return f.readline()
 
 
 def flags(options_class):
@@ -169,11 +178,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
         }
 
     def logged_line(self) -> str:
-        self.service.log_observer(
-            {"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "test", "log_time": 0.0}
-        )
-        with open(self.logfile) as f:
-            return f.readline()
+        return logged_line(self.service, self.logfile)
 
     def test_every_flag_is_followed(self):
         self.assertEqual(sorted(self.users()), sorted(flags(server_tap.Options)))
@@ -213,12 +218,78 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
 
 
 class ClientDefaultsReachTheirUsers(unittest.TestCase):
-    """Each C{twistd relay-client} default, from the flag to the object that acts on it."""
+    """Each C{twistd relay-client} flag, from the flag to the object that acts on it."""
 
     def setUp(self):
+        self.service = self.make()
+
+    def make(self, *argv):
+        """C{makeService} for C{argv}, logging to a file of its own."""
         self.reactor = MemoryReactorClock()
-        self.options = parsed(client_tap.Options)
-        self.service = client_tap.makeService(self.options, reactor=self.reactor)
+        self.options = parsed(client_tap.Options, argv)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.logfile = os.path.join(folder, "relay-client.log")
+        self.options.parent = {"nodaemon": False, "logfile": self.logfile}
+        return client_tap.makeService(self.options, reactor=self.reactor)
+
+    def when_running(self, name):
+        [(_, args, _)] = [hook for hook in self.reactor.whenRunningHooks if hook[0].__name__ == name]
+        return args
+
+    def warnings(self):
+        """What the client warns about at start-up."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            client_tap._warn_unsupported(*self.when_running("_warn_unsupported"))
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+
+    def logged_line(self) -> str:
+        return logged_line(self.service, self.logfile)
+
+    def users(self):
+        """Where each flag's value ends up, as (flag, value there)."""
+        s = self.service
+        target = s.handler.target
+        backend_agent = s.handler.backend.agent
+        relay = urlsplit(s.api.base_url)
+        warnings = self.warnings()
+        return {
+            "backend_scheme": target.scheme,
+            "backend_address": target.address,
+            "backend_path": target.path_prefix,
+            "preserve_host": target.preserve_host,
+            "relay_scheme": relay.scheme,
+            "relay_address": relay.netloc,
+            "relay_prefix": relay.path,
+            "server_name": s.api.server_name,
+            "authentication_token_file": target.token_file,
+            "relay_token_file": s.api.token_file,
+            # The backend's connections and the upgrades' verify with it.
+            "root_ca_file": (backend_agent.endpoint_factory.tls_policy.trust_root, s.handler.upgrader.policy.trust_root),
+            "max_chunk_size": s.handler.max_chunk_size,
+            # Accepted for Go's manifests; reads are as large as the network
+            # delivers, so the config is as far as it goes.
+            "block_size": self.options.config.block_size,
+            "num_pending_requests": s.num_pending_requests,
+            "max_pending_requests": s.max_pending_requests,
+            "busy_poll_us": self.when_running("install")[1],
+            "max_idle_conns_per_host": (s.api.agent.max_idle_per_host, backend_agent.max_idle_per_host),
+            # HTTP/1.1 to the backend is what --disable_http2 asks for.
+            "disable_http2": type(s.handler.backend).__name__,
+            "force_http2": type(s.handler.backend).__name__,
+            "disable_auth_for_remote": any("Google credentials" in w for w in warnings),
+            "pprof_port": [w for w in warnings if "pprof_port" in w],
+            "trace-stackdriver-project-id": [w for w in warnings if "trace-stackdriver" in w],
+            "log_level": s.handler.trace,
+            "log_format": self.logged_line()[:1],
+        }
+
+    def test_every_flag_is_followed(self):
+        self.assertEqual(sorted(self.users()), sorted(flags(client_tap.Options)))
 
     def test_the_drifted_defaults(self):
         """
@@ -231,41 +302,62 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
 
     def test_defaults_arrive(self):
         d = ClientConfig()
-        s = self.service
-        target = s.handler.target
-        [(_, install_args, _)] = [hook for hook in self.reactor.whenRunningHooks if hook[0].__name__ == "install"]
-        users = {
-            "backend_scheme": target.scheme,
-            "backend_address": target.address,
-            "backend_path": target.path_prefix,
-            "preserve_host": target.preserve_host,
-            "relay_url": s.api.base_url,
-            "server_name": s.api.server_name,
-            "authentication_token_file": target.token_file,
-            "relay_token_file": s.api.token_file,
-            "max_chunk_size": s.handler.max_chunk_size,
-            "num_pending_requests": s.num_pending_requests,
-            "max_pending_requests": s.max_pending_requests,
-            "busy_poll_us": install_args[1],
-            "force_http2": type(s.handler.backend).__name__,
-            "log_level": s.handler.trace,
-        }
         self.assertEqual(
-            users,
+            self.users(),
             {
                 "backend_scheme": d.backend_scheme,
                 "backend_address": d.backend_address,
                 "backend_path": d.backend_path,
                 "preserve_host": d.preserve_host,
-                "relay_url": "%s://%s%s" % (d.relay_scheme, d.relay_address, d.relay_prefix),
+                "relay_scheme": d.relay_scheme,
+                "relay_address": d.relay_address,
+                "relay_prefix": d.relay_prefix,
                 "server_name": d.server_name,
                 "authentication_token_file": d.authentication_token_file,
                 "relay_token_file": d.relay_token_file,
+                "root_ca_file": (None, None) if not d.root_ca_file else "a file",
                 "max_chunk_size": d.max_chunk_size,
+                "block_size": d.block_size,
                 "num_pending_requests": d.num_pending_requests,
                 "max_pending_requests": d.max_pending_requests,
                 "busy_poll_us": d.busy_poll_us,
+                "max_idle_conns_per_host": (d.max_idle_conns_per_host, d.max_idle_conns_per_host),
+                "disable_http2": "Backend" if not d.force_http2 else "H2Backend",
                 "force_http2": "H2Backend" if d.force_http2 else "Backend",
+                "disable_auth_for_remote": not d.disable_auth_for_remote and not d.relay_token_file,
+                "pprof_port": [],
+                "trace-stackdriver-project-id": [],
                 "log_level": d.debug_logs,
+                "log_format": "{" if d.log_format == "json" else "t",
             },
         )
+
+    def test_set_values_arrive(self):
+        """The flags whose defaults say little (off, empty), set, and where they land."""
+        from tests.test_client_tls import make_ca_and_server_cert
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        ca_file = os.path.join(folder, "ca.pem")
+        with open(ca_file, "wb") as f:
+            f.write(make_ca_and_server_cert()[0])
+        self.service = self.make(
+            "--root_ca_file=" + ca_file,
+            "--block_size=4096",
+            "--max_idle_conns_per_host=7",
+            "--disable_http2",
+            "--disable_auth_for_remote",
+            "--log_format=text",
+        )
+        users = self.users()
+        backend_root, upgrade_root = users["root_ca_file"]
+        self.assertIsNotNone(backend_root)
+        self.assertIs(backend_root, upgrade_root)
+        self.assertIs(backend_root, self.options["trust_root"])
+        self.assertEqual(users["block_size"], 4096)
+        self.assertEqual(users["max_idle_conns_per_host"], (7, 7))
+        self.assertEqual(users["disable_http2"], "Backend")
+        self.assertFalse(users["disable_auth_for_remote"], "warned about credentials all the same")
+        self.assertEqual(users["log_format"], "t")
+        # What --disable_http2 acts on: it cannot be had with --force_http2.
+        self.assertRaises(usage.UsageError, parsed, client_tap.Options, ["--disable_http2", "--force_http2"])

@@ -38,8 +38,7 @@ class DrainTests(unittest.TestCase):
         idle.transport.write(request(b"/healthz"))
         yield idle.wait_for(b"ok")
         self.assertFalse(idle.ended.called)
-        while not self.server.broker.backends.get("r") or not self.server.broker.backends["r"].polls:
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield self.server.polling("r")
 
         started = reactor.seconds()
         stopped = self.server.stop()
@@ -72,8 +71,7 @@ class DrainTests(unittest.TestCase):
         relay_client = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(relay_client.closeCachedConnections)
         poll = treq.get(self.server.url("/server/request?server=r"), pool=relay_client)
-        while not self.server.broker.backends.get("r"):
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield self.server.polling("r")
         user = treq.get(self.server.url("/client/r/x"), pool=self.pool)
         resp = yield poll
         message = HttpRequest.FromString((yield resp.content()))

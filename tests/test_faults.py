@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from tests.support import RelayServer, free_port, tick as _tick, until
+from tests.support import Changes, RelayServer, free_port, tick as _tick
 from tests.process import TwistdProcess
 from tests.test_client_e2e import Backend
 
@@ -68,9 +68,6 @@ class FaultTests(unittest.TestCase):
         self.addCleanup(self.backend.stop)
         self.users = HTTPConnectionPool(reactor, persistent=False)
 
-    def until(self, condition, timeout=20.0):
-        return until(condition, timeout)
-
     def test_relay_client_killed_mid_transfer_is_an_error_for_the_user(self):
         """100 MiB with a Content-Length: the user sees an error, not a short success."""
         return self.killed_mid_transfer("/big?size=%d" % (100 * MiB), 100 * MiB)
@@ -86,7 +83,7 @@ class FaultTests(unittest.TestCase):
         self.addCleanup(server.stop)
         client = spawn_client(server.port, self.backend)
         self.addCleanup(client.terminate)
-        yield self.until(lambda: server.polled_by("robot"))
+        yield server.polling("robot")
 
         response = yield Agent(reactor, pool=self.users).request(
             b"GET", (server.base + "/client/robot" + path).encode()
@@ -116,9 +113,10 @@ class FaultTests(unittest.TestCase):
         server = RelayServer(port=port)
         client = spawn_client(port, self.backend, "robot", "--num_pending_requests=2")
         self.addCleanup(client.terminate)
-        yield self.until(lambda: server.polled_by("robot"))
+        yield server.polling("robot")
 
         outcomes = []
+        counted = Changes()
         stop = []
 
         @defer.inlineCallbacks
@@ -139,9 +137,10 @@ class FaultTests(unittest.TestCase):
                 except Exception:
                     outcomes.append((reactor.seconds(), False))
                     yield _tick(0.05)
+                counted.changed()
 
         users = [user(i) for i in range(4)]
-        yield self.until(lambda: sum(ok for _, ok in outcomes) >= 20)
+        yield counted.when(lambda: sum(ok for _, ok in outcomes) >= 20).addTimeout(20, reactor)
 
         yield server.stop()
         restarted_at = reactor.seconds()
@@ -149,13 +148,13 @@ class FaultTests(unittest.TestCase):
         server = RelayServer(port=port)
         self.addCleanup(server.stop)
 
-        yield self.until(lambda: sum(ok for t, ok in outcomes if t > restarted_at + 0.5) >= 20, timeout=30)
+        yield counted.when(lambda: sum(ok for t, ok in outcomes if t > restarted_at + 0.5) >= 20).addTimeout(30, reactor)
         stop.append(True)
         yield defer.gatherResults(users)
         recovered = [t for t, ok in outcomes if ok and t > restarted_at + 0.5]
         self.assertLess(recovered[0] - restarted_at, 15, "the client took too long to come back")
         self.assertEqual(outcomes[-1][1], True)
-        yield self.until(lambda: not server.broker.requests)
+        yield server.when(lambda: not server.broker.requests)
 
 
 class HangingBackendTests(unittest.TestCase):
@@ -166,32 +165,18 @@ class HangingBackendTests(unittest.TestCase):
         """A backend that accepts the request and says nothing: 504 once the relay gives up."""
         from twisted.internet.protocol import Factory, Protocol
 
-        from tests.support import client_service
+        from tests.support import started_client
 
         silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(silent.stopListening)
         clock = Clock()
         server = RelayServer(clock=clock)
         self.addCleanup(server.stop)
-        client = client_service(
-            reactor,
-            server.base,
-            "robot",
-            backend_scheme="http",
-            backend_address="127.0.0.1:%d" % silent.getHost().port,
-            stop_grace_period=0.1,
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        deadline = reactor.seconds() + 10
-        while not server.polled_by("robot"):
-            self.assertLess(reactor.seconds(), deadline)
-            yield _tick()
+        started_client(self, server.base, "robot", "127.0.0.1:%d" % silent.getHost().port, stop_grace_period=0.1)
+        yield server.polling("robot")
         pool = HTTPConnectionPool(reactor, persistent=False)
         user = treq.get(server.base + "/client/robot/slow", pool=pool)
-        while not any(p.picked_up for p in server.broker.requests.values()):
-            self.assertLess(reactor.seconds(), deadline)
-            yield _tick()
+        yield server.when(lambda: any(p.picked_up for p in server.broker.requests.values()))
         for _ in range(7):
             clock.advance(10)
         resp = yield user

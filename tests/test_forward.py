@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.config import ServerConfig
 from relay.server.site import RelaySite
-from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_user, until
+from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_user
 
 NAME = "robot"
 
@@ -63,7 +63,7 @@ class ForwardTests(unittest.TestCase):
         self.front_port = port.getHost().port
         # The name is known to the owner once its relay-client has polled.
         self.polls = [self.robot.poll(NAME)]
-        yield until(lambda: self.owner.broker.backends.get(NAME) is not None)
+        yield self.owner.polling(NAME)
 
     def user(self, data: bytes):
         return raw_user(self, self.front_port, data)
@@ -97,7 +97,7 @@ class ForwardTests(unittest.TestCase):
         yield self.robot.respond(message.id, 200, b"first", eof=False, headers=[("Grpc-Encoding", "identity")])
         yield user.wait_for(b"first")  # before the rest exists: streamed, not buffered
         yield self.robot.respond(message.id, None, b"-second", trailers=[("Grpc-Status", "0")])
-        yield until(lambda: dechunk(head_and_body(user.data)[1])[2])
+        yield user.wait_until(lambda data: dechunk(head_and_body(data)[1])[2], "the last chunk")
         payload, trailers, complete = dechunk(head_and_body(user.data)[1])
         self.assertEqual(payload, b"first-second")
         self.assertTrue(complete)
@@ -137,7 +137,7 @@ class ForwardTests(unittest.TestCase):
         yield user.ended
         # The owner drops the request once the forwarded stream is reset:
         # the relay-client's next post for it is refused.
-        yield until(lambda: not self.owner.broker.requests)
+        yield self.owner.when(lambda: not self.owner.broker.requests)
         code, _ = yield self.robot.respond(message.id, 200, b"late")
         self.assertEqual(code, 400)
 

@@ -16,14 +16,12 @@ import threading
 from concurrent import futures
 
 from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from tests.support import client_service, stalled
-from tests import test_client_e2e as e2e
+from tests.support import stalled, started_client
 from tests.test_client_e2e import NAME, Relay
-from tests.test_client_twistd import spawn
+from tests.test_client_twistd import polling_from, spawn
 
 try:
     import grpc
@@ -147,17 +145,7 @@ class GrpcThroughRelay(unittest.TestCase):
         self.addCleanup(self.backend.stop)
         self.relay = Relay()
         self.addCleanup(lambda: self.relay.stop())
-        client = client_service(
-            reactor,
-            self.relay.base,
-            NAME,
-            backend_scheme="http",
-            backend_address=self.backend.address,
-            force_http2=True,
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        self.client = client
+        self.client = started_client(self, self.relay.base, NAME, self.backend.address, force_http2=True)
         self.channel = grpc.insecure_channel(
             "127.0.0.1:%d" % (self.relay.port,),
             options=[
@@ -167,7 +155,7 @@ class GrpcThroughRelay(unittest.TestCase):
         )
         self.addCleanup(self.channel.close)
         self.metadata = [("x-server-name", NAME)]
-        return e2e.EndToEnd.until(self, lambda: self.relay.polled_by(NAME))
+        return self.relay.polling(NAME)
 
     def call(self, kind, name, request, timeout=CALL_TIMEOUT, with_call=False):
         """Make a call in a thread; fires with its result, fails with the RpcError."""
@@ -334,11 +322,7 @@ class GrpcThroughTwistd(unittest.TestCase):
             return child.exited
 
         self.addCleanup(stop)
-        deadline = reactor.seconds() + 30
-        while not relay.polled_by(NAME):
-            self.assertFalse(child.exited.called, child.output)
-            self.assertLess(reactor.seconds(), deadline, child.output)
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield polling_from(child, relay, NAME)
         channel = grpc.insecure_channel("127.0.0.1:%d" % (relay.port,), options=[("grpc.enable_http_proxy", 0)])
         self.addCleanup(channel.close)
         metadata = [("x-server-name", NAME)]

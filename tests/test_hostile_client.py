@@ -31,6 +31,7 @@ from relay.server.broker import Broker
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
+from tests.support import response_message
 
 TRUE_ANSWER = b"the victim's true answer"
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
@@ -208,14 +209,7 @@ class HostileTestCase(unittest.TestCase):
         return message
 
     def post(self, request_id, status=None, body=b"", eof=True, headers=(), trailers=()) -> int:
-        m = HttpResponse(id=request_id, body=body, eof=eof)
-        if status is not None:
-            m.status_code = status
-        for k, v in headers:
-            m.header.add(name=k, value=v)
-        for k, v in trailers:
-            m.trailer.add(name=k, value=v)
-        return self.post_raw(m.SerializeToString())
+        return self.post_raw(response_message(request_id, status, body, eof, headers, trailers).SerializeToString())
 
     def post_raw(self, data: bytes) -> int:
         return self.call("POST", "/server/response", data)[0]

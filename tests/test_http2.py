@@ -179,7 +179,7 @@ class H2cTests(ServerTestCase):
         state["done"].addErrback(lambda f: None)
         client.conn.reset_stream(stream_id)
         client.transport.write(client.conn.data_to_send())
-        yield self.until(lambda: not self.server.broker.requests)
+        yield self.server.when(lambda: not self.server.broker.requests)
         code, _ = yield self.relay_client.respond(message.id, 200)
         self.assertEqual(code, 400)
 

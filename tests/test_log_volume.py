@@ -17,7 +17,7 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from relay.logs import connect_quietly, text_line
 from relay.server.broker import Broker
-from tests.support import FakeRelayClient, RelayServer, client_service, tick, until
+from tests.support import FakeRelayClient, RelayServer, started_client, tick
 from tests.test_client_e2e import Backend, Relay, make_frame, open_websocket, parse_frame
 
 NAME = "robot"
@@ -65,12 +65,8 @@ class EndToEndVolume(unittest.TestCase):
         self.addCleanup(lambda: self.relay.stop())
         self.users = user_pool()
         self.addCleanup(self.users.closeCachedConnections)
-        client = client_service(
-            reactor, "http://127.0.0.1:%d" % (self.relay.port,), NAME, backend_address=self.backend.address, backend_scheme="http"
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        yield until(lambda: self.relay.polled_by(NAME))
+        started_client(self, self.relay.base, NAME, self.backend.address)
+        yield self.relay.polling(NAME)
 
     @defer.inlineCallbacks
     def websocket(self):
@@ -135,7 +131,7 @@ class FirstPollTests(unittest.TestCase):
         for round in range(2):
             for _ in range(5):
                 poll = relay_client.poll(NAME)
-                yield until(lambda: server.polled_by(NAME))
+                yield server.polling(NAME)
                 clock.advance(POLL_TIMEOUT)
                 self.assertEqual((yield poll)[0], 408)
             lines = self.log.with_message("Relay client connected")
@@ -157,7 +153,7 @@ class FirstPollTests(unittest.TestCase):
         poll = treq.get(server.url("/server/request?server=x%0D%1B%5B2KFAKE"), pool=pool)
         poll.addErrback(lambda _: None)
         self.addCleanup(poll.cancel)
-        yield until(lambda: self.log.with_message("Relay client connected"))
+        yield server.when(lambda: self.log.with_message("Relay client connected"))
         (line,) = self.log.with_message("Relay client connected")
         self.assertTrue(line.endswith(' ServerName="x\\r\\x1b[2KFAKE"\n'), line)
 

@@ -25,7 +25,7 @@ from relay.server.broker import POLL_TIMEOUT
 from relay.server.metrics import RelayMetrics
 from relay.server.service import REAP_INTERVAL
 from tests.fixtures.capture_go_metrics import INACTIVE_REQUEST_TIMEOUT, series
-from tests.support import FakeRelayClient, RelayServer, until
+from tests.support import FakeRelayClient, RelayServer
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "go_metrics.txt")
 
@@ -88,7 +88,7 @@ class MetricsTestCase(unittest.TestCase):
     def picked_up(self, name, path):
         """A user request that a poll of C{name} picked up: C{(user Deferred, HttpRequest)}."""
         poll = self.relay_client.poll(name)
-        yield until(lambda: self.server.polled_by(name))
+        yield self.server.polling(name)
         user = self.fetch("/client/%s%s" % (name, path))
         code, message = yield poll
         self.assertEqual(code, 200)
@@ -116,7 +116,7 @@ class GoParityTests(MetricsTestCase):
         self.assertEqual((yield user)[0], 500)
         user, message = yield self.picked_up("robot2", "/never")
         poll = self.relay_client.poll("robot2")
-        yield until(lambda: self.server.polled_by("robot2"))
+        yield self.server.polling("robot2")
         clock.advance(INACTIVE_REQUEST_TIMEOUT + REAP_INTERVAL)
         self.assertEqual((yield user)[0], 504)
         clock.advance(POLL_TIMEOUT)

@@ -35,7 +35,6 @@ from tests.support import (
     free_port,
     head_and_body,
     raw_user,
-    until,
 )
 from tests.process import ROOT
 from tests.test_startup import run_all, scratch
@@ -302,7 +301,7 @@ class ForwardingTests(unittest.TestCase):
     def test_poll_and_response_at_the_wrong_replica(self):
         """The Go relay-client's response POST carries its name only in its body."""
         poll = self.at_b.poll(self.name)
-        yield until(lambda: self.a.polled_by(self.name))
+        yield self.a.polling(self.name)
         self.assertFalse(self.b.broker.backends)
         user = yield self.user(self.a, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % self.name.encode())
         status, message = yield poll
@@ -311,7 +310,7 @@ class ForwardingTests(unittest.TestCase):
         yield user.wait_for(b"part one, ")
         code, _ = yield self.at_b.respond(message.id, None, b"part two")
         self.assertEqual(code, 200)
-        yield until(lambda: dechunk(head_and_body(user.data)[1])[2])
+        yield user.wait_until(lambda data: dechunk(head_and_body(data)[1])[2], "the last chunk")
         self.assertEqual(dechunk(head_and_body(user.data)[1])[0], b"part one, part two")
 
     @defer.inlineCallbacks
@@ -321,7 +320,7 @@ class ForwardingTests(unittest.TestCase):
         # Marked as forwarded, B handles it: the name has no relay-client
         # there, so it waits for one; a poll marked the same way brings it.
         user = yield self.user(self.b, forwarded)
-        yield until(lambda: self.name in self.b.broker.arriving)
+        yield self.b.when(lambda: self.name in self.b.broker.arriving)
         local_poll = yield self.user(
             self.b, b"GET /server/request?server=%s HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (self.name.encode(), FORWARDED_BY.encode())
         )
@@ -336,7 +335,7 @@ class ForwardingTests(unittest.TestCase):
         self.a.service.getServiceNamed("drain").begin()
         user = yield self.user(self.a, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % self.name.encode())
         # B takes it, and waits for the name's relay-client to find it.
-        yield until(lambda: self.name in self.b.broker.arriving)
+        yield self.b.when(lambda: self.name in self.b.broker.arriving)
         self.replicas.clock.advance(ServerConfig.move_wait)
         yield user.wait_for(b"(unknown client)")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 503 "), bytes(user.data))
@@ -434,7 +433,7 @@ class ThreeReplicasTests(unittest.TestCase):
                 # The relay-client polls at the next replica over, and
                 # answers at the one after.
                 poll = clients[(i + 1) % 3].poll(name)
-                yield until(lambda: replicas.servers[i].polled_by(name))
+                yield replicas.servers[i].polling(name)
                 user = yield raw_user(self, server.port, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
                 status, message = yield poll
                 yield clients[(i + 2) % 3].respond(message.id, 200, name.encode(), headers=[("Content-Length", str(len(name)))])

@@ -80,7 +80,7 @@ class RollingDeployTest(unittest.TestCase):
             ["relay", "--port=tcp:0:interface=127.0.0.1", "--drain_grace=%gs" % GRACE]
         )
         self.addCleanup(relay.terminate)
-        port = int((yield relay.wait_for(r'Relay server listening.*"Port":(\d+)')).group(1))
+        port = yield relay.listening_port()
         counter = PollCounter()
         proxy = yield counting_proxy(counter, port)
         self.addCleanup(proxy.stopListening)

@@ -220,7 +220,7 @@ class ColonNameTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_backend_with_colon_answers_with_its_own_token_only(self):
         poll = self.as_client("GET", "/server/request?server=a:b", b"token-ab")
-        yield self.until(lambda: "a:b" in self.server.broker.backends)
+        yield self.polling("a:b")
         user = self.get("/client/a:b/x")
         resp = yield poll
         self.assertEqual(resp.code, 200)
@@ -433,12 +433,13 @@ class RawRequestTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_absurd_chunk_size_is_400(self):
         yield self.known("robot")
-        data = yield self.exchange(
-            b"POST /client/robot/x HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"ffffffffffffffffffff\r\nabc"
-        )
-        self.assertTrue(data.startswith(b"HTTP/1.1 400 "), data)
-        self.assertEqual(self.server.broker.requests, {})
+        for spelling in (b"Transfer-Encoding", b"transfer-encoding", b"TRANSFER-ENCODING"):
+            data = yield self.exchange(
+                b"POST /client/robot/x HTTP/1.1\r\nHost: relay\r\n%s: chunked\r\n\r\n"
+                b"ffffffffffffffffffff\r\nabc" % (spelling,)
+            )
+            self.assertTrue(data.startswith(b"HTTP/1.1 400 "), (spelling, data))
+            self.assertEqual(self.server.broker.requests, {})
 
     @defer.inlineCallbacks
     def test_long_request_line_is_414_and_long_header_line_431(self):

@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.broker import POLL_TIMEOUT, STREAM_POLL_TIMEOUT
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, until
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect
 
 class ServerTestCase(unittest.TestCase):
     timeout = 30
@@ -40,7 +40,7 @@ class ServerTestCase(unittest.TestCase):
 
     def polling(self, name="robot"):
         """Fires once a relay-client's long poll for C{name} waits at the server."""
-        return self.until(lambda: self.server.polled_by(name))
+        return self.server.polling(name)
 
     @defer.inlineCallbacks
     def raw_relayed(self, head: bytes, name="robot"):
@@ -65,9 +65,6 @@ class ServerTestCase(unittest.TestCase):
         code, _ = yield poll
         self.assertEqual(code, 408)
 
-    def until(self, condition, timeout=5.0):
-        return until(condition, timeout)
-
     @defer.inlineCallbacks
     def relayed(self, path, method="GET", name="robot", **kw):
         """Start a user request and pick it up: C{(user Deferred, HttpRequest)}."""
@@ -89,7 +86,9 @@ class ConnectionSettingsTests(ServerTestCase):
         """
         raw = yield raw_connect(self.server.port)
         self.addCleanup(raw.transport.loseConnection)
-        yield self.until(lambda: self.server.service.site.connections)
+        # Once it has answered, the server holds the connection.
+        raw.transport.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        yield raw.wait_for(b"\r\n\r\nok")
         (channel,) = self.server.service.site.connections
         sock = channel.transport.getHandle()
         self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
@@ -200,7 +199,7 @@ class ResponseTests(ServerTestCase):
         self.assertEqual(code, 200)
         proto.transport.loseConnection()
         yield proto.ended
-        yield self.until(lambda: not self.server.broker.requests)
+        yield self.server.when(lambda: not self.server.broker.requests)
         code, body = yield self.relay_client.post(HttpResponse(id=message.id, body=b"b"))
         self.assertEqual(code, 400)
         self.assertEqual(body, ("Duplicate or invalid request ID %s\n" % message.id).encode())
@@ -242,7 +241,7 @@ class UpgradeTests(ServerTestCase):
         yield proto.wait_for(b"pong")
         # Nothing to read for 30 s: an empty 200.
         pending = self.relay_client.request_stream(message.id)
-        yield self.until(lambda: self.server.broker.requests[message.id].stream._waiters)
+        yield self.server.when(lambda: self.server.broker.requests[message.id].stream._waiters)
         self.clock.advance(STREAM_POLL_TIMEOUT)
         self.assertEqual((yield pending), (200, b""))
         # The relay-client ends it: the user's connection closes cleanly.
@@ -258,7 +257,7 @@ class UpgradeTests(ServerTestCase):
         waiting = self.relay_client.request_stream(message.id)
         yield waiting  # early bytes
         waiting = self.relay_client.request_stream(message.id)
-        yield self.until(lambda: self.server.broker.requests[message.id].stream._waiters)
+        yield self.server.when(lambda: self.server.broker.requests[message.id].stream._waiters)
         proto.transport.loseConnection()
         yield proto.ended
         self.assertEqual((yield waiting)[0], 410)
@@ -318,7 +317,7 @@ class EarlyStreamPullTests(UpgradeTests):
             b"GET /client/robot/ws HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
         early = self.relay_client.request_stream(message.id)
-        yield self.until(lambda: self.server.broker.requests[message.id].stream is not None)
+        yield self.server.when(lambda: self.server.broker.requests[message.id].stream is not None)
         yield self.relay_client.post(HttpResponse(id=message.id, status_code=101))
         yield proto.wait_for(b"\r\n\r\n")
         proto.transport.write(b"hello")

@@ -279,8 +279,12 @@ class TacFile(unittest.TestCase):
             self.assertIn('"msg":"Relay server listening"', text)
         finally:
             os.kill(pid, 15)
+        # The pidfile goes before the last line is written: wait for the line.
         deadline = time.time() + 30
-        while os.path.exists(pidfile) and time.time() < deadline:
+        text = ""
+        while '"msg":"Server Shut Down."' not in text and time.time() < deadline:
             time.sleep(0.1)
-        with open(logfile) as f:
-            self.assertIn('"msg":"Server Shut Down."', f.read())
+            with open(logfile) as f:
+                text = f.read()
+        self.assertIn('"msg":"Server Shut Down."', text)
+        self.assertFalse(os.path.exists(pidfile))

@@ -78,7 +78,7 @@ class StreamingTest(unittest.TestCase):
         self.addCleanup(proc.terminate)
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
-        port = int((yield proc.wait_for(r'Relay server listening.*"Port":(\d+)')).group(1))
+        port = yield proc.listening_port()
         base = "http://127.0.0.1:%d" % port
 
         poll = treq.get(base + "/server/request?server=bulk", pool=pool)

@@ -23,8 +23,7 @@ class TwistdSmokeTest(unittest.TestCase):
         proc = TwistdProcess.spawn(["relay", "--port=tcp:0:interface=127.0.0.1", "--drain_grace=2s"])
         self.addCleanup(proc.terminate)
         pool = HTTPConnectionPool(reactor, persistent=False)
-        match = yield proc.wait_for(r'Relay server listening.*"Port":(\d+)')
-        port = int(match.group(1))
+        port = yield proc.listening_port()
         base = "http://127.0.0.1:%d" % port
 
         resp = yield treq.get(base + "/healthz", pool=pool)
@@ -79,7 +78,7 @@ class TwistdSmokeTest(unittest.TestCase):
         relay_client = HTTPConnectionPool(reactor, persistent=True)
         relay_client.maxPersistentPerHost = 1
         self.addCleanup(relay_client.closeCachedConnections)
-        port = int((yield proc.wait_for(r'Relay server listening.*"Port":(\d+)')).group(1))
+        port = yield proc.listening_port()
         base = "http://127.0.0.1:%d" % port
         poll = treq.get(base + "/server/request?server=r", pool=relay_client)
         yield proc.wait_for("Relay client connected")

@@ -12,6 +12,7 @@ not followed (Twisted's HTTP client never does): a 302 goes back to the user as 
 from typing import List, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
+from twisted.internet import endpoints
 from twisted.internet import error as net_error
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError
@@ -24,11 +25,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from relay.client.endpoints import CachingEndpointFactory
+from relay.client.endpoints import CachingEndpointFactory, client_endpoint
 from relay.client.http import BytesProducer, describe_failure, read_token
 from relay.client.keepalive import KeepAliveAgent
 from relay.config import ClientConfig
 from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical
+from relay.logs import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
 
 log = Logger()
@@ -175,6 +177,25 @@ class TrustPolicy:
         return ssl.optionsForClientTLS(host, **kwargs)
 
 
+async def connect_own(reactor, policy: TrustPolicy, request: BackendRequest, protocol, alpn=None) -> None:
+    """
+    Connect C{protocol} (an upgrade's pipe, an HTTP/2 connection) to the
+    backend of C{request} over a connection of its own, not one from the
+    pool: TLS for C{https}, offering C{alpn}; failures worded like Go's
+    dialer.
+    """
+    host, port = split_address(request.address, request.scheme)
+    endpoint = client_endpoint(reactor, host, port, CONNECT_TIMEOUT)
+    if request.scheme == "https":
+        endpoint = endpoints.wrapClientTLS(policy.tls_options(host, alpn), endpoint)
+    try:
+        await connect_quietly(endpoint, protocol)
+    except CancelledError:
+        raise
+    except Exception as e:
+        raise BackendError(connect_error(request, Failure(e)))
+
+
 class BackendResponse:
     """The backend's answer: status and headers now, the body on demand."""
 
@@ -188,7 +209,7 @@ class BackendResponse:
         """
         Stream the body into C{sink} (a L{relay.client.chunker.Chunker}):
         C{set_producer} with what to pause, C{write} per read, C{finish} at
-        the end.
+        the end, or C{fail} with a reason when the body broke off.
         """
         self._response.deliverBody(_BodyPump(sink))
 
@@ -204,10 +225,17 @@ class _BodyPump(Protocol):
         self.sink.write(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        if not reason.check(ResponseDone, PotentialDataLoss):
-            # As the Go client: the user gets what came, then the end.
-            log.warn("Failed to read from backend", error=describe_failure(reason))
-        self.sink.finish()
+        # ResponseDone: the body was complete. PotentialDataLoss: it had no
+        # length and no chunking, so the connection's close is its end, as
+        # HTTP/1.1 says. Anything else (a Content-Length or chunked body
+        # cut short, a reset) broke off, and must not look complete; the Go
+        # client ends it as if it were.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.sink.finish()
+            return
+        error = describe_failure(reason)
+        log.warn("Failed to read from backend", error=error)
+        self.sink.fail(error)
 
 
 def response_headers(response, method: str) -> List[Header]:

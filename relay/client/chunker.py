@@ -21,7 +21,14 @@ unbounded memory. The rule, like Nagle's algorithm:
   - when nothing at all has been sent for C{keepalive_interval} (3 s), an
     empty message tells the relay server that the request is still alive,
     so that it does not drop it as inactive;
-  - messages go one at a time and in order.
+  - messages go one at a time and in order;
+  - when the backend's body breaks off (L{Chunker.fail}), the answer must
+    not look complete: if nothing has gone yet the user gets a 502 with the
+    reason; otherwise the rest of what was read goes with a C{Relay-Error}
+    trailer and no C{eof}, which makes our relay server abort the user's
+    answer, and then an empty C{eof}, which a relay server that does not
+    know the trailer (Go's) needs to end the answer at once rather than
+    after its inactivity timeout (docs/protocol.md). No keep-alive follows.
 
 The Go client instead holds anything short of a full piece up to 100 ms
 after its first byte, for every response, so that a keystroke's echo
@@ -43,10 +50,20 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 
+from relay.headers import RELAY_ERROR
 from relay.proto.http_relay_pb2 import HttpResponse
 
 FLUSH_DELAY = 0.1
 KEEPALIVE_INTERVAL = 3.0
+# A Relay-Error reason is for a person reading a log or a 502: one line.
+MAX_REASON = 300
+
+
+def error_response(request_id: str, status: int, text: str) -> HttpResponse:
+    """A whole answer of our own (status, plain text, C{eof}) for the user."""
+    response = HttpResponse(id=request_id, status_code=status, body=text.encode("utf-8"), eof=True)
+    response.header.add(name="Content-Type", value="text/plain")
+    return response
 
 
 class Chunker:
@@ -103,6 +120,8 @@ class Chunker:
         self._sending: Optional[Deferred] = None
         self._eof = False
         self._trailers: Tuple[Tuple[str, str], ...] = ()
+        # Why the backend's body broke off, until the Relay-Error went.
+        self._error: Optional[str] = None
         self._stopped = False
         self._producer: Optional[IPushProducer] = None
         self._paused = False
@@ -142,6 +161,28 @@ class Chunker:
             return
         self._eof = True
         self._trailers = tuple(trailers)
+        self._pump()
+
+    def fail(self, reason: str) -> None:
+        """
+        The backend's body broke off (a reset, a body shorter than its
+        framing said): end the answer so that it cannot look complete, and
+        close the backend connection.
+        """
+        if self._stopped or self._eof:
+            return
+        reason = " ".join(reason.split())[:MAX_REASON] or "unknown error"
+        self._eof = True
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            producer.stopProducing()
+        if self._header_pending:
+            # Nothing has gone: an honest error instead of part of a body.
+            self._message = error_response(self._id, 502, "Backend response failed with error: " + reason)
+            self._pieces.clear()
+            self._size = 0
+        else:
+            self._error = reason
         self._pump()
 
     def abort(self, reason: Optional[Failure] = None) -> None:
@@ -201,7 +242,9 @@ class Chunker:
         self._message = HttpResponse(id=self._id)
         body = self._take(self._max)
         size = sum(map(len, body))
-        if final:
+        if final and self._error is not None:
+            message.trailer.add(name=RELAY_ERROR, value=self._error)
+        elif final:
             message.eof = True
             for name, value in self._trailers:
                 message.trailer.add(name=name, value=value)
@@ -231,6 +274,10 @@ class Chunker:
             self.first_sent.callback(True)
         if self._stopped:
             return
+        if final and self._error is not None:
+            self._error = None
+            self._send_eof_after_error()
+            return
         if final:
             self._stopped = True
             self._cancel_flush()
@@ -242,6 +289,19 @@ class Chunker:
         if self._size < self._max:
             # Room for the next piece while this one (if any) is on its way.
             self._resume()
+
+    def _send_eof_after_error(self) -> None:
+        """
+        The C{eof} after a C{Relay-Error}. Our relay server has aborted the
+        user's answer already; a server that does not know the trailer
+        would otherwise hold a short body open until its inactivity timeout
+        and then end it cleanly all the same. Whatever the answer, the
+        request is over for us.
+        """
+        self.messages_sent += 1
+        d = self._sending = Deferred()
+        d.addBoth(lambda _: self._sent(True))
+        self._send(HttpResponse(id=self._id, eof=True), None).chainDeferred(d)
 
     def _failed(self, failure: Failure) -> None:
         self._sending = None

@@ -38,7 +38,6 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -46,17 +45,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.client.backend import (
-    CONNECT_TIMEOUT,
-    BackendError,
-    BackendRequest,
-    TrustPolicy,
-    connect_error,
-    split_address,
-)
-from relay.client.endpoints import client_endpoint
+from relay.client.backend import BackendError, BackendRequest, TrustPolicy, connect_error, connect_own
 from relay.headers import H2_BACKEND_DROPS, go_canonical, sanitize_value, valid_name
-from relay.logs import connect_quietly
 
 log = Logger()
 
@@ -146,7 +136,9 @@ class _Stream:
         pending, self._pending = self._pending, []
         for data in pending:
             sink.write(data)
-        if self.ended:
+        if self.error is not None:
+            sink.fail(self.error)
+        elif self.ended:
             sink.finish(self.trailers)
         else:
             self.acknowledge()
@@ -175,16 +167,19 @@ class _Stream:
             self._sink.finish(self.trailers)
 
     def failed(self, reason: str) -> None:
-        """The stream was reset, or the connection lost."""
+        """
+        The stream was reset (even with NO_ERROR: before END_STREAM the
+        answer is incomplete), or the connection lost or refused by GOAWAY:
+        an answer that had begun broke off.
+        """
         self.ended = True
         self.error = reason
         self._release()
         if not self.head.called:
             self.head.errback(BackendError(self.request.describe(reason)))
         elif self._sink is not None:
-            # As with HTTP/1.1: the user gets what came, then the end.
             log.warn("Failed to read from backend", error=reason)
-            self._sink.finish()
+            self._sink.fail(reason)
 
     # Flow control.
 
@@ -511,17 +506,8 @@ class H2Backend:
                 d.callback(result)
 
     async def _dial(self, request: BackendRequest) -> H2ClientConnection:
-        host, port = split_address(request.address, request.scheme)
-        endpoint = client_endpoint(self.reactor, host, port, CONNECT_TIMEOUT)
-        tls = request.scheme == "https"
-        if tls:
-            options = self.policy.tls_options(host, acceptable_protocols=[b"h2"])
-            endpoint = endpoints.wrapClientTLS(options, endpoint)
-        connection = H2ClientConnection(self.reactor, request, tls)
-        try:
-            await connect_quietly(endpoint, connection)
-        except Exception as e:
-            raise BackendError(connect_error(request, Failure(e)))
+        connection = H2ClientConnection(self.reactor, request, request.scheme == "https")
+        await connect_own(self.reactor, self.policy, request, connection, alpn=[b"h2"])
         self._all.append(connection)
         connection.lost.addBoth(lambda _: self._all.remove(connection))
         await connection.ready

@@ -5,10 +5,12 @@ the relay, and for an upgraded connection also feed the user's bytes down.
 Whatever goes wrong before the backend answered becomes a 500 with a plain
 text reason for that request id, so that the user (often C{kubectl}) gets an
 error instead of hanging until the relay server's timeout. Once the answer
-has begun there is no way to report an error in-band; a message the relay
-will not take (400: the user left, or the relay restarted) ends the request
-and closes the backend connection, which is how the backend learns that
-nobody is listening any more.
+has begun, a body that breaks off is reported with our C{Relay-Error}
+trailer (L{relay.client.chunker.Chunker.fail}), so that the user's answer
+cannot look complete. A message the relay will not take (400: the user
+left, or the relay restarted) ends the request and closes the backend
+connection, which is how the backend learns that nobody is listening any
+more.
 """
 
 from typing import Optional
@@ -18,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relay.client.backend import Backend, BackendError, BackendTarget
-from relay.client.chunker import Chunker
+from relay.client.chunker import Chunker, error_response
 from relay.client.relay_api import RelayAPI, RelayError
 from relay.client.upgrade import Upgrader, wants_upgrade
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
@@ -145,15 +147,8 @@ class RequestHandler:
         answer.close()
 
     async def _post_error(self, request_id: str, message: str) -> None:
-        response = HttpResponse(
-            id=request_id,
-            status_code=500,
-            body=message.encode("utf-8"),
-            eof=True,
-        )
-        response.header.add(name="Content-Type", value="text/plain")
         try:
-            await self.api.post_response(response)
+            await self.api.post_response(error_response(request_id, 500, message))
         except CancelledError:
             pass
         except RelayError as e:

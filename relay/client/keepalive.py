@@ -44,6 +44,7 @@ from relay.compat import (
     client_idle,
     client_request,
 )
+from relay.tuning.transport import corked
 
 _RETRYABLE_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
 _MAX_ORIGINS = 64
@@ -116,8 +117,8 @@ class KeepAliveAgent:
         while origin.idle:
             protocol, _ = origin.idle.pop()
             if client_idle(protocol):
-                return protocol.request(request).addErrback(self._retry, origin, request)
-        return self._connect(origin).addCallback(lambda protocol: protocol.request(request))
+                return _send(protocol, request).addErrback(self._retry, origin, request)
+        return self._connect(origin).addCallback(_send, request)
 
     # Connections.
 
@@ -206,3 +207,11 @@ class KeepAliveAgent:
         if not closing:
             return succeed(None)
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+
+def _send(protocol, request) -> Deferred:
+    """
+    Send C{request} on C{protocol}'s connection: its head and a body
+    written at once (a relay-client's posts) leave in one piece.
+    """
+    return corked(protocol.transport, protocol.request, request)

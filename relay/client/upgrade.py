@@ -13,7 +13,6 @@ other and the connection is closed after it.
 
 from typing import List, Optional, Tuple
 
-from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -21,18 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.client.backend import (
-    CONNECT_TIMEOUT,
-    BackendError,
-    BackendRequest,
-    TrustPolicy,
-    connect_error,
-    split_address,
-)
-from relay.client.endpoints import client_endpoint
+from relay.client.backend import BackendError, BackendRequest, TrustPolicy, connect_own
 from relay.compat import ChunkedTransferDecoder
 from relay.headers import go_canonical, sanitize_value, valid_name
-from relay.logs import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
 
 log = Logger()
@@ -224,7 +214,7 @@ class RawResponse(Protocol):
         for data in pending:
             sink.write(data)
         if self._ended:
-            sink.finish()
+            self._end_sink()
 
     def connectionLost(self, reason: Failure) -> None:
         self._ended = True
@@ -232,6 +222,18 @@ class RawResponse(Protocol):
             self._fail_head("EOF")
             return
         if self._sink is not None:
+            self._end_sink()
+
+    def _end_sink(self) -> None:
+        """
+        The connection is gone. After a 101, or for a body that runs until
+        the close, that is the normal end; a chunked or C{Content-Length}
+        body that had not ended broke off.
+        """
+        framed = self._decoder is not None or self._remaining is not None
+        if framed and not self._body_done:
+            self._sink.fail("unexpected EOF")
+        else:
             self._sink.finish()
 
     def _fail_head(self, reason: str) -> None:
@@ -249,19 +251,8 @@ class Upgrader:
         self.policy = policy
 
     async def open(self, request: BackendRequest) -> RawResponse:
-        host, port = split_address(request.address, request.scheme)
-        endpoint = client_endpoint(self.reactor, host, port, CONNECT_TIMEOUT)
-        if request.scheme == "https":
-            endpoint = endpoints.wrapClientTLS(
-                self.policy.creatorForNetloc(host.encode("idna"), port), endpoint
-            )
         protocol = RawResponse(request)
-        try:
-            await connect_quietly(endpoint, protocol)
-        except CancelledError:
-            raise
-        except Exception as e:
-            raise BackendError(connect_error(request, Failure(e)))
+        await connect_own(self.reactor, self.policy, request, protocol)
         try:
             return await protocol.head
         except CancelledError:

@@ -81,9 +81,8 @@ def peer_unreachable(request, throttle: Throttle, peer: str, reason: str) -> Non
 class _UserSink:
     """The owner's answer, written to the user's request as it comes."""
 
-    def __init__(self, request, stream):
+    def __init__(self, request):
         self.request = request
-        self.stream = stream
         self.producer = None
 
     def set_producer(self, producer) -> None:
@@ -95,15 +94,24 @@ class _UserSink:
         if not self.request.finished and not request_gone(self.request):
             self.request.write(data)
 
-    def finish(self, trailers=()) -> None:
+    def _over(self) -> bool:
+        """Let go of the stream; True if the user's answer is over already."""
         request = self.request
         if self.producer is not None:
             request.unregisterProducer()
-        if request.finished or request_gone(request):
+            self.producer = None
+        return request.finished or request_gone(request)
+
+    def fail(self, reason: str) -> None:
+        """The owner's answer broke off: it must not look complete."""
+        if self._over():
             return
-        if self.stream.error is not None:
-            log.warn("Forwarded answer ended early, aborting user connection", error=self.stream.error)
-            abort_answer(request)
+        log.warn("Forwarded answer ended early, aborting user connection", error=reason)
+        abort_answer(self.request)
+
+    def finish(self, trailers=()) -> None:
+        request = self.request
+        if self._over():
             return
         add_trailer = getattr(request, "add_trailer", None)
         for name, value in trailers or ():
@@ -169,7 +177,7 @@ class Forwarder:
             for raw_name, values in grouped.items():
                 # Replaces twisted.web's own Date and Server: the owner's stand.
                 request.responseHeaders.setRawHeaders(raw_name, values)
-            stream.deliver(_UserSink(request, stream))
+            stream.deliver(_UserSink(request))
 
         def failed(failure) -> None:
             if failure.check(CancelledError) or request.finished or request_gone(request):

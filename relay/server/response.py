@@ -17,6 +17,14 @@ Its headers are checked before any is written (docs/security.md): invalid
 names are dropped, values lose CR and LF, hop-by-hop headers are dropped,
 and a body that disagrees with its C{Content-Length} is cut short or aborts
 the connection, since it would otherwise confuse the user's connection.
+
+A message with our C{Relay-Error} trailer says that the backend's answer
+broke off (docs/protocol.md): an answer that had begun is aborted at once,
+so that it cannot look complete, and one that had not is a 502 with the
+reason. The trailer itself is never relayed. The request stays known until
+the C{eof} the relay-client sends next (or the inactivity timeout), so that
+that C{eof}, which only a server without the extension needs, gets its
+C{200} like any other message.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -25,7 +33,7 @@ from twisted.logger import Logger
 
 from relay.compat import request_gone
 from relay.durations import format_duration
-from relay.headers import HOP_BY_HOP, go_canonical, sanitize_value, valid_name
+from relay.headers import HOP_BY_HOP, RELAY_ERROR, go_canonical, sanitize_value, valid_name
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.broker import Broker, BrokerError, PendingRequest, RequestExpired
 from relay.server.tunnel import Tunnel
@@ -33,6 +41,9 @@ from relay.server.tunnel import Tunnel
 log = Logger()
 
 TEXT_PLAIN = b"text/plain; charset=utf-8"
+_RELAY_ERROR = RELAY_ERROR.lower()
+# How much of a Relay-Error reason the user's 502 and our log show.
+MAX_REASON = 300
 
 
 def http_error(request, code: int, message: str) -> bytes:
@@ -52,6 +63,14 @@ def plain(request, code: int, message: str) -> bytes:
 def proto_text(value) -> str:
     """A proto2 string field: str, or bytes when it was not valid UTF-8."""
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def relay_error(message: HttpResponse) -> Optional[str]:
+    """The reason of C{message}'s C{Relay-Error} trailer, if it has one."""
+    for h in message.trailer:
+        if proto_text(h.name).lower() == _RELAY_ERROR:
+            return " ".join(proto_text(h.value).split())[:MAX_REASON] or "unknown error"
+    return None
 
 
 class UserResponse:
@@ -75,16 +94,23 @@ class UserResponse:
         self.expected: Optional[int] = None
         # The answer was cut off part-way (for the admin view's counts).
         self.truncated = False
+        # The relay-client reported that the backend's answer broke off: the
+        # user's answer is over, the request waits for the client's eof.
+        self.broke_off = False
 
     def user_gone(self) -> None:
         self.done = True
-        if self.pending is not None:
+        if self.pending is not None and not self.broke_off:
             self.broker.cancel(self.pending)
 
     def deliver(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
         if self.done:
             return
+        error = relay_error(message) if len(message.trailer) else None
         if not self.started:
+            if error is not None:
+                self._broke_off(error)
+                return
             if not self._start(message):
                 return
         for piece in (message.body,) if body is None else body:
@@ -103,10 +129,31 @@ class UserResponse:
                     self.request.write(piece)
             if overflow:
                 break
+        if error is not None:
+            self._broke_off(error)
+            return
         for h in message.trailer:
             self.request.add_trailer(proto_text(h.name), proto_text(h.value))
         if message.eof:
             self._finish()
+
+    def _broke_off(self, reason: str) -> None:
+        """
+        A C{Relay-Error}: the backend's answer broke off. A begun answer is
+        aborted, one not begun is a 502; the request itself ends with the
+        relay-client's next message, its C{eof}.
+        """
+        pending = self.pending
+        self.broke_off = True
+        self.broker.metrics.responses.labels("client", "backend_error", pending.backend).inc()
+        if not self.started:
+            self.started = True
+            self._answer_error(502, "Backend response failed with error: " + reason)
+        else:
+            self._abort("backend answer broke off: " + reason)
+        # Nobody reads any more: whatever comes until the eof is dropped
+        # at once, even if the user's connection had paused us.
+        pending.resumeProducing()
 
     def _start(self, message: HttpResponse) -> bool:
         """The first message: status and headers. False if unusable."""
@@ -204,9 +251,10 @@ class UserResponse:
         request = self.request
         if self.expected is not None and self.bytes < self.expected:
             # Finishing would leave the user waiting for the rest, or worse,
-            # reading our next response as its body: the answer is cut short.
-            self.done = False
-            self.fail(RequestExpired("body shorter than its Content-Length"))
+            # reading our next response as its body: the answer is cut short
+            # (the Go relay-client's way to say that the backend broke off).
+            self.broker.metrics.responses.labels("client", "backend_error", self.pending.backend).inc()
+            self._abort("body shorter than its Content-Length")
             return
         for name, value in self.grpc_headers:
             request.add_trailer(name, value)
@@ -243,11 +291,17 @@ class UserResponse:
                 # Go answers these with http.Error (a newline, nosniff).
                 self._answer_error(503, (str(reason) or "Server is restarting") + "\n", go_error=True)
             return
-        # A response has begun and will not be completed: it must not look
-        # complete, so the connection is aborted rather than finished.
+        self._abort(type(reason).__name__)
+
+    def _abort(self, reason: str) -> None:
+        """
+        A response has begun and will not be completed: it must not look
+        complete, so the connection (or HTTP/2 stream) is aborted rather
+        than finished.
+        """
         self.done = True
         self.truncated = True
-        log.warn("Response ended early, aborting user connection", ID=pending.id, reason=type(reason).__name__)
+        log.warn("Response ended early, aborting user connection", ID=self.pending.id, reason=reason)
         if self.tunnel is not None:
             self.tunnel.close(clean=False)
             return

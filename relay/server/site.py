@@ -56,7 +56,7 @@ from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
-from relay.tuning.transport import tune
+from relay.tuning.transport import corked, tune
 
 
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).
@@ -242,8 +242,12 @@ class RelayRequest(server.Request):
         return b"/" + tail + query if slash else b"/" + query
 
     def write(self, data: bytes) -> None:
-        if not self.startedWriting and getattr(self.channel, "site", None) is not None and self.channel.site.draining:
-            self._close_after_answer()
+        if not self.startedWriting:
+            if getattr(self.channel, "site", None) is not None and self.channel.site.draining:
+                self._close_after_answer()
+            # The head and the first bytes of the body leave as one.
+            corked(self.channel.transport, super().write, data)
+            return
         super().write(data)
 
     def _close_after_answer(self) -> None:
@@ -379,7 +383,10 @@ class RelayChannel(http.HTTPChannel):
 
     def _maybeChooseTransferDecoder(self, header, data):
         ok = super()._maybeChooseTransferDecoder(header, data)
-        bound_chunked_decoder(self, _BoundedChunkedDecoder)
+        # Called for every header line; only this one (twisted.web
+        # canonicalises its name) can choose the chunked decoder.
+        if header == b"Transfer-Encoding":
+            bound_chunked_decoder(self, _BoundedChunkedDecoder)
         return ok
 
     def _bad_host(self, request) -> Optional[bytes]:

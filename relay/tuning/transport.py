@@ -13,9 +13,24 @@ instance, not the class, so nothing else in the process changes.
 Nagle's algorithm is turned off too (TCP_NODELAY), as Go does for every TCP
 connection: a relay's small writes (a poll's answer, a chunk's tail) must
 not wait for the peer's delayed ACK.
+
+And a write goes to the socket at once when nothing is waiting to be sent
+before it. Twisted buffers every write and sends it on the next pass
+through the reactor, registering the socket for writability with epoll
+and unregistering it after: two system calls and a loop pass for each of
+the three answers of every relayed request, where the socket almost
+always has room. What the socket does not take is buffered as before.
 """
 
+from typing import Callable, List, Optional, TypeVar
+
+from twisted.internet.abstract import FileDescriptor
+
+from relay.compat import nothing_to_write
+
 SEND_LIMIT = 512 * 1024
+
+T = TypeVar("T")
 
 
 def tune(transport) -> None:
@@ -23,7 +38,9 @@ def tune(transport) -> None:
     for _ in range(3):
         if transport is None:
             return
-        if hasattr(transport, "SEND_LIMIT") and hasattr(transport, "doWrite"):
+        # The socket's own transport: a TLS wrapper passes attribute
+        # lookups through to it, so asking for its attributes is not enough.
+        if isinstance(transport, FileDescriptor):
             transport.SEND_LIMIT = SEND_LIMIT
             set_no_delay = getattr(transport, "setTcpNoDelay", None)
             if set_no_delay is not None:
@@ -31,5 +48,70 @@ def tune(transport) -> None:
                     set_no_delay(True)
                 except OSError:
                     pass  # not TCP after all (a UNIX socket): nothing to turn off
+            if getattr(transport, "socket", None) is not None:
+                _write_eagerly(transport)
             return
         transport = getattr(transport, "transport", None)
+
+
+def _write_eagerly(transport) -> None:
+    """Make C{transport}'s writes try the socket first."""
+    transport._relay_writes = _EagerWrites(transport)
+
+
+class _EagerWrites:
+    """
+    The write side of a tuned transport: straight to the socket when
+    nothing waits before the data, else Twisted's own buffered write; and,
+    inside L{corked}, held back to leave as one.
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.buffered_write = transport.write
+        self.send = transport.socket.send
+        self.held: Optional[List[bytes]] = None
+        transport.write = self.write
+        transport.writeSequence = self.writeSequence
+
+    def write(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        if data and nothing_to_write(self.transport):
+            try:
+                sent = self.send(data)
+            except OSError:
+                # Full (EAGAIN) or broken: the reactor's next write meets
+                # the same condition and handles it as always.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.buffered_write(data)
+
+    def writeSequence(self, iovec) -> None:
+        self.write(b"".join(iovec))
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.write(b"".join(held))
+
+
+def corked(transport, action: Callable[..., T], *args) -> T:
+    """
+    C{action(*args)}, with what it writes to C{transport} sent in one piece
+    when it returns: an HTTP head and the body written right after it (by
+    twisted.web, or by the HTTP client and a body producer) are one packet
+    and one wake-up of the peer, not two. Any transport that is not tuned,
+    or a cork already in place, runs C{action} as it is.
+    """
+    writes = getattr(transport, "_relay_writes", None)
+    if writes is None or writes.held is not None:
+        return action(*args)
+    writes.held = []
+    try:
+        return action(*args)
+    finally:
+        writes.release()
