@@ -37,7 +37,7 @@ from relay.server.ring import Ring
 
 from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
 from tests.process import ChildProcess, TwistdProcess
-from tests.support import FakeRelayClient, client_service, free_port, tick, until
+from tests.support import FakeRelayClient, client_service, free_port, tick
 from tests.test_client_e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
 from tests.test_rolling_deploy import GO_CLIENT
 
@@ -134,6 +134,24 @@ class GrpcNamedBackend:
 
     def stop(self):
         return threads.deferToThread(lambda: self.server.stop(None).wait(10))
+
+
+class Begun(Collect):
+    """An answer's body, and C{first_line}: fires once its first line is in (the backend's name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_line = defer.Deferred()
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        if not self.first_line.called and b"\n" in b"".join(self.pieces):
+            self.first_line.callback(None)
+
+    def connectionLost(self, reason):
+        if not self.first_line.called:
+            self.first_line.errback(AssertionError("the answer ended before its first line"))
+        super().connectionLost(reason)
 
 
 class At:
@@ -379,9 +397,9 @@ class ReplicasBehindNginx(unittest.TestCase):
         self.assertEqual((response.code, (yield response.content())), (200, b"answered by hand"))
 
     def collect(self, response):
-        """The body of C{response} as it comes (L{Collect})."""
+        """The body of C{response} as it comes (L{Begun})."""
         self.assertEqual(response.code, 200)
-        collect = Collect()
+        collect = Begun()
         response.deliverBody(collect)
         return collect
 
@@ -411,7 +429,7 @@ class ReplicasBehindNginx(unittest.TestCase):
         self.assertEqual(code, 200)
         self.assertEqual((yield polling.respond(request.id, 200, hand.encode() + b"\n", eof=False)), (200, b"ok"))
         begun.append((hand, self.collect((yield user))))
-        yield until(lambda: all(collect.size > len(name) for name, collect in begun))
+        yield defer.gatherResults([collect.first_line for _, collect in begun])
 
         self.replicas[victim].transport.signalProcess("KILL")
         killed = reactor.seconds()
