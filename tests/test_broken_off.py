@@ -26,11 +26,12 @@ from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.response import UserResponse
+from tests.process import ChildProcess
 from tests.support import RelayServer, client_service, dechunk, head_and_body
 from tests.test_client_e2e import Collect
 from tests.test_client_h2 import H2Backend, H2BackendResource
 from tests.test_http2 import H2Client
-from tests.test_rolling_deploy import GO_CLIENT, GoClient
+from tests.test_rolling_deploy import GO_CLIENT
 from tests.test_server import ServerTestCase
 
 NAME = "robot"
@@ -227,7 +228,6 @@ class GoClientOnOurServer(unittest.TestCase):
         self.addCleanup(backend.stop)
         relay = RelayServer()
         self.addCleanup(relay.stop)
-        go = GoClient()
         argv = [
             GO_CLIENT,
             "--backend_scheme=http",
@@ -237,7 +237,7 @@ class GoClientOnOurServer(unittest.TestCase):
             "--backend_address=" + backend.address,
             "--relay_address=127.0.0.1:%d" % (relay.port,),
         ]
-        reactor.spawnProcess(go, GO_CLIENT, argv, env=dict(os.environ))
+        go = ChildProcess.spawn(argv)
         self.addCleanup(go.terminate)
         yield relay.polling(NAME)
         users = HTTPConnectionPool(reactor, persistent=False)
