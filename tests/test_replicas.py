@@ -160,6 +160,11 @@ class RoutingRuleTests(unittest.SynchronousTestCase):
         self.assertEqual(self.routing.issuer(FakeRequest(), RequestIds(replica=0)(mine)), PEERS[0])
         self.assertIsNone(self.routing.issuer(FakeRequest(), RequestIds(replica=1)(mine)))
 
+    def test_ids_of_a_dead_issuer_are_handled_here(self):
+        """Its requests died with it: the id is unknown here, and the relay-client gets its 400 and stops."""
+        self.down.add(PEERS[0])
+        self.assertIsNone(self.routing.issuer(FakeRequest(), RequestIds(replica=0)("robot")))
+
     def test_ids_of_no_replica_are_handled_here(self):
         for request_id in [RequestIds(replica=7)("robot"), "robot:123", "nonsense", RequestIds()("robot")[:-1]]:
             self.assertIsNone(self.routing.issuer(FakeRequest(), request_id), request_id)

@@ -137,7 +137,10 @@ class Routing:
         index = issuing_replica(request_id)
         if index is None or index >= len(self.peers) or index == self.index:
             return None
-        return self.peers[index]
+        peer = self.peers[index]
+        # An issuer that is down took its pending requests with it: here the
+        # id is unknown, and the relay-client's 400 tells it to stop.
+        return peer if self.usable(peer) else None
 
     def forward(self, request, peer: str, upgrade: bool = False):
         """Answer C{request} with C{peer}'s answer; NOT_DONE_YET."""
