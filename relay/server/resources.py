@@ -206,8 +206,12 @@ class MetricsResource(Resource):
         return self.render_metrics()
 
 
-class ServerResource(Resource):
-    """The relay-client's endpoints: poll, post responses, pull streams."""
+class _BrokerResource(Resource):
+    """
+    A leaf over the broker, the access policy and, with several replicas,
+    the routing: where calls for other replicas' names go (and, for user
+    requests, whether a name with no relay-client waits for its poll).
+    """
 
     isLeaf = True
 
@@ -215,8 +219,14 @@ class ServerResource(Resource):
         super().__init__()
         self.broker = broker
         self.policy = policy if policy is not None else AccessPolicy()
-        # With several replicas: where calls for other replicas' names go.
         self.routing = routing
+
+
+class ServerResource(_BrokerResource):
+    """The relay-client's endpoints: poll, post responses, pull streams."""
+
+    def __init__(self, broker: Broker, policy: AccessPolicy = None, routing: Optional[Routing] = None):
+        super().__init__(broker, policy, routing)
         self._refusals = Throttle(broker.clock)
         self._routes = {
             b"/server/request": self.poll,
@@ -381,18 +391,8 @@ def _answer_whole(request, body) -> None:
     request.finish()
 
 
-class ClientResource(Resource):
+class ClientResource(_BrokerResource):
     """User traffic: wrap the request into an L{HttpRequest} and relay it."""
-
-    isLeaf = True
-
-    def __init__(self, broker: Broker, policy: AccessPolicy = None, routing: Optional[Routing] = None):
-        super().__init__()
-        self.broker = broker
-        self.policy = policy if policy is not None else AccessPolicy()
-        # With several replicas: where calls for other replicas' names go,
-        # and requests for a name with no relay-client wait for its poll.
-        self.routing = routing
 
     def render(self, request):
         path = request.path
