@@ -1156,13 +1156,7 @@ def side_by_side_report(a, command, sbs, info, elapsed, others, big, idle):
     r.append("<details><summary>Every round</summary>\n\n" + sbs.detail() + "\n\n</details>")
     if big:
         r.append("")
-        r.append("**1 GiB relayed in one request** (our pair, %s): %s, %.1f s (%.0f MiB/s); server peak RSS "
-                 "(VmHWM) %.1f MiB (%.1f MiB before) — %s (< 100 MiB); relay client peak RSS %.1f MiB." % (
-                     sbs.interps[0][1]["short"],
-                     "ok" if big["ok"] else "FAILED (status %s, %d bytes)" % (big["status"], big["bytes"]),
-                     big["seconds"], big["bytes"] / MiB / big["seconds"], big["server_hwm"] / MiB,
-                     big["server_rss_before"] / MiB, "PASS" if big["ok"] and big["server_hwm"] < 100 * MiB
-                     else "FAIL", big["client_hwm"] / MiB))
+        r.append(big_line(big, "**1 GiB relayed in one request** (our pair, %s):" % (sbs.interps[0][1]["short"],)))
     if idle:
         t = idle["timed"]
         r.append("")
@@ -1304,11 +1298,10 @@ def main(argv=None):
         log("other processes use %.0f%% of a core; waiting for a quiet machine (--wait-idle)" % (100 * idle_before))
         time.sleep(4)
         idle_before = other_load(2)
-    busy0, own0 = busy_seconds(), own_cpu_seconds()
-    t_start = time.monotonic()
     if idle_before > 0.2:
         log("WARNING: other processes use %.0f%% of a core right now; figures will be low" % (100 * idle_before))
-    try:
+
+    def work():
         info = machine_info(a.python)
         b.start_backend()
         b.start_relay()
@@ -1317,17 +1310,12 @@ def main(argv=None):
         b.stop_relay()
         big = None if a.skip_rss else b.rss_1gib()
         idle = None if a.skip_idle else b.idle_clients()
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything")
-        stop_all()
+        return info, rows, prof, big, idle
+
+    measured = run_measured(b, work)
+    if measured is None:
         return 130
-    except Exception:
-        stop_all()
-        log("failed; process logs are in %s" % b.logdir)
-        raise
-    stop_all()
-    elapsed = time.monotonic() - t_start
-    others = others_since(busy0, own0, elapsed)
+    (info, rows, prof, big, idle), elapsed, others = measured
 
     r = []
     r.append("Command: `%s`  " % command)
@@ -1354,12 +1342,7 @@ def main(argv=None):
              "are too low)." % info["nproc"])
     if big:
         r.append("")
-        r.append("**1 GiB relayed in one request:** %s, %.1f s (%.0f MiB/s); server peak RSS (VmHWM) %.1f MiB "
-                 "(%.1f MiB before) — %s (< 100 MiB); relay client peak RSS %.1f MiB." % (
-                     "ok" if big["ok"] else "FAILED (status %s, %d bytes)" % (big["status"], big["bytes"]),
-                     big["seconds"], big["bytes"] / MiB / big["seconds"], big["server_hwm"] / MiB,
-                     big["server_rss_before"] / MiB, "PASS" if big["ok"] and big["server_hwm"] < 100 * MiB
-                     else "FAIL", big["client_hwm"] / MiB))
+        r.append(big_line(big, "**1 GiB relayed in one request:**"))
     if idle:
         t = idle["timed"]
         r.append("")
@@ -1381,29 +1364,53 @@ def main(argv=None):
     return 0
 
 
-def side_by_side(a, b, command):
+def big_line(big, title):
+    """The report's line on relaying 1 GiB: C{title}, then the figures and the verdict."""
+    return "%s %s, %.1f s (%.0f MiB/s); server peak RSS (VmHWM) %.1f MiB (%.1f MiB before) — %s (< 100 MiB); " \
+        "relay client peak RSS %.1f MiB." % (
+            title, "ok" if big["ok"] else "FAILED (status %s, %d bytes)" % (big["status"], big["bytes"]),
+            big["seconds"], big["bytes"] / MiB / big["seconds"], big["server_hwm"] / MiB,
+            big["server_rss_before"] / MiB, "PASS" if big["ok"] and big["server_hwm"] < 100 * MiB else "FAIL",
+            big["client_hwm"] / MiB)
+
+
+def run_measured(b, work):
+    """
+    C{work()}, with every process stopped after it whatever happens:
+    C{(its result, seconds, other processes' load)}, or None when
+    interrupted.
+    """
     busy0, own0 = busy_seconds(), own_cpu_seconds()
     t_start = time.monotonic()
-    sbs = SideBySide(a, b)
-    big = idle = None
     try:
-        info = machine_info(a.python)
-        sbs.run()
-        if not a.skip_rss:
-            big = b.rss_1gib()
-        if not a.skip_idle:
-            idle = b.idle_clients()
+        result = work()
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
         stop_all()
-        return 130
+        return None
     except Exception:
         stop_all()
         log("failed; process logs are in %s" % b.logdir)
         raise
     stop_all()
     elapsed = time.monotonic() - t_start
-    others = others_since(busy0, own0, elapsed)
+    return result, elapsed, others_since(busy0, own0, elapsed)
+
+
+def side_by_side(a, b, command):
+    sbs = SideBySide(a, b)
+
+    def work():
+        info = machine_info(a.python)
+        sbs.run()
+        big = None if a.skip_rss else b.rss_1gib()
+        idle = None if a.skip_idle else b.idle_clients()
+        return info, big, idle
+
+    measured = run_measured(b, work)
+    if measured is None:
+        return 130
+    (info, big, idle), elapsed, others = measured
     text = side_by_side_report(a, command, sbs, info, elapsed, others, big, idle)
     publish(text, a.output)
     return 0
