@@ -38,7 +38,7 @@ class ScriptedRelay(resource.Resource):
         self.held = []
 
     def render(self, request):
-        self.calls.append((request.path, request.requestHeaders, request.content.read()))
+        self.calls.append((request.path, request.requestHeaders, request.content.read(), request.args))
         script = self.script.get(request.path) or []
         if not script:
             self.held.append(request)
@@ -190,6 +190,8 @@ class RelayCallsTests(unittest.TestCase):
         message = HttpResponse()
         message.ParseFromString(posts[-1][2])
         self.assertEqual((message.id, message.status_code, message.eof), ("robot:1", 200, True))
+        # The id in the query too, for an ingress that routes replicas by name.
+        self.assertEqual(posts[-1][3], {b"id": [b"robot:1"]})
         self.assertEqual(
             posts[0][1].getRawHeaders(b"content-type"),
             [b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpResponse"],

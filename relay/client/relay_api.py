@@ -106,15 +106,22 @@ class RelayAPI:
         self._poll_url = (
             self.base_url + "/server/request?" + urlencode({"server": self.server_name})
         ).encode("utf-8")
-        self._response_url = (self.base_url + "/server/response").encode("utf-8")
+        self._response_url = (self.base_url + "/server/response?id=").encode("utf-8")
 
     # URLs.
 
     def poll_url(self) -> bytes:
         return self._poll_url
 
-    def response_url(self) -> bytes:
-        return self._response_url
+    def response_url(self, request_id: str) -> bytes:
+        """
+        Where a message for C{request_id} goes. The id in the query is not
+        Go's (servers read it from the body, and ignore the query): it lets
+        an ingress in front of several replicas route the post by name, as
+        it routes polls and request streams (docs/scaling.md), instead of
+        leaving it to the replicas to pass on.
+        """
+        return self._response_url + quote(request_id, safe=":").encode("utf-8")
 
     def stream_url(self, request_id: str) -> bytes:
         return (
@@ -186,7 +193,7 @@ class RelayAPI:
     async def post_response_once(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
         try:
             code, answer = await self._call(
-                b"POST", self.response_url(), wire.serialize(message, "body", body), RESPONSE_CONTENT_TYPE
+                b"POST", self.response_url(message.id), wire.serialize(message, "body", body), RESPONSE_CONTENT_TYPE
             )
         except CancelledError:
             raise
