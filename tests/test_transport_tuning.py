@@ -7,10 +7,11 @@ the producers twisted.web and the HTTP client register on the transport.
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
-from twisted.internet.interfaces import IPullProducer
 
 from relay.tuning.transport import corked, tune
 
@@ -107,8 +108,6 @@ class EagerWriteTests(unittest.TestCase):
         self.assertEqual(sends, [b"head|body", b"!"])
 
     def test_an_untuned_transport_runs_the_action_as_it_is(self):
-        from twisted.internet.testing import StringTransport
-
         transport = StringTransport()
         self.assertEqual(corked(transport, lambda: transport.write(b"x") or 7), 7)
         self.assertEqual(transport.value(), b"x")

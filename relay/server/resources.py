@@ -115,10 +115,7 @@ class RootResource(Resource):
 
     def render(self, request):
         request.responseHeaders.removeHeader(b"server")
-        redirect = _redirect_if_unclean(request)
-        if redirect is not None:
-            return redirect.render(request)
-        return self.client.render(request)
+        return self.route(request).render(request)
 
 
 def clean_path(path: bytes) -> bytes:
