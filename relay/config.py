@@ -96,6 +96,11 @@ class ClientConfig:
     # Not in Go: the burst of extra polls while requests keep coming.
     max_pending_requests: int = 4
     busy_poll_us: int = 0
+    # Not in Go: how fast a dead path to the relay server is noticed (TCP
+    # keepalive probes, and TCP_USER_TIMEOUT), docs/client.md "Robots on
+    # bad networks".
+    tcp_keepalive_interval: float = _seconds(3.0)
+    dead_connection_timeout: float = _seconds(10.0)
     max_idle_conns_per_host: int = 100
     disable_http2: bool = False
     force_http2: bool = False

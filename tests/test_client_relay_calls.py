@@ -10,12 +10,13 @@ finished when C{flush()} returns, so nothing here waits on the reactor.
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from relay.client.endpoints import CachingEndpointFactory
-from relay.client.relay_api import Forbidden, PermanentRelayError, RelayAPI, RelayError
+from relay.client.relay_api import POLL_DEADLINE, Forbidden, PermanentRelayError, RelayAPI, RelayError
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import MemoryNetwork, client_service
 from tests.test_client_e2e import temp_file
@@ -76,6 +77,8 @@ class RelayCallsTests(unittest.TestCase):
             on_fatal=self.fatal.append,
             **kw
         )
+        # No jitter: the back-off delays read exactly.
+        client.reachability.random = lambda: 1.0
         client.startService()
         self.addCleanup(self.stop, client)
         self.network.flush()
@@ -91,8 +94,24 @@ class RelayCallsTests(unittest.TestCase):
         self.network.flush()
 
     def pending_delays(self):
+        """The back-off waits pending (not the calls' deadlines, which are longer)."""
         now = self.clock.seconds()
-        return sorted(round(c.getTime() - now, 6) for c in self.clock.getDelayedCalls() if c.getTime() - now < 59)
+        return sorted(
+            round(c.getTime() - now, 6) for c in self.clock.getDelayedCalls() if c.getTime() - now < POLL_DEADLINE - 1
+        )
+
+    def log_lines(self):
+        """The client's lines at info and above but its start, as C{(level name, message)}, from now on."""
+        lines = []
+
+        def observe(event):
+            text = event.get("log_format")
+            if event.get("log_level", LogLevel.info) >= LogLevel.info and text != "Starting to relay server request loop":
+                lines.append((event["log_level"].name, text))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
 
     def test_408_polls_again_at_once(self):
         self.relay.script[b"/server/request"] = [(408, b"")] * 4
@@ -127,19 +146,81 @@ class RelayCallsTests(unittest.TestCase):
             self.advance(expected + 1e-9)
             self.assertGreater(len(self.polls()), count)
 
-    def test_backoff_is_capped_at_10s(self):
+    def test_backoff_is_capped_below_a_second(self):
+        # A restarted server must find its robots back within a second of
+        # listening again.
         self.relay.script[b"/server/request"] = [(502, b"")] * 14
         self.start_client()
+        seen = self.follow_backoff(14)
+        self.assertEqual(max(seen), 0.8)
+        self.assertEqual(seen[-1], 0.8)
+        self.assertTrue(all(a <= b for a, b in zip(seen, seen[1:])))
+
+    def test_backoff_grows_to_5s_after_a_minute_without_the_server(self):
+        # A long outage behind an ingress that answers every try: a fleet
+        # polling at once each 0.8 s would load it for nothing.
+        self.relay.script[b"/server/request"] = [(502, b"")] * 200
+        self.start_client()
+        seen = self.follow_backoff(100)
+        self.assertEqual(max(seen), 5.0)
+        self.assertEqual(seen[-1], 5.0)
+        self.assertTrue(all(d <= 0.8 for d in seen[:60]), "short waits during the first minute")
+
+    def test_jitter_keeps_a_fleet_out_of_step(self):
+        self.relay.script[b"/server/request"] = [(502, b"")] * 3
+        client = self.start_client()
+        client.reachability.random = lambda: 0.0
+        self.assertEqual(self.pending_delays(), [0.1])  # the first wait was chosen at start
+        self.advance(0.1 + 1e-9)
+        self.assertEqual(self.pending_delays(), [0.075])  # half of 0.15
+
+    def follow_backoff(self, count):
         seen = []
-        for _ in range(14):
+        for _ in range(count):
             (delay,) = self.pending_delays()
             seen.append(delay)
-            count = len(self.polls())
+            calls = len(self.polls())
             self.advance(delay + 1e-9)
-            self.assertGreater(len(self.polls()), count)
-        self.assertEqual(max(seen), 10.0)
-        self.assertEqual(seen[-1], 10.0)
-        self.assertTrue(all(a <= b for a, b in zip(seen, seen[1:])))
+            self.assertGreater(len(self.polls()), calls)
+        return seen
+
+    def test_one_line_when_the_server_is_lost_and_one_when_it_is_back(self):
+        lines = self.log_lines()
+        self.relay.script[b"/server/request"] = [(408, b"")] + [(503, b"Server is restarting")] * 6 + [(408, b"")]
+        self.start_client()
+        self.follow_backoff(6)
+        self.assertEqual(
+            lines,
+            [("warn", "Lost the relay server"), ("info", "Relay server is back")],
+        )
+
+    def test_a_client_that_starts_without_its_server_says_so_once(self):
+        lines = self.log_lines()
+        self.network.refusing = True
+        self.start_client()
+        for _ in range(5):
+            (delay,) = self.pending_delays()
+            self.advance(delay + 1e-9)
+        self.network.refusing = False
+        (delay,) = self.pending_delays()
+        self.advance(delay + 1e-9)
+        self.relay.release()
+        self.network.flush()
+        self.assertEqual(
+            lines,
+            [("warn", "Cannot reach the relay server"), ("info", "Reached the relay server")],
+        )
+
+    def test_losing_the_server_drops_its_idle_connections(self):
+        # They crossed the same path: a poll sent on one that died silently
+        # would wait out the dead-connection timeout before a new one.
+        self.relay.script[b"/server/request"] = [(408, b""), (408, b""), (503, b"down")]
+        self.start_client()
+        self.assertEqual(self.network.opened, 1, "408s reuse the connection")
+        (delay,) = self.pending_delays()
+        self.advance(delay + 1e-9)
+        self.assertEqual(len(self.polls()), 4)
+        self.assertEqual(self.network.opened, 2, "the poll after the loss went on a new connection")
 
     def test_connection_refused_backs_off(self):
         self.network.refusing = True

@@ -278,6 +278,13 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
             "max_pending_requests": s.max_pending_requests,
             "busy_poll_us": self.when_running("install")[1],
             "max_idle_conns_per_host": (s.api.agent.max_idle_per_host, backend_agent.max_idle_per_host),
+            # The relay server's connections are watched for a dead path, and
+            # a connect to it gives up as soon as a dead one would.
+            "tcp_keepalive_interval": s.api.agent.endpoint_factory.liveness[0],
+            "dead_connection_timeout": (
+                s.api.agent.endpoint_factory.liveness[1],
+                s.api.agent.endpoint_factory.connect_timeout,
+            ),
             # HTTP/1.1 to the backend is what --disable_http2 asks for.
             "disable_http2": type(s.handler.backend).__name__,
             "force_http2": type(s.handler.backend).__name__,
@@ -322,6 +329,8 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
                 "max_pending_requests": d.max_pending_requests,
                 "busy_poll_us": d.busy_poll_us,
                 "max_idle_conns_per_host": (d.max_idle_conns_per_host, d.max_idle_conns_per_host),
+                "tcp_keepalive_interval": d.tcp_keepalive_interval,
+                "dead_connection_timeout": (d.dead_connection_timeout, d.dead_connection_timeout),
                 "disable_http2": "Backend" if not d.force_http2 else "H2Backend",
                 "force_http2": "H2Backend" if d.force_http2 else "Backend",
                 "disable_auth_for_remote": not d.disable_auth_for_remote and not d.relay_token_file,
@@ -348,6 +357,8 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
             "--disable_http2",
             "--disable_auth_for_remote",
             "--log_format=text",
+            "--tcp_keepalive_interval=7s",
+            "--dead_connection_timeout=0",
         )
         users = self.users()
         backend_root, upgrade_root = users["root_ca_file"]
@@ -359,5 +370,8 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
         self.assertEqual(users["disable_http2"], "Backend")
         self.assertFalse(users["disable_auth_for_remote"], "warned about credentials all the same")
         self.assertEqual(users["log_format"], "t")
+        self.assertEqual(users["tcp_keepalive_interval"], 7.0)
+        # 0: the kernel's own timeouts, and connects wait as long as before.
+        self.assertEqual(users["dead_connection_timeout"], (0.0, 30.0))
         # What --disable_http2 acts on: it cannot be had with --force_http2.
         self.assertRaises(usage.UsageError, parsed, client_tap.Options, ["--disable_http2", "--force_http2"])

@@ -21,7 +21,7 @@ at once when it failed, and the error is reported as soon as the last one
 failed.
 """
 
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from relay.tuning.transport import tune
+from relay.tuning.transport import detect_dead_peer, tune
 
 ATTEMPT_DELAY = 0.3  # Go's net.Dialer FallbackDelay, and Twisted's.
 
@@ -170,26 +170,45 @@ class _Attempts:
 
 @implementer(IStreamClientEndpoint)
 class TunedEndpoint:
-    """An endpoint whose connections get L{tune}d once connected."""
+    """
+    An endpoint whose connections get L{tune}d once connected and, given
+    C{liveness} (a keepalive interval and a dead-connection timeout), watched
+    by the kernel for a peer that went away (L{detect_dead_peer}).
+    """
 
-    def __init__(self, endpoint):
+    def __init__(self, endpoint, liveness: Optional[Tuple[float, float]] = None):
         self.endpoint = endpoint
+        self.liveness = liveness
 
     def connect(self, factory):
         return self.endpoint.connect(factory).addCallback(self._tune)
 
-    @staticmethod
-    def _tune(protocol):
-        tune(getattr(protocol, "transport", None))
+    def _tune(self, protocol):
+        transport = getattr(protocol, "transport", None)
+        tune(transport)
+        if self.liveness is not None:
+            detect_dead_peer(transport, *self.liveness)
         return protocol
 
 
 @implementer(IAgentEndpointFactory)
 class CachingEndpointFactory:
-    def __init__(self, reactor, tls_policy=None, connect_timeout: float = 30):
+    """
+    @param liveness: for L{TunedEndpoint}: C{(keepalive_interval,
+        dead_timeout)}, or None to leave the kernel's defaults.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        tls_policy=None,
+        connect_timeout: float = 30,
+        liveness: Optional[Tuple[float, float]] = None,
+    ):
         self.reactor = reactor
         self.tls_policy = tls_policy
         self.connect_timeout = connect_timeout
+        self.liveness = liveness
         self._endpoints: Dict[Tuple[bytes, bytes, int], object] = {}
 
     def endpointForURI(self, uri):
@@ -207,7 +226,7 @@ class CachingEndpointFactory:
                 from twisted.web.error import SchemeNotSupported
 
                 raise SchemeNotSupported("Unsupported scheme: %r" % (uri.scheme,))
-            endpoint = TunedEndpoint(endpoint)
+            endpoint = TunedEndpoint(endpoint, self.liveness)
             if len(self._endpoints) < 64:
                 self._endpoints[key] = endpoint
         return endpoint

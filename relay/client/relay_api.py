@@ -1,8 +1,13 @@
 """
 The relay server's three endpoints, as the relay client calls them.
 
-Every call has the Go client's 60 s client-side timeout, so that a relay
-server that vanished without closing its connections cannot stall us. Only
+Every call has a deadline, so that a relay server that vanished without
+closing its connections cannot stall us: a long poll or a request-stream
+read, which the server answers within its fixed 30 s, gets 10 s more; a
+posted response gets the Go client's 60 s. The kernel usually notices a
+dead connection sooner (L{relay.tuning.transport.detect_dead_peer}); the
+deadline is for the rest, such as a proxy on the way that keeps the
+connection alive but lost the call. Only
 C{POST /server/response} is retried (a lost chunk would corrupt what the user
 receives, and the chunk is still in hand); polls are retried by the poll
 loop, request-stream reads are not retried at all because the relay server
@@ -27,6 +32,10 @@ from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 log = Logger()
 
 REMOTE_REQUEST_TIMEOUT = 60.0
+# The server answers a poll or a stream read within this long (Go's fixed
+# value); a call still unanswered well after it is dead.
+SERVER_POLL_TIMEOUT = 30.0
+POLL_DEADLINE = SERVER_POLL_TIMEOUT + 10.0
 RESPONSE_CONTENT_TYPE = (
     b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpResponse"
 )
@@ -95,6 +104,7 @@ class RelayAPI:
         server_name: str,
         token_file: str = "",
         timeout: float = REMOTE_REQUEST_TIMEOUT,
+        poll_timeout: float = POLL_DEADLINE,
     ):
         self.agent = agent
         self.clock = clock
@@ -102,6 +112,7 @@ class RelayAPI:
         self.server_name = server_name
         self.token_file = token_file
         self.timeout = timeout
+        self.poll_timeout = poll_timeout
         # Built once: they are asked for on every request.
         self._poll_url = (
             self.base_url + "/server/request?" + urlencode({"server": self.server_name})
@@ -136,6 +147,7 @@ class RelayAPI:
         url: bytes,
         body: Union[bytes, List[bytes], None] = None,
         content_type: Optional[bytes] = None,
+        timeout: Optional[float] = None,
     ):
         headers = Headers()
         if self.token_file:
@@ -145,7 +157,7 @@ class RelayAPI:
         producer = BytesProducer(body) if body is not None else None
         d = self.agent.request(method, url, headers, producer)
         d.addCallback(lambda response: read_all(response).addCallback(lambda data: (response.code, data)))
-        d.addTimeout(self.timeout, self.clock)
+        d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         try:
             return await d
         except (ResponseFailed, ResponseNeverReceived) as e:
@@ -164,7 +176,7 @@ class RelayAPI:
             answers that trying again cannot change.
         """
         try:
-            code, body = await self._call(b"GET", self.poll_url())
+            code, body = await self._call(b"GET", self.poll_url(), timeout=self.poll_timeout)
         except CancelledError:
             raise
         except Exception as e:
@@ -236,7 +248,9 @@ class RelayAPI:
         is over (410).
         """
         try:
-            code, body = await self._call(b"POST", self.stream_url(request_id), b"", b"text/plain")
+            code, body = await self._call(
+                b"POST", self.stream_url(request_id), b"", b"text/plain", timeout=self.poll_timeout
+            )
         except CancelledError:
             raise
         except Exception as e:

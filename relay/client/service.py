@@ -4,12 +4,12 @@ and the requests they picked up, with a clean stop.
 
 Each loop keeps one long poll open; a request it receives is handled
 concurrently while the loop polls again at once. When the relay cannot be
-reached (connection refused, 5xx, a timeout) the loop backs off, from 0.1 s
-growing 1.5 times to 10 s, so that a restarting relay server is found again
-within moments without being hammered. A 403 means our credentials are not
-accepted; retrying cannot fix that, so the client logs it and exits
-non-zero, for its supervisor to restart it with fresh ones (as the Go client
-does).
+reached (connection refused, 5xx, a dead connection, a timeout) the loops
+wait a moment and try again on a new connection, as
+L{relay.client.reachability} says, which also logs the loss and the
+return. A 403 means our credentials are not accepted; retrying cannot fix
+that, so the client logs it and exits non-zero, for its supervisor to
+restart it with fresh ones (as the Go client does).
 
 On stop (SIGTERM) the polls are cancelled at once; requests in flight get a
 few seconds to finish, then their backend connections are closed.
@@ -27,8 +27,8 @@ from relay.client.backend import Backend, BackendTarget, TrustPolicy
 from relay.client.endpoints import CachingEndpointFactory
 from relay.client.h2backend import H2Backend
 from relay.client.handler import RequestHandler
-from relay.client.http import backoff_delays
 from relay.client.keepalive import KeepAliveAgent
+from relay.client.reachability import Reachability
 from relay.client.relay_api import Forbidden, RelayAPI
 from relay.client.upgrade import Upgrader
 from relay.config import ClientConfig
@@ -36,10 +36,8 @@ from relay.logs import LogsThroughObserver
 
 log = Logger()
 
-POLL_INITIAL_BACKOFF = 0.1
-POLL_BACKOFF_MULTIPLIER = 1.5
-POLL_MAX_BACKOFF = 10.0
 STOP_GRACE_PERIOD = 5.0
+RELAY_CONNECT_TIMEOUT = 30.0  # without a dead-connection timeout
 IDLE_CONNECTION_TIMEOUT = 90.0
 
 
@@ -68,7 +66,6 @@ class PollLoop(Service):
 
     async def _loop(self) -> None:
         client = self.client
-        next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
         if not self.burst:
             log.info("Starting to relay server request loop", ServerName=client.api.server_name)
         try:
@@ -83,15 +80,10 @@ class PollLoop(Service):
                 except Exception as e:
                     if not self.running or self.burst:
                         return
-                    delay = next_delay()
-                    log.warn(
-                        "failed to get request from relay",
-                        error=str(e),
-                        RetryIn="%.3gs" % (delay,),
-                    )
+                    delay = client.reachability.failed(str(e))
                     await task.deferLater(client.clock, delay, lambda: None)
                     continue
-                next_delay = backoff_delays(POLL_INITIAL_BACKOFF, POLL_BACKOFF_MULTIPLIER, POLL_MAX_BACKOFF)
+                client.reachability.reached()
                 if request is None:
                     if self.burst:
                         return
@@ -125,8 +117,12 @@ class RelayClientService(LogsThroughObserver, MultiService):
         log_observer=None,
         stop_grace_period: float = STOP_GRACE_PERIOD,
         clock: Optional[IReactorTime] = None,
+        relay_pool=None,
     ):
         super().__init__()
+        # The relay server's idle connections (a KeepAliveAgent), dropped
+        # when the server is lost.
+        self.relay_pool = relay_pool
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.api = api
@@ -137,6 +133,7 @@ class RelayClientService(LogsThroughObserver, MultiService):
         self.stop_grace_period = stop_grace_period
         self.in_flight: Set[Deferred] = set()
         self.fatal_error: Optional[str] = None
+        self.reachability = Reachability(self.clock, self._drop_relay_connections)
         self.num_pending_requests = config.num_pending_requests
         self.max_pending_requests = max(config.num_pending_requests, config.max_pending_requests)
         self.bursts: Set[PollLoop] = set()
@@ -169,6 +166,11 @@ class RelayClientService(LogsThroughObserver, MultiService):
         self.bursts.discard(loop)
         if loop.parent is self:
             loop.disownServiceParent()
+
+    def _drop_relay_connections(self) -> None:
+        """The relay server is lost: its idle connections are suspect too (see L{Reachability})."""
+        if self.relay_pool is not None:
+            self.relay_pool.closeCachedConnections()
 
     def fatal(self, message: str) -> None:
         if self.fatal_error is not None:
@@ -224,9 +226,16 @@ def make_client_service(
     clock = clock if clock is not None else reactor
     # The relay is verified against the system's CAs; --root_ca_file is for
     # the backend, as in the Go client.
+    # A connect that gets no answer is given up after the dead-connection
+    # timeout too, so that a SYN lost while the network was away is sent
+    # again at once by a new attempt, not after the kernel's doubling waits.
     relay_agent = KeepAliveAgent(
         reactor,
-        CachingEndpointFactory(reactor, connect_timeout=30),
+        CachingEndpointFactory(
+            reactor,
+            connect_timeout=config.dead_connection_timeout or RELAY_CONNECT_TIMEOUT,
+            liveness=(config.tcp_keepalive_interval, config.dead_connection_timeout),
+        ),
         config.max_idle_conns_per_host,
         IDLE_CONNECTION_TIMEOUT,
     )
@@ -249,4 +258,5 @@ def make_client_service(
         log_observer=log_observer,
         stop_grace_period=stop_grace_period,
         clock=clock,
+        relay_pool=relay_agent,
     )

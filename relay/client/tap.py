@@ -20,7 +20,15 @@ from relay.client.backend import load_trust_root
 from relay.client.service import make_client_service
 from relay.config import ClientConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
-from relay.options import GoFlagOptions, go_int, log_format, log_level, nonnegative_int, positive_int
+from relay.options import (
+    GoFlagOptions,
+    go_int,
+    log_format,
+    log_level,
+    nonnegative_duration,
+    nonnegative_int,
+    positive_int,
+)
 
 log = Logger()
 
@@ -116,6 +124,15 @@ class Options(GoFlagOptions):
          "Cuts latency where waking an idle CPU is slow (VMs), at the cost of up to a "
          "core of CPU under moderate load; on a busy machine with few cores it can "
          "slow things down (docs/performance.md). 0 (the default): off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
+        ["tcp_keepalive_interval", None, default("tcp_keepalive_interval"),
+         "Not in Go: TCP keepalive probes on the client's connections after this much "
+         "silence, and as often while it lasts (a Go duration; 0: off), so that a long "
+         "poll whose path died (a NAT that forgot it, a Wi-Fi handover) is noticed."],
+        ["dead_connection_timeout", None, default("dead_connection_timeout"),
+         "Not in Go: a connection whose peer has acknowledged nothing for this long "
+         "(unanswered keepalives, unacknowledged data, a connect that gets no answer) "
+         "is closed and the call tried again on a new one (a Go duration; 0: the "
+         "kernel's defaults, minutes)."],
         ["max_idle_conns_per_host", None, default("max_idle_conns_per_host"),
          "The maximum number of idle (keep-alive) connections to keep per-host.", positive_int],
         ["disable_http2", None, default("disable_http2"),
@@ -152,6 +169,8 @@ class Options(GoFlagOptions):
             self[name] = go_bool(self[name])
         if self["force_http2"] and self["disable_http2"]:
             raise usage.UsageError("--force_http2 and --disable_http2 contradict each other: give one of them")
+        for name in ("tcp_keepalive_interval", "dead_connection_timeout"):
+            self.check(name, nonnegative_duration)
         self.check("log_level", log_level)
         self.check("log_format", log_format)
         self.check("relay_address", host_port)
