@@ -5,15 +5,19 @@ and in order, whatever the socket's buffer can take, and must not starve
 the producers twisted.web and the HTTP client register on the transport.
 """
 
+import socket
+
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
+from twisted.web.client import URI
 from zope.interface import implementer
 
-from relay.tuning.transport import corked, tune
+from relay.client.endpoints import CachingEndpointFactory
+from relay.tuning.transport import corked, detect_dead_peer, tune
 
 
 class _Collect(Protocol):
@@ -111,3 +115,40 @@ class EagerWriteTests(unittest.TestCase):
         transport = StringTransport()
         self.assertEqual(corked(transport, lambda: transport.write(b"x") or 7), 7)
         self.assertEqual(transport.value(), b"x")
+
+
+class DeadPeerTests(unittest.TestCase):
+    """
+    The relay-client's connections to the relay server carry the settings
+    that let the kernel notice a dead path (a NAT that forgot them, a robot
+    out of Wi-Fi): read back from the real socket. That they then close in
+    time is shown by the bad-network tests.
+    """
+
+    @defer.inlineCallbacks
+    def connect(self, liveness):
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        factory = CachingEndpointFactory(reactor, liveness=liveness)
+        endpoint = factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:%d/" % (port.getHost().port,)))
+        protocol = yield endpoint.connect(Factory.forProtocol(Protocol))
+        self.addCleanup(protocol.transport.loseConnection)
+        return protocol.transport.socket
+
+    @defer.inlineCallbacks
+    def test_keepalive_and_user_timeout_are_set(self):
+        sock = yield self.connect((3.0, 10.0))
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 3)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 3)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 4)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 10000)
+
+    @defer.inlineCallbacks
+    def test_zero_leaves_the_kernel_defaults(self):
+        sock = yield self.connect((0.0, 0.0))
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 0)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 0)
+
+    def test_a_transport_without_a_socket_is_left_alone(self):
+        detect_dead_peer(StringTransport(), 3.0, 10.0)
