@@ -100,7 +100,7 @@ class ClientConfig:
     # keepalive probes, and TCP_USER_TIMEOUT), docs/client.md "Robots on
     # bad networks".
     tcp_keepalive_interval: float = _seconds(3.0)
-    dead_connection_timeout: float = _seconds(10.0)
+    dead_connection_timeout: float = _seconds(8.0)
     max_idle_conns_per_host: int = 100
     disable_http2: bool = False
     force_http2: bool = False
