@@ -26,7 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.server import tap
 from relay.config import ServerConfig
 from relay.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
-from relay.admin.stats import DEFAULT_RING
+from relay.admin.stats import DEFAULT_RING, redact_headers
 from relay.admin.status import Query, effective_flags, snapshot
 from relay.server.broker import Backend, Broker, Waiters
 from relay.proto.http_relay_pb2 import HttpRequest
@@ -54,6 +54,7 @@ class Hanging(resource.Resource):
         if path == b"/ok" or path == b"/echo":
             request.setHeader(b"set-cookie", ("session=" + SECRET).encode())
             request.setHeader(b"x-backend", b"visible")
+            request.setHeader(b"x-vault-token", SECRET.encode())
             return b"fine"
         if path == b"/hang":
             self.open.append(request)
@@ -349,6 +350,8 @@ class InspectHeaders(AdminCase):
                 "Authorization": ["Bearer " + SECRET],
                 "Cookie": ["id=" + SECRET],
                 "X-Relay-Token": [SECRET],
+                "Private-Token": [SECRET],
+                "X-Amz-Security-Token": [SECRET],
                 "X-Visible": ["plain"],
             },
         )
@@ -361,11 +364,80 @@ class InspectHeaders(AdminCase):
         self.assertEqual(request["Authorization"], "<redacted>")
         self.assertEqual(request["Cookie"], "<redacted>")
         self.assertEqual(request["X-Relay-Token"], "<redacted>")
+        self.assertEqual(request["Private-Token"], "<redacted>")
+        self.assertEqual(request["X-Amz-Security-Token"], "<redacted>")
         self.assertEqual(request["X-Visible"], "plain")
         response_headers = {k.lower(): v for k, v in r["response_headers"]}
         self.assertEqual(response_headers["set-cookie"], "<redacted>")
+        self.assertEqual(response_headers["x-vault-token"], "<redacted>")
         self.assertEqual(response_headers["x-backend"], "visible")
         self.assertEqual(r["path"], "/echo?<redacted>")
+
+
+class SecretHeaderNames(unittest.TestCase):
+    """
+    Which header names hide their values: any whose name says it holds a
+    credential, whatever backend invented it, in any case; the headers an
+    operator reads to understand a request stay visible.
+    """
+
+    def shown(self, name, extra=()):
+        [(_, value)] = redact_headers([(name, SECRET)], extra)
+        return value == SECRET
+
+    def test_credentials_by_name_in_any_case(self):
+        for name in [
+            "Authorization",
+            "proxy-authorization",
+            "COOKIE",
+            "Set-Cookie",
+            "X-Relay-Token",
+            "Private-Token",
+            "X-Vault-Token",
+            "x-amz-security-token",
+            "X-Amz-Signature",
+            "X-Amz-Credential",
+            "X-Api-Key",
+            "X-APIKEY",
+            "X-Goog-Api-Key",
+            "X-Auth-Token",
+            "X-Authtoken",
+            "X-Csrf-Token",
+            "X-Client-Secret",
+            "X-Hub-Signature-256",
+            "X-Session-Id",
+            "X-Password",
+            "X-Db-Passwd",
+            "X-Goog-IAP-JWT-Assertion",
+            "Sec-WebSocket-Key",
+            "WWW-Authenticate",
+        ]:
+            self.assertFalse(self.shown(name), name)
+
+    def test_ordinary_headers_shown(self):
+        for name in [
+            "Keep-Alive",
+            "Connection",
+            "Host",
+            "Content-Type",
+            "Content-Length",
+            "Content-Security-Policy",
+            "Accept",
+            "Accept-Encoding",
+            "Cache-Control",
+            "User-Agent",
+            "X-Forwarded-For",
+            "X-Request-Id",
+            "Sec-WebSocket-Accept",
+            "Sec-WebSocket-Protocol",
+            "Upgrade",
+            "Trailer",
+        ]:
+            self.assertTrue(self.shown(name), name)
+
+    def test_extra_names(self):
+        self.assertFalse(self.shown("X-Remote-User", extra=frozenset(["x-remote-user"])))
+        self.assertTrue(self.shown("X-Remote-User"))
 
 
 class NoToken(AdminCase):

@@ -1,25 +1,68 @@
 """
 The stop sequence of the relay server, in process: during a drain every
-answer closes its connection (but a relay-client's answer chunks), polls get
-503 at once, the port accepts through the grace period and while requests
-are in flight, then closes.
+answer closes its connection (but a relay-client's answer chunks), HTTP/2
+clients get a GOAWAY, polls get 503 at once, the port accepts through the
+grace period and while requests are in flight, then closes.
 """
+
+import shutil
+import tempfile
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from tests.support import RelayServer, head_and_body, raw_connect
+from relay.server.h2 import offer_h2_over_tls
+from tests.support import RelayServer, head_and_body, raw_connect, server_service
+from tests.test_http2 import H2Client, make_certificate
 
 GRACE = 0.5
 
 
 def request(path: bytes) -> bytes:
     return b"GET " + path + b" HTTP/1.1\r\nHost: relay\r\n\r\n"
+
+
+GOAWAY = 0x7
+NO_ERROR = 0
+
+
+class GoAwayWatcher(H2Client):
+    """
+    An HTTP/2 client that records the GOAWAY frames it gets and keeps using
+    its open streams after them, as grpc and Go's HTTP/2 client do: the
+    C{h2} library would refuse every frame after a GOAWAY.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.goaways = []
+        self.got_goaway = defer.Deferred()
+        self._frames = b""
+
+    def dataReceived(self, data):
+        self._frames += data
+        passed = b""
+        while len(self._frames) >= 9:
+            length = int.from_bytes(self._frames[:3], "big")
+            if len(self._frames) < 9 + length:
+                break
+            frame, self._frames = self._frames[: 9 + length], self._frames[9 + length :]
+            if frame[3] == GOAWAY:
+                last = int.from_bytes(frame[9:13], "big") & 0x7FFFFFFF
+                self.goaways.append((last, int.from_bytes(frame[13:17], "big")))
+                d, self.got_goaway = self.got_goaway, defer.Deferred()
+                d.callback(self.goaways[-1])
+            else:
+                passed += frame
+        if passed:
+            super().dataReceived(passed)
 
 
 class DrainTests(unittest.TestCase):
@@ -90,3 +133,77 @@ class DrainTests(unittest.TestCase):
         answer = yield user
         self.assertEqual((answer.code, (yield answer.content())), (200, b"late"))
         yield stopped
+
+    @defer.inlineCallbacks
+    def test_http2_clients_get_goaway_and_in_flight_streams_finish(self):
+        client = GoAwayWatcher()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port), client)
+        self.addCleanup(lambda: (client.transport.loseConnection(), client.lost)[1])
+        _, health = client.request("GET", "/healthz")
+        yield health["done"]
+        relay_client = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(relay_client.closeCachedConnections)
+        poll = treq.get(self.server.url("/server/request?server=r"), pool=relay_client)
+        yield self.server.polling("r")
+        user_stream, user = client.request("GET", "/client/r/x")
+        message = HttpRequest.FromString((yield (yield poll).content()))
+
+        stopped = self.server.stop()
+        # At once: open no more streams; every stream opened so far is processed.
+        last, code = yield client.got_goaway
+        self.assertEqual((last, code), (2**31 - 1, NO_ERROR))
+        # An HTTP/2 connection opened during the drain is told the same.
+        fresh = GoAwayWatcher()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port), fresh)
+        self.addCleanup(lambda: (fresh.transport.loseConnection(), fresh.lost)[1])
+        self.assertEqual((yield fresh.got_goaway), (2**31 - 1, NO_ERROR))
+        # The stream in flight still gets its answer, on this connection.
+        r = yield treq.post(
+            self.server.url("/server/response"),
+            data=HttpResponse(id=message.id, status_code=200, body=b"late", eof=True).SerializeToString(),
+            pool=self.pool,
+        )
+        yield r.content()
+        yield user["done"]
+        self.assertEqual((user["headers"][":status"], user["data"]), ("200", b"late"))
+        # Before the connection closes, the last stream the server processed.
+        final = client.got_goaway
+        yield stopped
+        self.assertEqual((yield final), (user_stream, NO_ERROR))
+        yield client.lost
+        self.assertEqual(len(client.goaways), 2)
+
+
+class DrainOverTLSTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_h2_over_tls_gets_goaway(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        key, cert = make_certificate(tmp)
+        endpoint = offer_h2_over_tls(
+            serverFromString(reactor, "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (key, cert))
+        )
+        service = server_service(endpoint, reactor)
+        service.startService()
+        stopped = None
+        try:
+            port = service.listening_port.getHost().port
+            with open(cert, "rb") as f:
+                authority = ssl.Certificate.loadPEM(f.read())
+            options = ssl.optionsForClientTLS("127.0.0.1", authority, acceptableProtocols=[b"h2"])
+            client = GoAwayWatcher()
+            yield connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), client)
+            _, health = client.request("GET", "/healthz")
+            yield health["done"]
+            self.assertEqual(client.transport.negotiatedProtocol, b"h2")
+            stopped = service.stopService()
+            self.assertEqual((yield client.got_goaway), (2**31 - 1, NO_ERROR))
+            self.assertEqual((yield client.got_goaway), (1, NO_ERROR))
+            # As grpc and Go's client do with an idle connection after a
+            # GOAWAY (else the server aborts it 5 s later).
+            client.transport.loseConnection()
+            yield client.lost
+        finally:
+            yield stopped if stopped is not None else service.stopService()

@@ -283,6 +283,28 @@ class GrpcThroughRelay(unittest.TestCase):
         self.assertLess(self.backend.firehose_bytes, 64 * 1024 * 1024)
 
     @defer.inlineCallbacks
+    def test_a_drain_lets_a_stream_in_flight_finish(self):
+        """
+        A drain sends grpc's channel a GOAWAY (two, in fact): the call in
+        flight still gets every message and its status on that connection.
+        """
+
+        def start():
+            responses = self.channel.unary_stream(
+                method("ServerStream"), request_serializer=identity, response_deserializer=identity
+            )(b"50", timeout=CALL_TIMEOUT, metadata=self.metadata)
+            return responses, next(responses)
+
+        responses, first = yield self.in_thread(start)
+        self.assertEqual(first, b"first")
+        stopped = self.relay.stop()
+        self.backend.release_stream.set()
+        rest = yield self.in_thread(list, responses)
+        self.assertEqual(rest, [b"message %d" % i for i in range(50)])
+        self.assertEqual(responses.code(), grpc.StatusCode.OK)
+        yield stopped
+
+    @defer.inlineCallbacks
     def test_concurrent_calls(self):
         results = yield defer.gatherResults(
             [self.call("unary_unary", "Unary", b"%d" % i) for i in range(10)]

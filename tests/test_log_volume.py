@@ -11,14 +11,16 @@ import os
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 
 from relay.logs import connect_quietly, text_line
 from relay.server.broker import Broker
 from tests.support import FakeRelayClient, RelayServer, started_client, tick
-from tests.test_client_e2e import Backend, Relay, make_frame, open_websocket, parse_frame
+from tests.test_broken_off import CHUNKED_HEAD, RawBackend
+from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, open_websocket, parse_frame
 
 NAME = "robot"
 
@@ -35,15 +37,16 @@ def user_pool():
 
 
 class InfoLines:
-    """Every event at info or above, as text lines, from when it starts."""
+    """Every event at C{level} (info) or above, as text lines, from when it starts."""
 
-    def __init__(self, test):
+    def __init__(self, test, level=LogLevel.info):
         self.lines = []
+        self.level = level
         globalLogPublisher.addObserver(self)
         test.addCleanup(globalLogPublisher.removeObserver, self)
 
     def __call__(self, event):
-        if event.get("log_level", LogLevel.info) >= LogLevel.info:
+        if event.get("log_level", LogLevel.info) >= self.level:
             self.lines.append(text_line(event))
 
     def since(self, mark):
@@ -110,6 +113,105 @@ class EndToEndVolume(unittest.TestCase):
     def test_no_python_reprs(self):
         for line in self.log.lines:
             self.assertNotRegex(line, r"object at 0x|<\w+[ .]|Address\(")
+
+
+class ClientLines:
+    """The relay-client's events at every level, and anyone's at info or above, as text lines."""
+
+    def __init__(self, test):
+        self.lines = []
+        self.client_lines = []
+        globalLogPublisher.addObserver(self)
+        test.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event):
+        level = event.get("log_level", LogLevel.info)
+        ours = event.get("log_namespace", "").startswith("relay.client")
+        if level >= LogLevel.info or ours:
+            self.lines.append(text_line(event))
+            if ours:
+                self.client_lines.append(text_line(event))
+
+
+class UserGoesAway(unittest.TestCase):
+    """
+    A user who closes a browser tab, cancels a download or drops a
+    WebSocket is not trouble (issue 21, item 6): nothing at info or above,
+    at most one line at debug from the relay-client. A backend whose answer
+    breaks off is trouble: one warning, naming the request and the
+    backend's failure, not the relay's refusal of what came after it.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def start(self, backend):
+        self.backend = backend
+        self.addCleanup(self.backend.stop)
+        self.relay = Relay()
+        self.addCleanup(lambda: self.relay.stop())
+        self.client = started_client(self, self.relay.base, NAME, self.backend.address, log_level=LogLevel.debug)
+        yield self.relay.polling(NAME)
+        self.log = ClientLines(self)
+
+    def handled(self):
+        """Fires when the relay-client is done with every request it has."""
+        return defer.gatherResults(list(self.client.in_flight))
+
+    def assert_quiet(self, lines):
+        self.assertEqual([line for line in lines if " level=DEBUG " not in line], [], lines)
+        self.assertLessEqual(len(lines), 1, lines)
+
+    @defer.inlineCallbacks
+    def test_a_cancelled_download(self):
+        yield self.start(Backend())
+        user = RawUser()
+        yield connect_quietly(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), user)
+        user.transport.write(b"GET /client/" + NAME.encode() + b"/forever HTTP/1.1\r\nHost: robot\r\n\r\n")
+        yield user.read_until(lambda d: b"tick" in d)
+        handled = self.handled()
+        mark = len(self.log.lines)
+        user.transport.abortConnection()
+        yield handled
+        yield self.backend.forever_closed
+        yield tick(0.05)
+        self.assert_quiet(self.log.lines[mark:])
+        [line] = self.log.lines[mark:]
+        self.assertIn(' msg="Request over at the relay (the user went away)" ID=robot:', line)
+
+    @defer.inlineCallbacks
+    def test_a_dropped_websocket(self):
+        yield self.start(Backend())
+        user = yield open_websocket(self, self.relay.port, NAME, connect=connect_quietly)
+        user.transport.write(make_frame(2, b"hello", mask=True))
+        yield user.read_until(lambda d: parse_frame(d) is not None)
+        handled = self.handled()
+        mark = len(self.log.lines)
+        user.transport.abortConnection()
+        yield handled
+        yield tick(0.05)
+        self.assert_quiet(self.log.lines[mark:])
+        [line] = self.log.lines[mark:]
+        self.assertIn(' msg="End of request stream" ID=robot:', line)
+
+    @defer.inlineCallbacks
+    def test_a_backend_that_breaks_off_warns_once(self):
+        yield self.start(RawBackend(CHUNKED_HEAD + b"7\r\npartial\r\n"))
+        users = user_pool()
+        self.addCleanup(users.closeCachedConnections)
+        response = yield treq.get(self.relay.base + "/client/%s/file" % (NAME,), pool=users)
+        handled = self.handled()
+        mark = len(self.log.client_lines)
+        self.backend.cut(abort=False)
+        yield self.assertFailure(response.content(), ResponseFailed)
+        yield handled
+        yield tick(0.05)
+        # The relay server warns too ("Response ended early"), in its own log.
+        lines = self.log.client_lines[mark:]
+        loud = [line for line in lines if " level=DEBUG " not in line]
+        self.assertEqual(len(loud), 1, lines)
+        self.assertIn(" level=WARN msg=\"Failed to read from backend\" ID=", loud[0])
+        self.assertIn(' error="connection closed before the answer was complete"', loud[0])
 
 
 class FirstPollTests(unittest.TestCase):

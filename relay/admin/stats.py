@@ -71,16 +71,26 @@ MAX_TEXT = 256
 MAX_HEADERS = 64
 
 # Headers whose values are never shown, whatever --inspect_headers says:
-# credentials of users, of relay-clients, and of the relay's own tokens.
-REDACTED_HEADERS = frozenset(
-    [
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-relay-token",
-        "x-api-key",
-    ]
+# any whose name contains one of these words. A fixed list of names let
+# every credential it did not know of (Private-Token, X-Vault-Token,
+# X-Amz-Security-Token, X-Goog-IAP-JWT-Assertion, ...) show in clear, and
+# backends invent such headers all the time. Matching parts of words, not
+# whole words, catches run-together names (X-Apikey, X-Authtoken); the
+# price is a few harmless headers shown as redacted (Sec-WebSocket-Key is a
+# nonce, WWW-Authenticate a challenge), which is the side to err on.
+# Keep-Alive contains no "key".
+SECRET_WORDS = (
+    "token",
+    "secret",
+    "key",
+    "auth",
+    "password",
+    "passwd",
+    "session",
+    "cookie",
+    "signature",
+    "credential",
+    "jwt",
 )
 REDACTED = "<redacted>"
 
@@ -107,11 +117,20 @@ def redact_path(url: str) -> str:
     return path + "?" + REDACTED if question else path
 
 
+def is_secret_header(name: str, extra=()) -> bool:
+    """
+    Whether a header's value may be a credential, judged by its name (see
+    L{SECRET_WORDS}); C{extra} holds more names, lower case, such as the
+    trusted user header, whose value says who the user is.
+    """
+    lower = name.lower()
+    return lower in extra or any(word in lower for word in SECRET_WORDS)
+
+
 def redact_headers(pairs, extra=()) -> List[Tuple[str, str]]:
     """
-    C{(name, value)} pairs for display: credentials (L{REDACTED_HEADERS},
-    and the names in C{extra}, e.g. the trusted user header) replaced,
-    values cut to L{MAX_TEXT}, at most L{MAX_HEADERS} pairs.
+    C{(name, value)} pairs for display: credentials (L{is_secret_header})
+    replaced, values cut to L{MAX_TEXT}, at most L{MAX_HEADERS} pairs.
     """
     out = []
     for name, value in pairs:
@@ -122,8 +141,7 @@ def redact_headers(pairs, extra=()) -> List[Tuple[str, str]]:
             name = name.decode("latin-1")
         if isinstance(value, bytes):
             value = value.decode("latin-1")
-        lower = name.lower()
-        if lower in REDACTED_HEADERS or lower in extra:
+        if is_secret_header(name, extra):
             value = REDACTED
         elif len(value) > MAX_TEXT:
             value = value[:MAX_TEXT] + "…"

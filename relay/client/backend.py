@@ -18,7 +18,6 @@ from twisted.internet import ssl
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
@@ -33,7 +32,6 @@ from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical
 from relay.logs import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
 
-log = Logger()
 
 Header = Tuple[str, str]
 CONNECT_TIMEOUT = 30.0
@@ -229,13 +227,12 @@ class _BodyPump(Protocol):
         # length and no chunking, so the connection's close is its end, as
         # HTTP/1.1 says. Anything else (a Content-Length or chunked body
         # cut short, a reset) broke off, and must not look complete; the Go
-        # client ends it as if it were.
+        # client ends it as if it were. The handler warns, with the request
+        # id, unless the close was ours (the user went away).
         if reason.check(ResponseDone, PotentialDataLoss):
             self.sink.finish()
             return
-        error = describe_failure(reason)
-        log.warn("Failed to read from backend", error=error)
-        self.sink.fail(error)
+        self.sink.fail(describe_failure(reason))
 
 
 def response_headers(response, method: str) -> List[Header]:

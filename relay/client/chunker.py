@@ -127,6 +127,10 @@ class Chunker:
         self._paused = False
         self.messages_sent = 0
         self.bytes_sent = 0
+        # Why the backend's body broke off (L{fail}), for the one warning
+        # the handler logs; None when it did not, or when we had given up
+        # first and closed the backend ourselves.
+        self.broken_off: Optional[str] = None
         self.done: Deferred = Deferred()
         self.first_sent: Deferred = Deferred()
         if not send_first_now:
@@ -172,6 +176,7 @@ class Chunker:
         if self._stopped or self._eof:
             return
         reason = " ".join(reason.split())[:MAX_REASON] or "unknown error"
+        self.broken_off = reason
         self._eof = True
         if self._producer is not None:
             producer, self._producer = self._producer, None

@@ -41,14 +41,12 @@ from h2.errors import ErrorCodes
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.client.backend import BackendError, BackendRequest, TrustPolicy, connect_error, connect_own
 from relay.headers import H2_BACKEND_DROPS, go_canonical, sanitize_value, valid_name
 
-log = Logger()
 
 Header = Tuple[str, str]
 
@@ -178,7 +176,7 @@ class _Stream:
         if not self.head.called:
             self.head.errback(BackendError(self.request.describe(reason)))
         elif self._sink is not None:
-            log.warn("Failed to read from backend", error=reason)
+            # The handler warns, unless the reset was ours (the user went away).
             self._sink.fail(reason)
 
     # Flow control.

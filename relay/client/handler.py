@@ -11,6 +11,13 @@ cannot look complete. A message the relay will not take (400: the user
 left, or the relay restarted) ends the request and closes the backend
 connection, which is how the backend learns that nobody is listening any
 more.
+
+What is logged is for an operator: a backend whose answer broke off is one
+warning with the request id and the backend's reason; a user who closed a
+tab, cancelled a download or dropped a WebSocket is one line at debug (or
+none, when the end of the request stream already said so), since it
+happens all day and nothing is wrong. The close of the backend connection
+that follows is ours, and never blamed on the backend.
 """
 
 from typing import Optional
@@ -21,7 +28,7 @@ from twisted.logger import Logger
 
 from relay.client.backend import Backend, BackendError, BackendTarget
 from relay.client.chunker import Chunker, error_response
-from relay.client.relay_api import RelayAPI, RelayError
+from relay.client.relay_api import PermanentRelayError, RelayAPI, RelayError
 from relay.client.upgrade import Upgrader, wants_upgrade
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
@@ -94,8 +101,9 @@ class RequestHandler:
         )
         answer.deliver(chunker)
         stream: Optional[Deferred] = None
+        user_left = _UserLeft()
         if switching:
-            stream = Deferred.fromCoroutine(self._stream_to_backend(request_id, answer, chunker))
+            stream = Deferred.fromCoroutine(self._stream_to_backend(request_id, answer, chunker, user_left))
         try:
             await chunker.done
         except CancelledError:
@@ -103,12 +111,21 @@ class RequestHandler:
             if stream is not None:
                 stream.cancel()
             return
+        except PermanentRelayError as e:
+            # The user went away (or the relay forgot the request); the
+            # chunker has closed the backend connection.
+            if chunker.broken_off is not None:
+                log.warn("Failed to read from backend", ID=request_id, error=chunker.broken_off)
+            elif self.trace and not user_left.said:
+                log.debug("Request over at the relay (the user went away)", ID=request_id, reason=str(e))
         except RelayError as e:
             log.warn("Closing backend connection", ID=request_id, error=str(e))
         except Exception:
             log.failure("Unexpected error relaying a response", ID=request_id)
             chunker.abort()
         else:
+            if chunker.broken_off is not None:
+                log.warn("Failed to read from backend", ID=request_id, error=chunker.broken_off)
             if self.trace:
                 elapsed = self.clock.seconds() - started
                 log.debug(
@@ -122,7 +139,7 @@ class RequestHandler:
         if stream is not None:
             stream.cancel()
 
-    async def _stream_to_backend(self, request_id: str, answer, chunker: Chunker) -> None:
+    async def _stream_to_backend(self, request_id: str, answer, chunker: Chunker, user_left: "_UserLeft") -> None:
         """
         After a 101: the user's bytes, pulled from the relay, go to the
         backend until the relay says the request is over (410). Any failure
@@ -135,6 +152,7 @@ class RequestHandler:
                 data = await self.api.request_stream(request_id)
                 if data is None:
                     log.debug("End of request stream", ID=request_id)
+                    user_left.said = True
                     break
                 if data:
                     answer.write(data)
@@ -149,7 +167,13 @@ class RequestHandler:
     async def _post_error(self, request_id: str, message: str) -> None:
         try:
             await self.api.post_response(error_response(request_id, 500, message))
-        except CancelledError:
-            pass
+        except (CancelledError, PermanentRelayError):
+            pass  # The backend's failure was the warning; the user has gone since.
         except RelayError as e:
             log.warn("Failed to post error response to relay", ID=request_id, error=str(e))
+
+
+class _UserLeft:
+    """Whether a line already said that an upgraded request's user is gone."""
+
+    said = False

@@ -234,6 +234,10 @@ class RelayAPI:
             try:
                 await self.post_response_once(message, body)
                 return
+            except PermanentRelayError:
+                # The user went away or the relay forgot the request: the
+                # caller says so, once (a user's cancel is no warning).
+                raise
             except RelayError as e:
                 log.warn("Failed to post response to relay", ID=message.id, error=str(e))
                 if not e.retryable or retries >= POST_MAX_RETRIES:

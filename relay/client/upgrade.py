@@ -16,7 +16,6 @@ from typing import List, Optional, Tuple
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -25,7 +24,6 @@ from relay.compat import ChunkedTransferDecoder
 from relay.headers import go_canonical, sanitize_value, valid_name
 from relay.proto.http_relay_pb2 import HttpRequest
 
-log = Logger()
 
 MAX_HEAD_SIZE = 1024 * 1024
 Header = Tuple[str, str]
@@ -117,6 +115,7 @@ class RawResponse(Protocol):
         self._remaining: Optional[int] = None  # bytes left of a Content-Length body
         self._decoder: Optional[ChunkedTransferDecoder] = None
         self._body_done = False
+        self._broken: Optional[str] = None  # why a chunked body could not be read
 
     # Requests.
 
@@ -185,7 +184,8 @@ class RawResponse(Protocol):
             try:
                 self._decoder.dataReceived(data)
             except Exception as e:
-                log.warn("Failed to read from backend", error=str(e))
+                # The handler warns, with this reason rather than the EOF.
+                self._broken = str(e) or type(e).__name__
                 self.transport.loseConnection()
             return
         if self._remaining is not None:
@@ -232,7 +232,7 @@ class RawResponse(Protocol):
         """
         framed = self._decoder is not None or self._remaining is not None
         if framed and not self._body_done:
-            self._sink.fail("unexpected EOF")
+            self._sink.fail(self._broken or "unexpected EOF")
         else:
             self._sink.finish()
 

@@ -35,12 +35,24 @@ the server:
     complete within the limit, and a connection with no open stream is
     closed (GOAWAY) after the limit. Only a complete request resets the
     clock: PING, SETTINGS or WINDOW_UPDATE frames do not.
+
+A drain tells HTTP/2 clients to go elsewhere, as C{Connection: close} tells
+HTTP/1.1 ones (L{RelayH2Connection.go_away}): a GOAWAY with NO_ERROR when it
+begins, on every connection and on each one opened during it, and another
+with the last stream id just before the connection closes. The first names
+the highest possible stream id, as Go's server does: a client stops opening
+streams, and no stream it opened before reading the frame is refused, so
+none is retried elsewhere after the relay acted on it (an answer chunk
+posted twice). C{h2}'s own C{close_connection} cannot serve the first: it
+closes its state machine, and the streams in flight could send no more.
 """
 
 from typing import Dict, List, Tuple
 
 import h2.connection
+import h2.errors
 import h2.exceptions
+from hyperframe.frame import GoAwayFrame
 from zope.interface import implementer
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
@@ -52,6 +64,9 @@ from relay.logs import DebugInfoLogger, peer_text
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 _NOT_IN_H2_TRAILERS = as_bytes(CONNECTION_SPECIFIC)
+
+# The highest stream id there can be: "every stream you opened is processed".
+MAX_STREAM_ID = 2**31 - 1
 
 
 class TrailerH2Connection(h2.connection.H2Connection):
@@ -87,6 +102,7 @@ class RelayH2Connection(H2Connection):
 
     _deadline = None
     _gone = False
+    _went_away = False
     _log = DebugInfoLogger()  # e.g. "Timing out client IPv4Address(...)"
 
     def __init__(self, reactor=None):
@@ -96,6 +112,29 @@ class RelayH2Connection(H2Connection):
     def connectionMade(self):
         super().connectionMade()
         self._watch_headers()
+        if getattr(getattr(self, "site", None), "draining", False):
+            self.go_away()
+
+    def go_away(self, final: bool = False) -> None:
+        """
+        Ask the client to open no more streams on this connection (GOAWAY,
+        NO_ERROR), letting the open ones finish. Not C{final}: every stream
+        the client opened so far is processed. C{final}, when the connection
+        is about to close: only those up to the last one the relay saw were;
+        the client may retry later ones elsewhere.
+        """
+        if self._gone or self.transport is None:
+            return
+        if final:
+            last = self.conn.highest_inbound_stream_id
+        elif self._went_away:
+            return
+        else:
+            last = MAX_STREAM_ID
+        self._went_away = True
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=h2.errors.ErrorCodes.NO_ERROR)
+        # Whatever h2 has queued goes first; its state machine stays open.
+        self.transport.write(self.conn.data_to_send() + frame.serialize())
 
     def dataReceived(self, data):
         super().dataReceived(data)

@@ -20,7 +20,8 @@ spells out, because a rolling deploy depends on it:
      restarting} (Go's relay-client backs off on a 503, and loops on a 408),
      new polls and user requests get the same 503, and every answer carries
      C{Connection: close} (except a relay-client's 200s to answer chunks
-     and stream reads: the request they belong to is still in flight).
+     and stream reads: the request they belong to is still in flight);
+     HTTP/2 connections get a GOAWAY (C{relay.server.h2}).
   2. The port keeps accepting for C{drain_grace} seconds, so that
      connections a load balancer still sends get that 503 instead of a
      refusal while readiness propagates; and for as long as requests are in
@@ -129,6 +130,7 @@ class DrainService(Service):
         if self.site.draining:
             return
         self.site.draining = True
+        self.site.go_away()
         self.broker.stop()
 
     def stopService(self):

@@ -549,6 +549,12 @@ class RelaySite(server.Site):
             for d in waiters:
                 d.callback(None)
 
+    def go_away(self, final: bool = False) -> None:
+        """Tell every HTTP/2 client to open no more streams (L{RelayH2Connection.go_away})."""
+        for channel in list(self.connections):
+            if isinstance(channel._switched, RelayH2Connection):
+                channel._switched.go_away(final)
+
     def close_connections(self, abort_after: float = 5.0) -> Deferred:
         """
         Close every connection (at shutdown, once requests are drained, as
@@ -560,6 +566,7 @@ class RelaySite(server.Site):
             return succeed(None)
         d = Deferred()
         self._all_closed.append(d)
+        self.go_away(final=True)
         for channel in list(self.connections):
             channel.transport.loseConnection()
 

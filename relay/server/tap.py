@@ -241,7 +241,7 @@ class Options(GoFlagOptions):
             "inspect_headers",
             None,
             "Not in Go: the admin view also keeps the headers of the last requests "
-            "(Authorization, Cookie and relay tokens always redacted).",
+            "(those whose name says token, key, auth, cookie, secret, ... always redacted).",
         ],
     ]
 
