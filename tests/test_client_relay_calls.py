@@ -258,6 +258,7 @@ class RelayCallsTests(unittest.TestCase):
 
     def test_post_retried_with_exponential_backoff(self):
         self.relay.script[b"/server/response"] = [(503, b"busy"), (500, b"err"), (200, b"ok")]
+        lines = self.log_lines()
         d = defer.ensureDeferred(self.api().post_response(HttpResponse(id="robot:1", status_code=200, eof=True)))
         for expected in (1.0, 2.0):
             self.network.flush()
@@ -266,6 +267,7 @@ class RelayCallsTests(unittest.TestCase):
             self.clock.advance(expected + 1e-9)
         self.network.flush()
         self.successResultOf(d)
+        self.assertEqual(lines, [], "retries that work are not worth a line each")
         posts = [c for c in self.relay.calls if c[0] == b"/server/response"]
         self.assertEqual(len(posts), 3)
         message = HttpResponse()

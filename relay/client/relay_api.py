@@ -239,9 +239,12 @@ class RelayAPI:
                 # caller says so, once (a user's cancel is no warning).
                 raise
             except RelayError as e:
-                log.warn("Failed to post response to relay", ID=message.id, error=str(e))
                 if not e.retryable or retries >= POST_MAX_RETRIES:
                     raise
+                # The caller logs the final failure; a retry that works is
+                # routine on a robot's network, and each one of a request's
+                # ten retries would be a line per request while it is down.
+                log.debug("Failed to post response to relay, retrying", ID=message.id, error=str(e))
             retries += 1
             await task.deferLater(self.clock, next_delay(), lambda: None)
 
