@@ -252,3 +252,78 @@ class ThroughTheChannel(unittest.TestCase):
         poll.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(user_wire.value().startswith(b"HTTP/1.1 502 "), user_wire.value())
         self.assertIn(b"before it took the request", user_wire.value())
+
+
+class SocketOptions(unittest.TestCase):
+    """Every accepted connection's own socket gets the options (Linux)."""
+
+    def setUp(self):
+        import socket
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            raise unittest.SkipTest("TCP_KEEPIDLE and TCP_USER_TIMEOUT are Linux's")
+        self.socket = socket
+
+    def options_of(self, **config):
+        from twisted.internet import defer, protocol, reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        from relay.tuning.liveness import socket_transport
+        from tests.support import RelayServer
+
+        server = RelayServer(**config)
+        self.addCleanup(server.stop)
+        answered = defer.Deferred()
+
+        class User(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+
+            def dataReceived(self, data):
+                if not answered.called:
+                    answered.callback(self)
+
+        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), User())
+        d.addCallback(lambda user: answered)
+
+        def read(user):
+            self.addCleanup(user.transport.loseConnection)
+            [channel] = server.service.site.connections
+            sock = socket_transport(channel.transport).socket
+            s = self.socket
+            return (
+                sock.getsockopt(s.SOL_SOCKET, s.SO_KEEPALIVE),
+                sock.getsockopt(s.IPPROTO_TCP, s.TCP_KEEPIDLE),
+                sock.getsockopt(s.IPPROTO_TCP, s.TCP_KEEPINTVL),
+                sock.getsockopt(s.IPPROTO_TCP, s.TCP_KEEPCNT),
+                sock.getsockopt(s.IPPROTO_TCP, s.TCP_USER_TIMEOUT),
+            )
+
+        return d.addCallback(read)
+
+    def test_the_defaults(self):
+        d = self.options_of()
+        d.addCallback(self.assertEqual, (1, 5, 5, 2, 15000))
+        return d
+
+    def test_zero_turns_both_off(self):
+        d = self.options_of(keepalive_interval=0.0, dead_connection_timeout=0.0)
+        d.addCallback(lambda options: self.assertEqual((options[0], options[4]), (0, 0)))
+        return d
+
+
+class UnderTLS(unittest.SynchronousTestCase):
+    def test_the_socket_transport_is_found_under_a_wrapper(self):
+        from twisted.internet.abstract import FileDescriptor
+
+        from relay.tuning.liveness import socket_transport
+
+        class Wrapper:
+            def __init__(self, transport):
+                self.transport = transport
+
+        own = FileDescriptor()
+        own.socket = object()
+        self.assertIs(socket_transport(Wrapper(Wrapper(own))), own)
+        self.assertIsNone(socket_transport(StringTransport()))

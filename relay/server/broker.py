@@ -617,6 +617,8 @@ class Broker:
         self.backends: Dict[str, Backend] = {}
         self.requests: Dict[str, PendingRequest] = {}
         self.stopping = False
+        # Accepted connections that died, by how (timeout, reset).
+        self.dead_connections: Dict[str, int] = {}
         # The admin view's statistics (relay.admin.stats.AdminStats), or
         # None when the view is off: then each hook below costs one test.
         self.stats = None
@@ -805,6 +807,7 @@ class Broker:
         """
         if death.dead:
             self.metrics.dead_connections.labels(death.reason).inc()
+            self.dead_connections[death.reason] = self.dead_connections.get(death.reason, 0) + 1
         for connection in connections:
             if connection is not None:
                 self.connection_lost(connection, death)
