@@ -182,6 +182,20 @@ class Decision(unittest.TestCase):
         self.assertIn('relay_backend_dead_connections_total{backend="robot"} 1\n', text)
         self.assertIn('relay_backend_last_poll_timestamp_seconds{backend="robot"} 0\n', text)
 
+    def test_the_admin_view_shows_each_backends_connection_health(self):
+        from relay.admin.stats import AdminStats
+        from relay.admin.status import Query, snapshot
+
+        stats = self.broker.stats = AdminStats(self.clock)
+        connection, pending, sink = self.hand_out()
+        stats.polled("robot", "10.0.0.7")
+        self.broker.connection_ended(Death(TIMEOUT, unsent=10), connection)
+        cancel(self.broker.get_request("robot", PollConnection()))
+        view = snapshot(self.broker, stats, {}, Query())
+        [item] = view["backends"]["items"]
+        self.assertEqual(item["connections"], {"reconnects": 1, "dead": 1, "requeued": 1, "failed": 0})
+        self.assertEqual(view["server"]["dead_connections"], {"timeout": 1, "reset": 0})
+
     def test_keepalive_count_sees_idle_death_after_about_the_timeout(self):
         self.assertEqual(keepalive_count(5, 15), 2)  # 5 s idle, then 2 probes 5 s apart
         self.assertEqual(keepalive_count(5, 3), 1)
