@@ -56,7 +56,7 @@ class Decision(unittest.TestCase):
 
     def test_unacknowledged_answer_goes_back_to_the_front_with_its_id(self):
         connection, pending, sink = self.hand_out()
-        later, _ = self.broker.relay("robot", HttpRequest(method="GET", url="http://invalid/y"), Sink()), None
+        later = self.broker.relay("robot", HttpRequest(method="GET", url="http://invalid/y"), Sink())
         self.broker.connection_ended(Death(TIMEOUT, unsent=120), connection)
         self.assertEqual(sink.failures, [])
         # The next poll (another connection) gets it first, body and all.
