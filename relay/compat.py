@@ -10,6 +10,9 @@ override are listed in L{OVERRIDDEN} for the same reason: renamed upstream,
 an override would silently stop being called.
 """
 
+from errno import EWOULDBLOCK
+
+from twisted.internet import main
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.web import http
 from twisted.web._http2 import H2Connection, H2Stream
@@ -38,6 +41,7 @@ __all__ = [
     "h2_header_block_pending",
     "h2_stream_connection",
     "nothing_to_write",
+    "read_socket",
     "reactor_poller",
     "reading_request_line",
     "request_gone",
@@ -45,6 +49,8 @@ __all__ = [
     "set_reactor_poller",
     "ssl_context_factory",
     "set_ssl_context_factory",
+    "unread_socket",
+    "unwritten_bytes",
 ]
 
 # twisted.web.http: the chunked decoder, which the server bounds (site.py)
@@ -183,3 +189,38 @@ def nothing_to_write(transport) -> bool:
         and (transport.producer is None or transport.streamingProducer)
         and len(transport.dataBuffer) == transport.offset
     )
+
+
+def unwritten_bytes(transport) -> int:
+    """Bytes a TCP transport holds that it has not handed to the kernel yet."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+# twisted.internet.tcp.Connection.doRead: the same read, keeping the errno
+# that Twisted folds into one ConnectionLost (relay.tuning.liveness).
+def read_socket(transport, on_error) -> None:
+    """
+    Make C{transport} (a L{tcp.Connection}) read as Twisted's C{doRead}
+    does, calling C{on_error(errno)} with the error of a failed read before
+    the connection is lost. An instance attribute, like Twisted's own
+    method in cost: one call per read.
+    """
+    recv = transport.socket.recv
+    received = transport._dataReceived
+
+    def doRead():
+        try:
+            data = recv(transport.bufferSize)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            on_error(e.args[0])
+            return main.CONNECTION_LOST
+        return received(data)
+
+    transport.doRead = doRead
+
+
+def unread_socket(transport) -> None:
+    """Undo L{read_socket} (at the connection's end: the closure holds the transport)."""
+    transport.__dict__.pop("doRead", None)

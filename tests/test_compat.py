@@ -246,3 +246,66 @@ class OnlyHereTests(unittest.SynchronousTestCase):
                         if private.search(line.split("#")[0]) and "C{" not in line and "L{" not in line:
                             found.append("%s:%d: %s" % (os.path.relpath(path, root), number, line.strip()))
         self.assertEqual(found, [])
+
+
+class SocketReadTests(unittest.TestCase):
+    """read_socket and unwritten_bytes, on a real loopback connection (relay.tuning.liveness)."""
+
+    def test_a_reset_reaches_on_error_with_its_errno_then_connection_lost(self):
+        import errno
+        import socket
+        import struct
+
+        from twisted.internet import defer, reactor
+        from twisted.internet.error import ConnectionLost
+        from twisted.internet.protocol import Factory, Protocol
+
+        seen = []
+        lost = defer.Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self):
+                compat.read_socket(self.transport, seen.append)
+
+            def dataReceived(self, data):
+                seen.append(data)
+                # The peer resets the connection once its bytes arrived.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+
+            def connectionLost(self, reason):
+                lost.callback([reason])
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.sendall(b"hello")
+
+        def check(reasons):
+            self.assertEqual(seen, [b"hello", errno.ECONNRESET])
+            self.assertTrue(reasons[0].check(ConnectionLost))
+
+        return lost.addCallback(check)
+
+    def test_unwritten_bytes_follows_the_write_buffers(self):
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Silent(Protocol):
+            def connectionMade(self):
+                self.transport.pauseProducing()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol())
+
+        def check(protocol):
+            transport = protocol.transport
+            self.assertEqual(compat.unwritten_bytes(transport), 0)
+            transport.write(b"x" * 1000)
+            transport.write(b"y" * 24)
+            self.assertEqual(compat.unwritten_bytes(transport), 1024)
+            transport.abortConnection()
+
+        return d.addCallback(check)

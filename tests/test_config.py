@@ -51,6 +51,9 @@ def flags(options_class):
 NOT_FLAGS = {
     # The token files loaded, not their paths; None is no check at all.
     "relay.server.auth.AccessPolicy.__init__",
+    # The relay-client's empty chunks while its backend is silent, not
+    # the server's TCP --keepalive_interval.
+    "relay.client.chunker.Chunker.__init__",
 }
 
 SIDES = ((server_tap.Options, ServerConfig), (client_tap.Options, ClientConfig))
@@ -162,6 +165,8 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "max_headers": self.site.max_headers,
             "max_header_bytes": self.site.max_header_bytes,
             "header_timeout": self.site.header_timeout,
+            "keepalive_interval": self.site.keepalive_interval,
+            "dead_connection_timeout": self.site.dead_connection_timeout,
             "drain_grace": self.service.drain_grace,
             "log_level": self.broker.trace,
             "log_format": self.logged_line()[:1],
@@ -202,6 +207,8 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "max_headers": d.max_headers,
             "max_header_bytes": d.max_header_bytes,
             "header_timeout": d.header_timeout,
+            "keepalive_interval": d.keepalive_interval,
+            "dead_connection_timeout": d.dead_connection_timeout,
             "drain_grace": d.drain_grace,
             "log_level": d.debug_logs,
             "log_format": "{" if d.log_format == "json" else "t",

@@ -296,3 +296,31 @@ class H2BodyLimitTests(unittest.TestCase):
             self.assertEqual(state["headers"][":status"], "413")
             self.assertIn(b"--max_request_body", state["data"])
         self.assertEqual(server.broker.requests, {})
+
+
+class H2PollConnectionDies(ServerTestCase):
+    """A poll answered over h2c whose connection dies with bytes unacknowledged."""
+
+    @defer.inlineCallbacks
+    def test_the_user_gets_a_502_at_once(self):
+        from relay.tuning.liveness import RESET, Death
+
+        class Dying:
+            # The kernel's report for this connection, made up: on loopback
+            # nothing stays unacknowledged.
+            death = Death(RESET, unsent=100)
+
+        self.server.service.site.watch = lambda transport, interval, timeout: Dying()
+        client = H2Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port), client)
+        _, poll = client.request("GET", "/server/request?server=robot")
+        yield self.polling()
+        answer = self.get("/client/robot/x")
+        yield poll["done"]
+        self.assertEqual(poll["headers"][":status"], "200")
+        client.transport.abortConnection()
+        yield client.lost
+        response = yield answer
+        self.assertEqual(response.code, 502)
+        self.assertIn(b"before it took the request", (yield response.content()))
+        self.assertEqual(self.server.broker.backends["robot"].lost, 1)

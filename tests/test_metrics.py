@@ -34,6 +34,13 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "
 EXTRA = {
     "relay_backends",
     "relay_open_polls",
+    # Connection health (docs/server.md, "Metrics"); the counters only
+    # once above zero.
+    "relay_backend_last_poll_timestamp_seconds{backend}",
+    "relay_backend_reconnects_total{backend}",
+    "relay_backend_dead_connections_total{backend}",
+    "relay_backend_lost_answers_total{backend,outcome}",
+    "relay_dead_connections_total{reason}",
     "relay_pending_requests",
     "python_info{implementation,major,minor,patchlevel,version}",
     'python_gc_collections_total{generation}',

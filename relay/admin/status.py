@@ -208,6 +208,7 @@ def _backend(b: BackendStats, known, state: str, now: float, recent: bool) -> di
         "first_poll": b.first_poll,
         "last_poll": b.last_poll,
         "in_flight": len(known.active) if known is not None else 0,
+        "connections": _connections(known),
         "last_minute": _minute(b, now),
         "errors": dict(b.errors),
         "totals": {
@@ -222,6 +223,21 @@ def _backend(b: BackendStats, known, state: str, now: float, recent: bool) -> di
         out["recent"] = [r.as_json() for r in reversed(b.recent)]
         out["recent_errors"] = [r.as_json() for r in reversed(b.recent_errors)]
     return out
+
+
+def _connections(known) -> dict:
+    """
+    The health of a backend's poll connections, from the broker (so zero
+    again once it forgot the name): see docs/server.md, "Metrics".
+    """
+    if known is None:
+        return {"reconnects": 0, "dead": 0, "requeued": 0, "failed": 0}
+    return {
+        "reconnects": known.reconnects,
+        "dead": known.dead_connections,
+        "requeued": known.requeued,
+        "failed": known.lost,
+    }
 
 
 def request_state(pending: PendingRequest) -> str:
@@ -277,6 +293,7 @@ def _server(broker: Broker, stats: AdminStats, flags: dict, now: float) -> dict:
         "rss_bytes": _rss(),
         "open_fds": _open_fds(),
         "draining": broker.stopping,
+        "dead_connections": {"timeout": broker.dead_connections.get("timeout", 0), "reset": broker.dead_connections.get("reset", 0)},
         "flags": flags,
         "admin": {
             "ring": stats.ring,

@@ -73,6 +73,23 @@ class UnknownRequest(BrokerError):
         super().__init__("Duplicate or invalid request ID %s" % (request_id,))
 
 
+class RelayClientLost(BrokerError):
+    """
+    The connection that carried the request to its relay-client died
+    before the relay-client showed that it had the request, and it cannot
+    be shown that the request did not reach it (so it is not handed out
+    again): 502 at once, rather than a 504 after the inactivity timeout.
+    """
+
+    status = 502
+
+    def __init__(self, name: str):
+        super().__init__(
+            "Lost the connection to the relay client of %s before it took the request; "
+            "it may not have received it" % (_go_quote(name),)
+        )
+
+
 class RequestExpired(BrokerError):
     """No activity on the request for the inactive-request timeout."""
 
@@ -194,10 +211,12 @@ class BodyBudget:
 class Waiters:
     """
     Deferreds waiting in line, each with a deadline on the clock: a
-    backend's long polls, an upgraded request's stream reads. The oldest is
-    served first (L{pop}); one that times out leaves the line before
-    C{on_timeout} fires it; one that is cancelled (its peer went away)
-    leaves the line and takes its timer with it.
+    backend's long polls, an upgraded request's stream reads. Stream reads
+    are served oldest first (L{pop}), so that bytes go out in order; long
+    polls newest first (L{pop_newest}, see L{Broker.relay}). One that
+    times out leaves the line before C{on_timeout} fires it; one that is
+    cancelled (its peer went away) leaves the line and takes its timer
+    with it.
     """
 
     def __init__(self, clock: IReactorTime, timeout: float, on_timeout: Callable[[Deferred], None]):
@@ -222,6 +241,12 @@ class Waiters:
     def pop(self) -> Deferred:
         """The oldest waiter, out of the line and with no timer, to fire."""
         d, timer = self._line.popleft()
+        timer.cancel()
+        return d
+
+    def pop_newest(self) -> Deferred:
+        """The newest waiter, out of the line and with no timer, to fire."""
+        d, timer = self._line.pop()
         timer.cancel()
         return d
 
@@ -367,6 +392,12 @@ class PendingRequest:
         # whether the user went away first.
         self.info = None
         self.cancelled = False
+        # While the answer of the poll that took it may still be on its way
+        # to the relay-client: the connection it was written on (a
+        # PollConnection), and the message, to hand out again if that
+        # connection dies with the answer provably undelivered.
+        self.carrier: Optional["PollConnection"] = None
+        self.unreceived: Optional[HttpRequest] = None
 
     # IPushProducer, driven by the user-client's connection.
 
@@ -447,6 +478,8 @@ class PendingRequest:
             self._pickup_timer.cancel()
         self._pickup_timer = None
         self._release_body()
+        if self.carrier is not None:
+            self.carrier.received(self)
         inbox, self._inbox = self._inbox, deque()
         for _, d, _ in inbox:
             d.errback(UnknownRequest(self.id))
@@ -457,10 +490,70 @@ class PendingRequest:
             self.sink.fail(reason)
 
 
-class Backend:
-    """A backend name some relay-client polls for."""
+class PollConnection:
+    """
+    What the broker remembers of one connection relay-clients poll on: the
+    name it last polled for, and the requests whose poll answers were
+    written on it and not yet shown to have arrived. The HTTP layer keeps
+    one per connection (created at its first poll) and tells the broker
+    when the connection dies (L{Broker.connection_lost}).
 
-    __slots__ = ("name", "polls", "queue", "active", "last_activity")
+    A request shows that it arrived when the relay-client acts on it (a
+    response message, a request-stream read), or, on HTTP/1.1, when the
+    next request arrives on the same connection (L{delivered}): an
+    HTTP/1.1 client sends it only after reading the whole answer.
+
+    @ivar multiplexed: an HTTP/2 connection, whose unacknowledged bytes
+        cannot be told apart between its streams.
+    """
+
+    __slots__ = ("name", "in_transit", "multiplexed")
+
+    def __init__(self, multiplexed: bool = False):
+        self.name: Optional[str] = None
+        self.in_transit: Optional[Set[PendingRequest]] = None
+        self.multiplexed = multiplexed
+
+    def sent(self, pending: PendingRequest, message: HttpRequest) -> None:
+        if self.in_transit is None:
+            self.in_transit = set()
+        self.in_transit.add(pending)
+        pending.carrier = self
+        pending.unreceived = message
+
+    def received(self, pending: PendingRequest) -> None:
+        """C{pending} reached its relay-client (or is over): forget it here."""
+        pending.carrier = None
+        pending.unreceived = None
+        if self.in_transit is not None:
+            self.in_transit.discard(pending)
+
+    def delivered(self) -> None:
+        """Everything written on this connection arrived (HTTP/1.1: a next request came)."""
+        if self.in_transit:
+            for pending in list(self.in_transit):
+                self.received(pending)
+
+
+class Backend:
+    """
+    A backend name some relay-client polls for, and the health of its
+    relay-clients' connections (L{Broker.connection_lost}; docs/server.md,
+    "Metrics").
+    """
+
+    __slots__ = (
+        "name",
+        "polls",
+        "queue",
+        "active",
+        "last_activity",
+        "last_poll",
+        "connections",
+        "dead_connections",
+        "requeued",
+        "lost",
+    )
 
     def __init__(self, name: str, now: float, polls: Waiters):
         self.name = name
@@ -469,6 +562,20 @@ class Backend:
         # Ids of this backend's requests that are not over yet.
         self.active: Set[str] = set()
         self.last_activity = now
+        self.last_poll = now
+        # Connections that polled for this name; each after the first is
+        # a reconnect.
+        self.connections = 0
+        # Poll connections of this name that died (a timeout or a reset).
+        self.dead_connections = 0
+        # Requests whose poll answer provably never arrived, handed out
+        # again; and those that failed (502) because it could not be shown.
+        self.requeued = 0
+        self.lost = 0
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.connections - 1)
 
 
 class Broker:
@@ -510,6 +617,8 @@ class Broker:
         self.backends: Dict[str, Backend] = {}
         self.requests: Dict[str, PendingRequest] = {}
         self.stopping = False
+        # Accepted connections that died, by how (timeout, reset).
+        self.dead_connections: Dict[str, int] = {}
         # The admin view's statistics (relay.admin.stats.AdminStats), or
         # None when the view is off: then each hook below costs one test.
         self.stats = None
@@ -552,7 +661,13 @@ class Broker:
             log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend).inc()
         if b.polls:
-            self._hand_over(b, pending, b.polls.pop())
+            # The newest poll, not the oldest: after a NAT rebinding or a
+            # move to another network, the relay-client's old polls are
+            # still here, on connections that are dead but not yet known
+            # to be, while its newest poll came over the network that
+            # works. The newest is the one most likely to be alive; the
+            # old ones time out (408) or die unused.
+            self._hand_over(b, pending, b.polls.pop_newest())
         else:
             pending._pickup_timer = self.clock.callLater(
                 PICKUP_TIMEOUT, self._pickup_timeout, b, pending
@@ -634,7 +749,7 @@ class Broker:
 
     # The relay-client's side.
 
-    def get_request(self, backend: str) -> Deferred:
+    def get_request(self, backend: str, connection: Optional[PollConnection] = None) -> Deferred:
         """
         A long poll: fires with the next L{HttpRequest} for C{backend}, or
         with C{None} after L{POLL_TIMEOUT} (or at shutdown). The first poll
@@ -642,6 +757,9 @@ class Broker:
         relay-client polls once per request, and Go's integration test
         waits for the line. Cancel the L{Deferred} when the poll's
         connection goes away, so that no request is handed to it.
+
+        C{connection} is the connection the poll came on, for the
+        connection health counts; pass it to L{sent} with the answer.
         """
         now = self.clock.seconds()
         b = self.backends.get(backend)
@@ -653,7 +771,10 @@ class Broker:
             b = self.backends[backend] = Backend(backend, now, polls)
             log.info("Relay client connected", ServerName=backend)
             arriving = self.arriving.pop(backend, None)
-        b.last_activity = now
+        b.last_activity = b.last_poll = now
+        if connection is not None and connection.name != backend:
+            connection.name = backend
+            b.connections += 1
         self.metrics.requests.labels("server_request", backend).inc()
         if self.stopping:
             return succeed(None)
@@ -667,6 +788,104 @@ class Broker:
             return d
 
         return b.polls.wait()
+
+    def sent(self, message: HttpRequest, connection: PollConnection) -> None:
+        """
+        A poll's answer, C{message}, is being written on C{connection}:
+        until it shows that it arrived, its request stays tied to the
+        connection (L{connection_lost}).
+        """
+        pending = self.requests.get(message.id)
+        if pending is not None and not pending.finished:
+            connection.sent(pending, message)
+
+    def connection_ended(self, death, *connections: Optional[PollConnection]) -> None:
+        """
+        An accepted connection is gone, as C{death} (a
+        L{relay.tuning.liveness.Death}) says; C{connections} are its
+        records of polls, if it carried any (L{connection_lost}).
+        """
+        if death.dead:
+            self.metrics.dead_connections.labels(death.reason).inc()
+            self.dead_connections[death.reason] = self.dead_connections.get(death.reason, 0) + 1
+        for connection in connections:
+            if connection is not None:
+                self.connection_lost(connection, death)
+
+    def connection_lost(self, connection: PollConnection, death) -> None:
+        """
+        A connection that carried polls is gone; C{death} (a
+        L{relay.tuning.liveness.Death}) says how, and how many bytes
+        written on it were never acknowledged. For each request whose
+        poll answer was on it and has not shown that it arrived:
+
+          - no unacknowledged bytes: the relay-client has the whole
+            answer; it will answer, or the inactivity timeout ends it;
+          - unacknowledged bytes on an HTTP/1.1 connection: the answer
+            was the last thing written there, so its end never arrived,
+            and a relay-client acts only on a whole answer. The request
+            goes back to the front of the queue for the next poll, with
+            its id (docs/protocol.md);
+          - anything else (the bytes unknown, or HTTP/2, where they may
+            belong to any stream): it cannot be shown either way, and the
+            user gets a 502 at once (L{RelayClientLost}).
+
+        An orderly close with the bytes unknown counts as arrived: a
+        relay-client closes a connection it read to the end.
+        """
+        b = self.backends.get(connection.name) if connection.name is not None else None
+        if b is not None and death.dead:
+            b.dead_connections += 1
+        in_transit, connection.in_transit = connection.in_transit, None
+        if not in_transit:
+            return
+        for pending in in_transit:
+            message, pending.unreceived = pending.unreceived, None
+            pending.carrier = None
+            if self.requests.get(pending.id) is not pending or pending.finished:
+                continue
+            unsent = death.unsent
+            if unsent == 0 or (unsent is None and death.orderly):
+                continue
+            b = self.backends.get(pending.backend)
+            if b is None:
+                continue
+            if self.stopping:
+                self._forget(pending, ServerStopping("Server is restarting"))
+            elif unsent is not None and not connection.multiplexed and message is not None:
+                self._requeue(b, pending, message)
+            else:
+                b.lost += 1
+                self._forget(pending, RelayClientLost(b.name))
+
+    def _requeue(self, b: Backend, pending: PendingRequest, message: HttpRequest) -> None:
+        """Hand C{pending} out again, before anything queued after it."""
+        b.requeued += 1
+        pending.message = message
+        pending.picked_up = False
+        if self.trace:
+            log.debug("Requeuing request whose poll answer never arrived", ID=pending.id)
+        if b.polls:
+            self._hand_over(b, pending, b.polls.pop_newest())
+        else:
+            pending._pickup_timer = self.clock.callLater(PICKUP_TIMEOUT, self._pickup_timeout, b, pending)
+            b.queue.appendleft(pending)
+
+    def _received(self, pending: PendingRequest) -> None:
+        """The relay-client acted on C{pending}: it has the request."""
+        if pending.carrier is not None:
+            pending.carrier.received(pending)
+        if not pending.picked_up:
+            # Handed out again, and then the first relay-client spoke for
+            # it after all: it has it, and no other poll needs it.
+            b = self.backends.get(pending.backend)
+            if b is not None and pending in b.queue:
+                b.queue.remove(pending)
+                if pending._pickup_timer is not None and pending._pickup_timer.active():
+                    pending._pickup_timer.cancel()
+                pending._pickup_timer = None
+                pending.picked_up = True
+                pending._release_body()
 
     def _poll_timeout(self, b: Backend, d: Deferred) -> None:
         b.last_activity = self.clock.seconds()
@@ -695,6 +914,8 @@ class Broker:
                     backend = UNKNOWN_BACKEND
             self.metrics.responses.labels("server_response", RESULT_UNKNOWN_ID, backend).inc()
             raise UnknownRequest(request_id)
+        if pending.carrier is not None or not pending.picked_up:
+            self._received(pending)
         now = self.clock.seconds()
         pending.last_activity = now
         elapsed = now - pending.start
@@ -739,6 +960,8 @@ class Broker:
         pending = self.requests.get(request_id)
         if pending is None:
             raise UnknownRequest(request_id)
+        if pending.carrier is not None or not pending.picked_up:
+            self._received(pending)
         pending.last_activity = self.clock.seconds()
         return pending.open_stream().get()
 

@@ -103,6 +103,9 @@ class RelayH2Connection(H2Connection):
     _deadline = None
     _gone = False
     _went_away = False
+    # The broker's record of the polls this connection carried
+    # (relay.server.site.poll_connection).
+    poll_connection = None
     _log = DebugInfoLogger()  # e.g. "Timing out client IPv4Address(...)"
 
     def __init__(self, reactor=None):

@@ -91,6 +91,14 @@ class RelayMetrics:
             two,
             r,
         )
+        # Two series at most: reason is timeout or reset.
+        self.dead_connections = Counter(
+            "relay_dead_connections",
+            "Accepted connections (users' and relay-clients') that died: the peer stopped "
+            "answering (timeout) or the connection was reset (reset)",
+            ["reason"],
+            registry=r,
+        )
         if process:
             ProcessCollector(registry=r)
             r.register(_VirtualMemoryMax())
@@ -168,11 +176,51 @@ class _BrokerState:
         self.broker = broker
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         yield GaugeMetricFamily(
             "relay_pending_requests", "User requests in flight", value=len(self.broker.requests)
         )
+        # Each backend's connection health, read from the broker's own
+        # counts (nothing is done per poll for it); counters only once
+        # they are above zero, so that a quiet backend adds one series.
+        backends = self.broker.backends.values()
+        last_poll = GaugeMetricFamily(
+            "relay_backend_last_poll_timestamp_seconds",
+            "When a relay-client last polled for the backend (Unix time)",
+            labels=["backend"],
+        )
+        reconnects = CounterMetricFamily(
+            "relay_backend_reconnects",
+            "Polls for the backend that came on a connection that had not polled for it, "
+            "after its first such connection",
+            labels=["backend"],
+        )
+        dead = CounterMetricFamily(
+            "relay_backend_dead_connections",
+            "Connections that polled for the backend and died (timeout or reset)",
+            labels=["backend"],
+        )
+        lost = CounterMetricFamily(
+            "relay_backend_lost_answers",
+            "Poll answers whose connection died before the relay-client showed it had them: "
+            "requeued (provably never arrived, handed to the next poll) or failed (502)",
+            labels=["backend", "outcome"],
+        )
+        for b in backends:
+            last_poll.add_metric([b.name], b.last_poll)
+            if b.connections > 1:
+                reconnects.add_metric([b.name], b.connections - 1)
+            if b.dead_connections:
+                dead.add_metric([b.name], b.dead_connections)
+            if b.requeued:
+                lost.add_metric([b.name, "requeued"], b.requeued)
+            if b.lost:
+                lost.add_metric([b.name, "failed"], b.lost)
+        yield last_poll
+        yield reconnects
+        yield dead
+        yield lost
         yield GaugeMetricFamily(
             "relay_backends", "Backend names currently known", value=len(self.broker.backends)
         )

@@ -50,6 +50,7 @@ from relay.server.auth import AccessPolicy
 from relay.server.broker import Broker, BrokerError, Overloaded, UnknownBackend, UnknownRequest
 from relay.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.server.routing import Routing
+from relay.server.site import poll_connection
 from relay.server.response import UserResponse, http_error, plain, proto_text
 
 log = Logger()
@@ -248,7 +249,7 @@ class ServerResource(_BrokerResource):
         if self.broker.stopping:
             return _restarting(request)
         try:
-            d = self.broker.get_request(server)
+            d = self.broker.get_request(server, poll_connection(request))
         except Overloaded as e:
             return _overloaded(request, e)
         if self.broker.stats is not None:
@@ -275,6 +276,11 @@ class ServerResource(_BrokerResource):
                 log.debug("Relay client got no request", ID=_arg(request, b"server"), error=text)
             return http_error(request, 408, text)
         request.responseHeaders.setRawHeaders(b"content-type", [REQUEST_CONTENT_TYPE])
+        connection = poll_connection(request)
+        if connection is not None:
+            # Before the answer is written: on HTTP/1.1 a pipelined next
+            # request could be read (and prove delivery) while it is.
+            self.broker.sent(message, connection)
         if self.broker.trace:
             log.debug("Relay client accepted request", ID=message.id)
         return wire.serialize(message, "body")

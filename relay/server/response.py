@@ -35,7 +35,7 @@ from relay.compat import request_gone
 from relay.durations import format_duration
 from relay.headers import HOP_BY_HOP, RELAY_ERROR, go_canonical, sanitize_value, valid_name
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.server.broker import Broker, BrokerError, PendingRequest, RequestExpired
+from relay.server.broker import Broker, BrokerError, PendingRequest, RelayClientLost, RequestExpired
 from relay.server.tunnel import Tunnel
 
 log = Logger()
@@ -287,6 +287,9 @@ class UserResponse:
                     "Timeout after %s, indicating that the backend request took too long"
                     % (format_duration(self.broker.inactive_request_timeout),),
                 )
+            elif isinstance(reason, RelayClientLost):
+                self.broker.metrics.responses.labels("client", "relay_client_lost", pending.backend).inc()
+                self._answer_error(reason.status, str(reason) + "\n", go_error=True)
             else:
                 # Go answers these with http.Error (a newline, nosniff).
                 self._answer_error(503, (str(reason) or "Server is restarting") + "\n", go_error=True)

@@ -298,6 +298,7 @@ def make_server_service(
     root = RootResource(broker, metrics.render, policy=policy, routing=routing)
     site = RelaySite(root, config, reactor=reactor)
     site.body_budget = broker.bodies
+    site.broker = broker
     service = RelayServerService(broker, site, log_observer, config.drain_grace, reactor)
     service.routing = routing
     for child in replica_services:

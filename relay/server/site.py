@@ -55,7 +55,9 @@ from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
+from relay.server.broker import PollConnection
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
+from relay.tuning import liveness
 from relay.tuning.transport import corked, tune
 
 
@@ -315,6 +317,10 @@ class RelayChannel(http.HTTPChannel):
     _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
 
     _switched: Optional[IProtocol] = None
+    # The socket's watch (relay.tuning.liveness), and the broker's record
+    # of the polls this connection carried (created at its first poll).
+    _watch: Optional[liveness.Watch] = None
+    poll_connection: Optional[PollConnection] = None
     _sniffing = True
     _sniffed = b""
     _header_timer = None
@@ -405,6 +411,10 @@ class RelayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._head_deadline = None
+        if self.poll_connection is not None and self.poll_connection.in_transit:
+            # An HTTP/1.1 client sends its next request only after reading
+            # the whole answer before it (neither relay-client pipelines).
+            self.poll_connection.delivered()
         request = self.requests[-1]
         bad_host = self._bad_host(request)
         if bad_host is not None:
@@ -447,6 +457,9 @@ class RelayChannel(http.HTTPChannel):
         self.maxHeaders = self.site.max_headers
         self.totalHeadersSize = self.site.max_header_bytes
         tune(self.transport)
+        watch = getattr(self.site, "watch", None)
+        if watch is not None:
+            self._watch = watch(self.transport, self.site.keepalive_interval, self.site.dead_connection_timeout)
         super().connectionMade()
         self.site.connections.add(self)
         self._arm_header_timer()
@@ -493,11 +506,20 @@ class RelayChannel(http.HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._stop_header_timer()
+        h2_polls = None
         if self._switched is not None:
             switched, self._switched = self._switched, None
+            h2_polls = getattr(switched, "poll_connection", None)
             switched.connectionLost(reason)
         super().connectionLost(reason)
         self.site.connection_closed(self)
+        broker = getattr(self.site, "broker", None)
+        if broker is not None:
+            death = self._watch.death if self._watch is not None else None
+            if death is None:
+                death = liveness.Death(liveness.reason_of(reason))
+            self._watch = None
+            broker.connection_ended(death, self.poll_connection, h2_polls)
 
 
 class RelaySite(server.Site):
@@ -521,6 +543,13 @@ class RelaySite(server.Site):
         self.max_headers = config.max_headers
         self.max_header_bytes = config.max_header_bytes
         self.header_timeout = config.header_timeout
+        self.keepalive_interval = config.keepalive_interval
+        self.dead_connection_timeout = config.dead_connection_timeout
+        # How each connection's socket is watched for a dead peer: tests
+        # put in a double that reports a death of their choosing.
+        self.watch = liveness.watch
+        # Set by the service: the broker, told of every connection's end.
+        self.broker = None
         # Set by the service: the broker's budget for buffered bodies.
         self.body_budget = None
         self.connections: Set[RelayChannel] = set()
@@ -577,3 +606,17 @@ class RelaySite(server.Site):
         timer = self.reactor.callLater(abort_after, abort)
         d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         return d
+
+
+def poll_connection(request) -> Optional[PollConnection]:
+    """
+    The broker's record of the connection C{request} came on (its HTTP/1.1
+    channel, or its HTTP/2 connection), made at its first poll; None on a
+    channel of another kind.
+    """
+    conn, _ = stream_connection(request)
+    owner = conn if conn is not None else request.channel
+    record = getattr(owner, "poll_connection", False)
+    if record is None:
+        record = owner.poll_connection = PollConnection(multiplexed=conn is not None)
+    return record or None

@@ -159,6 +159,24 @@ class Options(GoFlagOptions):
             "headers, or sit idle this long between requests (slowloris guard).",
         ],
         [
+            "keepalive_interval",
+            None,
+            default("keepalive_interval"),
+            "Not in Go: send TCP keepalive probes on a connection (users' and relay-clients') "
+            "idle for this long, and as often after, so that a peer that vanished (a robot "
+            "in a dead zone, behind a NAT that forgot it) is noticed. 0: no keepalive. "
+            "Linux; elsewhere the system's defaults stay.",
+        ],
+        [
+            "dead_connection_timeout",
+            None,
+            default("dead_connection_timeout"),
+            "Not in Go: close a connection whose peer has answered nothing for this long: "
+            "keepalive probes unanswered, or sent data unacknowledged (TCP_USER_TIMEOUT). "
+            "Its long polls end, and a request whose answer provably never reached its "
+            "relay-client goes to the next poll. 0: the system's defaults (minutes to hours). Linux.",
+        ],
+        [
             "drain_grace",
             None,
             default("drain_grace"),
@@ -248,7 +266,8 @@ class Options(GoFlagOptions):
     def postOptions(self):
         for name in ("inactive_request_timeout", "inactive_backend_timeout", "header_timeout", "move_wait"):
             self.check(name, duration)
-        self.check("drain_grace", nonnegative_duration)
+        for name in ("drain_grace", "keepalive_interval", "dead_connection_timeout"):
+            self.check(name, nonnegative_duration)
         self.check("log_level", log_level)
         self.check("log_format", log_format)
         self.check("port", check_port)

@@ -113,6 +113,7 @@
     var s = data.server, t = data.totals;
     $("server").textContent = "v" + s.version + " · " + s.interpreter + " · up " + seconds(s.uptime) +
       " · RSS " + bytes(s.rss_bytes) + " · " + (s.open_fds === null ? "?" : s.open_fds) + " fds" +
+      " · dead connections " + s.dead_connections.timeout + " timed out, " + s.dead_connections.reset + " reset" +
       (s.draining ? " · DRAINING" : "");
     var box = $("totals");
     box.textContent = "";
@@ -213,6 +214,8 @@
      ["relay-clients", d.relay_clients.map(function (c) { return c.peer + " (" + ago(now, c.last_poll) + ")"; }).join(", ") || "–"],
      ["requests", d.totals.requests], ["in", bytes(d.totals.bytes_in)], ["out", bytes(d.totals.bytes_out)],
      ["cancelled", d.totals.cancelled],
+     ["connections", "reconnects: " + d.connections.reconnects + ", dead: " + d.connections.dead +
+       ", requeued: " + d.connections.requeued + ", failed: " + d.connections.failed],
      ["errors", Object.keys(d.errors).map(function (k) { return k + ": " + d.errors[k]; }).join(", ")]
     ].forEach(function (pair) {
       var span = el("span");
