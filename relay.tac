@@ -20,7 +20,7 @@
 #   RELAY_MAX_HEADERS                   header lines
 #   RELAY_MAX_HEADER_BYTES              bytes
 #   RELAY_HEADER_TIMEOUT                Go duration
-#   RELAY_KEEPALIVE_INTERVAL            Go duration, 0 is off
+#   RELAY_TCP_KEEPALIVE_INTERVAL        Go duration, 0 is off
 #   RELAY_DEAD_CONNECTION_TIMEOUT       Go duration, 0 is the system's
 #   RELAY_DRAIN_GRACE                   Go duration, 0 is none
 #   RELAY_LOG_LEVEL                     debug|info|warn|error

@@ -55,7 +55,7 @@ class ServerConfig:
     # Dead peers (relay.tuning.liveness): keepalive probes this often on an
     # idle connection; a peer silent for the timeout (or data unacknowledged
     # that long) ends the connection. 0 turns either off.
-    keepalive_interval: float = _seconds(5.0)
+    tcp_keepalive_interval: float = _seconds(5.0)
     dead_connection_timeout: float = _seconds(15.0)
     drain_grace: float = _seconds(5.0)
     log_level: LogLevel = _level(LogLevel.info)

@@ -28,7 +28,7 @@ from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.service import make_server_service
 
 TABLE = "relaytest"
-config = ServerConfig(port="0", keepalive_interval=1.0, dead_connection_timeout=2.0, header_timeout=None)
+config = ServerConfig(port="0", tcp_keepalive_interval=1.0, dead_connection_timeout=2.0, header_timeout=None)
 service = make_server_service(endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), reactor, config)
 broker = service.broker
 

@@ -51,9 +51,6 @@ def flags(options_class):
 NOT_FLAGS = {
     # The token files loaded, not their paths; None is no check at all.
     "relay.server.auth.AccessPolicy.__init__",
-    # The relay-client's empty chunks while its backend is silent, not
-    # the server's TCP --keepalive_interval.
-    "relay.client.chunker.Chunker.__init__",
 }
 
 SIDES = ((server_tap.Options, ServerConfig), (client_tap.Options, ClientConfig))
@@ -165,7 +162,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "max_headers": self.site.max_headers,
             "max_header_bytes": self.site.max_header_bytes,
             "header_timeout": self.site.header_timeout,
-            "keepalive_interval": self.site.keepalive_interval,
+            "tcp_keepalive_interval": self.site.tcp_keepalive_interval,
             "dead_connection_timeout": self.site.dead_connection_timeout,
             "drain_grace": self.service.drain_grace,
             "log_level": self.broker.trace,
@@ -207,7 +204,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "max_headers": d.max_headers,
             "max_header_bytes": d.max_header_bytes,
             "header_timeout": d.header_timeout,
-            "keepalive_interval": d.keepalive_interval,
+            "tcp_keepalive_interval": d.tcp_keepalive_interval,
             "dead_connection_timeout": d.dead_connection_timeout,
             "drain_grace": d.drain_grace,
             "log_level": d.debug_logs,

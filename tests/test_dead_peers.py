@@ -322,7 +322,7 @@ class SocketOptions(unittest.TestCase):
         return d
 
     def test_zero_turns_both_off(self):
-        d = self.options_of(keepalive_interval=0.0, dead_connection_timeout=0.0)
+        d = self.options_of(tcp_keepalive_interval=0.0, dead_connection_timeout=0.0)
         d.addCallback(lambda options: self.assertEqual((options[0], options[4]), (0, 0)))
         return d
 

@@ -17,7 +17,8 @@ from twisted.web.client import URI
 from zope.interface import implementer
 
 from relay.client.endpoints import CachingEndpointFactory
-from relay.tuning.transport import corked, detect_dead_peer, tune
+from relay.tuning.liveness import watch_socket_of
+from relay.tuning.transport import corked, tune
 
 
 class _Collect(Protocol):
@@ -141,7 +142,7 @@ class DeadPeerTests(unittest.TestCase):
         self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 3)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 3)
-        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 4)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 2)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 10000)
 
     @defer.inlineCallbacks
@@ -151,4 +152,4 @@ class DeadPeerTests(unittest.TestCase):
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 0)
 
     def test_a_transport_without_a_socket_is_left_alone(self):
-        detect_dead_peer(StringTransport(), 3.0, 10.0)
+        watch_socket_of(StringTransport(), 3.0, 10.0)

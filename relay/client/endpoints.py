@@ -33,7 +33,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from relay.tuning.transport import detect_dead_peer, tune
+from relay.tuning.liveness import watch_socket_of
+from relay.tuning.transport import tune
 
 ATTEMPT_DELAY = 0.3  # Go's net.Dialer FallbackDelay, and Twisted's.
 
@@ -173,7 +174,7 @@ class TunedEndpoint:
     """
     An endpoint whose connections get L{tune}d once connected and, given
     C{liveness} (a keepalive interval and a dead-connection timeout), watched
-    by the kernel for a peer that went away (L{detect_dead_peer}).
+    by the kernel for a peer that went away (L{relay.tuning.liveness}).
     """
 
     def __init__(self, endpoint, liveness: Optional[Tuple[float, float]] = None):
@@ -187,7 +188,7 @@ class TunedEndpoint:
         transport = getattr(protocol, "transport", None)
         tune(transport)
         if self.liveness is not None:
-            detect_dead_peer(transport, *self.liveness)
+            watch_socket_of(transport, *self.liveness)
         return protocol
 
 

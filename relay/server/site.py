@@ -459,7 +459,7 @@ class RelayChannel(http.HTTPChannel):
         tune(self.transport)
         watch = getattr(self.site, "watch", None)
         if watch is not None:
-            self._watch = watch(self.transport, self.site.keepalive_interval, self.site.dead_connection_timeout)
+            self._watch = watch(self.transport, self.site.tcp_keepalive_interval, self.site.dead_connection_timeout)
         super().connectionMade()
         self.site.connections.add(self)
         self._arm_header_timer()
@@ -543,7 +543,7 @@ class RelaySite(server.Site):
         self.max_headers = config.max_headers
         self.max_header_bytes = config.max_header_bytes
         self.header_timeout = config.header_timeout
-        self.keepalive_interval = config.keepalive_interval
+        self.tcp_keepalive_interval = config.tcp_keepalive_interval
         self.dead_connection_timeout = config.dead_connection_timeout
         # How each connection's socket is watched for a dead peer: tests
         # put in a double that reports a death of their choosing.

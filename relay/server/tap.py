@@ -159,9 +159,9 @@ class Options(GoFlagOptions):
             "headers, or sit idle this long between requests (slowloris guard).",
         ],
         [
-            "keepalive_interval",
+            "tcp_keepalive_interval",
             None,
-            default("keepalive_interval"),
+            default("tcp_keepalive_interval"),
             "Not in Go: send TCP keepalive probes on a connection (users' and relay-clients') "
             "idle for this long, and as often after, so that a peer that vanished (a robot "
             "in a dead zone, behind a NAT that forgot it) is noticed. 0: no keepalive. "
@@ -266,7 +266,7 @@ class Options(GoFlagOptions):
     def postOptions(self):
         for name in ("inactive_request_timeout", "inactive_backend_timeout", "header_timeout", "move_wait"):
             self.check(name, duration)
-        for name in ("drain_grace", "keepalive_interval", "dead_connection_timeout"):
+        for name in ("drain_grace", "tcp_keepalive_interval", "dead_connection_timeout"):
             self.check(name, nonnegative_duration)
         self.check("log_level", log_level)
         self.check("log_format", log_format)

@@ -148,6 +148,17 @@ def set_options(sock, interval: float, timeout: float) -> None:
             pass
 
 
+def watch_socket_of(transport, interval: float, timeout: float) -> None:
+    """
+    L{set_options} on the socket under C{transport}, if it has one: for the
+    relay-client's own connections, whose deaths its calls see as errors,
+    with nothing to record.
+    """
+    own = socket_transport(transport)
+    if own is not None:
+        set_options(own.socket, interval, timeout)
+
+
 def kernel_unsent(sock) -> Optional[int]:
     """Bytes in the socket's send queue not acknowledged by the peer (C{SIOCOUTQ}); None where unknown."""
     if SIOCOUTQ is None:

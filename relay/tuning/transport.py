@@ -22,8 +22,6 @@ the three answers of every relayed request, where the socket almost
 always has room. What the socket does not take is buffered as before.
 """
 
-import math
-import socket
 from typing import Callable, List, Optional, TypeVar
 
 from twisted.internet.abstract import FileDescriptor
@@ -54,58 +52,6 @@ def tune(transport) -> None:
                 _write_eagerly(transport)
             return
         transport = getattr(transport, "transport", None)
-
-
-def socket_transport(transport) -> Optional[FileDescriptor]:
-    """The socket's own transport under C{transport} (a TLS wrapper, a protocol's), or None."""
-    for _ in range(3):
-        if transport is None or isinstance(transport, FileDescriptor):
-            return transport
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-def detect_dead_peer(transport, keepalive_interval: float, dead_timeout: float) -> None:
-    """
-    Make the kernel close C{transport}'s connection once its peer has been
-    unreachable for about C{dead_timeout} seconds, whatever the connection
-    is doing:
-
-      - idle (a long poll waiting, a kept-alive connection in a pool): TCP
-        keepalive probes every C{keepalive_interval} seconds of silence;
-      - sending (unacknowledged data, a connection being set up):
-        C{TCP_USER_TIMEOUT}, so that a write into a dead path fails after
-        C{dead_timeout} instead of retransmitting for the kernel's fifteen
-        minutes.
-
-    A peer behind a NAT that forgot the connection, or a robot whose Wi-Fi
-    went away, never sends a reset: without these the connection looks
-    alive for as long as the process runs. Either value 0 turns its part
-    off. The options are Linux's; where one is missing it is skipped (the
-    keepalive count then approximates the timeout).
-    """
-    transport = socket_transport(transport)
-    sock = getattr(transport, "socket", None) if transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    options = []
-    if keepalive_interval > 0:
-        interval = max(1, int(math.ceil(keepalive_interval)))
-        options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
-        for name, value in (
-            ("TCP_KEEPIDLE", interval),
-            ("TCP_KEEPINTVL", interval),
-            ("TCP_KEEPCNT", max(1, int(math.ceil(dead_timeout / interval))) if dead_timeout > 0 else 9),
-        ):
-            if hasattr(socket, name):
-                options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    if dead_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_timeout * 1000)))
-    for level, option, value in options:
-        try:
-            sock.setsockopt(level, option, value)
-        except OSError:
-            pass  # closed already, or not supported here: nothing to tune
 
 
 def _write_eagerly(transport) -> None:
