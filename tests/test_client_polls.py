@@ -92,3 +92,41 @@ class PollCountTests(unittest.TestCase):
         self.answer("robot:2")
         service.stopService()
         self.assertEqual(self.api.open_polls(), [])
+
+
+class HandedOutTwiceTests(unittest.TestCase):
+    """
+    A server may hand a request out again when it cannot tell that our
+    poll's answer arrived (docs/protocol.md): the backend sees it once.
+    """
+
+    def test_a_request_already_in_hand_is_dropped(self):
+        api = FakeAPI()
+        handled = []
+        working = Deferred()  # the backend is still working on it
+
+        class SlowHandler:
+            def handle(self, request):
+                handled.append(request.id)
+                return working
+
+        service = RelayClientService(None, api, SlowHandler(), [], ClientConfig(max_pending_requests=0), clock=Clock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.addCleanup(working.callback, None)
+        api.open_polls()[0].callback(HttpRequest(id="robot:1"))
+        api.open_polls()[0].callback(HttpRequest(id="robot:1"))
+        self.assertEqual(handled, ["robot:1"])
+
+    def test_the_same_id_after_the_first_is_over_is_handled(self):
+        api = FakeAPI()
+        handler = FakeHandler()
+        service = RelayClientService(None, api, handler, [], ClientConfig(max_pending_requests=0), clock=Clock())
+        service.startService()
+        self.addCleanup(service.stopService)
+        first = Deferred()
+        handler.handle = lambda request: (handler.handled.append(request.id), first)[1]
+        api.open_polls()[0].callback(HttpRequest(id="robot:1"))
+        first.callback(None)
+        api.open_polls()[0].callback(HttpRequest(id="robot:1"))
+        self.assertEqual(handler.handled, ["robot:1", "robot:1"])

@@ -132,6 +132,8 @@ class RelayClientService(LogsThroughObserver, MultiService):
         self.log_observer = log_observer
         self.stop_grace_period = stop_grace_period
         self.in_flight: Set[Deferred] = set()
+        # The ids of the requests in flight.
+        self.working: Set[str] = set()
         self.fatal_error: Optional[str] = None
         self.reachability = Reachability(self.clock, self._drop_relay_connections)
         self.num_pending_requests = config.num_pending_requests
@@ -141,10 +143,23 @@ class RelayClientService(LogsThroughObserver, MultiService):
             PollLoop(self, i).setServiceParent(self)
 
     def dispatch(self, request) -> None:
+        if request.id in self.working:
+            # Handed out again by a server that could not tell that we had
+            # it (docs/protocol.md, "When a relay-client's connection
+            # dies"): the backend must not see it twice.
+            log.debug("Dropping a request already in hand", ID=request.id)
+            return
         d = self.handler.handle(request)
         if not d.called:
             self.in_flight.add(d)
-            d.addBoth(lambda result: self.in_flight.discard(d))
+            self.working.add(request.id)
+
+            def done(result, request_id=request.id):
+                self.in_flight.discard(d)
+                self.working.discard(request_id)
+                return result
+
+            d.addBoth(done)
         self._burst()  # after the backend request is on its way
 
     def _burst(self) -> None:
