@@ -5,7 +5,7 @@ tests/badnet.py for the four pairs at once (Go server + Go relay-client,
 our server + Go relay-client, Go server + our relay-client, ours + ours),
 each pair in a network namespace of its own, and one markdown table.
 
-    .venv/bin/python bench/bad_network.py                          # every scenario (about 15 minutes)
+    .venv/bin/python bench/bad_network.py                          # every scenario (up to about 15 minutes)
     .venv/bin/python bench/bad_network.py --scenarios nat_rebinding,server_restart
     .venv/bin/python bench/bad_network.py --output /tmp/bad_network.md
 
@@ -202,7 +202,7 @@ def main(argv=None):
                    help="where http-relay-server and http-relay-client are")
     p.add_argument("--wait", type=float, default=130.0,
                    help="seconds after the network returns before a pair counts as not back (the Go "
-                        "relay-client needs about 115 s after a NAT rebinding)")
+                        "relay-client needs about two minutes after a NAT rebinding, issue 21)")
     p.add_argument("--partition", type=float, default=60.0, help="seconds of the partition")
     p.add_argument("--silence", type=float, default=5.0, help="seconds of silence before the NAT rebinding")
     p.add_argument("--loss", type=int, default=5, help="percent of packets lost, both ways")

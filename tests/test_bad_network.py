@@ -148,11 +148,11 @@ class NatRebinding(ScenarioCase):
     def test_go_relay_client_is_not_back_within_the_goal(self):
         """
         The goal is our relay-client's; the Go binary cannot be changed.
-        Issue 21 measured the Go relay-client back about 115 s after the
-        network returned (its own timeouts), longer than this test may
-        wait, so what is asserted is that it is not back sooner: which also
-        shows that the harness's rebinding is real (one that let old
-        connections through would bring it back at once).
+        The Go relay-client gets out of a NAT rebinding only by its own
+        timeouts, long after this test stops waiting (issue 21's table), so
+        what is asserted is that it is not back sooner: which also shows
+        that the harness's rebinding is real (one that let old connections
+        through would bring it back at once).
         """
         result = yield self.result(GO)
         self.assertIsNone(result.back, "%s: %s" % (result.pair, result.back_text()))
