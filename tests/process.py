@@ -32,12 +32,13 @@ class TwistdProcess(protocol.ProcessProtocol):
         self.pid = None
 
     @classmethod
-    def spawn(cls, args, env=None):
+    def spawn(cls, args, env=None, prefix=()):
+        """C{prefix}: a command that runs the rest (C{ip netns exec NAME})."""
         proc = cls()
         environ = dict(os.environ)
         environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
         environ.update(env or {})
-        argv = twistd_argv() + ["-n", "--pidfile="] + list(args)
+        argv = list(prefix) + twistd_argv() + ["-n", "--pidfile="] + list(args)
         reactor.spawnProcess(proc, argv[0], argv, env=environ, path=ROOT)
         return proc
 
