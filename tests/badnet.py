@@ -1,5 +1,5 @@
 """
-A robot on a bad network, for the tests of issue 21 and C{bench/bad_network.py}.
+A robot on a bad network, for tests/test_bad_network.py and C{bench/bad_network.py}.
 
 The robot is a network namespace of its own, joined to the host's namespace
 by a veth pair with addresses from 198.18.0.0/15 (RFC 2544's benchmarking

@@ -1,5 +1,5 @@
 """
-Robots on bad networks (issue 21's goals), on real networks: the
+Robots on bad networks (docs/client.md's goals), on real networks: the
 relay-client and its backend in a network namespace of their own, our
 server in the host's, nftables in between (L{tests.badnet}). Every scenario
 runs for our relay-client and for the Go relay-client, each in front of our
@@ -149,7 +149,7 @@ class NatRebinding(ScenarioCase):
         """
         The goal is our relay-client's; the Go binary cannot be changed.
         The Go relay-client gets out of a NAT rebinding only by its own
-        timeouts, long after this test stops waiting (issue 21's table), so
+        timeouts (about two minutes), long after this test stops waiting, so
         what is asserted is that it is not back sooner: which also shows
         that the harness's rebinding is real (one that let old connections
         through would bring it back at once).

@@ -1,5 +1,5 @@
 """
-Dead peers (issue 21): what happens to a request whose poll answer was
+Dead peers: what happens to a request whose poll answer was
 written on a connection that then died, decided from how it died
 (L{relay.tuning.liveness.Death}); reconnects and dead connections counted
 per backend.
@@ -73,6 +73,18 @@ class Decision(unittest.TestCase):
         self.clock.advance(PICKUP_TIMEOUT - 1)
         self.assertEqual(sink.failures, [])
         self.clock.advance(1)
+        self.assertEqual([type(f) for f in sink.failures], [BackendUnreachable])
+
+    def test_a_requeued_request_waits_no_longer_than_its_inactivity_timeout(self):
+        # The server promised an answer within --inactive_request_timeout
+        # of the request's last sign of life, its hand-over.
+        self.broker = Broker(self.clock, ServerConfig(inactive_request_timeout=20.0), self.metrics)
+        connection, pending, sink = self.hand_out()
+        self.clock.advance(15)
+        self.broker.connection_ended(Death(TIMEOUT, unsent=1), connection)
+        self.clock.advance(5 - 0.001)
+        self.assertEqual(sink.failures, [])
+        self.clock.advance(0.001)
         self.assertEqual([type(f) for f in sink.failures], [BackendUnreachable])
 
     def test_a_waiting_poll_takes_the_requeued_request_at_once(self):

@@ -136,7 +136,7 @@ class ClientLines:
 class UserGoesAway(unittest.TestCase):
     """
     A user who closes a browser tab, cancels a download or drops a
-    WebSocket is not trouble (issue 21, item 6): nothing at info or above,
+    WebSocket is not trouble: nothing at info or above,
     at most one line at debug from the relay-client. A backend whose answer
     breaks off is trouble: one warning, naming the request and the
     backend's failure, not the relay's refusal of what came after it.

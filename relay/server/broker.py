@@ -868,7 +868,12 @@ class Broker:
         if b.polls:
             self._hand_over(b, pending, b.polls.pop_newest())
         else:
-            pending._pickup_timer = self.clock.callLater(PICKUP_TIMEOUT, self._pickup_timeout, b, pending)
+            # Its wait for a poll ends with the inactivity timeout it was
+            # promised (counted from its hand-over), if that comes first.
+            left = pending.last_activity + self.inactive_request_timeout - self.clock.seconds()
+            pending._pickup_timer = self.clock.callLater(
+                max(0.0, min(PICKUP_TIMEOUT, left)), self._pickup_timeout, b, pending
+            )
             b.queue.appendleft(pending)
 
     def _received(self, pending: PendingRequest) -> None:
