@@ -19,7 +19,9 @@ the host's are never touched:
     rebinding is a new generation and a rule dropping every other one; on a
     kernel without conntrack, the 4-tuples that C{ss} lists go into a set
     instead;
-  - random loss of X% of the packets, both ways (C{numgen random});
+  - random loss of X% of the packets, both ways (C{numgen random}). The
+    robot's outgoing packets are lost after its TCP has sent them, as on a
+    real link (see L{RobotNetwork.loss});
   - a flapping link: partitions on a timer;
   - a slow uplink (C{tc} tbf on the robot's side), so that a download
     lasts long enough to meet the flaps.
@@ -164,6 +166,11 @@ class RobotNetwork:
         self.name = "%s-%d-%d" % (PREFIX, pid, number)
         self.host_if = "rbh%d_%d" % (pid, number)
         self.robot_if = "rbr%d_%d" % (pid, number)
+        # Where the robot's lost packets go (L{loss}): a veth whose peer is
+        # down, inside the robot's namespace, so it drops what it is given.
+        self.void_if = "rbv%d_%d" % (pid, number)
+        self.void_peer = "rbw%d_%d" % (pid, number)
+        self.egress_loss = True
         self.host_address = str(host)
         self.robot_address = str(robot)
         self.conntrack = True
@@ -195,6 +202,20 @@ class RobotNetwork:
         except RuntimeError:
             self.conntrack = False
             self.nft(self._table(conntrack=False))
+        try:
+            _run(ns + ["link", "add", "name", self.void_if, "type", "veth", "peer", "name", self.void_peer])
+            _run(ns + ["link", "set", self.void_if, "up"])
+            self.nft(
+                "table netdev badnet_out {\n"
+                "  chain egress {\n"
+                '    type filter hook egress device "%s" priority 0; policy accept;\n'
+                "  }\n"
+                "}\n" % (self.robot_if,)
+            )
+        except RuntimeError:
+            # No netdev egress hook (Linux before 5.16): the robot's lost
+            # packets are dropped in its output hook instead (see loss()).
+            self.egress_loss = False
 
     def _table(self, conntrack: bool) -> str:
         """
@@ -250,10 +271,14 @@ class RobotNetwork:
 
     # --- The network's state ---
 
-    def _condition(self, rule: Optional[str]) -> None:
+    def _condition(self, rule: Optional[str], egress: Optional[str] = None) -> None:
         script = "flush chain inet badnet condition\n"
         if rule:
             script += "add rule inet badnet condition %s\n" % rule
+        if self.egress_loss:
+            script += "flush chain netdev badnet_out egress\n"
+            if egress:
+                script += "add rule netdev badnet_out egress %s\n" % egress
         self.nft(script)
 
     def partition(self) -> None:
@@ -265,12 +290,33 @@ class RobotNetwork:
         self._condition(None)
 
     def loss(self, percent: int) -> None:
-        """Each packet on the veth, either way, is dropped with probability C{percent}%."""
-        self._condition("numgen random mod 100 < %d counter drop" % percent)
+        """
+        Each packet on the veth, either way, is lost with probability
+        C{percent}%.
+
+        Incoming packets are dropped in the input hook: the server's TCP
+        sent them and waits for their acknowledgement, as on a lossy link.
+        Outgoing ones must not be dropped in the output hook: there a drop
+        is a local send error, the segment never counts as sent, and when
+        nothing else is in flight the robot's TCP waits for its probe timer
+        (at least 200 ms) before it tries again, however fast the link. No
+        network loses packets like that, and it punishes how a sender fills
+        its socket rather than how it copes with loss.
+        So they go through the veth's egress hook, which forwards the
+        unlucky ones to a veth whose peer is down: TCP has sent them, and
+        they vanish, as on a wire.
+        """
+        rule = "numgen random mod 100 < %d counter" % percent
+        if self.egress_loss:
+            self._condition('iifname "%s" %s drop' % (self.robot_if, rule), '%s fwd to "%s"' % (rule, self.void_if))
+        else:
+            self._condition("%s drop" % rule)
 
     def dropped(self) -> int:
         """Packets the current condition has dropped (0 without one)."""
         listing = _run(self.argv(["nft", "list", "chain", "inet", "badnet", "condition"]))
+        if self.egress_loss:
+            listing += _run(self.argv(["nft", "list", "chain", "netdev", "badnet_out", "egress"]))
         return sum(int(n) for n in re.findall(r"counter packets (\d+)", listing))
 
     def rebind(self) -> None:
@@ -798,6 +844,8 @@ def loss(pair: Pair, percent: int = 5, count: int = 100, size: int = BIG, downlo
     """C{percent}% of packets lost both ways: C{count} small requests one after another, then a download."""
     result = Result("loss", pair.label)
     pair.net.loss(percent)
+    if not pair.net.egress_loss:
+        result.notes.append("no netdev egress hook: the robot's lost packets were local send errors")
     try:
         for _ in range(count):
             result.sequential.append((yield pair.users.get(SMALL_PATH, SMALL, USER_LIMIT)))
