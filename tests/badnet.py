@@ -19,12 +19,14 @@ the host's are never touched:
     rebinding is a new generation and a rule dropping every other one; on a
     kernel without conntrack, the 4-tuples that C{ss} lists go into a set
     instead;
-  - random loss of X% of the packets, both ways (C{numgen random}). The
-    robot's outgoing packets are lost after its TCP has sent them, as on a
-    real link (see L{RobotNetwork.loss});
+  - random loss of X% of the packets, both ways (C{numgen random});
   - a flapping link: partitions on a timer;
   - a slow uplink (C{tc} tbf on the robot's side), so that a download
     lasts long enough to meet the flaps.
+
+In every scenario the robot's outgoing packets are lost after its TCP has
+sent them, as on a real link, not refused as it sends them (see
+L{RobotNetwork.lose_out}).
 
 Everything the harness makes goes away on every exit path: L{Pair.stop} in
 a C{finally}, an C{atexit} hook for networks still up, and, at the next
@@ -79,6 +81,8 @@ PATIENT_OFFSETS = (0.0, 2.5, 4.5)
 
 NETWORK = ipaddress.ip_network("198.18.0.0/15")
 PREFIX = "relaybad"
+# The mark, set in the robot's output hook, of the packets its egress hook loses (L{RobotNetwork.lose_out}).
+LOST_MARK = 0xBAD
 _STALE = re.compile(r"^%s-(\d+)-(\d+)$" % PREFIX)
 _numbers = itertools.count()
 _live = set()
@@ -166,11 +170,11 @@ class RobotNetwork:
         self.name = "%s-%d-%d" % (PREFIX, pid, number)
         self.host_if = "rbh%d_%d" % (pid, number)
         self.robot_if = "rbr%d_%d" % (pid, number)
-        # Where the robot's lost packets go (L{loss}): a veth whose peer is
-        # down, inside the robot's namespace, so it drops what it is given.
+        # Where the robot's lost packets go (L{lose_out}): a veth whose peer
+        # is down, inside the robot's namespace, so it drops what it is given.
         self.void_if = "rbv%d_%d" % (pid, number)
         self.void_peer = "rbw%d_%d" % (pid, number)
-        self.egress_loss = True
+        self.egress = True
         self.host_address = str(host)
         self.robot_address = str(robot)
         self.conntrack = True
@@ -209,19 +213,50 @@ class RobotNetwork:
                 "table netdev badnet_out {\n"
                 "  chain egress {\n"
                 '    type filter hook egress device "%s" priority 0; policy accept;\n'
+                '    meta mark 0x%x fwd to "%s"\n'
                 "  }\n"
-                "}\n" % (self.robot_if,)
+                "}\n" % (self.robot_if, LOST_MARK, self.void_if)
             )
         except RuntimeError:
-            # No netdev egress hook (Linux before 5.16): the robot's lost
-            # packets are dropped in its output hook instead (see loss()).
-            self.egress_loss = False
+            # No netdev egress hook (Linux before 5.16) or no fwd: the
+            # robot's lost packets are dropped in its output hook instead,
+            # as local send errors (see lose_out), and the results say so.
+            self.egress = False
+
+    @property
+    def lose_out(self) -> str:
+        """
+        The verdict for an outgoing packet that the network loses.
+
+        Incoming packets are dropped in the input hook: the server's TCP
+        sent them and waits for their acknowledgement, as on a real link.
+        Outgoing ones must not be dropped in the output hook: there a drop
+        is a local send error (the kernel counts a TCPRetransFail), the
+        segment never counts as sent or in flight, and new data waits in
+        the socket, tried again at the next write or on the probe timer (at
+        least 200 ms when nothing else is in flight) rather than sent and
+        retransmitted as the RTO backs off, however dead or fast the link.
+        No network loses packets like that. So the
+        rules in the output hook, which see conntrack marks and sets, only
+        mark the unlucky packets, and the veth's egress hook forwards what
+        is marked to a veth whose peer is down: TCP has sent them, and they
+        vanish, as on a wire. ARP is never touched, either way.
+        """
+        return "meta mark set 0x%x" % LOST_MARK if self.egress else "drop"
+
+    def caveat(self) -> Optional[str]:
+        """What a result must say when the robot's lost packets could not be lost faithfully."""
+        if self.egress:
+            return None
+        return "no netdev egress hook: the robot's lost packets were local send errors"
 
     def _table(self, conntrack: bool) -> str:
         """
         The robot's table: packets on the veth go through C{stamp} (the
         conntrack generation of new connections), C{forgotten} (what a
-        rebinding dropped for good) and C{condition} (the network's state).
+        rebinding dropped for good) and C{condition} (the network's state),
+        the C{_in} chains for what comes in, the C{_out} ones for what goes
+        out (whose verdict is L{lose_out}).
         """
         veth = '"%s"' % self.robot_if
         stamp = "ct state new ct mark set %d" % self.generation if conntrack else ""
@@ -236,19 +271,21 @@ class RobotNetwork:
                 "  }",
                 "  chain forgotten_out {",
                 "  }",
-                "  chain condition {",
+                "  chain condition_in {",
+                "  }",
+                "  chain condition_out {",
                 "  }",
                 "  chain input {",
                 "    type filter hook input priority 0; policy accept;",
                 "    iifname %s jump stamp" % veth,
                 "    iifname %s jump forgotten_in" % veth,
-                "    iifname %s jump condition" % veth,
+                "    iifname %s jump condition_in" % veth,
                 "  }",
                 "  chain output {",
                 "    type filter hook output priority 0; policy accept;",
                 "    oifname %s jump stamp" % veth,
                 "    oifname %s jump forgotten_out" % veth,
-                "    oifname %s jump condition" % veth,
+                "    oifname %s jump condition_out" % veth,
                 "  }",
                 "}",
                 "",
@@ -271,19 +308,17 @@ class RobotNetwork:
 
     # --- The network's state ---
 
-    def _condition(self, rule: Optional[str], egress: Optional[str] = None) -> None:
-        script = "flush chain inet badnet condition\n"
-        if rule:
-            script += "add rule inet badnet condition %s\n" % rule
-        if self.egress_loss:
-            script += "flush chain netdev badnet_out egress\n"
-            if egress:
-                script += "add rule netdev badnet_out egress %s\n" % egress
+    def _condition(self, match: Optional[str]) -> None:
+        """The packets C{match} picks (C{None}: none) lost, both ways; C{match} ends with a counter."""
+        script = "flush chain inet badnet condition_in\nflush chain inet badnet condition_out\n"
+        if match:
+            script += "add rule inet badnet condition_in %s drop\n" % match
+            script += "add rule inet badnet condition_out %s %s\n" % (match, self.lose_out)
         self.nft(script)
 
     def partition(self) -> None:
         """Nothing passes the veth, either way; packets vanish, as in a dead zone."""
-        self._condition("counter drop")
+        self._condition("counter")
 
     def heal(self) -> None:
         """The network returns (connections a rebinding forgot stay forgotten)."""
@@ -292,31 +327,17 @@ class RobotNetwork:
     def loss(self, percent: int) -> None:
         """
         Each packet on the veth, either way, is lost with probability
-        C{percent}%.
-
-        Incoming packets are dropped in the input hook: the server's TCP
-        sent them and waits for their acknowledgement, as on a lossy link.
-        Outgoing ones must not be dropped in the output hook: there a drop
-        is a local send error, the segment never counts as sent, and when
-        nothing else is in flight the robot's TCP waits for its probe timer
-        (at least 200 ms) before it tries again, however fast the link. No
-        network loses packets like that, and it punishes how a sender fills
-        its socket rather than how it copes with loss.
-        So they go through the veth's egress hook, which forwards the
-        unlucky ones to a veth whose peer is down: TCP has sent them, and
-        they vanish, as on a wire.
+        C{percent}%. A drop in the output hook would punish how a sender
+        fills its socket rather than how it copes with loss (L{lose_out}).
         """
-        rule = "numgen random mod 100 < %d counter" % percent
-        if self.egress_loss:
-            self._condition('iifname "%s" %s drop' % (self.robot_if, rule), '%s fwd to "%s"' % (rule, self.void_if))
-        else:
-            self._condition("%s drop" % rule)
+        self._condition("numgen random mod 100 < %d counter" % percent)
 
     def dropped(self) -> int:
-        """Packets the current condition has dropped (0 without one)."""
-        listing = _run(self.argv(["nft", "list", "chain", "inet", "badnet", "condition"]))
-        if self.egress_loss:
-            listing += _run(self.argv(["nft", "list", "chain", "netdev", "badnet_out", "egress"]))
+        """Packets the current condition has lost, both ways (0 without one)."""
+        listing = "".join(
+            _run(self.argv(["nft", "list", "chain", "inet", "badnet", chain]))
+            for chain in ("condition_in", "condition_out")
+        )
         return sum(int(n) for n in re.findall(r"counter packets (\d+)", listing))
 
     def rebind(self) -> None:
@@ -329,7 +350,8 @@ class RobotNetwork:
                 "flush chain inet badnet forgotten_in\n"
                 "flush chain inet badnet forgotten_out\n"
                 "add rule inet badnet forgotten_in ct mark != %d drop\n"
-                "add rule inet badnet forgotten_out ct mark != %d drop\n" % ((self.generation,) * 3)
+                "add rule inet badnet forgotten_out ct mark != %d %s\n"
+                % (self.generation, self.generation, self.generation, self.lose_out)
             )
             return
         tuples = []
@@ -343,8 +365,9 @@ class RobotNetwork:
         script = (
             "flush chain inet badnet forgotten_in\n"
             "flush chain inet badnet forgotten_out\n"
-            "add rule inet badnet forgotten_out ip saddr . tcp sport . ip daddr . tcp dport @forgotten4 drop\n"
+            "add rule inet badnet forgotten_out ip saddr . tcp sport . ip daddr . tcp dport @forgotten4 %s\n"
             "add rule inet badnet forgotten_in ip daddr . tcp dport . ip saddr . tcp sport @forgotten4 drop\n"
+            % (self.lose_out,)
         )
         if tuples:
             script += "add element inet badnet forgotten4 { %s }\n" % ", ".join(tuples)
@@ -800,9 +823,16 @@ class _Patient:
                 d.cancel()
 
 
+def _caveat(pair: Pair, result: Result) -> None:
+    caveat = pair.net.caveat()
+    if caveat:
+        result.notes.append(caveat)
+
+
 @defer.inlineCallbacks
 def _outage(pair: Pair, scenario: str, silence: float, wait: float, rebind: bool):
     result = Result(scenario, pair.label, waited=wait)
+    _caveat(pair, result)
     prober = Prober(pair.users)
     prober.start()
     patient = None
@@ -843,9 +873,8 @@ def partition(pair: Pair, silence: float = 60.0, wait: float = 12.0) -> defer.De
 def loss(pair: Pair, percent: int = 5, count: int = 100, size: int = BIG, download_limit: float = 120.0):
     """C{percent}% of packets lost both ways: C{count} small requests one after another, then a download."""
     result = Result("loss", pair.label)
+    _caveat(pair, result)
     pair.net.loss(percent)
-    if not pair.net.egress_loss:
-        result.notes.append("no netdev egress hook: the robot's lost packets were local send errors")
     try:
         for _ in range(count):
             result.sequential.append((yield pair.users.get(SMALL_PATH, SMALL, USER_LIMIT)))
@@ -866,6 +895,7 @@ def flapping(pair: Pair, down: float = 3.0, up: float = 3.0, times: int = 10, si
     flaps). The network has returned when the last down ends.
     """
     result = Result("flapping", pair.label, waited=wait)
+    _caveat(pair, result)
     pair.net.limit_upload(uplink)
     prober = Prober(pair.users)
     try:
