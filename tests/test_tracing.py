@@ -242,7 +242,8 @@ class Tracing(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_our_pair(self):
-        server = self.our_server()
+        admin = free_port()
+        server = self.our_server("--admin_port=%d" % (admin,))
         port = yield server.listening_port()
         self.our_client(port)
         yield server.wait_for("Relay client connected")
@@ -254,6 +255,7 @@ class Tracing(unittest.TestCase):
         spans = yield self.receiver.trace(trace_id, [path, "Sent./hello"] + SERVER_STEPS + CLIENT_STEPS)
         received = self.assert_server_spans(spans, path, parent)
         self.assert_client_spans(spans, "/hello", received.span_id, trace_id)
+        first_trace = trace_id
 
         # B3 from the user joins the same way.
         trace_id, parent = ids()
@@ -269,6 +271,14 @@ class Tracing(unittest.TestCase):
         # A bad traceparent is no parent: passed on as it came, nothing added.
         yield self.get(port, "/client/robot/bad", {"traceparent": "00-xyz-0000000000000000-01"})
         self.assertEqual(self.backend_saw(), {b"traceparent": [b"00-xyz-0000000000000000-01"]})
+
+        # The admin view shows the trace id of a sampled request only.
+        response = yield treq.get("http://127.0.0.1:%d/api/status" % (admin,), pool=self.pool)
+        status = yield response.json()
+        [robot] = [b for b in status["backends"]["items"] if b["name"] == "robot"]
+        shown = {r["path"]: r.get("trace_id") for r in robot["recent"]}
+        self.assertEqual(shown["/hello"], first_trace)
+        self.assertIsNone(shown["/plain"])
 
     @defer.inlineCallbacks
     def test_roots_sampled_at_ratio_1_and_bad_values_ignored(self):
