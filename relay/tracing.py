@@ -26,7 +26,11 @@ default ratio, all but one in ten thousand).
 import dataclasses
 from typing import Callable, Dict, List, Mapping, Optional
 
+from twisted.logger import Logger
+
 from relay.headers import go_canonical
+
+log = Logger()
 
 # What either side removes from a request before writing its own context.
 TRACE_HEADERS = frozenset(
@@ -239,6 +243,7 @@ class UserTrace:
         self.step = None
         self.forward = None
         self.response = None
+        self.ended = False
         request.notifyFinish().addBoth(self._finished)
 
     def _replace_headers(self, span) -> None:
@@ -285,16 +290,28 @@ class UserTrace:
     def first_response(self, status: int) -> None:
         """The relay-client's first message, with its status."""
         if self.step is not None:
-            if status == 101:
-                self.step.set_attribute("notes", "Received 101 switching protocols.")
             self.step.set_attribute("http.response.status_code", status)
+            if status == 101:
+                # As in Go, the wait lasts as long as the upgraded stream.
+                self.step.set_attribute("notes", "Received 101 switching protocols.")
+                return
             self.step.end()
         self.step = self.tracing.start("Forwarding backend response to user-client", self.received)
 
-    def _finished(self, outcome) -> None:
+    def tunnel_over(self, _) -> None:
+        """An upgraded connection ended: the request that never finishes as such is over."""
+        tunnel = self.response.tunnel
+        for span in (self.http, self.received):
+            span.set_attribute("http.request.body.size", tunnel.bytes_in)
+        self._finished(None, 101)
+
+    def _finished(self, outcome, code: Optional[int] = None) -> None:
+        if self.ended:
+            return None
+        self.ended = True
         try:
-            code = self.request.code
-            sent = getattr(self.response, "bytes", None)
+            code = self.request.code if code is None else code
+            sent = self.response.bytes if self.response is not None else None
             if self.step is not None:
                 if sent is not None:
                     self.step.set_attribute("http.response.body.size", sent)
@@ -310,9 +327,7 @@ class UserTrace:
                     span.set_status(self.tracing.api.Status(self.tracing.api.StatusCode.ERROR))
                 span.end()
         except Exception:
-            from twisted.logger import Logger
-
-            Logger().failure("Tracing: ending a request's spans failed")
+            log.failure("Tracing: ending a request's spans failed")
         return None
 
 
@@ -378,8 +393,8 @@ class RelayedTrace:
 
     def finished(self, result):
         try:
-            sent = getattr(self.chunker, "bytes_sent", None)
-            broken = getattr(self.chunker, "broken_off", None)
+            sent = self.chunker.bytes_sent if self.chunker is not None else None
+            broken = self.chunker.broken_off if self.chunker is not None else None
             if self.step is not None:
                 if sent is not None:
                     self.step.set_attribute("http.response.body.size", sent)
@@ -393,9 +408,7 @@ class RelayedTrace:
                     span.set_status(self.tracing.api.Status(self.tracing.api.StatusCode.ERROR, str(broken)))
                 span.end()
         except Exception:
-            from twisted.logger import Logger
-
-            Logger().failure("Tracing: ending a request's spans failed")
+            log.failure("Tracing: ending a request's spans failed")
         return result
 
 

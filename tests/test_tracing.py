@@ -17,7 +17,8 @@ from collections import Counter
 from typing import Dict, List
 
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
@@ -138,6 +139,33 @@ class BackendResource(Resource):
     def render(self, request):
         self.requests.append({k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()})
         return b"hello"
+
+
+class UpgradingBackend(protocol.Protocol):
+    """Switches to protocol C{test}, says C{bye} and hangs up."""
+
+    def dataReceived(self, data):
+        self.factory.heads.append(data)
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\nbye")
+        self.transport.loseConnection()
+
+
+class RawUser(protocol.Protocol):
+    """Sends one request and keeps all it gets until the connection closes."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.received = b""
+        self.closed: Deferred = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
 
 
 class LineProcess(TwistdProcess):
@@ -279,6 +307,33 @@ class Tracing(unittest.TestCase):
         shown = {r["path"]: r.get("trace_id") for r in robot["recent"]}
         self.assertEqual(shown["/hello"], first_trace)
         self.assertIsNone(shown["/plain"])
+
+    @defer.inlineCallbacks
+    def test_an_upgraded_request_ends_its_trace_when_the_tunnel_closes(self):
+        factory = protocol.ServerFactory.forProtocol(UpgradingBackend)
+        factory.heads = []
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.backend_address = "127.0.0.1:%d" % (listening.getHost().port,)
+        server = self.our_server()
+        port = yield server.listening_port()
+        self.our_client(port)
+        yield server.wait_for("Relay client connected")
+        trace_id, parent = ids()
+        user = RawUser(
+            b"GET /client/robot/up HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: test\r\n"
+            b"traceparent: 00-%s-%s-01\r\n\r\n" % (trace_id.encode(), parent.encode())
+        )
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), user)
+        answer = yield user.closed.addTimeout(30, reactor)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 101 "), answer)
+        self.assertTrue(answer.endswith(b"bye"), answer)
+        self.assertIn(b"traceparent: 00-" + trace_id.encode(), factory.heads[0].lower())
+        spans = yield self.receiver.trace(trace_id, ["/client/robot/up", "Waiting for first response", "Recv./up"])
+        http = spans[("http-relay-server", "/client/robot/up")]
+        self.assertEqual((http.parent, http.attributes["http.response.status_code"]), (parent, 101))
+        waiting = spans[("http-relay-server", "Waiting for first response")]
+        self.assertEqual(waiting.attributes["notes"], "Received 101 switching protocols.")
 
     @defer.inlineCallbacks
     def test_roots_sampled_at_ratio_1_and_bad_values_ignored(self):

@@ -243,6 +243,8 @@ class UserResponse:
         lines.append(b"\r\n")
         request.unregisterProducer()
         self.tunnel = Tunnel(self.broker, self.pending)
+        if self.trace is not None:
+            self.tunnel.lost.addCallback(self.trace.tunnel_over)
         if self.broker.trace:
             log.debug("Switched protocols", ID=self.pending.id)
         request.channel.switch_protocol(self.tunnel, b"".join(lines))
