@@ -32,7 +32,9 @@
 #   RELAY_PEER_SELF                     host:port, from the hostname if unset
 #   RELAY_MOVE_WAIT                     Go duration, with RELAY_PEERS only
 #   RELAY_PPROF_PORT                    accepted, ignored (Go's)
-#   RELAY_TRACE_STACKDRIVER_PROJECT_ID  accepted, ignored (Go's)
+#   RELAY_TRACE_STACKDRIVER_PROJECT_ID  Google Cloud project: spans to Cloud Trace
+#   RELAY_TRACING                       auto|true|false (auto: on with OTEL_EXPORTER_OTLP_ENDPOINT)
+#   RELAY_TRACE_SAMPLING_RATIO          0 to 1, traces begun here that are sampled
 #
 # Logs go where twistd's own options say: stderr with -n, else the
 # --logfile (twistd.log by default; --logfile=- is stderr). One more

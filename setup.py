@@ -7,6 +7,16 @@ from setuptools import find_packages, setup
 # gets Twisted 25.5, the newest whose TLS extra fits cryptography 43.
 PYPY39 = 'platform_python_implementation == "PyPy" and python_version < "3.10"'
 
+# Distributed tracing (relay/tracing.py, docs/deploying.md): OpenTelemetry's
+# SDK, its OTLP/HTTP exporter and the B3 propagator. 1.41 is the newest
+# release that still installs on PyPy 3.9 (Python 3.9).
+TRACING = [
+    "opentelemetry-api>=1.41,<2",
+    "opentelemetry-sdk>=1.41,<2",
+    "opentelemetry-exporter-otlp-proto-http>=1.41,<2",
+    "opentelemetry-propagator-b3>=1.41,<2",
+]
+
 setup(
     name="relay",
     version="0.1.0",
@@ -41,7 +51,12 @@ setup(
             "hypothesis>=6.100",
             "pyyaml",  # tests/test_deploy.py parses deploy/ manifests
             'grpcio; platform_python_implementation != "PyPy"',
-        ],
+            # tests/test_tracing.py runs the relay traced and decodes the
+            # spans it exports.
+            "opentelemetry-proto>=1.41,<2",
+        ]
+        + TRACING,
+        "tracing": TRACING,
     },
     classifiers=[
         "Framework :: Twisted",

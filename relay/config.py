@@ -65,6 +65,11 @@ class ServerConfig:
     inspect_headers: bool = False
     pprof_port: int = 0
     trace_stackdriver_project_id: str = ""
+    # Tracing (relay.tracing): auto (on when OTEL_EXPORTER_OTLP_ENDPOINT is
+    # set), true or false; the share of traces begun here that are sampled
+    # (Go's 1e-4; traces begun upstream follow their parent's decision).
+    tracing: str = "auto"
+    trace_sampling_ratio: float = 1e-4
     # Several replicas (docs/scaling.md): every replica's host:port as the
     # ingress's upstream block spells them; empty is a single replica.
     peers: str = ""
@@ -111,6 +116,11 @@ class ClientConfig:
     force_http2: bool = False
     disable_auth_for_remote: bool = False
     trace_stackdriver_project_id: str = ""
+    # Tracing (relay.tracing): auto (on when OTEL_EXPORTER_OTLP_ENDPOINT is
+    # set), true or false; the share of traces begun here that are sampled
+    # (Go's 1e-4; traces begun upstream follow their parent's decision).
+    tracing: str = "auto"
+    trace_sampling_ratio: float = 1e-4
     pprof_port: int = 0
     log_level: LogLevel = _level(LogLevel.info)
     log_format: str = "json"

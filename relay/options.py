@@ -145,3 +145,19 @@ def log_format(text: str) -> str:
     if text not in ("json", "text"):
         raise usage.UsageError("use json or text")
     return text
+
+
+def tracing_mode(text: str) -> str:
+    if text not in ("auto", "true", "false"):
+        raise usage.UsageError("use auto (on when OTEL_EXPORTER_OTLP_ENDPOINT is set), true or false")
+    return text
+
+
+def ratio(text) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError("not a number; use a ratio from 0 to 1, e.g. 0.0001")
+    if not 0.0 <= value <= 1.0:
+        raise usage.UsageError("a ratio must be from 0 to 1, e.g. 0.0001 (1 samples every trace)")
+    return value

@@ -199,7 +199,8 @@ class GoFlagsAccepted(unittest.TestCase):
         self.assertIn(("trace-stackdriver-project-id", "string"), flags)
         o = tap.Options()
         o.parseOptions(["-pprof_port=6060", "-trace-stackdriver-project-id=proj"])
-        self.assertEqual(o.ignored_flags(), ["pprof_port", "trace-stackdriver-project-id"])
+        # Go's Cloud Trace flag is not ignored any more (relay.tracing).
+        self.assertEqual(o.ignored_flags(), ["pprof_port"])
         o = tap.Options()
         o.parseOptions(["--pprof_port=0"])
         self.assertEqual(o.ignored_flags(), [])
@@ -229,7 +230,7 @@ class GoFlagsAccepted(unittest.TestCase):
                 if not line:
                     break
                 lines.append(line)
-                if "Ignoring --trace-stackdriver-project-id" in line:
+                if "opentelemetry-exporter-gcp-trace" in line:
                     break
         finally:
             p.terminate()
@@ -239,11 +240,15 @@ class GoFlagsAccepted(unittest.TestCase):
         ]
         self.assertEqual(
             [(w["msg"], w["flag"]) for w in warnings],
-            [
-                ("Ignoring --pprof_port: not supported by this relay", "pprof_port"),
-                ("Ignoring --trace-stackdriver-project-id: not supported by this relay", "trace-stackdriver-project-id"),
-            ],
+            [("Ignoring --pprof_port: not supported by this relay", "pprof_port")],
         )
+        # Go's Cloud Trace flag is honoured, and without Google's exporter
+        # one line says what to install or which OTLP setting to use.
+        [missing] = [json.loads(line) for line in lines + rest.splitlines(True) if "gcp-trace" in line]
+        self.assertEqual(missing["level"], "WARN")
+        self.assertIn("--trace-stackdriver-project-id=proj: exporting to Cloud Trace needs the "
+                      "opentelemetry-exporter-gcp-trace package", missing["msg"])
+        self.assertIn("OTEL_EXPORTER_OTLP_ENDPOINT", missing["msg"])
 
 
 class TacFile(unittest.TestCase):

@@ -206,6 +206,7 @@ class Finished:
         "bytes_out",
         "request_headers",
         "response_headers",
+        "trace_id",
     )
 
     def as_json(self) -> dict:
@@ -220,6 +221,8 @@ class Finished:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
+        if self.trace_id is not None:
+            out["trace_id"] = self.trace_id
         if self.request_headers is not None:
             out["request_headers"] = self.request_headers
             out["response_headers"] = self.response_headers
@@ -395,6 +398,8 @@ class AdminStats:
         if tunnel is not None:
             r.bytes_in += tunnel.bytes_in
         r.bytes_out = getattr(sink, "bytes", 0)
+        # Set when the request's trace was sampled (relay.tracing).
+        r.trace_id = getattr(sink, "trace_id", None)
         if self.inspect_headers:
             r.request_headers = headers or []
             r.response_headers = _response_headers(sink, self.redact)
@@ -433,7 +438,7 @@ class AdminStats:
         r.backend, r.id, r.time, r.duration = name, "", now, 0.0
         r.method, r.path, r.bytes_in, r.bytes_out = "", "", 0, 0
         r.status, r.kind = status, str(status)
-        r.request_headers = r.response_headers = None
+        r.request_headers = r.response_headers = r.trace_id = None
         b.requests += 1
         b.errors[r.kind] += 1
         bucket = b.bucket(int(now // BUCKET))

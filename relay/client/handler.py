@@ -54,12 +54,17 @@ class RequestHandler:
         # Per-request debug lines cost even when filtered out: only build
         # them when debug logging is on.
         self.trace = False
+        # relay.tracing.Tracing when tracing is on (chosen once, at start-up).
+        self.tracer = None
 
     def handle(self, request: HttpRequest) -> Deferred:
         """Fires when the request is over (never fails)."""
-        return Deferred.fromCoroutine(self._handle(request))
+        if self.tracer is None:
+            return Deferred.fromCoroutine(self._handle(request, None))
+        spans = self.tracer.relayed(request, self.target.address)
+        return Deferred.fromCoroutine(self._handle(request, spans)).addBoth(spans.finished)
 
-    async def _handle(self, request: HttpRequest) -> None:
+    async def _handle(self, request: HttpRequest, spans) -> None:
         started = self.clock.seconds()
         request_id = request.id
         upgrade = wants_upgrade(request)
@@ -81,15 +86,21 @@ class RequestHandler:
             if not message.startswith("Failed to create request"):
                 message = "Backend request failed with error: " + message
             log.warn("Backend request failed", ID=request_id, error=message)
+            if spans is not None:
+                spans.failed(message)
             await self._post_error(request_id, message)
             return
         except CancelledError:
             return
 
+        if spans is not None:
+            spans.answered(answer.status)
         first = HttpResponse(id=request_id, status_code=answer.status)
         for name, value in answer.headers:
             first.header.add(name=name, value=value)
         switching = answer.status == 101
+        if spans is not None:
+            spans.chunking()
         chunker = Chunker(
             first,
             self.api.post_response,
@@ -99,6 +110,8 @@ class RequestHandler:
             send_first_now=switching,
             expected_length=getattr(answer, "length", None),
         )
+        if spans is not None:
+            spans.sending(chunker)
         answer.deliver(chunker)
         stream: Optional[Deferred] = None
         user_left = _UserLeft()

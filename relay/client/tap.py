@@ -20,6 +20,7 @@ from relay.client.backend import load_trust_root
 from relay.client.service import make_client_service
 from relay.config import ClientConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
+from relay.tracing import CLIENT_NAME, tracing_for
 from relay.options import (
     GoFlagOptions,
     go_int,
@@ -28,6 +29,8 @@ from relay.options import (
     nonnegative_duration,
     nonnegative_int,
     positive_int,
+    ratio,
+    tracing_mode,
 )
 
 log = Logger()
@@ -71,7 +74,7 @@ BOOL_FLAGS = (
 class Options(GoFlagOptions):
     command = "relay-client"
     synopsis = "[options]"
-    ignored_go_flags = ("pprof_port", "trace-stackdriver-project-id")
+    ignored_go_flags = ("pprof_port",)
     longdesc = (
         "The relay client, wire-compatible with the Cloud Robotics Go http-relay-client: "
         "it long-polls the relay server for requests sent to --server_name, makes them "
@@ -146,8 +149,19 @@ class Options(GoFlagOptions):
          "Disable auth when talking to the relay server (for local testing, or when "
          "--relay_token_file is not needed).", go_bool],
         ["trace-stackdriver-project-id", None, default("trace-stackdriver-project-id"),
-         "Go's tracing to Google Cloud: accepted so that Go manifests work, and ignored "
-         "(with a warning when set)."],
+         "Go's tracing to Google Cloud: when set, spans go to Cloud Trace in this project "
+         "(needs the opentelemetry-exporter-gcp-trace package; without it, one line says what "
+         "to install or which OTLP setting to use). Turns tracing on unless --tracing=false."],
+        ["tracing", None, default("tracing"),
+         "Not in Go: distributed tracing over OpenTelemetry (the relay[tracing] extra), "
+         "configured by the standard OTEL_* variables. auto: on when OTEL_EXPORTER_OTLP_ENDPOINT "
+         "or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set (unless OTEL_SDK_DISABLED=true) or "
+         "--trace-stackdriver-project-id is; true: on (OTLP to localhost:4318 when no variable "
+         "names an endpoint); false: off.", tracing_mode],
+        ["trace_sampling_ratio", None, default("trace_sampling_ratio"),
+         "Share of the traces that begin here (relayed requests without a sampled trace "
+         "context) that are sampled, as Go's parent-based 1e-4; requests that bring a context "
+         "follow its decision. OTEL_TRACES_SAMPLER, when set, overrides it.", ratio],
         ["pprof_port", None, default("pprof_port"),
          "Go's profiler port: accepted so that Go manifests work, and ignored (with a "
          "warning when set).", go_int],
@@ -260,10 +274,12 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     reactor.callWhenRunning(_warn_unsupported, options)
     tuning.apply(reactor, options["busy_poll_us"], log)
-    return make_client_service(
+    service = make_client_service(
         reactor,
         options.config,
         trust_root=options["trust_root"],
         on_fatal=exit_after_stop(reactor),
         log_observer=twistd_log_observer(options.config, getattr(options, "parent", None)),
     )
+    service.tracing_plan, service.handler.tracer = tracing_for(reactor, options.config, CLIENT_NAME, os.environ, log)
+    return service

@@ -397,6 +397,9 @@ def _answer_whole(request, body) -> None:
 class ClientResource(_BrokerResource):
     """User traffic: wrap the request into an L{HttpRequest} and relay it."""
 
+    # relay.tracing.Tracing when tracing is on (chosen once, at start-up).
+    tracer = None
+
     def render(self, request):
         path = request.path
         if path.startswith(CLIENT_PREFIX):
@@ -424,7 +427,12 @@ class ClientResource(_BrokerResource):
             if code == 401:
                 request.responseHeaders.setRawHeaders(b"www-authenticate", [b'Bearer realm="relay"'])
             return http_error(request, code, text)
+        trace = None
+        if self.tracer is not None:
+            trace = self.tracer.user_request(request, backend, path.decode("latin-1"))
         if peer is not None:
+            if trace is not None:
+                trace.forwarding(peer)
             return self.routing.forward(request, peer, upgrade=_upgrade_requested(request) is not None)
 
         message = HttpRequest(
@@ -433,17 +441,23 @@ class ClientResource(_BrokerResource):
             url=_backend_url(backend_path, request.uri),
         )
         body, charge = request.take_body()
+        if trace is not None:
+            # Before the headers are copied: the context replaces the user's.
+            trace.read_body(len(body))
         message.body = body
         del body
         _relayed_headers(request, message.header)
 
         response = UserResponse(self.broker, request)
         response.upgrade = _upgrade_requested(request)
+        response.trace = trace
         return self._relay(request, backend, response, message, charge, wait=self.routing is not None)
 
     def _relay(self, request, backend: str, response: UserResponse, message: HttpRequest, charge: int, wait: bool):
         if wait and backend not in self.broker.backends and not self.broker.stopping:
             return self._wait_for_poll(request, backend, response, message, charge)
+        if response.trace is not None:
+            response.trace.scheduling()
         try:
             response.pending = self.broker.relay(backend, message, response, charge)
         except UnknownBackend as e:
@@ -455,6 +469,8 @@ class ClientResource(_BrokerResource):
         except BrokerError as e:
             self.broker.bodies.give(charge)
             return http_error(request, 503, str(e))
+        if response.trace is not None:
+            response.trace.scheduled(response, response.pending.id)
         request.registerProducer(response.pending, True)
         _on_disconnect(request, response.user_gone)
         return NOT_DONE_YET

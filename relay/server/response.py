@@ -97,6 +97,10 @@ class UserResponse:
         # The relay-client reported that the backend's answer broke off: the
         # user's answer is over, the request waits for the client's eof.
         self.broke_off = False
+        # relay.tracing.UserTrace when tracing is on, and the trace's id
+        # when it is sampled (for the admin view).
+        self.trace = None
+        self.trace_id: Optional[str] = None
 
     def user_gone(self) -> None:
         self.done = True
@@ -108,6 +112,8 @@ class UserResponse:
             return
         error = relay_error(message) if len(message.trailer) else None
         if not self.started:
+            if self.trace is not None:
+                self.trace.first_response(message.status_code)
             if error is not None:
                 self._broke_off(error)
                 return
@@ -237,6 +243,8 @@ class UserResponse:
         lines.append(b"\r\n")
         request.unregisterProducer()
         self.tunnel = Tunnel(self.broker, self.pending)
+        if self.trace is not None:
+            self.tunnel.lost.addCallback(self.trace.tunnel_over)
         if self.broker.trace:
             log.debug("Switched protocols", ID=self.pending.id)
         request.channel.switch_protocol(self.tunnel, b"".join(lines))

@@ -3,6 +3,7 @@ C{twistd relay}: the relay server, configured like the Go
 C{http-relay-server}.
 """
 
+import os
 
 from twisted.internet import endpoints
 from twisted.logger import Logger
@@ -21,8 +22,11 @@ from relay.options import (
     nonnegative_duration,
     nonnegative_int,
     positive_int,
+    ratio,
+    tracing_mode,
 )
 from relay import tuning
+from relay.tracing import SERVER_NAME, tracing_for
 from relay.server.routing import find_self, local_hostname, replica_list
 from relay.server.service import make_server_service
 from relay.startup import report_startup_errors
@@ -37,7 +41,7 @@ def default(flag: str):
 class Options(GoFlagOptions):
     command = "relay"
     synopsis = "[options]"
-    ignored_go_flags = ("pprof_port", "trace-stackdriver-project-id")
+    ignored_go_flags = ("pprof_port",)
     longdesc = (
         "A multiplexing HTTP relay server, wire-compatible with the Cloud Robotics "
         "Go http-relay-server: relay-clients long-poll /server/request under a "
@@ -250,8 +254,29 @@ class Options(GoFlagOptions):
             "trace-stackdriver-project-id",
             None,
             default("trace-stackdriver-project-id"),
-            "Go's tracing to Google Cloud: accepted so that Go manifests work, and ignored "
-            "(with a warning when set).",
+            "Go's tracing to Google Cloud: when set, spans go to Cloud Trace in this project "
+            "(needs the opentelemetry-exporter-gcp-trace package; without it, one line says what "
+            "to install or which OTLP setting to use). Turns tracing on unless --tracing=false.",
+        ],
+        [
+            "tracing",
+            None,
+            default("tracing"),
+            "Not in Go: distributed tracing over OpenTelemetry (the relay[tracing] extra), "
+            "configured by the standard OTEL_* variables. auto: on when "
+            "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set (unless "
+            "OTEL_SDK_DISABLED=true) or --trace-stackdriver-project-id is; true: on (OTLP to "
+            "localhost:4318 when no variable names an endpoint); false: off.",
+            tracing_mode,
+        ],
+        [
+            "trace_sampling_ratio",
+            None,
+            default("trace_sampling_ratio"),
+            "Share of the traces that begin here (user requests without a sampled trace "
+            "context) that are sampled, as Go's parent-based 1e-4; requests that bring a "
+            "context follow its decision. OTEL_TRACES_SAMPLER, when set, overrides it.",
+            ratio,
         ],
     ]
     optFlags = [
@@ -360,6 +385,8 @@ def makeService(options, reactor=None):
         policy=options["policy"],
         port_number=_port_number(options["endpoint"]),
     )
+    service.tracing_plan, service.tracing = tracing_for(reactor, options.config, SERVER_NAME, os.environ, log)
+    service.site.resource.client.tracer = service.tracing
     if options["admin_port"]:
         _attach_admin(service, reactor, options)
     return service

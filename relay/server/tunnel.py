@@ -10,6 +10,7 @@ request's response producer when its send buffer is full. Either side ending
 ends both.
 """
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -24,6 +25,9 @@ class Tunnel(Protocol):
         self.pending = pending
         self.stream = pending.open_stream()
         self.bytes_in = 0
+        # Fires when the user's connection is gone (the tunnel's end, for
+        # tracing: an upgraded request never finishes as a request does).
+        self.lost = Deferred()
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.pending, True)
@@ -49,3 +53,4 @@ class Tunnel(Protocol):
             log.debug("End of bidi-stream stream (closed socket)", ID=self.pending.id)
         self.stream.close()
         self.broker.cancel(self.pending)
+        self.lost.callback(None)

@@ -189,6 +189,11 @@
     tr.appendChild(el("td", r.method));
     var path = el("td", r.path, "path");
     path.title = r.path;
+    if (r.trace_id) {
+      // A sampled request: its trace id, to look it up in the tracing back-end.
+      path.title += "\n\ntrace " + r.trace_id;
+      path.appendChild(el("span", " trace " + r.trace_id, "trace"));
+    }
     if (r.request_headers) {
       path.title += "\n\nrequest:\n" + r.request_headers.map(function (h) { return h[0] + ": " + h[1]; }).join("\n") +
         "\n\nresponse:\n" + r.response_headers.map(function (h) { return h[0] + ": " + h[1]; }).join("\n");
