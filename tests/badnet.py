@@ -49,7 +49,7 @@ import socket
 import subprocess
 import sys
 import unittest
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Generator, List, Optional
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -852,11 +852,17 @@ def _outage(pair: Pair, scenario: str, silence: float, wait: float, rebind: bool
         result.back = None if back is None else back - returned
         result.patient = yield patient.outcomes()
     finally:
-        if patient is not None:
-            patient.cancel()
-        yield prober.stop()
-        result.probes = list(prober.outcomes)
+        yield _wind_up(result, prober, patient)
     return result
+
+
+@defer.inlineCallbacks
+def _wind_up(result: "Result", prober: "Prober", patient) -> Generator:
+    """A scenario's end, whatever happened: the users stop, and what they saw is kept."""
+    if patient is not None:
+        patient.cancel()
+    yield prober.stop()
+    result.probes = list(prober.outcomes)
 
 
 def nat_rebinding(pair: Pair, silence: float = 5.0, wait: float = 12.0) -> defer.Deferred:
@@ -953,10 +959,7 @@ def server_restart(pair: Pair, gap: float = 2.0, wait: float = 12.0, after: floa
         result.client_lines = pair.client_lines()[lines_before:]
         result.patient = yield patient.outcomes()
     finally:
-        if patient is not None:
-            patient.cancel()
-        yield prober.stop()
-        result.probes = list(prober.outcomes)
+        yield _wind_up(result, prober, patient)
     return result
 
 
