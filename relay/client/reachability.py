@@ -59,10 +59,6 @@ class Reachability:
         self.lost_at: Optional[float] = None
         self.failures = 0
 
-    @property
-    def lost(self) -> bool:
-        return self.lost_at is not None
-
     def failed(self, error: str) -> float:
         """A poll failed because of C{error}: how long to wait before the next."""
         now = self.clock.seconds()
