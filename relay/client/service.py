@@ -15,7 +15,7 @@ On stop (SIGTERM) the polls are cancelled at once; requests in flight get a
 few seconds to finish, then their backend connections are closed.
 """
 
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import task
@@ -131,9 +131,8 @@ class RelayClientService(LogsThroughObserver, MultiService):
         self.on_fatal = on_fatal
         self.log_observer = log_observer
         self.stop_grace_period = stop_grace_period
-        self.in_flight: Set[Deferred] = set()
-        # The ids of the requests in flight.
-        self.working: Set[str] = set()
+        # The requests in flight, by id.
+        self.in_flight: Dict[str, Deferred] = {}
         self.fatal_error: Optional[str] = None
         self.reachability = Reachability(self.clock, self._drop_relay_connections)
         self.num_pending_requests = config.num_pending_requests
@@ -143,7 +142,7 @@ class RelayClientService(LogsThroughObserver, MultiService):
             PollLoop(self, i).setServiceParent(self)
 
     def dispatch(self, request) -> None:
-        if request.id in self.working:
+        if request.id in self.in_flight:
             # Handed out again by a server that could not tell that we had
             # it (docs/protocol.md, "When a relay-client's connection
             # dies"): the backend must not see it twice.
@@ -151,12 +150,10 @@ class RelayClientService(LogsThroughObserver, MultiService):
             return
         d = self.handler.handle(request)
         if not d.called:
-            self.in_flight.add(d)
-            self.working.add(request.id)
+            self.in_flight[request.id] = d
 
             def done(result, request_id=request.id):
-                self.in_flight.discard(d)
-                self.working.discard(request_id)
+                self.in_flight.pop(request_id, None)
                 return result
 
             d.addBoth(done)
@@ -202,7 +199,7 @@ class RelayClientService(LogsThroughObserver, MultiService):
     async def _drain(self) -> None:
         if self.in_flight:
             log.info("Waiting for in-flight requests", Count=len(self.in_flight), Timeout=self.stop_grace_period)
-            waiting = DeferredList(list(self.in_flight), consumeErrors=True)
+            waiting = DeferredList(list(self.in_flight.values()), consumeErrors=True)
             timer = self.clock.callLater(self.stop_grace_period, waiting.cancel)
             try:
                 await waiting
@@ -212,7 +209,7 @@ class RelayClientService(LogsThroughObserver, MultiService):
                 timer.cancel()
             if self.in_flight:
                 log.warn("Aborting in-flight requests", Count=len(self.in_flight))
-                for d in list(self.in_flight):
+                for d in list(self.in_flight.values()):
                     d.cancel()
         for pool in self.pools:
             await pool.closeCachedConnections()

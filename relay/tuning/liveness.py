@@ -43,9 +43,9 @@ import struct
 from typing import Optional
 
 from twisted.internet import error
-from twisted.internet.abstract import FileDescriptor
 
 from relay.compat import read_socket, unread_socket, unwritten_bytes
+from relay.tuning.transport import own_transport
 
 try:  # Linux: TIOCOUTQ and SIOCOUTQ are the same request.
     from termios import TIOCOUTQ as SIOCOUTQ
@@ -101,18 +101,11 @@ def reason_of(failure, errno_: Optional[int] = None) -> str:
 
 def socket_transport(transport):
     """
-    The transport that owns the socket: C{transport} itself, or the TCP
-    transport under a TLS wrapper (which passes attribute lookups through
-    to it, so asking for its attributes is not enough). None if there is
-    no socket (a test's memory transport).
+    The transport that owns the socket under C{transport}
+    (L{relay.tuning.transport.own_transport}), if it has a socket.
     """
-    for _ in range(3):
-        if transport is None:
-            return None
-        if isinstance(transport, FileDescriptor):
-            return transport if getattr(transport, "socket", None) is not None else None
-        transport = getattr(transport, "transport", None)
-    return None
+    own = own_transport(transport)
+    return own if own is not None and getattr(own, "socket", None) is not None else None
 
 
 def keepalive_count(interval: float, timeout: float) -> int:

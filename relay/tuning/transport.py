@@ -33,25 +33,34 @@ SEND_LIMIT = 512 * 1024
 T = TypeVar("T")
 
 
+def own_transport(transport) -> Optional[FileDescriptor]:
+    """
+    The transport that owns the socket: C{transport} itself, or the TCP
+    transport under a TLS wrapper (which passes attribute lookups through
+    to it, so asking for its attributes is not enough). None if there is
+    none (a test's memory transport).
+    """
+    for _ in range(3):
+        if transport is None or isinstance(transport, FileDescriptor):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 def tune(transport) -> None:
     """Apply the settings to C{transport}, or to the TCP transport under a TLS wrapper."""
-    for _ in range(3):
-        if transport is None:
-            return
-        # The socket's own transport: a TLS wrapper passes attribute
-        # lookups through to it, so asking for its attributes is not enough.
-        if isinstance(transport, FileDescriptor):
-            transport.SEND_LIMIT = SEND_LIMIT
-            set_no_delay = getattr(transport, "setTcpNoDelay", None)
-            if set_no_delay is not None:
-                try:
-                    set_no_delay(True)
-                except OSError:
-                    pass  # not TCP after all (a UNIX socket): nothing to turn off
-            if getattr(transport, "socket", None) is not None:
-                _write_eagerly(transport)
-            return
-        transport = getattr(transport, "transport", None)
+    transport = own_transport(transport)
+    if transport is None:
+        return
+    transport.SEND_LIMIT = SEND_LIMIT
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass  # not TCP after all (a UNIX socket): nothing to turn off
+    if getattr(transport, "socket", None) is not None:
+        _write_eagerly(transport)
 
 
 def _write_eagerly(transport) -> None:
