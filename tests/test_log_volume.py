@@ -156,7 +156,7 @@ class UserGoesAway(unittest.TestCase):
 
     def handled(self):
         """Fires when the relay-client is done with every request it has."""
-        return defer.gatherResults(list(self.client.in_flight))
+        return defer.gatherResults(list(self.client.in_flight.values()))
 
     def assert_quiet(self, lines):
         self.assertEqual([line for line in lines if " level=DEBUG " not in line], [], lines)
