@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-Several replicas behind nginx (issue 15): 1 KiB at c=32 over 20 backend
+Several replicas behind nginx: 1 KiB at c=32 over 20 backend
 names, with 1 and 2 replicas of our server, and the Go pair, each behind
 its own nginx with the same site (bench/README.md).
 
