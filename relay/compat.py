@@ -34,9 +34,15 @@ __all__ = [
     "RequestTransmissionFailed",
     "ResponseNeverReceived",
     "bound_chunked_decoder",
+    "channel_network",
+    "request_target",
+    "set_channel_network",
     "chunk_line_buffer",
     "client_idle",
     "client_request",
+    "client_response_head",
+    "client_response_lost",
+    "body_consumer_transport",
     "detach_channel",
     "h2_header_block_pending",
     "h2_stream_connection",
@@ -95,6 +101,21 @@ def reading_request_line(channel) -> bool:
 def request_line(channel):
     """The method and version of the request an L{http.HTTPChannel} is reading."""
     return channel._command, channel._version
+
+
+def request_target(channel) -> bytes:
+    """The request-target of the request an L{http.HTTPChannel} is reading (its head is complete)."""
+    return channel._path
+
+
+def channel_network(channel):
+    """The producer an L{http.HTTPChannel} pauses and resumes to stop and start reading."""
+    return channel._networkProducer
+
+
+def set_channel_network(channel, producer) -> None:
+    """Put C{producer} (a wrapper of L{channel_network}'s) in its place."""
+    channel._networkProducer = producer
 
 
 def detach_channel(channel):
@@ -157,6 +178,41 @@ def client_request(method: bytes, path: bytes, headers, body_producer, uri) -> R
 def client_idle(protocol: HTTP11ClientProtocol) -> bool:
     """Whether a kept-alive client connection is free for the next request."""
     return protocol.state == "QUIESCENT"
+
+
+def client_response_head(protocol: HTTP11ClientProtocol):
+    """
+    The Deferred of the request just sent on C{protocol} that fires with
+    the response as soon as its head is parsed. C{request()}'s own waits
+    until the request's body is written, so a backend that answers while
+    a streamed upload goes on (a chunked echo, an early 413) would not be
+    heard until the upload ended. Call it right after C{request()}.
+    """
+    return protocol._responseDeferred
+
+
+def client_response_lost(protocol: HTTP11ClientProtocol, reason) -> None:
+    """
+    End the body of a response that arrived while its request was still
+    being written, when the writing then failed: Twisted only fails the
+    request's Deferred then, and the body would wait forever.
+    """
+    parser = protocol._parser
+    if parser is not None and getattr(parser, "response", None) is not None:
+        parser.connectionLost(reason)
+
+
+def body_consumer_transport(consumer):
+    """
+    The connection under the consumer L{HTTP11ClientProtocol} gives a
+    request's body producer (a chunked encoder, or a length-enforcing
+    one), to abort a request whose body will never end: a transport with
+    a paused producer registered never finishes closing.
+    """
+    transport = getattr(consumer, "transport", None)
+    if transport is None:
+        transport = getattr(consumer, "_consumer", None)
+    return transport
 
 
 def reactor_poller(reactor):

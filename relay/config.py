@@ -43,6 +43,9 @@ class ServerConfig:
     max_request_body: int = 100 * MIB
     busy_poll_us: int = 0
     max_buffered_bodies: int = GIB
+    # Streamed bodies (our relay-client's, docs/protocol.md) hold no memory:
+    # no limit unless one is set. 0: none.
+    max_streamed_request_body: int = 0
     client_tokens: Optional[str] = None
     user_tokens: Optional[str] = None
     trusted_user_header: Optional[str] = None

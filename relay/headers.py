@@ -78,6 +78,14 @@ H2_BACKEND_DROPS = (CONNECTION_SPECIFIC - {"te"}) | {"host", "http2-settings", "
 # relays it as an ordinary trailer.
 RELAY_ERROR = "Relay-Error"
 
+# Our extension (docs/protocol.md): streamed request bodies. On a poll,
+# C{Relay-Body: stream} says the relay-client can fetch a body that
+# follows; on the poll's answer, that this request's body follows; on a
+# C{requeststream} call, that it fetches that body. The Go server never
+# reads it and the Go relay-client never sends it.
+RELAY_BODY = "Relay-Body"
+RELAY_BODY_STREAM = "stream"
+
 
 # Go's httpguts badTrailer: never valid as a trailer.
 BAD_TRAILERS = frozenset(

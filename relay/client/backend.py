@@ -274,15 +274,27 @@ class Backend:
         """Close the idle backend connections (at shutdown)."""
         return self.agent.closeCachedConnections()
 
-    async def open(self, request: BackendRequest) -> BackendResponse:
+    async def open(self, request: BackendRequest, body=None) -> BackendResponse:
+        """
+        Ask the backend; C{body}, when given, is an L{IBodyProducer} that
+        streams the request's body (L{relay.client.upload.StreamedBody}),
+        and the answer may then begin before the body has ended.
+        """
         headers = Headers()
         headers.setRawHeaders(b"host", [request.host.encode("utf-8")])
         for name, value in request.headers:
             headers.addRawHeader(name.encode("latin-1", "replace"), value.encode("utf-8"))
-        producer = BytesProducer(request.body) if request.body else None
+        if body is not None:
+            producer = body
+        else:
+            producer = BytesProducer(request.body) if request.body else None
         try:
             response = await self.agent.request(
-                request.method.encode("ascii", "replace"), request.url.encode("utf-8"), headers, producer
+                request.method.encode("ascii", "replace"),
+                request.url.encode("utf-8"),
+                headers,
+                producer,
+                duplex=body is not None,
             )
         except CancelledError:
             raise

@@ -30,6 +30,7 @@ from relay.client.backend import Backend, BackendError, BackendTarget
 from relay.client.chunker import Chunker, error_response
 from relay.client.relay_api import PermanentRelayError, RelayAPI, RelayError
 from relay.client.upgrade import Upgrader, wants_upgrade
+from relay.client.upload import StreamedBody
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()
@@ -68,6 +69,25 @@ class RequestHandler:
         started = self.clock.seconds()
         request_id = request.id
         upgrade = wants_upgrade(request)
+        body: Optional[StreamedBody] = None
+        if self.api.body_follows(request_id):
+            try:
+                body = StreamedBody(await self.api.open_body(request_id))
+            except CancelledError:
+                return
+            except RelayError as e:
+                # Over already (the user went away), or the server is
+                # unreachable: nobody waits for an answer we could post.
+                log.warn("Failed to fetch the request body", ID=request_id, error=str(e))
+                return
+        try:
+            return await self._relay(request, spans, started, upgrade, body)
+        finally:
+            if body is not None:
+                body.close()
+
+    async def _relay(self, request: HttpRequest, spans, started: float, upgrade: bool, body) -> None:
+        request_id = request.id
         try:
             backend_request = self.target.build(request, upgrade=upgrade)
             if self.trace:
@@ -79,6 +99,8 @@ class RequestHandler:
                 )
             if upgrade:
                 answer = await self.upgrader.open(backend_request)
+            elif body is not None:
+                answer = await self.backend.open(backend_request, body)
             else:
                 answer = await self.backend.open(backend_request)
         except BackendError as e:

@@ -30,6 +30,7 @@ from typing import Dict, List, Tuple
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
@@ -43,6 +44,8 @@ from relay.compat import (
     ResponseNeverReceived,
     client_idle,
     client_request,
+    client_response_head,
+    client_response_lost,
 )
 from relay.tuning.transport import corked
 
@@ -105,7 +108,12 @@ class KeepAliveAgent:
 
     # IAgent.
 
-    def request(self, method: bytes, uri: bytes, headers=None, bodyProducer=None) -> Deferred:
+    def request(self, method: bytes, uri: bytes, headers=None, bodyProducer=None, duplex: bool = False) -> Deferred:
+        """
+        L{IAgent.request}; with C{duplex}, the result fires as soon as the
+        response's head arrives, even while C{bodyProducer} is still
+        writing (a streamed upload whose backend answers as it reads).
+        """
         origin, path = self._origin(uri)
         if headers is None:
             headers = Headers()
@@ -114,11 +122,12 @@ class KeepAliveAgent:
             headers.addRawHeader(b"host", origin.host)
         # Validates method and path as Agent's requests do (no CR, LF, spaces).
         request = client_request(method, path, headers, bodyProducer, origin.uri)
+        send = _send_duplex if duplex else _send
         while origin.idle:
             protocol, _ = origin.idle.pop()
             if client_idle(protocol):
-                return _send(protocol, request).addErrback(self._retry, origin, request)
-        return self._connect(origin).addCallback(_send, request)
+                return send(protocol, request).addErrback(self._retry, origin, request)
+        return self._connect(origin).addCallback(send, request)
 
     # Connections.
 
@@ -215,3 +224,36 @@ def _send(protocol, request) -> Deferred:
     written at once (a relay-client's posts) leave in one piece.
     """
     return corked(protocol.transport, protocol.request, request)
+
+
+def _send_duplex(protocol, request) -> Deferred:
+    """
+    Send C{request}, whose body streams, and fire with the response at its
+    head, whether or not the body has been written by then. A failure
+    before the head (the request could not be written, the connection
+    died) fails the result; one after it belongs to the response's body.
+    """
+    written = protocol.request(request)
+    head = client_response_head(protocol)
+    result: Deferred = Deferred(lambda _: written.cancel())
+
+    def answered(response):
+        if not result.called:
+            result.callback(response)
+        return response
+
+    def ended(outcome):
+        if not result.called:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+        elif isinstance(outcome, Failure):
+            # The answer had begun: its body must not wait for an end
+            # that Twisted will not report.
+            client_response_lost(protocol, outcome)
+        return None
+
+    head.addCallback(answered)
+    written.addBoth(ended)
+    return result

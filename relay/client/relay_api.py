@@ -14,7 +14,7 @@ loop, request-stream reads are not retried at all because the relay server
 has no way to tell a repeated read from a new one.
 """
 
-from typing import List, Optional, Union
+from typing import List, Optional, Set, Union
 from urllib.parse import quote, urlencode
 
 from twisted.internet import task
@@ -26,6 +26,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from relay import wire
+from relay.headers import RELAY_BODY, RELAY_BODY_STREAM
 from relay.client.http import BytesProducer, backoff_delays, describe_failure, is_connection_refused, read_all, read_token
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
@@ -36,6 +37,8 @@ REMOTE_REQUEST_TIMEOUT = 60.0
 # value); a call still unanswered well after it is dead.
 SERVER_POLL_TIMEOUT = 30.0
 POLL_DEADLINE = SERVER_POLL_TIMEOUT + 10.0
+_RELAY_BODY = RELAY_BODY.encode("ascii")
+_STREAM = RELAY_BODY_STREAM.encode("ascii")
 RESPONSE_CONTENT_TYPE = (
     b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpResponse"
 )
@@ -118,6 +121,9 @@ class RelayAPI:
             self.base_url + "/server/request?" + urlencode({"server": self.server_name})
         ).encode("utf-8")
         self._response_url = (self.base_url + "/server/response?id=").encode("utf-8")
+        # Ids of polled requests whose body follows (the poll's answer said
+        # so), until the handler takes the mark (L{body_follows}).
+        self._bodies_follow: Set[str] = set()
 
     # URLs.
 
@@ -148,15 +154,20 @@ class RelayAPI:
         body: Union[bytes, List[bytes], None] = None,
         content_type: Optional[bytes] = None,
         timeout: Optional[float] = None,
+        streamed_body: bool = False,
     ):
         headers = Headers()
+        if streamed_body:
+            headers.setRawHeaders(_RELAY_BODY, [_STREAM])
         if self.token_file:
             headers.setRawHeaders(b"authorization", [b"Bearer " + read_token(self.token_file).encode("utf-8")])
         if content_type is not None:
             headers.setRawHeaders(b"content-type", [content_type])
         producer = BytesProducer(body) if body is not None else None
         d = self.agent.request(method, url, headers, producer)
-        d.addCallback(lambda response: read_all(response).addCallback(lambda data: (response.code, data)))
+        d.addCallback(
+            lambda response: read_all(response).addCallback(lambda data: (response.code, data, response.headers))
+        )
         d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         try:
             return await d
@@ -176,7 +187,9 @@ class RelayAPI:
             answers that trying again cannot change.
         """
         try:
-            code, body = await self._call(b"GET", self.poll_url(), timeout=self.poll_timeout)
+            code, body, headers = await self._call(
+                b"GET", self.poll_url(), timeout=self.poll_timeout, streamed_body=True
+            )
         except CancelledError:
             raise
         except Exception as e:
@@ -200,11 +213,59 @@ class RelayAPI:
             raise RelayError("failed to unmarshal request: %s. request was: %r" % (e, body[:200]))
         if not request.id:
             raise RelayError("request without id from relay server")
+        if headers.getRawHeaders(_RELAY_BODY) == [_STREAM]:
+            self._bodies_follow.add(request.id)
         return request
+
+    def body_follows(self, request_id: str) -> bool:
+        """
+        Whether the body of C{request_id}, a polled request, follows (to be
+        fetched with L{open_body}) rather than riding in the request. Asked
+        once per request: the mark is taken.
+        """
+        try:
+            self._bodies_follow.remove(request_id)
+        except KeyError:
+            return False
+        return True
+
+    async def open_body(self, request_id: str):
+        """
+        Start fetching the body of C{request_id}: the fetch's response (an
+        L{IResponse}) once its head arrived, its body being the user's,
+        with the user's C{Content-Length} or chunked. Only the head has a
+        deadline: the body comes at the user's pace.
+
+        @raise PermanentRelayError: the request is over (410, 400).
+        @raise RelayError: anything else.
+        """
+        headers = Headers()
+        if self.token_file:
+            headers.setRawHeaders(b"authorization", [b"Bearer " + read_token(self.token_file).encode("utf-8")])
+        headers.setRawHeaders(_RELAY_BODY, [_STREAM])
+        d = self.agent.request(b"POST", self.stream_url(request_id), headers, BytesProducer(b""))
+        d.addTimeout(self.poll_timeout, self.clock)
+        try:
+            response = await d
+        except (ResponseFailed, ResponseNeverReceived) as e:
+            if any(r.check(CancelledError) for r in e.reasons):
+                raise CancelledError()
+            raise RelayError("couldn't fetch the request body: %s" % (describe_failure(Failure(e)),))
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise RelayError("couldn't fetch the request body: %s" % (describe_failure(Failure(e)),))
+        if response.code != 200:
+            text = (await read_all(response)).decode("utf-8", "replace").strip()
+            message = "relay server request body responded %s: %s" % (status_text(response.code), text)
+            if response.code in (400, 410):
+                raise PermanentRelayError(message, response.code)
+            raise RelayError(message, response.code)
+        return response
 
     async def post_response_once(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
         try:
-            code, answer = await self._call(
+            code, answer, _ = await self._call(
                 b"POST", self.response_url(message.id), wire.serialize(message, "body", body), RESPONSE_CONTENT_TYPE
             )
         except CancelledError:
@@ -255,7 +316,7 @@ class RelayAPI:
         is over (410).
         """
         try:
-            code, body = await self._call(
+            code, body, _ = await self._call(
                 b"POST", self.stream_url(request_id), b"", b"text/plain", timeout=self.poll_timeout
             )
         except CancelledError:

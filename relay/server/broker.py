@@ -250,6 +250,15 @@ class Waiters:
         timer.cancel()
         return d
 
+    def pop_newest_of(self, chosen: Set[Deferred]) -> Optional[Deferred]:
+        """The newest waiter among C{chosen}, as L{pop_newest}; None if none waits."""
+        for entry in reversed(self._line):
+            if entry[0] in chosen:
+                self._line.remove(entry)
+                entry[1].cancel()
+                return entry[0]
+        return None
+
     def fire_all(self, result) -> None:
         """Everyone in line gets C{result}: the wait is over for good."""
         line, self._line = self._line, deque()
@@ -384,6 +393,9 @@ class PendingRequest:
         self._paused = False
         self._draining = False
         self.stream: Optional[StreamQueue] = None
+        # The body, when it streams to our relay-client instead of riding
+        # in the message (relay.server.upload.StreamedBody).
+        self.body = None
         # Bytes of the body charged to the broker's BodyBudget, given back
         # once the message has been handed over (or dropped).
         self.charge = 0
@@ -485,6 +497,8 @@ class PendingRequest:
             d.errback(UnknownRequest(self.id))
         if self.stream is not None:
             self.stream.close()
+        if self.body is not None:
+            self.body.close()
         if reason is not None and not self.finished:
             self.finished = True
             self.sink.fail(reason)
@@ -553,6 +567,8 @@ class Backend:
         "dead_connections",
         "requeued",
         "lost",
+        "streams_bodies",
+        "body_polls",
     )
 
     def __init__(self, name: str, now: float, polls: Waiters):
@@ -572,6 +588,10 @@ class Backend:
         # again; and those that failed (502) because it could not be shown.
         self.requeued = 0
         self.lost = 0
+        # Whether the newest poll said it fetches streamed bodies, and the
+        # waiting polls that did.
+        self.streams_bodies = False
+        self.body_polls: Set[Deferred] = set()
 
     @property
     def reconnects(self) -> int:
@@ -625,10 +645,15 @@ class Broker:
 
     # The user-client's side.
 
-    def relay(self, backend: str, message: HttpRequest, sink: ResponseSink, charge: int = 0) -> PendingRequest:
+    def relay(
+        self, backend: str, message: HttpRequest, sink: ResponseSink, charge: int = 0, body=None
+    ) -> PendingRequest:
         """
         Hand C{message} (its id is set here) to a poll of C{backend}, now or
-        within L{PICKUP_TIMEOUT}; answers go to C{sink}.
+        within L{PICKUP_TIMEOUT}; answers go to C{sink}. C{body}, a
+        L{relay.server.upload.StreamedBody}, is the body that follows the
+        message instead of riding in it: only a poll that fetches bodies
+        takes such a request.
 
         @raise UnknownBackend: nobody polls for that name.
         @raise ServerStopping: the server is shutting down.
@@ -653,6 +678,10 @@ class Broker:
         pending = PendingRequest(self, request_id, backend, message, sink)
         # From here the body's share of the budget is the pending request's.
         pending.charge = charge
+        if body is not None:
+            pending.body = body
+            body.on_fetch_lost = lambda: self._fetch_lost(pending)
+            body.on_progress = lambda: self._touch(pending)
         if self.stats is not None:
             self.stats.started(pending, message)
         self.requests[request_id] = pending
@@ -660,14 +689,15 @@ class Broker:
         if self.trace:
             log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend).inc()
-        if b.polls:
-            # The newest poll, not the oldest: after a NAT rebinding or a
-            # move to another network, the relay-client's old polls are
-            # still here, on connections that are dead but not yet known
-            # to be, while its newest poll came over the network that
-            # works. The newest is the one most likely to be alive; the
-            # old ones time out (408) or die unused.
-            self._hand_over(b, pending, b.polls.pop_newest())
+        # The newest poll, not the oldest: after a NAT rebinding or a
+        # move to another network, the relay-client's old polls are
+        # still here, on connections that are dead but not yet known
+        # to be, while its newest poll came over the network that
+        # works. The newest is the one most likely to be alive; the
+        # old ones time out (408) or die unused.
+        poll = self._poll_for(b, pending)
+        if poll is not None:
+            self._hand_over(b, pending, poll)
         else:
             pending._pickup_timer = self.clock.callLater(
                 PICKUP_TIMEOUT, self._pickup_timeout, b, pending
@@ -702,6 +732,58 @@ class Broker:
             return result
 
         return d.addBoth(leave)
+
+    def _poll_for(self, b: Backend, pending: PendingRequest) -> Optional[Deferred]:
+        """The newest waiting poll of C{b} that can take C{pending}, out of the line; None if none."""
+        if not b.polls:
+            return None
+        if pending.body is None:
+            return b.polls.pop_newest()
+        return b.polls.pop_newest_of(b.body_polls)
+
+    def streams_bodies(self, backend: str) -> bool:
+        """Whether a body for C{backend} may stream: its newest poll said it fetches bodies."""
+        b = self.backends.get(backend)
+        return b is not None and b.streams_bodies and not self.stopping
+
+    def body_follows(self, request_id: str) -> bool:
+        """Whether the body of C{request_id} follows its message (the poll's answer says so)."""
+        pending = self.requests.get(request_id)
+        return pending is not None and pending.body is not None
+
+    def fetch_body(self, request_id: str, fetch) -> bool:
+        """
+        A relay-client's fetch of the body of C{request_id} arrived (a
+        twisted.web request): it is answered with the body as it comes.
+        The fetch shows that the relay-client has the request. False when
+        there is no body to fetch (an unknown id, a body that does not
+        stream, or one fetched already).
+        """
+        pending = self.requests.get(request_id)
+        if pending is None or pending.body is None or pending.finished:
+            return False
+        if pending.carrier is not None or not pending.picked_up:
+            self._received(pending)
+        self._touch(pending)
+        return pending.body.attach(fetch)
+
+    def _touch(self, pending: PendingRequest) -> None:
+        """A streamed body moved: the request is active, though nothing was answered yet."""
+        pending.last_activity = self.clock.seconds()
+
+    def _fetch_lost(self, pending: PendingRequest) -> None:
+        """
+        The fetch of C{pending}'s body ended before the body did. With its
+        answer begun, the backend wants no more of the body: the answer
+        goes on. Otherwise the relay-client is gone, and it cannot be
+        handed out again, since the bytes it took are gone: 502 at once.
+        """
+        if self.requests.get(pending.id) is not pending or pending.finished or pending.started:
+            return
+        b = self.backends.get(pending.backend)
+        if b is not None:
+            b.lost += 1
+        self._forget(pending, RelayClientLost(pending.backend))
 
     def _pickup_timeout(self, b: Backend, pending: PendingRequest) -> None:
         pending._pickup_timer = None
@@ -749,7 +831,9 @@ class Broker:
 
     # The relay-client's side.
 
-    def get_request(self, backend: str, connection: Optional[PollConnection] = None) -> Deferred:
+    def get_request(
+        self, backend: str, connection: Optional[PollConnection] = None, streams_bodies: bool = False
+    ) -> Deferred:
         """
         A long poll: fires with the next L{HttpRequest} for C{backend}, or
         with C{None} after L{POLL_TIMEOUT} (or at shutdown). The first poll
@@ -760,6 +844,8 @@ class Broker:
 
         C{connection} is the connection the poll came on, for the
         connection health counts; pass it to L{sent} with the answer.
+        C{streams_bodies}: the poll said it fetches bodies that follow
+        (docs/protocol.md); one that did not never gets such a request.
         """
         now = self.clock.seconds()
         b = self.backends.get(backend)
@@ -772,6 +858,7 @@ class Broker:
             log.info("Relay client connected", ServerName=backend)
             arriving = self.arriving.pop(backend, None)
         b.last_activity = b.last_poll = now
+        b.streams_bodies = streams_bodies
         if connection is not None and connection.name != backend:
             connection.name = backend
             b.connections += 1
@@ -783,11 +870,28 @@ class Broker:
             # takes the first.
             arriving.fire_all(None)
         if b.queue:
-            d = Deferred()
-            self._hand_over(b, b.queue.popleft(), d)
-            return d
+            if streams_bodies:
+                pending = b.queue.popleft()
+            else:
+                pending = next((p for p in b.queue if p.body is None), None)
+                if pending is not None:
+                    b.queue.remove(pending)
+            if pending is not None:
+                d = Deferred()
+                self._hand_over(b, pending, d)
+                return d
 
-        return b.polls.wait()
+        d = b.polls.wait()
+        if streams_bodies:
+            polls = b.body_polls
+            polls.add(d)
+
+            def waited(result):
+                polls.discard(d)
+                return result
+
+            d.addBoth(waited)
+        return d
 
     def sent(self, message: HttpRequest, connection: PollConnection) -> None:
         """
@@ -865,8 +969,9 @@ class Broker:
         pending.picked_up = False
         if self.trace:
             log.debug("Requeuing request whose poll answer never arrived", ID=pending.id)
-        if b.polls:
-            self._hand_over(b, pending, b.polls.pop_newest())
+        poll = self._poll_for(b, pending)
+        if poll is not None:
+            self._hand_over(b, pending, poll)
         else:
             # Its wait for a poll ends with the inactivity timeout it was
             # promised (counted from its hand-over), if that comes first.

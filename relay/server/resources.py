@@ -43,7 +43,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay import wire
 from relay.compat import request_gone
-from relay.headers import HOP_BY_HOP_REQUEST, NOT_RELAYED, as_bytes, go_canonical
+from relay.headers import HOP_BY_HOP_REQUEST, NOT_RELAYED, RELAY_BODY, RELAY_BODY_STREAM, as_bytes, go_canonical
 from relay.logs import Throttle, peer_text
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy
@@ -62,6 +62,8 @@ REQUEST_CONTENT_TYPE = (
 # Kubernetes names (which robot names are) have at most 253 characters.
 MAX_NAME_BYTES = 256
 _NOT_RELAYED = as_bytes(NOT_RELAYED)
+_RELAY_BODY = RELAY_BODY.encode("ascii")
+_STREAM = RELAY_BODY_STREAM.encode("ascii")
 _HOP_BY_HOP_REQUEST = as_bytes(HOP_BY_HOP_REQUEST)
 
 
@@ -100,6 +102,20 @@ class RootResource(Resource):
             b"/server/response": server,
             b"/server/requeststream": server,
         }
+
+    def streams_body(self, request, path: bytes) -> bool:
+        """
+        Whether a request whose head has arrived, with a body to come, is
+        relayed at once with its body streaming (docs/protocol.md,
+        "Extension: streamed request bodies"): user traffic, not an
+        upgrade, for a backend here whose newest poll said it fetches
+        bodies. C{path} is the target's, undecoded; the request's own
+        attributes from its request line are not set yet.
+        """
+        if path in self._exact or not path.startswith(b"/") or _upgrade_requested(request) is not None:
+            return False
+        backend = _backend_name(request, path)
+        return bool(backend) and self.client.streams_body(request, backend)
 
     def route(self, request) -> Resource:
         """The resource for C{request}, chosen by its whole path."""
@@ -248,8 +264,9 @@ class ServerResource(_BrokerResource):
             return self.routing.forward(request, peer)
         if self.broker.stopping:
             return _restarting(request)
+        fetches = request.requestHeaders.getRawHeaders(_RELAY_BODY) == [_STREAM]
         try:
-            d = self.broker.get_request(server, poll_connection(request))
+            d = self.broker.get_request(server, poll_connection(request), streams_bodies=fetches)
         except Overloaded as e:
             return _overloaded(request, e)
         if self.broker.stats is not None:
@@ -276,6 +293,8 @@ class ServerResource(_BrokerResource):
                 log.debug("Relay client got no request", ID=_arg(request, b"server"), error=text)
             return http_error(request, 408, text)
         request.responseHeaders.setRawHeaders(b"content-type", [REQUEST_CONTENT_TYPE])
+        if self.broker.body_follows(message.id):
+            request.responseHeaders.setRawHeaders(_RELAY_BODY, [_STREAM])
         connection = poll_connection(request)
         if connection is not None:
             # Before the answer is written: on HTTP/1.1 a pipelined next
@@ -341,11 +360,26 @@ class ServerResource(_BrokerResource):
         peer = self.routing.issuer(request, request_id) if self.routing is not None else None
         if peer is not None:
             return self.routing.forward(request, peer)
+        if request.requestHeaders.getRawHeaders(_RELAY_BODY) == [_STREAM]:
+            return self._fetch_body(request, request_id)
         try:
             d = self.broker.get_request_stream(request_id)
         except UnknownRequest:
             return self._streamed(request, None, request_id)
         return _answer_when(request, d, lambda r, data: self._streamed(r, data, request_id))
+
+    def _fetch_body(self, request, request_id: str):
+        """
+        Our relay-client fetches a streamed body: the answer is the body,
+        as the user sends it (L{relay.server.upload.StreamedBody}); 410
+        when there is none to fetch (the request is over, or it was
+        fetched already).
+        """
+        if self.broker.fetch_body(request_id, request):
+            if self.broker.trace:
+                log.debug("Relay client fetches the request body", ID=request_id)
+            return NOT_DONE_YET
+        return http_error(request, 410, "No request body to fetch with id " + request_id)
 
     def _streamed(self, request, data: Optional[bytes], request_id: str) -> bytes:
         if data is None:
@@ -400,6 +434,12 @@ class ClientResource(_BrokerResource):
     # relay.tracing.Tracing when tracing is on (chosen once, at start-up).
     tracer = None
 
+    def streams_body(self, request, backend: str) -> bool:
+        """Whether C{backend}'s body may stream here (see L{RootResource.streams_body})."""
+        if not self.broker.streams_bodies(backend):
+            return False
+        return self.routing is None or self.routing.owner(request, backend, self.broker.stopping) is None
+
     def render(self, request):
         path = request.path
         if path.startswith(CLIENT_PREFIX):
@@ -440,12 +480,19 @@ class ClientResource(_BrokerResource):
             host=(request.requestHeaders.getRawHeaders(b"host") or [b""])[0].decode("latin-1"),
             url=_backend_url(backend_path, request.uri),
         )
-        body, charge = request.take_body()
-        if trace is not None:
-            # Before the headers are copied: the context replaces the user's.
-            trace.read_body(len(body))
-        message.body = body
-        del body
+        streamed = getattr(request, "streamed_body", None)
+        if streamed is not None:
+            # It follows, fetched by the relay-client.
+            charge = 0
+            if trace is not None:
+                trace.read_body(0)
+        else:
+            body, charge = request.take_body()
+            if trace is not None:
+                # Before the headers are copied: the context replaces the user's.
+                trace.read_body(len(body))
+            message.body = body
+            del body
         _relayed_headers(request, message.header)
 
         response = UserResponse(self.broker, request)
@@ -459,7 +506,9 @@ class ClientResource(_BrokerResource):
         if response.trace is not None:
             response.trace.scheduling()
         try:
-            response.pending = self.broker.relay(backend, message, response, charge)
+            response.pending = self.broker.relay(
+                backend, message, response, charge, body=getattr(request, "streamed_body", None)
+            )
         except UnknownBackend as e:
             self.broker.bodies.give(charge)
             return plain(request, 503, str(e))
@@ -504,6 +553,15 @@ class ClientResource(_BrokerResource):
         d.addCallbacks(arrived, gone)
         d.addErrback(lambda f: log.failure("Unexpected error relaying a waiting request", f))
         return NOT_DONE_YET
+
+
+def _backend_name(request, path: bytes) -> str:
+    """The backend a user request for C{path} goes to, as L{ClientResource.render} reads it; "" for none."""
+    if path.startswith(CLIENT_PREFIX):
+        name_part = path[len(CLIENT_PREFIX) :].partition(b"/")[0]
+        return unquote(name_part.decode("latin-1"), encoding="utf-8", errors="replace")
+    names = request.requestHeaders.getRawHeaders(b"x-server-name")
+    return names[0].decode("utf-8", "replace") if names else ""
 
 
 def _connection_tokens(headers) -> set:

@@ -38,6 +38,7 @@ from typing import List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocol
+from zope.interface import implementer
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
@@ -45,11 +46,14 @@ from relay.compat import (
     ChunkedTransferDecoder,
     MalformedChunkedDataError,
     bound_chunked_decoder,
+    channel_network,
     chunk_line_buffer,
     detach_channel,
     reading_request_line,
     request_gone,
     request_line,
+    request_target,
+    set_channel_network,
 )
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
@@ -57,6 +61,7 @@ from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.broker import PollConnection
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
+from relay.server.upload import BodyReader, StreamedBody
 from relay.tuning import liveness
 from relay.tuning.transport import corked, tune
 
@@ -83,6 +88,13 @@ class RelayRequest(server.Request):
     # on to a pending request.
     _charged = 0
 
+    # The body, when it streams to our relay-client (relay.server.upload):
+    # the request is then processed once its head has arrived.
+    streamed_body: Optional[StreamedBody] = None
+    # Whether the user asked for 100 Continue on a streamed body (sent when
+    # the relay-client fetches it).
+    _expects_continue = False
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.trailers: List[Tuple[bytes, bytes]] = []
@@ -98,6 +110,9 @@ class RelayRequest(server.Request):
             self.body_too_large = True
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self.streamed_body is not None:
+            self.streamed_body.received_data(data)
+            return
         if self.body_too_large:
             return
         self._body_received += len(data)
@@ -141,7 +156,38 @@ class RelayRequest(server.Request):
 
     def connectionLost(self, reason) -> None:
         self._give_back()
+        if self.streamed_body is not None:
+            self.streamed_body.user_gone()
         super().connectionLost(reason)
+
+    def stream_body(self, length: Optional[int], limit: int) -> None:
+        """
+        Process this request now, its head complete, with its body to
+        stream as it arrives (L{relay.server.upload}); an C{Expect:
+        100-continue} is answered when the relay-client fetches the body.
+        """
+        self.streamed_body = StreamedBody(_UserReader(self), length, limit, self._streamed_too_large)
+        self.process()
+
+    def _streamed_too_large(self) -> None:
+        if self.startedWriting:
+            from relay.server.response import abort_answer
+
+            abort_answer(self)
+            return
+        self.refuse_body(
+            text="Request body too large: this relay streams at most %d bytes "
+            "(--max_streamed_request_body)\n" % (self.channel.site.max_streamed_request_body,)
+        )
+
+    def _prepare(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The method, target and query of the request line, as C{requestReceived} sets them."""
+        path = self._origin_form(path)
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path, question, query = path.partition(b"?")
+        # twisted's parse_qs: bytes in, bytes out (urllib's chokes on %ff).
+        self.args = http.parse_qs(query, 1) if question else {}
 
     def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: str = None) -> None:
         """
@@ -183,6 +229,10 @@ class RelayRequest(server.Request):
         Content-Type) and could even refuse a malformed multipart body that
         is none of our business.
         """
+        if self.streamed_body is not None:
+            # Processed at its head already: this is the end of its body.
+            self.streamed_body.end()
+            return
         if self.finished or self._refused:
             return
         if self.body_too_large:
@@ -191,12 +241,7 @@ class RelayRequest(server.Request):
             self.refuse_body()
             return
         self.content.seek(0, 0)
-        path = self._origin_form(path)
-        self.method, self.uri = command, path
-        self.clientproto = version
-        self.path, question, query = path.partition(b"?")
-        # twisted's parse_qs: bytes in, bytes out (urllib's chokes on %ff).
-        self.args = http.parse_qs(query, 1) if question else {}
+        self._prepare(command, path, version)
         self.process()
 
     def process(self) -> None:
@@ -247,6 +292,14 @@ class RelayRequest(server.Request):
         if not self.startedWriting:
             if getattr(self.channel, "site", None) is not None and self.channel.site.draining:
                 self._close_after_answer()
+            body = self.streamed_body
+            if body is not None and not body.ended:
+                # Answered while the body still comes: whether all of it
+                # will be read is not known, so this answer is the
+                # connection's last, as Go's server says.
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                if isinstance(self.channel, http.HTTPChannel):
+                    self.channel.persistent = False
             # The head and the first bytes of the body leave as one.
             corked(self.channel.transport, super().write, data)
             return
@@ -269,11 +322,26 @@ class RelayRequest(server.Request):
         self.responseHeaders.setRawHeaders(b"connection", [b"close"])
         self.channel.persistent = False
 
+    def _end_connection_after_answer(self) -> None:
+        conn, _ = stream_connection(self)
+        if conn is not None or not isinstance(self.channel, http.HTTPChannel):
+            return  # HTTP/2: the stream's end is enough
+        if not self.startedWriting:
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.channel.persistent = False
+        self.channel.discard_input()
+
     def add_trailer(self, name: str, value: str) -> None:
         if valid_trailer(name):
             self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
 
     def finish(self) -> None:
+        body = self.streamed_body
+        if body is not None and not body.ended and not self.finished and not request_gone(self):
+            # Answered before the body ended (the backend answered early,
+            # or the relay-client is gone): the rest of the body is not
+            # read, so the connection cannot carry another request.
+            self._end_connection_after_answer()
         if self.trailers and not self.finished and not request_gone(self):
             if not self.startedWriting:
                 self.write(b"")
@@ -288,6 +356,66 @@ class RelayRequest(server.Request):
                 self.chunked = False
         self._give_back()
         super().finish()
+
+
+@implementer(BodyReader)
+class _UserReader:
+    """The user's side of a streamed body on HTTP/1.1: its channel's reading, and 100 Continue."""
+
+    def __init__(self, request: RelayRequest):
+        self.request = request
+
+    def pause_reading(self) -> None:
+        self.request.channel.hold_reading(True)
+
+    def resume_reading(self) -> None:
+        self.request.channel.hold_reading(False)
+
+    def send_continue(self) -> None:
+        request = self.request
+        if request._expects_continue and not request.startedWriting and not request_gone(request):
+            request._expects_continue = False
+            request.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+class _ReadGate:
+    """
+    A channel's network producer, kept paused while a streamed body waits
+    for the relay-client as well as whenever twisted.web pauses it: a
+    resume of either kind must not undo the other's pause.
+    """
+
+    def __init__(self, network):
+        self.network = network
+        self.paused = False
+        self.held = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.network.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if not self.held:
+            self.network.resumeProducing()
+
+    def hold(self, held: bool) -> None:
+        if held == self.held:
+            return
+        self.held = held
+        if held:
+            self.network.pauseProducing()
+        elif not self.paused:
+            self.network.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.network.stopProducing()
+
+    def registerProducer(self, producer, streaming) -> None:
+        self.network.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.network.unregisterProducer()
 
 
 class _BoundedChunkedDecoder(ChunkedTransferDecoder):
@@ -420,6 +548,14 @@ class RelayChannel(http.HTTPChannel):
         if bad_host is not None:
             self._refuse_head(400, b"Bad Request", bad_host)
             return
+        if self.length != 0 and self._streams_body(request):
+            # Relayed now, its body following as it comes; 100 Continue
+            # waits for the relay-client to fetch it.
+            request._expects_continue = _expects_continue(request)
+            request.requestHeaders.removeHeader(b"expect")
+            super().allHeadersReceived()
+            request.stream_body(self.length, self.site.max_streamed_request_body)
+            return
         if self.length is not None and self.length > self.site.max_request_body:
             # Answer with the final 413, not an interim 100 Continue that
             # would invite the body.
@@ -427,6 +563,32 @@ class RelayChannel(http.HTTPChannel):
         super().allHeadersReceived()
         if getattr(request, "body_too_large", False):
             request.refuse_body()
+
+    def _streams_body(self, request) -> bool:
+        """Whether the resource tree streams this request's body (it asks once its head is complete)."""
+        decide = getattr(self.site.resource, "streams_body", None)
+        if decide is None or not isinstance(request, RelayRequest):
+            return False
+        target = request_target(self)
+        # Cheap for the many bodies that never stream (relay-clients' posts).
+        if not decide(request, target.partition(b"?")[0]):
+            return False
+        command, version = request_line(self)
+        request._prepare(command, target, version)
+        return True
+
+    _gate: Optional[_ReadGate] = None
+
+    def hold_reading(self, held: bool) -> None:
+        """Stop (or start again) reading the user, for a streamed body waiting on the relay-client."""
+        if self._gate is not None:
+            self._gate.hold(held)
+
+    def discard_input(self) -> None:
+        """Nothing more from this connection is wanted: read on, and drop it, until it closes."""
+        if self._gate is not None:
+            self._gate.hold(False)
+        self.dataReceived = lambda data: None
 
     def switch_protocol(self, protocol: IProtocol, head: bytes) -> None:
         """
@@ -461,6 +623,8 @@ class RelayChannel(http.HTTPChannel):
         if watch is not None:
             self._watch = watch(self.transport, self.site.tcp_keepalive_interval, self.site.dead_connection_timeout)
         super().connectionMade()
+        self._gate = _ReadGate(channel_network(self))
+        set_channel_network(self, self._gate)
         self.site.connections.add(self)
         self._arm_header_timer()
 
@@ -540,6 +704,7 @@ class RelaySite(server.Site):
         kwargs.setdefault("timeout", None)
         super().__init__(resource, **kwargs)
         self.max_request_body = config.max_request_body
+        self.max_streamed_request_body = config.max_streamed_request_body
         self.max_headers = config.max_headers
         self.max_header_bytes = config.max_header_bytes
         self.header_timeout = config.header_timeout
@@ -606,6 +771,11 @@ class RelaySite(server.Site):
         timer = self.reactor.callLater(abort_after, abort)
         d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         return d
+
+
+def _expects_continue(request) -> bool:
+    expect = request.requestHeaders.getRawHeaders(b"expect")
+    return bool(expect) and expect[0].lower() == b"100-continue" and request.clientproto == b"HTTP/1.1"
 
 
 def poll_connection(request) -> Optional[PollConnection]:

@@ -109,6 +109,15 @@ class Options(GoFlagOptions):
             positive_int,
         ],
         [
+            "max_streamed_request_body",
+            None,
+            default("max_streamed_request_body"),
+            "Not in Go: largest request body in bytes streamed to our relay-clients "
+            "(which fetch bodies as they arrive instead of buffered); larger ones get 413. "
+            "0 (the default): no limit, since a streamed body holds no memory.",
+            nonnegative_int,
+        ],
+        [
             "client_tokens",
             None,
             default("client_tokens"),
