@@ -8,11 +8,13 @@ what each end notices is asserted.
 import json
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from tests.support import RelayServer, head_and_body, stalled, started_client, tick
+from relay.compat import unwritten_bytes
+from tests.process import TwistdProcess
+from tests.support import RelayServer, dechunk, head_and_body, rss_peak_kib, stalled, started_client, tick
 from tests.upload_support import UploadBackends, Uploader, pattern_sha256, upload_head
 
 NAME = "robot"
@@ -148,7 +150,6 @@ class Uploads(unittest.TestCase):
         user = yield self.upload(b"/echo", size, stop_after=2 * MIB)
         yield user.stopped
         yield user.wait_for(b"\r\n\r\n")
-        from tests.support import dechunk
 
         def echoed():
             _, body = head_and_body(bytes(user.data))
@@ -162,7 +163,6 @@ class Uploads(unittest.TestCase):
         user.stop_after = None
         user.done_sending = False
         user.start()
-        from relay.server.upload import StreamedBody  # noqa: F401
 
         @defer.inlineCallbacks
         def complete():
@@ -178,3 +178,163 @@ class Uploads(unittest.TestCase):
         import hashlib
 
         self.assertEqual(hashlib.sha256(payload).hexdigest(), pattern_sha256(size, self.seed))
+
+    @defer.inlineCallbacks
+    def test_back_pressure_from_a_slow_backend(self):
+        """
+        A backend reading 1 MiB/s slows the user's upload, and neither the
+        server nor the relay-client holds 8 MiB of the body meanwhile.
+        """
+        user = yield self.upload(b"/slow/%d" % MIB, 256 * MIB)
+        upload = yield self.backend.next_upload()
+        held_server, held_client = [], []
+        for _ in range(40):
+            yield tick(0.1)
+            held_server.append(self.server_held())
+            held_client.append(self.client_held())
+        # Four seconds at 1 MiB/s: what the user sent is what the backend
+        # read and what the sockets on the way buffer, not the upload.
+        self.assertLess(upload.received, 8 * MIB)
+        self.assertLess(user.sent, upload.received + 40 * MIB)
+        self.assertLess(max(held_server), 8 * MIB)
+        self.assertLess(max(held_client), 8 * MIB)
+
+    def server_held(self) -> int:
+        """Body bytes the server holds: waiting for the fetch, or unwritten in its connections."""
+        held = 0
+        for pending in self.relay.broker.requests.values():
+            if pending.body is not None:
+                held += pending.body._held_size
+        for channel in self.relay.service.site.connections:
+            held += unwritten_bytes(channel.transport)
+        return held
+
+    def client_held(self) -> int:
+        """Bytes the relay-client holds unwritten towards the backend."""
+        port = self.backend.listening.getHost().port
+        transports = set(reactor.getReaders()) | set(reactor.getWriters())
+        return sum(
+            unwritten_bytes(t) for t in transports if isinstance(t, tcp.Client) and t.getPeer().port == port
+        )
+
+    @defer.inlineCallbacks
+    def test_limit_on_streamed_bodies(self):
+        """--max_streamed_request_body: past it the user gets 413 and the backend a broken body."""
+        yield self.relay.stop()
+        self.relay = RelayServer(port=self.relay.port, max_streamed_request_body=3 * MIB)
+        yield self.relay.polling(NAME)
+        user = yield self.upload(b"/sink", 8 * MIB)
+        upload = yield self.backend.next_upload()
+        yield user.ended
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 413"), bytes(user.data)[:100])
+        self.assertIn(b"--max_streamed_request_body", bytes(user.data))
+        yield upload.ended
+        self.assertTrue(upload.broken)
+        self.assertLessEqual(upload.received, 3 * MIB)
+
+
+class GoHalves(unittest.TestCase):
+    """The buffered path stays as it was when one half does not stream."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_poll_without_the_header_gets_the_body_inside(self):
+        """A relay-client that does not say it fetches bodies (Go's) gets the whole body in the request, as before."""
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+
+        from relay.proto.http_relay_pb2 import HttpRequest
+
+        relay = RelayServer()
+        self.addCleanup(relay.stop)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        polled = treq.get(relay.url("/server/request?server=" + NAME), pool=pool)
+        yield relay.polling(NAME)
+        seed = os.urandom(256 * 1024)
+        head = upload_head(b"/client/" + NAME.encode() + b"/x", 3 * MIB)
+        user = Uploader(head, 3 * MIB, seed)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port), user)
+        self.addCleanup(user.transport.abortConnection)
+        response = yield polled
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(response.headers.getRawHeaders(b"relay-body"))
+        message = HttpRequest.FromString((yield response.content()))
+        self.assertEqual(len(message.body), 3 * MIB)
+        import hashlib
+
+        self.assertEqual(hashlib.sha256(message.body).hexdigest(), pattern_sha256(3 * MIB, seed))
+
+
+def spawn_client(relay_port: int, backend_address: str) -> TwistdProcess:
+    return TwistdProcess.spawn(
+        [
+            "relay-client",
+            "--relay_scheme=http",
+            "--relay_address=127.0.0.1:%d" % relay_port,
+            "--backend_scheme=http",
+            "--backend_address=" + backend_address,
+            "--server_name=" + NAME,
+            "--disable_auth_for_remote",
+        ]
+    )
+
+
+class Processes(unittest.TestCase):
+    """Where the process is the point: a relay-client killed mid-upload, and the server's memory during one."""
+
+    timeout = 120
+
+    def setUp(self):
+        self.seed = os.urandom(256 * 1024)
+        self.backend = UploadBackends()
+        self.addCleanup(self.backend.stop)
+
+    @defer.inlineCallbacks
+    def upload(self, port: int, path: bytes, size: int) -> Uploader:
+        head = upload_head(b"/client/" + NAME.encode() + path, size)
+        user = Uploader(head, size, self.seed)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), user)
+        self.addCleanup(lambda: user.transport.abortConnection() if user.transport is not None else None)
+        return user
+
+    @defer.inlineCallbacks
+    def test_relay_client_killed_mid_upload_is_a_502(self):
+        """The relay-client dies while the body streams: the user gets a 502 at once, not a timeout."""
+        relay = RelayServer()
+        self.addCleanup(relay.stop)
+        client = spawn_client(relay.port, self.backend.address)
+        self.addCleanup(client.terminate)
+        yield relay.polling(NAME)
+        user = yield self.upload(relay.port, b"/slow/%d" % MIB, 64 * MIB)
+        upload = yield self.backend.next_upload()
+        while upload.received < MIB:
+            yield tick(0.05)
+        client.transport.signalProcess("KILL")
+        yield client.exited
+        yield user.ended
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 502"), bytes(user.data)[:200])
+        self.assertIn(b"Lost the connection to the relay client", bytes(user.data))
+        yield upload.ended
+        self.assertFalse(upload.complete)
+
+    @defer.inlineCallbacks
+    def test_256_mib_upload_through_twistd_with_bounded_memory(self):
+        """256 MiB through real twistd processes arrive intact, and neither process's peak RSS grows by the body."""
+        server = TwistdProcess.spawn(["relay", "--port=0"])
+        self.addCleanup(server.terminate)
+        port = yield server.listening_port()
+        client = spawn_client(port, self.backend.address)
+        self.addCleanup(client.terminate)
+        yield server.wait_for("Relay client connected")
+        size = 256 * MIB
+        user = yield self.upload(port, b"/sink", size)
+        upload = yield self.backend.next_upload()
+        yield upload.ended
+        self.assertTrue(upload.complete)
+        self.assertEqual(upload.sha256, pattern_sha256(size, self.seed))
+        yield user.wait_for(b"}")
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200"))
+        server_peak, client_peak = rss_peak_kib(server.pid), rss_peak_kib(client.pid)
+        self.assertLess(server_peak, 100 * 1024, "server peak RSS %d KiB" % server_peak)
+        self.assertLess(client_peak, 100 * 1024, "relay-client peak RSS %d KiB" % client_peak)
