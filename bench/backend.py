@@ -7,6 +7,8 @@ prints ``Backend listening {"Port": N}`` on stdout and serves
 
     GET /bytes/N   ->  200, N bytes (Content-Length, keep-alive)
     GET /          ->  200 "ok"
+    PUT /sink      ->  reads the whole body (Content-Length), then 200 with
+                       {"bytes": N, "sha256": HEX}: bench/upload.py's end
     any request with an Upgrade header
                    ->  101 Switching Protocols (a WebSocket-like handshake,
                        Sec-WebSocket-Accept included), then every byte
@@ -61,6 +63,9 @@ class Backend(asyncio.Protocol):
         self.paused = False
         self.close_after = False
         self.echo = False
+        self.sink = None  # a body being read whole: its hash
+        self.sink_left = 0
+        self.sink_bytes = 0
         sock = transport.get_extra_info("socket")
         if sock is not None:
             import socket
@@ -70,6 +75,9 @@ class Backend(asyncio.Protocol):
     def data_received(self, data):
         if self.echo:
             self.t.write(data)
+            return
+        if self.sink is not None:
+            self.sunk(data)
             return
         if self.skip:
             d = min(self.skip, len(data))
@@ -92,6 +100,14 @@ class Backend(asyncio.Protocol):
             lower = rest.lower()
             close = b"connection: close" in lower or (len(parts) > 2 and parts[2] == b"HTTP/1.0")
             j = lower.find(b"content-length:")
+            path = parts[1] if len(parts) > 1 else b"/"
+            if j >= 0 and path.split(b"?", 1)[0] == b"/sink":
+                self.sink = hashlib.sha256()
+                self.sink_left = int(lower[j + 15:].split(b"\r\n", 1)[0])
+                self.sink_bytes = 0
+                rest, self.buf = self.buf, b""
+                self.sunk(rest)
+                return
             if j >= 0:
                 length = int(lower[j + 15:].split(b"\r\n", 1)[0])
                 d = min(length, len(self.buf))
@@ -107,6 +123,25 @@ class Backend(asyncio.Protocol):
                 if not self.remaining:
                     self.t.close()
                 return
+
+    def sunk(self, data):
+        """Hash a /sink body's bytes; answer at its end. What is left over belongs to the next request."""
+        take = data[: self.sink_left]
+        self.sink.update(take)
+        self.sink_left -= len(take)
+        self.sink_bytes += len(take)
+        if self.sink_left:
+            return
+        body = json.dumps({"bytes": self.sink_bytes, "sha256": self.sink.hexdigest()}).encode()
+        self.sink = None
+        self.t.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        rest = data[len(take):]
+        if rest:
+            self.buf += rest
+        self.process()
 
     def respond(self, path, close):
         if path.startswith(b"/bytes/"):

@@ -102,6 +102,33 @@ class HTTPChannelTests(unittest.SynchronousTestCase):
         self.assertTrue(compat.request_gone(request))
 
 
+    def test_request_target(self):
+        channel = http11_channel()
+        channel.dataReceived(b"PUT /client/x/y?z=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(compat.request_target(channel), b"/client/x/y?z=1")
+
+    def test_channel_network_is_what_pauses_reading(self):
+        channel = http11_channel()
+        network = compat.channel_network(channel)
+        self.assertIs(network, channel.transport)
+
+        class Spy:
+            calls = []
+
+            def pauseProducing(self):
+                self.calls.append("pause")
+
+            def resumeProducing(self):
+                self.calls.append("resume")
+
+        spy = Spy()
+        compat.set_channel_network(channel, spy)
+        # A request being handled stops the reading; its end resumes it.
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.requests[0].finish()
+        self.assertIn("resume", spy.calls)
+
+
 class HTTP2Tests(unittest.SynchronousTestCase):
     def test_h2_stream_connection(self):
         _Waiting.made[:] = []
@@ -167,6 +194,75 @@ class ClientProtocolTests(unittest.SynchronousTestCase):
         uri = URI.fromBytes(b"http://example.com/")
         protocol.request(compat.client_request(b"GET", b"/", Headers({b"host": [b"example.com"]}), None, uri))
         self.assertFalse(compat.client_idle(protocol))
+
+
+    def streamed_request(self, protocol):
+        from twisted.internet.defer import Deferred
+        from twisted.web.client import URI
+        from twisted.web.iweb import UNKNOWN_LENGTH
+
+        class Body:
+            length = UNKNOWN_LENGTH
+            consumer = None
+
+            def startProducing(self, consumer):
+                self.consumer = consumer
+                self.done = Deferred()
+                return self.done
+
+            def pauseProducing(self):
+                pass
+
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+
+        body = Body()
+        uri = URI.fromBytes(b"http://example.com/")
+        written = protocol.request(
+            compat.client_request(b"PUT", b"/", Headers({b"host": [b"example.com"]}), body, uri)
+        )
+        written.addErrback(lambda _: None)
+        return body
+
+    def test_client_response_head_fires_while_the_body_is_written(self):
+        protocol = compat.HTTP11ClientProtocol()
+        protocol.makeConnection(StringTransport())
+        self.streamed_request(protocol)
+        heads = []
+        compat.client_response_head(protocol).addCallback(heads.append)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        [response] = heads
+        self.assertEqual(response.code, 200)
+
+    def test_client_response_lost_ends_the_body(self):
+        from twisted.internet.protocol import Protocol
+        from twisted.python.failure import Failure
+
+        protocol = compat.HTTP11ClientProtocol()
+        protocol.makeConnection(StringTransport())
+        self.streamed_request(protocol)
+        heads = []
+        compat.client_response_head(protocol).addCallback(heads.append)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        ended = []
+
+        class Collect(Protocol):
+            def connectionLost(self, reason):
+                ended.append(reason)
+
+        heads[0].deliverBody(Collect())
+        compat.client_response_lost(protocol, Failure(Exception("the body broke off")))
+        self.assertEqual(len(ended), 1)
+
+    def test_body_consumer_transport(self):
+        transport = StringTransport()
+        protocol = compat.HTTP11ClientProtocol()
+        protocol.makeConnection(transport)
+        body = self.streamed_request(protocol)
+        self.assertIs(compat.body_consumer_transport(body.consumer), transport)
 
 
 class ReactorPollerTests(unittest.SynchronousTestCase):
