@@ -70,9 +70,10 @@ class StreamedBody:
     def startProducing(self, consumer) -> Deferred:
         self._consumer = consumer
         self._backend = body_consumer_transport(consumer)
-        self._done = Deferred(lambda _: self.close())
+        done = self._done = Deferred(lambda _: self.close())
+        # A body that is already whole ends within this call.
         self._fetch.deliverBody(_Pump(self))
-        return self._done
+        return done
 
     def pauseProducing(self) -> None:
         self._paused = True
