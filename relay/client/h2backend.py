@@ -19,6 +19,12 @@ the peer's). What is left here is the I/O and the policy:
     without the HTTP/1.1 connection-specific ones (C{te: trailers} is kept:
     gRPC servers require it), and the body, which the relay protocol hands
     us whole, sent as the backend's flow-control windows allow.
+  - A body that streams (L{relay.client.upload.StreamedBody}: our relay
+    server's extension) is sent as it comes, within the windows; the
+    fetch behind it is paused while more than L{BODY_HIGH_WATER} waits
+    for a window, and a body that breaks off resets the stream, so that
+    the backend never takes a short body for a whole one. The answer may
+    begin, and flow, while the body still does (gRPC bidi-streaming).
   - The response goes through the same L{relay.client.chunker.Chunker} as
     an HTTP/1.1 one: status and headers first, DATA as it comes, and the
     trailers on the last message. Back-pressure is HTTP/2's own flow
@@ -56,9 +62,12 @@ Header = Tuple[str, str]
 # paused stream cannot hold up the others.
 STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 1 << 30
+# Bytes of a streamed request body waiting for the backend's window
+# before the fetch behind it is paused (and resumed below a quarter).
+BODY_HIGH_WATER = 256 * 1024
 IDLE_CONNECTION_TIMEOUT = 90.0
 
-def request_headers(request: BackendRequest) -> List[Tuple[bytes, bytes]]:
+def request_headers(request: BackendRequest, body=None) -> List[Tuple[bytes, bytes]]:
     """The HEADERS of C{request}: pseudo-headers first, names lower case."""
     headers = [
         (b":method", request.method.encode("ascii", "replace")),
@@ -73,9 +82,22 @@ def request_headers(request: BackendRequest) -> List[Tuple[bytes, bytes]]:
         if lower == "te" and value.strip().lower() != "trailers":
             continue  # The only TE that HTTP/2 allows.
         headers.append((lower.encode("ascii"), sanitize_value(value)))
-    if request.body or request.method.upper() in ("POST", "PUT", "PATCH"):
+    if body is not None:
+        if isinstance(body.length, int):
+            headers.append((b"content-length", b"%d" % (body.length,)))
+    elif request.body or request.method.upper() in ("POST", "PUT", "PATCH"):
         headers.append((b"content-length", b"%d" % (len(request.body),)))
     return headers
+
+
+class _BodyConsumer:
+    """What a streamed body writes into: the stream's queue of DATA to send."""
+
+    def __init__(self, stream: "_Stream"):
+        self._stream = stream
+
+    def write(self, data: bytes) -> None:
+        self._stream.connection.body_data(self._stream, data)
 
 
 def _decode(headers) -> List[Header]:
@@ -108,9 +130,16 @@ class _StreamProducer:
 class _Stream:
     """One request on the connection, and its response."""
 
-    def __init__(self, connection: "H2ClientConnection", request: BackendRequest):
+    def __init__(self, connection: "H2ClientConnection", request: BackendRequest, body=None):
         self.connection = connection
         self.request = request
+        # A body that streams (an IBodyProducer), what of it waits for the
+        # window, and whether it ended.
+        self.source = body
+        self.queued: Deque[bytes] = deque()
+        self.queued_size = 0
+        self.source_paused = False
+        self.source_ended = False
         self.stream_id: Optional[int] = None
         self.head: Deferred = Deferred(lambda d: self.cancel())
         self.status = 0
@@ -262,9 +291,12 @@ class H2ClientConnection(Protocol):
 
     # Requests.
 
-    def request(self, request: BackendRequest) -> Deferred:
-        """Fires with the response (a L{_Stream}) once its headers came."""
-        stream = _Stream(self, request)
+    def request(self, request: BackendRequest, body=None) -> Deferred:
+        """
+        Fires with the response (a L{_Stream}) once its headers came;
+        C{body}, an L{IBodyProducer}, streams the request's body.
+        """
+        stream = _Stream(self, request, body)
         if not self.usable:
             stream.failed("http2: client connection lost")
             return stream.head
@@ -280,19 +312,80 @@ class H2ClientConnection(Protocol):
             if stream.head.called:
                 continue  # cancelled while it waited
             stream_id = self.conn.get_next_available_stream_id()
+            streamed = stream.source is not None
             try:
-                self.conn.send_headers(stream_id, request_headers(stream.request), end_stream=not stream.request.body)
+                self.conn.send_headers(
+                    stream_id,
+                    request_headers(stream.request, stream.source),
+                    end_stream=not stream.request.body and not streamed,
+                )
             except h2.exceptions.ProtocolError as e:
                 stream.failed("http2: invalid request: %s" % (e,))
                 continue
             stream.stream_id = stream_id
             self.streams[stream_id] = stream
+            if streamed:
+                self._start_body(stream)
+                continue
             if not stream.request.body:
                 stream.body_done = True
             self._send_body(stream)
         self._flush()
 
+    # A streamed body.
+
+    def _start_body(self, stream: _Stream) -> None:
+        d = stream.source.startProducing(_BodyConsumer(stream))
+
+        def ended(_):
+            stream.source_ended = True
+            self._send_body(stream)
+            self._flush()
+
+        def broke(failure):
+            # The body broke off: so must the request, so that the backend
+            # cannot take what came for the whole body.
+            if not stream.body_done and not stream.closed:
+                stream.body_done = True
+                self.cancel(stream)
+                stream.failed("request body broke off: %s" % (failure.getErrorMessage(),))
+
+        d.addCallbacks(ended, broke)
+
+    def body_data(self, stream: _Stream, data: bytes) -> None:
+        if stream.body_done or stream.closed or not data:
+            return
+        stream.queued.append(data)
+        stream.queued_size += len(data)
+        self._send_body(stream)
+        self._flush()
+        if stream.queued_size > BODY_HIGH_WATER and not stream.source_paused:
+            stream.source_paused = True
+            stream.source.pauseProducing()
+
+    def _send_streamed_body(self, stream: _Stream) -> None:
+        while stream.queued and stream.stream_id is not None:
+            window = min(self.conn.local_flow_control_window(stream.stream_id), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                return  # the rest when the backend opens the window
+            piece = stream.queued.popleft()
+            if len(piece) > window:
+                stream.queued.appendleft(piece[window:])
+                piece = piece[:window]
+            stream.queued_size -= len(piece)
+            self.conn.send_data(stream.stream_id, piece)
+        if stream.source_paused and stream.queued_size <= BODY_HIGH_WATER // 4:
+            stream.source_paused = False
+            stream.source.resumeProducing()
+        if stream.source_ended and not stream.queued and stream.stream_id is not None:
+            stream.body_done = True
+            self.conn.end_stream(stream.stream_id)
+
     def _send_body(self, stream: _Stream) -> None:
+        if stream.source is not None:
+            if not stream.body_done and not stream.closed:
+                self._send_streamed_body(stream)
+            return
         while not stream.body_done and stream.stream_id is not None:
             window = min(self.conn.local_flow_control_window(stream.stream_id), self.conn.max_outbound_frame_size)
             if window <= 0:
@@ -380,6 +473,8 @@ class H2ClientConnection(Protocol):
                 # The answer is complete before the request was: stop
                 # sending it (RFC 9113 8.1), without an error.
                 stream.body_done = True
+                if stream.source is not None:
+                    stream.source.stopProducing()
                 try:
                     self.conn.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
                 except h2.exceptions.StreamClosedError:
@@ -476,9 +571,10 @@ class H2Backend:
         self._waiters: List[Deferred] = []
         self._all: List[H2ClientConnection] = []
 
-    async def open(self, request: BackendRequest) -> _Stream:
+    async def open(self, request: BackendRequest, body=None) -> _Stream:
+        """The response once its head came; C{body}, when given, streams the request's body."""
         connection = await self._connect(request)
-        return await connection.request(request)
+        return await connection.request(request, body)
 
     async def _connect(self, request: BackendRequest) -> H2ClientConnection:
         if self._connection is not None and self._connection.usable:
