@@ -46,6 +46,7 @@ __all__ = [
     "detach_channel",
     "h2_header_block_pending",
     "h2_stream_connection",
+    "h2_stream_request",
     "nothing_to_write",
     "read_socket",
     "reactor_poller",
@@ -76,6 +77,8 @@ OVERRIDDEN = (
     (H2Connection, "abortRequest"),
     # h2.RelayH2Connection: passes Twisted's private _cancelTimeouts on.
     (H2Connection, "connectionLost"),
+    # h2.RelayH2Connection: relays a request whose body streams at its head.
+    (H2Connection, "_requestReceived"),
 )
 
 
@@ -141,6 +144,11 @@ def h2_stream_connection(channel):
     if isinstance(channel, H2Stream):
         return channel._conn
     return None
+
+
+def h2_stream_request(stream):
+    """The twisted.web request an L{H2Stream} feeds."""
+    return stream._request
 
 
 def h2_header_block_pending(conn) -> bool:

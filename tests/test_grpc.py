@@ -209,9 +209,40 @@ class GrpcThroughRelay(unittest.TestCase):
         self.assertEqual(response, b"|".join(pieces))
 
     @defer.inlineCallbacks
+    def test_bidirectional_streaming_both_ways_at_once(self):
+        """
+        10,000 messages echoed, with answers flowing while the user still
+        sends: the user never runs more than 500 messages ahead of the
+        answers, so the call could not finish if either side waited for
+        the other's half-close (the body streams between our halves).
+        """
+        count, lead = 10000, 500
+        received = []
+        caught_up = threading.Condition()
+
+        def requests():
+            for i in range(count):
+                with caught_up:
+                    if not caught_up.wait_for(lambda: len(received) >= i - lead, timeout=CALL_TIMEOUT):
+                        raise AssertionError("no answers while sending: %d sent, %d back" % (i, len(received)))
+                yield b"m%d" % i
+
+        def run():
+            call = self.channel.stream_stream(method("Bidi"), request_serializer=identity, response_deserializer=identity)(
+                requests(), timeout=60, metadata=self.metadata
+            )
+            for answer in call:
+                with caught_up:
+                    received.append(answer)
+                    caught_up.notify_all()
+            return received
+
+        responses = yield self.in_thread(run)
+        self.assertEqual(len(responses), count)
+        self.assertEqual(responses, [b"M%d" % i for i in range(count)])
+
+    @defer.inlineCallbacks
     def test_bidirectional_streaming(self):
-        # The relay protocol carries a request body whole, so the user's
-        # messages all go before the backend's answers come (half duplex).
         def run():
             return list(
                 self.channel.stream_stream(method("Bidi"), request_serializer=identity, response_deserializer=identity)(

@@ -57,7 +57,14 @@ from zope.interface import implementer
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
 
-from relay.compat import H2Connection, h2_header_block_pending, h2_stream_connection, set_ssl_context_factory, ssl_context_factory
+from relay.compat import (
+    H2Connection,
+    h2_header_block_pending,
+    h2_stream_connection,
+    h2_stream_request,
+    set_ssl_context_factory,
+    ssl_context_factory,
+)
 from relay.headers import CONNECTION_SPECIFIC, as_bytes
 from relay.logs import DebugInfoLogger, peer_text
 
@@ -143,7 +150,44 @@ class RelayH2Connection(H2Connection):
         super().dataReceived(data)
         self._watch_headers()
 
+    def _requestReceived(self, event):
+        super()._requestReceived(event)
+        if event.stream_ended is None:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._maybe_stream_body(stream)
+
+    def _maybe_stream_body(self, stream) -> None:
+        """
+        A request whose body is still to come: relayed at once, its body
+        streaming, when the resource tree says so (as on HTTP/1.1, in
+        C{relay.server.site}). HTTP/2's flow control is the back-pressure:
+        a paused stream leaves its window closed.
+        """
+        decide = getattr(getattr(getattr(self, "site", None), "resource", None), "streams_body", None)
+        request = h2_stream_request(stream)
+        if decide is None or not hasattr(request, "stream_body") or not stream.path:
+            return
+        if not decide(request, stream.path.partition(b"?")[0]):
+            return
+        request._prepare(stream.command, stream.path, b"HTTP/2")
+        length = request.requestHeaders.getRawHeaders(b"content-length")
+        try:
+            size = int(length[0]) if length else None
+        except ValueError:
+            return
+        request.stream_body(_StreamReader(stream), size, self.site.max_streamed_request_body)
+
     def _requestDone(self, streamID):
+        stream = self.streams.get(streamID)
+        body = getattr(h2_stream_request(stream), "streamed_body", None) if stream is not None else None
+        if body is not None and not body.ended and not self._gone:
+            # Answered before the body ended: the rest is not wanted
+            # (RFC 9113 8.1, RST_STREAM with NO_ERROR after the answer).
+            try:
+                self.conn.reset_stream(streamID, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
         super()._requestDone(streamID)
         self._watch_headers()
 
@@ -196,6 +240,22 @@ class RelayH2Connection(H2Connection):
         self._cancel_deadline()
         self.conn.pending_trailers.clear()
         super().connectionLost(reason, _cancelTimeouts)
+
+
+class _StreamReader:
+    """The user's side of a streamed body on HTTP/2: its stream's inbound flow control."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def pause_reading(self) -> None:
+        self.stream.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.stream.resumeProducing()
+
+    def send_continue(self) -> None:
+        pass  # Twisted's HTTP/2 stream answers Expect at once.
 
 
 def stream_connection(request):

@@ -160,13 +160,14 @@ class RelayRequest(server.Request):
             self.streamed_body.user_gone()
         super().connectionLost(reason)
 
-    def stream_body(self, length: Optional[int], limit: int) -> None:
+    def stream_body(self, reader, length: Optional[int], limit: int) -> None:
         """
         Process this request now, its head complete, with its body to
-        stream as it arrives (L{relay.server.upload}); an C{Expect:
-        100-continue} is answered when the relay-client fetches the body.
+        stream as it arrives (L{relay.server.upload}) from C{reader} (a
+        L{BodyReader}); on HTTP/1.1 an C{Expect: 100-continue} is answered
+        when the relay-client fetches the body.
         """
-        self.streamed_body = StreamedBody(_UserReader(self), length, limit, self._streamed_too_large)
+        self.streamed_body = StreamedBody(reader, length, limit, self._streamed_too_large)
         self.process()
 
     def _streamed_too_large(self) -> None:
@@ -297,8 +298,8 @@ class RelayRequest(server.Request):
                 # Answered while the body still comes: whether all of it
                 # will be read is not known, so this answer is the
                 # connection's last, as Go's server says.
-                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
                 if isinstance(self.channel, http.HTTPChannel):
+                    self.responseHeaders.setRawHeaders(b"connection", [b"close"])
                     self.channel.persistent = False
             # The head and the first bytes of the body leave as one.
             corked(self.channel.transport, super().write, data)
@@ -554,7 +555,7 @@ class RelayChannel(http.HTTPChannel):
             request._expects_continue = _expects_continue(request)
             request.requestHeaders.removeHeader(b"expect")
             super().allHeadersReceived()
-            request.stream_body(self.length, self.site.max_streamed_request_body)
+            request.stream_body(_UserReader(request), self.length, self.site.max_streamed_request_body)
             return
         if self.length is not None and self.length > self.site.max_request_body:
             # Answer with the final 413, not an interim 100 Continue that
