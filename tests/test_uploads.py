@@ -15,13 +15,15 @@ from twisted.trial import unittest
 from relay.compat import unwritten_bytes
 from tests.process import TwistdProcess
 from tests.support import RelayServer, dechunk, head_and_body, rss_peak_kib, stalled, started_client, tick
-from tests.upload_support import UploadBackends, Uploader, pattern_sha256, upload_head
+from tests.upload_support import H2Uploader, UploadBackends, Uploader, pattern_sha256, upload_head
 
 NAME = "robot"
 MIB = 1024 * 1024
 
 
-class Uploads(unittest.TestCase):
+class UploadCase(unittest.TestCase):
+    """Our server and our relay-client, in this process, before an upload backend."""
+
     timeout = 20
 
     def setUp(self):
@@ -49,6 +51,10 @@ class Uploads(unittest.TestCase):
     def answer(self, user):
         head, body = head_and_body(bytes(user.data))
         return head, body
+
+
+class Uploads(UploadCase):
+    """HTTP/1.1 users."""
 
     @defer.inlineCallbacks
     def test_upload_arrives_whole(self):
@@ -231,6 +237,67 @@ class Uploads(unittest.TestCase):
         yield upload.ended
         self.assertTrue(upload.broken)
         self.assertLessEqual(upload.received, 3 * MIB)
+
+
+class H2Uploads(UploadCase):
+    """The same pair, the user on HTTP/2 (h2c): its flow control is the back-pressure."""
+
+    @defer.inlineCallbacks
+    def h2_upload(self, path: bytes, size: int, **kwargs):
+        user = H2Uploader("/client/%s%s" % (NAME, path.decode()), size, self.seed, **kwargs)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), user)
+        self.addCleanup(lambda: user.transport.abortConnection() if user.transport is not None else None)
+        return user
+
+    @defer.inlineCallbacks
+    def test_h2_upload_streams_and_arrives_whole(self):
+        """An HTTP/2 body reaches the backend as it comes (before END_STREAM), and whole."""
+        size = 6 * MIB
+        user = yield self.h2_upload(b"/sink", size, stop_after=2 * MIB)
+        upload = yield self.backend.next_upload()
+        yield user.stopped
+        while upload.received < 2 * MIB:
+            yield tick(0.05)
+        self.assertFalse(upload.ended.called)
+        user.go_on()
+        yield upload.ended
+        self.assertTrue(upload.complete)
+        self.assertEqual(upload.sha256, pattern_sha256(size, self.seed))
+        yield user.ended
+        self.assertEqual(user.headers.get(":status"), "200")
+
+    @defer.inlineCallbacks
+    def test_h2_upload_without_length(self):
+        """No content-length over HTTP/2: the backend gets a chunked body, whole."""
+        size = 3 * MIB + 7
+        user = yield self.h2_upload(b"/sink", size, length=False)
+        upload = yield self.backend.next_upload()
+        yield upload.ended
+        self.assertTrue(upload.complete)
+        self.assertEqual(upload.header(b"transfer-encoding"), b"chunked")
+        self.assertEqual(upload.sha256, pattern_sha256(size, self.seed))
+        yield user.ended
+
+    @defer.inlineCallbacks
+    def test_h2_user_reset_breaks_the_backend_body(self):
+        """A user that resets its stream mid-upload: the backend's body breaks off."""
+        user = yield self.h2_upload(b"/sink", 8 * MIB, stop_after=MIB)
+        upload = yield self.backend.next_upload()
+        yield user.stopped
+        while upload.received < MIB:
+            yield tick(0.05)
+        user.reset()
+        yield upload.ended
+        self.assertTrue(upload.broken)
+
+    @defer.inlineCallbacks
+    def test_h2_early_answer(self):
+        """An early 413 reaches an HTTP/2 user, whose stream is then reset with NO_ERROR."""
+        user = yield self.h2_upload(b"/early", 64 * MIB)
+        yield user.ended
+        self.assertEqual(user.headers.get(":status"), "413")
+        self.assertEqual(user.data, b"too large for me\n")
+        self.assertIn(user.reset_code, (None, 0))
 
 
 class GoHalves(unittest.TestCase):

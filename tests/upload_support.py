@@ -332,3 +332,101 @@ class Uploader(protocol.Protocol):
 def upload_head(path: bytes, size: int, chunked: bool = False, extra: bytes = b"") -> bytes:
     framing = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % (size,)
     return b"PUT %s HTTP/1.1\r\nHost: relay\r\n%s%s\r\n" % (path, framing, extra)
+
+
+class H2Uploader(protocol.Protocol):
+    """
+    A user on HTTP/2 (prior knowledge) that uploads C{size} bytes on one
+    stream as the flow-control windows allow, optionally stopping after
+    C{stop_after}; it collects the answer and how the stream ended.
+    """
+
+    def __init__(self, path: str, size: int, seed: bytes, length: bool = True, stop_after: Optional[int] = None):
+        import h2.config
+        import h2.connection
+
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.path = path
+        self.size = size
+        self.seed = seed
+        self.length = length
+        self.stop_after = stop_after
+        self.sent = 0
+        self.block = 0
+        self.pending = b""
+        self.all_sent = False
+        self.stream_id = None
+        self.headers = None
+        self.data = b""
+        self.reset_code = None
+        self.ended: defer.Deferred = defer.Deferred()
+        self.stopped: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.conn.initiate_connection()
+        self.stream_id = self.conn.get_next_available_stream_id()
+        headers = [(":method", "PUT"), (":path", self.path), (":scheme", "http"), (":authority", "relay")]
+        if self.length:
+            headers.append(("content-length", str(self.size)))
+        self.conn.send_headers(self.stream_id, headers)
+        self._send()
+
+    def _send(self) -> None:
+        import h2.exceptions
+
+        limit = self.size if self.stop_after is None else min(self.size, self.stop_after)
+        try:
+            while self.sent < limit or self.pending:
+                if not self.pending:
+                    self.pending = pattern_block(self.block, self.seed)[: limit - self.sent]
+                    self.block += 1
+                window = min(self.conn.local_flow_control_window(self.stream_id), self.conn.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                piece, self.pending = self.pending[:window], self.pending[window:]
+                self.conn.send_data(self.stream_id, piece)
+                self.sent += len(piece)
+            if self.sent >= limit and not self.pending:
+                if limit == self.size:
+                    if not self.all_sent:
+                        self.all_sent = True
+                        self.conn.end_stream(self.stream_id)
+                elif not self.stopped.called:
+                    self.stopped.callback(self.sent)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self.transport.write(self.conn.data_to_send())
+
+    def go_on(self) -> None:
+        self.stop_after = None
+        self._send()
+
+    def reset(self) -> None:
+        from h2.errors import ErrorCodes
+
+        self.conn.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        self.transport.write(self.conn.data_to_send())
+
+    def dataReceived(self, data: bytes) -> None:
+        import h2.events
+
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.headers = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                self.data += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                if not self.ended.called:
+                    self.ended.callback(None)
+            elif isinstance(event, h2.events.StreamReset):
+                self.reset_code = event.error_code
+                if not self.ended.called:
+                    self.ended.callback(None)
+            elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                pass
+        self._send()
+
+    def connectionLost(self, reason) -> None:
+        if not self.ended.called:
+            self.ended.callback(None)
