@@ -13,12 +13,15 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from relay.compat import unwritten_bytes
-from tests.process import TwistdProcess
-from tests.support import RelayServer, dechunk, head_and_body, rss_peak_kib, stalled, started_client, tick
+from tests.process import ROOT, ChildProcess, TwistdProcess
+from tests.support import RelayServer, dechunk, free_port, head_and_body, rss_peak_kib, stalled, started_client, tick
 from tests.upload_support import H2Uploader, UploadBackends, Uploader, pattern_sha256, upload_head
 
 NAME = "robot"
 MIB = 1024 * 1024
+GO = os.path.join(os.path.dirname(ROOT), "shared", "reference-go")
+GO_SERVER = os.path.join(GO, "http-relay-server")
+GO_CLIENT = os.path.join(GO, "http-relay-client")
 
 
 class UploadCase(unittest.TestCase):
@@ -405,3 +408,81 @@ class Processes(unittest.TestCase):
         server_peak, client_peak = rss_peak_kib(server.pid), rss_peak_kib(client.pid)
         self.assertLess(server_peak, 100 * 1024, "server peak RSS %d KiB" % server_peak)
         self.assertLess(client_peak, 100 * 1024, "relay-client peak RSS %d KiB" % client_peak)
+
+
+@defer.inlineCallbacks
+def said(proc: ChildProcess, text: bytes, timeout: float = 15.0):
+    """Wait until a child process has written C{text}."""
+    deadline = reactor.seconds() + timeout
+    while text not in proc.output:
+        if reactor.seconds() > deadline or proc.exited.called:
+            raise AssertionError("never said %r: %r" % (text, proc.output[-2000:]))
+        yield tick(0.05)
+
+
+class GoHalvesBuffer(unittest.TestCase):
+    """
+    Either Go half keeps today's buffered bodies: the backend gets the
+    request only once the whole body reached the server, and intact.
+    """
+
+    timeout = 60
+
+    def setUp(self):
+        self.seed = os.urandom(256 * 1024)
+        self.backend = UploadBackends()
+        self.addCleanup(self.backend.stop)
+
+    def go(self, path: str, args) -> ChildProcess:
+        if not os.access(path, os.X_OK):
+            raise unittest.SkipTest("no Go binary at " + path)
+        proc = ChildProcess.spawn([path] + list(args))
+        self.addCleanup(proc.terminate)
+        return proc
+
+    @defer.inlineCallbacks
+    def upload_buffered(self, port: int):
+        size = 6 * MIB
+        head = upload_head(b"/client/" + NAME.encode() + b"/sink", size)
+        user = Uploader(head, size, self.seed, stop_after=2 * MIB)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), user)
+        self.addCleanup(lambda: user.transport.abortConnection() if user.transport is not None else None)
+        yield user.stopped
+        yield tick(0.5)
+        self.assertEqual(self.backend.uploads, [], "the backend was asked before the body was whole")
+        user.stop_after = None
+        user.done_sending = False
+        user.start()
+        upload = yield self.backend.next_upload()
+        yield upload.ended
+        self.assertTrue(upload.complete)
+        self.assertEqual(upload.sha256, pattern_sha256(size, self.seed))
+        yield user.wait_for(b"}")
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200"), bytes(user.data)[:200])
+
+    @defer.inlineCallbacks
+    def test_go_relay_client_on_our_server(self):
+        relay = RelayServer()
+        self.addCleanup(relay.stop)
+        self.go(
+            GO_CLIENT,
+            [
+                "--backend_scheme=http",
+                "--relay_scheme=http",
+                "--disable_auth_for_remote",
+                "--server_name=" + NAME,
+                "--backend_address=" + self.backend.address,
+                "--relay_address=127.0.0.1:%d" % (relay.port,),
+            ],
+        )
+        yield relay.polling(NAME)
+        yield self.upload_buffered(relay.port)
+
+    @defer.inlineCallbacks
+    def test_our_relay_client_on_the_go_server(self):
+        port = free_port()
+        server = self.go(GO_SERVER, ["--port=%d" % (port,)])
+        yield said(server, b"Relay server listening")
+        started_client(self, "http://127.0.0.1:%d" % (port,), NAME, backend_address=self.backend.address)
+        yield said(server, b"Relay client connected")
+        yield self.upload_buffered(port)
