@@ -25,9 +25,9 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.server import tap
 from relay.config import ServerConfig
-from relay.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
-from relay.admin.stats import DEFAULT_RING, redact_headers
-from relay.admin.status import Query, effective_flags, snapshot
+from relay.server.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
+from relay.server.admin.stats import DEFAULT_RING, redact_headers
+from relay.server.admin.status import Query, effective_flags, snapshot
 from relay.server.broker import Backend, Broker, Waiters
 from relay.proto.http_relay_pb2 import HttpRequest
 from tests.support import RelayServer, free_port, raw_connect, started_client, tick
@@ -581,7 +581,7 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertLess(at_50k - at_10k, 256 * 1024, (at_10k, at_50k))
 
     def test_overload_and_unknown_names_are_counted_within_bounds(self):
-        from relay.admin import stats as module
+        from relay.server.admin import stats as module
         from relay.server.broker import Overloaded, UnknownBackend
 
         clock = Clock()
@@ -612,7 +612,7 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertEqual(len(stats.backends["robot"].recent), DEFAULT_RING)
 
     def test_forgotten_backends_are_capped(self):
-        from relay.admin import stats as module
+        from relay.server.admin import stats as module
 
         clock = Clock()
         stats = AdminStats(clock)

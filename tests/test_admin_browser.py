@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.admin import TokenCheck, attach_admin
+from relay.server.admin import TokenCheck, attach_admin
 from relay.proto.http_relay_pb2 import HttpRequest
 from tests.chromium import Chromium, find_chromium
 from tests.support import RelayServer, raw_connect, started_client

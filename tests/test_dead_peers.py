@@ -195,8 +195,8 @@ class Decision(unittest.TestCase):
         self.assertIn('relay_backend_last_poll_timestamp_seconds{backend="robot"} 0\n', text)
 
     def test_the_admin_view_shows_each_backends_connection_health(self):
-        from relay.admin.stats import AdminStats
-        from relay.admin.status import Query, snapshot
+        from relay.server.admin.stats import AdminStats
+        from relay.server.admin.status import Query, snapshot
 
         stats = self.broker.stats = AdminStats(self.clock)
         connection, pending, sink = self.hand_out()

@@ -387,7 +387,7 @@ class PendingRequest:
         # Bytes of the body charged to the broker's BodyBudget, given back
         # once the message has been handed over (or dropped).
         self.charge = 0
-        # For the admin view (relay.admin): what was asked, set only when
+        # For the admin view (relay.server.admin): what was asked, set only when
         # the view is on, since the message itself goes at pickup; and
         # whether the user went away first.
         self.info = None
@@ -619,7 +619,7 @@ class Broker:
         self.stopping = False
         # Accepted connections that died, by how (timeout, reset).
         self.dead_connections: Dict[str, int] = {}
-        # The admin view's statistics (relay.admin.stats.AdminStats), or
+        # The admin view's statistics (relay.server.admin.stats.AdminStats), or
         # None when the view is off: then each hook below costs one test.
         self.stats = None
 

@@ -418,7 +418,7 @@ def admin_check(options):
         if options["admin_token_file"] or options["inspect_headers"]:
             raise usage.UsageError("--admin_token_file and --inspect_headers need --admin_port")
         return None
-    from relay.admin.web import TokenCheck
+    from relay.server.admin.web import TokenCheck
 
     options.check("admin_port", check_port)
     try:
@@ -428,8 +428,8 @@ def admin_check(options):
 
 
 def _attach_admin(service, reactor, options) -> None:
-    from relay.admin.service import admin_endpoint, attach_admin
-    from relay.admin.status import effective_flags
+    from relay.server.admin.service import admin_endpoint, attach_admin
+    from relay.server.admin.status import effective_flags
 
     endpoint = admin_endpoint(options["admin_port"])
     attach_admin(

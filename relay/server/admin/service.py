@@ -13,8 +13,8 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from relay.admin.stats import AdminStats
-from relay.admin.web import TokenCheck, admin_site
+from relay.server.admin.stats import AdminStats
+from relay.server.admin.web import TokenCheck, admin_site
 from relay.server.service import ListeningService
 
 log = Logger()
