@@ -11,6 +11,9 @@ from twisted.python import usage
 
 from relay.config import ServerConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
+from relay.server.admin.service import admin_endpoint, attach_admin
+from relay.server.admin.status import effective_flags
+from relay.server.admin.web import TokenCheck
 from relay.server.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
 from relay.server.h2 import offer_h2_over_tls
 from relay.options import (
@@ -418,8 +421,6 @@ def admin_check(options):
         if options["admin_token_file"] or options["inspect_headers"]:
             raise usage.UsageError("--admin_token_file and --inspect_headers need --admin_port")
         return None
-    from relay.server.admin.web import TokenCheck
-
     options.check("admin_port", check_port)
     try:
         return TokenCheck.from_file(options["admin_token_file"])
@@ -428,9 +429,6 @@ def admin_check(options):
 
 
 def _attach_admin(service, reactor, options) -> None:
-    from relay.server.admin.service import admin_endpoint, attach_admin
-    from relay.server.admin.status import effective_flags
-
     endpoint = admin_endpoint(options["admin_port"])
     attach_admin(
         service,

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from relay.server.admin.stats import AdminStats
 from relay.server.admin.web import TokenCheck, admin_site
-from relay.server.service import ListeningService
+from relay.server.listening import ListeningService
 
 log = Logger()
 
