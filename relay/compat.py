@@ -197,7 +197,7 @@ def unwritten_bytes(transport) -> int:
 
 
 # twisted.internet.tcp.Connection.doRead: the same read, keeping the errno
-# that Twisted folds into one ConnectionLost (relay.tuning.liveness).
+# that Twisted folds into one ConnectionLost (relay.net.liveness).
 def read_socket(transport, on_error) -> None:
     """
     Make C{transport} (a L{tcp.Connection}) read as Twisted's C{doRead}

@@ -249,7 +249,7 @@ class OnlyHereTests(unittest.SynchronousTestCase):
 
 
 class SocketReadTests(unittest.TestCase):
-    """read_socket and unwritten_bytes, on a real loopback connection (relay.tuning.liveness)."""
+    """read_socket and unwritten_bytes, on a real loopback connection (relay.net.liveness)."""
 
     def test_a_reset_reaches_on_error_with_its_errno_then_connection_lost(self):
         import errno

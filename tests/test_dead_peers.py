@@ -1,7 +1,7 @@
 """
 Dead peers: what happens to a request whose poll answer was
 written on a connection that then died, decided from how it died
-(L{relay.tuning.liveness.Death}); reconnects and dead connections counted
+(L{relay.net.liveness.Death}); reconnects and dead connections counted
 per backend.
 
 The decision runs on a L{Clock} with deaths made up by the test (the
@@ -29,7 +29,7 @@ from relay.server.broker import (
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
-from relay.tuning.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
+from relay.net.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
 from tests.test_broker import Sink
 
 
@@ -295,7 +295,7 @@ class SocketOptions(unittest.TestCase):
         from twisted.internet import defer, protocol, reactor
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-        from relay.tuning.liveness import socket_transport
+        from relay.net.liveness import socket_transport
         from tests.support import RelayServer
 
         server = RelayServer(**config)
@@ -343,7 +343,7 @@ class UnderTLS(unittest.SynchronousTestCase):
     def test_the_socket_transport_is_found_under_a_wrapper(self):
         from twisted.internet.abstract import FileDescriptor
 
-        from relay.tuning.liveness import socket_transport
+        from relay.net.liveness import socket_transport
 
         class Wrapper:
             def __init__(self, transport):

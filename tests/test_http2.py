@@ -303,7 +303,7 @@ class H2PollConnectionDies(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_the_user_gets_a_502_at_once(self):
-        from relay.tuning.liveness import RESET, Death
+        from relay.net.liveness import RESET, Death
 
         class Dying:
             # The kernel's report for this connection, made up: on loopback

@@ -16,7 +16,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 
-from relay.logs import connect_quietly, text_line
+from relay.logs import text_line
+from relay.net.transport import connect_quietly
 from relay.server.broker import Broker
 from tests.support import FakeRelayClient, RelayServer, started_client, tick
 from tests.test_broken_off import CHUNKED_HEAD, RawBackend
@@ -294,7 +295,7 @@ class QuietFactoryTests(unittest.TestCase):
 
         import relay
         from relay.client.keepalive import _ConnectionFactory
-        from relay.logs import _OneShotFactory
+        from relay.net.transport import _OneShotFactory
         from relay.server.site import RelaySite
 
         root = os.path.dirname(relay.__file__)

@@ -29,7 +29,7 @@ from relay.client.http import BytesProducer, describe_failure, read_token
 from relay.client.keepalive import KeepAliveAgent
 from relay.config import ClientConfig
 from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical
-from relay.logs import connect_quietly
+from relay.net.transport import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
 
 

@@ -7,7 +7,7 @@ IDNA-encodes the host name again: a tenth of the client's time on small
 requests. The relay client only ever talks to one relay and one backend, so
 it keeps the few endpoints it needs (for L{relay.client.keepalive}, or any
 Agent), and gives their connections the settings of
-L{relay.tuning.transport} (send limit, TCP_NODELAY).
+L{relay.net.transport} (send limit, TCP_NODELAY).
 
 Connections are made by L{client_endpoint}, not by Twisted's
 C{HostnameEndpoint}: that one starts a new attempt every 0.3 s and only
@@ -33,8 +33,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from relay.tuning.liveness import watch_socket_of
-from relay.tuning.transport import tune
+from relay.net.liveness import watch_socket_of
+from relay.net.transport import tune
 
 ATTEMPT_DELAY = 0.3  # Go's net.Dialer FallbackDelay, and Twisted's.
 
@@ -174,7 +174,7 @@ class TunedEndpoint:
     """
     An endpoint whose connections get L{tune}d once connected and, given
     C{liveness} (a keepalive interval and a dead-connection timeout), watched
-    by the kernel for a peer that went away (L{relay.tuning.liveness}).
+    by the kernel for a peer that went away (L{relay.net.liveness}).
     """
 
     def __init__(self, endpoint, liveness: Optional[Tuple[float, float]] = None):

@@ -57,8 +57,8 @@ from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.broker import PollConnection
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
-from relay.tuning import liveness
-from relay.tuning.transport import corked, tune
+from relay.net import liveness
+from relay.net.transport import corked, tune
 
 
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).

@@ -24,7 +24,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY
-from relay.logs import Throttle, connect_quietly
+from relay.logs import Throttle
+from relay.net.transport import connect_quietly
 from relay.server.forward import peer_unreachable, proxied_headers
 
 CONNECT_TIMEOUT = 5.0  # seconds; a peer that passes its health checks answers at once
