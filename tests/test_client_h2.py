@@ -23,9 +23,11 @@ from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
 from relay.config import ClientConfig, ServerConfig
-from relay.client.backend import BackendError, BackendTarget, TrustPolicy, load_trust_root
-from relay.client.endpoints import CachingEndpointFactory
-from relay.client.h2backend import STREAM_WINDOW, H2ClientConnection
+from relay.client.backend import BackendTarget
+from relay.outbound.endpoints import CachingEndpointFactory
+from relay.outbound.connect import BackendError
+from relay.outbound.h2 import STREAM_WINDOW, H2ClientConnection
+from relay.outbound.tls import TrustPolicy, load_trust_root
 from relay.client.keepalive import KeepAliveAgent
 from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server.h2 import offer_h2_over_tls

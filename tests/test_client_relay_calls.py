@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from relay.client.endpoints import CachingEndpointFactory
+from relay.outbound.endpoints import CachingEndpointFactory
 from relay.client.relay_api import POLL_DEADLINE, Forbidden, PermanentRelayError, RelayAPI, RelayError
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import MemoryNetwork, client_service

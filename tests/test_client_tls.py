@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from relay.client.backend import load_trust_root
+from relay.outbound.tls import load_trust_root
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, WS_GUID, Backend, RawUser, Relay, make_frame, parse_frame
 

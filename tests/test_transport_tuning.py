@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from twisted.web.client import URI
 from zope.interface import implementer
 
-from relay.client.endpoints import CachingEndpointFactory
+from relay.outbound.endpoints import CachingEndpointFactory
 from relay.net.liveness import watch_socket_of
 from relay.net.transport import corked, tune
 

@@ -26,7 +26,8 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from relay import wire
-from relay.client.http import BytesProducer, backoff_delays, describe_failure, is_connection_refused, read_all, read_token
+from relay.client.http import BytesProducer, backoff_delays, is_connection_refused, read_all, read_token
+from relay.outbound.connect import describe_failure
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()

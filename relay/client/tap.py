@@ -16,10 +16,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relay import tuning
-from relay.client.backend import load_trust_root
 from relay.client.service import make_client_service
 from relay.config import ClientConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
+from relay.outbound.address import split_host_port
+from relay.outbound.tls import load_trust_root
 from relay.tracing import CLIENT_NAME, tracing_for
 from relay.options import (
     GoFlagOptions,
@@ -210,17 +211,10 @@ def host_port(text: str) -> str:
     C{host}, C{host:port} or C{[v6]:port}, checked now: a client that polls
     C{localhost:abc} would retry for ever.
     """
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise usage.UsageError("not HOST:PORT; write an IPv6 address as [::1]:8081")
-        port = rest[1:] if rest else None
-    else:
-        host, colon, port = text.rpartition(":")
-        if not colon:
-            host, port = text, None
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-        raise usage.UsageError("the port must be a number from 1 to 65535, e.g. localhost:8081")
+    try:
+        split_host_port(text, default_port=0)
+    except ValueError as e:
+        raise usage.UsageError(str(e))
     return text
 
 
