@@ -133,7 +133,7 @@ class _Stream:
         self._pending: List[bytes] = []
         self.error: Optional[str] = None  # why the stream failed, if it did
 
-    # The response, as L{relay.client.backend.BackendResponse} offers it.
+    # The response, with the face of the relay-client's HTTP/1.1 BackendResponse.
 
     @property
     def headers(self) -> List[Header]:
