@@ -802,7 +802,7 @@ class Broker:
     def connection_ended(self, death, *connections: Optional[PollConnection]) -> None:
         """
         An accepted connection is gone, as C{death} (a
-        L{relay.tuning.liveness.Death}) says; C{connections} are its
+        L{relay.net.liveness.Death}) says; C{connections} are its
         records of polls, if it carried any (L{connection_lost}).
         """
         if death.dead:
@@ -815,7 +815,7 @@ class Broker:
     def connection_lost(self, connection: PollConnection, death) -> None:
         """
         A connection that carried polls is gone; C{death} (a
-        L{relay.tuning.liveness.Death}) says how, and how many bytes
+        L{relay.net.liveness.Death}) says how, and how many bytes
         written on it were never acknowledged. For each request whose
         poll answer was on it and has not shown that it arrived:
 

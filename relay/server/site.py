@@ -317,7 +317,7 @@ class RelayChannel(http.HTTPChannel):
     _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
 
     _switched: Optional[IProtocol] = None
-    # The socket's watch (relay.tuning.liveness), and the broker's record
+    # The socket's watch (relay.net.liveness), and the broker's record
     # of the polls this connection carried (created at its first poll).
     _watch: Optional[liveness.Watch] = None
     poll_connection: Optional[PollConnection] = None

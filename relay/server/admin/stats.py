@@ -18,7 +18,7 @@ view pays one attribute test per hook site):
 Each hook is a handful of attribute updates and deque appends: no
 allocation grows with traffic. Everything that can be computed later is:
 in-flight requests, open polls and byte counts are read from the broker's
-own objects when C{/api/status} asks (see L{relay.admin.status}), never
+own objects when C{/api/status} asks (see L{relay.server.admin.status}), never
 tracked per event.
 
 Bounds:
@@ -264,7 +264,7 @@ class BackendStats:
         self.recent: Deque[Finished] = deque(maxlen=ring)
         self.recent_errors: Deque[Finished] = deque(maxlen=error_ring)
         self.forgotten_at: Optional[float] = None
-        # The last-minute summary of relay.admin.status, with what it was
+        # The last-minute summary of relay.server.admin.status, with what it was
         # computed from: a page polled every 2 s recomputes only backends
         # that had traffic since.
         self.summary: Optional[tuple] = None
