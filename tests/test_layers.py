@@ -11,6 +11,8 @@ without a cycle.
 
 import ast
 import os
+import subprocess
+import sys
 from typing import Dict, Iterator, List, Set, Tuple
 
 from twisted.trial import unittest
@@ -142,6 +144,23 @@ class LayerTests(unittest.SynchronousTestCase):
                 if target in names and target != name:
                     edges.setdefault(name, set()).add(target)
         self.assertEqual(cycles(edges), [])
+
+
+class LoadedTests(unittest.TestCase):
+    """What the rule is for: starting one side loads nothing of the other."""
+
+    def loaded(self, module: str, prefix: str):
+        code = "import sys, %s; print(sorted(m for m in sys.modules if m.startswith(%r)))" % (module, prefix)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=os.path.dirname(ROOT), capture_output=True, text=True, check=True
+        ).stdout
+        return out.strip()
+
+    def test_the_server_loads_nothing_of_the_client(self):
+        self.assertEqual(self.loaded("relay.server.tap", "relay.client"), "[]")
+
+    def test_the_client_loads_nothing_of_the_server(self):
+        self.assertEqual(self.loaded("relay.client.tap", "relay.server"), "[]")
 
 
 class CheckerTests(unittest.SynchronousTestCase):

@@ -5,6 +5,8 @@ dial tcp ...: connect: connection refused}): users and their tools read it
 in the 502 the relay answers, and expect it to read as it did.
 """
 
+from typing import Tuple
+
 from twisted.internet import endpoints
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
@@ -23,7 +25,7 @@ class BackendError(Exception):
     """The peer could not be asked, or did not answer; the text is for the user."""
 
 
-def split_address(request: OutboundRequest):
+def split_address(request: OutboundRequest) -> Tuple[str, int]:
     """Where C{request} connects to: (host, port), the scheme's port by default."""
     try:
         return split_host_port(request.address, default_port(request.scheme))
@@ -52,7 +54,7 @@ def describe_failure(failure: Failure) -> str:
 
 
 def connect_error(request: OutboundRequest, failure: Failure) -> str:
-    """Why the backend could not be asked, worded like Go's dialer."""
+    """Why the peer could not be asked, worded like Go's dialer."""
     value = failure.value
     reasons = getattr(value, "reasons", None)
     if reasons:
@@ -70,7 +72,7 @@ def connect_error(request: OutboundRequest, failure: Failure) -> str:
 async def connect_own(reactor, policy: TrustPolicy, request: OutboundRequest, protocol, alpn=None) -> None:
     """
     Connect C{protocol} (an upgrade's pipe, an HTTP/2 connection) to the
-    backend of C{request} over a connection of its own, not one from the
+    peer of C{request} over a connection of its own, not one from the
     pool: TLS for C{https}, offering C{alpn}; failures worded like Go's
     dialer.
     """
