@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relay.config import ServerConfig, flag_default, from_options
+from relay.durations import format_duration
 from relay.logs import twistd_log_observer
 from relay.server.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
 from relay.server.h2 import offer_h2_over_tls
@@ -33,7 +34,7 @@ from relay.options import (
 from relay import tuning
 from relay.tracing import SERVER_NAME, tracing_for
 from relay.server.routing import find_self, local_hostname, replica_list
-from relay.server.service import make_server_service
+from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL, make_server_service
 from relay.startup import report_startup_errors
 
 log = Logger()
@@ -77,7 +78,7 @@ class Options(GoFlagOptions):
             default("inactive_request_timeout"),
             "Drop a request when its relay-client has sent nothing for this long "
             "(a Go duration such as 60s or 1m30s; the user gets a 504 if no answer "
-            "had begun). Checked every 10s.",
+            "had begun). Checked every %s." % (format_duration(REAP_INTERVAL),),
         ],
         [
             "inactive_backend_timeout",
@@ -102,7 +103,7 @@ class Options(GoFlagOptions):
             "microseconds before sleeping (yielding the CPU to anything ready to run). Cuts "
             "latency where waking an idle CPU is slow (VMs), at the cost of up to a core of "
             "CPU under moderate load; on a busy machine with few cores it can slow things "
-            "down (docs/performance.md). 0 (the default): off. Needs the epoll reactor (the default on Linux).",
+            "down (docs/performance.md). 0: off. Needs the epoll reactor (the default on Linux).",
             nonnegative_int,
         ],
         [
@@ -193,7 +194,7 @@ class Options(GoFlagOptions):
             "(a Go duration), answering /healthz, polls and new user requests with 503 and "
             "Connection: close, so that load balancers see readiness fail before the port "
             "closes. The port closes once this has passed and no request is in flight "
-            "(in-flight requests get at most 20s). 0: no grace.",
+            "(in-flight requests get at most %s). 0: no grace." % (format_duration(CLEAN_SHUTDOWN_TIMEOUT),),
         ],
         [
             "log_level",
@@ -230,7 +231,7 @@ class Options(GoFlagOptions):
             "Not in Go: run as one of several replicas behind an ingress that hashes "
             "consistently on the backend name (docs/scaling.md). Every replica's host:port, "
             "comma-separated, spelled and ordered exactly as in the ingress's upstream block, "
-            "and the same on every replica. Empty (the default): a single replica.",
+            "and the same on every replica. Empty: a single replica.",
         ],
         [
             "peer_self",
