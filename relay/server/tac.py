@@ -56,12 +56,18 @@ def variables() -> Dict[str, Tuple[str, bool]]:
 
 def service_link(name: str, environ: Mapping[str, str]) -> bool:
     """
-    Whether C{name} is one of Kubernetes' service links. C{NAME_PORT} is
-    told from a value an operator wrote by its twin C{NAME_PORT_80_TCP},
-    which Kubernetes always sets to the same C{tcp://IP:80}.
+    Whether C{name}, none of our variables, is one of Kubernetes' service
+    links.
     """
-    if _LINK_NAME.match(name):
-        return True
+    return bool(_LINK_NAME.match(name)) or linked_port(name, environ)
+
+
+def linked_port(name: str, environ: Mapping[str, str]) -> bool:
+    """
+    Whether C{name} is a service link's C{NAME_PORT=tcp://IP:80}: told from
+    a value an operator wrote by its twin C{NAME_PORT_80_TCP}, which
+    Kubernetes always sets to the same value.
+    """
     value = environ[name]
     url = _LINK_URL.match(value)
     if not (name.endswith("_PORT") and url):
@@ -82,12 +88,13 @@ def flags(environ: Mapping[str, str]) -> Tuple[List[str], List[str]]:
     for name in sorted(environ):
         if not name.startswith(PREFIX) or name == LOG_FILE:
             continue
-        if service_link(name, environ):
-            if name in table:
-                links.append(name)
-            continue
         value = environ[name]
+        if name in table and linked_port(name, environ):
+            links.append(name)
+            continue
         if name not in table:
+            if service_link(name, environ):
+                continue
             close = difflib.get_close_matches(name, list(table) + [LOG_FILE], n=1)
             hint = "; did you mean %s?" % (close[0],) if close else ""
             raise usage.UsageError(
