@@ -35,7 +35,8 @@ class TwistdProcess(protocol.ProcessProtocol):
     def spawn(cls, args, env=None, prefix=()):
         """C{prefix}: a command that runs the rest (C{ip netns exec NAME})."""
         proc = cls()
-        environ = dict(os.environ)
+        # Not the developer's RELAY_* variables: relay.tac refuses those it does not know.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
         environ.update(env or {})
         argv = list(prefix) + twistd_argv() + ["-n", "--pidfile="] + list(args)

@@ -168,6 +168,22 @@ class HashCommandTests(unittest.TestCase):
         ).stdout
         self.assertEqual(out.strip().decode(), token_hash("s3cret"))
 
+    def test_from_the_checkout_without_twisted(self):
+        """
+        As with a system Python in the repository's root: no site-packages
+        (-S), so no Twisted, and the checkout's twisted/ folder (the plugins)
+        on the path instead. The hash needs neither.
+        """
+        from tests.process import ROOT
+
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        run = subprocess.run(
+            [sys.executable, "-S", "-m", "relay.server.auth", "hash"],
+            input=b"s3cret\n", capture_output=True, cwd=ROOT, env=env,
+        )
+        self.assertEqual((run.returncode, run.stderr), (0, b""))
+        self.assertEqual(run.stdout.strip().decode(), token_hash("s3cret"))
+
 
 class LimitTests(unittest.TestCase):
     timeout = 30

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import shutil
 import tempfile
 from urllib.parse import urlsplit
@@ -69,6 +70,26 @@ class OneHomeTests(unittest.SynchronousTestCase):
         for options_class, config_class in SIDES:
             for row in options_class.optParameters:
                 self.assertEqual(row[2], flag_default(config_class, row[0]), row[0])
+
+    def test_help_texts_state_no_default(self):
+        """
+        C{--help} prints each default from the config (C{[default: 15s]});
+        a help text that says it again ("0 (the default): off") drifts.
+        """
+        for options_class, config_class in SIDES:
+            for row in options_class.optParameters:
+                said = r"\(the default\)|\(default: none\)"
+                if row[2] not in (None, ""):
+                    said += r"|[Dd]efault: %s\b" % (re.escape(str(row[2])),)
+                self.assertNotRegex(row[3], said, row[0])
+
+    def test_help_texts_take_their_intervals_from_the_code(self):
+        from relay.durations import format_duration
+        from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL
+
+        help_text = {row[0]: row[3] for row in server_tap.Options.optParameters}
+        self.assertIn("Checked every %s." % (format_duration(REAP_INTERVAL),), help_text["inactive_request_timeout"])
+        self.assertIn("at most %s)" % (format_duration(CLEAN_SHUTDOWN_TIMEOUT),), help_text["drain_grace"])
 
     def test_parsing_no_flags_gives_the_config_defaults(self):
         self.assertEqual(parsed(server_tap.Options).config, ServerConfig())

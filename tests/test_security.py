@@ -25,7 +25,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
-from relay.server.tap import port_endpoint
+from relay.options import port_endpoint
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, server_service, tick
 from tests.test_access import write
 from tests.test_http2 import H2Client
