@@ -160,7 +160,7 @@ class TrustedHeaderTests(AuthTestCase):
 
 class HashCommandTests(unittest.TestCase):
     def test_hash_of_stdin(self):
-        from tests.process import ROOT
+        from tests.support.process import ROOT
 
         env = dict(os.environ, PYTHONPATH=ROOT)
         out = subprocess.run(

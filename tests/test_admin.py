@@ -770,7 +770,7 @@ class Twistd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_relay_tac_variables(self):
-        from tests.process import ROOT, TwistdProcess
+        from tests.support.process import ROOT, TwistdProcess
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder, True)

@@ -25,7 +25,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.admin import TokenCheck, attach_admin
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.chromium import Chromium, find_chromium
+from tests.support.chromium import Chromium, find_chromium
 from tests.support import RelayServer, raw_connect, started_client
 from tests.test_admin import Hanging
 

@@ -26,7 +26,7 @@ from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.response import UserResponse
-from tests.process import ChildProcess
+from tests.support.process import ChildProcess
 from tests.support import RelayServer, client_service, dechunk, head_and_body
 from tests.test_client_e2e import Collect
 from tests.test_client_h2 import H2Backend, H2BackendResource

@@ -38,7 +38,7 @@ from relay.server.site import RelaySite
 from relay.server import tap as server_tap
 from relay.server.tap import Options as ServerOptions
 
-from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
+from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
 
 try:
     import yaml

@@ -17,7 +17,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from tests.process import ROOT
+from tests.support.process import ROOT
 
 OFFLINE_HINTS = ("NewConnectionError", "No matching distribution", "Could not find a version", "Network is unreachable")
 

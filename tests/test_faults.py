@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from tests.support import Changes, RelayServer, free_port, tick as _tick
-from tests.process import TwistdProcess
+from tests.support.process import TwistdProcess
 from tests.test_client_e2e import Backend
 
 MiB = 1024 * 1024

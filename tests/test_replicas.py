@@ -36,7 +36,7 @@ from tests.support import (
     head_and_body,
     raw_user,
 )
-from tests.process import ROOT
+from tests.support.process import ROOT
 from tests.test_startup import run_all, scratch
 
 PEERS = ["relay-0.relay:80", "relay-1.relay:80", "relay-2.relay:80"]

@@ -35,8 +35,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from relay.server.ring import Ring
 
-from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
-from tests.process import ChildProcess, TwistdProcess
+from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
+from tests.support.process import ChildProcess, TwistdProcess
 from tests.support import FakeRelayClient, client_service, free_port, tick
 from tests.test_client_e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
 from tests.test_rolling_deploy import GO_CLIENT

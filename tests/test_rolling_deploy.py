@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool
 
-from tests.process import ROOT, ChildProcess, TwistdProcess
+from tests.support.process import ROOT, ChildProcess, TwistdProcess
 
 GO_CLIENT = os.path.join(os.path.dirname(ROOT), "shared", "reference-go", "http-relay-client")
 GRACE = 2.0

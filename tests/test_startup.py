@@ -25,7 +25,7 @@ from twisted.trial import unittest
 from relay.client import tap as client_tap
 from relay.server import tap
 from relay.startup import listen_error
-from tests.process import ROOT, twistd_argv
+from tests.support.process import ROOT, twistd_argv
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from tests.process import TwistdProcess
+from tests.support.process import TwistdProcess
 from tests.support import rss_peak_kib
 
 MiB = 1024 * 1024

@@ -27,7 +27,7 @@ from twisted.web.server import Site
 
 from relay.config import ClientConfig, ServerConfig
 from relay.tracing import plan
-from tests.process import ROOT, TwistdProcess
+from tests.support.process import ROOT, TwistdProcess
 from tests.support import free_port
 from tests.test_replicas import name_owned_by
 

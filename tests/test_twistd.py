@@ -11,7 +11,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from tests.process import TwistdProcess
+from tests.support.process import TwistdProcess
 from tests.support import head_and_body, raw_connect
 
 

@@ -10,7 +10,7 @@ import sys
 
 from twisted.internet import defer, protocol, reactor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def twistd_argv():

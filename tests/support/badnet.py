@@ -57,7 +57,7 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from tests.process import ROOT, ChildProcess, TwistdProcess
+from tests.support.process import ROOT, ChildProcess, TwistdProcess
 from tests.test_rolling_deploy import GO_CLIENT
 
 GO_DIR = os.path.dirname(GO_CLIENT)
