@@ -18,17 +18,10 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
 from relay.server.broker import POLL_TIMEOUT
-from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect, tick as _tick
-from tests.test_routes import RouteTestCase
-from tests.test_server import ServerTestCase
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-    # A new mtime even within the same clock tick: reloads key on it.
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000000))
+from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect
+from tests.support import tick as _tick
+from tests.support.cases import RouteTestCase, ServerTestCase
+from tests.support.files import write
 
 
 class AuthTestCase(RouteTestCase):

@@ -20,63 +20,18 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.server import tap
-from relay.config import ServerConfig
 from relay.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
 from relay.admin.stats import DEFAULT_RING, redact_headers
 from relay.admin.status import Query, effective_flags, snapshot
-from relay.server.broker import Backend, Broker, Waiters
+from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest
+from relay.server import tap
+from relay.server.broker import Backend, Broker, Waiters
 from tests.support import RelayServer, free_port, raw_connect, started_client, tick
-
-SECRET = "s3cr3t-value"
-
-
-class Hanging(resource.Resource):
-    """
-    The backend: C{/ok} answers, C{/hang} never does, C{/short} promises
-    100 bytes, sends 10 and waits for the test to hang up, C{/stream}
-    writes forever, C{/echo} sets a cookie.
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.open = []
-        self.calls = []
-
-    def render(self, request):
-        path = request.path
-        if path == b"/ok" or path == b"/echo":
-            request.setHeader(b"set-cookie", ("session=" + SECRET).encode())
-            request.setHeader(b"x-backend", b"visible")
-            request.setHeader(b"x-vault-token", SECRET.encode())
-            return b"fine"
-        if path == b"/hang":
-            self.open.append(request)
-            return server.NOT_DONE_YET
-        if path == b"/short":
-            request.setHeader(b"content-length", b"100")
-            request.write(b"0123456789")
-            self.open.append(request)
-            return server.NOT_DONE_YET
-        if path == b"/stream":
-            self.open.append(request)
-
-            def tick():
-                if request._disconnected or request.finished:
-                    return
-                request.write(b"x" * 1000)
-                self.calls.append(reactor.callLater(0.05, tick))
-
-            tick()
-            return server.NOT_DONE_YET
-        request.setResponseCode(404)
-        return b"no"
+from tests.support.admin import SECRET, Hanging, _Pending, _Sink
 
 
 class AdminCase(unittest.TestCase):
@@ -236,7 +191,8 @@ class StatusWithRealClients(AdminCase):
 
     @defer.inlineCallbacks
     def test_upgraded_request_counts_both_ways(self):
-        from tests.test_client_e2e import Backend as EchoBackend, make_frame
+        from tests.support.e2e import Backend as EchoBackend
+        from tests.support.e2e import make_frame
 
         echo = EchoBackend()
         self.addCleanup(echo.stop)
@@ -638,32 +594,6 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertEqual(len(data["backends"]["items"]), 50)
         self.assertEqual(data["totals"]["backends"], 10000)
         self.assertLess(len(json.dumps(data)), 200000)
-
-
-class _Sink:
-    def __init__(self, code, truncated):
-        self.request = _Request(code)
-        self.bytes = 100
-        self.truncated = truncated
-        self.tunnel = None
-
-
-class _Request:
-    def __init__(self, code):
-        self.code = code
-
-
-class _Pending:
-    def __init__(self, start, backend, request_id, code, truncated):
-        self.start = start
-        self.backend = backend
-        self.id = request_id
-        self.sink = _Sink(code, truncated)
-        self.info = None
-        self.cancelled = False
-        self.started = True
-        self.finished = True
-        self.eof_received = True
 
 
 class Flags(unittest.TestCase):

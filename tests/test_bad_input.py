@@ -9,7 +9,7 @@ from twisted.trial import unittest
 
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import FakeRelayClient, RelayServer, head_and_body, raw_connect
-from tests.test_server import ServerTestCase
+from tests.support.cases import ServerTestCase
 
 
 class BadInputTests(ServerTestCase):

@@ -14,7 +14,7 @@ posts C{eof} after a short body; and the server's abort path in memory.
 import os
 
 import treq
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -26,63 +26,16 @@ from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.response import UserResponse
-from tests.support.process import ChildProcess
 from tests.support import RelayServer, client_service, dechunk, head_and_body
-from tests.test_client_e2e import Collect
-from tests.test_client_h2 import H2Backend, H2BackendResource
-from tests.test_http2 import H2Client
-from tests.test_rolling_deploy import GO_CLIENT
-from tests.test_server import ServerTestCase
+from tests.support.cases import ServerTestCase
+from tests.support.e2e import CHUNKED_HEAD, Collect, RawBackend
+from tests.support.go import GO_CLIENT
+from tests.support.h2 import H2Backend, H2BackendResource, H2Client
+from tests.support.process import ChildProcess
 
 NAME = "robot"
 BACKEND_ERROR = 'broker_responses{backend="robot",method="client",result="backend_error"} 1\n'
-CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
 LENGTH_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: text/plain\r\n\r\n"
-
-
-class RawBackend:
-    """
-    A backend that answers every request with C{answer}'s bytes and then
-    holds the connection for the test to cut (or closes it at once with
-    C{close_at_once}): the cut is exactly where the test wants it.
-    """
-
-    def __init__(self, answer: bytes, close_at_once: bool = False):
-        self.answer = answer
-        self.close_at_once = close_at_once
-        self.connections = []
-        self.port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: _Answering(self)), interface="127.0.0.1")
-        self.address = "127.0.0.1:%d" % (self.port.getHost().port,)
-
-    def cut(self, abort: bool) -> None:
-        """End the connection of the last request: a reset, or a clean close."""
-        transport = self.connections[-1].transport
-        if abort:
-            transport.abortConnection()
-        else:
-            transport.loseConnection()
-
-    def stop(self):
-        for connection in self.connections:
-            connection.transport.abortConnection()
-        return self.port.stopListening()
-
-
-class _Answering(protocol.Protocol):
-    def __init__(self, backend: RawBackend):
-        self.backend = backend
-        self.head = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.head is None:
-            return
-        self.head += data
-        if b"\r\n\r\n" in self.head:
-            self.head = None
-            self.backend.connections.append(self)
-            self.transport.write(self.backend.answer)
-            if self.backend.close_at_once:
-                self.transport.loseConnection()
 
 
 def backend_errors(relay: RelayServer) -> bool:

@@ -17,7 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
 from tests.support import started_client
-from tests.test_client_e2e import NAME, Backend, RawUser, Relay
+from tests.support.e2e import NAME, Backend, RawUser, Relay
 
 
 class RecordingClock:

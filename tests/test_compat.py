@@ -201,7 +201,7 @@ class WriteBufferTests(unittest.TestCase):
     def test_nothing_to_write_follows_the_write_buffers(self):
         """A real TCP transport: empty, then holding what the socket has not taken."""
         from twisted.internet import reactor
-        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
         from twisted.internet.protocol import Factory, Protocol
 
         class Silent(Protocol):

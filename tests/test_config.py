@@ -19,8 +19,8 @@ import tempfile
 from urllib.parse import urlsplit
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 
 import relay
@@ -356,7 +356,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
 
     def test_set_values_arrive(self):
         """The flags whose defaults say little (off, empty), set, and where they land."""
-        from tests.test_client_tls import make_ca_and_server_cert
+        from tests.support.tls import make_ca_and_server_cert
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)

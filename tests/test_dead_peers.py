@@ -13,8 +13,8 @@ reports the test's death.
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay.config import ServerConfig
@@ -30,7 +30,7 @@ from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
 from relay.tuning.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
-from tests.test_broker import Sink
+from tests.support.sinks import Sink
 
 
 def cancel(poll):

@@ -10,9 +10,10 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from tests.support import Changes, RelayServer, free_port, tick as _tick
+from tests.support import Changes, RelayServer, free_port
+from tests.support import tick as _tick
+from tests.support.e2e import Backend
 from tests.support.process import TwistdProcess
-from tests.test_client_e2e import Backend
 
 MiB = 1024 * 1024
 

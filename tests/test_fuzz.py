@@ -172,7 +172,7 @@ class FuzzTests(unittest.TestCase):
 # request to another backend on the same connection, pipelined (HTTP/1.1) or
 # multiplexed (HTTP/2); and random requests over HTTP/2.
 
-from tests.test_hostile_client import TRUE_ANSWER, H2User, HostileTestCase, http11_responses  # noqa: E402
+from tests.support.hostile import TRUE_ANSWER, HostileTestCase  # noqa: E402
 
 any_names = st.one_of(
     st.sampled_from(

@@ -13,8 +13,8 @@ import os
 from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
-from twisted.python import usage
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
@@ -36,8 +36,8 @@ from tests.support import (
     head_and_body,
     raw_user,
 )
-from tests.support.process import ROOT
-from tests.test_startup import run_all, scratch
+from tests.support.process import ROOT, run_all, scratch
+from tests.support.ring import name_owned_by
 
 PEERS = ["relay-0.relay:80", "relay-1.relay:80", "relay-2.relay:80"]
 
@@ -49,11 +49,6 @@ class FakeRequest:
 
 def headers_of(message):
     return {h.name: h.value for h in message.header}
-
-
-def name_owned_by(peers, owner, usable=lambda peer: True):
-    ring = Ring(peers)
-    return next(n for n in ("robot-%d" % i for i in range(1000)) if ring.owner(n, usable) == owner)
 
 
 class PeerListTests(unittest.SynchronousTestCase):

@@ -34,18 +34,18 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from relay.server.ring import Ring
-
+from tests.support import FakeRelayClient, client_service, free_port, tick
+from tests.support.e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
+from tests.support.go import GO_CLIENT
 from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
 from tests.support.process import ChildProcess, TwistdProcess
-from tests.support import FakeRelayClient, client_service, free_port, tick
-from tests.test_client_e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
-from tests.test_rolling_deploy import GO_CLIENT
 
 try:
-    import grpc
     from concurrent import futures
 
-    from tests.test_grpc import SERVICE, CallThreads, identity, method
+    import grpc
+
+    from tests.support.grpc_echo import SERVICE, CallThreads, identity, method
 except ImportError:  # e.g. on PyPy, which grpcio has no wheels for
     grpc = None
 

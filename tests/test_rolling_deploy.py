@@ -22,9 +22,9 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool
 
-from tests.support.process import ROOT, ChildProcess, TwistdProcess
+from tests.support.go import GO_CLIENT
+from tests.support.process import ChildProcess, TwistdProcess
 
-GO_CLIENT = os.path.join(os.path.dirname(ROOT), "shared", "reference-go", "http-relay-client")
 GRACE = 2.0
 SLOW = 3.0  # the backend's answer comes after the grace period
 

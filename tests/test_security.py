@@ -27,9 +27,9 @@ from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
 from relay.server.tap import port_endpoint
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, server_service, tick
-from tests.test_access import write
-from tests.test_http2 import H2Client
-from tests.test_server import ServerTestCase
+from tests.support.cases import ServerTestCase
+from tests.support.files import write
+from tests.support.h2 import H2Client
 
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 

@@ -18,8 +18,8 @@ from typing import Dict, List
 
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -27,9 +27,9 @@ from twisted.web.server import Site
 
 from relay.config import ClientConfig, ServerConfig
 from relay.tracing import plan
-from tests.support.process import ROOT, TwistdProcess
 from tests.support import free_port
-from tests.test_replicas import name_owned_by
+from tests.support.process import ROOT, TwistdProcess
+from tests.support.ring import name_owned_by
 
 GO = os.path.join(os.path.dirname(ROOT), "shared", "reference-go")
 GO_SERVER = os.path.join(GO, "http-relay-server")

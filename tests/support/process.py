@@ -6,7 +6,10 @@ operator sees.
 
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from twisted.internet import defer, protocol, reactor
 
@@ -117,3 +120,36 @@ class ChildProcess(protocol.ProcessProtocol):
     def terminate(self):
         self.signal("TERM")
         return self.exited
+
+
+def environ(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_all(cases, cwd, timeout=120):
+    """Run C{[(args, env)]} under twistd at once; C{[(returncode, stderr text)]}."""
+    procs = [
+        subprocess.Popen(
+            twistd_argv() + args,
+            cwd=cwd,
+            env=environ(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for args, env in cases
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, (out + err).decode("utf-8", "replace")))
+    return results
+
+
+def scratch(test) -> str:
+    """An empty folder outside the checkout, removed after the test."""
+    path = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
