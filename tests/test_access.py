@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -24,6 +25,7 @@ from tests.support.cases import RouteTestCase, ServerTestCase
 from tests.support.files import write
 
 
+@pytest.mark.memory
 class AuthTestCase(RouteTestCase):
     """The access policy in memory: only HTTP semantics matter here."""
 
@@ -151,6 +153,7 @@ class TrustedHeaderTests(AuthTestCase):
         self.assertEqual(self.answer(user)[0].code, 200)
 
 
+@pytest.mark.process
 class HashCommandTests(unittest.TestCase):
     def test_hash_of_stdin(self):
         from tests.support.process import ROOT
@@ -162,6 +165,7 @@ class HashCommandTests(unittest.TestCase):
         self.assertEqual(out.strip().decode(), token_hash("s3cret"))
 
 
+@pytest.mark.socket
 class LimitTests(unittest.TestCase):
     timeout = 30
 
@@ -253,6 +257,7 @@ class LimitTests(unittest.TestCase):
         self.assertEqual((yield poll)[0], 408)
 
 
+@pytest.mark.socket
 class RelayedHeaderTests(ServerTestCase):
     @defer.inlineCallbacks
     def test_hop_by_hop_dropped_and_forwarding_added(self):

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -104,6 +105,7 @@ class AdminCase(unittest.TestCase):
             yield tick()  # the admin API is what is polled here
 
 
+@pytest.mark.socket
 class StatusWithRealClients(AdminCase):
     @defer.inlineCallbacks
     def test_connects_serves_goes_idle_and_is_forgotten(self):
@@ -292,6 +294,7 @@ class StatusWithRealClients(AdminCase):
         self.assertEqual([b["name"] for b in data["backends"]["items"]], ["b"])
 
 
+@pytest.mark.socket
 class InspectHeaders(AdminCase):
     inspect_headers = True
 
@@ -330,6 +333,7 @@ class InspectHeaders(AdminCase):
         self.assertEqual(r["path"], "/echo?<redacted>")
 
 
+@pytest.mark.memory
 class SecretHeaderNames(unittest.TestCase):
     """
     Which header names hide their values: any whose name says it holds a
@@ -396,6 +400,7 @@ class SecretHeaderNames(unittest.TestCase):
         self.assertTrue(self.shown("X-Remote-User"))
 
 
+@pytest.mark.socket
 class NoToken(AdminCase):
     @defer.inlineCallbacks
     def test_without_a_token_only_ip_or_localhost_hosts(self):
@@ -413,6 +418,7 @@ class NoToken(AdminCase):
             self.assertEqual(response.code, code, (host, body))
 
 
+@pytest.mark.socket
 class AdminPort(AdminCase):
     token = "admin-" + SECRET
 
@@ -472,6 +478,7 @@ class AdminPort(AdminCase):
             self.assertEqual((response.code, body), (404, b"no"), path)
 
 
+@pytest.mark.memory
 class Bounds(unittest.SynchronousTestCase):
     """The statistics, driven directly: 100,000 requests in no time."""
 
@@ -596,6 +603,7 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertLess(len(json.dumps(data)), 200000)
 
 
+@pytest.mark.process
 class Flags(unittest.TestCase):
     def scratch(self):
         directory = tempfile.mkdtemp()
@@ -693,6 +701,7 @@ class Flags(unittest.TestCase):
         self.assertFalse(admin.running)
 
 
+@pytest.mark.process
 class Twistd(unittest.TestCase):
     """The view as an operator turns it on: relay.tac's variables under the real twistd."""
 

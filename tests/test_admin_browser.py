@@ -15,6 +15,7 @@ import tempfile
 import time
 from random import Random
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -28,6 +29,8 @@ from relay.proto.http_relay_pb2 import HttpRequest
 from tests.support import RelayServer, raw_connect, started_client
 from tests.support.admin import Hanging
 from tests.support.chromium import Chromium, find_chromium
+
+pytestmark = pytest.mark.process
 
 TOKEN = "browser-token"
 CHROMIUM = find_chromium()

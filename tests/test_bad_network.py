@@ -18,11 +18,14 @@ Go binaries (C{../shared/reference-go}).
 
 from typing import Dict, List
 
+import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.support import badnet
+
+pytestmark = pytest.mark.process
 
 # The bounds.
 BACK_WITHIN = 10.0  # after the network returns

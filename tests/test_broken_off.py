@@ -13,6 +13,7 @@ posts C{eof} after a short body; and the server's abort path in memory.
 
 import os
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -42,6 +43,7 @@ def backend_errors(relay: RelayServer) -> bool:
     return BACKEND_ERROR in relay.broker.metrics.render().decode()
 
 
+@pytest.mark.socket
 class OurPair(unittest.TestCase):
     """Our relay-client and our server, a backend that breaks off."""
 
@@ -127,6 +129,7 @@ class Resetting(H2BackendResource):
         return super().render(request)
 
 
+@pytest.mark.socket
 class OurPairOverHTTP2(unittest.TestCase):
     """C{--force_http2}: the backend resets the stream part-way; the user is on HTTP/2 too."""
 
@@ -163,6 +166,7 @@ class OurPairOverHTTP2(unittest.TestCase):
         self.assertEqual(state["data"], b"ok")
 
 
+@pytest.mark.process
 class GoClientOnOurServer(unittest.TestCase):
     """
     The Go relay-client posts C{eof} after a body that broke off. Our
@@ -207,6 +211,7 @@ class GoClientOnOurServer(unittest.TestCase):
         self.assertTrue(backend_errors(relay))
 
 
+@pytest.mark.socket
 class ScriptedRelayClient(ServerTestCase):
     """Our server under a relay-client that sends the extension by hand."""
 
@@ -320,6 +325,7 @@ class _UserRequest:
         self._disconnected = True
 
 
+@pytest.mark.memory
 class AbortPath(unittest.SynchronousTestCase):
     """The server's side in memory: the broker and L{UserResponse}, on a fake clock."""
 

@@ -5,6 +5,7 @@ back-pressure, cancellation and reaping.
 
 import re
 
+import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -26,6 +27,8 @@ from relay.server.broker import (
 )
 from relay.server.metrics import RelayMetrics
 from tests.support.sinks import Sink
+
+pytestmark = pytest.mark.memory
 
 
 def results(d):

@@ -12,6 +12,7 @@ import json
 import os
 import time
 
+import pytest
 import treq
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -36,6 +37,8 @@ from tests.support.e2e import (
     temp_file,
 )
 from tests.support.tls import make_ca_and_server_cert
+
+pytestmark = pytest.mark.socket
 
 
 class EndToEnd(unittest.TestCase):

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 
+import pytest
 import treq
 from twisted.internet import defer, reactor, ssl, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, serverFromString
@@ -35,6 +36,7 @@ from tests.support.h2 import H2Backend, H2Client
 from tests.support.tls import make_ca_and_server_cert
 
 
+@pytest.mark.socket
 class H2EndToEnd(unittest.TestCase):
     timeout = 60
     backend_scheme = "http"
@@ -227,6 +229,7 @@ class H2EndToEnd(unittest.TestCase):
         self.assertIn(address.encode(), state["data"])
 
 
+@pytest.mark.socket
 class H2OverTLS(unittest.TestCase):
     """C{--backend_scheme=https --force_http2}: HTTP/2 chosen by ALPN."""
 
@@ -295,6 +298,7 @@ class H2OverTLS(unittest.TestCase):
             )
 
 
+@pytest.mark.process
 class CurlThroughRelay(unittest.TestCase):
     """
     curl as the user, over HTTP/2 (h2c, and ALPN over TLS) and HTTP/1.1 on

@@ -8,6 +8,7 @@ finished when C{flush()} returns, so nothing here waits on the reactor.
 """
 
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
@@ -21,6 +22,8 @@ from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import MemoryNetwork, client_service
 from tests.support.e2e import temp_file
 from tests.support.scripted_relay import ScriptedRelay
+
+pytestmark = pytest.mark.memory
 
 BASE = "http://127.0.0.1:8080"
 

@@ -4,10 +4,13 @@ errors use the Go wording). The end-to-end cases over TLS are
 C{tests.test_client_e2e.TLSBackend}.
 """
 
+import pytest
 from twisted.trial import unittest
 
 from relay.client.backend import load_trust_root
 from tests.support import e2e
+
+pytestmark = pytest.mark.memory
 
 
 class LoadTrustRoot(unittest.SynchronousTestCase):

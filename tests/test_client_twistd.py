@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
@@ -19,6 +20,8 @@ from relay.client.tap import Options
 from tests.support.client_process import environ, polling_from, spawn, twistd_argv
 from tests.support.e2e import Backend, Relay
 from tests.support.scripted_relay import ScriptedRelay
+
+pytestmark = pytest.mark.process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GO_FLAGS = [

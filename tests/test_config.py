@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from urllib.parse import urlsplit
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
@@ -56,6 +57,7 @@ NOT_FLAGS = {
 SIDES = ((server_tap.Options, ServerConfig), (client_tap.Options, ClientConfig))
 
 
+@pytest.mark.memory
 class OneHomeTests(unittest.SynchronousTestCase):
     def test_every_flag_is_a_config_field_and_back(self):
         for options_class, config_class in SIDES:
@@ -128,6 +130,7 @@ def _functions(module):
                     yield "%s.%s.%s" % (module.__name__, name, attribute), member
 
 
+@pytest.mark.process
 class ServerDefaultsReachTheirUsers(unittest.TestCase):
     """Each C{twistd relay} default, from the flag to the object that acts on it."""
 
@@ -226,6 +229,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
         self.assertEqual({k: users[k] for k in expected}, expected)
 
 
+@pytest.mark.process
 class ClientDefaultsReachTheirUsers(unittest.TestCase):
     """Each C{twistd relay-client} flag, from the flag to the object that acts on it."""
 

@@ -15,7 +15,10 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 from twisted.trial import unittest
+
+pytestmark = pytest.mark.process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -8,6 +8,7 @@ grace period and while requests are in flight, then closes.
 import shutil
 import tempfile
 
+import pytest
 import treq
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -21,6 +22,8 @@ from relay.server.h2 import offer_h2_over_tls
 from tests.support import RelayServer, head_and_body, raw_connect, server_service
 from tests.support.h2 import H2Client
 from tests.support.tls import make_certificate
+
+pytestmark = pytest.mark.socket
 
 GRACE = 0.5
 

@@ -4,6 +4,7 @@ Faults with real processes: a relay-client killed in the middle of a
 """
 
 
+import pytest
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import Clock
@@ -14,6 +15,8 @@ from tests.support import Changes, RelayServer, free_port
 from tests.support import tick as _tick
 from tests.support.e2e import Backend
 from tests.support.process import TwistdProcess
+
+pytestmark = pytest.mark.process
 
 MiB = 1024 * 1024
 

@@ -6,15 +6,18 @@ get the owner's answer as if they had asked it directly: streamed, with its
 trailers, and never a cut-off answer that looks complete.
 """
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.config import ServerConfig
+from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.server.site import RelaySite
 from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_user
+
+pytestmark = pytest.mark.socket
 
 NAME = "robot"
 

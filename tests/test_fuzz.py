@@ -10,6 +10,7 @@ example is fast and deterministic.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -173,6 +174,8 @@ class FuzzTests(unittest.TestCase):
 # multiplexed (HTTP/2); and random requests over HTTP/2.
 
 from tests.support.hostile import TRUE_ANSWER, HostileTestCase  # noqa: E402
+
+pytestmark = pytest.mark.memory
 
 any_names = st.one_of(
     st.sampled_from(

@@ -15,6 +15,7 @@ import os
 import threading
 from concurrent import futures
 
+import pytest
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
@@ -113,6 +114,7 @@ class GrpcBackend:
             yield message.upper()
 
 
+@pytest.mark.socket
 class GrpcThroughRelay(unittest.TestCase):
     timeout = 60
 
@@ -291,6 +293,7 @@ class GrpcThroughRelay(unittest.TestCase):
         self.assertEqual(sorted(results), sorted(b"echo:%d" % i for i in range(10)))
 
 
+@pytest.mark.process
 class GrpcThroughTwistd(unittest.TestCase):
     """The same through C{twistd relay-client --force_http2}, as an operator runs it."""
 

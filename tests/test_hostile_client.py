@@ -16,8 +16,12 @@ real sockets.
 
 
 
+import pytest
+
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support.hostile import TRUE_ANSWER, Bytes, HostileTestCase, http11_responses
+
+pytestmark = pytest.mark.memory
 
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 

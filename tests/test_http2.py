@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 
+import pytest
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.trial import unittest
@@ -20,6 +21,7 @@ from tests.support.h2 import H2Client
 from tests.support.tls import make_certificate
 
 
+@pytest.mark.process
 class H2cTests(ServerTestCase):
     @defer.inlineCallbacks
     def h2_client(self):
@@ -160,6 +162,7 @@ class H2cTests(ServerTestCase):
         self.assertEqual(out, b"ok 2")
 
 
+@pytest.mark.process
 class TLSTests(unittest.TestCase):
     timeout = 30
 
@@ -186,6 +189,7 @@ class TLSTests(unittest.TestCase):
             self.assertEqual(out, b"ok " + version)
 
 
+@pytest.mark.socket
 class H2BodyLimitTests(unittest.TestCase):
     timeout = 30
 
@@ -204,6 +208,7 @@ class H2BodyLimitTests(unittest.TestCase):
         self.assertEqual(server.broker.requests, {})
 
 
+@pytest.mark.socket
 class H2PollConnectionDies(ServerTestCase):
     """A poll answered over h2c whose connection dies with bytes unacknowledged."""
 

@@ -9,6 +9,7 @@ it.
 
 import os
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -19,6 +20,8 @@ from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11Client
 from relay.logs import connect_quietly, text_line
 from tests.support import FakeRelayClient, RelayServer, started_client, tick
 from tests.support.e2e import CHUNKED_HEAD, Backend, RawBackend, RawUser, Relay, make_frame, open_websocket, parse_frame
+
+pytestmark = pytest.mark.socket
 
 NAME = "robot"
 

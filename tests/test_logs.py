@@ -4,10 +4,13 @@ import io
 import json
 import re
 
+import pytest
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial import unittest
 
 from relay.logs import make_observer
+
+pytestmark = pytest.mark.memory
 
 
 class LogTests(unittest.TestCase):

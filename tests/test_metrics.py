@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -105,6 +106,7 @@ class MetricsTestCase(unittest.TestCase):
         return self.relay_client.post(HttpResponse(id=name + ":" + "0" * 32, status_code=200, eof=True))
 
 
+@pytest.mark.socket
 class GoParityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_names_and_label_sets_match_the_go_server(self):
@@ -147,6 +149,7 @@ class GoParityTests(MetricsTestCase):
         self.assertIn('broker_requests{backend="robot1",method="client"} 1\n', text)
 
 
+@pytest.mark.socket
 class CardinalityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_made_up_ids_add_no_series(self):
@@ -232,6 +235,7 @@ class _Sink:
         pass
 
 
+@pytest.mark.memory
 class NumberFormatTests(unittest.TestCase):
     def test_numbers_as_client_golang_writes_them(self):
         """Values as they appeared on the Go server's /metrics page."""

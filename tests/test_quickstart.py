@@ -32,7 +32,10 @@ import sysconfig
 import tempfile
 import time
 
+import pytest
 from twisted.trial import unittest
+
+pytestmark = pytest.mark.process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MARKED = re.compile(r"<!--\s*quickstart:(\S+)\s*-->\s*\n```[a-z]*\n(.*?)\n```", re.S)

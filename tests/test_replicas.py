@@ -10,6 +10,7 @@ two or three real servers on 127.0.0.1 in this process.
 
 import os
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
@@ -51,6 +52,7 @@ def headers_of(message):
     return {h.name: h.value for h in message.header}
 
 
+@pytest.mark.memory
 class PeerListTests(unittest.SynchronousTestCase):
     def test_the_list_keeps_its_order(self):
         self.assertEqual(replica_list(" b:1, a:2 ,c:3"), ["b:1", "a:2", "c:3"])
@@ -95,6 +97,7 @@ class PeerListTests(unittest.SynchronousTestCase):
             self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
 
 
+@pytest.mark.process
 class StartupErrorTests(unittest.TestCase):
     timeout = 120
 
@@ -118,6 +121,7 @@ class StartupErrorTests(unittest.TestCase):
             self.assertRegex(lines[0], pattern)
 
 
+@pytest.mark.memory
 class RoutingRuleTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.down = set()
@@ -170,6 +174,7 @@ def lone_replica():
     return Routing(["relay:80"], "relay:80", lambda peer: True, None, None)
 
 
+@pytest.mark.memory
 class MoveWaitTests(unittest.SynchronousTestCase):
     """A request for a name no relay-client polls for yet waits for its first poll."""
 
@@ -221,6 +226,7 @@ class MoveWaitTests(unittest.SynchronousTestCase):
         self.assertEqual(response.code, 503)
 
 
+@pytest.mark.memory
 class ArrivalTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -265,6 +271,7 @@ class Replicas:
         return name_owned_by(self.peers, self.peers[index])
 
 
+@pytest.mark.socket
 class ForwardingTests(unittest.TestCase):
     """Two real replicas: A owns the name, B gets the calls it should not."""
 
@@ -418,6 +425,7 @@ class ForwardingTests(unittest.TestCase):
         self.assertTrue(bytes(allowed.data).startswith(b"HTTP/1.1 502 "), bytes(allowed.data))
 
 
+@pytest.mark.socket
 class ThreeReplicasTests(unittest.TestCase):
     timeout = 20
 
@@ -441,6 +449,7 @@ class ThreeReplicasTests(unittest.TestCase):
                 self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "))
 
 
+@pytest.mark.socket
 class QuietChecksTests(unittest.TestCase):
     timeout = 20
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 import treq
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -39,6 +40,8 @@ from tests.support.e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_
 from tests.support.go import GO_CLIENT
 from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
 from tests.support.process import ChildProcess, TwistdProcess
+
+pytestmark = pytest.mark.process
 
 try:
     from concurrent import futures

@@ -14,11 +14,13 @@ import tempfile
 import time
 import zlib
 
+import pytest
 from twisted.trial import unittest
 
 from relay.server.ring import Ring, _host_and_port
 
 
+@pytest.mark.memory
 class RingTests(unittest.SynchronousTestCase):
     def test_same_servers_same_owners(self):
         servers = ["relay-0.relay:8080", "relay-1.relay:8080", "relay-2.relay:8080"]
@@ -77,6 +79,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.process
 class AgreesWithNginx(unittest.SynchronousTestCase):
     KEYS = 2000
 

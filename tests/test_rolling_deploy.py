@@ -13,6 +13,7 @@ import json
 import os
 import re
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -24,6 +25,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from tests.support.go import GO_CLIENT
 from tests.support.process import ChildProcess, TwistdProcess
+
+pytestmark = pytest.mark.process
 
 GRACE = 2.0
 SLOW = 3.0  # the backend's answer comes after the grace period

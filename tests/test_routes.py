@@ -9,11 +9,14 @@ the point (streaming, aborted connections, 101 pipes).
 
 import os
 
+import pytest
 from twisted.trial import unittest
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT
 from tests.support.cases import RouteTestCase
+
+pytestmark = pytest.mark.memory
 
 GO_ERROR_HEADERS = {
     b"content-type": [b"text/plain; charset=utf-8"],

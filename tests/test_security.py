@@ -15,6 +15,7 @@ import tempfile
 
 import h2.config
 import h2.connection
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -30,6 +31,8 @@ from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, 
 from tests.support.cases import ServerTestCase
 from tests.support.files import write
 from tests.support.h2 import H2Client
+
+pytestmark = pytest.mark.socket
 
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 

@@ -10,6 +10,7 @@ L{Clock} the tests advance.
 
 import socket
 
+import pytest
 import treq
 from twisted.internet import defer
 
@@ -17,6 +18,8 @@ from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.broker import STREAM_POLL_TIMEOUT
 from tests.support import dechunk, head_and_body, raw_connect
 from tests.support.cases import ServerTestCase
+
+pytestmark = pytest.mark.socket
 
 
 class ConnectionSettingsTests(ServerTestCase):

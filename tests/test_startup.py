@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 
+import pytest
 from twisted.internet import error as net_error
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -25,6 +26,8 @@ from relay.client import tap as client_tap
 from relay.server import tap
 from relay.startup import listen_error
 from tests.support.process import ROOT, environ, run_all, scratch, twistd_argv
+
+pytestmark = pytest.mark.process
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from typing import Dict, List
 
+import pytest
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import Deferred
@@ -30,6 +31,8 @@ from relay.tracing import plan
 from tests.support import free_port
 from tests.support.process import ROOT, TwistdProcess
 from tests.support.ring import name_owned_by
+
+pytestmark = pytest.mark.process
 
 GO = os.path.join(os.path.dirname(ROOT), "shared", "reference-go")
 GO_SERVER = os.path.join(GO, "http-relay-server")
