@@ -31,8 +31,9 @@ from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server import tap
 from relay.server.broker import Backend, Broker, Waiters
-from tests.support import RelayServer, free_port, raw_connect, started_client, tick
+from tests.support import RelayServer, raw_connect, started_client, tick
 from tests.support.admin import SECRET, Hanging, _Pending, _Sink
+from tests.support.ports import reserve_port
 
 
 class AdminCase(unittest.TestCase):
@@ -263,7 +264,7 @@ class StatusWithRealClients(AdminCase):
         else:
             self.fail("a truncated answer looked complete")
         # 500: the relay-client cannot reach its backend.
-        self.start_client("robot-500", address="127.0.0.1:%d" % (free_port(),))
+        self.start_client("robot-500", address="127.0.0.1:%d" % (reserve_port(self),))
         yield self.polled("robot-500")
         response = yield self.user("robot-500", "/ok")
         self.assertEqual(response.code, 500)

@@ -11,7 +11,6 @@ of the extension; the Go relay-client in front of our server, which still
 posts C{eof} after a short body; and the server's abort path in memory.
 """
 
-import os
 
 import pytest
 import treq
@@ -30,7 +29,7 @@ from relay.server.response import UserResponse
 from tests.support import RelayServer, client_service, dechunk, head_and_body
 from tests.support.cases import ServerTestCase
 from tests.support.e2e import CHUNKED_HEAD, Collect, RawBackend
-from tests.support.go import GO_CLIENT
+from tests.support.go import GO_CLIENT, go_binary
 from tests.support.h2 import H2Backend, H2BackendResource, H2Client
 from tests.support.process import ChildProcess
 
@@ -179,8 +178,7 @@ class GoClientOnOurServer(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_content_length_body_cut_short_is_an_error_for_the_user(self):
-        if not os.access(GO_CLIENT, os.X_OK):
-            raise unittest.SkipTest("no Go relay-client at " + GO_CLIENT)
+        go_binary(GO_CLIENT)
         backend = RawBackend(LENGTH_HEAD + b"0123456789", close_at_once=True)
         self.addCleanup(backend.stop)
         relay = RelayServer()

@@ -33,10 +33,10 @@ from tests.support import (
     InMemoryRelay,
     RelayServer,
     dechunk,
-    free_port,
     head_and_body,
     raw_user,
 )
+from tests.support.ports import reserve_ports
 from tests.support.process import ROOT, run_all, scratch
 from tests.support.ring import name_owned_by
 
@@ -259,7 +259,7 @@ class Replicas:
 
     def __init__(self, test, count: int, **fields):
         self.clock = Clock()
-        ports = [free_port() for _ in range(count)]
+        ports = reserve_ports(test, count)
         self.peers = ["127.0.0.1:%d" % port for port in ports]
         self.servers = []
         for port, peer in zip(ports, self.peers):
@@ -393,7 +393,7 @@ class ForwardingTests(unittest.TestCase):
 
     def replica_of_a_dead_owner(self, **kwargs):
         """A replica whose one peer is gone, and a name that peer owns."""
-        peers = ["127.0.0.1:%d" % free_port(), "127.0.0.1:%d" % free_port()]
+        peers = ["127.0.0.1:%d" % port for port in reserve_ports(self, 2)]
         server = RelayServer(
             int(peers[1].rpartition(":")[2]), peers=",".join(peers), peer_self=peers[1], clock=Clock(), **kwargs
         )

@@ -3,19 +3,21 @@ The test suite's own rules, read from the source: a test module imports
 helpers from C{tests.support}, never from another test module (so running
 one module never runs or depends on another), and every test declares
 exactly one tier (C{memory}, C{socket} or C{process}) so
-C{pytest -m memory} is the fast, socket-free run.
+C{pytest -m memory} is the fast, socket-free run. Also the ports tests
+reserve for servers in other processes: distinct, and held until used.
 """
 
 import ast
 import glob
 import os
+import socket
 
 import pytest
+from twisted.internet import protocol, reactor
 from twisted.trial import unittest
 
+from tests.support.ports import reserve_ports
 from tests.support.process import ROOT
-
-pytestmark = pytest.mark.memory
 
 TIERS = ("memory", "socket", "process")
 
@@ -87,6 +89,7 @@ def inherited(classes, cls, seen=()):
     return marks, tests
 
 
+@pytest.mark.memory
 class NoTestImportsTest(unittest.SynchronousTestCase):
     def test_no_test_module_imports_another(self):
         offenders = {}
@@ -104,6 +107,7 @@ class NoTestImportsTest(unittest.SynchronousTestCase):
         self.assertEqual(imported_test_modules(tree), ["tests.test_a", "tests.test_b", "tests.test_c", "tests.test_d"])
 
 
+@pytest.mark.memory
 class OneTierEachTest(unittest.SynchronousTestCase):
     def test_every_test_has_exactly_one_tier(self):
         wrong = []
@@ -131,3 +135,22 @@ class OneTierEachTest(unittest.SynchronousTestCase):
             text = f.read()
         for tier in TIERS:
             self.assertIn("\n    %s:" % (tier,), text)
+
+
+@pytest.mark.socket
+class ReservedPortsTest(unittest.TestCase):
+    def test_distinct_refused_and_listenable(self):
+        ports = reserve_ports(self, 20)
+        self.assertEqual(len(set(ports)), 20)
+        # Nobody listens yet: a connection is refused, not left hanging.
+        with socket.socket() as s:
+            self.assertNotEqual(s.connect_ex(("127.0.0.1", ports[0])), 0)
+        # Nor does a bind to port 0 get one of them while they are held.
+        for _ in range(200):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.assertNotIn(s.getsockname()[1], ports)
+        # A server that sets SO_REUSEADDR (as Twisted does) listens on it.
+        port = reactor.listenTCP(ports[0], protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost().port, ports[0])

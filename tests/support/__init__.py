@@ -8,7 +8,6 @@ library would hide what we need to see (slow reading, aborted connections,
 
 import dataclasses
 import re
-import socket
 import weakref
 from typing import Callable, List, Optional, Tuple
 
@@ -500,11 +499,3 @@ def stalled(progress, quiet: float = 0.5, timeout: float = 20.0):
 def rss_peak_kib(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
