@@ -6,6 +6,8 @@ requests open, and a pending request as the status view sees one.
 from twisted.internet import reactor
 from twisted.web import resource, server
 
+SECRET = "s3cr3t-value"
+
 
 class Hanging(resource.Resource):
     """
@@ -62,9 +64,6 @@ class _Pending:
         self.started = True
         self.finished = True
         self.eof_received = True
-
-
-SECRET = "s3cr3t-value"
 
 
 class _Sink:
