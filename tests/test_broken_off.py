@@ -30,7 +30,7 @@ from tests.support import RelayServer, client_service, dechunk, head_and_body
 from tests.support.cases import ServerTestCase
 from tests.support.e2e import CHUNKED_HEAD, Collect, RawBackend
 from tests.support.go import GO_CLIENT, go_binary
-from tests.support.h2 import H2Backend, H2BackendResource, H2Client
+from tests.support.h2_peers import H2Backend, H2BackendResource, H2Client
 from tests.support.process import ChildProcess
 
 NAME = "robot"

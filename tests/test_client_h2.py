@@ -32,7 +32,7 @@ from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from tests.support import client_service, dechunk, e2e, head_and_body, polling, server_service, stalled, started_client
 from tests.support.e2e import NAME, RawUser, Relay, temp_file
-from tests.support.h2 import H2Backend, H2Client
+from tests.support.h2_peers import H2Backend, H2Client
 from tests.support.tls import make_ca_and_server_cert
 
 

@@ -20,7 +20,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.h2 import offer_h2_over_tls
 from tests.support import RelayServer, head_and_body, raw_connect, server_service
-from tests.support.h2 import H2Client
+from tests.support.h2_peers import H2Client
 from tests.support.tls import make_certificate
 
 pytestmark = pytest.mark.socket

@@ -205,8 +205,8 @@ class CardinalityTests(MetricsTestCase):
         self.assertEqual(before, after)
 
     def test_forgotten_backends_take_their_series_with_them(self):
-        from relay.server.broker import Broker
         from relay.proto.http_relay_pb2 import HttpRequest
+        from relay.server.broker import Broker
 
         clock = Clock()
         metrics = RelayMetrics(process=False)

@@ -30,7 +30,7 @@ from relay.server.tap import port_endpoint
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, server_service, tick
 from tests.support.cases import ServerTestCase
 from tests.support.files import write
-from tests.support.h2 import H2Client
+from tests.support.h2_peers import H2Client
 
 pytestmark = pytest.mark.socket
 

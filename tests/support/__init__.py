@@ -15,12 +15,12 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.internet.task import Clock
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web import server as server_module
 from twisted.web.client import HTTPConnectionPool
 
