@@ -19,9 +19,10 @@ import shutil
 import tempfile
 from urllib.parse import urlsplit
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 
 import relay
@@ -57,6 +58,7 @@ NOT_FLAGS = {
 SIDES = ((server_tap.Options, ServerConfig), (client_tap.Options, ClientConfig))
 
 
+@pytest.mark.memory
 class OneHomeTests(unittest.SynchronousTestCase):
     def test_every_flag_is_a_config_field_and_back(self):
         for options_class, config_class in SIDES:
@@ -149,6 +151,7 @@ def _functions(module):
                     yield "%s.%s.%s" % (module.__name__, name, attribute), member
 
 
+@pytest.mark.process
 class ServerDefaultsReachTheirUsers(unittest.TestCase):
     """Each C{twistd relay} default, from the flag to the object that acts on it."""
 
@@ -247,6 +250,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
         self.assertEqual({k: users[k] for k in expected}, expected)
 
 
+@pytest.mark.process
 class ClientDefaultsReachTheirUsers(unittest.TestCase):
     """Each C{twistd relay-client} flag, from the flag to the object that acts on it."""
 
@@ -377,7 +381,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
 
     def test_set_values_arrive(self):
         """The flags whose defaults say little (off, empty), set, and where they land."""
-        from tests.test_client_tls import make_ca_and_server_cert
+        from tests.support.tls import make_ca_and_server_cert
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)

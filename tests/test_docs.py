@@ -11,7 +11,10 @@ import os
 import re
 from urllib.parse import unquote
 
+import pytest
 from twisted.trial import unittest
+
+pytestmark = pytest.mark.memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,9 +14,9 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 
+import pytest
 from twisted.internet import error as net_error
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -25,37 +25,11 @@ from twisted.trial import unittest
 from relay.client import tap as client_tap
 from relay.server import tac, tap
 from relay.startup import listen_error
-from tests.process import ROOT, twistd_argv
+from tests.support.process import ROOT, environ, run_all, scratch, twistd_argv
+
+pytestmark = pytest.mark.process
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-
-
-def environ(**extra) -> dict:
-    # relay.tac refuses RELAY_* variables it does not know (a developer's
-    # RELAY_TEST_ARTIFACTS): a tac sees only the test's own.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def run_all(cases, cwd, timeout=120):
-    """Run C{[(args, env)]} under twistd at once; C{[(returncode, stderr text)]}."""
-    procs = [
-        subprocess.Popen(
-            twistd_argv() + args,
-            cwd=cwd,
-            env=environ(**env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for args, env in cases
-    ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        results.append((p.returncode, (out + err).decode("utf-8", "replace")))
-    return results
 
 
 def go_flags(name: str):
@@ -67,13 +41,6 @@ def go_flags(name: str):
             if m:
                 flags.append((m.group(1), m.group(2) or "bool"))
     return flags
-
-
-def scratch(test) -> str:
-    """An empty folder outside the checkout, removed after the test."""
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 SAMPLE = {"int": "7", "string": "x", "duration": "90s", "bool": None}

@@ -5,14 +5,17 @@ relay-client, stopped cleanly by SIGTERM.
 
 import json
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from tests.process import TwistdProcess
 from tests.support import head_and_body, raw_connect
+from tests.support.process import TwistdProcess
+
+pytestmark = pytest.mark.process
 
 
 class TwistdSmokeTest(unittest.TestCase):
