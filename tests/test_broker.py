@@ -5,11 +5,13 @@ back-pressure, cancellation and reaping.
 
 import re
 
+import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from relay.config import ServerConfig
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import (
     PICKUP_TIMEOUT,
     POLL_TIMEOUT,
@@ -17,32 +19,16 @@ from relay.server.broker import (
     BackendUnreachable,
     Broker,
     RequestExpired,
+    RequestIds,
     ServerStopping,
     StreamQueue,
     UnknownBackend,
     UnknownRequest,
-    RequestIds,
 )
-from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.metrics import RelayMetrics
+from tests.support.sinks import Sink
 
-
-class Sink:
-    def __init__(self):
-        self.messages = []
-        self.failures = []
-        self.pending = None
-        self.pause_after_write = False
-
-    def deliver(self, message, body=None):
-        if body is not None:
-            message.body = b"".join(body)
-        self.messages.append(message)
-        if self.pause_after_write:
-            self.pending.pauseProducing()
-
-    def fail(self, reason):
-        self.failures.append(reason)
+pytestmark = pytest.mark.memory
 
 
 def results(d):

@@ -4,6 +4,7 @@ as soon as it is known (no 0.3 s attempt delay for an address that was
 refused). On a fake reactor: nothing here may need the clock to move.
 """
 
+import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -21,6 +22,8 @@ from relay.outbound.endpoints import CachingEndpointFactory, NameEndpoint, Tuned
 from relay.outbound.h2 import H2Backend
 from relay.outbound.request import OutboundRequest
 from relay.outbound.tls import TrustPolicy
+
+pytestmark = pytest.mark.memory
 
 
 @implementer(IHostnameResolver)

@@ -1,10 +1,13 @@
 """Header rules have one home, relay/headers.py, and both sides follow it."""
 
+import pytest
 from twisted.trial import unittest
 
 from relay.headers import H2_BACKEND_DROPS, sanitize_raw, sanitize_value
 from relay.outbound.h2 import request_headers
 from relay.outbound.request import OutboundRequest
+
+pytestmark = pytest.mark.memory
 
 
 class H2BackendHeaderTests(unittest.SynchronousTestCase):

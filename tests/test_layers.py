@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Dict, Iterator, List, Set, Tuple
 
+import pytest
 from twisted.trial import unittest
 
 import relay
@@ -114,6 +115,7 @@ def read(path: str) -> str:
         return f.read()
 
 
+@pytest.mark.memory
 class LayerTests(unittest.SynchronousTestCase):
     def test_the_walk_sees_both_sides_and_the_shared_packages(self):
         names = {name for name, _ in modules()}
@@ -146,6 +148,7 @@ class LayerTests(unittest.SynchronousTestCase):
         self.assertEqual(cycles(edges), [])
 
 
+@pytest.mark.process
 class LoadedTests(unittest.TestCase):
     """What the rule is for: starting one side loads nothing of the other."""
 
@@ -163,6 +166,7 @@ class LoadedTests(unittest.TestCase):
         self.assertEqual(self.loaded("relay.client.tap", "relay.server"), "[]")
 
 
+@pytest.mark.memory
 class CheckerTests(unittest.SynchronousTestCase):
     """The checks above would catch what they are for."""
 
