@@ -10,19 +10,10 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from relay.config import ServerConfig
-from relay.server.broker import (
-    PICKUP_TIMEOUT,
-    POLL_TIMEOUT,
-    STREAM_POLL_TIMEOUT,
-    BackendUnreachable,
-    Broker,
-    RequestExpired,
-    ServerStopping,
-    StreamQueue,
-    UnknownBackend,
-    UnknownRequest,
-    RequestIds,
-)
+from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, Broker
+from relay.server.errors import BackendUnreachable, RequestExpired, ServerStopping, UnknownBackend, UnknownRequest
+from relay.server.ids import RequestIds
+from relay.server.pending import STREAM_POLL_TIMEOUT, StreamQueue
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.metrics import RelayMetrics
 
@@ -364,7 +355,7 @@ class WaitersTests(unittest.TestCase):
     """The one waiting line behind long polls and stream reads."""
 
     def setUp(self):
-        from relay.server.broker import Waiters
+        from relay.server.pending import Waiters
 
         self.clock = Clock()
         self.timed_out = []

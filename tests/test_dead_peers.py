@@ -11,6 +11,7 @@ channel on a memory transport, with the socket watch replaced by one that
 reports the test's death.
 """
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -19,13 +20,8 @@ from twisted.trial import unittest
 
 from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.server.broker import (
-    PICKUP_TIMEOUT,
-    BackendUnreachable,
-    Broker,
-    PollConnection,
-    RelayClientLost,
-)
+from relay.server.broker import PICKUP_TIMEOUT, Broker, PollConnection
+from relay.server.errors import BackendUnreachable, RelayClientLost
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
@@ -198,9 +194,10 @@ class Decision(unittest.TestCase):
         from relay.admin.stats import AdminStats
         from relay.admin.status import Query, snapshot
 
-        stats = self.broker.stats = AdminStats(self.clock)
+        stats = AdminStats(self.clock)
+        self.broker.add_observer(stats)
         connection, pending, sink = self.hand_out()
-        stats.polled("robot", "10.0.0.7")
+        self.broker.poll_from("robot", IPv4Address("TCP", "10.0.0.7", 5555))
         self.broker.connection_ended(Death(TIMEOUT, unsent=10), connection)
         cancel(self.broker.get_request("robot", PollConnection()))
         view = snapshot(self.broker, stats, {}, Query())

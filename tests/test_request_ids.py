@@ -8,7 +8,7 @@ import re
 
 from twisted.trial import unittest
 
-from relay.server.broker import RequestIds, issuing_replica
+from relay.server.ids import RequestIds, issuing_replica
 
 GO_ID = re.compile(r"[^:]+:[0-9a-f]{32}")
 

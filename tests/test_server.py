@@ -17,7 +17,8 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.server.broker import POLL_TIMEOUT, STREAM_POLL_TIMEOUT
+from relay.server.broker import POLL_TIMEOUT
+from relay.server.pending import STREAM_POLL_TIMEOUT
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect
 
 class ServerTestCase(unittest.TestCase):

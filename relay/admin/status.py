@@ -29,7 +29,8 @@ from relay.admin.stats import (
     BackendStats,
     quantile,
 )
-from relay.server.broker import Broker, PendingRequest
+from relay.server.broker import Broker
+from relay.server.pending import PendingRequest
 
 # A backend whose relay-client polled this recently counts as present even
 # with no poll open: a relay-client polls again right after each answer.

@@ -25,7 +25,7 @@ the same order, since an id names its issuer by its index there.
 import socket
 from typing import Callable, List, Optional, Sequence
 
-from relay.server.broker import issuing_replica
+from relay.server.ids import issuing_replica
 from relay.server.forward import forwarded
 from relay.server.ring import Ring
 

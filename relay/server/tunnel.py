@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from relay.server.broker import Broker, PendingRequest
+from relay.server.broker import Broker
+from relay.server.pending import PendingRequest
 
 log = Logger()
 
