@@ -246,6 +246,9 @@ class Broker:
         if self.trace:
             log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend).inc()
+        if self.observers:
+            for o in self.observers:
+                o.request_queued(pending, message)
         if b.polls:
             # The newest poll, not the oldest: after a NAT rebinding or a
             # move to another network, the relay-client's old polls are
@@ -259,9 +262,6 @@ class Broker:
                 PICKUP_TIMEOUT, self._pickup_timeout, b, pending
             )
             b.queue.append(pending)
-        if self.observers:
-            for o in self.observers:
-                o.request_queued(pending, message)
         return pending
 
     def arrival(self, backend: str) -> Deferred:

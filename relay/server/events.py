@@ -52,7 +52,11 @@ class IBrokerEvents(Interface):
         """A relay-client's poll took C{pending}."""
 
     def response_posted(pending, message):
-        """A relay-client posted C{message}, an C{HttpResponse} for C{pending}."""
+        """
+        A relay-client posted C{message}, an C{HttpResponse} for C{pending},
+        and it was handed on unless the user reads slowly: after
+        L{request_finished} when it ended the request.
+        """
 
     def stream_polled(pending):
         """A relay-client asked for the bytes a user sent after a 101 on C{pending}."""
