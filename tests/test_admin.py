@@ -14,71 +14,28 @@ import shutil
 import tempfile
 import time
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.server import tap
-from relay.config import ServerConfig
 from relay.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
 from relay.admin.stats import DEFAULT_RING, redact_headers
 from relay.admin.status import Query, effective_flags, snapshot
+from relay.config import ServerConfig
+from relay.proto.http_relay_pb2 import HttpRequest
+from relay.server import tap
 from relay.server.broker import Backend, Broker
 from relay.server.events import Outcome
 from relay.server.pending import Waiters
-from relay.proto.http_relay_pb2 import HttpRequest
-from tests.support import RelayServer, free_port, raw_connect, started_client, tick
-
-SECRET = "s3cr3t-value"
-
-
-class Hanging(resource.Resource):
-    """
-    The backend: C{/ok} answers, C{/hang} never does, C{/short} promises
-    100 bytes, sends 10 and waits for the test to hang up, C{/stream}
-    writes forever, C{/echo} sets a cookie.
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.open = []
-        self.calls = []
-
-    def render(self, request):
-        path = request.path
-        if path == b"/ok" or path == b"/echo":
-            request.setHeader(b"set-cookie", ("session=" + SECRET).encode())
-            request.setHeader(b"x-backend", b"visible")
-            request.setHeader(b"x-vault-token", SECRET.encode())
-            return b"fine"
-        if path == b"/hang":
-            self.open.append(request)
-            return server.NOT_DONE_YET
-        if path == b"/short":
-            request.setHeader(b"content-length", b"100")
-            request.write(b"0123456789")
-            self.open.append(request)
-            return server.NOT_DONE_YET
-        if path == b"/stream":
-            self.open.append(request)
-
-            def tick():
-                if request._disconnected or request.finished:
-                    return
-                request.write(b"x" * 1000)
-                self.calls.append(reactor.callLater(0.05, tick))
-
-            tick()
-            return server.NOT_DONE_YET
-        request.setResponseCode(404)
-        return b"no"
+from tests.support import RelayServer, raw_connect, started_client, tick
+from tests.support.admin import SECRET, Hanging, _Pending, _Sink
+from tests.support.ports import reserve_port
 
 
 class AdminCase(unittest.TestCase):
@@ -151,6 +108,7 @@ class AdminCase(unittest.TestCase):
             yield tick()  # the admin API is what is polled here
 
 
+@pytest.mark.socket
 class StatusWithRealClients(AdminCase):
     @defer.inlineCallbacks
     def test_connects_serves_goes_idle_and_is_forgotten(self):
@@ -238,7 +196,8 @@ class StatusWithRealClients(AdminCase):
 
     @defer.inlineCallbacks
     def test_upgraded_request_counts_both_ways(self):
-        from tests.test_client_e2e import Backend as EchoBackend, make_frame
+        from tests.support.e2e import Backend as EchoBackend
+        from tests.support.e2e import make_frame
 
         echo = EchoBackend()
         self.addCleanup(echo.stop)
@@ -307,7 +266,7 @@ class StatusWithRealClients(AdminCase):
         else:
             self.fail("a truncated answer looked complete")
         # 500: the relay-client cannot reach its backend.
-        self.start_client("robot-500", address="127.0.0.1:%d" % (free_port(),))
+        self.start_client("robot-500", address="127.0.0.1:%d" % (reserve_port(self),))
         yield self.polled("robot-500")
         response = yield self.user("robot-500", "/ok")
         self.assertEqual(response.code, 500)
@@ -338,6 +297,7 @@ class StatusWithRealClients(AdminCase):
         self.assertEqual([b["name"] for b in data["backends"]["items"]], ["b"])
 
 
+@pytest.mark.socket
 class InspectHeaders(AdminCase):
     inspect_headers = True
 
@@ -376,6 +336,7 @@ class InspectHeaders(AdminCase):
         self.assertEqual(r["path"], "/echo?<redacted>")
 
 
+@pytest.mark.memory
 class SecretHeaderNames(unittest.TestCase):
     """
     Which header names hide their values: any whose name says it holds a
@@ -442,6 +403,7 @@ class SecretHeaderNames(unittest.TestCase):
         self.assertTrue(self.shown("X-Remote-User"))
 
 
+@pytest.mark.socket
 class NoToken(AdminCase):
     @defer.inlineCallbacks
     def test_without_a_token_only_ip_or_localhost_hosts(self):
@@ -459,6 +421,7 @@ class NoToken(AdminCase):
             self.assertEqual(response.code, code, (host, body))
 
 
+@pytest.mark.socket
 class AdminPort(AdminCase):
     token = "admin-" + SECRET
 
@@ -518,6 +481,7 @@ class AdminPort(AdminCase):
             self.assertEqual((response.code, body), (404, b"no"), path)
 
 
+@pytest.mark.memory
 class Bounds(unittest.SynchronousTestCase):
     """The statistics, driven directly: 100,000 requests in no time."""
 
@@ -644,30 +608,7 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertLess(len(json.dumps(data)), 200000)
 
 
-class _Sink:
-    def __init__(self, code, truncated):
-        self.code = code
-        self.truncated = truncated
-
-    def outcome(self):
-        outcome = Outcome(self.code, self.truncated, bytes_out=100)
-        outcome.started = True
-        return outcome
-
-
-class _Pending:
-    def __init__(self, start, backend, request_id, code, truncated):
-        self.start = start
-        self.backend = backend
-        self.id = request_id
-        self.sink = _Sink(code, truncated)
-        self.info = None
-        self.cancelled = False
-        self.started = True
-        self.finished = True
-        self.eof_received = True
-
-
+@pytest.mark.process
 class Flags(unittest.TestCase):
     def scratch(self):
         directory = tempfile.mkdtemp()
@@ -767,6 +708,7 @@ class Flags(unittest.TestCase):
         self.assertFalse(admin.running)
 
 
+@pytest.mark.process
 class Twistd(unittest.TestCase):
     """The view as an operator turns it on: relay.tac's variables under the real twistd."""
 
@@ -774,7 +716,7 @@ class Twistd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_relay_tac_variables(self):
-        from tests.process import ROOT, TwistdProcess
+        from tests.support.process import ROOT, TwistdProcess
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder, True)

@@ -15,6 +15,7 @@ import tempfile
 import time
 from random import Random
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -25,9 +26,11 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.admin import TokenCheck, attach_admin
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.chromium import Chromium, find_chromium
 from tests.support import RelayServer, admin_stats, raw_connect, started_client
-from tests.test_admin import Hanging
+from tests.support.admin import Hanging
+from tests.support.chromium import Chromium, find_chromium
+
+pytestmark = pytest.mark.process
 
 TOKEN = "browser-token"
 CHROMIUM = find_chromium()
@@ -178,7 +181,7 @@ class BusyRelayPage(PageCase):
     def history(self):
         from relay.server.broker import Backend
         from relay.server.pending import Waiters
-        from tests.test_admin import _Pending
+        from tests.support.admin import _Pending
 
         broker = self.relay.broker
         stats = admin_stats(broker)

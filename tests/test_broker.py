@@ -5,6 +5,7 @@ back-pressure, cancellation and reaping.
 
 import re
 
+import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -12,35 +13,16 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from relay.config import ServerConfig
+from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, Broker
 from relay.server.errors import BackendUnreachable, RequestExpired, ServerStopping, UnknownBackend, UnknownRequest
+from relay.server.events import IBrokerEvents
 from relay.server.ids import RequestIds
 from relay.server.pending import STREAM_POLL_TIMEOUT, StreamQueue
-from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.server.events import IBrokerEvents, Outcome
 from relay.server.metrics import RelayMetrics
+from tests.support.sinks import Sink
 
-
-class Sink:
-    def __init__(self):
-        self.messages = []
-        self.failures = []
-        self.pending = None
-        self.pause_after_write = False
-
-    def deliver(self, message, body=None):
-        if body is not None:
-            message.body = b"".join(body)
-        self.messages.append(message)
-        if self.pause_after_write:
-            self.pending.pauseProducing()
-
-    def fail(self, reason):
-        self.failures.append(reason)
-
-    def outcome(self):
-        status = self.messages[0].status_code if self.messages else 0
-        return Outcome(status, bytes_out=sum(len(m.body) for m in self.messages))
+pytestmark = pytest.mark.memory
 
 
 def results(d):

@@ -4,6 +4,7 @@ as soon as it is known (no 0.3 s attempt delay for an address that was
 refused). On a fake reactor: nothing here may need the clock to move.
 """
 
+import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -19,6 +20,8 @@ from zope.interface import implementer
 from relay.client.backend import BackendError, BackendRequest, TrustPolicy
 from relay.client.endpoints import CachingEndpointFactory, NameEndpoint, TunedEndpoint, client_endpoint
 from relay.client.h2backend import H2Backend
+
+pytestmark = pytest.mark.memory
 
 
 @implementer(IHostnameResolver)

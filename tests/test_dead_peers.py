@@ -11,11 +11,12 @@ channel on a memory transport, with the socket watch replaced by one that
 reports the test's death.
 """
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay.config import ServerConfig
@@ -26,7 +27,7 @@ from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
 from relay.tuning.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
-from tests.test_broker import Sink
+from tests.support.sinks import Sink
 
 
 def cancel(poll):
@@ -34,6 +35,7 @@ def cancel(poll):
     poll.cancel()
 
 
+@pytest.mark.memory
 class Decision(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
@@ -215,6 +217,7 @@ class FakeWatch:
         self.death = None
 
 
+@pytest.mark.memory
 class ThroughTheChannel(unittest.TestCase):
     """The server's HTTP/1.1 channel tells the broker how its connection died."""
 
@@ -277,6 +280,7 @@ class ThroughTheChannel(unittest.TestCase):
         self.assertIn(b"before it took the request", user_wire.value())
 
 
+@pytest.mark.socket
 class SocketOptions(unittest.TestCase):
     """Every accepted connection's own socket gets the options (Linux)."""
 
@@ -336,6 +340,7 @@ class SocketOptions(unittest.TestCase):
         return d
 
 
+@pytest.mark.memory
 class UnderTLS(unittest.SynchronousTestCase):
     def test_the_socket_transport_is_found_under_a_wrapper(self):
         from twisted.internet.abstract import FileDescriptor

@@ -8,9 +8,9 @@ grace period and while requests are in flight, then closes.
 import shutil
 import tempfile
 
+import pytest
 import treq
-from twisted.internet import defer, reactor
-from twisted.internet import ssl
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
@@ -20,7 +20,10 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.h2 import offer_h2_over_tls
 from tests.support import RelayServer, head_and_body, raw_connect, server_service
-from tests.test_http2 import H2Client, make_certificate
+from tests.support.h2_peers import H2Client
+from tests.support.tls import make_certificate
+
+pytestmark = pytest.mark.socket
 
 GRACE = 0.5
 

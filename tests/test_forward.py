@@ -6,15 +6,19 @@ get the owner's answer as if they had asked it directly: streamed, with its
 trailers, and never a cut-off answer that looks complete.
 """
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.config import ServerConfig
+from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.server.site import RelaySite
-from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_user
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_user
+from tests.support.ports import reserve_port
+
+pytestmark = pytest.mark.socket
 
 NAME = "robot"
 
@@ -121,7 +125,7 @@ class ForwardTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_owner_unreachable_is_502(self):
-        self.front.peer = "127.0.0.1:%d" % free_port()
+        self.front.peer = "127.0.0.1:%d" % reserve_port(self)
         user = yield self.user(b"GET /client/robot/x HTTP/1.1\r\nHost: x\r\n\r\n")
         yield user.wait_for(b"unreachable")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 502 "), bytes(user.data))

@@ -1,10 +1,13 @@
 """Header rules have one home, relay/headers.py, and both sides follow it."""
 
+import pytest
 from twisted.trial import unittest
 
 from relay.client.backend import BackendRequest
 from relay.client.h2backend import request_headers
 from relay.headers import H2_BACKEND_DROPS, sanitize_value
+
+pytestmark = pytest.mark.memory
 
 
 class H2BackendHeaderTests(unittest.SynchronousTestCase):

@@ -9,6 +9,7 @@ it.
 
 import os
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -17,10 +18,10 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 
 from relay.logs import connect_quietly, text_line
-from relay.server.broker import Broker
 from tests.support import FakeRelayClient, RelayServer, started_client, tick
-from tests.test_broken_off import CHUNKED_HEAD, RawBackend
-from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, open_websocket, parse_frame
+from tests.support.e2e import CHUNKED_HEAD, Backend, RawBackend, RawUser, Relay, make_frame, open_websocket, parse_frame
+
+pytestmark = pytest.mark.socket
 
 NAME = "robot"
 
@@ -223,6 +224,7 @@ class FirstPollTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_only_the_first_poll_of_a_name_is_logged_until_it_is_forgotten(self):
         from twisted.internet.task import Clock
+
         from relay.server.broker import POLL_TIMEOUT
 
         clock = Clock()

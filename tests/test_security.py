@@ -15,6 +15,7 @@ import tempfile
 
 import h2.config
 import h2.connection
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -25,11 +26,13 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
-from relay.server.tap import port_endpoint
+from relay.options import port_endpoint
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, server_service, tick
-from tests.test_access import write
-from tests.test_http2 import H2Client
-from tests.test_server import ServerTestCase
+from tests.support.cases import ServerTestCase
+from tests.support.files import write
+from tests.support.h2_peers import H2Client
+
+pytestmark = pytest.mark.socket
 
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 

@@ -7,6 +7,7 @@ the producers twisted.web and the HTTP client register on the transport.
 
 import socket
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IPullProducer
@@ -19,6 +20,8 @@ from zope.interface import implementer
 from relay.client.endpoints import CachingEndpointFactory
 from relay.tuning.liveness import watch_socket_of
 from relay.tuning.transport import corked, tune
+
+pytestmark = pytest.mark.socket
 
 
 class _Collect(Protocol):

@@ -193,6 +193,8 @@ class AdminSite(Site):
     hours), so that forgotten tabs and slow peers do not pile up.
     """
 
+    noisy = False  # no "Starting factory <AdminSite object at 0x…>" lines
+
     def __init__(self, resource):
         super().__init__(resource, timeout=60)
 

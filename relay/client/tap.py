@@ -89,7 +89,7 @@ class Options(GoFlagOptions):
          "Connection scheme (http, https) for connection from relay client to backend server.", scheme],
         ["backend_address", None, default("backend_address"),
          "Hostname (and port) of the backend server as seen by the relay client."],
-        ["backend_path", None, default("backend_path"), "Path prefix for backend requests (default: none)."],
+        ["backend_path", None, default("backend_path"), "Path prefix for backend requests."],
         ["preserve_host", None, default("preserve_host"),
          "Preserve Host header of the original request for compatibility with "
          "cross-origin request checks (otherwise Host is --backend_address).", go_bool],
@@ -126,7 +126,7 @@ class Options(GoFlagOptions):
          "microseconds before sleeping (yielding the CPU to anything ready to run). "
          "Cuts latency where waking an idle CPU is slow (VMs), at the cost of up to a "
          "core of CPU under moderate load; on a busy machine with few cores it can "
-         "slow things down (docs/performance.md). 0 (the default): off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
+         "slow things down (docs/performance.md). 0: off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
         ["tcp_keepalive_interval", None, default("tcp_keepalive_interval"),
          "Not in Go: TCP keepalive probes on the client's connections after this much "
          "silence, and as often while it lasts (a Go duration; 0: off), so that a long "

@@ -8,7 +8,6 @@ library would hide what we need to see (slow reading, aborted connections,
 
 import dataclasses
 import re
-import socket
 import weakref
 from typing import Callable, List, Optional, Tuple
 
@@ -16,12 +15,12 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.internet.task import Clock
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web import server as server_module
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
@@ -525,11 +524,3 @@ def stalled(progress, quiet: float = 0.5, timeout: float = 20.0):
 def rss_peak_kib(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
