@@ -4,8 +4,8 @@ the requests in flight and the last finished ones.
 
 Everything that changes per event on the request path is read here, at
 snapshot time, from the broker's own objects (open polls, in-flight
-requests and their byte counts, the state a request is in), so that the
-hooks of L{relay.admin.stats} stay a few attribute updates. The cost moves
+requests and their byte counts, the state a request is in), so that the event
+handlers of L{relay.admin.stats} stay a few attribute updates. The cost moves
 to the snapshot, which is paged: with 10,000 backends the page's sort key
 is computed for all of them, the full entry only for the page.
 
