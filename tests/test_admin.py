@@ -30,7 +30,9 @@ from relay.server.admin.status import Query, effective_flags, snapshot
 from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server import tap
-from relay.server.broker import Backend, Broker, Waiters
+from relay.server.broker import Backend, Broker
+from relay.server.events import Outcome
+from relay.server.pending import Waiters
 from tests.support import RelayServer, raw_connect, started_client, tick
 from tests.support.admin import SECRET, Hanging, _Pending, _Sink
 from tests.support.ports import reserve_port
@@ -57,7 +59,7 @@ class AdminCase(unittest.TestCase):
             keep_headers=self.inspect_headers,
         )
         self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
-        self.stats = self.relay.broker.stats
+        self.stats = self.admin.stats
         self.backend_resource = Hanging()
         self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
         self.addCleanup(self.backend.stopListening)
@@ -282,8 +284,8 @@ class StatusWithRealClients(AdminCase):
     def test_sorting_and_paging(self):
         for name in ("b", "a", "c"):
             self.relay.broker.get_request(name)
-            self.stats.polled(name, "10.0.0.1")
-        self.stats.polled("c", "10.0.0.2")
+            self.stats.poll_from(name, "10.0.0.1")
+        self.stats.poll_from("c", "10.0.0.2")
         data = yield self.status("?limit=2&sort=name&order=desc&recent=0")
         page = data["backends"]
         self.assertEqual((page["total"], [b["name"] for b in page["items"]]), (3, ["c", "b"]))
@@ -486,16 +488,16 @@ class Bounds(unittest.SynchronousTestCase):
     def finish(self, stats, name, i, code=200, truncated=False):
         pending = _Pending(stats.clock.seconds(), name, "%s:%032x" % (name, i), code, truncated)
         message = HttpRequest(method="GET", url="http://invalid/item/%d?secret=x" % (i,))
-        stats.started(pending, message)
+        stats.request_queued(pending, message)
         stats.clock.advance(0.001)
-        stats.finished(pending, None)
+        stats.request_finished(pending, pending.sink.outcome())
 
     def test_ring_buffers_stay_at_their_bounds(self):
         clock = Clock()
         stats = AdminStats(clock, ring=50, error_ring=20, total=2000)
         names = ["robot-%d" % (i,) for i in range(100)]
         for name in names:
-            stats.polled(name, "127.0.0.1")
+            stats.poll_from(name, "127.0.0.1")
         for i in range(100000):
             self.finish(stats, names[i % 7] if i % 2 else names[i % 100], i, 504 if i % 10 == 0 else 200)
         self.assertEqual(len(stats.records), 2000)
@@ -527,7 +529,7 @@ class Bounds(unittest.SynchronousTestCase):
         stats = AdminStats(clock, total=5000)
         names = ["robot-%d" % (i,) for i in range(50)]
         for name in names:
-            stats.polled(name, "127.0.0.1")
+            stats.poll_from(name, "127.0.0.1")
         tracemalloc.start()
         try:
             for i in range(10000):
@@ -546,13 +548,14 @@ class Bounds(unittest.SynchronousTestCase):
 
     def test_overload_and_unknown_names_are_counted_within_bounds(self):
         from relay.server.admin import stats as module
-        from relay.server.broker import Overloaded, UnknownBackend
+        from relay.server.errors import Overloaded, UnknownBackend
 
         clock = Clock()
         broker = Broker(clock, ServerConfig(max_pending_per_backend=1))
-        stats = broker.stats = AdminStats(clock)
+        stats = AdminStats(clock)
+        broker.add_observer(stats)
         broker.get_request("robot")
-        stats.polled("robot", None)
+        broker.poll_from("robot", None)
         broker.relay("robot", HttpRequest(method="GET", url="http://invalid/a"), _Sink(200, False))
         self.assertRaises(Overloaded, broker.relay, "robot", HttpRequest(method="GET", url="http://invalid/b"), None)
         b = stats.backends["robot"]
@@ -570,7 +573,7 @@ class Bounds(unittest.SynchronousTestCase):
     def test_default_ring_per_backend(self):
         clock = Clock()
         stats = AdminStats(clock)
-        stats.polled("robot", None)
+        stats.poll_from("robot", None)
         for i in range(DEFAULT_RING * 3):
             self.finish(stats, "robot", i)
         self.assertEqual(len(stats.backends["robot"].recent), DEFAULT_RING)
@@ -581,21 +584,22 @@ class Bounds(unittest.SynchronousTestCase):
         clock = Clock()
         stats = AdminStats(clock)
         for i in range(module.FORGOTTEN + 10):
-            stats.polled("r%d" % (i,), None)
-            stats.forget("r%d" % (i,))
+            stats.poll_from("r%d" % (i,), None)
+            stats.backend_forgotten("r%d" % (i,))
         self.assertEqual(len(stats.forgotten), module.FORGOTTEN)
         self.assertEqual(stats.backends, {})
 
     def test_ten_thousand_backends_page_quickly(self):
         clock = Clock()
         broker = Broker(clock, ServerConfig())
-        stats = broker.stats = AdminStats(clock)
+        stats = AdminStats(clock)
+        broker.add_observer(stats)
         for i in range(10000):
             name = "robot-%05d" % (i,)
             # Known to the broker as a poll would make it (a Clock's
             # callLater sorts its calls, too slow for 10,000 polls).
             broker.backends[name] = Backend(name, clock.seconds(), Waiters(clock, 30.0, lambda d: None))
-            stats.polled(name, "10.0.%d.%d" % (i // 256, i % 256))
+            stats.poll_from(name, "10.0.%d.%d" % (i // 256, i % 256))
             self.finish(stats, name, i)
         data = snapshot(broker, stats, {}, Query({b"limit": [b"50"], b"offset": [b"100"], b"sort": [b"p99"], b"order": [b"desc"], b"recent": [b"0"]}))
         self.assertEqual(data["backends"]["total"], 10000)
@@ -611,33 +615,35 @@ class Flags(unittest.TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         return directory
 
-    def test_hooks_absent_when_the_view_is_off(self):
-        self.assertIsNone(Broker(Clock(), ServerConfig()).stats)
+    def test_no_observer_when_the_view_is_off(self):
+        self.assertEqual(Broker(Clock(), ServerConfig()).observers, ())
         relay = RelayServer()
         self.addCleanup(relay.stop)
-        self.assertIsNone(relay.broker.stats)
+        self.assertFalse([o for o in relay.broker.observers if isinstance(o, AdminStats)])
         self.assertEqual(sorted(s.name for s in relay.service), ["drain", "listen", "reap"])
         options = tap.Options()
         options.parseOptions(["--port=tcp:0:interface=127.0.0.1"])
         service = tap.makeService(options, reactor)
         self.assertEqual(sorted(s.name for s in service), ["drain", "listen", "reap"])
-        self.assertIsNone(service.broker.stats)
+        self.assertEqual(service.broker.observers, ())
 
     def test_a_failing_hook_costs_the_view_not_the_request(self):
         clock = Clock()
         broker = Broker(clock, ServerConfig())
-        broker.stats = AdminStats(clock)
+        broker.add_observer(AdminStats(clock, keep_headers=True))
         broker.get_request("robot")
 
-
         class Broken:
-            """A sink the view cannot read: stands for a bug in the view."""
+            """Response headers the view cannot read: stands for a bug in the view."""
 
-            @property
-            def tunnel(self):
+            def getAllRawHeaders(self):
                 raise RuntimeError("a bug")
 
-        pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/"), Broken())
+        class Sink:
+            def outcome(self):
+                return Outcome(200, headers=Broken())
+
+        pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/"), Sink())
         broker.cancel(pending)
         self.assertEqual(broker.requests, {})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

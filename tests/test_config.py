@@ -30,6 +30,7 @@ from relay import config as config_module
 from relay.client import tap as client_tap
 from relay.config import ClientConfig, ServerConfig, field_name, flag_default
 from relay.server import tap as server_tap
+from tests.support import admin_stats
 
 
 def parsed(options_class, argv=()):
@@ -197,9 +198,9 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "tracing": (self.service.tracing_plan.enabled, self.service.site.resource.client.tracer),
             "trace_sampling_ratio": self.service.tracing_plan.ratio,
             # The admin view is off by default: no statistics in the broker.
-            "admin_port": self.broker.stats,
-            "admin_token_file": self.broker.stats,
-            "inspect_headers": self.broker.stats,
+            "admin_port": admin_stats(self.broker),
+            "admin_token_file": admin_stats(self.broker),
+            "inspect_headers": admin_stats(self.broker),
             # A single replica by default: no routing among peers.
             "peers": self.site.resource.client.routing,
             "peer_self": self.site.resource.client.routing,

@@ -12,6 +12,7 @@ reports the test's death.
 """
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,13 +21,8 @@ from twisted.trial import unittest
 
 from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.server.broker import (
-    PICKUP_TIMEOUT,
-    BackendUnreachable,
-    Broker,
-    PollConnection,
-    RelayClientLost,
-)
+from relay.server.broker import PICKUP_TIMEOUT, Broker, PollConnection
+from relay.server.errors import BackendUnreachable, RelayClientLost
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
@@ -200,9 +196,10 @@ class Decision(unittest.TestCase):
         from relay.server.admin.stats import AdminStats
         from relay.server.admin.status import Query, snapshot
 
-        stats = self.broker.stats = AdminStats(self.clock)
+        stats = AdminStats(self.clock)
+        self.broker.add_observer(stats)
         connection, pending, sink = self.hand_out()
-        stats.polled("robot", "10.0.0.7")
+        self.broker.poll_from("robot", IPv4Address("TCP", "10.0.0.7", 5555))
         self.broker.connection_ended(Death(TIMEOUT, unsent=10), connection)
         cancel(self.broker.get_request("robot", PollConnection()))
         view = snapshot(self.broker, stats, {}, Query())

@@ -24,7 +24,9 @@ from relay.headers import FORWARDED_BY
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server import tap
 from relay.server.auth import AccessPolicy, UserTokens, token_hash
-from relay.server.broker import Broker, Overloaded, RequestIds, issuing_replica
+from relay.server.broker import Broker
+from relay.server.errors import Overloaded
+from relay.server.ids import RequestIds, issuing_replica
 from relay.server.peers import healthz_probe
 from relay.server.ring import Ring
 from relay.server.routing import Routing, find_self, replica_list

@@ -9,7 +9,7 @@ import re
 import pytest
 from twisted.trial import unittest
 
-from relay.server.broker import RequestIds, issuing_replica
+from relay.server.ids import RequestIds, issuing_replica
 
 pytestmark = pytest.mark.memory
 

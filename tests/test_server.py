@@ -15,7 +15,7 @@ import treq
 from twisted.internet import defer
 
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.server.broker import STREAM_POLL_TIMEOUT
+from relay.server.pending import STREAM_POLL_TIMEOUT
 from tests.support import dechunk, head_and_body, raw_connect
 from tests.support.cases import ServerTestCase
 

@@ -26,7 +26,7 @@ import socket
 from typing import Callable, List, Optional, Sequence
 
 from relay.outbound.address import split_host_port
-from relay.server.broker import issuing_replica
+from relay.server.ids import issuing_replica
 from relay.server.forward import forwarded
 from relay.server.ring import Ring
 

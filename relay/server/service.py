@@ -43,7 +43,8 @@ from twisted.logger import Logger
 from relay.config import ServerConfig
 from relay.logs import LogsThroughObserver
 from relay.server.auth import AccessPolicy
-from relay.server.broker import Broker, RequestIds
+from relay.server.broker import Broker
+from relay.server.ids import RequestIds
 from relay.server.forward import Forwarder
 from relay.server.peers import PeerHealth, healthz_probe
 from relay.server.metrics import RelayMetrics

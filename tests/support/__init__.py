@@ -23,12 +23,14 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web import server as server_module
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 from relay.client.http import BytesProducer
 from relay.client.service import make_client_service
 from relay.config import ClientConfig, ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
+from relay.server.events import IBrokerEvents
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.service import make_server_service
@@ -121,36 +123,52 @@ class Changes:
         return d
 
 
+@implementer(IBrokerEvents)
 class BrokerEvents(Changes):
     """
-    L{Changes} of a broker (a poll waiting, a request forgotten). The
-    server's resources reach the broker only through the calls in L{CALLS}:
-    conditions are checked after each such call, and when the Deferred a
-    call returned fires (a poll cancelled because its connection went away).
+    L{Changes} of a broker (a poll waiting, a request forgotten), as its
+    observer: conditions are checked again at each of the broker's events.
     """
-
-    CALLS = ("get_request", "relay", "arrival", "cancel", "send_response", "reject", "get_request_stream")
 
     def __init__(self, broker):
         super().__init__()
-        for name in self.CALLS:
-            setattr(broker, name, self._watched(getattr(broker, name)))
+        broker.add_observer(self)
 
-    def _watched(self, call):
-        def watched(*args, **kwargs):
-            try:
-                result = call(*args, **kwargs)
-            finally:
-                self.changed()
-            if isinstance(result, defer.Deferred):
-                result.addBoth(self._passing)
-            return result
-
-        return watched
-
-    def _passing(self, result):
+    def poll_waiting(self, backend):
         self.changed()
-        return result
+
+    def poll_from(self, backend, peer):
+        self.changed()
+
+    def poll_ended(self, backend):
+        self.changed()
+
+    def backend_awaited(self, backend):
+        self.changed()
+
+    def unknown_backend(self, backend, message):
+        self.changed()
+
+    def request_refused(self, backend, status):
+        self.changed()
+
+    def request_queued(self, pending, message):
+        self.changed()
+
+    def request_picked_up(self, pending):
+        self.changed()
+
+    def response_posted(self, pending, message):
+        self.changed()
+
+    def stream_polled(self, pending):
+        self.changed()
+
+    def request_finished(self, pending, outcome):
+        self.changed()
+
+    def backend_forgotten(self, backend):
+        self.changed()
 
 
 class Recorder(list):
@@ -178,6 +196,13 @@ def broker_events(broker) -> BrokerEvents:
     if events is None:
         events = _events[broker] = BrokerEvents(broker)
     return events
+
+
+def admin_stats(broker):
+    """The admin view's statistics among the broker's observers; None when the view is off."""
+    from relay.server.admin.stats import AdminStats
+
+    return next((o for o in broker.observers if isinstance(o, AdminStats)), None)
 
 
 def polling(broker, name: str) -> defer.Deferred:

@@ -6,6 +6,8 @@ requests open, and a pending request as the status view sees one.
 from twisted.internet import reactor
 from twisted.web import resource, server
 
+from relay.server.events import Outcome
+
 SECRET = "s3cr3t-value"
 
 
@@ -67,13 +69,13 @@ class _Pending:
 
 
 class _Sink:
+    """A finished request's user side: an answer of 100 bytes with C{code}."""
+
     def __init__(self, code, truncated):
-        self.request = _Request(code)
-        self.bytes = 100
-        self.truncated = truncated
-        self.tunnel = None
-
-
-class _Request:
-    def __init__(self, code):
         self.code = code
+        self.truncated = truncated
+
+    def outcome(self) -> Outcome:
+        outcome = Outcome(self.code, self.truncated, bytes_out=100)
+        outcome.started = True
+        return outcome

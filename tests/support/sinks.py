@@ -2,6 +2,8 @@
 A response sink that records what the broker hands a user's request.
 """
 
+from relay.server.events import Outcome
+
 
 class Sink:
     def __init__(self):
@@ -19,3 +21,7 @@ class Sink:
 
     def fail(self, reason):
         self.failures.append(reason)
+
+    def outcome(self) -> Outcome:
+        status = self.messages[0].status_code if self.messages else 0
+        return Outcome(status, bytes_out=sum(len(m.body) for m in self.messages))
