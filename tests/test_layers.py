@@ -42,15 +42,34 @@ def modules() -> Iterator[Tuple[str, str]]:
                 yield module_name(path), path
 
 
-def imported(name: str, source: str, is_package: bool = False) -> List[Tuple[int, str]]:
+def type_checking_only(tree: ast.AST) -> Set[ast.AST]:
+    """The nodes under C{if TYPE_CHECKING:}, which never run."""
+    hidden: Set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            test = node.test
+            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+            ):
+                for child in node.body:
+                    hidden.update(ast.walk(child))
+    return hidden
+
+
+def imported(name: str, source: str, is_package: bool = False, at_run_time: bool = False) -> List[Tuple[int, str]]:
     """
     (line, module) for each module of C{relay} that C{source}, the module
     C{name}, imports anywhere: C{from a.b import c} counts as both C{a.b}
-    and C{a.b.c}, since C{c} may be a module.
+    and C{a.b.c}, since C{c} may be a module. With C{at_run_time}, not the
+    imports that only a type checker reads (C{if TYPE_CHECKING:}).
     """
     found: List[Tuple[int, str]] = []
     package = name if is_package else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    hidden = type_checking_only(tree) if at_run_time else set()
+    for node in ast.walk(tree):
+        if node in hidden:
+            continue
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -138,11 +157,14 @@ class LayerTests(unittest.SynchronousTestCase):
         self.assertEqual(cycles(edges), [])
 
     def test_no_cycle_between_modules(self):
-        """Not even one hidden inside a function."""
+        """
+        Not even one hidden inside a function. Annotations may name a module
+        that imports this one (C{if TYPE_CHECKING:}): that import never runs.
+        """
         names = {name for name, _ in modules()}
         edges: Dict[str, Set[str]] = {}
         for name, path in modules():
-            for _, target in imported(name, read(path), path.endswith("__init__.py")):
+            for _, target in imported(name, read(path), path.endswith("__init__.py"), at_run_time=True):
                 if target in names and target != name:
                     edges.setdefault(name, set()).add(target)
         self.assertEqual(cycles(edges), [])
@@ -200,3 +222,11 @@ class CheckerTests(unittest.SynchronousTestCase):
     def test_cycles_are_found(self):
         self.assertEqual(cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}), [["a", "b", "c", "a"]])
         self.assertEqual(cycles({"a": {"b"}, "b": set()}), [])
+
+    def test_imports_for_the_type_checker_only_count_for_layers_not_cycles(self):
+        source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from relay.client import tap\n"
+        self.assertEqual(
+            violations("relay.server.site", imported("relay.server.site", source)),
+            ["relay.server.site:3 -> relay.client", "relay.server.site:3 -> relay.client.tap"],
+        )
+        self.assertEqual(imported("relay.server.site", source, at_run_time=True), [])
