@@ -330,7 +330,7 @@ class RelayChannel(http.HTTPChannel):
     # record of answers in transit on this connection, whose delivery the
     # next request's headers prove (the relay's broker makes one at the
     # connection's first poll; relay.server.site.poll_connection).
-    _watch = None
+    socket_watch = None
     poll_connection = None
     _sniffing = True
     _sniffed = b""

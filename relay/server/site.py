@@ -39,9 +39,10 @@ _KEPT_WHILE_DRAINING = (b"/server/response", b"/server/requeststream")
 
 class RelaySite(server.Site):
     """
-    The relay's Site: our channel and request classes, a body cap, and no
-    access log (the Go server writes none, and it costs a quarter of the
-    throughput for small requests).
+    The relay's Site: the HTTP/1.1 channel and request classes of
+    L{relay.server.http1}, with the limits, clock and decisions they ask
+    their factory for, and no access log (the Go server writes none, and
+    it costs a quarter of the throughput for small requests).
     """
 
     protocol = RelayChannel
@@ -100,7 +101,7 @@ class RelaySite(server.Site):
         tune(channel.transport)
         watch = self.watch
         if watch is not None:
-            channel._watch = watch(channel.transport, self.tcp_keepalive_interval, self.dead_connection_timeout)
+            channel.socket_watch = watch(channel.transport, self.tcp_keepalive_interval, self.dead_connection_timeout)
         self.connections.add(channel)
 
     def connection_lost(self, channel: RelayChannel, reason, switched) -> None:
@@ -111,7 +112,7 @@ class RelaySite(server.Site):
         self.connection_closed(channel)
         broker = self.broker
         if broker is not None:
-            watch, channel._watch = channel._watch, None
+            watch, channel.socket_watch = channel.socket_watch, None
             death = watch.death if watch is not None else None
             if death is None:
                 death = liveness.Death(liveness.reason_of(reason))
