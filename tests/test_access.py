@@ -18,7 +18,8 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
 from relay.server.broker import POLL_TIMEOUT
-from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect, run_clock_until, tick as _tick
+from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect, run_clock_until
+from tests.support import tick as _tick
 from tests.test_routes import RouteTestCase
 from tests.test_server import ServerTestCase
 

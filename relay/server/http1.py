@@ -73,7 +73,6 @@ from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.tuning.transport import corked
 
-
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).
 H2_IDLE_TIMEOUT = 12 * 60 * 60
 
