@@ -114,6 +114,10 @@ class FaultTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_server_restart_under_load_recovers_without_help(self):
+        # Real time on purpose: the relay-client is a process, whose
+        # back-off and retries run on its own clock, and the test measures
+        # how long it takes to come back; the server's drain, on the real
+        # reactor too, is what such a process meets in a restart.
         port = reserve_port(self)
         server = RelayServer(port=port)
         client = spawn_client(port, self.backend, "robot", "--num_pending_requests=2")

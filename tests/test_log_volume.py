@@ -13,13 +13,15 @@ import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 
 from relay.logs import text_line
 from relay.net.transport import connect_quietly
-from tests.support import FakeRelayClient, RelayServer, started_client, tick
+from relay.server.broker import Broker
+from tests.support import FakeRelayClient, RawResponse, RelayServer, started_client, tick
 from tests.support.e2e import CHUNKED_HEAD, Backend, RawBackend, RawUser, Relay, make_frame, open_websocket, parse_frame
 
 pytestmark = pytest.mark.socket
@@ -66,7 +68,10 @@ class EndToEndVolume(unittest.TestCase):
         self.backend = Backend()  # the test's backend, before we listen
         self.addCleanup(self.backend.stop)
         self.log = InfoLines(self)
-        self.relay = Relay(header_timeout=0.3)
+        # The header timeout on a clock of the test's: an idle connection
+        # is cut when the test says, not after a real wait.
+        self.clock = Clock()
+        self.relay = Relay(header_timeout=0.3, clock=self.clock)
         self.addCleanup(lambda: self.relay.stop())
         self.users = user_pool()
         self.addCleanup(self.users.closeCachedConnections)
@@ -103,13 +108,15 @@ class EndToEndVolume(unittest.TestCase):
         ]:
             resp = yield treq.request(method, self.relay.base + path, pool=self.users)
             yield resp.content()
-        # Idle keep-alive connections reach the header timeout (0.3 s here).
+        # An idle keep-alive connection reaches the header timeout (0.3 s here).
         yield self.users.closeCachedConnections()
-        idle = user_pool()
-        self.addCleanup(idle.closeCachedConnections)
-        resp = yield treq.get(self.relay.base + "/healthz", pool=idle)
-        yield resp.content()
-        yield tick(0.6)
+        idle = RawResponse()
+        yield connect_quietly(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), idle)
+        self.addCleanup(idle.transport.abortConnection)
+        idle.transport.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        yield idle.wait_for(b"\r\n\r\nok")
+        self.clock.advance(0.3)
+        yield idle.ended
         self.assertEqual(self.log.since(mark), [])
 
     def test_no_python_reprs(self):
