@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
 import run as harness  # noqa: E402  (bench/run.py)
-from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx  # noqa: E402
+from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx  # noqa: E402
 
 from run import (  # noqa: E402
     GO_DIR_CANDIDATES,

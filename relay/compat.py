@@ -60,14 +60,14 @@ __all__ = [
     "unwritten_bytes",
 ]
 
-# twisted.web.http: the chunked decoder, which the server bounds (site.py)
+# twisted.web.http: the chunked decoder, which the server bounds (http1.py)
 # and the client's upgrade path reuses to read a backend's chunked answer.
 ChunkedTransferDecoder = http._ChunkedTransferDecoder
 MalformedChunkedDataError = http._MalformedChunkedDataError
 
 # Methods of Twisted classes that our subclasses override.
 OVERRIDDEN = (
-    # site.RelayChannel: swaps in the bounded chunked decoder.
+    # http1.RelayChannel: swaps in the bounded chunked decoder.
     (http.HTTPChannel, "_maybeChooseTransferDecoder"),
     # site._BoundedChunkedDecoder: refuses absurd chunk sizes.
     (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),
@@ -261,7 +261,7 @@ def unwritten_bytes(transport) -> int:
 
 
 # twisted.internet.tcp.Connection.doRead: the same read, keeping the errno
-# that Twisted folds into one ConnectionLost (relay.tuning.liveness).
+# that Twisted folds into one ConnectionLost (relay.net.liveness).
 def read_socket(transport, on_error) -> None:
     """
     Make C{transport} (a L{tcp.Connection}) read as Twisted's C{doRead}

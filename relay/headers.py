@@ -22,6 +22,7 @@ make the C{h2} stack raise while it ends the stream.
 import re
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_RAW_TOKEN = re.compile(_TOKEN.pattern.encode("ascii"))
 
 # Hop-by-hop headers (RFC 9110 7.6.1) describe one connection, not the
 # message: the relay's connection to the user-client is not the backend's.
@@ -137,6 +138,11 @@ def valid_name(name: str) -> bool:
     return _TOKEN.fullmatch(name) is not None
 
 
+def valid_raw_name(name: bytes) -> bool:
+    """L{valid_name} for a name as bytes."""
+    return _RAW_TOKEN.fullmatch(name) is not None
+
+
 def valid_trailer(name: str) -> bool:
     return valid_name(name) and name.lower() not in BAD_TRAILERS
 
@@ -153,6 +159,11 @@ def sanitize_value(value: str) -> bytes:
         .strip(" \t")
         .encode("utf-8", "replace")
     )
+
+
+def sanitize_raw(value: bytes) -> bytes:
+    """L{sanitize_value} for a value as bytes, which stay as they are otherwise."""
+    return value.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\0", b" ").strip(b" \t")
 
 
 def go_canonical(name: str) -> str:

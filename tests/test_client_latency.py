@@ -9,6 +9,7 @@ sets) and which messages it posts, not the wall clock.
 
 import time
 
+import pytest
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
@@ -17,7 +18,9 @@ from twisted.web.client import HTTPConnectionPool
 import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
 from tests.support import started_client
-from tests.test_client_e2e import NAME, Backend, RawUser, Relay
+from tests.support.e2e import NAME, Backend, RawUser, Relay
+
+pytestmark = pytest.mark.socket
 
 
 class RecordingClock:

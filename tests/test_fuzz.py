@@ -10,6 +10,7 @@ example is fast and deterministic.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -172,7 +173,9 @@ class FuzzTests(unittest.TestCase):
 # request to another backend on the same connection, pipelined (HTTP/1.1) or
 # multiplexed (HTTP/2); and random requests over HTTP/2.
 
-from tests.test_hostile_client import TRUE_ANSWER, H2User, HostileTestCase, http11_responses  # noqa: E402
+from tests.support.hostile import TRUE_ANSWER, HostileTestCase  # noqa: E402
+
+pytestmark = pytest.mark.memory
 
 any_names = st.one_of(
     st.sampled_from(

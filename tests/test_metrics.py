@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -105,6 +106,7 @@ class MetricsTestCase(unittest.TestCase):
         return self.relay_client.post(HttpResponse(id=name + ":" + "0" * 32, status_code=200, eof=True))
 
 
+@pytest.mark.socket
 class GoParityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_names_and_label_sets_match_the_go_server(self):
@@ -147,6 +149,7 @@ class GoParityTests(MetricsTestCase):
         self.assertIn('broker_requests{backend="robot1",method="client"} 1\n', text)
 
 
+@pytest.mark.socket
 class CardinalityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_made_up_ids_add_no_series(self):
@@ -202,8 +205,8 @@ class CardinalityTests(MetricsTestCase):
         self.assertEqual(before, after)
 
     def test_forgotten_backends_take_their_series_with_them(self):
-        from relay.server.broker import Broker
         from relay.proto.http_relay_pb2 import HttpRequest
+        from relay.server.broker import Broker
 
         clock = Clock()
         metrics = RelayMetrics(process=False)
@@ -232,6 +235,7 @@ class _Sink:
         pass
 
 
+@pytest.mark.memory
 class NumberFormatTests(unittest.TestCase):
     def test_numbers_as_client_golang_writes_them(self):
         """Values as they appeared on the Go server's /metrics page."""

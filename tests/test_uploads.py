@@ -5,23 +5,27 @@ loopback: a raw user uploads, the backend reads as the body comes, and
 what each end notices is asserted.
 """
 
+import hashlib
 import json
 import os
 
+import pytest
+import treq
 from twisted.internet import defer, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
 
 from relay.compat import unwritten_bytes
-from tests.process import ROOT, ChildProcess, TwistdProcess
-from tests.support import RelayServer, dechunk, free_port, head_and_body, rss_peak_kib, stalled, started_client, tick
-from tests.upload_support import H2Uploader, UploadBackends, Uploader, pattern_sha256, upload_head
+from relay.proto.http_relay_pb2 import HttpRequest
+from tests.support import RelayServer, dechunk, head_and_body, rss_peak_kib, stalled, started_client, tick
+from tests.support.go import GO_CLIENT, GO_SERVER, go_binary
+from tests.support.ports import reserve_port
+from tests.support.process import ChildProcess, TwistdProcess
+from tests.support.uploads import H2Uploader, UploadBackends, Uploader, pattern_sha256, upload_head
 
 NAME = "robot"
 MIB = 1024 * 1024
-GO = os.path.join(os.path.dirname(ROOT), "shared", "reference-go")
-GO_SERVER = os.path.join(GO, "http-relay-server")
-GO_CLIENT = os.path.join(GO, "http-relay-client")
 
 
 class UploadCase(unittest.TestCase):
@@ -56,6 +60,7 @@ class UploadCase(unittest.TestCase):
         return head, body
 
 
+@pytest.mark.socket
 class Uploads(UploadCase):
     """HTTP/1.1 users."""
 
@@ -184,8 +189,6 @@ class Uploads(UploadCase):
 
         payload = yield complete()
         self.assertEqual(len(payload), size)
-        import hashlib
-
         self.assertEqual(hashlib.sha256(payload).hexdigest(), pattern_sha256(size, self.seed))
 
     @defer.inlineCallbacks
@@ -242,6 +245,7 @@ class Uploads(UploadCase):
         self.assertLessEqual(upload.received, 3 * MIB)
 
 
+@pytest.mark.socket
 class H2Uploads(UploadCase):
     """The same pair, the user on HTTP/2 (h2c): its flow control is the back-pressure."""
 
@@ -303,6 +307,7 @@ class H2Uploads(UploadCase):
         self.assertIn(user.reset_code, (None, 0))
 
 
+@pytest.mark.socket
 class GoHalves(unittest.TestCase):
     """The buffered path stays as it was when one half does not stream."""
 
@@ -311,10 +316,6 @@ class GoHalves(unittest.TestCase):
     @defer.inlineCallbacks
     def test_poll_without_the_header_gets_the_body_inside(self):
         """A relay-client that does not say it fetches bodies (Go's) gets the whole body in the request, as before."""
-        import treq
-        from twisted.web.client import HTTPConnectionPool
-
-        from relay.proto.http_relay_pb2 import HttpRequest
 
         relay = RelayServer()
         self.addCleanup(relay.stop)
@@ -331,8 +332,6 @@ class GoHalves(unittest.TestCase):
         self.assertIsNone(response.headers.getRawHeaders(b"relay-body"))
         message = HttpRequest.FromString((yield response.content()))
         self.assertEqual(len(message.body), 3 * MIB)
-        import hashlib
-
         self.assertEqual(hashlib.sha256(message.body).hexdigest(), pattern_sha256(3 * MIB, seed))
 
 
@@ -350,6 +349,7 @@ def spawn_client(relay_port: int, backend_address: str) -> TwistdProcess:
     )
 
 
+@pytest.mark.process
 class Processes(unittest.TestCase):
     """Where the process is the point: a relay-client killed mid-upload, and the server's memory during one."""
 
@@ -420,6 +420,7 @@ def said(proc: ChildProcess, text: bytes, timeout: float = 15.0):
         yield tick(0.05)
 
 
+@pytest.mark.process
 class GoHalvesBuffer(unittest.TestCase):
     """
     Either Go half keeps today's buffered bodies: the backend gets the
@@ -434,9 +435,7 @@ class GoHalvesBuffer(unittest.TestCase):
         self.addCleanup(self.backend.stop)
 
     def go(self, path: str, args) -> ChildProcess:
-        if not os.access(path, os.X_OK):
-            raise unittest.SkipTest("no Go binary at " + path)
-        proc = ChildProcess.spawn([path] + list(args))
+        proc = ChildProcess.spawn([go_binary(path)] + list(args))
         self.addCleanup(proc.terminate)
         return proc
 
@@ -480,7 +479,7 @@ class GoHalvesBuffer(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_our_relay_client_on_the_go_server(self):
-        port = free_port()
+        port = reserve_port(self)
         server = self.go(GO_SERVER, ["--port=%d" % (port,)])
         yield said(server, b"Relay server listening")
         started_client(self, "http://127.0.0.1:%d" % (port,), NAME, backend_address=self.backend.address)

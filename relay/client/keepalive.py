@@ -47,7 +47,7 @@ from relay.compat import (
     client_response_head,
     client_response_lost,
 )
-from relay.tuning.transport import corked
+from relay.net.transport import corked
 
 _RETRYABLE_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
 _MAX_ORIGINS = 64

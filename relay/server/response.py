@@ -35,7 +35,10 @@ from relay.compat import request_gone
 from relay.durations import format_duration
 from relay.headers import HOP_BY_HOP, RELAY_ERROR, go_canonical, sanitize_value, valid_name
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.server.broker import Broker, BrokerError, PendingRequest, RelayClientLost, RequestExpired
+from relay.server.broker import Broker
+from relay.server.errors import BrokerError, RelayClientLost, RequestExpired
+from relay.server.events import Outcome
+from relay.server.pending import PendingRequest
 from relay.server.tunnel import Tunnel
 
 log = Logger()
@@ -60,6 +63,32 @@ def plain(request, code: int, message: str) -> bytes:
     request.responseHeaders.setRawHeaders(b"content-type", [TEXT_PLAIN])
     return message.encode("utf-8")
 
+
+def overloaded(request, error) -> bytes:
+    """503 with C{Retry-After}: the broker refused more work for now."""
+    request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
+    return http_error(request, 503, str(error))
+
+
+def on_disconnect(request, callback) -> None:
+    """Run C{callback} if the peer goes away before we answered."""
+    request.notifyFinish().addErrback(lambda _: callback())
+
+
+def answer_whole(request, body) -> None:
+    """Answer C{request} later with C{body} (bytes or a list of them), as render's return value would."""
+    if request_gone(request):
+        return
+    if isinstance(body, list):
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % sum(map(len, body))])
+        for piece in body:
+            request.write(piece)
+    else:
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+    request.finish()
+
+
 def proto_text(value) -> str:
     """A proto2 string field: str, or bytes when it was not valid UTF-8."""
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
@@ -75,7 +104,7 @@ def relay_error(message: HttpResponse) -> Optional[str]:
 
 class UserResponse:
     """
-    The L{ResponseSink} for one user request: turns the relay-client's
+    The L{relay.server.pending.ResponseSink} for one user request: turns the relay-client's
     messages into the user-client's response.
     """
 
@@ -303,6 +332,13 @@ class UserResponse:
                 self._answer_error(503, (str(reason) or "Server is restarting") + "\n", go_error=True)
             return
         self._abort(type(reason).__name__)
+
+    def outcome(self) -> Outcome:
+        """What the user got: L{relay.server.pending.ResponseSink.outcome}, for those who watch the broker."""
+        tunnel = self.tunnel
+        if tunnel is not None:
+            return Outcome(101, self.truncated, tunnel.bytes_in, self.bytes, self.trace_id)
+        return Outcome(self.request.code or 0, self.truncated, 0, self.bytes, self.trace_id, self.request.responseHeaders)
 
     def _abort(self, reason: str) -> None:
         """

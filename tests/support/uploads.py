@@ -1,5 +1,6 @@
 """
-The two ends of a streamed upload, for tests/test_uploads.py: a user that
+The two ends of a streamed upload, for tests/test_uploads.py (and the
+gRPC-free HTTP/2 user too): a user that
 sends a body as fast as its connection takes it (and can stop, or abort,
 part-way), and a backend that reads a body as it comes (twisted.web would
 buffer it whole) at a rate of its choosing, and says whether it arrived

@@ -8,7 +8,6 @@ library would hide what we need to see (slow reading, aborted connections,
 
 import dataclasses
 import re
-import socket
 import weakref
 from typing import Callable, List, Optional, Tuple
 
@@ -16,20 +15,22 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.internet.task import Clock
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web import server as server_module
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 from relay.client.http import BytesProducer
 from relay.client.service import make_client_service
 from relay.config import ClientConfig, ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
+from relay.server.events import IBrokerEvents
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.service import make_server_service
@@ -47,8 +48,16 @@ def server_service(endpoint, reactor, **kwargs):
     L{make_server_service} with the config's defaults but for the fields
     given, and no drain grace: a test's stop should not wait for load
     balancers that are not there.
+
+    With a C{clock} the header timeout is off unless the test sets it:
+    that clock times the connections too, and a test that steps it
+    through minutes of poll and inactivity timeouts would otherwise see
+    its idle kept-alive connections closed under it (on the real
+    reactor, no test lasts the 30 s default).
     """
     fields = {"drain_grace": 0.0}
+    if kwargs.get("clock") is not None:
+        fields["header_timeout"] = None
     fields.update(_split(ServerConfig, kwargs))
     kwargs.setdefault("metrics", RelayMetrics(process=False))
     return make_server_service(endpoint, reactor, ServerConfig(**fields), **kwargs)
@@ -122,36 +131,52 @@ class Changes:
         return d
 
 
+@implementer(IBrokerEvents)
 class BrokerEvents(Changes):
     """
-    L{Changes} of a broker (a poll waiting, a request forgotten). The
-    server's resources reach the broker only through the calls in L{CALLS}:
-    conditions are checked after each such call, and when the Deferred a
-    call returned fires (a poll cancelled because its connection went away).
+    L{Changes} of a broker (a poll waiting, a request forgotten), as its
+    observer: conditions are checked again at each of the broker's events.
     """
-
-    CALLS = ("get_request", "relay", "arrival", "cancel", "send_response", "reject", "get_request_stream")
 
     def __init__(self, broker):
         super().__init__()
-        for name in self.CALLS:
-            setattr(broker, name, self._watched(getattr(broker, name)))
+        broker.add_observer(self)
 
-    def _watched(self, call):
-        def watched(*args, **kwargs):
-            try:
-                result = call(*args, **kwargs)
-            finally:
-                self.changed()
-            if isinstance(result, defer.Deferred):
-                result.addBoth(self._passing)
-            return result
-
-        return watched
-
-    def _passing(self, result):
+    def poll_waiting(self, backend):
         self.changed()
-        return result
+
+    def poll_from(self, backend, peer):
+        self.changed()
+
+    def poll_ended(self, backend):
+        self.changed()
+
+    def backend_awaited(self, backend):
+        self.changed()
+
+    def unknown_backend(self, backend, message):
+        self.changed()
+
+    def request_refused(self, backend, status):
+        self.changed()
+
+    def request_queued(self, pending, message):
+        self.changed()
+
+    def request_picked_up(self, pending):
+        self.changed()
+
+    def response_posted(self, pending, message):
+        self.changed()
+
+    def stream_polled(self, pending):
+        self.changed()
+
+    def request_finished(self, pending, outcome):
+        self.changed()
+
+    def backend_forgotten(self, backend):
+        self.changed()
 
 
 class Recorder(list):
@@ -181,6 +206,13 @@ def broker_events(broker) -> BrokerEvents:
     return events
 
 
+def admin_stats(broker):
+    """The admin view's statistics among the broker's observers; None when the view is off."""
+    from relay.server.admin.stats import AdminStats
+
+    return next((o for o in broker.observers if isinstance(o, AdminStats)), None)
+
+
 def polling(broker, name: str) -> defer.Deferred:
     """Fires once a relay-client's long poll for C{name} waits at C{broker}."""
     return broker_events(broker).when(lambda: polled_by(broker, name))
@@ -190,6 +222,7 @@ class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
     def __init__(self, port: int = 0, **kwargs):
+        self.clock = kwargs.get("clock")
         self.service = server_service(TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"), reactor, **kwargs)
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
@@ -210,7 +243,16 @@ class RelayServer:
         return broker_events(self.broker).when(condition)
 
     def stop(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.service.stopService)
+        """
+        Stop the server. On a test's L{Clock}, the stop's own waits (the
+        drain's checks and deadline, the abort of connections that do not
+        close) are on that clock: it is stepped, a reactor turn between
+        steps for the sockets, until the stop ends.
+        """
+        stopped = defer.maybeDeferred(self.service.stopService)
+        if isinstance(self.clock, Clock):
+            return run_clock_until(self.clock, stopped)
+        return stopped
 
 
 class _RelaySiteAgent(RequestTraversalAgent):
@@ -471,6 +513,24 @@ def dechunk(body: bytes) -> Tuple[bytes, List[bytes], bool]:
         rest = rest[size + 2 :]
 
 
+@defer.inlineCallbacks
+def run_clock_until(clock: Clock, d: defer.Deferred, step: float = 0.1, limit: float = 60.0):
+    """
+    Fire with C{d}'s result, stepping C{clock} by C{step} (the drain's
+    check interval) while C{d} waits, with one turn of the real reactor
+    after each step so that the sockets move; fails once the clock has
+    moved C{limit} seconds.
+    """
+    moved = 0.0
+    while not d.called:
+        if moved >= limit:
+            raise AssertionError("still waiting after %g s on the clock" % (limit,))
+        clock.advance(step)
+        moved += step
+        yield tick(0)
+    return (yield d)
+
+
 def tick(seconds: float = 0.005) -> defer.Deferred:
     """Let the real reactor run for a moment."""
     from twisted.internet.task import deferLater
@@ -500,11 +560,3 @@ def stalled(progress, quiet: float = 0.5, timeout: float = 20.0):
 def rss_peak_kib(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
