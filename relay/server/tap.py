@@ -123,7 +123,7 @@ class Options(GoFlagOptions):
             default("max_streamed_request_body"),
             "Not in Go: largest request body in bytes streamed to our relay-clients "
             "(which fetch bodies as they arrive instead of buffered); larger ones get 413. "
-            "0 (the default): no limit, since a streamed body holds no memory.",
+            "0: no limit, since a streamed body holds no memory.",
             nonnegative_int,
         ],
         [
