@@ -117,7 +117,9 @@ def main() -> None:
         procs.append(backend)
         drain(backend)
         backend_port = int(m.group(1))
-        server, m = spawn(twistd + ["-n", "relay", "--port=tcp:0:interface=127.0.0.1"], r'Relay server listening.*"Port":(\d+)')
+        server, m = spawn(
+            twistd + ["-n", "relay", "--port=tcp:0:interface=127.0.0.1"], r'Relay server listening.*"Port":(\d+)'
+        )
         procs.append(server)
         port = int(m.group(1))
         client, _ = spawn(
@@ -155,10 +157,14 @@ def main() -> None:
         mib = a.size / float(1 << 20)
         print("command: %s" % " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
         print("python: %s" % a.python)
-        print("upload:   %.0f MiB in %.1f s = %.0f MiB/s, sha256 %s" % (mib, up, mib / up, "intact" if intact else "WRONG"))
+        verdict = "intact" if intact else "WRONG"
+        print("upload:   %.0f MiB in %.1f s = %.0f MiB/s, sha256 %s" % (mib, up, mib / up, verdict))
         print("download: %.0f MiB in %.1f s = %.0f MiB/s" % (mib, down, mib / down))
         print("upload / download throughput: %.2f (goal: at least 0.8)" % ((mib / up) / (mib / down),))
-        print("peak RSS during the upload: server %.1f MiB (goal: under 100), relay-client %.1f MiB" % (server_peak, client_peak))
+        print(
+            "peak RSS during the upload: server %.1f MiB (goal: under 100), relay-client %.1f MiB"
+            % (server_peak, client_peak)
+        )
         if not intact:
             raise SystemExit("the backend got %r, expected %d bytes with sha256 %s" % (answer, a.size, expected))
     finally:

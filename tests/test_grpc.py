@@ -204,14 +204,15 @@ class GrpcThroughRelay(unittest.TestCase):
         def requests():
             for i in range(count):
                 with caught_up:
-                    if not caught_up.wait_for(lambda: len(received) >= i - lead, timeout=CALL_TIMEOUT):
+                    if not caught_up.wait_for(lambda i=i: len(received) >= i - lead, timeout=CALL_TIMEOUT):
                         raise AssertionError("no answers while sending: %d sent, %d back" % (i, len(received)))
                 yield b"m%d" % i
 
         def run():
-            call = self.channel.stream_stream(method("Bidi"), request_serializer=identity, response_deserializer=identity)(
-                requests(), timeout=60, metadata=self.metadata
+            bidi = self.channel.stream_stream(
+                method("Bidi"), request_serializer=identity, response_deserializer=identity
             )
+            call = bidi(requests(), timeout=60, metadata=self.metadata)
             for answer in call:
                 with caught_up:
                     received.append(answer)

@@ -130,7 +130,10 @@ class Uploads(UploadCase):
 
     @defer.inlineCallbacks
     def test_early_answer_is_delivered_and_the_rest_discarded(self):
-        """A backend that answers 413 before reading the body: the user gets the 413, and its connection closes after it."""
+        """
+        A backend that answers 413 before reading the body: the user gets
+        the 413, and its connection closes after it.
+        """
         user = yield self.upload(b"/early", 64 * MIB)
         upload = yield self.backend.next_upload()
         yield user.ended
@@ -155,7 +158,8 @@ class Uploads(UploadCase):
         yield upload.ended
         self.assertTrue(upload.complete)
         yield user.wait_for(b"}")
-        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), bytes(user.data)[:200])
+        answer = bytes(user.data)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:200])
 
     @defer.inlineCallbacks
     def test_full_duplex_echo(self):

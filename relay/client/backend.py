@@ -31,7 +31,6 @@ from relay.outbound.request import OutboundRequest
 from relay.outbound.tls import TrustPolicy
 from relay.proto.http_relay_pb2 import HttpRequest
 
-
 Header = Tuple[str, str]
 
 
@@ -178,7 +177,9 @@ class Backend:
         else:
             producer = BytesProducer(request.body) if request.body else None
         try:
-            response = await self.agent.request(request.method, request.raw_url, headers, producer, duplex=body is not None)
+            response = await self.agent.request(
+                request.method, request.raw_url, headers, producer, duplex=body is not None
+            )
         except CancelledError:
             raise
         except Exception as e:

@@ -53,9 +53,9 @@ import h2.connection
 import h2.errors
 import h2.exceptions
 from hyperframe.frame import GoAwayFrame
-from zope.interface import implementer
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
 from relay.compat import (
     H2Connection,

@@ -56,9 +56,9 @@ which decides everything else:
 from typing import List, Optional, Tuple
 
 from twisted.internet.interfaces import IProtocol
-from zope.interface import implementer
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from zope.interface import implementer
 
 from relay.compat import (
     ChunkedTransferDecoder,
@@ -76,10 +76,10 @@ from relay.compat import (
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
+from relay.net.transport import corked
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.server.upload import BodyReader, StreamedBody
-from relay.net.transport import corked
 
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).
 H2_IDLE_TIMEOUT = 12 * 60 * 60

@@ -25,11 +25,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http, server
 
 from relay.config import ServerConfig
+from relay.net import liveness
+from relay.net.transport import tune
 from relay.server.broker import PollConnection
 from relay.server.h2 import RelayH2Connection, stream_connection
 from relay.server.http1 import RelayChannel, RelayRequest
-from relay.net import liveness
-from relay.net.transport import tune
 
 # A relay-client's answers that keep their connection during a drain: the
 # request they belong to is still in flight, and its next chunk or read

@@ -126,7 +126,9 @@ class UploadBackend(protocol.Protocol):
             )
             self.resume_call = reactor.callLater(0.5, self.transport.loseConnection)
         elif self.mode == b"echo":
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
         if self.left == 0 and self.decoder is None:
             self._end(b"")
 
@@ -238,7 +240,15 @@ class Uploader(protocol.Protocol):
     collects the raw answer.
     """
 
-    def __init__(self, head: bytes, size: int, seed: bytes, chunked: bool = False, stop_after: Optional[int] = None, wait_for_continue: bool = False):
+    def __init__(
+        self,
+        head: bytes,
+        size: int,
+        seed: bytes,
+        chunked: bool = False,
+        stop_after: Optional[int] = None,
+        wait_for_continue: bool = False,
+    ):
         self.head = head
         self.size = size
         self.seed = seed
