@@ -20,7 +20,6 @@ from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11Client
 
 from relay.logs import text_line
 from relay.net.transport import connect_quietly
-from relay.server.broker import Broker
 from tests.support import FakeRelayClient, RawResponse, RelayServer, started_client, tick
 from tests.support.e2e import CHUNKED_HEAD, Backend, RawBackend, RawUser, Relay, make_frame, open_websocket, parse_frame
 

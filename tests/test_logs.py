@@ -30,13 +30,13 @@ class LogTests(unittest.TestCase):
         out, log = self.capture(level=LogLevel.warn)
         log.info("hidden")
         log.warn("shown", ID="x")
-        records = [json.loads(l) for l in out.getvalue().splitlines()]
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
         self.assertEqual([(r["level"], r["msg"]) for r in records], [("WARN", "shown")])
 
     def test_failures_carry_the_traceback(self):
         out, log = self.capture()
         try:
-            1 / 0
+            _ = 1 / 0
         except ZeroDivisionError:
             log.failure("Boom", ID="r:1")
         record = json.loads(out.getvalue())
@@ -104,4 +104,4 @@ class LogTests(unittest.TestCase):
         log = DebugInfoLogger(observer=LogPublisher(make_observer(out, "text", LogLevel.info)))
         log.info("Timing out client: {peer}", peer="IPv4Address(...)")
         log.warn("kept")
-        self.assertEqual([l.split(" ", 2)[2] for l in out.getvalue().splitlines()], ["msg=kept"])
+        self.assertEqual([line.split(" ", 2)[2] for line in out.getvalue().splitlines()], ["msg=kept"])

@@ -23,11 +23,20 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
+from relay.options import port_endpoint
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
-from relay.options import port_endpoint
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, run_clock_until, server_service, tick
+from tests.support import (
+    FakeRelayClient,
+    RelayServer,
+    dechunk,
+    head_and_body,
+    raw_connect,
+    run_clock_until,
+    server_service,
+    tick,
+)
 from tests.support.cases import ServerTestCase
 from tests.support.files import write
 from tests.support.h2_peers import H2Client
@@ -440,7 +449,9 @@ class RawRequestTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_absolute_form_with_x_server_name(self):
-        user, message = yield self.raw_relayed(b"GET HTTP://relay/api?x HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\n\r\n")
+        user, message = yield self.raw_relayed(
+            b"GET HTTP://relay/api?x HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\n\r\n"
+        )
         self.addCleanup(user.transport.loseConnection)
         self.assertEqual(message.url, "http://invalid/api?x")
         yield self.relay_client.respond(message.id, 204)
