@@ -1,5 +1,5 @@
 """
-The admin view (issue 16): C{/api/status} as real relay-clients and users
+The admin view: C{/api/status} as real relay-clients and users
 over loopback make it change, its bounds, its redaction, and its port.
 
 The server's timeouts run on a L{Clock} where a test needs to step through

@@ -50,8 +50,8 @@ class LogTests(unittest.TestCase):
 
     def test_text_values_are_quoted_as_slog_quotes_them(self):
         """
-        Issue 11, defect 12: a poll for C{server=x%0D%1B%5B2KFAKE} was logged
-        with a raw CR and ESC, which rewrite an operator's terminal line.
+        A poll for C{server=x%0D%1B%5B2KFAKE} was once logged with a raw
+        CR and ESC, which rewrite an operator's terminal line.
         Every character that is not printable is escaped, Go style.
         """
         out, log = self.capture("text")
