@@ -250,12 +250,12 @@ class RelayAPI:
             response = await d
         except (ResponseFailed, ResponseNeverReceived) as e:
             if any(r.check(CancelledError) for r in e.reasons):
-                raise CancelledError()
-            raise RelayError("couldn't fetch the request body: %s" % (describe_failure(Failure(e)),))
+                raise CancelledError() from e
+            raise RelayError("couldn't fetch the request body: %s" % (describe_failure(Failure(e)),)) from e
         except CancelledError:
             raise
         except Exception as e:
-            raise RelayError("couldn't fetch the request body: %s" % (describe_failure(Failure(e)),))
+            raise RelayError("couldn't fetch the request body: %s" % (describe_failure(Failure(e)),)) from e
         if response.code != 200:
             text = (await read_all(response)).decode("utf-8", "replace").strip()
             message = "relay server request body responded %s: %s" % (status_text(response.code), text)
