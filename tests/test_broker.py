@@ -458,3 +458,84 @@ class ObserverTests(BrokerTestCase):
         self.assertEqual(self.broker.observers, ())
         self.known()
         self.assertEqual(self.recorder.events, [])
+
+
+class _Reader:
+    """The user's side of a streamed body, for the broker's tests: what was asked of it."""
+
+    def __init__(self):
+        self.paused = False
+        self.continued = False
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def send_continue(self):
+        self.continued = True
+
+
+class StreamedBodyRules(BrokerTestCase):
+    """Which polls take a request whose body follows (docs/protocol.md, streamed request bodies)."""
+
+    def relay_streamed(self, name="robot"):
+        from relay.server.upload import StreamedBody
+
+        sink = Sink()
+        body = StreamedBody(_Reader(), length=10)
+        pending = self.broker.relay(name, HttpRequest(method="PUT", url="http://invalid/up"), sink, body=body)
+        sink.pending = pending
+        return pending, sink
+
+    def known_streaming(self, name="robot"):
+        """Make a backend known by a poll that says it fetches bodies."""
+        d = self.broker.get_request(name, streams_bodies=True)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
+    def test_only_a_poll_that_fetches_bodies_streams_them(self):
+        d = self.broker.get_request("robot")
+        self.assertFalse(self.broker.streams_bodies("robot"))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        d = self.broker.get_request("robot", streams_bodies=True)
+        self.assertTrue(self.broker.streams_bodies("robot"))
+        pending, _ = self.relay_streamed()
+        message = self.successResultOf(d)
+        self.assertEqual(message.id, pending.id)
+        self.assertTrue(self.broker.body_follows(pending.id))
+
+    def test_a_poll_without_it_skips_a_streamed_request(self):
+        """A Go relay-client's poll never gets a request whose body follows: it takes the next one."""
+        self.known_streaming()
+        streamed, _ = self.relay_streamed()
+        plain, _ = self.relay()
+        go_poll = self.broker.get_request("robot")
+        self.assertEqual(self.successResultOf(go_poll).id, plain.id)
+        ours = self.broker.get_request("robot", streams_bodies=True)
+        self.assertEqual(self.successResultOf(ours).id, streamed.id)
+
+    def test_a_waiting_poll_without_it_is_passed_over(self):
+        self.known_streaming()
+        go_poll = self.broker.get_request("robot")
+        ours = self.broker.get_request("robot", streams_bodies=True)
+        newest_go = self.broker.get_request("robot")
+        streamed, _ = self.relay_streamed()
+        self.assertEqual(self.successResultOf(ours).id, streamed.id)
+        self.assertNoResult(go_poll)
+        self.assertNoResult(newest_go)
+
+    def test_body_moving_keeps_the_request_active(self):
+        self.broker.get_request("robot", streams_bodies=True)
+        pending, sink = self.relay_streamed()
+        for _ in range(10):
+            self.clock.advance(30)
+            pending.body.received_data(b"x")
+            self.broker.reap()
+        self.assertIn(pending.id, self.broker.requests)
+        self.clock.advance(61)
+        self.broker.reap()
+        self.assertNotIn(pending.id, self.broker.requests)
+        self.assertIsInstance(sink.failures[0], RequestExpired)
