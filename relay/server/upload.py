@@ -60,6 +60,60 @@ class BodyReader(Interface):
         """Send the interim C{100 Continue} if the user asked for it and nothing was answered yet."""
 
 
+class BodySink(Interface):
+    """Where a streamed body goes: the relay-client's fetch, or a call to the replica that owns its name."""
+
+    def begin(length: Optional[int]) -> None:
+        """The body starts (C{length}: the user's, or None); the sink may now pause and resume the body."""
+
+    def write(data: bytes) -> None:
+        """The next bytes of the body."""
+
+    def finish() -> None:
+        """The body is complete."""
+
+    def abort() -> None:
+        """The body broke off: end so that it cannot look complete."""
+
+
+@implementer(BodySink)
+class _FetchAnswer:
+    """The answer to our relay-client's fetch (a twisted.web request): the body itself."""
+
+    def __init__(self, fetch, body: "StreamedBody"):
+        self.fetch = fetch
+        self.body = body
+
+    def begin(self, length: Optional[int]) -> None:
+        fetch = self.fetch
+        fetch.setResponseCode(200)
+        fetch.responseHeaders.setRawHeaders(b"content-type", [FETCH_CONTENT_TYPE])
+        if length is not None:
+            fetch.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (length,)])
+        fetch.notifyFinish().addErrback(lambda _: self.body._fetch_lost())
+        fetch.registerProducer(self.body, True)
+
+    def write(self, data: bytes) -> None:
+        self.fetch.write(data)
+
+    def finish(self) -> None:
+        fetch = self.fetch
+        if request_gone(fetch):
+            return
+        fetch.unregisterProducer()
+        fetch.finish()
+
+    def abort(self) -> None:
+        fetch = self.fetch
+        if request_gone(fetch) or fetch.finished:
+            return
+        fetch.unregisterProducer()
+        # Imported here: the HTTP layer's abort knows HTTP/1.1 from HTTP/2.
+        from relay.server.response import abort_answer
+
+        abort_answer(fetch)
+
+
 @implementer(IPushProducer)
 class StreamedBody:
     """
@@ -146,14 +200,20 @@ class StreamedBody:
         """
         if self.fetched or self.closed:
             return False
+        return self.attach_sink(_FetchAnswer(fetch, self))
+
+    def attach_sink(self, sink) -> bool:
+        """
+        Send the body into C{sink} (a L{BodySink}) as it comes: the
+        relay-client's fetch, or the call that passes the request on to
+        the replica that owns its name. False when the body was taken
+        already or is gone.
+        """
+        if self.fetched or self.closed:
+            return False
         self.fetched = True
-        self.fetch = fetch
-        fetch.setResponseCode(200)
-        fetch.responseHeaders.setRawHeaders(b"content-type", [FETCH_CONTENT_TYPE])
-        if self.length is not None:
-            fetch.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (self.length,)])
-        fetch.notifyFinish().addErrback(lambda _: self._fetch_lost())
-        fetch.registerProducer(self, True)
+        self.fetch = sink
+        sink.begin(self.length)
         self.reader.send_continue()
         self._flush()
         if self.ended and not self._held:
@@ -202,20 +262,13 @@ class StreamedBody:
 
     def _finish_fetch(self) -> None:
         fetch, self.fetch = self.fetch, None
-        if fetch is None or request_gone(fetch):
-            return
-        fetch.unregisterProducer()
-        fetch.finish()
+        if fetch is not None:
+            fetch.finish()
 
     def _abort_fetch(self) -> None:
         fetch, self.fetch = self.fetch, None
-        if fetch is None or request_gone(fetch) or fetch.finished:
-            return
-        fetch.unregisterProducer()
-        # Imported here: the HTTP layer's abort knows HTTP/1.1 from HTTP/2.
-        from relay.server.response import abort_answer
-
-        abort_answer(fetch)
+        if fetch is not None:
+            fetch.abort()
 
     def _fetch_lost(self) -> None:
         fetch, self.fetch = self.fetch, None
