@@ -13,6 +13,7 @@ import pytest
 import treq
 from twisted.internet import defer, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -20,8 +21,9 @@ from relay.compat import unwritten_bytes
 from relay.proto.http_relay_pb2 import HttpRequest
 from tests.support import RelayServer, dechunk, head_and_body, rss_peak_kib, stalled, started_client, tick
 from tests.support.go import GO_CLIENT, GO_SERVER, go_binary
-from tests.support.ports import reserve_port
+from tests.support.ports import reserve_port, reserve_ports
 from tests.support.process import ChildProcess, TwistdProcess
+from tests.support.ring import name_owned_by
 from tests.support.uploads import H2Uploader, UploadBackends, Uploader, pattern_sha256, upload_head
 
 NAME = "robot"
@@ -309,6 +311,71 @@ class H2Uploads(UploadCase):
         self.assertEqual(user.headers.get(":status"), "413")
         self.assertEqual(user.data, b"too large for me\n")
         self.assertIn(user.reset_code, (None, 0))
+
+
+@pytest.mark.socket
+class ThroughAnotherReplica(unittest.TestCase):
+    """
+    The user's upload reaches a replica that does not own the name: the
+    body streams to the owner (over HTTP/2), and from there to our
+    relay-client, never buffered whole on the way.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.seed = os.urandom(256 * 1024)
+        self.backend = UploadBackends()
+        self.addCleanup(self.backend.stop)
+        clock = Clock()
+        ports = reserve_ports(self, 2)
+        peers = ["127.0.0.1:%d" % port for port in ports]
+        self.owner, self.other = [
+            RelayServer(port, peers=",".join(peers), peer_self=peer, clock=clock) for port, peer in zip(ports, peers)
+        ]
+        for server in (self.owner, self.other):
+            self.addCleanup(server.stop)
+        self.name = name_owned_by(peers, peers[0])
+        started_client(self, self.owner.base, self.name, backend_address=self.backend.address)
+        return self.owner.polling(self.name)
+
+    @defer.inlineCallbacks
+    def upload(self, size: int, **kwargs):
+        head = upload_head(b"/client/%s/sink" % (self.name.encode(),), size)
+        user = Uploader(head, size, self.seed, **kwargs)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.other.port), user)
+        self.addCleanup(lambda: user.transport.abortConnection() if user.transport is not None else None)
+        return user
+
+    @defer.inlineCallbacks
+    def test_the_body_streams_through_the_owner(self):
+        size = 6 * MIB
+        user = yield self.upload(size, stop_after=2 * MIB)
+        upload = yield self.backend.next_upload()
+        yield user.stopped
+        while upload.received < 2 * MIB:
+            yield tick(0.05)
+        self.assertFalse(upload.ended.called)
+        self.assertFalse(self.other.broker.requests)
+        user.stop_after = None
+        user.done_sending = False
+        user.start()
+        yield upload.ended
+        self.assertTrue(upload.complete)
+        self.assertEqual(upload.sha256, pattern_sha256(size, self.seed))
+        yield user.wait_for(b"}")
+        self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200"), bytes(user.data)[:200])
+
+    @defer.inlineCallbacks
+    def test_a_user_abort_reaches_the_backend(self):
+        user = yield self.upload(8 * MIB, stop_after=MIB)
+        upload = yield self.backend.next_upload()
+        yield user.stopped
+        while upload.received < MIB:
+            yield tick(0.05)
+        user.transport.abortConnection()
+        yield upload.ended
+        self.assertTrue(upload.broken)
 
 
 @pytest.mark.socket

@@ -58,16 +58,19 @@ class ClientResource(Resource):
 
     def streams_body(self, request, path: bytes) -> bool:
         """
-        Whether the body of a user request for C{path} streams to our
-        relay-client: not an upgrade, for a backend here (not another
-        replica's) whose newest poll said it fetches bodies.
+        Whether the body of a user request for C{path} streams: not an
+        upgrade, and for a backend here whose newest poll said it fetches
+        bodies (our relay-client), or for one another replica owns (the
+        body streams to that replica, which decides in turn).
         """
         if _upgrade_requested(request) is not None:
             return False
         backend = _backend_name(request, path)
-        if not backend or not self.broker.streams_bodies(backend):
+        if not backend:
             return False
-        return self.routing is None or self.routing.owner(request, backend, self.broker.stopping) is None
+        if self.routing is not None and self.routing.owner(request, backend, self.broker.stopping) is not None:
+            return True
+        return self.broker.streams_bodies(backend)
 
     def render(self, request):
         path = request.path

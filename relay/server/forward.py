@@ -19,16 +19,23 @@ a header value that is not UTF-8 arrives as it was sent. A forwarded call carrie
 never forwards such a call again, whatever its own view of the ring: two
 replicas that disagree for a moment cannot bounce a call between them.
 
-Request bodies arrive whole before the server routes a call (as in Go), so
-they are passed on whole too. Upgrades (WebSockets) cannot ride HTTP/2
-streams and are not forwarded here.
+A user's request body is passed on as it arrives (L{relay.server.upload}):
+the call goes to the owner at the request's head, and the body follows on
+its stream, within HTTP/2's flow control, so that the owner can stream it
+on to its relay-client; a body that breaks off resets the stream. Bodies
+the server buffered (relay-clients' posts) go whole. Upgrades (WebSockets)
+cannot ride HTTP/2 streams and are not forwarded here.
 """
 
 from typing import Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY, HOP_BY_HOP, as_bytes
@@ -38,6 +45,7 @@ from relay.outbound.h2 import H2Backend
 from relay.outbound.request import OutboundRequest, RawHeader
 from relay.outbound.tls import TrustPolicy
 from relay.server.response import abort_answer
+from relay.server.upload import BodySink, StreamedBody
 
 log = Logger()
 
@@ -82,6 +90,55 @@ def peer_unreachable(request, throttle: Throttle, peer: str, reason: str) -> Non
     request.setHeader(b"content-length", b"%d" % (len(body),))
     request.write(body)
     request.finish()
+
+
+@implementer(IBodyProducer, BodySink)
+class _BodyToPeer:
+    """
+    A user's streamed body on its way to the owner: the HTTP/2 client's
+    body producer, and the sink the body is written into as it comes.
+    """
+
+    def __init__(self, body: StreamedBody):
+        self.body = body
+        self.length = body.length if body.length is not None else UNKNOWN_LENGTH
+        self.consumer = None
+        self.done: Optional[Deferred] = None
+
+    # IBodyProducer, driven by the HTTP/2 client.
+
+    def startProducing(self, consumer) -> Deferred:
+        self.consumer = consumer
+        done = self.done = Deferred()
+        if not self.body.attach_sink(self):
+            self.abort()
+        return done
+
+    def pauseProducing(self) -> None:
+        self.body.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.body.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The owner answered before the body ended and wants no more.
+        self.body.stopProducing()
+
+    # BodySink, written by the body.
+
+    def begin(self, length: Optional[int]) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.consumer.write(data)
+
+    def finish(self) -> None:
+        if self.done is not None and not self.done.called:
+            self.done.callback(None)
+
+    def abort(self) -> None:
+        if self.done is not None and not self.done.called:
+            self.done.errback(Failure(ConnectionLost("the user's request body broke off")))
 
 
 class _UserSink:
@@ -154,7 +211,13 @@ class Forwarder:
                 continue
             headers.extend((name, value) for value in values)
         headers.append((_FORWARDED_BY, self.myself.encode("utf-8")))
-        request.content.seek(0)
+        streamed = getattr(request, "streamed_body", None)
+        body = None
+        if streamed is not None:
+            body = _BodyToPeer(streamed)
+            request.notifyFinish().addBoth(lambda _: streamed.close())
+        else:
+            request.content.seek(0)
         call = OutboundRequest(
             method=request.method,
             scheme="http",
@@ -162,9 +225,9 @@ class Forwarder:
             target=request.uri,
             host=request.getHeader(b"host") or peer.encode("ascii"),
             headers=headers,
-            body=request.content.read(),
+            body=b"" if streamed is not None else request.content.read(),
         )
-        pending: Deferred = Deferred.fromCoroutine(self._backend(peer).open(call))
+        pending: Deferred = Deferred.fromCoroutine(self._backend(peer).open(call, body))
         state: Dict[str, Optional[object]] = {"stream": None}
 
         def answered(stream) -> None:
