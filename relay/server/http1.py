@@ -588,8 +588,15 @@ class RelayChannel(http.HTTPChannel):
 
     def hold_reading(self, held: bool) -> None:
         """Stop (or start again) reading the user, for a streamed body waiting on the relay-client."""
-        if self._gate is not None:
-            self._gate.hold(held)
+        gate = self._gate
+        if gate is None:
+            if not held:
+                return
+            # Put in at the first hold, so that connections that never
+            # stream a body pay nothing for it.
+            gate = self._gate = _ReadGate(channel_network(self))
+            set_channel_network(self, gate)
+        gate.hold(held)
 
     def discard_input(self) -> None:
         """Nothing more from this connection is wanted: read on, and drop it, until it closes."""
@@ -627,8 +634,6 @@ class RelayChannel(http.HTTPChannel):
         self.totalHeadersSize = self.site.max_header_bytes
         self.site.connection_made(self)
         super().connectionMade()
-        self._gate = _ReadGate(channel_network(self))
-        set_channel_network(self, self._gate)
         self._arm_header_timer()
 
     def dataReceived(self, data: bytes) -> None:
