@@ -57,6 +57,7 @@ class StreamedBody:
         self._transport: Optional[IPushProducer] = None
         self._consumer = None
         self._backend = None
+        self._delivered = False
         self._done: Optional[Deferred] = None
         self._paused = False
         self._stopped = False
@@ -72,7 +73,7 @@ class StreamedBody:
         self._backend = body_consumer_transport(consumer)
         done = self._done = Deferred(lambda _: self.close())
         # A body that is already whole ends within this call.
-        self._fetch.deliverBody(_Pump(self))
+        self._deliver()
         return done
 
     def pauseProducing(self) -> None:
@@ -108,6 +109,10 @@ class StreamedBody:
             return
         if self._transport is not None:
             self._transport.stopProducing()
+        else:
+            # Never asked for (the backend could not be reached): taken
+            # now, to be dropped with its connection at once.
+            self._deliver()
         # The backend request cannot end either: without its body's end,
         # its connection would wait for it for ever.
         backend, self._backend = self._backend, None
@@ -115,6 +120,11 @@ class StreamedBody:
             backend.abortConnection()
 
     # From the fetch.
+
+    def _deliver(self) -> None:
+        if not self._delivered:
+            self._delivered = True
+            self._fetch.deliverBody(_Pump(self))
 
     def _connected(self, transport: IPushProducer) -> None:
         self._transport = transport

@@ -184,6 +184,10 @@ class RelayH2Connection(H2Connection):
         if body is not None and not body.ended and not self._gone:
             # Answered before the body ended: the rest is not wanted
             # (RFC 9113 8.1, RST_STREAM with NO_ERROR after the answer).
+            # What the paused stream holds is read (and dropped) first, so
+            # that the connection's window gets it back.
+            body.close()
+            stream.resumeProducing()
             try:
                 self.conn.reset_stream(streamID, h2.errors.ErrorCodes.NO_ERROR)
             except h2.exceptions.ProtocolError:
