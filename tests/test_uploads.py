@@ -145,6 +145,8 @@ class Uploads(UploadCase):
         self.assertIn(b"connection: close", head.lower())
         self.assertEqual(body, b"too large for me\n")
         self.assertLess(user.sent, 64 * MIB)
+        # Closed after the answer, not reset under a user still sending.
+        self.assertTrue(user.clean)
         yield upload.ended
         self.assertFalse(upload.complete)
 

@@ -81,6 +81,10 @@ from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.server.upload import BodyReader, StreamedBody
 
+# How long a connection whose answer came before the request's body ended
+# still reads (and drops) what the client sends, after our FIN.
+LINGER = 2.0
+
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).
 H2_IDLE_TIMEOUT = 12 * 60 * 60
 
@@ -599,10 +603,41 @@ class RelayChannel(http.HTTPChannel):
         gate.hold(held)
 
     def discard_input(self) -> None:
-        """Nothing more from this connection is wanted: read on, and drop it, until it closes."""
+        """
+        Nothing more from this connection is wanted: read on, and drop it,
+        until it closes; its close lingers (L{loseConnection}).
+        """
         if self._gate is not None:
             self._gate.hold(False)
         self.dataReceived = lambda data: None
+        self._lingering = True
+
+    _lingering = False
+    _linger_call = None
+
+    def loseConnection(self) -> None:
+        """
+        After an answer to a request whose body was still coming, close as
+        Go's server (and nginx's lingering close) does: our side is shut
+        (the answer, then FIN) while what the client still sends is read
+        and dropped, for up to L{LINGER} seconds, then the connection is
+        aborted. Closing with unread bytes would send a reset at once, and
+        a client still sending could lose the answer to it.
+        """
+        transport = self.transport
+        if (
+            not self._lingering
+            or self._linger_call is not None
+            or not getattr(transport, "connected", False)
+            or getattr(transport, "disconnecting", False)
+            or not hasattr(transport, "loseWriteConnection")
+        ):
+            super().loseConnection()
+            return
+        channel_network(self).unregisterProducer()
+        transport.resumeProducing()
+        transport.loseWriteConnection()
+        self._linger_call = self.callLater(LINGER, transport.abortConnection)
 
     def switch_protocol(self, protocol: IProtocol, head: bytes) -> None:
         """
@@ -678,6 +713,8 @@ class RelayChannel(http.HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._stop_header_timer()
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
         switched = self._switched
         if switched is not None:
             self._switched = None
