@@ -79,11 +79,7 @@ from relay.logs import DebugInfoLogger, peer_text
 from relay.net.transport import corked
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
-from relay.server.upload import BodyReader, StreamedBody
-
-# How long a connection whose answer came before the request's body ended
-# still reads (and drops) what the client sends, after our FIN.
-LINGER = 2.0
+from relay.server.upload import LINGER, BodyReader, StreamedBody
 
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).
 H2_IDLE_TIMEOUT = 12 * 60 * 60

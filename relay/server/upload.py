@@ -44,6 +44,10 @@ log = Logger()
 
 # Body bytes held before a relay-client fetches them; reading stops beyond.
 HOLD_BEFORE_FETCH = 64 * 1024
+# How long a connection whose answer came before the request's body ended
+# still reads (and drops) what the client sends after our FIN, before it
+# is aborted (the HTTP layers' close).
+LINGER = 2.0
 FETCH_CONTENT_TYPE = b"application/octet-stream"
 
 
