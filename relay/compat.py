@@ -79,6 +79,8 @@ OVERRIDDEN = (
     (H2Connection, "connectionLost"),
     # h2.RelayH2Connection: relays a request whose body streams at its head.
     (H2Connection, "_requestReceived"),
+    # h2.RelayH2Connection: holds 100 Continue until a streamed body is fetched.
+    (H2Connection, "_send100Continue"),
 )
 
 

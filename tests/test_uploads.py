@@ -307,6 +307,21 @@ class H2Uploads(UploadCase):
         self.assertTrue(upload.broken)
 
     @defer.inlineCallbacks
+    def test_h2_expect_continue_waits_for_the_relay_client(self):
+        """Over HTTP/2 too, the interim 100 comes once the relay-client fetches the body."""
+        yield self.client.stopService()
+        user = yield self.h2_upload(b"/sink", 64 * 1024, extra_headers=[("expect", "100-continue")])
+        yield tick(0.3)
+        self.assertEqual(user.informational, [])
+        client = started_client(self, self.relay.base, NAME, backend_address=self.backend.address)
+        self.addCleanup(client.stopService)
+        upload = yield self.backend.next_upload()
+        yield upload.ended
+        yield user.ended
+        self.assertEqual(user.informational, ["100"])
+        self.assertEqual(user.headers.get(":status"), "200")
+
+    @defer.inlineCallbacks
     def test_h2_early_answer(self):
         """An early 413 reaches an HTTP/2 user, whose stream is then reset with NO_ERROR."""
         user = yield self.h2_upload(b"/early", 64 * MIB)

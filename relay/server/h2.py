@@ -150,14 +150,32 @@ class RelayH2Connection(H2Connection):
         super().dataReceived(data)
         self._watch_headers()
 
+    # Streams whose Expect: 100-continue waits until it is known whether
+    # their body streams (then the relay-client's fetch sends it).
+    _continue_waits = None
+
+    def _send100Continue(self, streamID):
+        if self._continue_waits is None:
+            self._continue_waits = set()
+        self._continue_waits.add(streamID)
+
+    def send_continue(self, streamID) -> None:
+        """The interim C{100} that a stream's C{Expect: 100-continue} waits for, if it still does."""
+        waits = self._continue_waits
+        if waits and streamID in waits:
+            waits.discard(streamID)
+            if streamID in self.streams and not self._gone:
+                super()._send100Continue(streamID)
+
     def _requestReceived(self, event):
         super()._requestReceived(event)
-        if event.stream_ended is None:
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                self._maybe_stream_body(stream)
+        stream = self.streams.get(event.stream_id)
+        if stream is not None and event.stream_ended is None and self._maybe_stream_body(stream):
+            return
+        # Not streamed: a 100 Continue the stream asked for goes now.
+        self.send_continue(event.stream_id)
 
-    def _maybe_stream_body(self, stream) -> None:
+    def _maybe_stream_body(self, stream) -> bool:
         """
         A request whose body is still to come: relayed at once, its body
         streaming, when the resource tree says so (as on HTTP/1.1, in
@@ -167,18 +185,21 @@ class RelayH2Connection(H2Connection):
         decide = getattr(getattr(self, "site", None), "streams_body", None)
         request = h2_stream_request(stream)
         if decide is None or not hasattr(request, "stream_body") or not stream.path:
-            return
+            return False
         if not decide(request, stream.path.partition(b"?")[0]):
-            return
-        request._prepare(stream.command, stream.path, b"HTTP/2")
+            return False
         length = request.requestHeaders.getRawHeaders(b"content-length")
         try:
             size = int(length[0]) if length else None
         except ValueError:
-            return
-        request.stream_body(_StreamReader(stream), size, self.site.max_streamed_request_body)
+            return False
+        request._prepare(stream.command, stream.path, b"HTTP/2")
+        request.stream_body(_StreamReader(self, stream), size, self.site.max_streamed_request_body)
+        return True
 
     def _requestDone(self, streamID):
+        if self._continue_waits:
+            self._continue_waits.discard(streamID)
         stream = self.streams.get(streamID)
         body = getattr(h2_stream_request(stream), "streamed_body", None) if stream is not None else None
         if body is not None and not body.ended and not self._gone:
@@ -247,9 +268,10 @@ class RelayH2Connection(H2Connection):
 
 
 class _StreamReader:
-    """The user's side of a streamed body on HTTP/2: its stream's inbound flow control."""
+    """The user's side of a streamed body on HTTP/2: its stream's inbound flow control, and 100 Continue."""
 
-    def __init__(self, stream):
+    def __init__(self, conn: RelayH2Connection, stream):
+        self.conn = conn
         self.stream = stream
 
     def pause_reading(self) -> None:
@@ -259,7 +281,7 @@ class _StreamReader:
         self.stream.resumeProducing()
 
     def send_continue(self) -> None:
-        pass  # Twisted's HTTP/2 stream answers Expect at once.
+        self.conn.send_continue(self.stream.streamID)
 
 
 def stream_connection(request):

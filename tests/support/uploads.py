@@ -352,7 +352,15 @@ class H2Uploader(protocol.Protocol):
     C{stop_after}; it collects the answer and how the stream ended.
     """
 
-    def __init__(self, path: str, size: int, seed: bytes, length: bool = True, stop_after: Optional[int] = None):
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        seed: bytes,
+        length: bool = True,
+        stop_after: Optional[int] = None,
+        extra_headers=(),
+    ):
         import h2.config
         import h2.connection
 
@@ -370,6 +378,9 @@ class H2Uploader(protocol.Protocol):
         self.headers = None
         self.data = b""
         self.reset_code = None
+        self.extra_headers = list(extra_headers)
+        # Interim (1xx) statuses, as they came.
+        self.informational: List[str] = []
         self.ended: defer.Deferred = defer.Deferred()
         self.stopped: defer.Deferred = defer.Deferred()
 
@@ -379,6 +390,7 @@ class H2Uploader(protocol.Protocol):
         headers = [(":method", "PUT"), (":path", self.path), (":scheme", "http"), (":authority", "relay")]
         if self.length:
             headers.append(("content-length", str(self.size)))
+        headers += self.extra_headers
         self.conn.send_headers(self.stream_id, headers)
         self._send()
 
@@ -422,7 +434,9 @@ class H2Uploader(protocol.Protocol):
         import h2.events
 
         for event in self.conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
+            if isinstance(event, h2.events.InformationalResponseReceived):
+                self.informational.append(dict(event.headers).get(":status"))
+            elif isinstance(event, h2.events.ResponseReceived):
                 self.headers = dict(event.headers)
             elif isinstance(event, h2.events.DataReceived):
                 self.data += event.data
