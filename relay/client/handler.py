@@ -76,9 +76,14 @@ class RequestHandler:
                 body = StreamedBody(await self.api.open_body(request_id))
             except CancelledError:
                 return
+            except PermanentRelayError as e:
+                # Over already: the user went away, which happens all day.
+                if self.trace:
+                    log.debug("Request over at the relay before its body was fetched", ID=request_id, reason=str(e))
+                return
             except RelayError as e:
-                # Over already (the user went away), or the server is
-                # unreachable: nobody waits for an answer we could post.
+                # The server is unreachable: nobody waits for an answer we
+                # could post (the server answers the user 502 or 504).
                 log.warn("Failed to fetch the request body", ID=request_id, error=str(e))
                 return
         try:
