@@ -16,6 +16,13 @@ the three things twisted.web lacks and a relay needs.
     implementation after ALPN: detach the HTTP/1.1 parser from the transport
     and pass on any bytes it had already read.
 
+And a fourth, for bodies that stream to our relay-client instead
+(L{relay.server.upload}, when the site says so): such a request is
+processed as soon as its head is in, its body passed on read by read,
+reading held while the relay-client has not taken it, C{100 Continue}
+sent when the relay-client fetches it, and the connection closed (with a
+linger) after an answer that came before the body ended.
+
 It also holds the request-framing rules that protect the relay from its
 users, as Go's C{net/http} server applies them (RFC 9112):
 
@@ -187,6 +194,8 @@ class RelayRequest(server.Request):
 
     def _streamed_too_large(self) -> None:
         if self.startedWriting:
+            # Imported here: this layer knows nothing of the relay's answers
+            # but how to end one that cannot be completed.
             from relay.server.response import abort_answer
 
             abort_answer(self)
