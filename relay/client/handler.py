@@ -1,6 +1,10 @@
 """
 The life of one relayed request: ask the backend, stream its answer up to
 the relay, and for an upgraded connection also feed the user's bytes down.
+A request whose body follows (our relay server's streamed bodies,
+docs/protocol.md) has it fetched first, as one answer that feeds the
+backend request while it goes (L{relay.client.upload}); the fetch ends
+with the request, broken off if the backend did not take all of it.
 
 Whatever goes wrong before the backend answered becomes a 500 with a plain
 text reason for that request id, so that the user (often C{kubectl}) gets an
