@@ -354,7 +354,7 @@ class ThroughAnotherReplica(unittest.TestCase):
         for server in (self.owner, self.other):
             self.addCleanup(server.stop)
         self.name = name_owned_by(peers, peers[0])
-        started_client(self, self.owner.base, self.name, backend_address=self.backend.address)
+        self.client = started_client(self, self.owner.base, self.name, backend_address=self.backend.address)
         return self.owner.polling(self.name)
 
     @defer.inlineCallbacks
@@ -383,6 +383,22 @@ class ThroughAnotherReplica(unittest.TestCase):
         self.assertEqual(upload.sha256, pattern_sha256(size, self.seed))
         yield user.wait_for(b"}")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200"), bytes(user.data)[:200])
+
+    @defer.inlineCallbacks
+    def test_a_go_relay_client_at_the_owner_gets_the_body_whole(self):
+        """The owner buffers what streamed to it when its relay-client is Go's (its polls lack the header)."""
+        yield self.client.stopService()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        polled = treq.get(self.owner.url("/server/request?server=" + self.name), pool=pool)
+        owner = self.owner
+        yield owner.when(lambda: not owner.broker.streams_bodies(self.name) and owner.polled_by(self.name))
+        user = yield self.upload(3 * MIB)
+        response = yield polled
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(response.headers.getRawHeaders(b"relay-body"))
+        message = HttpRequest.FromString((yield response.content()))
+        self.assertEqual(hashlib.sha256(message.body).hexdigest(), pattern_sha256(3 * MIB, self.seed))
+        self.assertFalse(user.ended.called)
 
     @defer.inlineCallbacks
     def test_a_user_abort_reaches_the_backend(self):
