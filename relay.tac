@@ -12,6 +12,7 @@
 #   RELAY_MAX_REQUEST_BODY              bytes
 #   RELAY_BUSY_POLL_US                  microseconds, 0 is off
 #   RELAY_MAX_BUFFERED_BODIES           bytes
+#   RELAY_MAX_STREAMED_REQUEST_BODY     bytes, 0: no limit (bodies streamed to our relay-clients)
 #   RELAY_CLIENT_TOKENS                 file of relay-client tokens
 #   RELAY_USER_TOKENS                   file of user tokens
 #   RELAY_TRUSTED_USER_HEADER           header name
