@@ -11,7 +11,7 @@ once did).
 """
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.logger import LogLevel
 
@@ -147,7 +147,7 @@ def flag_default(config_class, flag: str):
     a level's name), so that parsing it gives the config's value back.
     """
     field = {f.name: f for f in dataclasses.fields(config_class)}[field_name(flag)]
-    value = field.default
+    value: Any = field.default
     if field.metadata.get("duration") and value is not None:
         return format_duration(value)
     if isinstance(value, bool):

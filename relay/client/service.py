@@ -15,7 +15,7 @@ On stop (SIGTERM) the polls are cancelled at once; requests in flight get a
 few seconds to finish, then their backend connections are closed.
 """
 
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Union
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import task
@@ -254,6 +254,7 @@ def make_client_service(
     api = RelayAPI(relay_agent, clock, config.relay_url, config.server_name, token_file=config.relay_token_file)
     target = BackendTarget(config)
     policy = TrustPolicy(trust_root)
+    backend: Union[Backend, H2Backend]
     if config.force_http2:
         backend = H2Backend(reactor, policy)
     else:
