@@ -295,4 +295,6 @@ class RelayClientFuzzTests(HostileTestCase):
         self.assert_clean()
 
 
-_H2_FORBIDDEN = frozenset(["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"])
+_H2_FORBIDDEN = frozenset(
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"]
+)
