@@ -94,17 +94,22 @@ class DrainService(Service):
         """Fires when no request is in flight, cutting off what is left after C{timeout}."""
         if self._in_flight is None:
             self._in_flight = self._drain()
-        d = defer.Deferred()
-        self._in_flight.addBoth(lambda result: (d.callback(None), result)[1])
+        d: defer.Deferred = defer.Deferred()
+
+        def settle(result):
+            d.callback(None)
+            return result
+
+        self._in_flight.addBoth(settle)
         return d
 
-    _in_flight = None
+    _in_flight: Optional[defer.Deferred] = None
 
     def _drain(self) -> defer.Deferred:
         if not self.broker.requests:
             return defer.succeed(None)
         log.info("Waiting for in-flight requests", Count=len(self.broker.requests), Timeout=self.timeout)
-        done = defer.Deferred()
+        done: defer.Deferred = defer.Deferred()
         deadline = self.clock.seconds() + self.timeout
 
         def check():

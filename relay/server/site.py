@@ -18,7 +18,7 @@ decisions through the Site.
     formats the C{Date} header and pumps HTTP/2 data.
 """
 
-from typing import List, Optional, Set
+from typing import TYPE_CHECKING, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -30,6 +30,10 @@ from relay.server.h2 import RelayH2Connection, stream_connection
 from relay.server.http1 import RelayChannel, RelayRequest
 from relay.net import liveness
 from relay.net.transport import tune
+
+if TYPE_CHECKING:
+    from relay.server.broker import Broker
+    from relay.server.pending import BodyBudget
 
 # A relay-client's answers that keep their connection during a drain: the
 # request they belong to is still in flight, and its next chunk or read
@@ -71,9 +75,9 @@ class RelaySite(server.Site):
         # put in a double that reports a death of their choosing.
         self.watch = liveness.watch
         # Set by the service: the broker, told of every connection's end.
-        self.broker = None
+        self.broker: Optional["Broker"] = None
         # Set by the service: the broker's budget for buffered bodies.
-        self.body_budget = None
+        self.body_budget: Optional["BodyBudget"] = None
         self.connections: Set[RelayChannel] = set()
         self._all_closed: List[Deferred] = []
         # Set when a stop begins: every answer closes its connection.
