@@ -38,7 +38,7 @@ from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.broker import Broker
 from relay.server.errors import BrokerError, RelayClientLost, RequestExpired
 from relay.server.events import Outcome
-from relay.server.pending import PendingRequest
+from relay.server.pending import PendingRequest, ResponseSink
 from relay.server.tunnel import Tunnel
 
 log = Logger()
@@ -102,7 +102,7 @@ def relay_error(message: HttpResponse) -> Optional[str]:
     return None
 
 
-class UserResponse:
+class UserResponse(ResponseSink):
     """
     The L{relay.server.pending.ResponseSink} for one user request: turns the relay-client's
     messages into the user-client's response.

@@ -139,6 +139,7 @@ class RelayServerService(LogsThroughObserver, MultiService):
         self.log_observer = log_observer
         self.drain_grace = drain_grace
         self.clock = clock
+        self.routing: Optional[Routing] = None
 
     @property
     def listening_port(self):

@@ -6,6 +6,7 @@ environment variables in L{relay.server.tac}.
 """
 
 import os
+from typing import List
 
 from twisted.internet import endpoints
 from twisted.logger import Logger
@@ -48,6 +49,7 @@ def default(flag: str):
 
 
 class Options(GoFlagOptions):
+    service_links: List[str]  # set by relay.tac: the variables Kubernetes' service links made
     command = "relay"
     synopsis = "[options]"
     ignored_go_flags = ("pprof_port",)
