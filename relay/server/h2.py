@@ -169,9 +169,11 @@ class RelayH2Connection(H2Connection):
 
     def _headers_timed_out(self) -> None:
         self._deadline = None
+        transport = self.transport
+        assert transport is not None  # the timer runs only while connected
         self._log.info(
             "Closing HTTP/2 connection: no complete request headers in time",
-            peer=peer_text(self.transport.getPeer()),
+            peer=peer_text(transport.getPeer()),
         )
         self.timeoutConnection()
 
