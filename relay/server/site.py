@@ -18,7 +18,7 @@ decisions through the Site.
     formats the C{Date} header and pumps HTTP/2 data.
 """
 
-from typing import TYPE_CHECKING, List, Optional, Set
+from typing import TYPE_CHECKING, Any, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -49,7 +49,9 @@ class RelaySite(server.Site):
     it costs a quarter of the throughput for small requests).
     """
 
-    protocol = RelayChannel
+    # HTTPFactory's type is that of its own factory (HTTP/2 negotiation behind
+    # a proxy); Factory.protocol takes any protocol class, as here.
+    protocol = RelayChannel  # type: ignore[assignment]
     requestFactory = RelayRequest
     noisy = False
 
@@ -156,7 +158,7 @@ class RelaySite(server.Site):
         """
         if not self.connections:
             return succeed(None)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._all_closed.append(d)
         self.go_away(final=True)
         for channel in list(self.connections):
@@ -167,7 +169,13 @@ class RelaySite(server.Site):
                 channel.transport.abortConnection()
 
         timer = self.clock.callLater(abort_after, abort)
-        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+        def stop_timer(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(stop_timer)
         return d
 
 
@@ -179,7 +187,9 @@ def poll_connection(request) -> Optional[PollConnection]:
     """
     conn, _ = stream_connection(request)
     owner = conn if conn is not None else request.channel
-    record = getattr(owner, "poll_connection", False)
+    # A channel of another kind has no such attribute: False, not None.
+    record: Any = getattr(owner, "poll_connection", False)
     if record is None:
-        record = owner.poll_connection = PollConnection(multiplexed=conn is not None)
+        made = owner.poll_connection = PollConnection(multiplexed=conn is not None)
+        return made
     return record or None
