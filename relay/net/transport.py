@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, TypeVar
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory
 
 from relay.compat import nothing_to_write
@@ -36,6 +37,14 @@ from relay.compat import nothing_to_write
 SEND_LIMIT = 512 * 1024
 
 T = TypeVar("T")
+
+
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
+    """
+    A connected stream socket's transport, TCP or TLS: a consumer and a
+    producer as well, which splicing two connections needs (for the type
+    checker: Twisted's protocols only say ITransport).
+    """
 
 
 def own_transport(transport) -> Optional[FileDescriptor]:
