@@ -166,7 +166,9 @@ class RelayRequest(server.Request):
         self._give_back()
         super().connectionLost(reason)
 
-    def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: Optional[str] = None) -> None:
+    def refuse_body(
+        self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: Optional[str] = None
+    ) -> None:
         """
         Answer 413 (or C{code}) at once and close: the client may still be
         sending, and the only way to stop it is to hang up once it has our
