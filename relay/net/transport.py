@@ -29,7 +29,14 @@ from typing import Callable, List, Optional, TypeVar
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Factory
 
 from relay.compat import nothing_to_write
@@ -122,7 +129,7 @@ class _EagerWrites:
             self.write(b"".join(held))
 
 
-def corked(transport, action: Callable[..., T], *args) -> T:
+def corked(transport: Optional[ITransport], action: Callable[..., T], *args) -> T:
     """
     C{action(*args)}, with what it writes to C{transport} sent in one piece
     when it returns: an HTTP head and the body written right after it (by
@@ -150,7 +157,7 @@ class _OneShotFactory(Factory):
         return self.protocol_instance
 
 
-def connect_quietly(endpoint, protocol) -> Deferred:
+def connect_quietly(endpoint: IStreamClientEndpoint, protocol: IProtocol) -> Deferred:
     """
     L{twisted.internet.endpoints.connectProtocol}, without its factory's
     C{Starting factory} and C{Stopping factory} lines at info, which the
