@@ -32,7 +32,7 @@ spells out, because a rolling deploy depends on it:
      later if their peer does not read); the process exits.
 """
 
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -53,6 +53,9 @@ from relay.server.routing import Routing, find_self, local_hostname, replica_lis
 from relay.server.site import RelaySite
 from relay.server.listening import ListeningService
 from relay.server.splice import UpgradeForwarder
+
+if TYPE_CHECKING:
+    from relay.tracing import Tracing, TracingPlan
 
 log = Logger()
 
@@ -131,6 +134,10 @@ class RelayServerService(LogsThroughObserver, MultiService):
     The whole server. When twistd runs it, it also tells twistd to log
     through our JSON (or text) observer, as the Go server does.
     """
+
+    # Set by makeService (relay.server.tap).
+    tracing_plan: "TracingPlan"
+    tracing: Optional["Tracing"]
 
     def __init__(self, broker: Broker, site: RelaySite, log_observer, drain_grace: float, clock):
         super().__init__()

@@ -38,7 +38,7 @@ from relay.options import (
 from relay import tuning
 from relay.tracing import SERVER_NAME, tracing_for
 from relay.server.routing import find_self, local_hostname, replica_list
-from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL, make_server_service
+from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL, RelayServerService, make_server_service
 from relay.startup import report_startup_errors
 
 log = Logger()
@@ -314,7 +314,7 @@ class Options(GoFlagOptions):
         self.config = from_options(ServerConfig, self)
 
 
-def makeService(options, reactor=None):
+def makeService(options: Options, reactor=None) -> RelayServerService:
     if reactor is None:
         from twisted.internet import reactor
     report_startup_errors("twistd relay")
