@@ -25,11 +25,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http, server
 
 from relay.config import ServerConfig
+from relay.net import liveness
+from relay.net.transport import tune
 from relay.server.broker import PollConnection
 from relay.server.h2 import RelayH2Connection, stream_connection
 from relay.server.http1 import RelayChannel, RelayRequest
-from relay.net import liveness
-from relay.net.transport import tune
 
 if TYPE_CHECKING:
     from relay.server.broker import Broker
