@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
@@ -65,7 +65,7 @@ class BackendTarget:
                 raise BackendError(
                     "Failed to create request for backend: Failed to read authentication token from %s: %s"
                     % (self.token_file, e)
-                )
+                ) from e
             headers = [(n, v) for n, v in headers if n.lower() != "authorization"]
             headers.append(("Authorization", "Bearer " + token))
         host = self.address
@@ -110,7 +110,7 @@ class _BodyPump(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.sink.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # ResponseDone: the body was complete. PotentialDataLoss: it had no
         # length and no chunking, so the connection's close is its end, as
         # HTTP/1.1 says. Anything else (a Content-Length or chunked body
@@ -184,7 +184,7 @@ class Backend:
             raise
         except Exception as e:
             if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
-                raise CancelledError()
-            raise BackendError(connect_error(request, Failure(e)))
+                raise CancelledError() from None
+            raise BackendError(connect_error(request, Failure(e))) from e
         length = response.length if response.length is not UNKNOWN_LENGTH else None
         return BackendResponse(response.code, response_headers(response, request.method), response, length)

@@ -24,7 +24,8 @@ happens all day and nothing is wrong. The close of the backend connection
 that follows is ours, and never blamed on the backend.
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import Protocol as _Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -38,7 +39,22 @@ from relay.client.upload import StreamedBody
 from relay.outbound.connect import BackendError
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
+if TYPE_CHECKING:
+    from relay.outbound.h2 import H2Backend
+
 log = Logger()
+
+
+class _Answer(_Protocol):
+    """What the backends' and the upgrader's C{open} give: a head, then the body to deliver."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> List[Tuple[str, str]]: ...
+
+    def deliver(self, sink: Chunker) -> None: ...
 
 
 class RequestHandler:
@@ -47,7 +63,7 @@ class RequestHandler:
         clock: IReactorTime,
         api: RelayAPI,
         target: BackendTarget,
-        backend: Backend,
+        backend: "Union[Backend, H2Backend]",
         upgrader: Upgrader,
         max_chunk_size: int,
     ):
@@ -96,7 +112,10 @@ class RequestHandler:
             if body is not None:
                 body.close()
 
-    async def _relay(self, request: HttpRequest, spans, started: float, upgrade: bool, body) -> None:
+    async def _relay(
+        self, request: HttpRequest, spans, started: float, upgrade: bool, body: Optional[StreamedBody]
+    ) -> None:
+        answer: _Answer
         request_id = request.id
         try:
             backend_request = self.target.build(request, upgrade=upgrade)
@@ -177,7 +196,9 @@ class RequestHandler:
                     "Backend request duration",
                     ID=request_id,
                     Duration="%.3fs" % (elapsed,),
-                    Path=request.url[len("http://invalid") :] if request.url.startswith("http://invalid") else request.url,
+                    Path=request.url[len("http://invalid") :]
+                    if request.url.startswith("http://invalid")
+                    else request.url,
                     Status=answer.status,
                     Bytes=chunker.bytes_sent,
                 )

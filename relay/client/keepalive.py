@@ -6,8 +6,9 @@ Every relayed request costs the relay client three HTTP exchanges (its poll,
 the backend request, the posted response). An exchange through C{Agent}
 and C{HTTPConnectionPool} costs markedly more CPU than the same exchange on
 an C{HTTP11ClientProtocol} used directly (docs/performance.md): the URL is
-parsed again, a Host value and a pool key are computed again, every connection put back gets its own idle timer (a heap insert and
-a cancel per request), and each reused connection is wrapped anew for the
+parsed again, a Host value and a pool key are computed again, every
+connection put back gets its own idle timer (a heap insert and a cancel per
+request), and each reused connection is wrapped anew for the
 retry. The client talks to one relay server and one backend, so this agent
 keeps what those cost once per origin (C{scheme://host:port}) and does the
 rest as Agent does:
@@ -25,10 +26,10 @@ rest as Agent does:
   - connection failures reach the caller as the endpoint reports them.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from twisted.web.client import URI
@@ -104,7 +105,7 @@ class KeepAliveAgent:
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
         self._origins: Dict[bytes, _Origin] = {}
-        self._sweep = None
+        self._sweep: Optional[IDelayedCall] = None
 
     # IAgent.
 
@@ -173,11 +174,11 @@ class KeepAliveAgent:
     def _put(self, origin: _Origin, protocol: HTTP11ClientProtocol) -> None:
         """A connection finished its exchange and may carry another."""
         if not origin.kept:
-            protocol.transport.loseConnection()
+            _drop(protocol)
             return
         if len(origin.idle) >= self.max_idle_per_host:
             oldest, _ = origin.idle.pop(0)
-            oldest.transport.loseConnection()
+            _drop(oldest)
         origin.idle.append((protocol, self.clock.seconds()))
         if self._sweep is None:
             self._sweep = self.clock.callLater(self.idle_timeout, self._close_stale)
@@ -193,7 +194,7 @@ class KeepAliveAgent:
                 if not client_idle(protocol):
                     continue
                 if since <= cutoff:
-                    protocol.transport.loseConnection()
+                    _drop(protocol)
                 else:
                     keep.append((protocol, since))
                     due = since + self.idle_timeout
@@ -224,6 +225,13 @@ def _send(protocol, request) -> Deferred:
     written at once (a relay-client's posts) leave in one piece.
     """
     return corked(protocol.transport, protocol.request, request)
+
+
+def _drop(protocol: HTTP11ClientProtocol) -> None:
+    """Close a pooled connection: it has been connected, so it has its transport."""
+    transport = protocol.transport
+    assert transport is not None
+    transport.loseConnection()
 
 
 def _send_duplex(protocol, request) -> Deferred:

@@ -22,7 +22,7 @@ from typing import Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -155,10 +155,11 @@ class _Pump(Protocol):
         self.body = body
 
     def connectionMade(self) -> None:
-        self.body._connected(self.transport)
+        # A response's body transport: it pauses and resumes the fetch.
+        self.body._connected(self.transport)  # type: ignore[arg-type]
 
     def dataReceived(self, data: bytes) -> None:
         self.body._data(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.body._ended(reason)

@@ -440,9 +440,9 @@ class Broker:
             if len(self.backends) >= self.max_backends:
                 raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
             polls = Waiters(
-                self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(b, d), lambda d: self._poll_left(b)
+                self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(new, d), lambda d: self._poll_left(new)
             )
-            b = self.backends[backend] = Backend(backend, now, polls)
+            b = new = self.backends[backend] = Backend(backend, now, polls)
             log.info("Relay client connected", ServerName=backend)
             arriving = self.arriving.pop(backend, None)
         b.last_activity = b.last_poll = now
@@ -465,16 +465,16 @@ class Broker:
                 if pending is not None:
                     b.queue.remove(pending)
             if pending is not None:
-                d = Deferred()
+                d: Deferred = Deferred()
                 self._hand_over(b, pending, d)
                 return d
         d = b.polls.wait()
         if streams_bodies:
-            polls = b.body_polls
-            polls.add(d)
+            body_polls = b.body_polls
+            body_polls.add(d)
 
             def waited(result):
-                polls.discard(d)
+                body_polls.discard(d)
                 return result
 
             d.addBoth(waited)
