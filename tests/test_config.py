@@ -27,6 +27,7 @@ import relay
 from relay import config as config_module
 from relay.client import tap as client_tap
 from relay.config import ClientConfig, ServerConfig, field_name, flag_default
+from relay.http1_engine import resolve as resolve_engine
 from relay.server import tap as server_tap
 
 
@@ -180,6 +181,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "peers": self.site.resource.client.routing,
             "peer_self": self.site.resource.client.routing,
             "move_wait": self.broker.move_wait,
+            "http1_engine": self.site.http1_engine,
         }
 
     def logged_line(self) -> str:
@@ -222,6 +224,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "peers": None,
             "peer_self": None,
             "move_wait": d.move_wait,
+            "http1_engine": resolve_engine(d.http1_engine),
         }
         self.assertEqual({k: users[k] for k in expected}, expected)
 

@@ -52,6 +52,7 @@ from relay.compat import (
     request_line,
 )
 from relay.config import ServerConfig
+from relay.http1_engine import resolve as resolve_engine
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
@@ -530,6 +531,7 @@ class RelaySite(server.Site):
     """
 
     protocol = RelayChannel
+    fallback_channel = RelayChannel
     requestFactory = RelayRequest
     noisy = False
 
@@ -539,6 +541,13 @@ class RelaySite(server.Site):
         # connections, for a fraction of the cost.
         kwargs.setdefault("timeout", None)
         super().__init__(resource, **kwargs)
+        # The HTTP/1.1 engine (relay.http1_engine): llhttp's channel, or
+        # twisted.web's (RelayChannel), which the lean one falls back to.
+        self.http1_engine = resolve_engine(config.http1_engine)
+        if self.http1_engine == "httptools":
+            from relay.server.lean_http1 import LeanChannel
+
+            self.protocol = LeanChannel
         self.max_request_body = config.max_request_body
         self.max_headers = config.max_headers
         self.max_header_bytes = config.max_header_bytes

@@ -1,0 +1,1040 @@
+"""
+The server's lean HTTP/1.1 engine: a channel that parses with C{httptools}
+(llhttp, the parser of Node.js, in its strict mode) and a request object
+with the part of twisted.web's C{IRequest} the relay's resources use.
+
+Why: each relayed request is three HTTP exchanges in the server, and
+twisted.web spends most of an exchange's instructions in its line-by-line
+parser, its C{Request} and C{Headers} (docs/performance.md). Here llhttp
+parses a request in C, one callback per piece; headers live in a plain dict;
+a response head is built as one byte string and leaves with the first bytes
+of the body in one write.
+
+The relay's resource tree, broker, streaming and every rule of
+L{relay.server.site} are kept, and behave the same on either engine (the
+tests run on both):
+
+  - Host rules, absolute-form targets, C{414} for a request line over
+    16 KiB, C{431} for a header line over 16 KiB (or a head that never
+    ends), C{400} for more than C{--max_headers} headers or C{--max_header_bytes}
+    bytes of head, and twisted.web's bare C{400 Bad Request} for anything
+    llhttp refuses;
+  - the body cap and the body budget while a body arrives (C{413}, C{503}),
+    C{Expect: 100-continue} (never for a body that will be refused);
+  - the header timeout (one timer per connection), keep-alive as
+    twisted.web decides it (HTTP/1.1 without C{Connection: close}),
+    pipelining (one request at a time: what arrives behind it is parsed
+    and replayed after its answer, and reading pauses beyond 16 KiB), the
+    drain's C{Connection: close};
+  - HTTP/2 by preface or ALPN (handed to L{relay.server.h2}), the hand-over
+    after a 101, trailers at the end of a chunked answer.
+
+What it does not do, and why:
+
+  - Methods llhttp does not know (it knows the 46 of RFC 9110, WebDAV and
+    friends): such a request, when it starts a read (as a client that does
+    not pipeline sends it), is handed to twisted.web's channel for the rest
+    of the connection; elsewhere it is a C{400}.
+  - An upgrade (or C{CONNECT}) request that carries a body: llhttp treats
+    what follows the head as the new protocol's bytes. It is answered
+    C{400} (no relay-client or browser sends one).
+  - Resource trees other than the relay's (no C{route}): traversed with
+    twisted.web's C{getResourceFor}; C{UnsupportedMethod} is a 500.
+  - Sessions, cookies set through C{addCookie}, C{lastModified}/C{etag}:
+    the relay uses none (the admin view, which does, keeps twisted.web).
+"""
+
+from typing import Callable, Dict, List, Optional, Tuple
+from urllib.parse import unquote_to_bytes
+
+from httptools import HttpParserUpgrade, HttpRequestParser
+from httptools.parser.errors import HttpParserError, HttpParserInvalidMethodError
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, parse_qs
+from twisted.web.server import NOT_DONE_YET
+
+from relay.config import ServerConfig
+from relay.headers import sanitize_value, valid_host, valid_trailer
+from relay.logs import DebugInfoLogger, peer_text
+from relay.server.bodybuffer import BodyBuffer
+from relay.server.broker import PollConnection
+from relay.server.h2 import PREFACE, RelayH2Connection
+from relay.tuning import liveness
+from relay.tuning.transport import tune
+
+log = Logger()
+
+# twisted.web's limits, which the relay's tests and clients know: a line of
+# the head (LineReceiver.MAX_LENGTH), and what a pipelining client may send
+# ahead before reading pauses (HTTPChannel._optimisticEagerReadSize).
+MAX_LINE = 16384
+PIPELINE_AHEAD = 0x4000
+H2_IDLE_TIMEOUT = 12 * 60 * 60
+
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+_NO_BODY_CODES = (204, 304)
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+
+# Header names as twisted.web's Headers writes them (Http-Header-Case, with
+# its exceptions), so that heads are byte for byte what they were.
+_CASE = {
+    b"Content-Md5": b"Content-MD5",
+    b"Dnt": b"DNT",
+    b"Etag": b"ETag",
+    b"P3p": b"P3P",
+    b"Te": b"TE",
+    b"Www-Authenticate": b"WWW-Authenticate",
+    b"X-Xss-Protection": b"X-XSS-Protection",
+}
+_canonical_cache: Dict[bytes, bytes] = {}
+
+
+def canonical_name(lower: bytes) -> bytes:
+    """C{content-type} -> C{Content-Type}, as twisted.web writes it."""
+    name = _canonical_cache.get(lower)
+    if name is None:
+        name = b"-".join([word.capitalize() for word in lower.split(b"-")])
+        name = _CASE.get(name, name)
+        if len(_canonical_cache) < 10000:  # names are the peer's to choose
+            _canonical_cache[lower] = name
+    return name
+
+
+def _name(name) -> bytes:
+    return name.lower() if type(name) is bytes else name.encode("latin-1").lower()
+
+
+def _value(value) -> bytes:
+    """A value as twisted.web's Headers stores it: bytes, no line breaks."""
+    if type(value) is not bytes:
+        value = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    if b"\n" in value or b"\r" in value:
+        value = b" ".join(value.splitlines())
+    return value
+
+
+class LeanHeaders(dict):
+    """
+    The methods of twisted.web's L{Headers} the relay calls, over a dict of
+    lower-case names to lists of values (a dict itself: made in C, read
+    without a call); names are written in twisted.web's case.
+    """
+
+    __slots__ = ()
+
+    def hasHeader(self, name) -> bool:
+        return _name(name) in self
+
+    def getRawHeaders(self, name, default=None):
+        values = self.get(_name(name))
+        if not values:
+            return default
+        if type(name) is str:
+            return [v.decode("utf-8") for v in values]
+        return values
+
+    def setRawHeaders(self, name, values) -> None:
+        clean = []
+        for value in values:
+            if type(value) is not bytes or b"\n" in value or b"\r" in value:
+                value = _value(value)
+            clean.append(value)
+        self[name.lower() if type(name) is bytes else _name(name)] = clean
+
+    def addRawHeader(self, name, value) -> None:
+        key = _name(name)
+        values = self.get(key)
+        if values is None:
+            self[key] = [_value(value)]
+        else:
+            values.append(_value(value))
+
+    def removeHeader(self, name) -> None:
+        self.pop(_name(name), None)
+
+    def getAllRawHeaders(self):
+        return ((canonical_name(k), v) for k, v in self.items())
+
+    def copy(self) -> "LeanHeaders":
+        other = LeanHeaders()
+        for k, v in self.items():
+            other[k] = list(v)
+        return other
+
+    def __repr__(self) -> str:
+        return "LeanHeaders(%s)" % (dict.__repr__(self),)
+
+
+class LeanRequest:
+    """
+    One HTTP/1.1 request and its answer: what the relay's resources, its
+    answers (L{relay.server.response}), the tunnel and the forwarders ask of
+    twisted.web's request, with its semantics, and the additions of
+    L{relay.server.site.RelayRequest} (body cap, body budget, trailers,
+    the drain's close).
+    """
+
+    _log = DebugInfoLogger()
+
+    defaultContentType = None
+    method = b"GET"
+    uri = b""
+    path = b""
+    clientproto = b"HTTP/1.1"
+    code = 200
+    code_message = b"OK"
+    finished = False
+    startedWriting = False
+    chunked = False
+    sentLength = 0
+    producer = None
+    queued = 0
+    # twisted.web's name for a request whose connection is gone.
+    _disconnected = False
+    _no_body = False
+    _notifications: Optional[List[Deferred]] = None
+
+    body_too_large = False
+    _body_received = 0
+    _refused = False
+    _charged = 0
+
+    def __init__(self, channel: "LeanChannel"):
+        self.channel = channel
+        self.site = channel.site
+        self.requestHeaders = LeanHeaders()
+        self.responseHeaders = LeanHeaders()
+        self.content = BodyBuffer()
+        self.trailers: List[Tuple[bytes, bytes]] = []
+        self.args: Dict[bytes, List[bytes]] = {}
+        self.prepath: List[bytes] = []
+        self.postpath: List[bytes] = []
+
+    # The body as it arrives: capped, and charged to the site's budget.
+
+    @property
+    def max_body(self) -> int:
+        return getattr(self.site, "max_request_body", ServerConfig.max_request_body)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.max_body:
+            self.body_too_large = True
+            self.content = BodyBuffer()
+            self.refuse_body()
+            return
+        budget = self.site.body_budget
+        if budget is not None:
+            if not budget.take(len(data)):
+                self.body_too_large = True
+                self.content = BodyBuffer()
+                self._give_back()
+                self.refuse_body(
+                    503,
+                    b"Service Unavailable",
+                    "Too many request bodies buffered at once; try again later\n",
+                )
+                return
+            self._charged += len(data)
+        self.content.write(data)
+
+    def take_body(self) -> Tuple[bytes, int]:
+        """The whole body and its charge against the budget, which the caller now owns."""
+        body = self.content.getvalue() if self.content is not None else b""
+        self.content = BodyBuffer()
+        charged, self._charged = self._charged, 0
+        return body, charged
+
+    def _give_back(self) -> None:
+        if self._charged:
+            budget = self.site.body_budget
+            if budget is not None:
+                budget.give(self._charged)
+            self._charged = 0
+
+    def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: str = None) -> None:
+        """Answer 413 (or C{code}) at once and close: the client may still be sending."""
+        if self._refused:
+            return
+        self._refused = True
+        if text is None:
+            text = (
+                "Request body too large: this relay accepts at most %d bytes "
+                "(--max_request_body)\n" % (self.max_body,)
+            )
+        body = text.encode("ascii")
+        self.channel.transport.write(
+            b"HTTP/1.1 %d %s\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"X-Content-Type-Options: nosniff\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (code, phrase, len(body), body)
+        )
+        self.channel.refused()
+
+    # Processing.
+
+    def _received(self, method: bytes, target: bytes, version: bytes) -> None:
+        """The whole request is here: route it and render."""
+        if self.finished or self._refused:
+            return
+        self.content.seek(0, 0)
+        self.method = method
+        self.clientproto = version
+        if target[:1] != b"/":
+            target = self._origin_form(target)
+        self.uri = target
+        self.path, question, query = target.partition(b"?")
+        if question:
+            self.args = _query_args(query)
+        site = self.site
+        self.responseHeaders[b"date"] = [site.http_date()]
+        try:
+            route = getattr(site.resource, "route", None)
+            if route is not None:
+                resource = route(self)
+            else:
+                self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
+                resource = site.getResourceFor(self)
+            self.render(resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def _origin_form(self, target: bytes) -> bytes:
+        """The path and query of an absolute-form target; its authority is the Host."""
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return target
+        authority, slash, tail = rest.partition(b"/")
+        authority, question, query = authority.partition(b"?")
+        if question:
+            tail, slash = b"", b""
+            query = b"?" + query
+        else:
+            query = b""
+        authority = authority.rpartition(b"@")[2]
+        if authority:
+            self.requestHeaders[b"host"] = [authority]
+        return b"/" + tail + query if slash else b"/" + query
+
+    def render(self, resource) -> None:
+        body = resource.render(self)
+        if body is NOT_DONE_YET:
+            return
+        if not isinstance(body, bytes):
+            raise TypeError("%r rendered %r, not bytes" % (resource, type(body)))
+        if self.method == b"HEAD":
+            if body:
+                self.responseHeaders[b"content-length"] = [b"%d" % len(body)]
+            self.write(b"")
+        else:
+            self.responseHeaders[b"content-length"] = [b"%d" % len(body)]
+            self.write(body)
+        self.finish()
+
+    def processingFailed(self, reason: Failure) -> None:
+        """twisted.web's answer to a resource that raised (without a traceback)."""
+        log.failure("", failure=reason)
+        if self.finished or self._disconnected:
+            return
+        if self.startedWriting:
+            self.channel.transport.abortConnection()
+            return
+        body = (
+            b"<html><head><title>Processing Failed</title></head><body>"
+            b"<b>Processing Failed</b></body></html>"
+        )
+        self.setResponseCode(500)
+        self.responseHeaders[b"content-type"] = [b"text/html"]
+        self.responseHeaders[b"content-length"] = [b"%d" % len(body)]
+        self.write(body)
+        self.finish()
+
+    # IRequest, the part the relay uses.
+
+    def setResponseCode(self, code: int, message: Optional[bytes] = None) -> None:
+        if not isinstance(code, int):
+            raise TypeError("HTTP response code must be int or long")
+        self.code = code
+        self.code_message = message if message else RESPONSES.get(code, b"Unknown Status")
+
+    def setHeader(self, name, value) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def getHeader(self, name):
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values is not None else None
+
+    def getAllHeaders(self) -> Dict[bytes, bytes]:
+        return {k: v[-1] for k, v in self.requestHeaders.items()}
+
+    def getCookie(self, key: bytes) -> Optional[bytes]:
+        for header in self.requestHeaders.getRawHeaders(b"cookie", []):
+            for pair in header.split(b";"):
+                name, eq, value = pair.strip().partition(b"=")
+                if eq and name == key:
+                    return value
+        return None
+
+    def getClientAddress(self):
+        return self.channel.peer()
+
+    getClientIP = None  # deprecated in twisted.web; not offered
+
+    def getHost(self):
+        return self.channel.getHost()
+
+    def isSecure(self) -> bool:
+        return self.channel.isSecure()
+
+    def getRequestHostname(self) -> bytes:
+        host = self.getHeader(b"host")
+        if host:
+            return host.split(b":", 1)[0] if host[:1] != b"[" else host.split(b"]", 1)[0] + b"]"
+        return self.getHost().host.encode("ascii")
+
+    def notifyFinish(self) -> Deferred:
+        d = Deferred()
+        if self._notifications is None:
+            self._notifications = []
+        self._notifications.append(d)
+        return d
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        if self.producer is not None:
+            raise ValueError("registering producer %s before previous one (%s) was unregistered" % (producer, self.producer))
+        self.producer = producer
+        if self._disconnected:
+            producer.stopProducing()
+            return
+        self.channel.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.producer is None:
+            return
+        self.producer = None
+        if not self._disconnected and self.channel is not None:
+            self.channel.transport.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("Request.write called on a request after Request.finish was called.")
+        if self._disconnected:
+            return
+        if not self.startedWriting:
+            self._write_head(data)
+            return
+        if self._no_body or not data:
+            return
+        self.sentLength += len(data)
+        if self.chunked:
+            self.channel.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.channel.transport.write(data)
+
+    def _write_head(self, data: bytes) -> None:
+        """The status line and headers as one string, sent with the body's first bytes."""
+        self.startedWriting = True
+        channel = self.channel
+        site = self.site
+        if site.draining:
+            self._close_after_answer()
+        raw = self.responseHeaders
+        version = self.clientproto
+        code = self.code
+        if (
+            version == b"HTTP/1.1"
+            and b"content-length" not in raw
+            and self.method != b"HEAD"
+            and code not in _NO_BODY_CODES
+        ):
+            raw[b"transfer-encoding"] = [b"chunked"]
+            self.chunked = True
+        head = [b"%s %d %s\r\n" % (version, code, self.code_message)]
+        names = _canonical_cache
+        for name, values in raw.items():
+            name = names.get(name) or canonical_name(name)
+            for value in values:
+                head.append(b"%s: %s\r\n" % (name, value))
+        head.append(b"\r\n")
+        if self.method == b"HEAD" or code in _NO_BODY_CODES:
+            self._no_body = True
+            data = b""
+        self.sentLength += len(data)
+        if data and self.chunked:
+            head.append(b"%x\r\n" % len(data))
+            head.append(data)
+            head.append(b"\r\n")
+        elif data:
+            head.append(data)
+        channel.transport.write(b"".join(head))
+
+    def _close_after_answer(self) -> None:
+        """Draining: this answer closes its connection (see RelayRequest)."""
+        if self.code == 200 and self.path in (b"/server/response", b"/server/requeststream"):
+            return
+        self.responseHeaders[b"connection"] = [b"close"]
+        self.channel.persistent = False
+
+    def add_trailer(self, name: str, value: str) -> None:
+        if valid_trailer(name):
+            self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
+
+    def finish(self) -> None:
+        if self._disconnected:
+            raise RuntimeError(
+                "Request.finish called on a request after its connection was lost; "
+                "use Request.notifyFinish to keep track of this."
+            )
+        if self.finished:
+            return
+        if not self.startedWriting:
+            self.write(b"")
+        if self.chunked:
+            if self.trailers:
+                lines = b"".join(b"%s: %s\r\n" % t for t in self.trailers)
+                self.channel.transport.write(b"0\r\n" + lines + b"\r\n")
+            else:
+                self.channel.transport.write(b"0\r\n\r\n")
+        self.finished = True
+        self._give_back()
+        if self.producer is not None:
+            log.warn("Producer was not unregistered for {uri}", uri=self.uri)
+            self.unregisterProducer()
+        self.channel.request_done(self)
+        notifications, self._notifications = self._notifications, None
+        for d in notifications or ():
+            d.callback(None)
+
+    def connectionLost(self, reason) -> None:
+        if self._disconnected:
+            return
+        self._disconnected = True
+        self._give_back()
+        self.producer = None
+        notifications, self._notifications = self._notifications, None
+        if self.finished:
+            return
+        for d in notifications or ():
+            d.errback(reason)
+
+
+def _query_args(query: bytes) -> Dict[bytes, List[bytes]]:
+    """twisted.web's C{parse_qs(query, 1)}, without its work when nothing is escaped."""
+    if b"%" in query or b"+" in query or b";" in query:
+        return parse_qs(query, 1)
+    args: Dict[bytes, List[bytes]] = {}
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        values = args.get(name)
+        if values is None:
+            args[name] = [value]
+        else:
+            values.append(value)
+    return args
+
+
+class _Stop(Exception):
+    """Raised from a parser callback: nothing more is parsed on this connection."""
+
+
+class LeanChannel(Protocol):
+    """
+    An HTTP/1.1 server connection parsed by llhttp. Set up by the site's
+    C{buildProtocol} as twisted.web's channel is (C{site}, C{factory},
+    C{callLater}, C{timeOut}).
+    """
+
+    _log = DebugInfoLogger()
+
+    site = None
+    callLater = None
+    timeOut = None
+    persistent = True
+    _switched = None
+    _watch: Optional[liveness.Watch] = None
+    poll_connection: Optional[PollConnection] = None
+    _sniffing = True
+    _sniffed = b""
+    _header_timer = None
+    _head_deadline: Optional[float] = None
+    _parser = None
+    # The request whose head or body is being read, and the one being
+    # answered (the same one, once it is whole).
+    _reading: Optional[LeanRequest] = None
+    _current: Optional[LeanRequest] = None
+    # Parser events of requests behind the current one, replayed after it.
+    _queue: Optional[List[Tuple[Callable, tuple]]] = None
+    _queued_bytes = 0
+    _reading_paused = False
+    # Bytes after an upgrade request, held until it is answered.
+    _held: Optional[List[bytes]] = None
+    _upgrade_done = False
+    _closed = False
+    _replaying = False
+    _fallback = False
+    # Messages whose end llhttp has seen (whether answered yet or not).
+    _completed = 0
+    _url = b""
+    _header_count = 0
+    _head_bytes = 0
+    _fed_in_head = 0
+    _content_length: Optional[int] = None
+    _peer = None
+    _host = None
+    _secure: Optional[bool] = None
+
+    # Connection set-up and end.
+
+    def connectionMade(self) -> None:
+        site = self.site
+        tune(self.transport)
+        watch = getattr(site, "watch", None)
+        if watch is not None:
+            self._watch = watch(self.transport, site.tcp_keepalive_interval, site.dead_connection_timeout)
+        self._max_headers = site.max_headers
+        self._max_head_bytes = site.max_header_bytes
+        self._parser = HttpRequestParser(self)
+        site.connections.add(self)
+        self._arm_header_timer()
+
+    def connectionLost(self, reason) -> None:
+        self._closed = True
+        self._stop_header_timer()
+        if self._fallback:
+            # twisted.web's channel took the connection, and reports its end.
+            self._switched.connectionLost(reason)
+            self._switched = None
+            return
+        h2_polls = None
+        if self._switched is not None:
+            switched, self._switched = self._switched, None
+            h2_polls = getattr(switched, "poll_connection", None)
+            switched.connectionLost(reason)
+        for request in (self._current, self._reading):
+            if request is not None:
+                request.connectionLost(reason)
+        self._current = self._reading = None
+        self._queue = None
+        self.site.connection_closed(self)
+        broker = getattr(self.site, "broker", None)
+        if broker is not None:
+            death = self._watch.death if self._watch is not None else None
+            if death is None:
+                death = liveness.Death(liveness.reason_of(reason))
+            self._watch = None
+            broker.connection_ended(death, self.poll_connection, h2_polls)
+
+    def peer(self):
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    def getHost(self):
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
+    def isSecure(self) -> bool:
+        if self._secure is None:
+            self._secure = ISSLTransport(self.transport, None) is not None
+        return self._secure
+
+    # The header timeout (slowloris), as RelayChannel keeps it.
+
+    def _arm_header_timer(self) -> None:
+        timeout = self.site.header_timeout
+        if not timeout:
+            return
+        self._head_deadline = self.site.reactor.seconds() + timeout
+        if self._header_timer is None:
+            self._header_timer = self.callLater(timeout, self._check_header_deadline)
+
+    def _stop_header_timer(self) -> None:
+        self._head_deadline = None
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _check_header_deadline(self) -> None:
+        self._header_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        left = deadline - self.site.reactor.seconds()
+        if left > 0:
+            self._header_timer = self.callLater(left, self._check_header_deadline)
+            return
+        self._head_deadline = None
+        self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
+        self.transport.abortConnection()
+
+    # Bytes in.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._switched is not None:
+            self._switched.dataReceived(data)
+            return
+        if self._sniffing:
+            data = self._sniff(data)
+            if data is None:
+                return
+        if self._held is not None:
+            self._held.append(data)
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return
+        starting = self._reading is None and self._queue is None and self._current is None
+        completed = self._completed
+        try:
+            parser.feed_data(data)
+        except HttpParserUpgrade as e:
+            # llhttp stops after an upgrade request: what follows is held
+            # (and more as it comes) until the request is answered.
+            self._held = [data[e.args[0]:]]
+            self._event(LeanChannel._upgrade_over, ())
+            return
+        except HttpParserInvalidMethodError:
+            if starting and completed == self._completed and self._fall_back(data):
+                return
+            self._event(LeanChannel._bad_request, ())
+            return
+        except _Stop:
+            return
+        except HttpParserError as e:
+            if isinstance(e.__context__, _Stop):
+                return
+            if e.__context__ is not None:
+                log.failure("Unexpected error parsing a request", Failure(e.__context__))
+            self._event(LeanChannel._bad_request, ())
+            return
+        if self._reading is not None and self._in_head:
+            # A head still incomplete: llhttp holds its current line, so
+            # count what it was given (a line that never ends).
+            self._fed_in_head += len(data)
+            if self._fed_in_head > self._max_head_bytes + MAX_LINE:
+                self._refuse_head(431, b"Request Header Fields Too Large")
+        if self._queue is not None and not self._reading_paused:
+            self._queued_bytes += len(data)
+            if self._queued_bytes > PIPELINE_AHEAD:
+                self._reading_paused = True
+                self.transport.pauseProducing()
+
+    _in_head = False
+
+    def _event(self, handler, args) -> None:
+        """Run a parse event now, or after the request being answered."""
+        if self._current is not None:
+            self._queue_event(handler, args)
+            return
+        handler(self, *args)
+
+    def _queue_event(self, handler, args) -> None:
+        if self._queue is None:
+            self._queue = []
+        self._queue.append((handler, args))
+
+    # Parser callbacks (llhttp calls them during feed_data).
+
+    # Each callback runs at once, or, while a request is being answered,
+    # is queued to run (with the same arguments) after it: twisted.web
+    # parses nothing behind a request until it is answered either.
+
+    def on_message_begin(self) -> None:
+        if self._closed:
+            raise _Stop()
+        if self._current is not None:
+            self._queue_event(LeanChannel.on_message_begin, ())
+            return
+        self._reading = LeanRequest(self)
+        self._url = b""
+        self._header_count = 0
+        self._head_bytes = 0
+        self._fed_in_head = 0
+        self._in_head = True
+        self._content_length = None
+
+    def on_url(self, url: bytes) -> None:
+        if self._current is not None:
+            self._queue_event(LeanChannel.on_url, (url,))
+            return
+        url = self._url + url
+        self._url = url
+        if len(url) > MAX_LINE - 14:  # the method, the version, blanks
+            self._refuse_head(414, b"URI Too Long")
+            raise _Stop()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._current is not None:
+            self._queue_event(LeanChannel.on_header, (name, value))
+            return
+        line = len(name) + len(value) + 2
+        if line > MAX_LINE:
+            self._refuse_head(431, b"Request Header Fields Too Large")
+            raise _Stop()
+        self._head_bytes += line
+        self._header_count += 1
+        if self._header_count > self._max_headers or self._head_bytes + len(self._url) > self._max_head_bytes:
+            self._bad_request()
+            raise _Stop()
+        value = value.strip(b" \t")
+        lower = name.lower()
+        headers = self._reading.requestHeaders
+        values = headers.get(lower)
+        if values is None:
+            headers[lower] = [value]
+        else:
+            values.append(value)
+        if lower == b"content-length":
+            if not value.isdigit():
+                self._bad_request()
+                raise _Stop()
+            self._content_length = int(value)
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        args = (parser.get_method(), _VERSIONS.get(parser.get_http_version(), b"HTTP/1.1"), parser.should_upgrade())
+        if self._current is not None:
+            self._queue_event(LeanChannel._headers_complete, args)
+        elif not self._headers_complete(*args):
+            raise _Stop()
+
+    def _headers_complete(self, method: bytes, version: bytes, upgrade: bool) -> bool:
+        """What twisted.web and RelayChannel do once a head is in; False if refused."""
+        self._in_head = False
+        self._head_deadline = None
+        request = self._reading
+        request.method = method
+        request.clientproto = version
+        if self.poll_connection is not None and self.poll_connection.in_transit:
+            self.poll_connection.delivered()
+        headers = request.requestHeaders
+        hosts = headers.get(b"host")
+        bad_host = None
+        if hosts is None:
+            if version == b"HTTP/1.1" and method != b"CONNECT":
+                bad_host = b": missing required Host header"
+        elif len(hosts) > 1:
+            bad_host = b""
+        elif not valid_host(hosts[0]):
+            bad_host = b": malformed Host header"
+        if bad_host is not None:
+            self._refuse_head(400, b"Bad Request", bad_host)
+            return False
+        if upgrade and (self._content_length or b"transfer-encoding" in headers):
+            self._bad_request()
+            return False
+        connection = headers.get(b"connection")
+        if version != b"HTTP/1.1":
+            self.persistent = False
+        elif connection is not None and b"close" in [t.lower() for t in connection[0].split(b" ")]:
+            request.responseHeaders[b"connection"] = [b"close"]
+            self.persistent = False
+        length = self._content_length
+        if length is not None and length > request.max_body:
+            request.body_too_large = True
+            request.refuse_body()
+            return False
+        expect = headers.get(b"expect")
+        if expect is not None and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def on_body(self, data: bytes) -> None:
+        if self._current is not None:
+            self._queue_event(LeanChannel.on_body, (data,))
+            return
+        request = self._reading
+        request.handleContentChunk(data)
+        if request._refused:
+            raise _Stop()
+
+    def on_message_complete(self) -> None:
+        self._completed += 1
+        if self._current is not None:
+            self._queue_event(LeanChannel._message_complete, ())
+            return
+        self._message_complete()
+
+    def _message_complete(self) -> None:
+        request = self._reading
+        if request is None or request._refused:
+            return
+        self._reading = None
+        self._current = request
+        request._received(request.method, self._url, request.clientproto)
+
+    def _upgrade_over(self) -> None:
+        """
+        The upgrade request was handed on: what follows it is held until it
+        is answered (a 101 hands it over; any other answer parses on).
+        """
+        self._upgrade_done = True
+        if self._current is None:
+            self._resume_after_upgrade()
+
+    def _resume_after_upgrade(self) -> None:
+        """An upgrade request was answered without a switch: parse on."""
+        held, self._held = self._held, None
+        self._upgrade_done = False
+        self._parser = HttpRequestParser(self)
+        data = b"".join(held or ())
+        if data:
+            self._feed(data)
+
+    # Answers done; errors.
+
+    def request_done(self, request: LeanRequest) -> None:
+        if request is not self._current:
+            return
+        self._current = None
+        if not self.persistent:
+            self._queue = None
+            self.transport.loseConnection()
+            self._closed = True
+            return
+        self._arm_header_timer()
+        if not self._replaying:
+            self._after_answer()
+
+    def _after_answer(self) -> None:
+        if self._queue is not None:
+            self._replay()
+        if self._current is None and self._upgrade_done and not self._closed:
+            self._resume_after_upgrade()
+
+    def _replay(self) -> None:
+        """Parse events that came behind the request just answered, up to the next whole request."""
+        queue = self._queue
+        self._replaying = True
+        try:
+            while queue and self._current is None and not self._closed:
+                handler, args = queue.pop(0)
+                try:
+                    ok = handler(self, *args)
+                except _Stop:
+                    ok = False
+                if ok is False:
+                    self._closed = True
+                    queue.clear()
+        finally:
+            self._replaying = False
+        if not queue and self._queue is queue:
+            self._queue = None
+            self._queued_bytes = 0
+            if self._reading_paused and not self._closed:
+                self._reading_paused = False
+                self.transport.resumeProducing()
+
+    def _bad_request(self) -> None:
+        """twisted.web's answer to what it cannot parse: a bare 400, then close."""
+        self.transport.write(_BAD_REQUEST)
+        self.refused()
+
+    def _refuse_head(self, code: int, phrase: bytes, detail: bytes = b"") -> None:
+        """Go's answer to a request it cannot parse, then close."""
+        status = b"%d %s%s" % (code, phrase, detail)
+        self.transport.write(
+            b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, status)
+        )
+        self.refused()
+
+    def refused(self) -> None:
+        """An error was answered: close once it is sent, and read no more."""
+        if self._reading is not None:
+            self._reading._refused = True
+        self._closed = True
+        self._parser = None
+        self._queue = None
+        self._held = None
+        self.transport.loseConnection()
+
+    def _fall_back(self, data: bytes) -> bool:
+        """
+        A method llhttp does not know, at the start of a read: hand the
+        connection to twisted.web's channel (the site's fallback), which
+        takes any token as a method.
+        """
+        factory = getattr(self.site, "fallback_channel", None)
+        if factory is None:
+            return False
+        self._reading = None
+        self._parser = None
+        self._stop_header_timer()
+        self.site.connections.discard(self)
+        self._fallback = True
+        channel = factory()
+        channel.factory = self.factory
+        channel.site = self.site
+        channel.requestFactory = self.site.requestFactory
+        channel.callLater = self.callLater
+        channel.timeOut = None
+        channel.poll_connection = self.poll_connection
+        channel._sniffing = False
+        self._switched = channel
+        channel.makeConnection(self.transport)
+        channel.dataReceived(data)
+        return True
+
+    # Hand-overs.
+
+    def _sniff(self, data: bytes) -> Optional[bytes]:
+        """HTTP/2 by ALPN or preface goes to RelayH2Connection; None if it went, or is undecided."""
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            self._sniffing = False
+            self._start_h2(data)
+            return None
+        sniffed = self._sniffed + data
+        if PREFACE.startswith(sniffed[: len(PREFACE)]):
+            if len(sniffed) < len(PREFACE):
+                self._sniffed = sniffed
+                return None
+            self._sniffing = False
+            self._sniffed = b""
+            self._start_h2(sniffed)
+            return None
+        self._sniffing = False
+        self._sniffed = b""
+        return sniffed
+
+    def _start_h2(self, data: bytes) -> None:
+        h2 = RelayH2Connection(getattr(self.site, "reactor", None))
+        h2.requestFactory = self.site.requestFactory
+        h2.site = self.site
+        h2.factory = self.factory
+        h2.timeOut = H2_IDLE_TIMEOUT
+        h2.callLater = self.callLater
+        self._stop_header_timer()
+        self._parser = None
+        self._switched = h2
+        h2.makeConnection(self.transport)
+        self.transport.registerProducer(h2, True)
+        h2.dataReceived(data)
+
+    def switch_protocol(self, protocol, head: bytes) -> None:
+        """Write C{head} (a 101) and hand the connection to C{protocol}, with what followed the request."""
+        self._stop_header_timer()
+        held, self._held = self._held, None
+        self._parser = None
+        self._queue = None
+        self._switched = protocol
+        self.transport.write(head)
+        protocol.makeConnection(self.transport)
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        buffered = b"".join(held) if held else b""
+        if buffered:
+            protocol.dataReceived(buffered)
