@@ -18,7 +18,15 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, UserTokens, token_hash
 from relay.server.broker import POLL_TIMEOUT
-from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect, tick as _tick
+from tests.support import (
+    FakeRelayClient,
+    InMemoryRelay,
+    on_each_engine,
+    polled_by,
+    raw_connect,
+    RelayServer,
+    tick as _tick,
+)
 from tests.test_routes import RouteTestCase
 from tests.test_server import ServerTestCase
 
@@ -297,3 +305,7 @@ class RelayedHeaderTests(ServerTestCase):
         self.assertIn(("Upgrade", "websocket"), headers)
         proto.transport.loseConnection()
         yield proto.ended
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

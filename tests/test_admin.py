@@ -30,7 +30,7 @@ from relay.admin.stats import DEFAULT_RING, redact_headers
 from relay.admin.status import Query, effective_flags, snapshot
 from relay.server.broker import Backend, Broker, Waiters
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.support import RelayServer, free_port, raw_connect, started_client, tick
+from tests.support import free_port, on_each_engine, raw_connect, RelayServer, started_client, tick
 
 SECRET = "s3cr3t-value"
 
@@ -802,3 +802,7 @@ class Twistd(unittest.TestCase):
         self.assertEqual((flags["admin_token_file"], flags["inspect_headers"]), ("<redacted>", 1))
         self.assertTrue(data["server"]["admin"]["inspect_headers"])
         self.assertEqual((yield proc.terminate()), (None, 15))
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

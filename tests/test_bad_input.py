@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from relay.proto.http_relay_pb2 import HttpResponse
-from tests.support import FakeRelayClient, RelayServer, head_and_body, raw_connect
+from tests.support import FakeRelayClient, head_and_body, on_each_engine, raw_connect, RelayServer
 from tests.test_server import ServerTestCase
 
 
@@ -316,3 +316,7 @@ class BodyBudgetTests(unittest.TestCase):
             yield proto.ended
         yield self.server.when(lambda: not self.server.broker.requests)
         self.assertEqual(self.server.broker.bodies.used, 0)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -27,7 +27,7 @@ from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.response import UserResponse
 from tests.process import ChildProcess
-from tests.support import RelayServer, client_service, dechunk, head_and_body
+from tests.support import client_service, dechunk, head_and_body, on_each_engine, RelayServer
 from tests.test_client_e2e import Collect
 from tests.test_client_h2 import H2Backend, H2BackendResource
 from tests.test_http2 import H2Client
@@ -414,3 +414,7 @@ class AbortPath(unittest.SynchronousTestCase):
         self.successResultOf(self.post(self.relay_error()))
         self.successResultOf(self.post(HttpResponse(id=self.id, body=b"late")))
         self.assertEqual(self.request.written, [b"begun"])
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -23,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from relay.server.auth import AccessPolicy, ClientTokens
 
-from tests.support import Changes, Recorder, RelayServer, stalled, started_client
+from tests.support import Changes, on_each_engine, Recorder, RelayServer, stalled, started_client
 
 NAME = "robot"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -686,3 +686,7 @@ class RelayTokens(unittest.TestCase):
         yield self.fatal.called()
         self.assertIn("failed to authenticate", self.fatal[0])
         self.assertFalse(self.relay.polled_by(NAME))
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -16,7 +16,7 @@ from twisted.web.client import ResponseFailed
 from relay.client.endpoints import CachingEndpointFactory
 from relay.client.http import BytesProducer, read_all
 from relay.client.keepalive import KeepAliveAgent
-from tests.support import Changes
+from tests.support import Changes, on_each_engine
 
 
 class Recorder(resource.Resource):
@@ -153,3 +153,7 @@ class KeepAliveAgentTests(unittest.TestCase):
         data = yield read_all(response)
         self.assertEqual(response.code, 200)
         self.assertIn(b"127.0.0.1", data)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

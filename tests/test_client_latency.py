@@ -16,7 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 
 import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
-from tests.support import started_client
+from tests.support import on_each_engine, started_client
 from tests.test_client_e2e import NAME, Backend, RawUser, Relay
 
 
@@ -160,3 +160,7 @@ class Latency(unittest.TestCase):
             self.assertEqual(response.code, 500)
             self.assertIn(b"connection refused", body)
             self.assertLess(elapsed, 2.0, path)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -18,7 +18,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from relay.client.endpoints import CachingEndpointFactory
 from relay.client.relay_api import POLL_DEADLINE, Forbidden, PermanentRelayError, RelayAPI, RelayError
 from relay.proto.http_relay_pb2 import HttpResponse
-from tests.support import MemoryNetwork, client_service
+from tests.support import client_service, MemoryNetwork, on_each_engine
 from tests.test_client_e2e import temp_file
 
 BASE = "http://127.0.0.1:8080"
@@ -315,3 +315,7 @@ class RelayCallsTests(unittest.TestCase):
         self.failureResultOf(self.answer(api.poll()), RelayError)
         self.assertIsNone(self.successResultOf(self.answer(api.poll())))
         self.assertEqual(self.relay.calls[0][0], b"/server/request")
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from relay.client.backend import load_trust_root
 from tests import test_client_e2e as e2e
 from tests.test_client_e2e import NAME, WS_GUID, Backend, RawUser, Relay, make_frame, parse_frame
+from tests.support import on_each_engine
 
 
 def make_ca_and_server_cert():
@@ -119,3 +120,7 @@ class LoadTrustRoot(unittest.SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             load_trust_root(path)
         self.assertEqual(str(e.exception), "No certs found in %s" % path)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

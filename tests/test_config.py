@@ -307,6 +307,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
             "trace_sampling_ratio": s.tracing_plan.ratio,
             "log_level": s.handler.trace,
             "log_format": self.logged_line()[:1],
+            "http1_engine": (s.api.agent.engine, backend_agent.engine),
         }
 
     def test_every_flag_is_followed(self):
@@ -354,6 +355,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
                 "trace_sampling_ratio": d.trace_sampling_ratio,
                 "log_level": d.debug_logs,
                 "log_format": "{" if d.log_format == "json" else "t",
+                "http1_engine": (resolve_engine(d.http1_engine), resolve_engine(d.http1_engine)),
             },
         )
 

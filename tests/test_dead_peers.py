@@ -31,6 +31,7 @@ from relay.server.resources import RootResource
 from relay.server.site import RelaySite
 from relay.tuning.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
 from tests.test_broker import Sink
+from tests.support import on_each_engine
 
 
 def cancel(poll):
@@ -353,3 +354,7 @@ class UnderTLS(unittest.SynchronousTestCase):
         own.socket = object()
         self.assertIs(socket_transport(Wrapper(Wrapper(own))), own)
         self.assertIsNone(socket_transport(StringTransport()))
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -19,7 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.h2 import offer_h2_over_tls
-from tests.support import RelayServer, head_and_body, raw_connect, server_service
+from tests.support import head_and_body, on_each_engine, raw_connect, RelayServer, server_service
 from tests.test_http2 import H2Client, make_certificate
 
 GRACE = 0.5
@@ -207,3 +207,7 @@ class DrainOverTLSTests(unittest.TestCase):
             yield client.lost
         finally:
             yield stopped if stopped is not None else service.stopService()
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

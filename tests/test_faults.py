@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from tests.support import Changes, RelayServer, free_port, tick as _tick
+from tests.support import Changes, free_port, on_each_engine, RelayServer, tick as _tick
 from tests.process import TwistdProcess
 from tests.test_client_e2e import Backend
 
@@ -184,3 +184,7 @@ class HangingBackendTests(unittest.TestCase):
         self.assertEqual(
             (yield resp.content()), b"Timeout after 1m0s, indicating that the backend request took too long"
         )
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -14,7 +14,15 @@ from twisted.web.resource import Resource
 from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.config import ServerConfig
 from relay.server.site import RelaySite
-from tests.support import FakeRelayClient, RelayServer, dechunk, free_port, head_and_body, raw_user
+from tests.support import (
+    dechunk,
+    FakeRelayClient,
+    free_port,
+    head_and_body,
+    on_each_engine,
+    raw_user,
+    RelayServer,
+)
 
 NAME = "robot"
 
@@ -152,3 +160,7 @@ class ForwardTests(unittest.TestCase):
         yield user.wait_for(b"ok")
         self.assertEqual(recorder.marks, ["front:1"])
         self.polls[0].addErrback(lambda _: None)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -14,6 +14,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.config import ServerConfig
 from relay.server.site import RelaySite
+from tests.support import on_each_engine
 
 TIMEOUT = 30.0
 
@@ -82,3 +83,7 @@ class HeaderTimeoutTests(unittest.TestCase):
         self.request(b"/fast")
         self.channel.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

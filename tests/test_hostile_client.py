@@ -31,7 +31,7 @@ from relay.server.broker import Broker
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
-from tests.support import response_message
+from tests.support import on_each_engine, response_message
 
 TRUE_ANSWER = b"the victim's true answer"
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
@@ -548,3 +548,7 @@ class OrderTests(HostileTestCase):
             ((status, headers, body, trailers),) = http11_responses(victim_user.data)
             self.assertEqual((status, body, trailers), (200, TRUE_ANSWER, [b"X-Done: 1"]))
         self.assert_clean()
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
-from tests.support import RelayServer, raw_connect, server_service
+from tests.support import on_each_engine, raw_connect, RelayServer, server_service
 from tests.test_server import ServerTestCase
 
 
@@ -324,3 +324,7 @@ class H2PollConnectionDies(ServerTestCase):
         self.assertEqual(response.code, 502)
         self.assertIn(b"before it took the request", (yield response.content()))
         self.assertEqual(self.server.broker.backends["robot"].lost, 1)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

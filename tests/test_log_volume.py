@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11Client
 
 from relay.logs import connect_quietly, text_line
 from relay.server.broker import Broker
-from tests.support import FakeRelayClient, RelayServer, started_client, tick
+from tests.support import FakeRelayClient, on_each_engine, RelayServer, started_client, tick
 from tests.test_broken_off import CHUNKED_HEAD, RawBackend
 from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, open_websocket, parse_frame
 
@@ -303,3 +303,7 @@ class QuietFactoryTests(unittest.TestCase):
                 self.assertNotIn("connectProtocol(", f.read(), path)
         for factory in (_OneShotFactory, _ConnectionFactory, RelaySite):
             self.assertFalse(factory.noisy, factory)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -35,6 +35,7 @@ from tests.support import (
     free_port,
     head_and_body,
     raw_user,
+    on_each_engine,
 )
 from tests.process import ROOT
 from tests.test_startup import run_all, scratch
@@ -462,3 +463,7 @@ class QuietChecksTests(unittest.TestCase):
         for _ in range(3):
             self.assertIs((yield probe("127.0.0.1:%d" % peer.port)), True)
         self.assertEqual([e.get("log_format") for e in events if e["log_level"] >= LogLevel.info], [])
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -26,7 +26,16 @@ from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
 from relay.server.tap import port_endpoint
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, server_service, tick
+from tests.support import (
+    dechunk,
+    FakeRelayClient,
+    head_and_body,
+    on_each_engine,
+    raw_connect,
+    RelayServer,
+    server_service,
+    tick,
+)
 from tests.test_access import write
 from tests.test_http2 import H2Client
 from tests.test_server import ServerTestCase
@@ -494,3 +503,7 @@ class ListenBacklogTests(unittest.TestCase):
     def test_an_explicit_backlog_is_kept(self):
         port = yield self.listening("tcp:0:interface=127.0.0.1:backlog=64")
         self.assertEqual(port.backlog, 64)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

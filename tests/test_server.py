@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.broker import POLL_TIMEOUT, STREAM_POLL_TIMEOUT
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect
+from tests.support import dechunk, FakeRelayClient, head_and_body, on_each_engine, raw_connect, RelayServer
 
 class ServerTestCase(unittest.TestCase):
     timeout = 30
@@ -324,3 +324,7 @@ class EarlyStreamPullTests(UpgradeTests):
         self.assertEqual((yield early), (200, b"hello"))
         proto.transport.loseConnection()
         yield proto.ended
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

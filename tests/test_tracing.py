@@ -28,7 +28,7 @@ from twisted.web.server import Site
 from relay.config import ClientConfig, ServerConfig
 from relay.tracing import plan
 from tests.process import ROOT, TwistdProcess
-from tests.support import free_port
+from tests.support import free_port, on_each_engine
 from tests.test_replicas import name_owned_by
 
 GO = os.path.join(os.path.dirname(ROOT), "shared", "reference-go")
@@ -452,3 +452,7 @@ class Plan(unittest.SynchronousTestCase):
         env["PYTHONPATH"] = ROOT
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60, cwd=ROOT)
         self.assertEqual(out.stdout.decode().strip(), "[]", out.stderr.decode())
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

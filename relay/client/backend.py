@@ -264,10 +264,11 @@ class Backend:
         policy: TrustPolicy,
         max_idle_per_host: int,
         idle_timeout: float,
+        engine: str = "twisted",
     ):
         self.target = target
         self.agent = KeepAliveAgent(
-            reactor, CachingEndpointFactory(reactor, policy, CONNECT_TIMEOUT), max_idle_per_host, idle_timeout
+            reactor, CachingEndpointFactory(reactor, policy, CONNECT_TIMEOUT), max_idle_per_host, idle_timeout, engine
         )
 
     def closeCachedConnections(self):

@@ -23,6 +23,10 @@ rest as Agent does:
     most recently used first, and closed after C{idle_timeout} (one timer
     for the whole agent, not one per connection);
   - connection failures reach the caller as the endpoint reports them.
+
+The protocol under it is the process's HTTP/1.1 engine
+(L{relay.http1_engine}): Twisted's, or the lean one of
+L{relay.client.lean_http1}, which writes and parses the same bytes.
 """
 
 from typing import Dict, List, Tuple
@@ -44,6 +48,7 @@ from relay.compat import (
     client_idle,
     client_request,
 )
+from relay import http1_engine
 from relay.tuning.transport import corked
 
 _RETRYABLE_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
@@ -63,11 +68,12 @@ def _retryable(request: Request, failure) -> bool:
 class _ConnectionFactory(Factory):
     noisy = False  # no "Starting factory" line per connection
 
-    def __init__(self, quiescent):
+    def __init__(self, quiescent, protocol=HTTP11ClientProtocol):
         self.quiescent = quiescent
+        self.protocol = protocol
 
     def buildProtocol(self, addr):
-        return HTTP11ClientProtocol(self.quiescent)
+        return self.protocol(self.quiescent)
 
 
 class _Origin:
@@ -79,7 +85,7 @@ class _Origin:
         self.uri = uri  # for Request.absoluteURI's sake, of the first request
         self.kept = False  # whether the agent keeps it, and so its idle connections
         self.idle: List[Tuple[HTTP11ClientProtocol, float]] = []
-        self.factory = _ConnectionFactory(lambda protocol: agent._put(self, protocol))
+        self.factory = _ConnectionFactory(lambda protocol: agent._put(self, protocol), agent._protocol)
 
 
 @implementer(IAgent)
@@ -87,6 +93,7 @@ class KeepAliveAgent:
     """
     @param endpoint_factory: an L{IAgentEndpointFactory}, asked once per
         origin.
+    @param engine: the C{--http1_engine} value (L{relay.http1_engine}).
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class KeepAliveAgent:
         endpoint_factory: IAgentEndpointFactory,
         max_idle_per_host: int = 2,
         idle_timeout: float = 240.0,
+        engine: str = "twisted",
     ):
         self.clock = clock
         self.endpoint_factory = endpoint_factory
@@ -102,6 +110,17 @@ class KeepAliveAgent:
         self.idle_timeout = idle_timeout
         self._origins: Dict[bytes, _Origin] = {}
         self._sweep = None
+        self.engine = http1_engine.resolve(engine)
+        if self.engine == "httptools":
+            from relay.client.lean_http1 import LeanClientProtocol, LeanClientRequest
+
+            self._protocol = LeanClientProtocol
+            self._new_request = LeanClientRequest
+            self._send = _send_lean
+        else:
+            self._protocol = HTTP11ClientProtocol
+            self._new_request = _twisted_request
+            self._send = _send
 
     # IAgent.
 
@@ -113,12 +132,13 @@ class KeepAliveAgent:
             headers = headers.copy()
             headers.addRawHeader(b"host", origin.host)
         # Validates method and path as Agent's requests do (no CR, LF, spaces).
-        request = client_request(method, path, headers, bodyProducer, origin.uri)
+        request = self._new_request(method, path, headers, bodyProducer, origin.uri)
+        send = self._send
         while origin.idle:
             protocol, _ = origin.idle.pop()
             if client_idle(protocol):
-                return _send(protocol, request).addErrback(self._retry, origin, request)
-        return self._connect(origin).addCallback(_send, request)
+                return send(protocol, request).addErrback(self._retry, origin, request)
+        return self._connect(origin).addCallback(send, request)
 
     # Connections.
 
@@ -207,6 +227,15 @@ class KeepAliveAgent:
         if not closing:
             return succeed(None)
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+
+def _twisted_request(method, path, headers, body_producer, uri) -> Request:
+    return client_request(method, path, headers, body_producer, uri)
+
+
+def _send_lean(protocol, request) -> Deferred:
+    """The lean protocol writes a request, head and body, in one piece itself."""
+    return protocol.request(request)
 
 
 def _send(protocol, request) -> Deferred:

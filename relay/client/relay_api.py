@@ -23,9 +23,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http_headers import Headers
 
 from relay import wire
+from relay.lean_headers import LeanHeaders
 from relay.client.http import BytesProducer, backoff_delays, describe_failure, is_connection_refused, read_all, read_token
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
@@ -149,7 +149,9 @@ class RelayAPI:
         content_type: Optional[bytes] = None,
         timeout: Optional[float] = None,
     ):
-        headers = Headers()
+        # Names of our own, valid as they are: the lean Headers (either
+        # engine writes them as twisted.web's would).
+        headers = LeanHeaders()
         if self.token_file:
             headers.setRawHeaders(b"authorization", [b"Bearer " + read_token(self.token_file).encode("utf-8")])
         if content_type is not None:

@@ -60,6 +60,7 @@ from twisted.web.server import NOT_DONE_YET
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
+from relay.lean_headers import LeanHeaders, canonical_name, canonical_names
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.broker import PollConnection
 from relay.server.h2 import PREFACE, RelayH2Connection
@@ -78,96 +79,6 @@ H2_IDLE_TIMEOUT = 12 * 60 * 60
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 _NO_BODY_CODES = (204, 304)
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
-
-# Header names as twisted.web's Headers writes them (Http-Header-Case, with
-# its exceptions), so that heads are byte for byte what they were.
-_CASE = {
-    b"Content-Md5": b"Content-MD5",
-    b"Dnt": b"DNT",
-    b"Etag": b"ETag",
-    b"P3p": b"P3P",
-    b"Te": b"TE",
-    b"Www-Authenticate": b"WWW-Authenticate",
-    b"X-Xss-Protection": b"X-XSS-Protection",
-}
-_canonical_cache: Dict[bytes, bytes] = {}
-
-
-def canonical_name(lower: bytes) -> bytes:
-    """C{content-type} -> C{Content-Type}, as twisted.web writes it."""
-    name = _canonical_cache.get(lower)
-    if name is None:
-        name = b"-".join([word.capitalize() for word in lower.split(b"-")])
-        name = _CASE.get(name, name)
-        if len(_canonical_cache) < 10000:  # names are the peer's to choose
-            _canonical_cache[lower] = name
-    return name
-
-
-def _name(name) -> bytes:
-    return name.lower() if type(name) is bytes else name.encode("latin-1").lower()
-
-
-def _value(value) -> bytes:
-    """A value as twisted.web's Headers stores it: bytes, no line breaks."""
-    if type(value) is not bytes:
-        value = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-    if b"\n" in value or b"\r" in value:
-        value = b" ".join(value.splitlines())
-    return value
-
-
-class LeanHeaders(dict):
-    """
-    The methods of twisted.web's L{Headers} the relay calls, over a dict of
-    lower-case names to lists of values (a dict itself: made in C, read
-    without a call); names are written in twisted.web's case.
-    """
-
-    __slots__ = ()
-
-    def hasHeader(self, name) -> bool:
-        return _name(name) in self
-
-    def getRawHeaders(self, name, default=None):
-        values = self.get(_name(name))
-        if not values:
-            return default
-        if type(name) is str:
-            return [v.decode("utf-8") for v in values]
-        return values
-
-    def setRawHeaders(self, name, values) -> None:
-        clean = []
-        for value in values:
-            if type(value) is not bytes or b"\n" in value or b"\r" in value:
-                value = _value(value)
-            clean.append(value)
-        self[name.lower() if type(name) is bytes else _name(name)] = clean
-
-    def addRawHeader(self, name, value) -> None:
-        key = _name(name)
-        values = self.get(key)
-        if values is None:
-            self[key] = [_value(value)]
-        else:
-            values.append(_value(value))
-
-    def removeHeader(self, name) -> None:
-        self.pop(_name(name), None)
-
-    def getAllRawHeaders(self):
-        return ((canonical_name(k), v) for k, v in self.items())
-
-    def copy(self) -> "LeanHeaders":
-        other = LeanHeaders()
-        for k, v in self.items():
-            other[k] = list(v)
-        return other
-
-    def __repr__(self) -> str:
-        return "LeanHeaders(%s)" % (dict.__repr__(self),)
-
 
 class LeanRequest:
     """
@@ -457,7 +368,7 @@ class LeanRequest:
             raw[b"transfer-encoding"] = [b"chunked"]
             self.chunked = True
         head = [b"%s %d %s\r\n" % (version, code, self.code_message)]
-        names = _canonical_cache
+        names = canonical_names
         for name, values in raw.items():
             name = names.get(name) or canonical_name(name)
             for value in values:

@@ -52,7 +52,7 @@ from relay.compat import (
     request_line,
 )
 from relay.config import ServerConfig
-from relay.http1_engine import resolve as resolve_engine
+from relay import http1_engine
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
@@ -543,7 +543,7 @@ class RelaySite(server.Site):
         super().__init__(resource, **kwargs)
         # The HTTP/1.1 engine (relay.http1_engine): llhttp's channel, or
         # twisted.web's (RelayChannel), which the lean one falls back to.
-        self.http1_engine = resolve_engine(config.http1_engine)
+        self.http1_engine = http1_engine.resolve(config.http1_engine)
         if self.http1_engine == "httptools":
             from relay.server.lean_http1 import LeanChannel
 
