@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import InvalidHeaderName
 from twisted.web.iweb import IPolicyForHTTPS, UNKNOWN_LENGTH
 from zope.interface import implementer
 
@@ -28,7 +28,8 @@ from relay.client.endpoints import CachingEndpointFactory, client_endpoint
 from relay.client.http import BytesProducer, describe_failure, read_token
 from relay.client.keepalive import KeepAliveAgent
 from relay.config import ClientConfig
-from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical
+from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical, valid_name
+from relay.lean_headers import LeanHeaders
 from relay.logs import connect_quietly
 from relay.proto.http_relay_pb2 import HttpRequest
 
@@ -276,10 +277,15 @@ class Backend:
         return self.agent.closeCachedConnections()
 
     async def open(self, request: BackendRequest) -> BackendResponse:
-        headers = Headers()
+        # The lean Headers (either engine writes them as twisted.web's
+        # would), refusing what twisted.web's refuse: a name that is not a
+        # token could smuggle a header.
+        headers = LeanHeaders()
         headers.setRawHeaders(b"host", [request.host.encode("utf-8")])
         for name, value in request.headers:
-            headers.addRawHeader(name.encode("latin-1", "replace"), value.encode("utf-8"))
+            if not valid_name(name):
+                raise InvalidHeaderName(name.encode("latin-1", "replace"))
+            headers.addRawHeader(name.encode("latin-1"), value.encode("utf-8"))
         producer = BytesProducer(request.body) if request.body else None
         try:
             response = await self.agent.request(

@@ -47,7 +47,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from relay.compat import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
-from relay.lean_headers import LeanHeaders, canonical_name
+from relay.lean_headers import LeanHeaders, canonical_name, canonical_names
 
 # What Twisted's client keeps out of a response's headers (they describe
 # the connection, not the answer).
@@ -85,9 +85,17 @@ class LeanClientRequest:
         lines = [self.method, b" ", self.uri, b" HTTP/1.1\r\n"]
         if framing is not None:
             lines.append(framing)
-        for name, values in self.headers.getAllRawHeaders():
-            for value in values:
-                lines.append(b"%s: %s\r\n" % (name, value))
+        headers = self.headers
+        if type(headers) is LeanHeaders:
+            names = canonical_names
+            for name, values in headers.items():
+                name = names.get(name) or canonical_name(name)
+                for value in values:
+                    lines.append(b"%s: %s\r\n" % (name, value))
+        else:
+            for name, values in headers.getAllRawHeaders():
+                for value in values:
+                    lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"\r\n")
         return b"".join(lines)
 
@@ -107,7 +115,10 @@ class _BodyTransport:
         self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._transport.loseConnection()
+        # The body is abandoned, and the connection with it: at once, even
+        # paused, even under TLS (whose orderly close would wait on a peer
+        # that is still sending).
+        self._transport.abortConnection()
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
