@@ -44,7 +44,8 @@ What it does not do, and why:
     the relay uses none (the admin view, which does, keeps twisted.web).
 """
 
-from typing import Callable, Dict, List, Optional, Tuple
+from types import MappingProxyType
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from httptools import HttpParserUpgrade, HttpRequestParser
@@ -80,6 +81,16 @@ _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 _NO_BODY_CODES = (204, 304)
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
+class _NoBody(BodyBuffer):
+    """The body of a request that has none: read-only, shared."""
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("a request without a body has no body to write to")
+
+
+_NO_BODY = _NoBody()
+
+
 class LeanRequest:
     """
     One HTTP/1.1 request and its answer: what the relay's resources, its
@@ -114,16 +125,19 @@ class LeanRequest:
     _refused = False
     _charged = 0
 
+    # Until a request has them: no query, no trailers, no body (a
+    # read-only empty one), routed on its whole path.
+    args: Mapping[bytes, List[bytes]] = MappingProxyType({})
+    trailers: Sequence[Tuple[bytes, bytes]] = ()
+    prepath: Sequence[bytes] = ()
+    postpath: Sequence[bytes] = ()
+
     def __init__(self, channel: "LeanChannel"):
         self.channel = channel
         self.site = channel.site
         self.requestHeaders = LeanHeaders()
         self.responseHeaders = LeanHeaders()
-        self.content = BodyBuffer()
-        self.trailers: List[Tuple[bytes, bytes]] = []
-        self.args: Dict[bytes, List[bytes]] = {}
-        self.prepath: List[bytes] = []
-        self.postpath: List[bytes] = []
+        self.content = _NO_BODY
 
     # The body as it arrives: capped, and charged to the site's budget.
 
@@ -137,14 +151,14 @@ class LeanRequest:
         self._body_received += len(data)
         if self._body_received > self.max_body:
             self.body_too_large = True
-            self.content = BodyBuffer()
+            self.content = _NO_BODY
             self.refuse_body()
             return
         budget = self.site.body_budget
         if budget is not None:
             if not budget.take(len(data)):
                 self.body_too_large = True
-                self.content = BodyBuffer()
+                self.content = _NO_BODY
                 self._give_back()
                 self.refuse_body(
                     503,
@@ -153,12 +167,15 @@ class LeanRequest:
                 )
                 return
             self._charged += len(data)
-        self.content.write(data)
+        content = self.content
+        if content is _NO_BODY:
+            content = self.content = BodyBuffer()
+        content.write(data)
 
     def take_body(self) -> Tuple[bytes, int]:
         """The whole body and its charge against the budget, which the caller now owns."""
         body = self.content.getvalue() if self.content is not None else b""
-        self.content = BodyBuffer()
+        self.content = _NO_BODY
         charged, self._charged = self._charged, 0
         return body, charged
 
@@ -195,7 +212,8 @@ class LeanRequest:
         """The whole request is here: route it and render."""
         if self.finished or self._refused:
             return
-        self.content.seek(0, 0)
+        if self.content is not _NO_BODY:
+            self.content.seek(0, 0)
         self.method = method
         self.clientproto = version
         if target[:1] != b"/":
@@ -211,6 +229,7 @@ class LeanRequest:
             if route is not None:
                 resource = route(self)
             else:
+                self.prepath = []
                 self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
                 resource = site.getResourceFor(self)
             self.render(resource)
@@ -395,6 +414,8 @@ class LeanRequest:
 
     def add_trailer(self, name: str, value: str) -> None:
         if valid_trailer(name):
+            if not self.trailers:
+                self.trailers = []
             self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
 
     def finish(self) -> None:
