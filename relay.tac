@@ -27,14 +27,15 @@
 #   RELAY_LOG_FORMAT                    json|text
 #   RELAY_ADMIN_PORT                    port or endpoint string, off if unset
 #   RELAY_ADMIN_TOKEN_FILE              file of the admin token
-#   RELAY_INSPECT_HEADERS               1 or true: keep headers
 #   RELAY_PEERS                         host:port,host:port,... (all replicas)
 #   RELAY_PEER_SELF                     host:port, from the hostname if unset
 #   RELAY_MOVE_WAIT                     Go duration, with RELAY_PEERS only
 #   RELAY_PPROF_PORT                    accepted, ignored (Go's)
 #   RELAY_TRACE_STACKDRIVER_PROJECT_ID  Google Cloud project: spans to Cloud Trace
 #   RELAY_TRACING                       auto|true|false (auto: on with OTEL_EXPORTER_OTLP_ENDPOINT)
+#   RELAY_HTTP1_ENGINE                  auto|httptools|twisted (auto: httptools on CPython)
 #   RELAY_TRACE_SAMPLING_RATIO          0 to 1, traces begun here that are sampled
+#   RELAY_INSPECT_HEADERS               1, true or yes: keep headers
 #
 # Logs go where twistd's own options say: stderr with -n, else the
 # --logfile (twistd.log by default; --logfile=- is stderr). One more
@@ -42,7 +43,11 @@
 #
 #   RELAY_LOG_FILE                      path: log there (rotated like twistd.log)
 #
-# A bad value stops twistd with one line naming the variable.
+# A bad value, an on/off value that is neither, or a RELAY_* variable not
+# listed here stops twistd with one line naming the variable. Kubernetes'
+# service links for a Service named relay (RELAY_SERVICE_HOST,
+# RELAY_PORT=tcp://10.0.0.1:80, ...) are ignored; set RELAY_PORT in the
+# container's env to choose the port.
 #
 # Example: RELAY_PORT=8080 twistd --pidfile= -ny relay.tac
 
@@ -50,37 +55,8 @@ import os
 import sys
 
 from twisted.application.service import Application
-from twisted.python import usage
 
-from relay.server.tap import Options, makeService, twistd_options
+from relay.server.tac import tac_service
 
-
-def _flags():
-    for name in Options.optParameters:
-        variable = "RELAY_" + name[0].upper().replace("-", "_")
-        value = os.environ.get(variable)
-        if value is not None:
-            yield "--%s=%s" % (name[0], value)
-    # On/off flags (--inspect_headers): on for 1, true or yes.
-    for name in Options.optFlags:
-        value = os.environ.get("RELAY_" + name[0].upper().replace("-", "_"), "")
-        if value.strip().lower() in ("1", "true", "yes"):
-            yield "--" + name[0]
-
-
-# The same parsing as the command line's, so the same ServerConfig comes of it.
-options = Options()
-try:
-    options.parseOptions(list(_flags()))
-except usage.UsageError as e:
-    message = str(e)
-    for name in Options.optParameters:
-        message = message.replace("--%s=" % (name[0],), "RELAY_%s=" % (name[0].upper().replace("-", "_"),))
-    raise SystemExit("relay.tac: %s" % (message,))
-if os.environ.get("RELAY_LOG_FILE"):
-    # makeService hands twistd's own options (.parent) to the log observer.
-    options.parent = {"nodaemon": False, "logfile": os.environ["RELAY_LOG_FILE"]}
-else:
-    options.parent = twistd_options(sys.argv[1:])
 application = Application("relay")
-makeService(options).setServiceParent(application)
+tac_service(os.environ, sys.argv[1:]).setServiceParent(application)

@@ -34,7 +34,7 @@ setup(
     # by scanning sys.path for twisted/plugins/ folders, which the hook
     # hides: `twistd relay` would be an "Unknown command".
     package_dir={"": "."},
-    package_data={"relay.proto": ["*.proto"], "relay.admin": ["static/*"]},
+    package_data={"relay.proto": ["*.proto"], "relay.server.admin": ["static/*"]},
     python_requires=">=3.9",
     install_requires=[
         "twisted[tls,http2]>=24.7",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """
 Robots on bad networks, side by side: every scenario of
-tests/badnet.py for the four pairs at once (Go server + Go relay-client,
+tests/support/badnet.py for the four pairs at once (Go server + Go relay-client,
 our server + Go relay-client, Go server + our relay-client, ours + ours),
 each pair in a network namespace of its own, and one markdown table.
 
@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 from twisted.internet import defer, task  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
-from tests import badnet  # noqa: E402
+from tests.support import badnet  # noqa: E402
 
 PAIRS = [(badnet.GO, badnet.GO), (badnet.OURS, badnet.GO), (badnet.GO, badnet.OURS), (badnet.OURS, badnet.OURS)]
 HEADINGS = ["Go server + Go relay-client", "our server + Go relay-client", "Go server + our relay-client", "ours + ours"]

@@ -2,7 +2,7 @@
 # Instructions per relayed request in one of our processes, counted by
 # callgrind: unlike time on a shared 2-core VM, the count repeats to within
 # a fraction of a percent, so it can compare two versions of the code run
-# minutes or days apart (docs/performance.md, "Against issue 14's goals").
+# minutes or days apart (docs/performance.md, "Against the small-request goals").
 #
 #   bench/instructions.sh server [PYTHON] [N]   our server, the Go relay-client
 #   bench/instructions.sh client [PYTHON] [N]   our relay-client, our server

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-Several replicas behind nginx (issue 15): 1 KiB at c=32 over 20 backend
+Several replicas behind nginx: 1 KiB at c=32 over 20 backend
 names, with 1 and 2 replicas of our server, and the Go pair, each behind
 its own nginx with the same site (bench/README.md).
 
@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
 import run as harness  # noqa: E402  (bench/run.py)
-from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx  # noqa: E402
+from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx  # noqa: E402
 
 from run import (  # noqa: E402
     GO_DIR_CANDIDATES,

@@ -2,10 +2,10 @@
 """
 Benchmark of the relay: one command, one markdown report (bench/README.md).
 
-    python3 bench/run.py                                    # side by side with the Go relay (issue 14)
+    python3 bench/run.py                                    # side by side with the Go relay
     python3 bench/run.py --python CPYTHON --python PYPY     # rows for both interpreters, one run
     python3 bench/run.py --quick --skip-rss --skip-idle     # a smoke run (~45 s)
-    python3 bench/run.py --single                           # issue 5's report of one implementation
+    python3 bench/run.py --single                           # a report of one implementation
 
 Side by side (the default): the Go bench-backend behind four pairs, Go / Go,
 ours / Go (drop-in), ours / ours and Go / ours, the last three per --python;
@@ -63,7 +63,7 @@ PORT_RE = re.compile(r'Relay server listening.*"Port":(\d+)')
 CONNECTED_RE = re.compile(r"Relay client connected")
 
 # The Go relay pair (http-relay-server + http-relay-client) on this kind of
-# machine: 2 cores, loopback, wrk, a fast in-memory backend (issue 5).
+# machine: 2 cores, loopback, wrk, a fast in-memory backend.
 # (size, concurrency) -> (text, lower, upper, unit)
 GO_REFERENCE = {
     (KiB, 1): ("1,320 req/s", 1320, 1320, "req/s"),
@@ -622,10 +622,11 @@ class Bench:
                 d_rel = a.big_duration if big else a.duration
                 d_dir = min(a.direct_duration, d_rel)
                 timeout = 120 if big else 30
+                others = 0.0
                 for attempt in range(a.retry_busy + 1):
                     if attempt:
                         log("other processes used %.0f%% of a core during that run: waiting and repeating it"
-                            % (100 * rel["others"]))
+                            % (100 * others))
                         t_end = time.monotonic() + 60
                         while other_load(1) > 0.1 and time.monotonic() < t_end:
                             pass
@@ -637,8 +638,9 @@ class Bench:
                     ours = [(cpu_ticks(p) - t) / hz for p, t in zip(pids, cpu0)]
                     wall = time.monotonic() - t0
                     rel["cpu"] = [x / (rel["duration_us"] / 1e6) for x in ours[:-1]]
-                    rel["others"] = max(0.0, busy_seconds() - busy0 - (own_cpu_seconds() - own0) - sum(ours)) / wall
-                    if rel["others"] < 0.15:
+                    others = max(0.0, busy_seconds() - busy0 - (own_cpu_seconds() - own0) - sum(ours)) / wall
+                    rel["others"] = others
+                    if others < 0.15:
                         break
                     wait_quiet(self.relay_pids())
                 wait_quiet(self.relay_pids())
@@ -804,7 +806,7 @@ def raise_nofile(need):
 
 
 
-# -- side by side (issue 14) -------------------------------------------------
+# -- side by side -----------------------------------------------------------
 
 GO_DIR_CANDIDATES = (os.path.join(os.path.dirname(REPO), "shared", "reference-go"), "/work/shared/reference-go")
 ECHO_NAME, DOWN_NAME = "echo", "down"
@@ -1172,7 +1174,7 @@ def side_by_side_report(a, command, sbs, info, elapsed, others, big, idle):
 def main(argv=None):
     default_python = "/tmp/bench-venv/bin/python" if os.path.exists("/tmp/bench-venv/bin/python") else sys.executable
     p = argparse.ArgumentParser(
-        description="Benchmark the relay against the Go relay's figures (issue 5).",
+        description="Benchmark the relay against the Go relay's figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Templates are split like a shell command after substituting {python} (the --python "
                "interpreter), {twistd} (that interpreter running twistd, with --pidfile=), {port} "
@@ -1186,7 +1188,7 @@ def main(argv=None):
                    help="interpreter for our server and client (default %s); side by side, give it twice "
                         "(a CPython and a PyPy venv) for rows of both in one run" % default_python)
     p.add_argument("--single", action="store_true",
-                   help="the issue-5 report of one implementation (--server-cmd/--client-cmd, direct runs, "
+                   help="the report of one implementation (--server-cmd/--client-cmd, direct runs, "
                         "CPU, profile) instead of the side-by-side run against the Go binaries")
     p.add_argument("--go-dir", default=next((d for d in GO_DIR_CANDIDATES if os.path.isdir(d)), GO_DIR_CANDIDATES[0]),
                    help="where http-relay-server, http-relay-client and bench-backend are")

@@ -111,7 +111,13 @@ def detach_channel(channel):
 
 
 def request_gone(request) -> bool:
-    """Whether a twisted.web request's connection is gone (nothing may be written)."""
+    """
+    Whether a request's connection is gone (nothing may be written): the
+    lean engine's request says so in C{gone}, twisted.web's in a private flag.
+    """
+    gone = getattr(request, "gone", None)
+    if gone is not None:
+        return gone
     return request._disconnected
 
 
@@ -197,7 +203,7 @@ def unwritten_bytes(transport) -> int:
 
 
 # twisted.internet.tcp.Connection.doRead: the same read, keeping the errno
-# that Twisted folds into one ConnectionLost (relay.tuning.liveness).
+# that Twisted folds into one ConnectionLost (relay.net.liveness).
 def read_socket(transport, on_error) -> None:
     """
     Make C{transport} (a L{tcp.Connection}) read as Twisted's C{doRead}

@@ -52,7 +52,7 @@ class ServerConfig:
     max_header_bytes: int = 64 * KIB
     # None: no slowloris guard (tests that step a Clock by hand).
     header_timeout: Optional[float] = _seconds(30.0)
-    # Dead peers (relay.tuning.liveness): keepalive probes this often on an
+    # Dead peers (relay.net.liveness): keepalive probes this often on an
     # idle connection; a peer silent for the timeout (or data unacknowledged
     # that long) ends the connection. 0 turns either off.
     tcp_keepalive_interval: float = _seconds(5.0)

@@ -23,6 +23,7 @@ import re
 from typing import Dict
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_RAW_TOKEN = re.compile(_TOKEN.pattern.encode("ascii"))
 
 # Hop-by-hop headers (RFC 9110 7.6.1) describe one connection, not the
 # message: the relay's connection to the user-client is not the backend's.
@@ -134,6 +135,11 @@ def valid_name(name: str) -> bool:
     return _TOKEN.fullmatch(name) is not None
 
 
+def valid_raw_name(name: bytes) -> bool:
+    """L{valid_name} for a name as bytes."""
+    return _RAW_TOKEN.fullmatch(name) is not None
+
+
 def valid_trailer(name: str) -> bool:
     return valid_name(name) and name.lower() not in BAD_TRAILERS
 
@@ -150,6 +156,11 @@ def sanitize_value(value: str) -> bytes:
         .strip(" \t")
         .encode("utf-8", "replace")
     )
+
+
+def sanitize_raw(value: bytes) -> bytes:
+    """L{sanitize_value} for a value as bytes, which stay as they are otherwise."""
+    return value.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\0", b" ").strip(b" \t")
 
 
 _canonical: Dict[str, str] = {}

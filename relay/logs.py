@@ -14,7 +14,8 @@ Values come from peers (backend names, ids, header names), so both formats
 escape every character that is not printable, as slog does: a name holding
 a CR or an escape sequence cannot forge a line or rewrite a terminal. At
 info the server writes nothing per request or per poll; see L{peer_text},
-L{Throttle}, L{DebugInfoLogger} and L{connect_quietly} for how.
+L{Throttle}, L{DebugInfoLogger} and L{relay.net.transport.connect_quietly}
+for how.
 """
 
 import json
@@ -32,8 +33,6 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
 )
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import provider
 
@@ -309,26 +308,6 @@ class Throttle:
     def take_suppressed(self) -> int:
         n, self.suppressed = self.suppressed, 0
         return n
-
-
-class _OneShotFactory(Factory):
-    noisy = False  # no "Starting factory <…object at 0x…>" line per connection
-
-    def __init__(self, protocol):
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr):
-        return self.protocol_instance
-
-
-def connect_quietly(endpoint, protocol) -> Deferred:
-    """
-    L{twisted.internet.endpoints.connectProtocol}, without its factory's
-    C{Starting factory} and C{Stopping factory} lines at info, which the
-    relay-client would write for every WebSocket and HTTP/2 backend
-    connection.
-    """
-    return endpoint.connect(_OneShotFactory(protocol))
 
 
 class DebugInfoLogger(Logger):

@@ -10,11 +10,16 @@ Errors are one line that names the flag, says what was wrong and what to do.
 Under twistd, a bad flag ends the process with that line and exit status 1,
 with no help: twistd's own handling of a L{usage.UsageError}
 reprints the whole help (77 lines for C{--port=abc}) before the message.
+
+The endpoint strings that C{--port} and C{--admin_port} take are checked
+here too (L{check_port}), and given the listen backlog the relay needs
+(L{port_endpoint}).
 """
 
 import sys
 from typing import List, Tuple
 
+from twisted.internet import endpoints
 from twisted.python import usage
 
 from relay.durations import parse_duration
@@ -171,3 +176,73 @@ def ratio(text) -> float:
     if not 0.0 <= value <= 1.0:
         raise usage.UsageError("a ratio must be from 0 to 1, e.g. 0.0001 (1 samples every trace)")
     return value
+
+
+# Endpoint strings: --port and --admin_port take a port number or one.
+
+
+def check_port(port: str) -> str:
+    """
+    What C{listen} would only find out later: a port number above 65535, or
+    an endpoint string Twisted cannot parse (C{tcp:abc}).
+    """
+    text = str(port).strip()
+    if text.isdigit():
+        if int(text) > 65535:
+            raise usage.UsageError("port numbers go up to 65535; use e.g. --port=8080")
+        return port
+    if ":" not in text:
+        raise usage.UsageError(
+            "not a port number or endpoint string; use e.g. --port=8080 or "
+            "--port=tcp:8080:interface=127.0.0.1"
+        )
+    else:
+        try:
+            # Parsing builds an endpoint without a reactor: nothing listens.
+            endpoints.serverFromString(None, text)
+        except Exception as e:
+            raise usage.UsageError(
+                "not a valid endpoint string (%s); use a port number such as 8080 or an "
+                "endpoint such as tcp:8080:interface=127.0.0.1" % (e,)
+            )
+    return port
+
+
+def port_number(endpoint: str):
+    """The port of a C{tcp:PORT:…} or C{ssl:port=PORT:…} endpoint string, for messages."""
+    for field in endpoint.split(":")[1:]:
+        value = field.split("=", 1)[-1] if field.startswith("port=") else field
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def port_endpoint(port: str) -> str:
+    """
+    C{80} -> C{tcp:80:backlog=4096}; an endpoint string of a listening
+    socket type (C{tcp}, C{tcp6}, C{ssl}, C{unix}) gets C{backlog=4096}
+    added unless it sets its own C{backlog=}; other endpoint strings pass
+    through. Twisted's default listen backlog of 50 overflows when thousands
+    of relay-clients reconnect at once after a restart (Go takes the
+    kernel's maximum), and users connecting at once get resets.
+    """
+    backlog = "backlog=4096"
+    text = str(port).strip()
+    if text.isdigit():
+        return "tcp:%s:%s" % (text, backlog)
+    if ":" not in text:
+        raise usage.UsageError("--port must be a number or an endpoint string, not %r" % (port,))
+    # The string's fields, split at its unescaped colons.
+    fields, current, escaped = [], [], False
+    for ch in text:
+        if ch == ":" and not escaped:
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        escaped = ch == "\\" and not escaped
+    fields.append("".join(current))
+    takes_backlog = fields[0].lower() in ("tcp", "tcp6", "ssl", "unix")
+    if takes_backlog and not any(f.startswith("backlog=") for f in fields[1:]):
+        return "%s:%s" % (text, backlog)
+    return text

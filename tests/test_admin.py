@@ -14,69 +14,29 @@ import shutil
 import tempfile
 import time
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.server import tap
+from relay.server.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
+from relay.server.admin.stats import DEFAULT_RING, redact_headers
+from relay.server.admin.status import Query, effective_flags, snapshot
 from relay.config import ServerConfig
-from relay.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
-from relay.admin.stats import DEFAULT_RING, redact_headers
-from relay.admin.status import Query, effective_flags, snapshot
-from relay.server.broker import Backend, Broker, Waiters
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.support import free_port, on_each_engine, raw_connect, RelayServer, started_client, tick
-
-SECRET = "s3cr3t-value"
-
-
-class Hanging(resource.Resource):
-    """
-    The backend: C{/ok} answers, C{/hang} never does, C{/short} promises
-    100 bytes, sends 10 and waits for the test to hang up, C{/stream}
-    writes forever, C{/echo} sets a cookie.
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.open = []
-        self.calls = []
-
-    def render(self, request):
-        path = request.path
-        if path == b"/ok" or path == b"/echo":
-            request.setHeader(b"set-cookie", ("session=" + SECRET).encode())
-            request.setHeader(b"x-backend", b"visible")
-            request.setHeader(b"x-vault-token", SECRET.encode())
-            return b"fine"
-        if path == b"/hang":
-            self.open.append(request)
-            return server.NOT_DONE_YET
-        if path == b"/short":
-            request.setHeader(b"content-length", b"100")
-            request.write(b"0123456789")
-            self.open.append(request)
-            return server.NOT_DONE_YET
-        if path == b"/stream":
-            self.open.append(request)
-
-            def tick():
-                if request._disconnected or request.finished:
-                    return
-                request.write(b"x" * 1000)
-                self.calls.append(reactor.callLater(0.05, tick))
-
-            tick()
-            return server.NOT_DONE_YET
-        request.setResponseCode(404)
-        return b"no"
+from relay.server import tap
+from relay.server.broker import Backend, Broker
+from relay.server.events import Outcome
+from relay.server.pending import Waiters
+from tests.support import RelayServer, raw_connect, started_client, tick
+from tests.support.admin import SECRET, Hanging, _Pending, _Sink
+from tests.support.ports import reserve_port
+from tests.support.engines import on_each_engine
 
 
 class AdminCase(unittest.TestCase):
@@ -100,7 +60,7 @@ class AdminCase(unittest.TestCase):
             keep_headers=self.inspect_headers,
         )
         self.admin_base = "http://127.0.0.1:%d" % (self.admin.port.getHost().port,)
-        self.stats = self.relay.broker.stats
+        self.stats = self.admin.stats
         self.backend_resource = Hanging()
         self.backend = reactor.listenTCP(0, server.Site(self.backend_resource), interface="127.0.0.1")
         self.addCleanup(self.backend.stopListening)
@@ -149,6 +109,7 @@ class AdminCase(unittest.TestCase):
             yield tick()  # the admin API is what is polled here
 
 
+@pytest.mark.socket
 class StatusWithRealClients(AdminCase):
     @defer.inlineCallbacks
     def test_connects_serves_goes_idle_and_is_forgotten(self):
@@ -236,7 +197,8 @@ class StatusWithRealClients(AdminCase):
 
     @defer.inlineCallbacks
     def test_upgraded_request_counts_both_ways(self):
-        from tests.test_client_e2e import Backend as EchoBackend, make_frame
+        from tests.support.e2e import Backend as EchoBackend
+        from tests.support.e2e import make_frame
 
         echo = EchoBackend()
         self.addCleanup(echo.stop)
@@ -305,7 +267,7 @@ class StatusWithRealClients(AdminCase):
         else:
             self.fail("a truncated answer looked complete")
         # 500: the relay-client cannot reach its backend.
-        self.start_client("robot-500", address="127.0.0.1:%d" % (free_port(),))
+        self.start_client("robot-500", address="127.0.0.1:%d" % (reserve_port(self),))
         yield self.polled("robot-500")
         response = yield self.user("robot-500", "/ok")
         self.assertEqual(response.code, 500)
@@ -323,8 +285,8 @@ class StatusWithRealClients(AdminCase):
     def test_sorting_and_paging(self):
         for name in ("b", "a", "c"):
             self.relay.broker.get_request(name)
-            self.stats.polled(name, "10.0.0.1")
-        self.stats.polled("c", "10.0.0.2")
+            self.stats.poll_from(name, "10.0.0.1")
+        self.stats.poll_from("c", "10.0.0.2")
         data = yield self.status("?limit=2&sort=name&order=desc&recent=0")
         page = data["backends"]
         self.assertEqual((page["total"], [b["name"] for b in page["items"]]), (3, ["c", "b"]))
@@ -336,6 +298,7 @@ class StatusWithRealClients(AdminCase):
         self.assertEqual([b["name"] for b in data["backends"]["items"]], ["b"])
 
 
+@pytest.mark.socket
 class InspectHeaders(AdminCase):
     inspect_headers = True
 
@@ -374,6 +337,7 @@ class InspectHeaders(AdminCase):
         self.assertEqual(r["path"], "/echo?<redacted>")
 
 
+@pytest.mark.memory
 class SecretHeaderNames(unittest.TestCase):
     """
     Which header names hide their values: any whose name says it holds a
@@ -440,6 +404,7 @@ class SecretHeaderNames(unittest.TestCase):
         self.assertTrue(self.shown("X-Remote-User"))
 
 
+@pytest.mark.socket
 class NoToken(AdminCase):
     @defer.inlineCallbacks
     def test_without_a_token_only_ip_or_localhost_hosts(self):
@@ -457,6 +422,7 @@ class NoToken(AdminCase):
             self.assertEqual(response.code, code, (host, body))
 
 
+@pytest.mark.socket
 class AdminPort(AdminCase):
     token = "admin-" + SECRET
 
@@ -516,22 +482,23 @@ class AdminPort(AdminCase):
             self.assertEqual((response.code, body), (404, b"no"), path)
 
 
+@pytest.mark.memory
 class Bounds(unittest.SynchronousTestCase):
     """The statistics, driven directly: 100,000 requests in no time."""
 
     def finish(self, stats, name, i, code=200, truncated=False):
         pending = _Pending(stats.clock.seconds(), name, "%s:%032x" % (name, i), code, truncated)
         message = HttpRequest(method="GET", url="http://invalid/item/%d?secret=x" % (i,))
-        stats.started(pending, message)
+        stats.request_queued(pending, message)
         stats.clock.advance(0.001)
-        stats.finished(pending, None)
+        stats.request_finished(pending, pending.sink.outcome())
 
     def test_ring_buffers_stay_at_their_bounds(self):
         clock = Clock()
         stats = AdminStats(clock, ring=50, error_ring=20, total=2000)
         names = ["robot-%d" % (i,) for i in range(100)]
         for name in names:
-            stats.polled(name, "127.0.0.1")
+            stats.poll_from(name, "127.0.0.1")
         for i in range(100000):
             self.finish(stats, names[i % 7] if i % 2 else names[i % 100], i, 504 if i % 10 == 0 else 200)
         self.assertEqual(len(stats.records), 2000)
@@ -563,7 +530,7 @@ class Bounds(unittest.SynchronousTestCase):
         stats = AdminStats(clock, total=5000)
         names = ["robot-%d" % (i,) for i in range(50)]
         for name in names:
-            stats.polled(name, "127.0.0.1")
+            stats.poll_from(name, "127.0.0.1")
         tracemalloc.start()
         try:
             for i in range(10000):
@@ -581,14 +548,15 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertLess(at_50k - at_10k, 256 * 1024, (at_10k, at_50k))
 
     def test_overload_and_unknown_names_are_counted_within_bounds(self):
-        from relay.admin import stats as module
-        from relay.server.broker import Overloaded, UnknownBackend
+        from relay.server.admin import stats as module
+        from relay.server.errors import Overloaded, UnknownBackend
 
         clock = Clock()
         broker = Broker(clock, ServerConfig(max_pending_per_backend=1))
-        stats = broker.stats = AdminStats(clock)
+        stats = AdminStats(clock)
+        broker.add_observer(stats)
         broker.get_request("robot")
-        stats.polled("robot", None)
+        broker.poll_from("robot", None)
         broker.relay("robot", HttpRequest(method="GET", url="http://invalid/a"), _Sink(200, False))
         self.assertRaises(Overloaded, broker.relay, "robot", HttpRequest(method="GET", url="http://invalid/b"), None)
         b = stats.backends["robot"]
@@ -606,32 +574,33 @@ class Bounds(unittest.SynchronousTestCase):
     def test_default_ring_per_backend(self):
         clock = Clock()
         stats = AdminStats(clock)
-        stats.polled("robot", None)
+        stats.poll_from("robot", None)
         for i in range(DEFAULT_RING * 3):
             self.finish(stats, "robot", i)
         self.assertEqual(len(stats.backends["robot"].recent), DEFAULT_RING)
 
     def test_forgotten_backends_are_capped(self):
-        from relay.admin import stats as module
+        from relay.server.admin import stats as module
 
         clock = Clock()
         stats = AdminStats(clock)
         for i in range(module.FORGOTTEN + 10):
-            stats.polled("r%d" % (i,), None)
-            stats.forget("r%d" % (i,))
+            stats.poll_from("r%d" % (i,), None)
+            stats.backend_forgotten("r%d" % (i,))
         self.assertEqual(len(stats.forgotten), module.FORGOTTEN)
         self.assertEqual(stats.backends, {})
 
     def test_ten_thousand_backends_page_quickly(self):
         clock = Clock()
         broker = Broker(clock, ServerConfig())
-        stats = broker.stats = AdminStats(clock)
+        stats = AdminStats(clock)
+        broker.add_observer(stats)
         for i in range(10000):
             name = "robot-%05d" % (i,)
             # Known to the broker as a poll would make it (a Clock's
             # callLater sorts its calls, too slow for 10,000 polls).
             broker.backends[name] = Backend(name, clock.seconds(), Waiters(clock, 30.0, lambda d: None))
-            stats.polled(name, "10.0.%d.%d" % (i // 256, i % 256))
+            stats.poll_from(name, "10.0.%d.%d" % (i // 256, i % 256))
             self.finish(stats, name, i)
         data = snapshot(broker, stats, {}, Query({b"limit": [b"50"], b"offset": [b"100"], b"sort": [b"p99"], b"order": [b"desc"], b"recent": [b"0"]}))
         self.assertEqual(data["backends"]["total"], 10000)
@@ -640,65 +609,42 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertLess(len(json.dumps(data)), 200000)
 
 
-class _Sink:
-    def __init__(self, code, truncated):
-        self.request = _Request(code)
-        self.bytes = 100
-        self.truncated = truncated
-        self.tunnel = None
-
-
-class _Request:
-    def __init__(self, code):
-        self.code = code
-
-
-class _Pending:
-    def __init__(self, start, backend, request_id, code, truncated):
-        self.start = start
-        self.backend = backend
-        self.id = request_id
-        self.sink = _Sink(code, truncated)
-        self.info = None
-        self.cancelled = False
-        self.started = True
-        self.finished = True
-        self.eof_received = True
-
-
+@pytest.mark.process
 class Flags(unittest.TestCase):
     def scratch(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         return directory
 
-    def test_hooks_absent_when_the_view_is_off(self):
-        self.assertIsNone(Broker(Clock(), ServerConfig()).stats)
+    def test_no_observer_when_the_view_is_off(self):
+        self.assertEqual(Broker(Clock(), ServerConfig()).observers, ())
         relay = RelayServer()
         self.addCleanup(relay.stop)
-        self.assertIsNone(relay.broker.stats)
+        self.assertFalse([o for o in relay.broker.observers if isinstance(o, AdminStats)])
         self.assertEqual(sorted(s.name for s in relay.service), ["drain", "listen", "reap"])
         options = tap.Options()
         options.parseOptions(["--port=tcp:0:interface=127.0.0.1"])
         service = tap.makeService(options, reactor)
         self.assertEqual(sorted(s.name for s in service), ["drain", "listen", "reap"])
-        self.assertIsNone(service.broker.stats)
+        self.assertEqual(service.broker.observers, ())
 
     def test_a_failing_hook_costs_the_view_not_the_request(self):
         clock = Clock()
         broker = Broker(clock, ServerConfig())
-        broker.stats = AdminStats(clock)
+        broker.add_observer(AdminStats(clock, keep_headers=True))
         broker.get_request("robot")
 
-
         class Broken:
-            """A sink the view cannot read: stands for a bug in the view."""
+            """Response headers the view cannot read: stands for a bug in the view."""
 
-            @property
-            def tunnel(self):
+            def getAllRawHeaders(self):
                 raise RuntimeError("a bug")
 
-        pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/"), Broken())
+        class Sink:
+            def outcome(self):
+                return Outcome(200, headers=Broken())
+
+        pending = broker.relay("robot", HttpRequest(method="GET", url="http://invalid/"), Sink())
         broker.cancel(pending)
         self.assertEqual(broker.requests, {})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -763,6 +709,7 @@ class Flags(unittest.TestCase):
         self.assertFalse(admin.running)
 
 
+@pytest.mark.process
 class Twistd(unittest.TestCase):
     """The view as an operator turns it on: relay.tac's variables under the real twistd."""
 
@@ -770,7 +717,7 @@ class Twistd(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_relay_tac_variables(self):
-        from tests.process import ROOT, TwistdProcess
+        from tests.support.process import ROOT, TwistdProcess
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder, True)

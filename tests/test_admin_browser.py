@@ -15,6 +15,7 @@ import tempfile
 import time
 from random import Random
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -23,11 +24,13 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.admin import TokenCheck, attach_admin
+from relay.server.admin import TokenCheck, attach_admin
 from relay.proto.http_relay_pb2 import HttpRequest
-from tests.chromium import Chromium, find_chromium
-from tests.support import RelayServer, raw_connect, started_client
-from tests.test_admin import Hanging
+from tests.support import RelayServer, admin_stats, raw_connect, started_client
+from tests.support.admin import Hanging
+from tests.support.chromium import Chromium, find_chromium
+
+pytestmark = pytest.mark.process
 
 TOKEN = "browser-token"
 CHROMIUM = find_chromium()
@@ -129,13 +132,14 @@ class AdminPage(PageCase):
 
     @defer.inlineCallbacks
     def test_ten_thousand_backends_are_paged_sorted_and_filtered(self):
-        from relay.server.broker import Backend, Waiters
+        from relay.server.broker import Backend
+        from relay.server.pending import Waiters
 
         broker = self.relay.broker
         for i in range(10000):
             name = "robot-%05d" % (i,)
             broker.backends[name] = Backend(name, broker.clock.seconds(), Waiters(broker.clock, 30.0, lambda d: None))
-            broker.stats.polled(name, "10.0.%d.%d" % (i // 256, i % 256))
+            admin_stats(broker).poll_from(name, "10.0.%d.%d" % (i // 256, i % 256))
         browser = Chromium(CHROMIUM)
         self.addCleanup(browser.close)
         yield browser.open(self.admin_base + "/?token=" + TOKEN)
@@ -175,15 +179,17 @@ class BusyRelayPage(PageCase):
         self.users = HTTPConnectionPool(reactor, persistent=False)
 
     def history(self):
-        from relay.server.broker import Backend, Waiters
-        from tests.test_admin import _Pending
+        from relay.server.broker import Backend
+        from relay.server.pending import Waiters
+        from tests.support.admin import _Pending
 
-        broker, stats = self.relay.broker, self.relay.broker.stats
+        broker = self.relay.broker
+        stats = admin_stats(broker)
         names = ["arm-%02d" % (i,) for i in range(1, 9)] + ["dock-1", "dock-2", "lidar-7", "robot-1"]
         random = Random(16)
         for name in names:
             broker.backends[name] = Backend(name, self.clock.seconds(), Waiters(self.clock, 30.0, lambda d: None))
-            stats.polled(name, "10.8.0.%d" % (random.randint(2, 250),))
+            stats.poll_from(name, "10.8.0.%d" % (random.randint(2, 250),))
         count = 0
         for step in range(60):  # 5 minutes in 5 s steps
             for name in names:
@@ -197,19 +203,19 @@ class BusyRelayPage(PageCase):
                     pending.start = self.clock.seconds() - random.lognormvariate(-4 + (step > 40), 0.6)
                     message = HttpRequest(method=random.choice(["GET", "GET", "POST"]),
                                           url="http://invalid/api/v1/" + random.choice(["state", "joints", "map?tile=7"]))
-                    stats.started(pending, message)
-                    stats.finished(pending, None)
+                    stats.request_queued(pending, message)
+                    stats.request_finished(pending, pending.sink.outcome())
             self.clock.advance(5)
             for name in names:
                 if name != "dock-2" or step < 30:
-                    stats.polled(name, None)
-        stats.forget("dock-2")
+                    stats.poll_from(name, None)
+        stats.backend_forgotten("dock-2")
         del broker.backends["dock-2"]
         for name in names:
             if name not in ("dock-2", "robot-1"):
                 for _ in range(1 + sum(map(ord, name)) % 3):
                     broker.get_request(name)  # polls waiting, as relay-clients' would
-                stats.polled(name, None)
+                stats.poll_from(name, None)
 
     @defer.inlineCallbacks
     def test_sparklines_of_a_busy_relay(self):

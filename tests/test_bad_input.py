@@ -3,13 +3,17 @@ Bad input gets a clear error and changes nothing else: after each case a
 request that was already in flight completes normally and no state leaks.
 """
 
+import pytest
 import treq
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from relay.proto.http_relay_pb2 import HttpResponse
-from tests.support import FakeRelayClient, head_and_body, on_each_engine, raw_connect, RelayServer
-from tests.test_server import ServerTestCase
+from tests.support import FakeRelayClient, RelayServer, head_and_body, raw_connect
+from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.socket
 
 
 class BadInputTests(ServerTestCase):

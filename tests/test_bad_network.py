@@ -1,7 +1,7 @@
 """
 Robots on bad networks (docs/client.md's goals), on real networks: the
 relay-client and its backend in a network namespace of their own, our
-server in the host's, nftables in between (L{tests.badnet}). Every scenario
+server in the host's, nftables in between (L{tests.support.badnet}). Every scenario
 runs for our relay-client and for the Go relay-client, each in front of our
 server, the two side by side in two namespaces: one run per scenario,
 shared by the tests of its class, so that the file takes a few minutes.
@@ -18,11 +18,14 @@ Go binaries (C{../shared/reference-go}).
 
 from typing import Dict, List
 
+import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tests import badnet
+from tests.support import badnet
+
+pytestmark = pytest.mark.process
 
 # The issue's bounds.
 BACK_WITHIN = 10.0  # after the network returns

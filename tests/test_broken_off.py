@@ -11,10 +11,10 @@ of the extension; the Go relay-client in front of our server, which still
 posts C{eof} after a short body; and the server's abort path in memory.
 """
 
-import os
 
+import pytest
 import treq
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -26,69 +26,24 @@ from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
 from relay.server.response import UserResponse
-from tests.process import ChildProcess
-from tests.support import client_service, dechunk, head_and_body, on_each_engine, RelayServer
-from tests.test_client_e2e import Collect
-from tests.test_client_h2 import H2Backend, H2BackendResource
-from tests.test_http2 import H2Client
-from tests.test_rolling_deploy import GO_CLIENT
-from tests.test_server import ServerTestCase
+from tests.support import RelayServer, client_service, dechunk, head_and_body
+from tests.support.cases import ServerTestCase
+from tests.support.e2e import CHUNKED_HEAD, Collect, RawBackend
+from tests.support.go import GO_CLIENT, go_binary
+from tests.support.h2_peers import H2Backend, H2BackendResource, H2Client
+from tests.support.process import ChildProcess
+from tests.support.engines import on_each_engine
 
 NAME = "robot"
 BACKEND_ERROR = 'broker_responses{backend="robot",method="client",result="backend_error"} 1\n'
-CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
 LENGTH_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: text/plain\r\n\r\n"
-
-
-class RawBackend:
-    """
-    A backend that answers every request with C{answer}'s bytes and then
-    holds the connection for the test to cut (or closes it at once with
-    C{close_at_once}): the cut is exactly where the test wants it.
-    """
-
-    def __init__(self, answer: bytes, close_at_once: bool = False):
-        self.answer = answer
-        self.close_at_once = close_at_once
-        self.connections = []
-        self.port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: _Answering(self)), interface="127.0.0.1")
-        self.address = "127.0.0.1:%d" % (self.port.getHost().port,)
-
-    def cut(self, abort: bool) -> None:
-        """End the connection of the last request: a reset, or a clean close."""
-        transport = self.connections[-1].transport
-        if abort:
-            transport.abortConnection()
-        else:
-            transport.loseConnection()
-
-    def stop(self):
-        for connection in self.connections:
-            connection.transport.abortConnection()
-        return self.port.stopListening()
-
-
-class _Answering(protocol.Protocol):
-    def __init__(self, backend: RawBackend):
-        self.backend = backend
-        self.head = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.head is None:
-            return
-        self.head += data
-        if b"\r\n\r\n" in self.head:
-            self.head = None
-            self.backend.connections.append(self)
-            self.transport.write(self.backend.answer)
-            if self.backend.close_at_once:
-                self.transport.loseConnection()
 
 
 def backend_errors(relay: RelayServer) -> bool:
     return BACKEND_ERROR in relay.broker.metrics.render().decode()
 
 
+@pytest.mark.socket
 class OurPair(unittest.TestCase):
     """Our relay-client and our server, a backend that breaks off."""
 
@@ -174,6 +129,7 @@ class Resetting(H2BackendResource):
         return super().render(request)
 
 
+@pytest.mark.socket
 class OurPairOverHTTP2(unittest.TestCase):
     """C{--force_http2}: the backend resets the stream part-way; the user is on HTTP/2 too."""
 
@@ -210,6 +166,7 @@ class OurPairOverHTTP2(unittest.TestCase):
         self.assertEqual(state["data"], b"ok")
 
 
+@pytest.mark.process
 class GoClientOnOurServer(unittest.TestCase):
     """
     The Go relay-client posts C{eof} after a body that broke off. Our
@@ -222,8 +179,7 @@ class GoClientOnOurServer(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_content_length_body_cut_short_is_an_error_for_the_user(self):
-        if not os.access(GO_CLIENT, os.X_OK):
-            raise unittest.SkipTest("no Go relay-client at " + GO_CLIENT)
+        go_binary(GO_CLIENT)
         backend = RawBackend(LENGTH_HEAD + b"0123456789", close_at_once=True)
         self.addCleanup(backend.stop)
         relay = RelayServer()
@@ -254,6 +210,7 @@ class GoClientOnOurServer(unittest.TestCase):
         self.assertTrue(backend_errors(relay))
 
 
+@pytest.mark.socket
 class ScriptedRelayClient(ServerTestCase):
     """Our server under a relay-client that sends the extension by hand."""
 
@@ -367,6 +324,7 @@ class _UserRequest:
         self._disconnected = True
 
 
+@pytest.mark.memory
 class AbortPath(unittest.SynchronousTestCase):
     """The server's side in memory: the broker and L{UserResponse}, on a fake clock."""
 

@@ -5,44 +5,24 @@ back-pressure, cancellation and reaping.
 
 import re
 
+import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from relay.config import ServerConfig
-from relay.server.broker import (
-    PICKUP_TIMEOUT,
-    POLL_TIMEOUT,
-    STREAM_POLL_TIMEOUT,
-    BackendUnreachable,
-    Broker,
-    RequestExpired,
-    ServerStopping,
-    StreamQueue,
-    UnknownBackend,
-    UnknownRequest,
-    RequestIds,
-)
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, Broker
+from relay.server.errors import BackendUnreachable, RequestExpired, ServerStopping, UnknownBackend, UnknownRequest
+from relay.server.events import IBrokerEvents
+from relay.server.ids import RequestIds
+from relay.server.pending import STREAM_POLL_TIMEOUT, StreamQueue
 from relay.server.metrics import RelayMetrics
+from tests.support.sinks import Sink
 
-
-class Sink:
-    def __init__(self):
-        self.messages = []
-        self.failures = []
-        self.pending = None
-        self.pause_after_write = False
-
-    def deliver(self, message, body=None):
-        if body is not None:
-            message.body = b"".join(body)
-        self.messages.append(message)
-        if self.pause_after_write:
-            self.pending.pauseProducing()
-
-    def fail(self, reason):
-        self.failures.append(reason)
+pytestmark = pytest.mark.memory
 
 
 def results(d):
@@ -364,7 +344,7 @@ class WaitersTests(unittest.TestCase):
     """The one waiting line behind long polls and stream reads."""
 
     def setUp(self):
-        from relay.server.broker import Waiters
+        from relay.server.pending import Waiters
 
         self.clock = Clock()
         self.timed_out = []
@@ -397,3 +377,76 @@ class WaitersTests(unittest.TestCase):
         self.line.fire_all(None)
         self.assertEqual([d.called for d in waiting], [True, True])
         self.assertEqual((len(self.line), self.clock.getDelayedCalls()), (0, []))
+
+
+@implementer(IBrokerEvents)
+class Recorder:
+    """An observer that keeps every event, by name, with its arguments."""
+
+    def __init__(self):
+        self.events = []
+
+    def __getattr__(self, name):
+        if name not in IBrokerEvents:
+            raise AttributeError(name)
+        return lambda *args: self.events.append((name,) + args)
+
+
+class ObserverTests(BrokerTestCase):
+    """Those who watch the broker are told of its events, through IBrokerEvents."""
+
+    def setUp(self):
+        super().setUp()
+        self.recorder = Recorder()
+        self.broker.add_observer(self.recorder)
+
+    def names(self):
+        return [event[0] for event in self.recorder.events]
+
+    def test_every_observer_implements_the_interface(self):
+        from relay.server.admin.stats import AdminStats
+        from tests.support import BrokerEvents
+
+        for observer in (AdminStats(self.clock), BrokerEvents(self.broker)):
+            self.assertTrue(verifyObject(IBrokerEvents, observer))
+        for name in IBrokerEvents:
+            getattr(self.recorder, name)
+        self.assertRaises(AttributeError, getattr, self.recorder, "something_else")
+
+    def test_a_request_from_start_to_finish(self):
+        poll = self.broker.get_request("robot")
+        pending, sink = self.relay()
+        self.assertEqual(self.successResultOf(poll).id, pending.id)
+        self.broker.send_response(HttpResponse(id=pending.id, status_code=201, body=b"abc", eof=True))
+        self.assertEqual(
+            self.names(), ["poll_waiting", "request_queued", "request_picked_up", "request_finished", "response_posted"]
+        )
+        _, finished, outcome = self.recorder.events[-2]
+        self.assertIs(finished, pending)
+        self.assertEqual((outcome.status, outcome.bytes_out, outcome.reason, outcome.cancelled, outcome.started), (201, 3, None, False, True))
+
+    def test_a_refused_or_expired_request_says_why(self):
+        self.assertRaises(UnknownBackend, self.relay, "nobody")
+        self.assertEqual(self.recorder.events[-1][:2], ("unknown_backend", "nobody"))
+        self.known()
+        self.assertEqual(self.names()[-2:], ["poll_waiting", "poll_ended"])
+        pending, sink = self.relay()
+        self.clock.advance(PICKUP_TIMEOUT)
+        _, _, outcome = self.recorder.events[-1]
+        self.assertIsInstance(outcome.reason, BackendUnreachable)
+        self.assertEqual((outcome.status, outcome.started), (0, False))
+
+    def test_a_cancelled_request_and_a_forgotten_backend(self):
+        self.known()
+        pending, sink = self.relay()
+        self.broker.cancel(pending)
+        self.assertTrue(self.recorder.events[-1][2].cancelled)
+        self.clock.advance(1801)
+        self.broker.reap()
+        self.assertEqual(self.recorder.events[-1], ("backend_forgotten", "robot"))
+
+    def test_nobody_watching_after_removal(self):
+        self.broker.remove_observer(self.recorder)
+        self.assertEqual(self.broker.observers, ())
+        self.known()
+        self.assertEqual(self.recorder.events, [])

@@ -6,11 +6,14 @@ never changes what the reactor sees, only when it sleeps.
 
 import os
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
 from relay.tuning.busy_poll import SpinningPoller, install
+
+pytestmark = pytest.mark.memory
 
 
 class FakePoller:

@@ -5,14 +5,17 @@ relay, in which pieces, and when.
 
 from typing import List
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from relay.client.chunker import Chunker
 from relay.proto.http_relay_pb2 import HttpResponse
+
+pytestmark = pytest.mark.memory
 
 
 def as_posted(message: HttpResponse, body) -> HttpResponse:

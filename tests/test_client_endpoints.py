@@ -4,6 +4,7 @@ as soon as it is known (no 0.3 s attempt delay for an address that was
 refused). On a fake reactor: nothing here may need the clock to move.
 """
 
+import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -16,9 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
 from zope.interface import implementer
 
-from relay.client.backend import BackendError, BackendRequest, TrustPolicy
-from relay.client.endpoints import CachingEndpointFactory, NameEndpoint, TunedEndpoint, client_endpoint
-from relay.client.h2backend import H2Backend
+from relay.outbound.connect import BackendError
+from relay.outbound.endpoints import CachingEndpointFactory, NameEndpoint, TunedEndpoint, client_endpoint
+from relay.outbound.h2 import H2Backend
+from relay.outbound.request import OutboundRequest
+from relay.outbound.tls import TrustPolicy
+
+pytestmark = pytest.mark.memory
 
 
 @implementer(IHostnameResolver)
@@ -91,7 +96,7 @@ class LiteralAddresses(SynchronousTestCase):
     def test_http2_backend_down_is_reported_without_waiting(self):
         """--backend_http2 too: a refused literal address fails its request at once."""
         backend = H2Backend(self.reactor, TrustPolicy())
-        request = BackendRequest("GET", "http://127.0.0.1:8080/x", "http", "127.0.0.1:8080", "/x", "127.0.0.1:8080", [], b"")
+        request = OutboundRequest(b"GET", "http", "127.0.0.1:8080", b"/x", b"127.0.0.1:8080", [], b"")
         d = Deferred.fromCoroutine(backend.open(request))
         self.assertEqual([(h, p) for h, p, _, _, _ in self.reactor.tcpClients], [("127.0.0.1", 8080)])
         refuse(self.reactor, 0)

@@ -14,67 +14,31 @@ import subprocess
 import tempfile
 import time
 
+import pytest
 import treq
 from twisted.internet import defer, reactor, ssl, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, serverFromString
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
-from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.config import ClientConfig, ServerConfig
-from relay.client.backend import BackendError, BackendTarget, TrustPolicy, load_trust_root
-from relay.client.endpoints import CachingEndpointFactory
-from relay.client.h2backend import STREAM_WINDOW, H2ClientConnection
+from relay.client.backend import BackendTarget
 from relay.client.keepalive import KeepAliveAgent
+from relay.config import ClientConfig
+from relay.outbound.connect import BackendError
+from relay.outbound.endpoints import CachingEndpointFactory
+from relay.outbound.h2 import STREAM_WINDOW, H2ClientConnection
+from relay.outbound.tls import TrustPolicy, load_trust_root
 from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
-from relay.server.site import RelaySite
-from tests.support import client_service, dechunk, head_and_body, polling, server_service, stalled, started_client
-from tests import test_client_e2e as e2e
-from tests.test_client_e2e import NAME, BackendResource, RawUser, Relay, temp_file
-from tests.test_client_tls import make_ca_and_server_cert
-from tests.test_http2 import H2Client
+from tests.support import client_service, dechunk, e2e, head_and_body, polling, server_service, stalled, started_client
+from tests.support.e2e import NAME, RawUser, Relay, temp_file
+from tests.support.h2_peers import H2Backend, H2Client
+from tests.support.tls import make_ca_and_server_cert
 
 
-class H2BackendResource(BackendResource):
-    """The e2e backend's pages, plus one that ends with trailers."""
-
-    def render(self, request):
-        if request.path == b"/trailers":
-            self.backend.requests.append(request)
-            request.setHeader(b"content-type", b"application/grpc")
-            request.write(b"\x00\x00\x00\x00\x02hi")
-            request.add_trailer("Grpc-Status", "0")
-            request.add_trailer("X-Checksum", "abc123")
-            request.finish()
-            return server.NOT_DONE_YET
-        return super().render(request)
-
-
-class H2Backend(e2e.Backend):
-    """
-    The e2e backend over HTTP/2: RelaySite speaks h2c with prior knowledge
-    (and HTTP/2 by ALPN over TLS) and sends trailers.
-    """
-
-    def __init__(self, tls=None):
-        self.connections_made = 0
-        super().__init__(tls)
-
-    def factory(self):
-        self.site = RelaySite(H2BackendResource(self), ServerConfig(header_timeout=None))
-        build = self.site.buildProtocol
-
-        def counting(addr):
-            self.connections_made += 1
-            return build(addr)
-
-        self.site.buildProtocol = counting
-        return self.site
-
-
+@pytest.mark.socket
 class H2EndToEnd(unittest.TestCase):
     timeout = 60
     backend_scheme = "http"
@@ -267,6 +231,7 @@ class H2EndToEnd(unittest.TestCase):
         self.assertIn(address.encode(), state["data"])
 
 
+@pytest.mark.socket
 class H2OverTLS(unittest.TestCase):
     """C{--backend_scheme=https --force_http2}: HTTP/2 chosen by ALPN."""
 
@@ -335,6 +300,7 @@ class H2OverTLS(unittest.TestCase):
             )
 
 
+@pytest.mark.process
 class CurlThroughRelay(unittest.TestCase):
     """
     curl as the user, over HTTP/2 (h2c, and ALPN over TLS) and HTTP/1.1 on

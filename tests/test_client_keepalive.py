@@ -6,6 +6,7 @@ are closed on time (a L{Clock}) and on shutdown, and no more are kept than
 allowed.
 """
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -13,10 +14,13 @@ from twisted.web import resource, server
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import ResponseFailed
 
-from relay.client.endpoints import CachingEndpointFactory
+from relay.outbound.endpoints import CachingEndpointFactory
 from relay.client.http import BytesProducer, read_all
 from relay.client.keepalive import KeepAliveAgent
-from tests.support import Changes, on_each_engine
+from tests.support import Changes
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.socket
 
 
 class Recorder(resource.Resource):

@@ -9,6 +9,7 @@ sets) and which messages it posts, not the wall clock.
 
 import time
 
+import pytest
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
@@ -16,8 +17,11 @@ from twisted.web.client import HTTPConnectionPool
 
 import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
-from tests.support import on_each_engine, started_client
-from tests.test_client_e2e import NAME, Backend, RawUser, Relay
+from tests.support import started_client
+from tests.support.e2e import NAME, Backend, RawUser, Relay
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.socket
 
 
 class RecordingClock:

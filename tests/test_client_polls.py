@@ -4,13 +4,16 @@ when idle, more while requests keep coming (up to C{--max_pending_requests}),
 and back to the base once the extra polls come back empty.
 """
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from relay.config import ClientConfig
 from relay.client.service import RelayClientService
+from relay.config import ClientConfig
 from relay.proto.http_relay_pb2 import HttpRequest
+
+pytestmark = pytest.mark.memory
 
 
 class FakeAPI:

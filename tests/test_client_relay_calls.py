@@ -8,52 +8,25 @@ finished when C{flush()} returns, so nothing here waits on the reactor.
 """
 
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from relay.client.endpoints import CachingEndpointFactory
+from relay.outbound.endpoints import CachingEndpointFactory
 from relay.client.relay_api import POLL_DEADLINE, Forbidden, PermanentRelayError, RelayAPI, RelayError
 from relay.proto.http_relay_pb2 import HttpResponse
-from tests.support import client_service, MemoryNetwork, on_each_engine
-from tests.test_client_e2e import temp_file
+from tests.support import MemoryNetwork, client_service
+from tests.support.e2e import temp_file
+from tests.support.scripted_relay import ScriptedRelay
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.memory
 
 BASE = "http://127.0.0.1:8080"
-
-
-class ScriptedRelay(resource.Resource):
-    """
-    Answers each call with the next scripted (code, body); with nothing
-    scripted a call waits (a long poll) until L{release}d. Records calls.
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.script = {b"/server/request": [], b"/server/response": []}
-        self.calls = []
-        self.held = []
-
-    def render(self, request):
-        self.calls.append((request.path, request.requestHeaders, request.content.read(), request.args))
-        script = self.script.get(request.path) or []
-        if not script:
-            self.held.append(request)
-            return server.NOT_DONE_YET
-        code, body = script.pop(0)
-        request.setResponseCode(code)
-        return body
-
-    def release(self, code=408, body=b"No request received within timeout"):
-        """The oldest waiting call is answered."""
-        request = self.held.pop(0)
-        request.setResponseCode(code)
-        request.write(body)
-        request.finish()
 
 
 class RelayCallsTests(unittest.TestCase):

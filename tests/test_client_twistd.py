@@ -8,17 +8,20 @@ import json
 import os
 import re
 import subprocess
-import sys
 
+import pytest
 import treq
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
 from relay.client.tap import Options
-from tests.test_client_e2e import Backend, Relay
-from tests.test_client_relay_calls import ScriptedRelay
+from tests.support.client_process import environ, polling_from, spawn, twistd_argv
+from tests.support.e2e import Backend, Relay
+from tests.support.scripted_relay import ScriptedRelay
+
+pytestmark = pytest.mark.process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GO_FLAGS = [
@@ -43,66 +46,6 @@ GO_FLAGS = [
     "log_level",
     "pprof_port",
 ]
-
-
-def twistd_argv():
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [sys.executable, script]
-    return [sys.executable, "-m", "twisted"]
-
-
-def environ():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-class Child(protocol.ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.exited = defer.Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.exited.callback((reason.value.exitCode, reason.value.signal))
-
-    def lines(self):
-        return self.output.decode("utf-8", "replace").splitlines()
-
-
-def spawn(args):
-    child = Child()
-    argv = twistd_argv() + ["-n", "--pidfile=", "relay-client"] + list(args)
-    reactor.spawnProcess(child, argv[0], argv, env=environ(), path=ROOT)
-    return child
-
-
-@defer.inlineCallbacks
-def polling_from(child, relay, name: str, timeout: float = 30.0):
-    """
-    Fires once the relay-client process C{child} polls for C{name} at
-    C{relay}; fails with what the child wrote if it exits first, or has not
-    polled within C{timeout} seconds.
-    """
-    done = defer.Deferred()
-
-    def settle(outcome):
-        if not done.called:
-            done.callback(outcome)
-
-    relay.polling(name).addCallback(lambda _: settle("polled"))
-    child.exited.addBoth(lambda result: (settle("exited"), result)[1])
-    timer = reactor.callLater(timeout, settle, "no poll within %gs" % (timeout,))
-    outcome = yield done
-    if timer.active():
-        timer.cancel()
-    if outcome != "polled":
-        raise AssertionError("%s: %s" % (outcome, child.output.decode("utf-8", "replace")))
 
 
 class HelpAndFlags(unittest.SynchronousTestCase):

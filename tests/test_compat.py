@@ -11,6 +11,7 @@ import select
 
 import h2.config
 import h2.connection
+import pytest
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -37,6 +38,7 @@ def http11_channel():
     return channel
 
 
+@pytest.mark.memory
 class ChunkedDecoderTests(unittest.SynchronousTestCase):
     def test_chunk_line_buffer_holds_the_unparsed_size_line(self):
         data = []
@@ -61,6 +63,7 @@ class ChunkedDecoderTests(unittest.SynchronousTestCase):
         self.assertIs(type(channel._transferDecoder), Bounded)
 
 
+@pytest.mark.memory
 class OverriddenTests(unittest.SynchronousTestCase):
     def test_every_overridden_method_exists(self):
         for cls, name in compat.OVERRIDDEN:
@@ -71,6 +74,7 @@ class OverriddenTests(unittest.SynchronousTestCase):
         self.assertIn("_cancelTimeouts", parameters)
 
 
+@pytest.mark.memory
 class HTTPChannelTests(unittest.SynchronousTestCase):
     def test_reading_request_line(self):
         channel = http11_channel()
@@ -102,6 +106,7 @@ class HTTPChannelTests(unittest.SynchronousTestCase):
         self.assertTrue(compat.request_gone(request))
 
 
+@pytest.mark.memory
 class HTTP2Tests(unittest.SynchronousTestCase):
     def test_h2_stream_connection(self):
         _Waiting.made[:] = []
@@ -137,6 +142,7 @@ class HTTP2Tests(unittest.SynchronousTestCase):
         self.assertTrue(compat.h2_header_block_pending(server))
 
 
+@pytest.mark.memory
 class EndpointTests(unittest.SynchronousTestCase):
     def test_ssl_context_factory(self):
         factory, other = object(), object()
@@ -146,6 +152,7 @@ class EndpointTests(unittest.SynchronousTestCase):
         self.assertIs(compat.ssl_context_factory(endpoint), other)
 
 
+@pytest.mark.memory
 class ClientRequestTests(unittest.SynchronousTestCase):
     def test_client_request_is_persistent_and_checked(self):
         from twisted.web.client import URI
@@ -157,6 +164,7 @@ class ClientRequestTests(unittest.SynchronousTestCase):
             compat.client_request(b"GET", b"/x\r\nEvil: 1", Headers(), None, uri)
 
 
+@pytest.mark.memory
 class ClientProtocolTests(unittest.SynchronousTestCase):
     def test_client_idle_until_a_request_is_sent(self):
         from twisted.web.client import URI
@@ -169,6 +177,7 @@ class ClientProtocolTests(unittest.SynchronousTestCase):
         self.assertFalse(compat.client_idle(protocol))
 
 
+@pytest.mark.memory
 class ReactorPollerTests(unittest.SynchronousTestCase):
     def test_epoll_reactor_polls_through_its_poller(self):
         if not hasattr(select, "epoll"):
@@ -197,11 +206,12 @@ class ReactorPollerTests(unittest.SynchronousTestCase):
         self.assertIsNone(compat.reactor_poller(MemoryReactor()))
 
 
+@pytest.mark.socket
 class WriteBufferTests(unittest.TestCase):
     def test_nothing_to_write_follows_the_write_buffers(self):
         """A real TCP transport: empty, then holding what the socket has not taken."""
         from twisted.internet import reactor
-        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
         from twisted.internet.protocol import Factory, Protocol
 
         class Silent(Protocol):
@@ -223,6 +233,7 @@ class WriteBufferTests(unittest.TestCase):
         return d.addCallback(check)
 
 
+@pytest.mark.memory
 class OnlyHereTests(unittest.SynchronousTestCase):
     def test_no_other_module_reaches_into_twisted(self):
         """The private names above appear in relay/compat.py and nowhere else in relay/."""
@@ -248,8 +259,9 @@ class OnlyHereTests(unittest.SynchronousTestCase):
         self.assertEqual(found, [])
 
 
+@pytest.mark.socket
 class SocketReadTests(unittest.TestCase):
-    """read_socket and unwritten_bytes, on a real loopback connection (relay.tuning.liveness)."""
+    """read_socket and unwritten_bytes, on a real loopback connection (relay.net.liveness)."""
 
     def test_a_reset_reaches_on_error_with_its_errno_then_connection_lost(self):
         import errno

@@ -14,13 +14,15 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import shutil
 import tempfile
 from urllib.parse import urlsplit
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 
 import relay
@@ -29,6 +31,7 @@ from relay.client import tap as client_tap
 from relay.config import ClientConfig, ServerConfig, field_name, flag_default
 from relay.http1_engine import resolve as resolve_engine
 from relay.server import tap as server_tap
+from tests.support import admin_stats
 
 
 def parsed(options_class, argv=()):
@@ -57,6 +60,7 @@ NOT_FLAGS = {
 SIDES = ((server_tap.Options, ServerConfig), (client_tap.Options, ClientConfig))
 
 
+@pytest.mark.memory
 class OneHomeTests(unittest.SynchronousTestCase):
     def test_every_flag_is_a_config_field_and_back(self):
         for options_class, config_class in SIDES:
@@ -70,6 +74,26 @@ class OneHomeTests(unittest.SynchronousTestCase):
         for options_class, config_class in SIDES:
             for row in options_class.optParameters:
                 self.assertEqual(row[2], flag_default(config_class, row[0]), row[0])
+
+    def test_help_texts_state_no_default(self):
+        """
+        C{--help} prints each default from the config (C{[default: 15s]});
+        a help text that says it again ("0 (the default): off") drifts.
+        """
+        for options_class, config_class in SIDES:
+            for row in options_class.optParameters:
+                said = r"\(the default\)|\(default: none\)"
+                if row[2] not in (None, ""):
+                    said += r"|[Dd]efault: %s\b" % (re.escape(str(row[2])),)
+                self.assertNotRegex(row[3], said, row[0])
+
+    def test_help_texts_take_their_intervals_from_the_code(self):
+        from relay.durations import format_duration
+        from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL
+
+        help_text = {row[0]: row[3] for row in server_tap.Options.optParameters}
+        self.assertIn("Checked every %s." % (format_duration(REAP_INTERVAL),), help_text["inactive_request_timeout"])
+        self.assertIn("at most %s)" % (format_duration(CLEAN_SHUTDOWN_TIMEOUT),), help_text["drain_grace"])
 
     def test_parsing_no_flags_gives_the_config_defaults(self):
         self.assertEqual(parsed(server_tap.Options).config, ServerConfig())
@@ -129,6 +153,7 @@ def _functions(module):
                     yield "%s.%s.%s" % (module.__name__, name, attribute), member
 
 
+@pytest.mark.process
 class ServerDefaultsReachTheirUsers(unittest.TestCase):
     """Each C{twistd relay} default, from the flag to the object that acts on it."""
 
@@ -174,9 +199,9 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "tracing": (self.service.tracing_plan.enabled, self.service.site.resource.client.tracer),
             "trace_sampling_ratio": self.service.tracing_plan.ratio,
             # The admin view is off by default: no statistics in the broker.
-            "admin_port": self.broker.stats,
-            "admin_token_file": self.broker.stats,
-            "inspect_headers": self.broker.stats,
+            "admin_port": admin_stats(self.broker),
+            "admin_token_file": admin_stats(self.broker),
+            "inspect_headers": admin_stats(self.broker),
             # A single replica by default: no routing among peers.
             "peers": self.site.resource.client.routing,
             "peer_self": self.site.resource.client.routing,
@@ -229,6 +254,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
         self.assertEqual({k: users[k] for k in expected}, expected)
 
 
+@pytest.mark.process
 class ClientDefaultsReachTheirUsers(unittest.TestCase):
     """Each C{twistd relay-client} flag, from the flag to the object that acts on it."""
 
@@ -361,7 +387,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
 
     def test_set_values_arrive(self):
         """The flags whose defaults say little (off, empty), set, and where they land."""
-        from tests.test_client_tls import make_ca_and_server_cert
+        from tests.support.tls import make_ca_and_server_cert
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)

@@ -1,7 +1,7 @@
 """
 Dead peers: what happens to a request whose poll answer was
 written on a connection that then died, decided from how it died
-(L{relay.tuning.liveness.Death}); reconnects and dead connections counted
+(L{relay.net.liveness.Death}); reconnects and dead connections counted
 per backend.
 
 The decision runs on a L{Clock} with deaths made up by the test (the
@@ -11,27 +11,24 @@ channel on a memory transport, with the socket watch replaced by one that
 reports the test's death.
 """
 
+import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from relay.server.broker import (
-    PICKUP_TIMEOUT,
-    BackendUnreachable,
-    Broker,
-    PollConnection,
-    RelayClientLost,
-)
+from relay.server.broker import PICKUP_TIMEOUT, Broker, PollConnection
+from relay.server.errors import BackendUnreachable, RelayClientLost
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
-from relay.tuning.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
-from tests.test_broker import Sink
-from tests.support import on_each_engine
+from relay.net.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
+from tests.support.sinks import Sink
+from tests.support.engines import on_each_engine
 
 
 def cancel(poll):
@@ -39,6 +36,7 @@ def cancel(poll):
     poll.cancel()
 
 
+@pytest.mark.memory
 class Decision(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
@@ -196,12 +194,13 @@ class Decision(unittest.TestCase):
         self.assertIn('relay_backend_last_poll_timestamp_seconds{backend="robot"} 0\n', text)
 
     def test_the_admin_view_shows_each_backends_connection_health(self):
-        from relay.admin.stats import AdminStats
-        from relay.admin.status import Query, snapshot
+        from relay.server.admin.stats import AdminStats
+        from relay.server.admin.status import Query, snapshot
 
-        stats = self.broker.stats = AdminStats(self.clock)
+        stats = AdminStats(self.clock)
+        self.broker.add_observer(stats)
         connection, pending, sink = self.hand_out()
-        stats.polled("robot", "10.0.0.7")
+        self.broker.poll_from("robot", IPv4Address("TCP", "10.0.0.7", 5555))
         self.broker.connection_ended(Death(TIMEOUT, unsent=10), connection)
         cancel(self.broker.get_request("robot", PollConnection()))
         view = snapshot(self.broker, stats, {}, Query())
@@ -219,6 +218,7 @@ class FakeWatch:
         self.death = None
 
 
+@pytest.mark.memory
 class ThroughTheChannel(unittest.TestCase):
     """The server's HTTP/1.1 channel tells the broker how its connection died."""
 
@@ -281,6 +281,7 @@ class ThroughTheChannel(unittest.TestCase):
         self.assertIn(b"before it took the request", user_wire.value())
 
 
+@pytest.mark.socket
 class SocketOptions(unittest.TestCase):
     """Every accepted connection's own socket gets the options (Linux)."""
 
@@ -296,7 +297,7 @@ class SocketOptions(unittest.TestCase):
         from twisted.internet import defer, protocol, reactor
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-        from relay.tuning.liveness import socket_transport
+        from relay.net.liveness import socket_transport
         from tests.support import RelayServer
 
         server = RelayServer(**config)
@@ -340,11 +341,12 @@ class SocketOptions(unittest.TestCase):
         return d
 
 
+@pytest.mark.memory
 class UnderTLS(unittest.SynchronousTestCase):
     def test_the_socket_transport_is_found_under_a_wrapper(self):
         from twisted.internet.abstract import FileDescriptor
 
-        from relay.tuning.liveness import socket_transport
+        from relay.net.liveness import socket_transport
 
         class Wrapper:
             def __init__(self, transport):

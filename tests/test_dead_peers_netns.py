@@ -3,7 +3,7 @@ The kernel's part of "no request lost in silence", on real sockets: after
 a connection is ended by C{TCP_USER_TIMEOUT} (C{ETIMEDOUT}), Linux still
 reports its unacknowledged bytes (C{SIOCOUTQ}), and the server hands the
 request whose answer never arrived to the next poll. Runs
-tests/netns_dead_poll.py inside a network namespace of its own (nft rules
+tests/support/netns_dead_poll.py inside a network namespace of its own (nft rules
 drop one connection's packets there), removed afterwards; skips, saying
 why, where namespaces or nftables are unavailable.
 """
@@ -15,7 +15,10 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 from twisted.trial import unittest
+
+pytestmark = pytest.mark.process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +56,7 @@ class KernelKeepsTheUnacknowledgedBytes(unittest.SynchronousTestCase):
         root = os.path.dirname(HERE)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         run = subprocess.run(
-            ["ip", "netns", "exec", self.namespace, sys.executable, os.path.join(HERE, "netns_dead_poll.py")],
+            ["ip", "netns", "exec", self.namespace, sys.executable, os.path.join(HERE, "support", "netns_dead_poll.py")],
             capture_output=True,
             text=True,
             timeout=90,

@@ -28,17 +28,17 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 from twisted.python import usage
 from twisted.trial import unittest
 
 from relay.client.tap import Options as ClientOptions
 from relay.durations import parse_duration as duration
+from relay.server import tap as server_tap
 from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT
 from relay.server.site import RelaySite
-from relay.server import tap as server_tap
 from relay.server.tap import Options as ServerOptions
-
-from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
+from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
 
 try:
     import yaml
@@ -110,6 +110,7 @@ def placeholder_file(case) -> str:
     return path
 
 
+@pytest.mark.memory
 class ParserTests(unittest.SynchronousTestCase):
     """The helper itself: a typo in a flag must fail."""
 
@@ -146,6 +147,7 @@ def systemd_unit(text: str):
 INSTANCE = "8081"
 
 
+@pytest.mark.process
 class SystemdTests(unittest.SynchronousTestCase):
     units = {"relay.service": "relay", "relay-client.service": "relay-client", "relay@.service": "relay"}
 
@@ -237,6 +239,7 @@ def runs_relay(container) -> bool:
     return os.path.basename(container.get("command", [""])[0]) == "twistd"
 
 
+@pytest.mark.memory
 class KubernetesTests(unittest.SynchronousTestCase):
     def setUp(self):
         if yaml is None:
@@ -373,6 +376,7 @@ class KubernetesTests(unittest.SynchronousTestCase):
         self.assertEqual(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
 
 
+@pytest.mark.process
 class NginxTests(unittest.SynchronousTestCase):
     site = "relay.conf"
 
@@ -444,6 +448,7 @@ class ReplicasNginxTests(NginxTests):
             self.assertLessEqual(duration(connect), 5.0)
 
 
+@pytest.mark.memory
 class PrometheusTests(unittest.SynchronousTestCase):
     def test_scrape_config(self):
         if yaml is None:
@@ -458,6 +463,7 @@ class PrometheusTests(unittest.SynchronousTestCase):
         self.assertEqual(len(names), len(set(names)))
 
 
+@pytest.mark.memory
 class ContainerfileTests(unittest.SynchronousTestCase):
     def setUp(self):
         text = re.sub(r"\\\n(\s*#[^\n]*\n)*", " ", _read("Containerfile"))

@@ -2,7 +2,8 @@
 The documentation's links stay inside the repository and lead somewhere:
 every relative link in README.md and docs/*.md names a file or folder of the
 checkout, and every #anchor names a heading of its target, as GitHub spells
-heading anchors.
+heading anchors. The flag tables of docs/server.md and docs/client.md list
+the flags C{--help} prints, with the config's defaults.
 """
 
 import glob
@@ -10,7 +11,10 @@ import os
 import re
 from urllib.parse import unquote
 
+import pytest
 from twisted.trial import unittest
+
+pytestmark = pytest.mark.memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,3 +139,85 @@ class LinkTests(unittest.SynchronousTestCase):
             if os.path.basename(path) != "__init__.py"
         )
         self.assertEqual(sorted(mapped), modules)
+
+
+def flag_table(path: str):
+    """C{[(flag, default cell)]} of the C{| flag | default | meaning |} table of a page."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = lines.index("| flag | default | meaning |") + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows.append((re.fullmatch(r"`--([^`]+)`", cells[0]).group(1), cells[1]))
+    return rows
+
+
+def same_default(documented: str, expected: str) -> bool:
+    """Equal, or the same Go duration (C{60s} for the config's C{1m0s})."""
+    from relay.durations import parse_duration
+
+    if documented == expected:
+        return True
+    try:
+        return parse_duration(documented) == parse_duration(expected)
+    except ValueError:
+        return False
+
+
+class FlagTables(unittest.SynchronousTestCase):
+    """
+    docs/server.md's and docs/client.md's flag tables against the option
+    tables that C{--help} prints: every flag, no other, and each default as
+    the config holds it (the first C{`value`} of the cell; a flag with no
+    default has none).
+    """
+
+    def check(self, path, options_class, config_class):
+        from relay.config import flag_default
+
+        table = flag_table(path)
+        documented = [flag for flag, _ in table]
+        self.assertEqual(sorted(documented), sorted(set(documented)), "%s lists a flag twice" % (path,))
+        flags = [row[0] for row in options_class.optParameters]
+        on_off = [row[0] for row in getattr(options_class, "optFlags", [])]
+        self.assertEqual(sorted(documented), sorted(flags + on_off), path)
+        wrong = []
+        for flag, cell in table:
+            code = re.match(r"`([^`]*)`", cell)
+            if flag in on_off:
+                expected = None
+                ok = cell == "off"
+            else:
+                expected = flag_default(config_class, flag)
+                if expected in (None, ""):
+                    ok = code is None
+                else:
+                    ok = code is not None and same_default(code.group(1), str(expected))
+            if not ok:
+                wrong.append("--%s: the docs say %s, the config %r" % (flag, cell, expected))
+        self.assertEqual(wrong, [], path)
+
+    def test_server(self):
+        from relay.config import ServerConfig
+        from relay.server.tap import Options
+
+        self.check("docs/server.md", Options, ServerConfig)
+
+    def test_client(self):
+        from relay.client.tap import Options
+        from relay.config import ClientConfig
+
+        self.check("docs/client.md", Options, ClientConfig)
+
+    def test_help_prints_every_documented_flag(self):
+        """The tables' flags are the ones C{--help} prints, with its defaults."""
+        from relay.client.tap import Options as ClientOptions
+        from relay.server.tap import Options as ServerOptions
+
+        for path, options_class in (("docs/server.md", ServerOptions), ("docs/client.md", ClientOptions)):
+            text = str(options_class())
+            for flag, _ in flag_table(path):
+                self.assertRegex(text, r"--%s[ =]" % (re.escape(flag),), path)

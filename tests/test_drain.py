@@ -3,24 +3,32 @@ The stop sequence of the relay server, in process: during a drain every
 answer closes its connection (but a relay-client's answer chunks), HTTP/2
 clients get a GOAWAY, polls get 503 at once, the port accepts through the
 grace period and while requests are in flight, then closes.
+
+The stop's waits (the grace period, the drain's checks, the abort of
+connections that do not close) run on the server's clock, which the tests
+step; real sockets carry the traffic.
 """
 
 import shutil
 import tempfile
 
+import pytest
 import treq
-from twisted.internet import defer, reactor
-from twisted.internet import ssl
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.h2 import offer_h2_over_tls
-from tests.support import head_and_body, on_each_engine, raw_connect, RelayServer, server_service
-from tests.test_http2 import H2Client, make_certificate
+from tests.support import RelayServer, head_and_body, raw_connect, run_clock_until, server_service, tick
+from tests.support.h2_peers import H2Client
+from tests.support.tls import make_certificate
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.socket
 
 GRACE = 0.5
 
@@ -69,8 +77,13 @@ class DrainTests(unittest.TestCase):
     timeout = 30
 
     def setUp(self):
-        self.server = RelayServer(drain_grace=GRACE)
+        self.clock = Clock()
+        self.server = RelayServer(drain_grace=GRACE, clock=self.clock)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    def stop(self) -> defer.Deferred:
+        """Begin the stop, leaving the clock to the test."""
+        return defer.maybeDeferred(self.server.service.stopService)
 
     @defer.inlineCallbacks
     def test_order_of_a_stop(self):
@@ -83,8 +96,7 @@ class DrainTests(unittest.TestCase):
         self.assertFalse(idle.ended.called)
         yield self.server.polling("r")
 
-        started = reactor.seconds()
-        stopped = self.server.stop()
+        stopped = self.stop()
         # The poll ends at once: 503, closing.
         yield poll.ended
         head, body = head_and_body(poll.data)
@@ -104,8 +116,12 @@ class DrainTests(unittest.TestCase):
         fresh.transport.write(request(b"/server/request?server=r"))
         yield fresh.ended
         self.assertTrue(bytes(fresh.data).startswith(b"HTTP/1.1 503 "))
+        # The port closes when the grace period is over, not before.
+        self.clock.advance(GRACE - 0.01)
+        yield tick(0)
+        self.assertFalse(stopped.called)
+        self.clock.advance(0.01)
         yield stopped
-        self.assertGreaterEqual(reactor.seconds() - started, GRACE - 0.05)
         with self.assertRaises(ConnectionRefusedError):
             yield raw_connect(self.server.port)
 
@@ -119,8 +135,9 @@ class DrainTests(unittest.TestCase):
         resp = yield poll
         message = HttpRequest.FromString((yield resp.content()))
 
-        stopped = self.server.stop()
-        yield deferLater(reactor, GRACE + 0.3, lambda: None)
+        stopped = self.stop()
+        self.clock.advance(GRACE + 0.3)
+        yield tick(0)
         self.assertFalse(stopped.called)
         # Past the grace period, a new connection still carries the answer.
         r = yield treq.post(
@@ -132,7 +149,8 @@ class DrainTests(unittest.TestCase):
         yield r.content()
         answer = yield user
         self.assertEqual((answer.code, (yield answer.content())), (200, b"late"))
-        yield stopped
+        # The drain sees it on its next check.
+        yield run_clock_until(self.clock, stopped)
 
     @defer.inlineCallbacks
     def test_http2_clients_get_goaway_and_in_flight_streams_finish(self):
@@ -148,7 +166,7 @@ class DrainTests(unittest.TestCase):
         user_stream, user = client.request("GET", "/client/r/x")
         message = HttpRequest.FromString((yield (yield poll).content()))
 
-        stopped = self.server.stop()
+        stopped = self.stop()
         # At once: open no more streams; every stream opened so far is processed.
         last, code = yield client.got_goaway
         self.assertEqual((last, code), (2**31 - 1, NO_ERROR))
@@ -168,7 +186,7 @@ class DrainTests(unittest.TestCase):
         self.assertEqual((user["headers"][":status"], user["data"]), ("200", b"late"))
         # Before the connection closes, the last stream the server processed.
         final = client.got_goaway
-        yield stopped
+        yield run_clock_until(self.clock, stopped)
         self.assertEqual((yield final), (user_stream, NO_ERROR))
         yield client.lost
         self.assertEqual(len(client.goaways), 2)

@@ -15,9 +15,12 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 from twisted.trial import unittest
 
-from tests.process import ROOT
+from tests.support.process import ROOT
+
+pytestmark = pytest.mark.process
 
 OFFLINE_HINTS = ("NewConnectionError", "No matching distribution", "Could not find a version", "Network is unreachable")
 

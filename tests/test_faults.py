@@ -4,15 +4,21 @@ Faults with real processes: a relay-client killed in the middle of a
 """
 
 
+import pytest
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from tests.support import Changes, free_port, on_each_engine, RelayServer, tick as _tick
-from tests.process import TwistdProcess
-from tests.test_client_e2e import Backend
+from tests.support import Changes, RelayServer
+from tests.support import tick as _tick
+from tests.support.e2e import Backend
+from tests.support.ports import reserve_port
+from tests.support.process import TwistdProcess
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.process
 
 MiB = 1024 * 1024
 
@@ -109,7 +115,11 @@ class FaultTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_server_restart_under_load_recovers_without_help(self):
-        port = free_port()
+        # Real time on purpose: the relay-client is a process, whose
+        # back-off and retries run on its own clock, and the test measures
+        # how long it takes to come back; the server's drain, on the real
+        # reactor too, is what such a process meets in a restart.
+        port = reserve_port(self)
         server = RelayServer(port=port)
         client = spawn_client(port, self.backend, "robot", "--num_pending_requests=2")
         self.addCleanup(client.terminate)

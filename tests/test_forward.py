@@ -6,23 +6,20 @@ get the owner's answer as if they had asked it directly: streamed, with its
 trailers, and never a cut-off answer that looks complete.
 """
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.config import ServerConfig
+from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.server.site import RelaySite
-from tests.support import (
-    dechunk,
-    FakeRelayClient,
-    free_port,
-    head_and_body,
-    on_each_engine,
-    raw_user,
-    RelayServer,
-)
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_user
+from tests.support.ports import reserve_port
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.socket
 
 NAME = "robot"
 
@@ -46,12 +43,17 @@ class Recorder(Resource):
 
     isLeaf = True
 
-    def __init__(self):
+    def __init__(self, answer_headers=()):
         super().__init__()
         self.marks = []
+        self.headers = []
+        self.answer_headers = answer_headers
 
     def render(self, request):
         self.marks.append(request.getHeader(FORWARDED_BY))
+        self.headers.append(request.requestHeaders)
+        for name, value in self.answer_headers:
+            request.responseHeaders.addRawHeader(name, value)
         return b"ok"
 
 
@@ -129,7 +131,7 @@ class ForwardTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_owner_unreachable_is_502(self):
-        self.front.peer = "127.0.0.1:%d" % free_port()
+        self.front.peer = "127.0.0.1:%d" % reserve_port(self)
         user = yield self.user(b"GET /client/robot/x HTTP/1.1\r\nHost: x\r\n\r\n")
         yield user.wait_for(b"unreachable")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 502 "), bytes(user.data))
@@ -159,6 +161,22 @@ class ForwardTests(unittest.TestCase):
         user = yield self.user(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
         yield user.wait_for(b"ok")
         self.assertEqual(recorder.marks, ["front:1"])
+        self.polls[0].addErrback(lambda _: None)
+
+    @defer.inlineCallbacks
+    def test_header_values_that_are_not_utf8_pass_byte_exact(self):
+        """Latin-1 or stray bytes in a value reach the owner, and come back, as they were sent."""
+        value = b"caf\xe9 \xff\xfe;q=\x80"
+        recorder = Recorder(answer_headers=[(b"X-Answer", value)])
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(RelaySite(recorder, ServerConfig()))
+        self.addCleanup(port.stopListening)
+        self.front.peer = "127.0.0.1:%d" % port.getHost().port
+        user = yield self.user(b"GET /anything HTTP/1.1\r\nHost: x\r\nX-Value: " + value + b"\r\n\r\n")
+        yield user.wait_for(b"ok")
+        self.assertEqual(recorder.headers[0].getRawHeaders(b"x-value"), [value])
+        head, body = head_and_body(user.data)
+        self.assertIn(b"\r\nX-Answer: " + value + b"\r\n", head)
+        self.assertEqual(body, b"ok")
         self.polls[0].addErrback(lambda _: None)
 
 

@@ -10,6 +10,7 @@ example is fast and deterministic.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -24,7 +25,7 @@ from relay.server.broker import Broker
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
-from tests.support import on_each_engine
+from tests.support.engines import on_each_engine
 
 # The default profile replays the same examples every run, so that CI is
 # deterministic; HYPOTHESIS_PROFILE=explore searches afresh and far longer.
@@ -174,7 +175,9 @@ class FuzzTests(unittest.TestCase):
 # request to another backend on the same connection, pipelined (HTTP/1.1) or
 # multiplexed (HTTP/2); and random requests over HTTP/2.
 
-from tests.test_hostile_client import TRUE_ANSWER, H2User, HostileTestCase, http11_responses  # noqa: E402
+from tests.support.hostile import TRUE_ANSWER, HostileTestCase  # noqa: E402
+
+pytestmark = pytest.mark.memory
 
 any_names = st.one_of(
     st.sampled_from(

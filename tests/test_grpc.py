@@ -15,13 +15,14 @@ import os
 import threading
 from concurrent import futures
 
-from twisted.internet import defer, reactor, threads
-from twisted.python.threadpool import ThreadPool
+import pytest
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from tests.support import stalled, started_client
-from tests.test_client_e2e import NAME, Relay
-from tests.test_client_twistd import polling_from, spawn
+from tests.support.client_process import polling_from, spawn
+from tests.support.e2e import NAME, Relay
+from tests.support.grpc_echo import SERVICE, CallThreads, identity, method
 
 try:
     import grpc
@@ -29,19 +30,10 @@ except ImportError as e:  # e.g. on PyPy, which grpcio has no wheels for
     grpc = None
     GRPC_MISSING = "grpcio is not importable (%s)" % (e,)
 
-SERVICE = "relay.test.Echo"
 CALL_TIMEOUT = 20.0
 BIG = 5 * 1024 * 1024
 CUSTOM_TRAILER = ("x-custom-trailer", "trailer value")
 FIREHOSE_LIMIT = 512 * 1024 * 1024
-
-
-def method(name: str) -> str:
-    return "/%s/%s" % (SERVICE, name)
-
-
-def identity(data: bytes) -> bytes:
-    return data
 
 
 class GrpcBackend:
@@ -122,18 +114,7 @@ class GrpcBackend:
             yield message.upper()
 
 
-class CallThreads:
-    """A thread pool for blocking grpcio calls, apart from the reactor's."""
-
-    def __init__(self, test):
-        self.pool = ThreadPool(minthreads=0, maxthreads=32, name="grpc-calls")
-        self.pool.start()
-        test.addCleanup(self.pool.stop)
-
-    def __call__(self, f, *args, **kwargs):
-        return threads.deferToThreadPool(reactor, self.pool, f, *args, **kwargs)
-
-
+@pytest.mark.socket
 class GrpcThroughRelay(unittest.TestCase):
     timeout = 60
 
@@ -312,6 +293,7 @@ class GrpcThroughRelay(unittest.TestCase):
         self.assertEqual(sorted(results), sorted(b"echo:%d" % i for i in range(10)))
 
 
+@pytest.mark.process
 class GrpcThroughTwistd(unittest.TestCase):
     """The same through C{twistd relay-client --force_http2}, as an operator runs it."""
 

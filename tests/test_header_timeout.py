@@ -6,6 +6,7 @@ previous answer, and never while its own request is being answered (a
 long poll may take 30 s).
 """
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
@@ -14,7 +15,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.config import ServerConfig
 from relay.server.site import RelaySite
-from tests.support import on_each_engine
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.memory
 
 TIMEOUT = 30.0
 

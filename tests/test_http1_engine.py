@@ -5,6 +5,7 @@ default and as the flag forces it, on both sides.
 
 import platform
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python import usage
@@ -19,11 +20,12 @@ from relay.server import tap as server_tap
 from relay.server.broker import Broker
 from relay.server.resources import RootResource
 from relay.server.site import RelayChannel, RelaySite
-from tests.support import RelayServer, RawResponse
+from tests.support import RawResponse, RelayServer
 
 needs_httptools = None if http1_engine.available() else "httptools is not installed for this interpreter"
 
 
+@pytest.mark.memory
 class Choice(unittest.TestCase):
     def test_auto_is_httptools_on_cpython_and_twisted_on_pypy(self):
         self.patch(http1_engine, "available", lambda: True)
@@ -63,6 +65,7 @@ def _site(engine: str) -> RelaySite:
     return RelaySite(RootResource(Broker(reactor, config), lambda: b""), config)
 
 
+@pytest.mark.socket
 class ServerEngine(unittest.TestCase):
     def test_twisted_is_twisted_webs_channel(self):
         site = _site("twisted")
@@ -100,6 +103,7 @@ class ServerEngine(unittest.TestCase):
             user.transport.loseConnection()
 
 
+@pytest.mark.memory
 class ClientEngine(unittest.TestCase):
     def test_twisted_is_twisteds_client_protocol(self):
         agent = KeepAliveAgent(reactor, None, engine="twisted")

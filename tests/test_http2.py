@@ -3,80 +3,26 @@ HTTP/2 on the relay's port: prior knowledge (h2c), ALPN over TLS, trailers,
 and garbage where a preface should be. HTTP/1.1 keeps working beside it.
 """
 
-import os
 import shutil
 import subprocess
 import tempfile
 
-import h2.config
-import h2.connection
-import h2.events
-from twisted.internet import defer, protocol, reactor, threads
+import pytest
+from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.trial import unittest
 
 from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
-from tests.support import on_each_engine, raw_connect, RelayServer, server_service
-from tests.test_server import ServerTestCase
+from tests.support import RelayServer, raw_connect, server_service
+from tests.support.cases import ServerTestCase
+from tests.support.h2_peers import H2Client
+from tests.support.tls import make_certificate
+from tests.support.engines import on_each_engine
 
 
-class H2Client(protocol.Protocol):
-    """A minimal HTTP/2 client (prior knowledge) for one request at a time."""
-
-    def __init__(self):
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-        self.responses = {}
-        self.lost = defer.Deferred()
-
-    def connectionMade(self):
-        self.conn.initiate_connection()
-        self.transport.write(self.conn.data_to_send())
-
-    def request(self, method, path, headers=(), body=b""):
-        stream_id = self.conn.get_next_available_stream_id()
-        all_headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "relay")]
-        all_headers += list(headers)
-        self.conn.send_headers(stream_id, all_headers, end_stream=not body)
-        if body:
-            self.conn.send_data(stream_id, body, end_stream=True)
-        self.transport.write(self.conn.data_to_send())
-        state = self.responses[stream_id] = {
-            "headers": None,
-            "data": b"",
-            "trailers": None,
-            "done": defer.Deferred(),
-            "got_data": None,
-        }
-        return stream_id, state
-
-    def dataReceived(self, data):
-        for event in self.conn.receive_data(data):
-            state = self.responses.get(getattr(event, "stream_id", None))
-            if isinstance(event, h2.events.ResponseReceived):
-                state["headers"] = dict(event.headers)
-            elif isinstance(event, h2.events.DataReceived):
-                state["data"] += event.data
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                if state["got_data"] is not None:
-                    d, state["got_data"] = state["got_data"], None
-                    d.callback(None)
-            elif isinstance(event, h2.events.TrailersReceived):
-                state["trailers"] = dict(event.headers)
-            elif isinstance(event, h2.events.StreamEnded):
-                state["done"].callback(state)
-            elif isinstance(event, h2.events.StreamReset):
-                state["done"].errback(AssertionError("stream reset: %r" % (event.error_code,)))
-        self.transport.write(self.conn.data_to_send())
-
-    def connectionLost(self, reason):
-        for state in self.responses.values():
-            if not state["done"].called:
-                state["done"].errback(reason)
-        self.lost.callback(None)
-
-
+@pytest.mark.process
 class H2cTests(ServerTestCase):
     @defer.inlineCallbacks
     def h2_client(self):
@@ -217,43 +163,7 @@ class H2cTests(ServerTestCase):
         self.assertEqual(out, b"ok 2")
 
 
-def make_certificate(directory):
-    """A self-signed certificate for 127.0.0.1, with cryptography."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path = os.path.join(directory, "key.pem")
-    cert_path = os.path.join(directory, "cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
+@pytest.mark.process
 class TLSTests(unittest.TestCase):
     timeout = 30
 
@@ -280,6 +190,7 @@ class TLSTests(unittest.TestCase):
             self.assertEqual(out, b"ok " + version)
 
 
+@pytest.mark.socket
 class H2BodyLimitTests(unittest.TestCase):
     timeout = 30
 
@@ -298,12 +209,13 @@ class H2BodyLimitTests(unittest.TestCase):
         self.assertEqual(server.broker.requests, {})
 
 
+@pytest.mark.socket
 class H2PollConnectionDies(ServerTestCase):
     """A poll answered over h2c whose connection dies with bytes unacknowledged."""
 
     @defer.inlineCallbacks
     def test_the_user_gets_a_502_at_once(self):
-        from relay.tuning.liveness import RESET, Death
+        from relay.net.liveness import RESET, Death
 
         class Dying:
             # The kernel's report for this connection, made up: on loopback

@@ -9,18 +9,23 @@ it.
 
 import os
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 
-from relay.logs import connect_quietly, text_line
+from relay.logs import text_line
+from relay.net.transport import connect_quietly
 from relay.server.broker import Broker
-from tests.support import FakeRelayClient, on_each_engine, RelayServer, started_client, tick
-from tests.test_broken_off import CHUNKED_HEAD, RawBackend
-from tests.test_client_e2e import Backend, RawUser, Relay, make_frame, open_websocket, parse_frame
+from tests.support import FakeRelayClient, RawResponse, RelayServer, started_client, tick
+from tests.support.e2e import CHUNKED_HEAD, Backend, RawBackend, RawUser, Relay, make_frame, open_websocket, parse_frame
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.socket
 
 NAME = "robot"
 
@@ -64,7 +69,10 @@ class EndToEndVolume(unittest.TestCase):
         self.backend = Backend()  # the test's backend, before we listen
         self.addCleanup(self.backend.stop)
         self.log = InfoLines(self)
-        self.relay = Relay(header_timeout=0.3)
+        # The header timeout on a clock of the test's: an idle connection
+        # is cut when the test says, not after a real wait.
+        self.clock = Clock()
+        self.relay = Relay(header_timeout=0.3, clock=self.clock)
         self.addCleanup(lambda: self.relay.stop())
         self.users = user_pool()
         self.addCleanup(self.users.closeCachedConnections)
@@ -101,13 +109,15 @@ class EndToEndVolume(unittest.TestCase):
         ]:
             resp = yield treq.request(method, self.relay.base + path, pool=self.users)
             yield resp.content()
-        # Idle keep-alive connections reach the header timeout (0.3 s here).
+        # An idle keep-alive connection reaches the header timeout (0.3 s here).
         yield self.users.closeCachedConnections()
-        idle = user_pool()
-        self.addCleanup(idle.closeCachedConnections)
-        resp = yield treq.get(self.relay.base + "/healthz", pool=idle)
-        yield resp.content()
-        yield tick(0.6)
+        idle = RawResponse()
+        yield connect_quietly(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), idle)
+        self.addCleanup(idle.transport.abortConnection)
+        idle.transport.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        yield idle.wait_for(b"\r\n\r\nok")
+        self.clock.advance(0.3)
+        yield idle.ended
         self.assertEqual(self.log.since(mark), [])
 
     def test_no_python_reprs(self):
@@ -223,6 +233,7 @@ class FirstPollTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_only_the_first_poll_of_a_name_is_logged_until_it_is_forgotten(self):
         from twisted.internet.task import Clock
+
         from relay.server.broker import POLL_TIMEOUT
 
         clock = Clock()
@@ -294,7 +305,7 @@ class QuietFactoryTests(unittest.TestCase):
 
         import relay
         from relay.client.keepalive import _ConnectionFactory
-        from relay.logs import _OneShotFactory
+        from relay.net.transport import _OneShotFactory
         from relay.server.site import RelaySite
 
         root = os.path.dirname(relay.__file__)

@@ -4,10 +4,13 @@ import io
 import json
 import re
 
+import pytest
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial import unittest
 
 from relay.logs import make_observer
+
+pytestmark = pytest.mark.memory
 
 
 class LogTests(unittest.TestCase):
@@ -91,8 +94,8 @@ class LogTests(unittest.TestCase):
         self.assertIn("ValueError: bad\\r\\x1b[2K", line)
 
     def test_twisteds_info_lines_go_to_debug_in_our_subclasses(self):
-        from relay.server.h2 import RelayH2Connection
         from relay.logs import DebugInfoLogger
+        from relay.server.h2 import RelayH2Connection
         from relay.server.site import RelayChannel, RelayRequest
 
         for cls in (RelayRequest, RelayChannel, RelayH2Connection):

@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -25,7 +26,8 @@ from relay.server.broker import POLL_TIMEOUT
 from relay.server.metrics import RelayMetrics
 from relay.server.service import REAP_INTERVAL
 from tests.fixtures.capture_go_metrics import INACTIVE_REQUEST_TIMEOUT, series
-from tests.support import FakeRelayClient, on_each_engine, RelayServer
+from tests.support import FakeRelayClient, RelayServer
+from tests.support.engines import on_each_engine
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "go_metrics.txt")
 
@@ -105,6 +107,7 @@ class MetricsTestCase(unittest.TestCase):
         return self.relay_client.post(HttpResponse(id=name + ":" + "0" * 32, status_code=200, eof=True))
 
 
+@pytest.mark.socket
 class GoParityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_names_and_label_sets_match_the_go_server(self):
@@ -147,6 +150,7 @@ class GoParityTests(MetricsTestCase):
         self.assertIn('broker_requests{backend="robot1",method="client"} 1\n', text)
 
 
+@pytest.mark.socket
 class CardinalityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_made_up_ids_add_no_series(self):
@@ -202,8 +206,8 @@ class CardinalityTests(MetricsTestCase):
         self.assertEqual(before, after)
 
     def test_forgotten_backends_take_their_series_with_them(self):
-        from relay.server.broker import Broker
         from relay.proto.http_relay_pb2 import HttpRequest
+        from relay.server.broker import Broker
 
         clock = Clock()
         metrics = RelayMetrics(process=False)
@@ -232,6 +236,7 @@ class _Sink:
         pass
 
 
+@pytest.mark.memory
 class NumberFormatTests(unittest.TestCase):
     def test_numbers_as_client_golang_writes_them(self):
         """Values as they appeared on the Go server's /metrics page."""

@@ -1,11 +1,14 @@
 """Flags: Go spellings, dashed forms, Go durations, endpoints, help text."""
 
+import pytest
 from twisted.logger import LogLevel
 from twisted.python import usage
 from twisted.trial import unittest
 
 from relay.durations import format_duration, parse_duration
 from relay.server.tap import Options
+
+pytestmark = pytest.mark.memory
 
 
 class OptionsTests(unittest.TestCase):

@@ -4,6 +4,7 @@ in a row take a peer out of the ring, one success brings it back, and a
 check never hangs or piles up.
 """
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
@@ -15,6 +16,7 @@ from relay.server.peers import CHECK_TIMEOUT, PeerHealth, healthz_probe
 from relay.server.ring import Ring
 
 
+@pytest.mark.memory
 class PeerHealthTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.answers = {}
@@ -96,6 +98,7 @@ class Healthz(Resource):
         return b"ok"
 
 
+@pytest.mark.socket
 class ProbeTests(unittest.TestCase):
     """The probe against real loopback servers."""
 
@@ -118,6 +121,7 @@ class ProbeTests(unittest.TestCase):
         self.assertIs((yield healthz_probe(reactor)(address)), False)
 
 
+@pytest.mark.memory
 class ProbeTimeoutTests(unittest.SynchronousTestCase):
     def test_no_answer_is_down_after_the_timeout(self):
         clock = MemoryReactorClock()

@@ -8,11 +8,14 @@ import shutil
 import subprocess
 import tempfile
 
+import pytest
 from google.protobuf import descriptor_pb2
 from twisted.trial import unittest
 
 from relay.proto import http_relay_pb2
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+
+pytestmark = pytest.mark.process
 
 PROTO_DIR = os.path.dirname(http_relay_pb2.__file__)
 

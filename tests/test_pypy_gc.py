@@ -2,10 +2,13 @@
 
 import platform
 
+import pytest
 from twisted.logger import Logger, eventAsText
 from twisted.trial import unittest
 
 from relay.tuning import pypy_gc
+
+pytestmark = pytest.mark.memory
 
 
 class NurseryAdviceTests(unittest.TestCase):

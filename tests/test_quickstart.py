@@ -25,14 +25,18 @@ import shlex
 import shutil
 import signal
 import site
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 
+import pytest
 from twisted.trial import unittest
+
+from tests.support.ports import reserve_ports
+
+pytestmark = pytest.mark.process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MARKED = re.compile(r"<!--\s*quickstart:(\S+)\s*-->\s*\n```[a-z]*\n(.*?)\n```", re.S)
@@ -69,12 +73,6 @@ def commands(block: str):
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ParsingTests(unittest.SynchronousTestCase):
     def test_commands(self):
         block = "a -x && b y \\\n    z &   # note\ncurl -i 'u v'"
@@ -105,7 +103,8 @@ class QuickStartTest(unittest.SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.folder, True)
         self.checkout = os.path.join(self.folder, "relay")
         shutil.copytree(ROOT, self.checkout, ignore=_IGNORE)
-        self.ports = {"8080": str(free_port()), "8000": str(free_port())}
+        server_port, backend_port = reserve_ports(self, 2)
+        self.ports = {"8080": str(server_port), "8000": str(backend_port)}
         self.env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         self.env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         self.background = []

@@ -10,11 +10,12 @@ two or three real servers on 127.0.0.1 in this process.
 
 import os
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
-from twisted.python import usage
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
@@ -23,7 +24,9 @@ from relay.headers import FORWARDED_BY
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server import tap
 from relay.server.auth import AccessPolicy, UserTokens, token_hash
-from relay.server.broker import Broker, Overloaded, RequestIds, issuing_replica
+from relay.server.broker import Broker
+from relay.server.errors import Overloaded
+from relay.server.ids import RequestIds, issuing_replica
 from relay.server.peers import healthz_probe
 from relay.server.ring import Ring
 from relay.server.routing import Routing, find_self, replica_list
@@ -32,13 +35,13 @@ from tests.support import (
     InMemoryRelay,
     RelayServer,
     dechunk,
-    free_port,
     head_and_body,
     raw_user,
-    on_each_engine,
 )
-from tests.process import ROOT
-from tests.test_startup import run_all, scratch
+from tests.support.ports import reserve_ports
+from tests.support.process import ROOT, run_all, scratch
+from tests.support.ring import name_owned_by
+from tests.support.engines import on_each_engine
 
 PEERS = ["relay-0.relay:80", "relay-1.relay:80", "relay-2.relay:80"]
 
@@ -52,11 +55,7 @@ def headers_of(message):
     return {h.name: h.value for h in message.header}
 
 
-def name_owned_by(peers, owner, usable=lambda peer: True):
-    ring = Ring(peers)
-    return next(n for n in ("robot-%d" % i for i in range(1000)) if ring.owner(n, usable) == owner)
-
-
+@pytest.mark.memory
 class PeerListTests(unittest.SynchronousTestCase):
     def test_the_list_keeps_its_order(self):
         self.assertEqual(replica_list(" b:1, a:2 ,c:3"), ["b:1", "a:2", "c:3"])
@@ -101,6 +100,7 @@ class PeerListTests(unittest.SynchronousTestCase):
             self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
 
 
+@pytest.mark.process
 class StartupErrorTests(unittest.TestCase):
     timeout = 120
 
@@ -124,6 +124,7 @@ class StartupErrorTests(unittest.TestCase):
             self.assertRegex(lines[0], pattern)
 
 
+@pytest.mark.memory
 class RoutingRuleTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.down = set()
@@ -176,6 +177,7 @@ def lone_replica():
     return Routing(["relay:80"], "relay:80", lambda peer: True, None, None)
 
 
+@pytest.mark.memory
 class MoveWaitTests(unittest.SynchronousTestCase):
     """A request for a name no relay-client polls for yet waits for its first poll."""
 
@@ -227,6 +229,7 @@ class MoveWaitTests(unittest.SynchronousTestCase):
         self.assertEqual(response.code, 503)
 
 
+@pytest.mark.memory
 class ArrivalTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -259,7 +262,7 @@ class Replicas:
 
     def __init__(self, test, count: int, **fields):
         self.clock = Clock()
-        ports = [free_port() for _ in range(count)]
+        ports = reserve_ports(test, count)
         self.peers = ["127.0.0.1:%d" % port for port in ports]
         self.servers = []
         for port, peer in zip(ports, self.peers):
@@ -271,6 +274,7 @@ class Replicas:
         return name_owned_by(self.peers, self.peers[index])
 
 
+@pytest.mark.socket
 class ForwardingTests(unittest.TestCase):
     """Two real replicas: A owns the name, B gets the calls it should not."""
 
@@ -392,7 +396,7 @@ class ForwardingTests(unittest.TestCase):
 
     def replica_of_a_dead_owner(self, **kwargs):
         """A replica whose one peer is gone, and a name that peer owns."""
-        peers = ["127.0.0.1:%d" % free_port(), "127.0.0.1:%d" % free_port()]
+        peers = ["127.0.0.1:%d" % port for port in reserve_ports(self, 2)]
         server = RelayServer(
             int(peers[1].rpartition(":")[2]), peers=",".join(peers), peer_self=peers[1], clock=Clock(), **kwargs
         )
@@ -424,6 +428,7 @@ class ForwardingTests(unittest.TestCase):
         self.assertTrue(bytes(allowed.data).startswith(b"HTTP/1.1 502 "), bytes(allowed.data))
 
 
+@pytest.mark.socket
 class ThreeReplicasTests(unittest.TestCase):
     timeout = 20
 
@@ -447,6 +452,7 @@ class ThreeReplicasTests(unittest.TestCase):
                 self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "))
 
 
+@pytest.mark.socket
 class QuietChecksTests(unittest.TestCase):
     timeout = 20
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 import treq
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -34,18 +35,21 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from relay.server.ring import Ring
+from tests.support import FakeRelayClient, client_service, tick
+from tests.support.e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
+from tests.support.go import GO_CLIENT, go_binary
+from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
+from tests.support.ports import reserve_ports
+from tests.support.process import ChildProcess, TwistdProcess
 
-from tests.nginx_site import REPLICAS_SITE, NginxSite, find_nginx
-from tests.process import ChildProcess, TwistdProcess
-from tests.support import FakeRelayClient, client_service, free_port, tick
-from tests.test_client_e2e import Collect, Sniffer, WebSocketEcho, make_frame, open_websocket, parse_frame
-from tests.test_rolling_deploy import GO_CLIENT
+pytestmark = pytest.mark.process
 
 try:
-    import grpc
     from concurrent import futures
 
-    from tests.test_grpc import SERVICE, CallThreads, identity, method
+    import grpc
+
+    from tests.support.grpc_echo import SERVICE, CallThreads, identity, method
 except ImportError:  # e.g. on PyPy, which grpcio has no wheels for
     grpc = None
 
@@ -171,6 +175,7 @@ class ReplicasBehindNginx(unittest.TestCase):
         nginx = find_nginx()
         if nginx is None:
             raise unittest.SkipTest("nginx is not installed (.ci/run installs Debian's nginx-light)")
+        go_binary(GO_CLIENT)  # half the names are served by the Go relay-client
         self.grpc_names = GRPC_NAMES if grpc is not None else []
         self.names = HTTP_NAMES + self.grpc_names
         self.users = HTTPConnectionPool(reactor, persistent=False)
@@ -182,7 +187,7 @@ class ReplicasBehindNginx(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start(self, nginx):
-        ports = [free_port() for _ in range(REPLICAS)]
+        ports = reserve_ports(self, REPLICAS)
         self.peers = ["127.0.0.1:%d" % port for port in ports]
         self.ring = Ring(self.peers)
         self.replicas = {}
@@ -204,7 +209,7 @@ class ReplicasBehindNginx(unittest.TestCase):
 
         folder = tempfile.mkdtemp(prefix="relay-replicas-")
         self.addCleanup(shutil.rmtree, folder, True)
-        self.http_port, self.h2c_port = free_port(), free_port()
+        self.http_port, self.h2c_port = reserve_ports(self, 2)
         conf = NginxSite(REPLICAS_SITE).plain_http(folder, self.http_port, self.h2c_port, self.peers)
         for upstream in ("relay", "relay_grpc"):
             self.assertEqual(NginxSite(conf).upstream_servers(upstream), self.peers)
@@ -233,7 +238,7 @@ class ReplicasBehindNginx(unittest.TestCase):
 
     def serve(self, name: str, backend_address: str, grpc_backend: bool = False):
         relay_address = "127.0.0.1:%d" % self.http_port
-        if name.startswith("go-") and os.access(GO_CLIENT, os.X_OK):
+        if name.startswith("go-"):
             argv = [
                 GO_CLIENT,
                 "--backend_scheme=http",

@@ -6,9 +6,12 @@ replicas the first byte names the replica that issued the id
 
 import re
 
+import pytest
 from twisted.trial import unittest
 
-from relay.server.broker import RequestIds, issuing_replica
+from relay.server.ids import RequestIds, issuing_replica
+
+pytestmark = pytest.mark.memory
 
 GO_ID = re.compile(r"[^:]+:[0-9a-f]{32}")
 

@@ -14,11 +14,14 @@ import tempfile
 import time
 import zlib
 
+import pytest
 from twisted.trial import unittest
 
 from relay.server.ring import Ring, _host_and_port
+from tests.support.ports import reserve_ports
 
 
+@pytest.mark.memory
 class RingTests(unittest.SynchronousTestCase):
     def test_same_servers_same_owners(self):
         servers = ["relay-0.relay:8080", "relay-1.relay:8080", "relay-2.relay:8080"]
@@ -67,16 +70,7 @@ class RingTests(unittest.SynchronousTestCase):
         self.assertEqual(len(ring._hashes), 160)
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
+@pytest.mark.process
 class AgreesWithNginx(unittest.SynchronousTestCase):
     KEYS = 2000
 
@@ -87,7 +81,7 @@ class AgreesWithNginx(unittest.SynchronousTestCase):
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
         if nginx is None:
             raise unittest.SkipTest("nginx is not installed (.ci/run installs Debian's nginx-light)")
-        front, *upstreams = _free_ports(4)
+        front, *upstreams = reserve_ports(self, 4)
         self.front = front
         self.servers = ["127.0.0.1:%d" % p for p in upstreams]
         folder = tempfile.mkdtemp(prefix="relay-ring-")

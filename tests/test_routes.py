@@ -9,54 +9,21 @@ the point (streaming, aborted connections, 101 pipes).
 
 import os
 
+import pytest
 from twisted.trial import unittest
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT
-from tests.support import InMemoryRelay, on_each_engine
+from tests.support.cases import RouteTestCase
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.memory
 
 GO_ERROR_HEADERS = {
     b"content-type": [b"text/plain; charset=utf-8"],
     b"x-content-type-options": [b"nosniff"],
 }
 REQUEST_CONTENT_TYPE = b"application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpRequest"
-
-
-class RouteTestCase(unittest.SynchronousTestCase):
-    def setUp(self):
-        self.relay = InMemoryRelay()
-
-    def answer(self, d):
-        """C{(response, body)} of a request that has been answered."""
-        response = self.successResultOf(d)
-        return response, self.successResultOf(self.relay.content(response))
-
-    def known(self, name="robot"):
-        """A relay-client polls once and times out, making C{name} known."""
-        poll = self.relay.get("/server/request?server=" + name)
-        self.assertNoResult(poll)
-        self.relay.advance(POLL_TIMEOUT)
-        response, _ = self.answer(poll)
-        self.assertEqual(response.code, 408)
-
-    def relayed(self, path, name="robot", method="GET", **kwargs):
-        """A user request picked up by a poll: C{(user Deferred, HttpRequest)}."""
-        poll = self.relay.get("/server/request?server=" + name)
-        user = self.relay.request(method, path, **kwargs)
-        response, body = self.answer(poll)
-        self.assertEqual(response.code, 200)
-        message = HttpRequest()
-        message.ParseFromString(body)
-        return user, message
-
-    def respond(self, message: HttpResponse):
-        return self.answer(self.relay.post("/server/response", message.SerializeToString()))
-
-    def respond_with(self, request_id, status=200, body=b"", headers=()):
-        message = HttpResponse(id=request_id, status_code=status, body=body, eof=True)
-        for name, value in headers:
-            message.header.add(name=name, value=value)
-        return self.respond(message)
 
 
 class OperationsTests(RouteTestCase):

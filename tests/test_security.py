@@ -15,6 +15,7 @@ import tempfile
 
 import h2.config
 import h2.connection
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -25,20 +26,14 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
-from relay.server.tap import port_endpoint
-from tests.support import (
-    dechunk,
-    FakeRelayClient,
-    head_and_body,
-    on_each_engine,
-    raw_connect,
-    RelayServer,
-    server_service,
-    tick,
-)
-from tests.test_access import write
-from tests.test_http2 import H2Client
-from tests.test_server import ServerTestCase
+from relay.options import port_endpoint
+from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, run_clock_until, server_service, tick
+from tests.support.cases import ServerTestCase
+from tests.support.files import write
+from tests.support.h2_peers import H2Client
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.socket
 
 FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 
@@ -279,12 +274,17 @@ class DotSegmentTests(ServerTestCase):
 
 
 class H2SlowlorisTests(unittest.TestCase):
-    """Defect 8: --header_timeout applies to HTTP/2 connections too."""
+    """
+    Defect 8: --header_timeout applies to HTTP/2 connections too. The
+    header timer runs on the server's clock, which the tests step; real
+    sockets carry the frames, a reactor turn after each step.
+    """
 
     timeout = 30
 
     def setUp(self):
-        self.server = RelayServer(clock=Clock(), header_timeout=0.3)
+        self.clock = Clock()
+        self.server = RelayServer(clock=self.clock, header_timeout=0.3)
         self.addCleanup(self.server.stop)
 
     @defer.inlineCallbacks
@@ -299,13 +299,15 @@ class H2SlowlorisTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_pings_do_not_keep_an_idle_connection(self):
         conn, user = yield self.h2_raw()
-        started = reactor.seconds()
-        while not user.ended.called and reactor.seconds() - started < 5:
-            conn.ping(b"12345678")
+        # A PING every 0.1 s of the server's clock, each answered before the
+        # clock moves on: the header timer still cuts the connection at 0.3.
+        for n in range(3):
+            payload = b"ping%04d" % (n,)
+            conn.ping(payload)
             user.transport.write(conn.data_to_send())
-            yield tick(0.05)
-        self.assertTrue(user.ended.called, "PINGs kept the connection open")
-        self.assertLess(reactor.seconds() - started, 3)
+            yield within(user.wait_for(payload))
+            self.clock.advance(0.1)
+        yield within(user.ended).addErrback(lambda f: self.fail("PINGs kept the connection open"))
 
     @defer.inlineCallbacks
     def test_unfinished_header_block_is_cut_off(self):
@@ -315,10 +317,10 @@ class H2SlowlorisTests(unittest.TestCase):
         frame = struct.pack(">I", len(payload))[1:] + b"\x01\x00" + struct.pack(">I", 1) + payload
         # (Any other frame now would be a protocol error: the peer just waits.)
         user.transport.write(frame)
-        started = reactor.seconds()
-        while not user.ended.called and reactor.seconds() - started < 3:
-            yield tick(0.05)
-        self.assertTrue(user.ended.called, "a header block never finished kept the connection open")
+        try:
+            yield run_clock_until(self.clock, user.ended, step=0.05, limit=3.0)
+        except AssertionError:
+            self.fail("a header block never finished kept the connection open")
 
     @defer.inlineCallbacks
     def test_half_sent_headers_frame_is_cut_off_while_another_stream_is_open(self):
@@ -328,13 +330,14 @@ class H2SlowlorisTests(unittest.TestCase):
         self.server.broker.get_request("robot").addErrback(lambda f: None)
         _, state = client.request("GET", "/client/robot/slow")
         state["done"].addErrback(lambda f: None)  # it ends with the connection
-        yield tick(0.1)
+        # Stream 1 is open: its request waits at the broker.
+        yield within(self.server.when(lambda: self.server.broker.requests))
         # A HEADERS frame on stream 3 announcing 100 bytes, 3 of which come.
         client.transport.write(struct.pack(">I", 100)[1:] + b"\x01\x04" + struct.pack(">I", 3) + b"\x82\x86\x84")
-        started = reactor.seconds()
-        while not client.lost.called and reactor.seconds() - started < 3:
-            yield tick(0.05)
-        self.assertTrue(client.lost.called, "a half-sent HEADERS frame kept the connection open")
+        try:
+            yield run_clock_until(self.clock, client.lost, step=0.05, limit=3.0)
+        except AssertionError:
+            self.fail("a half-sent HEADERS frame kept the connection open")
 
     @defer.inlineCallbacks
     def test_an_open_stream_is_not_a_slow_header(self):
@@ -343,9 +346,13 @@ class H2SlowlorisTests(unittest.TestCase):
         self.addCleanup(lambda: (client.transport.loseConnection(), client.lost)[1])
         self.server.broker.get_request("robot").addErrback(lambda f: None)
         _, state = client.request("GET", "/client/robot/slow")
-        yield tick(0.8)
-        self.assertFalse(client.lost.called)
+        yield within(self.server.when(lambda: self.server.broker.requests))
         (pending,) = self.server.broker.requests.values()
+        # Well past the header timeout, a reactor turn after each step.
+        for _ in range(16):
+            self.clock.advance(0.05)
+            yield tick(0)
+        self.assertFalse(client.lost.called)
         self.server.broker.send_response(HttpResponse(id=pending.id, status_code=200, body=b"late", eof=True))
         yield within(state["done"])
         self.assertEqual(state["data"], b"late")

@@ -10,70 +10,17 @@ L{Clock} the tests advance.
 
 import socket
 
+import pytest
 import treq
-from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
-from twisted.trial import unittest
-from twisted.web.client import HTTPConnectionPool
+from twisted.internet import defer
 
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.server.broker import POLL_TIMEOUT, STREAM_POLL_TIMEOUT
-from tests.support import dechunk, FakeRelayClient, head_and_body, on_each_engine, raw_connect, RelayServer
+from relay.server.pending import STREAM_POLL_TIMEOUT
+from tests.support import dechunk, head_and_body, raw_connect
+from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
 
-class ServerTestCase(unittest.TestCase):
-    timeout = 30
-
-    def setUp(self):
-        self.clock = Clock()
-        self.server = RelayServer(clock=self.clock)
-        self.relay_client = FakeRelayClient(self.server)
-        self.users = HTTPConnectionPool(reactor, persistent=True)
-        self.addCleanup(self.users.closeCachedConnections)
-        self.addCleanup(self.relay_client.close)
-        self.addCleanup(self.server.stop)
-
-    def get(self, path, **kw):
-        return treq.get(self.server.url(path), pool=self.users, **kw)
-
-    def request(self, method, path, **kw):
-        return treq.request(method, self.server.url(path), pool=self.users, **kw)
-
-    def polling(self, name="robot"):
-        """Fires once a relay-client's long poll for C{name} waits at the server."""
-        return self.server.polling(name)
-
-    @defer.inlineCallbacks
-    def raw_relayed(self, head: bytes, name="robot"):
-        """
-        A raw-socket user sends C{head} once a poll for C{name} waits, and
-        the poll picks it up: C{(the user's RawResponse, HttpRequest)}.
-        """
-        poll = self.relay_client.poll(name)
-        yield self.polling(name)
-        user = yield raw_connect(self.server.port)
-        user.transport.write(head)
-        code, message = yield poll
-        self.assertEqual(code, 200)
-        return user, message
-
-    @defer.inlineCallbacks
-    def known(self, name="robot"):
-        """A relay-client polls once (and times out), making C{name} known."""
-        poll = self.relay_client.poll(name)
-        yield self.polling(name)
-        self.clock.advance(POLL_TIMEOUT)
-        code, _ = yield poll
-        self.assertEqual(code, 408)
-
-    @defer.inlineCallbacks
-    def relayed(self, path, method="GET", name="robot", **kw):
-        """Start a user request and pick it up: C{(user Deferred, HttpRequest)}."""
-        poll = self.relay_client.poll(name)
-        yield self.polling(name)
-        user = self.request(method, path, **kw)
-        code, message = yield poll
-        self.assertEqual(code, 200)
-        return user, message
+pytestmark = pytest.mark.socket
 
 
 class ConnectionSettingsTests(ServerTestCase):

@@ -14,46 +14,22 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 
+import pytest
 from twisted.internet import error as net_error
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay.client import tap as client_tap
-from relay.server import tap
+from relay.server import tac, tap
 from relay.startup import listen_error
-from tests.process import ROOT, twistd_argv
+from tests.support.process import ROOT, environ, run_all, scratch, twistd_argv
+
+pytestmark = pytest.mark.process
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-
-
-def environ(**extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def run_all(cases, cwd, timeout=120):
-    """Run C{[(args, env)]} under twistd at once; C{[(returncode, stderr text)]}."""
-    procs = [
-        subprocess.Popen(
-            twistd_argv() + args,
-            cwd=cwd,
-            env=environ(**env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for args, env in cases
-    ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        results.append((p.returncode, (out + err).decode("utf-8", "replace")))
-    return results
 
 
 def go_flags(name: str):
@@ -65,13 +41,6 @@ def go_flags(name: str):
             if m:
                 flags.append((m.group(1), m.group(2) or "bool"))
     return flags
-
-
-def scratch(test) -> str:
-    """An empty folder outside the checkout, removed after the test."""
-    path = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 SAMPLE = {"int": "7", "string": "x", "duration": "90s", "bool": None}
@@ -125,8 +94,28 @@ class OneLineErrors(unittest.TestCase):
             (client + ["--preserve_host=maybe"], r"^twistd relay-client: --preserve_host=maybe: .*true or false"),
             (["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")], r"^relay\.tac: RELAY_PORT=abc: .*use e\.g\. RELAY_PORT=8080"),
             (["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")], r"^relay\.tac: RELAY_HEADER_TIMEOUT=-1: a duration must be above 0"),
+            (
+                ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
+                r"^relay\.tac: RELAY_MAX_BACKEND=5: not a relay\.tac variable .*; did you mean RELAY_MAX_BACKENDS\?$",
+            ),
+            (
+                ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
+                r"^relay\.tac: RELAY_INSPECT_HEADERS=maybe: use 1, true or yes to turn it on; 0, false, no or unset for off$",
+            ),
+            # Typed by hand, not Kubernetes' service link (which comes with RELAY_PORT_8080_TCP).
+            (
+                ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
+                r"^relay\.tac: RELAY_PORT=tcp://0\.0\.0\.0:8080: not a valid endpoint string",
+            ),
         ]
-        envs = [{}] * (len(cases) - 2) + [{"RELAY_PORT": "abc"}, {"RELAY_HEADER_TIMEOUT": "-1"}]
+        tac_envs = [
+            {"RELAY_PORT": "abc"},
+            {"RELAY_HEADER_TIMEOUT": "-1"},
+            {"RELAY_MAX_BACKEND": "5"},
+            {"RELAY_INSPECT_HEADERS": "maybe"},
+            {"RELAY_PORT": "tcp://0.0.0.0:8080"},
+        ]
+        envs = [{}] * (len(cases) - len(tac_envs)) + tac_envs
         results = run_all([(args, env) for (args, _), env in zip(cases, envs)], cwd)
         for (args, pattern), (code, output) in zip(cases, results):
             with self.subTest(args=args):
@@ -255,11 +244,90 @@ class TacFile(unittest.TestCase):
     timeout = 120
 
     def test_documents_every_variable(self):
+        """The comment lists exactly the variables the option table gives, in its order."""
         with open(os.path.join(ROOT, "relay.tac")) as f:
-            text = f.read()
-        for name in tap.Options.optParameters:
-            self.assertIn("#   RELAY_%s " % (name[0].upper().replace("-", "_"),), text)
-        self.assertIn("#   RELAY_LOG_FILE ", text)
+            listed = re.findall(r"^#   (RELAY_[A-Z_]+) ", f.read(), re.M)
+        self.assertEqual(listed, list(tac.variables()) + [tac.LOG_FILE])
+        self.assertEqual(len(listed), len(tap.Options.optParameters) + len(tap.Options.optFlags) + 1)
+        self.assertIn("RELAY_TRACE_STACKDRIVER_PROJECT_ID", listed)
+
+    def test_kubernetes_service_links_ignored(self):
+        """A Service named relay (and relay-server) in the pod's namespace, as Kubernetes injects them."""
+        links = {
+            "RELAY_SERVICE_HOST": "10.0.0.1",
+            "RELAY_SERVICE_PORT": "80",
+            "RELAY_SERVICE_PORT_HTTP": "80",
+            "RELAY_PORT": "tcp://10.0.0.1:80",
+            "RELAY_PORT_80_TCP": "tcp://10.0.0.1:80",
+            "RELAY_PORT_80_TCP_PROTO": "tcp",
+            "RELAY_PORT_80_TCP_PORT": "80",
+            "RELAY_PORT_80_TCP_ADDR": "10.0.0.1",
+            "RELAY_SERVER_SERVICE_HOST": "10.0.0.2",
+            "RELAY_SERVER_PORT": "tcp://[fd00::2]:8080",
+            "RELAY_SERVER_PORT_8080_TCP": "tcp://[fd00::2]:8080",
+        }
+        self.assertEqual(tac.flags(links), ([], ["RELAY_PORT"]))
+        # The operator's own RELAY_PORT (in the container's env, it replaces the link).
+        self.assertEqual(tac.flags(dict(links, RELAY_PORT="8080")), (["--port=8080"], []))
+        options = tac.options_from(dict(links, RELAY_MAX_BACKENDS="7"), [])
+        self.assertEqual(options.config.port, "80")
+        self.assertEqual(options.config.max_backends, 7)
+
+    def test_on_off_variables(self):
+        for value, argv in (("1", ["--inspect_headers"]), ("TRUE", ["--inspect_headers"]), ("yes", ["--inspect_headers"]),
+                            ("0", []), ("false", []), ("no", []), ("", [])):
+            with self.subTest(value=value):
+                self.assertEqual(tac.flags({"RELAY_INSPECT_HEADERS": value, "RELAY_ADMIN_PORT": "0"})[0],
+                                 ["--admin_port=0"] + argv)
+        with self.assertRaises(SystemExit) as caught:
+            tac.options_from({"RELAY_INSPECT_HEADERS": "on"}, [])
+        self.assertEqual(str(caught.exception),
+                         "relay.tac: RELAY_INSPECT_HEADERS=on: use 1, true or yes to turn it on; 0, false, no or unset for off")
+
+    def test_unknown_variable(self):
+        with self.assertRaises(SystemExit) as caught:
+            tac.options_from({"RELAY_PORT": "8080", "RELAY_DRAIN_GRACE_PERIOD": "5s"}, [])
+        self.assertEqual(
+            str(caught.exception),
+            "relay.tac: RELAY_DRAIN_GRACE_PERIOD=5s: not a relay.tac variable (the comment at the top of "
+            "relay.tac lists them); did you mean RELAY_DRAIN_GRACE?",
+        )
+        # RELAY_X_PORT=tcp://... without Kubernetes' twin RELAY_X_PORT_N_TCP is not a link.
+        with self.assertRaises(SystemExit):
+            tac.options_from({"RELAY_PEER_PORT": "tcp://10.0.0.1:80"}, [])
+
+    def test_service_link_warning(self):
+        """Under the real twistd: the link on a flag's variable is ignored with one WARN line naming it."""
+        link = "tcp://10.0.0.2:8081"
+        run = subprocess.Popen(
+            twistd_argv() + ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
+            cwd=scratch(self),
+            env=environ(
+                RELAY_PORT="tcp:0:interface=127.0.0.1",
+                RELAY_DRAIN_GRACE="0",
+                RELAY_ADMIN_PORT=link,
+                RELAY_ADMIN_PORT_8081_TCP=link,
+                RELAY_ADMIN_PORT_8081_TCP_ADDR="10.0.0.2",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        lines = []
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                line = run.stdout.readline().decode()
+                lines.append(line)
+                if not line or "Ignoring RELAY_ADMIN_PORT" in line:
+                    break
+        finally:
+            run.terminate()
+            rest = run.communicate(timeout=60)[0].decode()
+        [warning] = [json.loads(line) for line in lines + rest.splitlines() if "RELAY_ADMIN_PORT" in line]
+        self.assertEqual(warning["level"], "WARN")
+        self.assertEqual(warning["variable"], "RELAY_ADMIN_PORT")
+        self.assertIn("Service named relay-admin", warning["msg"])
+        self.assertNotIn("Admin view listening", "".join(lines) + rest)
 
     def test_daemonized_logs_to_logfile(self):
         cwd = scratch(self)

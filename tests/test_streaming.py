@@ -7,6 +7,7 @@ server's peak RSS grows by far less than what went through it.
 
 import hashlib
 
+import pytest
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -15,8 +16,11 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
-from tests.process import TwistdProcess
-from tests.support import on_each_engine, rss_peak_kib
+from tests.support import rss_peak_kib
+from tests.support.process import TwistdProcess
+from tests.support.engines import on_each_engine
+
+pytestmark = pytest.mark.process
 
 MiB = 1024 * 1024
 TOTAL = 256 * MiB

@@ -16,10 +16,11 @@ import uuid
 from collections import Counter
 from typing import Dict, List
 
+import pytest
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -27,13 +28,14 @@ from twisted.web.server import Site
 
 from relay.config import ClientConfig, ServerConfig
 from relay.tracing import plan
-from tests.process import ROOT, TwistdProcess
-from tests.support import free_port, on_each_engine
-from tests.test_replicas import name_owned_by
+from tests.support.go import GO_CLIENT, GO_SERVER, go_binary
+from tests.support.ports import reserve_port, reserve_ports
+from tests.support.process import ROOT, TwistdProcess
+from tests.support.ring import name_owned_by
+from tests.support.engines import on_each_engine
 
-GO = os.path.join(os.path.dirname(ROOT), "shared", "reference-go")
-GO_SERVER = os.path.join(GO, "http-relay-server")
-GO_CLIENT = os.path.join(GO, "http-relay-client")
+pytestmark = pytest.mark.process
+
 
 SERVER, CLIENT, INTERNAL = 2, 3, 1
 SERVER_STEPS = [
@@ -270,7 +272,7 @@ class Tracing(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_our_pair(self):
-        admin = free_port()
+        admin = reserve_port(self)
         server = self.our_server("--admin_port=%d" % (admin,))
         port = yield server.listening_port()
         self.our_client(port)
@@ -353,8 +355,7 @@ class Tracing(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_our_server_with_the_go_client(self):
-        if not os.path.exists(GO_CLIENT):
-            raise unittest.SkipTest("no Go relay-client in " + GO)
+        go_binary(GO_CLIENT)
         server = self.our_server()
         port = yield server.listening_port()
         self.go_client(port)
@@ -370,9 +371,8 @@ class Tracing(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_the_go_server_with_our_client(self):
-        if not os.path.exists(GO_SERVER):
-            raise unittest.SkipTest("no Go relay server in " + GO)
-        port = free_port()
+        go_binary(GO_SERVER)
+        port = reserve_port(self)
         server = self.go([GO_SERVER, "--port=%d" % (port,)])
         yield server.wait_for("Relay server listening")
         self.our_client(port)
@@ -387,7 +387,7 @@ class Tracing(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_through_two_replicas(self):
-        ports = [free_port(), free_port()]
+        ports = reserve_ports(self, 2)
         peers = ["127.0.0.1:%d" % (p,) for p in ports]
         replicas = [
             self.our_server("--peers=" + ",".join(peers), "--peer_self=" + peer, port=p)

@@ -1,5 +1,5 @@
 """
-The per-connection transport tuning (L{relay.tuning.transport}) over real
+The per-connection transport tuning (L{relay.net.transport}) over real
 loopback sockets: writes that go straight to the socket must arrive whole
 and in order, whatever the socket's buffer can take, and must not starve
 the producers twisted.web and the HTTP client register on the transport.
@@ -7,6 +7,7 @@ the producers twisted.web and the HTTP client register on the transport.
 
 import socket
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IPullProducer
@@ -16,9 +17,11 @@ from twisted.trial import unittest
 from twisted.web.client import URI
 from zope.interface import implementer
 
-from relay.client.endpoints import CachingEndpointFactory
-from relay.tuning.liveness import watch_socket_of
-from relay.tuning.transport import corked, tune
+from relay.outbound.endpoints import CachingEndpointFactory
+from relay.net.liveness import watch_socket_of
+from relay.net.transport import corked, tune
+
+pytestmark = pytest.mark.socket
 
 
 class _Collect(Protocol):

@@ -5,14 +5,17 @@ relay-client, stopped cleanly by SIGTERM.
 
 import json
 
+import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from tests.process import TwistdProcess
 from tests.support import head_and_body, raw_connect
+from tests.support.process import TwistdProcess
+
+pytestmark = pytest.mark.process
 
 
 class TwistdSmokeTest(unittest.TestCase):
@@ -132,3 +135,27 @@ class TwistdSmokeTest(unittest.TestCase):
         self.assertEqual((yield resp.content()), b"ok")
         code, signal = yield proc.terminate()
         self.assertIn((code, signal), [(0, None), (None, 15)])
+
+    @defer.inlineCallbacks
+    def test_no_factory_lines_with_admin_port(self):
+        """docs/server.md: Twisted's Starting factory and Stopping factory lines are never written."""
+        proc = TwistdProcess.spawn(
+            [
+                "relay",
+                "--port=tcp:0:interface=127.0.0.1",
+                "--admin_port=tcp:0:interface=127.0.0.1",
+                "--drain_grace=0",
+                "--log_level=info",
+            ]
+        )
+        self.addCleanup(proc.terminate)
+        admin = yield proc.wait_for(r'"msg":"Admin view listening".*"Port":(\d+)')
+        yield proc.listening_port()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        resp = yield treq.get("http://127.0.0.1:%s/api/status" % admin.group(1), pool=pool)
+        self.assertEqual(resp.code, 200)
+        yield resp.content()
+        code, signal = yield proc.terminate()
+        self.assertIn((code, signal), [(0, None), (None, 15)])
+        self.assertEqual(json.loads(proc.lines[-1])["msg"], "Server Shut Down.")
+        self.assertEqual([line for line in proc.lines if "factory" in line.lower()], [])

@@ -7,12 +7,15 @@ example takes the hand-written path.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from relay import wire
 from relay.proto.http_relay_pb2 import HttpHeader, HttpRequest, HttpResponse
+
+pytestmark = pytest.mark.memory
 
 EXPLORE = os.environ.get("HYPOTHESIS_PROFILE") == "explore"
 SETTINGS = settings(

@@ -26,10 +26,11 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from relay.client.backend import Backend, BackendError, BackendTarget
+from relay.client.backend import Backend, BackendTarget
 from relay.client.chunker import Chunker, error_response
 from relay.client.relay_api import PermanentRelayError, RelayAPI, RelayError
 from relay.client.upgrade import Upgrader, wants_upgrade
+from relay.outbound.connect import BackendError
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()
@@ -74,7 +75,7 @@ class RequestHandler:
                 log.debug(
                     "Sending request to backend",
                     ID=request_id,
-                    Method=backend_request.method,
+                    Method=backend_request.method.decode("latin-1"),
                     URL=backend_request.url,
                 )
             if upgrade:

@@ -1,13 +1,13 @@
 """
 The client's HTTP helpers, for its calls to the relay server and to the
-backend alike: bodies already in memory, whole answers, failures as one
-line of text, and back-off between retries.
+backend alike: bodies already in memory, whole answers, whether a failure
+was a refusal, and back-off between retries.
 """
 
 from typing import Callable, List, Union
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -72,26 +72,6 @@ def read_token(path: str) -> str:
     """A token file's contents, without the trailing newline editors add."""
     with open(path, "rb") as f:
         return f.read().decode("utf-8").strip()
-
-
-def describe_failure(failure: Failure) -> str:
-    """A one-line reason, digging through Agent's wrapper exceptions."""
-    value = failure.value
-    if isinstance(value, (ResponseFailed, ResponseNeverReceived)) and value.reasons:
-        return describe_failure(value.reasons[0])
-    if isinstance(value, net_error.ConnectionRefusedError):
-        return "connect: connection refused"
-    if isinstance(value, (net_error.ConnectionDone, net_error.ConnectionLost)):
-        return "connection closed before the answer was complete"
-    if isinstance(value, CancelledError):
-        return "timeout"
-    if type(value).__module__.startswith("OpenSSL") and value.args and isinstance(value.args[0], list):
-        # [('SSL routines', '', 'certificate verify failed')] -> readable.
-        reasons = [str(r[-1]) for r in value.args[0] if isinstance(r, tuple) and r]
-        if reasons:
-            return "tls: " + "; ".join(reasons)
-    text = str(value).strip()
-    return text or type(value).__name__
 
 
 def is_connection_refused(failure: Failure) -> bool:

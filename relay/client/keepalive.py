@@ -49,7 +49,7 @@ from relay.compat import (
     client_request,
 )
 from relay import http1_engine
-from relay.tuning.transport import corked
+from relay.net.transport import corked
 
 _RETRYABLE_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])
 _MAX_ORIGINS = 64

@@ -5,7 +5,7 @@ Every call has a deadline, so that a relay server that vanished without
 closing its connections cannot stall us: a long poll or a request-stream
 read, which the server answers within its fixed 30 s, gets 10 s more; a
 posted response gets the Go client's 60 s. The kernel usually notices a
-dead connection sooner (L{relay.tuning.liveness}); the
+dead connection sooner (L{relay.net.liveness}); the
 deadline is for the rest, such as a proxy on the way that keeps the
 connection alive but lost the call. Only
 C{POST /server/response} is retried (a lost chunk would corrupt what the user
@@ -26,7 +26,8 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from relay import wire
 from relay.lean_headers import LeanHeaders
-from relay.client.http import BytesProducer, backoff_delays, describe_failure, is_connection_refused, read_all, read_token
+from relay.client.http import BytesProducer, backoff_delays, is_connection_refused, read_all, read_token
+from relay.outbound.connect import describe_failure
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
 log = Logger()

@@ -23,9 +23,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from relay.client.backend import Backend, BackendTarget, TrustPolicy
-from relay.client.endpoints import CachingEndpointFactory
-from relay.client.h2backend import H2Backend
+from relay.client.backend import Backend, BackendTarget
 from relay.client.handler import RequestHandler
 from relay.client.keepalive import KeepAliveAgent
 from relay.client.reachability import Reachability
@@ -33,12 +31,14 @@ from relay.client.relay_api import Forbidden, RelayAPI
 from relay.client.upgrade import Upgrader
 from relay.config import ClientConfig
 from relay.logs import LogsThroughObserver
+from relay.outbound import CONNECT_TIMEOUT, IDLE_CONNECTION_TIMEOUT
+from relay.outbound.endpoints import CachingEndpointFactory
+from relay.outbound.h2 import H2Backend
+from relay.outbound.tls import TrustPolicy
 
 log = Logger()
 
 STOP_GRACE_PERIOD = 5.0
-RELAY_CONNECT_TIMEOUT = 30.0  # without a dead-connection timeout
-IDLE_CONNECTION_TIMEOUT = 90.0
 
 
 class PollLoop(Service):
@@ -245,7 +245,7 @@ def make_client_service(
         reactor,
         CachingEndpointFactory(
             reactor,
-            connect_timeout=config.dead_connection_timeout or RELAY_CONNECT_TIMEOUT,
+            connect_timeout=config.dead_connection_timeout or CONNECT_TIMEOUT,
             liveness=(config.tcp_keepalive_interval, config.dead_connection_timeout),
         ),
         config.max_idle_conns_per_host,

@@ -16,10 +16,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relay import tuning
-from relay.client.backend import load_trust_root
 from relay.client.service import make_client_service
 from relay.config import ClientConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
+from relay.outbound.address import split_host_port
+from relay.outbound.tls import load_trust_root
 from relay.tracing import CLIENT_NAME, tracing_for
 from relay.options import (
     GoFlagOptions,
@@ -90,7 +91,7 @@ class Options(GoFlagOptions):
          "Connection scheme (http, https) for connection from relay client to backend server.", scheme],
         ["backend_address", None, default("backend_address"),
          "Hostname (and port) of the backend server as seen by the relay client."],
-        ["backend_path", None, default("backend_path"), "Path prefix for backend requests (default: none)."],
+        ["backend_path", None, default("backend_path"), "Path prefix for backend requests."],
         ["preserve_host", None, default("preserve_host"),
          "Preserve Host header of the original request for compatibility with "
          "cross-origin request checks (otherwise Host is --backend_address).", go_bool],
@@ -127,7 +128,7 @@ class Options(GoFlagOptions):
          "microseconds before sleeping (yielding the CPU to anything ready to run). "
          "Cuts latency where waking an idle CPU is slow (VMs), at the cost of up to a "
          "core of CPU under moderate load; on a busy machine with few cores it can "
-         "slow things down (docs/performance.md). 0 (the default): off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
+         "slow things down (docs/performance.md). 0: off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
         ["tcp_keepalive_interval", None, default("tcp_keepalive_interval"),
          "Not in Go: TCP keepalive probes on the client's connections after this much "
          "silence, and as often while it lasts (a Go duration; 0: off), so that a long "
@@ -213,17 +214,10 @@ def host_port(text: str) -> str:
     C{host}, C{host:port} or C{[v6]:port}, checked now: a client that polls
     C{localhost:abc} would retry for ever.
     """
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise usage.UsageError("not HOST:PORT; write an IPv6 address as [::1]:8081")
-        port = rest[1:] if rest else None
-    else:
-        host, colon, port = text.rpartition(":")
-        if not colon:
-            host, port = text, None
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-        raise usage.UsageError("the port must be a number from 1 to 65535, e.g. localhost:8081")
+    try:
+        split_host_port(text, default_port=0)
+    except ValueError as e:
+        raise usage.UsageError(str(e))
     return text
 
 

@@ -19,9 +19,11 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.client.backend import BackendError, BackendRequest, TrustPolicy, connect_own
 from relay.compat import ChunkedTransferDecoder
-from relay.headers import go_canonical, sanitize_value, valid_name
+from relay.headers import go_canonical, sanitize_raw, valid_raw_name
+from relay.outbound.connect import BackendError, connect_own
+from relay.outbound.request import OutboundRequest
+from relay.outbound.tls import TrustPolicy
 from relay.proto.http_relay_pb2 import HttpRequest
 
 
@@ -33,15 +35,15 @@ def wants_upgrade(request: HttpRequest) -> bool:
     return any(h.name.lower() == "upgrade" and h.value.strip() for h in request.header)
 
 
-def request_head(request: BackendRequest) -> bytes:
+def request_head(request: OutboundRequest) -> bytes:
     lines = [
-        b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii", "replace"), request.target.encode("utf-8")),
-        b"Host: %s\r\n" % (sanitize_value(request.host),),
+        b"%s %s HTTP/1.1\r\n" % (request.method, request.target),
+        b"Host: %s\r\n" % (sanitize_raw(request.host),),
     ]
     for name, value in request.headers:
-        if valid_name(name):
-            lines.append(b"%s: %s\r\n" % (name.encode("ascii"), sanitize_value(value)))
-    if request.body or request.method.upper() in ("POST", "PUT", "PATCH"):
+        if valid_raw_name(name):
+            lines.append(b"%s: %s\r\n" % (name, sanitize_raw(value)))
+    if request.body or request.method.upper() in (b"POST", b"PUT", b"PATCH"):
         lines.append(b"Content-Length: %d\r\n" % (len(request.body),))
     lines.append(b"\r\n")
     return b"".join(lines)
@@ -103,7 +105,7 @@ class RawResponse(Protocol):
     status and headers are in; then L{deliver} streams the rest.
     """
 
-    def __init__(self, request: BackendRequest):
+    def __init__(self, request: OutboundRequest):
         self.request = request
         self.head: Deferred = Deferred()
         self.status = 0
@@ -250,7 +252,7 @@ class Upgrader:
         self.reactor = reactor
         self.policy = policy
 
-    async def open(self, request: BackendRequest) -> RawResponse:
+    async def open(self, request: OutboundRequest) -> RawResponse:
         protocol = RawResponse(request)
         await connect_own(self.reactor, self.policy, request, protocol)
         try:

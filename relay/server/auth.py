@@ -28,13 +28,32 @@ import sys
 from fnmatch import fnmatchcase
 from typing import List, Optional, Tuple
 
-from twisted.logger import Logger
-
-log = Logger()
-
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv != ["hash"]:
+        sys.stderr.write("usage: python -m relay.server.auth hash < token-file\n")
+        return 2
+    token = sys.stdin.read().strip()
+    if not token:
+        sys.stderr.write("no token on stdin\n")
+        return 1
+    print(token_hash(token))
+    return 0
+
+
+if __name__ == "__main__":
+    # Before Twisted is imported: the hash needs none, and run from the
+    # repository's root, its twisted/ folder (the plugins) hides Twisted.
+    sys.exit(main())
+
+from twisted.logger import Logger  # noqa: E402
+
+log = Logger()
 
 
 def bearer(header_value: Optional[bytes]) -> Optional[str]:
@@ -144,23 +163,6 @@ def _match(entries, digest: str, name: str) -> bool:
         if hmac.compare_digest(expected, digest) and any(fnmatchcase(name, g) for g in globs):
             allowed = True
     return allowed
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv != ["hash"]:
-        sys.stderr.write("usage: python -m relay.server.auth hash < token-file\n")
-        return 2
-    token = sys.stdin.read().strip()
-    if not token:
-        sys.stderr.write("no token on stdin\n")
-        return 1
-    print(token_hash(token))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 class AccessPolicy:

@@ -10,484 +10,51 @@ back-pressure:
 
   - a relay-client's C{POST /server/response} is a L{Deferred} that fires
     only once its message has been handed to the user-client's connection
-    while that connection is willing to take more (L{PendingRequest} is the
-    L{IPushProducer} registered on it), so a slow reader holds the
+    while that connection is willing to take more (L{relay.server.pending.PendingRequest} is
+    the L{IPushProducer} registered on it), so a slow reader holds the
     relay-client's POSTs rather than filling our memory;
-  - bytes a user-client sends after a 101 wait in a L{StreamQueue} whose
+  - bytes a user-client sends after a 101 wait in a L{relay.server.pending.StreamQueue} whose
     size pauses the user's transport.
+
+The request ids are L{relay.server.ids}'s, the state of one request and the
+lines things wait in are L{relay.server.pending}'s; this module keeps the
+rules. Those who watch the broker (the admin view, the tests) implement
+L{relay.server.events.IBrokerEvents} and are told of each event; with no
+one watching, an event costs one test of an empty tuple.
 
 The Go server's broker (C{broker.go}) is the model; where its behaviour is
 observable on the wire (messages, status codes, timeouts) ours is the same.
 """
 
-import os
 from collections import deque
-from typing import Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
+from relay.server.errors import (
+    BackendUnreachable,
+    BrokerError,
+    Overloaded,
+    RelayClientLost,
+    RequestExpired,
+    ServerStopping,
+    UnknownBackend,
+    UnknownRequest,
+)
+from relay.server.events import IBrokerEvents
+from relay.server.ids import RequestIds
 from relay.server.metrics import RESULT_UNKNOWN_ID, UNKNOWN_BACKEND, RelayMetrics
+from relay.server.pending import BodyBudget, PendingRequest, ResponseSink, Waiters
 
 log = Logger()
 
 # Fixed by the protocol, as in the Go server.
 POLL_TIMEOUT = 30.0
 PICKUP_TIMEOUT = 10.0
-STREAM_POLL_TIMEOUT = 30.0
-
-
-class BrokerError(Exception):
-    """Base of the errors the HTTP layer turns into status codes."""
-
-
-class UnknownBackend(BrokerError):
-    """No relay-client has polled for this backend name (or it was forgotten)."""
-
-    def __init__(self, name: str):
-        super().__init__(
-            "Cannot reach the client %s. Check that it's turned on, set up, and "
-            "connected to the internet. (unknown client)" % (_go_quote(name),)
-        )
-
-
-class BackendUnreachable(BrokerError):
-    """The backend is known, but no poll took the request in time."""
-
-    def __init__(self, name: str):
-        super().__init__(
-            "Cannot reach the client %s. Check that it's turned on, set up, and "
-            "connected to the internet. (timeout waiting for relay client to "
-            "accept request)" % (_go_quote(name),)
-        )
-
-
-class UnknownRequest(BrokerError):
-    """An id that is not (or no longer) pending."""
-
-    def __init__(self, request_id: str):
-        super().__init__("Duplicate or invalid request ID %s" % (request_id,))
-
-
-class RelayClientLost(BrokerError):
-    """
-    The connection that carried the request to its relay-client died
-    before the relay-client showed that it had the request, and it cannot
-    be shown that the request did not reach it (so it is not handed out
-    again): 502 at once, rather than a 504 after the inactivity timeout.
-    """
-
-    status = 502
-
-    def __init__(self, name: str):
-        super().__init__(
-            "Lost the connection to the relay client of %s before it took the request; "
-            "it may not have received it" % (_go_quote(name),)
-        )
-
-
-class RequestExpired(BrokerError):
-    """No activity on the request for the inactive-request timeout."""
-
-
-class ServerStopping(BrokerError):
-    """The server is shutting down."""
-
-
-class Overloaded(BrokerError):
-    """A limit on pending requests or on backends is reached (503, retry later)."""
-
-
-def _go_quote(text: str) -> str:
-    """Go's C{%q} for the printable strings backend names are."""
-    out = ['"']
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x10000:
-            out.append("\\x%02x" % ord(ch) if ord(ch) < 0x80 else "\\u%04x" % ord(ch))
-        else:
-            out.append("\\U%08x" % ord(ch))
-    out.append('"')
-    return "".join(out)
-
-
-class RequestIds:
-    """
-    C{{name}:} and 32 lowercase hex digits from 16 random bytes.
-
-    The bytes come from C{os.urandom} 4 KiB at a time: on PyPy each call
-    opens, reads and closes C{/dev/urandom}, five system calls per request.
-    The bytes are as unguessable either way, and each is used once.
-
-    With several replicas (docs/scaling.md), the first byte is the index of
-    the replica that issues the id instead (C{replica}), so that a call
-    about the request can be passed to the replica that holds it, whichever
-    replica it reaches. The wire format stays the same, and 120 random bits
-    remain.
-    """
-
-    def __init__(self, batch: int = 4096, replica: Optional[int] = None):
-        if replica is not None and not 0 <= replica <= 255:
-            raise ValueError("a replica index is 0 to 255, not %r" % (replica,))
-        self._batch = batch
-        self._pool = b""
-        self._offset = 0
-        self._prefix = None if replica is None else "%02x" % (replica,)
-
-    def __call__(self, backend: str) -> str:
-        if self._offset + 16 > len(self._pool):
-            self._pool = os.urandom(self._batch)
-            self._offset = 0
-        start = self._offset
-        self._offset = start + 16
-        if self._prefix is None:
-            return backend + ":" + self._pool[start : start + 16].hex()
-        return backend + ":" + self._prefix + self._pool[start + 1 : start + 16].hex()
-
-
-def issuing_replica(request_id: str) -> Optional[int]:
-    """The replica index an id of L{RequestIds} carries; None if it is not one of ours."""
-    _, sep, tail = request_id.rpartition(":")
-    if not sep or len(tail) != 32 or tail.strip("0123456789abcdef"):
-        return None
-    return int(tail[:2], 16)
-
-
-
-class ResponseSink:
-    """
-    What a L{PendingRequest} hands its messages to: the user-client's side,
-    implemented by the HTTP layer. Documented here as the contract.
-    """
-
-    def deliver(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> None:
-        """
-        Take one response message, in order. Called only while the sink's
-        producer is not paused. After a message with C{eof}, nothing more
-        comes. C{body}, when given, is the message's body as pieces, kept
-        out of C{message} (see L{relay.wire.parse_pieces}).
-        """
-        raise NotImplementedError
-
-    def fail(self, reason: BrokerError) -> None:
-        """
-        The request ended without C{eof}: L{BackendUnreachable},
-        L{RequestExpired}, L{ServerStopping} or L{UnknownRequest} (the
-        relay-client's first message was unusable). A sink that has begun a
-        response must end it so that it cannot look complete.
-        """
-        raise NotImplementedError
-
-
-class BodyBudget:
-    """
-    Bytes of request bodies the server holds at once, across all requests:
-    from their first byte until a relay-client picks them up (or the request
-    ends). Each body is capped by --max_request_body; this caps their sum, so
-    that many large uploads at once cannot exhaust memory.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.used = max(0, self.used - n)
-
-
-class Waiters:
-    """
-    Deferreds waiting in line, each with a deadline on the clock: a
-    backend's long polls, an upgraded request's stream reads. Stream reads
-    are served oldest first (L{pop}), so that bytes go out in order; long
-    polls newest first (L{pop_newest}, see L{Broker.relay}). One that
-    times out leaves the line before C{on_timeout} fires it; one that is
-    cancelled (its peer went away) leaves the line and takes its timer
-    with it.
-    """
-
-    def __init__(self, clock: IReactorTime, timeout: float, on_timeout: Callable[[Deferred], None]):
-        self._clock = clock
-        self._timeout = timeout
-        self._on_timeout = on_timeout
-        self._line: Deque[Tuple[Deferred, IDelayedCall]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._line)
-
-    def __iter__(self) -> Iterator[Deferred]:
-        return (d for d, _ in self._line)
-
-    def wait(self) -> Deferred:
-        """A new place at the end of the line."""
-        d = Deferred(self._leave)
-        timer = self._clock.callLater(self._timeout, self._expire, d)
-        self._line.append((d, timer))
-        return d
-
-    def pop(self) -> Deferred:
-        """The oldest waiter, out of the line and with no timer, to fire."""
-        d, timer = self._line.popleft()
-        timer.cancel()
-        return d
-
-    def pop_newest(self) -> Deferred:
-        """The newest waiter, out of the line and with no timer, to fire."""
-        d, timer = self._line.pop()
-        timer.cancel()
-        return d
-
-    def fire_all(self, result) -> None:
-        """Everyone in line gets C{result}: the wait is over for good."""
-        line, self._line = self._line, deque()
-        for d, timer in line:
-            timer.cancel()
-            d.callback(result)
-
-    def _remove(self, d: Deferred) -> Optional[IDelayedCall]:
-        for entry in self._line:
-            if entry[0] is d:
-                self._line.remove(entry)
-                return entry[1]
-        return None
-
-    def _leave(self, d: Deferred) -> None:
-        timer = self._remove(d)
-        if timer is not None:
-            timer.cancel()
-
-    def _expire(self, d: Deferred) -> None:
-        self._remove(d)
-        self._on_timeout(d)
-
-
-class StreamQueue:
-    """
-    Bytes a user-client sent after a 101, waiting for the relay-client's
-    C{POST /server/requeststream}. Each poll takes up to C{block_size}
-    bytes; when more than C{high_water} bytes wait, the producer (the user's
-    transport) is paused until polls have drained them.
-    """
-
-    def __init__(self, clock: IReactorTime, block_size: int, high_water: int):
-        self._clock = clock
-        self._block_size = block_size
-        self._high_water = high_water
-        self._chunks: Deque[bytes] = deque()
-        self._size = 0
-        self._waiters = Waiters(clock, STREAM_POLL_TIMEOUT, lambda d: d.callback(b""))
-        self._producer: Optional[IPushProducer] = None
-        self._paused = False
-        self.closed = False
-
-    def set_producer(self, producer: Optional[IPushProducer]) -> None:
-        self._producer = producer
-
-    @property
-    def buffered(self) -> int:
-        return self._size
-
-    def put(self, data: bytes) -> None:
-        if self.closed or not data:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        while self._waiters and self._size:
-            self._waiters.pop().callback(self._take())
-        if self._size > self._high_water and not self._paused and self._producer:
-            self._paused = True
-            self._producer.pauseProducing()
-
-    def get(self) -> Deferred:
-        """
-        The next bytes (at most C{block_size}); C{b""} after
-        L{STREAM_POLL_TIMEOUT} without any; C{None} once the request is over.
-        """
-        if self._size:
-            return succeed(self._take())
-        if self.closed:
-            return succeed(None)
-        return self._waiters.wait()
-
-    def _take(self) -> bytes:
-        out: List[bytes] = []
-        room = self._block_size
-        while self._chunks and room > 0:
-            chunk = self._chunks.popleft()
-            if len(chunk) > room:
-                self._chunks.appendleft(chunk[room:])
-                chunk = chunk[:room]
-            out.append(chunk)
-            room -= len(chunk)
-        data = b"".join(out)
-        self._size -= len(data)
-        if self._paused and self._size <= self._high_water // 2 and self._producer:
-            self._paused = False
-            self._producer.resumeProducing()
-        return data
-
-    def close(self) -> None:
-        """No more bytes will come; pending polls get C{None} (410)."""
-        if self.closed:
-            return
-        self.closed = True
-        self._chunks.clear()
-        self._size = 0
-        self._waiters.fire_all(None)
-        self._producer = None
-
-
-@implementer(IPushProducer)
-class PendingRequest:
-    """
-    One user request, from its creation until its last message was handed on
-    or it ended otherwise. It is the push producer of the user-client's
-    response: the HTTP layer registers it on the user's connection, which
-    pauses it when its send buffer is full.
-    """
-
-    def __init__(
-        self,
-        broker: "Broker",
-        request_id: str,
-        backend: str,
-        message: HttpRequest,
-        sink: ResponseSink,
-    ):
-        self.broker = broker
-        self.id = request_id
-        self.backend = backend
-        self.message: Optional[HttpRequest] = message
-        self.sink = sink
-        self.start = self.last_activity = broker.clock.seconds()
-        self.picked_up = False
-        self.started = False
-        # eof_received: later posts are refused; finished: nothing more
-        # goes to the sink.
-        self.eof_received = False
-        self.finished = False
-        self._pickup_timer: Optional[IDelayedCall] = None
-        self._inbox: Deque[Tuple[HttpResponse, Deferred, Optional[List[bytes]]]] = deque()
-        self._paused = False
-        self._draining = False
-        self.stream: Optional[StreamQueue] = None
-        # Bytes of the body charged to the broker's BodyBudget, given back
-        # once the message has been handed over (or dropped).
-        self.charge = 0
-        # For the admin view (relay.admin): what was asked, set only when
-        # the view is on, since the message itself goes at pickup; and
-        # whether the user went away first.
-        self.info = None
-        self.cancelled = False
-        # While the answer of the poll that took it may still be on its way
-        # to the relay-client: the connection it was written on (a
-        # PollConnection), and the message, to hand out again if that
-        # connection dies with the answer provably undelivered.
-        self.carrier: Optional["PollConnection"] = None
-        self.unreceived: Optional[HttpRequest] = None
-
-    # IPushProducer, driven by the user-client's connection.
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._drain()
-
-    def stopProducing(self) -> None:
-        self.broker.cancel(self)
-
-    def open_stream(self) -> StreamQueue:
-        """
-        The queue for the user-client's bytes after a 101. It exists as soon
-        as either side asks: the Go relay-client may start pulling it just
-        before it posts the 101.
-        """
-        if self.stream is None:
-            size = self.broker.block_size
-            self.stream = StreamQueue(self.broker.clock, size, high_water=max(4 * size, 65536))
-        return self.stream
-
-    def _release_body(self) -> None:
-        self.message = None
-        if self.charge:
-            self.broker.bodies.give(self.charge)
-            self.charge = 0
-
-    def _post(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> Deferred:
-        def withdraw(d: Deferred) -> None:
-            # The relay-client gave up on this POST (and will retry it):
-            # a message not yet handed on must not be handed on twice.
-            for entry in self._inbox:
-                if entry[1] is d:
-                    self._inbox.remove(entry)
-                    if message.eof:
-                        self.eof_received = False
-                    return
-
-        d = Deferred(withdraw)
-        self._inbox.append((message, d, body))
-        self._drain()
-        return d
-
-    def _drain(self) -> None:
-        # Re-entrancy guard: a sink's write may pause or resume us, or end
-        # the request, while we are delivering.
-        if self._draining:
-            return
-        self._draining = True
-        try:
-            while self._inbox and not self._paused and not self.finished:
-                message, d, body = self._inbox.popleft()
-                self.started = True
-                if message.eof:
-                    self.finished = True
-                try:
-                    self.sink.deliver(message, body)
-                except Exception:
-                    # A bug, not bad input: answer the POST with an error,
-                    # end the user's response honestly, keep serving others.
-                    log.failure("Handing a response message on failed", ID=self.id)
-                    d.errback()
-                    self.finished = False
-                    self.broker._forget(self, BrokerError("internal error"))
-                    return
-                d.callback(None)
-                if message.eof:
-                    self.broker._forget(self, None)
-        finally:
-            self._draining = False
-
-    def _end(self, reason: Optional[BrokerError]) -> None:
-        """Forget everything; tell the sink when the end was not an eof."""
-        if self._pickup_timer is not None and self._pickup_timer.active():
-            self._pickup_timer.cancel()
-        self._pickup_timer = None
-        self._release_body()
-        if self.carrier is not None:
-            self.carrier.received(self)
-        inbox, self._inbox = self._inbox, deque()
-        for _, d, _ in inbox:
-            d.errback(UnknownRequest(self.id))
-        if self.stream is not None:
-            self.stream.close()
-        if reason is not None and not self.finished:
-            self.finished = True
-            self.sink.fail(reason)
 
 
 class PollConnection:
@@ -584,6 +151,8 @@ class Broker:
 
     @param clock: where time and timers come from.
     @param metrics: the metrics sink.
+    @param observers: those told of its events (L{IBrokerEvents}); more
+        with L{add_observer}.
     @param config: the limits and timeouts (C{inactive_request_timeout}:
         seconds without a message from the relay-client after which a
         request is dropped, 504 when nothing was answered yet;
@@ -597,6 +166,7 @@ class Broker:
         config: ServerConfig,
         metrics: Optional[RelayMetrics] = None,
         new_id: Optional[Callable[[str], str]] = None,
+        observers: Iterable[IBrokerEvents] = (),
     ):
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics(process=False)
@@ -619,9 +189,27 @@ class Broker:
         self.stopping = False
         # Accepted connections that died, by how (timeout, reset).
         self.dead_connections: Dict[str, int] = {}
-        # The admin view's statistics (relay.admin.stats.AdminStats), or
-        # None when the view is off: then each hook below costs one test.
-        self.stats = None
+        # Those told of each event (IBrokerEvents): a tuple, tested once per
+        # event, so that an event with no one watching costs that test.
+        self.observers: Tuple[IBrokerEvents, ...] = tuple(observers)
+
+    def add_observer(self, observer: IBrokerEvents) -> None:
+        """Tell C{observer} of every event from now on."""
+        self.observers = self.observers + (observer,)
+
+    def remove_observer(self, observer: IBrokerEvents) -> None:
+        self.observers = tuple(o for o in self.observers if o is not observer)
+
+    def poll_from(self, backend: str, address) -> None:
+        """
+        The poll for C{backend} just taken (L{get_request}) came from
+        C{address} (an L{IAddress}): for those who show where relay-clients
+        poll from.
+        """
+        if self.observers:
+            peer = getattr(address, "host", None)
+            for o in self.observers:
+                o.poll_from(backend, peer)
 
     # The user-client's side.
 
@@ -637,12 +225,12 @@ class Broker:
             raise ServerStopping("Server is restarting")
         b = self.backends.get(backend)
         if b is None:
-            if self.stats is not None:
-                self.stats.unknown(backend, message.method, message.url)
+            for o in self.observers:
+                o.unknown_backend(backend, message)
             raise UnknownBackend(backend)
         if len(b.active) >= self.max_pending_per_backend:
-            if self.stats is not None:
-                self.stats.refused(backend, 503)
+            for o in self.observers:
+                o.request_refused(backend, 503)
             raise Overloaded(
                 "Too many pending requests for %s (%d): try again later" % (backend, len(b.active))
             )
@@ -653,13 +241,14 @@ class Broker:
         pending = PendingRequest(self, request_id, backend, message, sink)
         # From here the body's share of the budget is the pending request's.
         pending.charge = charge
-        if self.stats is not None:
-            self.stats.started(pending, message)
         self.requests[request_id] = pending
         b.active.add(request_id)
         if self.trace:
             log.debug("Enqueuing request", ID=request_id)
         self.metrics.requests.labels("client", backend).inc()
+        if self.observers:
+            for o in self.observers:
+                o.request_queued(pending, message)
         if b.polls:
             # The newest poll, not the oldest: after a NAT rebinding or a
             # move to another network, the relay-client's old polls are
@@ -701,7 +290,10 @@ class Broker:
                 del self.arriving[backend]
             return result
 
-        return d.addBoth(leave)
+        d.addBoth(leave)
+        for o in self.observers:
+            o.backend_awaited(backend)
+        return d
 
     def _pickup_timeout(self, b: Backend, pending: PendingRequest) -> None:
         pending._pickup_timer = None
@@ -720,6 +312,9 @@ class Broker:
         b.last_activity = pending.last_activity
         self.metrics.responses.labels("server_request", "ok", b.name).inc()
         d.callback(message)
+        if self.observers:
+            for o in self.observers:
+                o.request_picked_up(pending)
 
     def cancel(self, pending: PendingRequest) -> None:
         """
@@ -743,9 +338,14 @@ class Broker:
         if b is not None:
             b.active.discard(pending.id)
         pending._end(reason)
-        if current and self.stats is not None:
+        if current and self.observers:
             # After _end: the user's side has written its last answer.
-            self.stats.finished(pending, reason)
+            outcome = pending.sink.outcome()
+            outcome.reason = reason
+            outcome.cancelled = pending.cancelled
+            outcome.started = pending.started
+            for o in self.observers:
+                o.request_finished(pending, outcome)
 
     # The relay-client's side.
 
@@ -767,7 +367,9 @@ class Broker:
         if b is None:
             if len(self.backends) >= self.max_backends:
                 raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
-            polls = Waiters(self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(b, d))
+            polls = Waiters(
+                self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(b, d), lambda d: self._poll_left(b)
+            )
             b = self.backends[backend] = Backend(backend, now, polls)
             log.info("Relay client connected", ServerName=backend)
             arriving = self.arriving.pop(backend, None)
@@ -786,8 +388,11 @@ class Broker:
             d = Deferred()
             self._hand_over(b, b.queue.popleft(), d)
             return d
-
-        return b.polls.wait()
+        d = b.polls.wait()
+        if self.observers:
+            for o in self.observers:
+                o.poll_waiting(backend)
+        return d
 
     def sent(self, message: HttpRequest, connection: PollConnection) -> None:
         """
@@ -802,7 +407,7 @@ class Broker:
     def connection_ended(self, death, *connections: Optional[PollConnection]) -> None:
         """
         An accepted connection is gone, as C{death} (a
-        L{relay.tuning.liveness.Death}) says; C{connections} are its
+        L{relay.net.liveness.Death}) says; C{connections} are its
         records of polls, if it carried any (L{connection_lost}).
         """
         if death.dead:
@@ -815,7 +420,7 @@ class Broker:
     def connection_lost(self, connection: PollConnection, death) -> None:
         """
         A connection that carried polls is gone; C{death} (a
-        L{relay.tuning.liveness.Death}) says how, and how many bytes
+        L{relay.net.liveness.Death}) says how, and how many bytes
         written on it were never acknowledged. For each request whose
         poll answer was on it and has not shown that it arrived:
 
@@ -896,6 +501,11 @@ class Broker:
         b.last_activity = self.clock.seconds()
         self.metrics.responses.labels("server_request", "timeout", b.name).inc()
         d.callback(None)
+        self._poll_left(b)
+
+    def _poll_left(self, b: Backend) -> None:
+        for o in self.observers:
+            o.poll_ended(b.name)
 
     def send_response(self, message: HttpResponse, body: Optional[List[bytes]] = None) -> Deferred:
         """
@@ -945,7 +555,11 @@ class Broker:
                 **final
             )
         self.metrics.responses.labels("server_response", "ok", pending.backend).inc()
-        return pending._post(message, body)
+        d = pending._post(message, body)
+        if self.observers:
+            for o in self.observers:
+                o.response_posted(pending, message)
+        return d
 
     def reject(self, pending: PendingRequest) -> None:
         """
@@ -958,7 +572,7 @@ class Broker:
     def get_request_stream(self, request_id: str) -> Deferred:
         """
         The next bytes the user-client sent after a 101 (see
-        L{StreamQueue.get}).
+        L{relay.server.pending.StreamQueue.get}).
 
         @raise UnknownRequest: the request is over (410).
         """
@@ -968,7 +582,10 @@ class Broker:
         if pending.carrier is not None or not pending.picked_up:
             self._received(pending)
         pending.last_activity = self.clock.seconds()
-        return pending.open_stream().get()
+        d = pending.open_stream().get()
+        for o in self.observers:
+            o.stream_polled(pending)
+        return d
 
     # Housekeeping.
 
@@ -991,8 +608,8 @@ class Broker:
             log.info("Forgetting inactive relay client", ServerName=b.name)
             del self.backends[b.name]
             self.metrics.forget_backend(b.name)
-            if self.stats is not None:
-                self.stats.forget(b.name)
+            for o in self.observers:
+                o.backend_forgotten(b.name)
 
     def stop(self) -> None:
         """

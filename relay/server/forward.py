@@ -12,9 +12,10 @@ answer cut short never looks complete.
 
 So calls go to the owner over cleartext HTTP/2, which every replica already
 serves on its port: one connection per peer, multiplexed, with trailers and
-per-stream flow control. That client is the relay-client's own
-(L{relay.client.h2backend}), which already does all of this for gRPC
-backends. A forwarded call carries C{Relay-Forwarded-By}, and a replica
+per-stream flow control. That client is the one the relay-client uses for
+gRPC backends (L{relay.outbound.h2}), which already does all of this. The
+call's method, target and headers go to the owner as the bytes that came:
+a header value that is not UTF-8 arrives as it was sent. A forwarded call carries C{Relay-Forwarded-By}, and a replica
 never forwards such a call again, whatever its own view of the ring: two
 replicas that disagree for a moment cannot bounce a call between them.
 
@@ -29,14 +30,19 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
-from relay.client.backend import BackendError, BackendRequest, TrustPolicy
-from relay.client.h2backend import H2Backend
 from relay.compat import request_gone
-from relay.headers import FORWARDED_BY, HOP_BY_HOP
+from relay.headers import FORWARDED_BY, HOP_BY_HOP, as_bytes
 from relay.logs import Throttle
+from relay.outbound.connect import BackendError
+from relay.outbound.h2 import H2Backend
+from relay.outbound.request import OutboundRequest, RawHeader
+from relay.outbound.tls import TrustPolicy
 from relay.server.response import abort_answer
 
 log = Logger()
+
+_HOP_BY_HOP = as_bytes(HOP_BY_HOP)
+_FORWARDED_BY = FORWARDED_BY.encode("ascii")
 
 def forwarded(request) -> bool:
     """Whether another replica already passed this call on."""
@@ -141,23 +147,20 @@ class Forwarder:
 
     def forward(self, request, peer: str):
         """Answer C{request} (a twisted.web request) with C{peer}'s answer."""
-        headers: List[Tuple[str, str]] = []
+        headers: List[RawHeader] = []
         for name, values in proxied_headers(request):
-            text = name.decode("latin-1")
-            if text.lower() in HOP_BY_HOP and text.lower() != "te":
+            lower = name.lower()
+            if lower in _HOP_BY_HOP and lower != b"te":
                 continue
-            headers.extend((text, value.decode("utf-8", "replace")) for value in values)
-        headers.append((FORWARDED_BY, self.myself))
+            headers.extend((name, value) for value in values)
+        headers.append((_FORWARDED_BY, self.myself.encode("utf-8")))
         request.content.seek(0)
-        target = request.uri.decode("utf-8", "replace")
-        host = (request.getHeader(b"host") or peer.encode("ascii")).decode("utf-8", "replace")
-        call = BackendRequest(
-            method=request.method.decode("ascii", "replace"),
-            url="http://%s%s" % (peer, target),
+        call = OutboundRequest(
+            method=request.method,
             scheme="http",
             address=peer,
-            target=target,
-            host=host,
+            target=request.uri,
+            host=request.getHeader(b"host") or peer.encode("ascii"),
             headers=headers,
             body=request.content.read(),
         )
@@ -171,9 +174,9 @@ class Forwarder:
                 return
             request.setResponseCode(stream.status)
             grouped: Dict[bytes, List[bytes]] = {}
-            for name, value in stream.headers:
-                if name.lower() not in HOP_BY_HOP:
-                    grouped.setdefault(name.encode("latin-1", "replace"), []).append(value.encode("utf-8"))
+            for name, value in stream.raw_headers:
+                if name.lower() not in _HOP_BY_HOP:
+                    grouped.setdefault(name, []).append(value)
             for raw_name, values in grouped.items():
                 # Replaces twisted.web's own Date and Server: the owner's stand.
                 request.responseHeaders.setRawHeaders(raw_name, values)

@@ -65,8 +65,8 @@ from relay.lean_headers import LeanHeaders, canonical_name, canonical_names
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.broker import PollConnection
 from relay.server.h2 import PREFACE, RelayH2Connection
-from relay.tuning import liveness
-from relay.tuning.transport import tune
+from relay.net import liveness
+from relay.net.transport import tune
 
 log = Logger()
 
@@ -115,8 +115,8 @@ class LeanRequest:
     sentLength = 0
     producer = None
     queued = 0
-    # twisted.web's name for a request whose connection is gone.
-    _disconnected = False
+
+    gone = False
     _no_body = False
     _notifications: Optional[List[Deferred]] = None
 
@@ -271,7 +271,7 @@ class LeanRequest:
     def processingFailed(self, reason: Failure) -> None:
         """twisted.web's answer to a resource that raised (without a traceback)."""
         log.failure("", failure=reason)
-        if self.finished or self._disconnected:
+        if self.finished or self.gone:
             return
         if self.startedWriting:
             self.channel.transport.abortConnection()
@@ -340,7 +340,7 @@ class LeanRequest:
         if self.producer is not None:
             raise ValueError("registering producer %s before previous one (%s) was unregistered" % (producer, self.producer))
         self.producer = producer
-        if self._disconnected:
+        if self.gone:
             producer.stopProducing()
             return
         self.channel.transport.registerProducer(producer, streaming)
@@ -349,13 +349,13 @@ class LeanRequest:
         if self.producer is None:
             return
         self.producer = None
-        if not self._disconnected and self.channel is not None:
+        if not self.gone and self.channel is not None:
             self.channel.transport.unregisterProducer()
 
     def write(self, data: bytes) -> None:
         if self.finished:
             raise RuntimeError("Request.write called on a request after Request.finish was called.")
-        if self._disconnected:
+        if self.gone:
             return
         if not self.startedWriting:
             self._write_head(data)
@@ -419,7 +419,7 @@ class LeanRequest:
             self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
 
     def finish(self) -> None:
-        if self._disconnected:
+        if self.gone:
             raise RuntimeError(
                 "Request.finish called on a request after its connection was lost; "
                 "use Request.notifyFinish to keep track of this."
@@ -445,9 +445,9 @@ class LeanRequest:
             d.callback(None)
 
     def connectionLost(self, reason) -> None:
-        if self._disconnected:
+        if self.gone:
             return
-        self._disconnected = True
+        self.gone = True
         self._give_back()
         self.producer = None
         notifications, self._notifications = self._notifications, None

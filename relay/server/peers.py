@@ -2,7 +2,7 @@
 Which peer replicas are up, as the ingress sees them.
 
 nginx leaves a server out of its consistent-hash choice after C{max_fails}
-failed attempts and tries the next points of the ring (L{relay.ring}); the
+failed attempts and tries the next points of the ring (L{relay.server.ring}); the
 replicas must make the same choice when they forward a call, or a name would
 have two owners while one replica is down. Each replica therefore asks its
 peers' C{/healthz} on a timer and treats a peer as gone after C{failures}

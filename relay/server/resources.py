@@ -252,8 +252,7 @@ class ServerResource(_BrokerResource):
             d = self.broker.get_request(server, poll_connection(request))
         except Overloaded as e:
             return _overloaded(request, e)
-        if self.broker.stats is not None:
-            self.broker.stats.polled(server, getattr(request.getClientAddress(), "host", None))
+        self.broker.poll_from(server, request.getClientAddress())
         return _answer_when(request, d, self._polled)
 
     def _forbidden(self, request, name: str) -> bytes:

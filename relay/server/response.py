@@ -35,7 +35,10 @@ from relay.compat import request_gone
 from relay.durations import format_duration
 from relay.headers import HOP_BY_HOP, RELAY_ERROR, go_canonical, sanitize_value, valid_name
 from relay.proto.http_relay_pb2 import HttpResponse
-from relay.server.broker import Broker, BrokerError, PendingRequest, RelayClientLost, RequestExpired
+from relay.server.broker import Broker
+from relay.server.errors import BrokerError, RelayClientLost, RequestExpired
+from relay.server.events import Outcome
+from relay.server.pending import PendingRequest
 from relay.server.tunnel import Tunnel
 
 log = Logger()
@@ -75,7 +78,7 @@ def relay_error(message: HttpResponse) -> Optional[str]:
 
 class UserResponse:
     """
-    The L{ResponseSink} for one user request: turns the relay-client's
+    The L{relay.server.pending.ResponseSink} for one user request: turns the relay-client's
     messages into the user-client's response.
     """
 
@@ -303,6 +306,13 @@ class UserResponse:
                 self._answer_error(503, (str(reason) or "Server is restarting") + "\n", go_error=True)
             return
         self._abort(type(reason).__name__)
+
+    def outcome(self) -> Outcome:
+        """What the user got: L{relay.server.pending.ResponseSink.outcome}, for those who watch the broker."""
+        tunnel = self.tunnel
+        if tunnel is not None:
+            return Outcome(101, self.truncated, tunnel.bytes_in, self.bytes, self.trace_id)
+        return Outcome(self.request.code or 0, self.truncated, 0, self.bytes, self.trace_id, self.request.responseHeaders)
 
     def _abort(self, reason: str) -> None:
         """

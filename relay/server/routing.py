@@ -25,7 +25,8 @@ the same order, since an id names its issuer by its index there.
 import socket
 from typing import Callable, List, Optional, Sequence
 
-from relay.server.broker import issuing_replica
+from relay.outbound.address import split_host_port
+from relay.server.ids import issuing_replica
 from relay.server.forward import forwarded
 from relay.server.ring import Ring
 
@@ -42,8 +43,11 @@ def replica_list(text: str) -> List[str]:
     """
     peers = [entry.strip() for entry in text.split(",")]
     for entry in peers:
-        host, colon, port = entry.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:
+            host, _ = split_host_port(entry)
+        except ValueError:
+            host = ""
+        if not host:
             raise ValueError("%r is not host:port; list every replica as the ingress's upstream block does" % (entry,))
     seen = set()
     for entry in peers:
@@ -82,7 +86,7 @@ def find_self(peers: Sequence[str], peer_self: str, hostname: str) -> str:
 
 
 def _host(peer: str) -> str:
-    return peer.rpartition(":")[0]
+    return split_host_port(peer)[0]
 
 
 def local_hostname() -> str:

@@ -43,72 +43,22 @@ from twisted.logger import Logger
 from relay.config import ServerConfig
 from relay.logs import LogsThroughObserver
 from relay.server.auth import AccessPolicy
-from relay.server.broker import Broker, RequestIds
+from relay.server.broker import Broker
+from relay.server.ids import RequestIds
 from relay.server.forward import Forwarder
 from relay.server.peers import PeerHealth, healthz_probe
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.routing import Routing, find_self, local_hostname, replica_list
 from relay.server.site import RelaySite
+from relay.server.listening import ListeningService
 from relay.server.splice import UpgradeForwarder
-from relay.startup import listen_error
 
 log = Logger()
 
 REAP_INTERVAL = 10.0
 PEER_CHECK_INTERVAL = 1.0
 CLEAN_SHUTDOWN_TIMEOUT = 20.0
-
-
-class ListeningService(Service):
-    """Listen on an endpoint; log the port; stop listening on stop."""
-
-    def __init__(self, endpoint: IStreamServerEndpoint, factory, reactor, flag: str, port_number=None):
-        self.endpoint = endpoint
-        self.factory = factory
-        self.reactor = reactor
-        # How the operator set the endpoint, and its port, for error messages.
-        self.flag = flag
-        self.port_number = port_number
-        self.port = None
-        self._listening: Optional[defer.Deferred] = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        failures = []
-        try:
-            self._listening = self.endpoint.listen(self.factory)
-        except Exception:
-            self._listening = defer.fail()
-        self._listening.addCallbacks(self._listened, failures.append)
-        if failures:
-            # A port in use or a bad address: fail twistd's start-up with
-            # one line (see relay.startup) and a non-zero exit.
-            self._listening = None
-            raise listen_error(failures[0], self.flag, self.port_number) from failures[0].value
-        self._listening.addErrback(self._failed)
-
-    def startService(self) -> None:
-        if self._listening is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def _listened(self, port):
-        self.port = port
-        log.info("Relay server listening", Port=port.getHost().port)
-        return port
-
-    def _failed(self, failure):
-        log.failure("Cannot listen", failure)
-        self.reactor.stop()
-
-    def stopService(self):
-        super().stopService()
-        if self._listening is None:
-            return None
-        d, self._listening = self._listening, None
-        d.addCallback(lambda port: port.stopListening() if port is not None else None)
-        return d
 
 
 class DrainService(Service):

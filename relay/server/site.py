@@ -58,8 +58,8 @@ from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.broker import PollConnection
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
-from relay.tuning import liveness
-from relay.tuning.transport import corked, tune
+from relay.net import liveness
+from relay.net.transport import corked, tune
 
 
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).
@@ -318,7 +318,7 @@ class RelayChannel(http.HTTPChannel):
     _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
 
     _switched: Optional[IProtocol] = None
-    # The socket's watch (relay.tuning.liveness), and the broker's record
+    # The socket's watch (relay.net.liveness), and the broker's record
     # of the polls this connection carried (created at its first poll).
     _watch: Optional[liveness.Watch] = None
     poll_connection: Optional[PollConnection] = None

@@ -24,7 +24,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY
-from relay.logs import Throttle, connect_quietly
+from relay.logs import Throttle
+from relay.net.transport import connect_quietly
+from relay.outbound.address import split_host_port
 from relay.server.forward import peer_unreachable, proxied_headers
 
 CONNECT_TIMEOUT = 5.0  # seconds; a peer that passes its health checks answers at once
@@ -83,8 +85,8 @@ class UpgradeForwarder:
 
     def forward(self, request, peer: str):
         """Answer C{request} (an HTTP/1.1 upgrade request) with C{peer}'s connection."""
-        host, _, port = peer.rpartition(":")
-        endpoint = HostnameEndpoint(self.reactor, host.strip("[]"), int(port), timeout=CONNECT_TIMEOUT)
+        host, port = split_host_port(peer)
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT)
         request.content.seek(0)
         head = request_head(request, self.myself)
         owner = _End()

@@ -1,6 +1,8 @@
 """
 C{twistd relay}: the relay server, configured like the Go
-C{http-relay-server}.
+C{http-relay-server}: its option table and C{makeService}. The endpoint
+strings C{--port} takes are parsed in L{relay.options}; C{relay.tac}'s
+environment variables in L{relay.server.tac}.
 """
 
 import os
@@ -10,11 +12,16 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relay.config import ServerConfig, flag_default, from_options
+from relay.durations import format_duration
 from relay.logs import twistd_log_observer
+from relay.server.admin.service import admin_endpoint, attach_admin
+from relay.server.admin.status import effective_flags
+from relay.server.admin.web import TokenCheck
 from relay.server.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
 from relay.server.h2 import offer_h2_over_tls
 from relay.options import (
     GoFlagOptions,
+    check_port,
     duration,
     go_int,
     http1_engine,
@@ -22,6 +29,8 @@ from relay.options import (
     log_level,
     nonnegative_duration,
     nonnegative_int,
+    port_endpoint,
+    port_number,
     positive_int,
     ratio,
     tracing_mode,
@@ -29,7 +38,7 @@ from relay.options import (
 from relay import tuning
 from relay.tracing import SERVER_NAME, tracing_for
 from relay.server.routing import find_self, local_hostname, replica_list
-from relay.server.service import make_server_service
+from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL, make_server_service
 from relay.startup import report_startup_errors
 
 log = Logger()
@@ -73,7 +82,7 @@ class Options(GoFlagOptions):
             default("inactive_request_timeout"),
             "Drop a request when its relay-client has sent nothing for this long "
             "(a Go duration such as 60s or 1m30s; the user gets a 504 if no answer "
-            "had begun). Checked every 10s.",
+            "had begun). Checked every %s." % (format_duration(REAP_INTERVAL),),
         ],
         [
             "inactive_backend_timeout",
@@ -98,7 +107,7 @@ class Options(GoFlagOptions):
             "microseconds before sleeping (yielding the CPU to anything ready to run). Cuts "
             "latency where waking an idle CPU is slow (VMs), at the cost of up to a core of "
             "CPU under moderate load; on a busy machine with few cores it can slow things "
-            "down (docs/performance.md). 0 (the default): off. Needs the epoll reactor (the default on Linux).",
+            "down (docs/performance.md). 0: off. Needs the epoll reactor (the default on Linux).",
             nonnegative_int,
         ],
         [
@@ -189,7 +198,7 @@ class Options(GoFlagOptions):
             "(a Go duration), answering /healthz, polls and new user requests with 503 and "
             "Connection: close, so that load balancers see readiness fail before the port "
             "closes. The port closes once this has passed and no request is in flight "
-            "(in-flight requests get at most 20s). 0: no grace.",
+            "(in-flight requests get at most %s). 0: no grace." % (format_duration(CLEAN_SHUTDOWN_TIMEOUT),),
         ],
         [
             "log_level",
@@ -227,7 +236,7 @@ class Options(GoFlagOptions):
             "Not in Go: run as one of several replicas behind an ingress that hashes "
             "consistently on the backend name (docs/scaling.md). Every replica's host:port, "
             "comma-separated, spelled and ordered exactly as in the ingress's upstream block, "
-            "and the same on every replica. Empty (the default): a single replica.",
+            "and the same on every replica. Empty: a single replica.",
         ],
         [
             "peer_self",
@@ -306,73 +315,6 @@ class Options(GoFlagOptions):
         self.config = from_options(ServerConfig, self)
 
 
-def check_port(port: str) -> str:
-    """
-    What C{listen} would only find out later: a port number above 65535, or
-    an endpoint string Twisted cannot parse (C{tcp:abc}).
-    """
-    text = str(port).strip()
-    if text.isdigit():
-        if int(text) > 65535:
-            raise usage.UsageError("port numbers go up to 65535; use e.g. --port=8080")
-        return port
-    if ":" not in text:
-        raise usage.UsageError(
-            "not a port number or endpoint string; use e.g. --port=8080 or "
-            "--port=tcp:8080:interface=127.0.0.1"
-        )
-    else:
-        try:
-            # Parsing builds an endpoint without a reactor: nothing listens.
-            endpoints.serverFromString(None, text)
-        except Exception as e:
-            raise usage.UsageError(
-                "not a valid endpoint string (%s); use a port number such as 8080 or an "
-                "endpoint such as tcp:8080:interface=127.0.0.1" % (e,)
-            )
-    return port
-
-
-def _port_number(endpoint: str):
-    """The port of a C{tcp:PORT:…} or C{ssl:port=PORT:…} endpoint string, for messages."""
-    for field in endpoint.split(":")[1:]:
-        value = field.split("=", 1)[-1] if field.startswith("port=") else field
-        if value.isdigit():
-            return int(value)
-    return None
-
-
-def port_endpoint(port: str) -> str:
-    """
-    C{80} -> C{tcp:80:backlog=4096}; an endpoint string of a listening
-    socket type (C{tcp}, C{tcp6}, C{ssl}, C{unix}) gets C{backlog=4096}
-    added unless it sets its own C{backlog=}; other endpoint strings pass
-    through. Twisted's default listen backlog of 50 overflows when thousands
-    of relay-clients reconnect at once after a restart (Go takes the
-    kernel's maximum), and users connecting at once get resets.
-    """
-    backlog = "backlog=4096"
-    text = str(port).strip()
-    if text.isdigit():
-        return "tcp:%s:%s" % (text, backlog)
-    if ":" not in text:
-        raise usage.UsageError("--port must be a number or an endpoint string, not %r" % (port,))
-    # The string's fields, split at its unescaped colons.
-    fields, current, escaped = [], [], False
-    for ch in text:
-        if ch == ":" and not escaped:
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        escaped = ch == "\\" and not escaped
-    fields.append("".join(current))
-    takes_backlog = fields[0].lower() in ("tcp", "tcp6", "ssl", "unix")
-    if takes_backlog and not any(f.startswith("backlog=") for f in fields[1:]):
-        return "%s:%s" % (text, backlog)
-    return text
-
-
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -386,7 +328,7 @@ def makeService(options, reactor=None):
         options.config,
         log_observer=twistd_log_observer(options.config, getattr(options, "parent", None)),
         policy=options["policy"],
-        port_number=_port_number(options["endpoint"]),
+        port_number=port_number(options["endpoint"]),
     )
     service.tracing_plan, service.tracing = tracing_for(reactor, options.config, SERVER_NAME, os.environ, log)
     service.site.resource.client.tracer = service.tracing
@@ -421,8 +363,6 @@ def admin_check(options):
         if options["admin_token_file"] or options["inspect_headers"]:
             raise usage.UsageError("--admin_token_file and --inspect_headers need --admin_port")
         return None
-    from relay.admin.web import TokenCheck
-
     options.check("admin_port", check_port)
     try:
         return TokenCheck.from_file(options["admin_token_file"])
@@ -431,9 +371,6 @@ def admin_check(options):
 
 
 def _attach_admin(service, reactor, options) -> None:
-    from relay.admin.service import admin_endpoint, attach_admin
-    from relay.admin.status import effective_flags
-
     endpoint = admin_endpoint(options["admin_port"])
     attach_admin(
         service,
@@ -444,7 +381,7 @@ def _attach_admin(service, reactor, options) -> None:
         keep_headers=bool(options["inspect_headers"]),
         redact=[options["trusted_user_header"]] if options["trusted_user_header"] else [],
         port_flag="--admin_port=%s" % (options["admin_port"],),
-        port_number=_port_number(endpoint),
+        port_number=port_number(endpoint),
     )
 
 
@@ -467,31 +404,3 @@ def access_policy(options) -> AccessPolicy:
         user_tokens=load("user_tokens", UserTokens),
         trusted_user_header=options["trusted_user_header"],
     )
-
-
-def twistd_options(argv) -> dict:
-    """
-    twistd's own options (C{-n}, C{--logfile}, C{--logger}) from its command
-    line, for C{relay.tac}: twistd gives a .tac file no other way to see
-    them, and without them the tac's log would go to stderr even when
-    daemonized, where stderr goes nowhere. Parsed without side effects
-    (twistd installs the reactor while parsing C{--reactor}); {} if that
-    fails.
-    """
-    from twisted.scripts.twistd import ServerOptions
-
-    class Peek(ServerOptions):
-        def opt_reactor(self, name):
-            pass
-
-        opt_r = opt_reactor
-
-        def postOptions(self):
-            pass
-
-    peek = Peek()
-    try:
-        peek.parseOptions(list(argv))
-    except (usage.UsageError, SystemExit):
-        return {}
-    return {key: peek[key] for key in ("nodaemon", "logfile", "logger")}

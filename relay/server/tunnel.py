@@ -2,9 +2,9 @@
 The user-client's side of an upgraded (101 Switching Protocols) request.
 
 After the 101 the connection is a raw two-way pipe: what the user-client
-sends goes into the request's L{StreamQueue}, which relay-clients drain with
-C{POST /server/requeststream}; what the relay-client posts as response bodies
-is written to the connection. Both directions are flow-controlled: the queue
+sends goes into the request's L{relay.server.pending.StreamQueue}, which
+relay-clients drain with C{POST /server/requeststream}; what the
+relay-client posts as response bodies is written to the connection. Both directions are flow-controlled: the queue
 pauses this transport when it holds too much, and the transport pauses the
 request's response producer when its send buffer is full. Either side ending
 ends both.
@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from relay.server.broker import Broker, PendingRequest
+from relay.server.broker import Broker
+from relay.server.pending import PendingRequest
 
 log = Logger()
 

@@ -1,8 +1,8 @@
 """
-Runtime tuning: settings that change how fast the process moves bytes,
-never what it sends. Both sides apply the same ones, through L{apply};
-only the per-connection settings (L{relay.tuning.transport}) are applied
-elsewhere, by the code that makes the connections.
+Process-wide runtime tuning: settings that change how fast the process
+moves bytes, never what it sends. Both sides apply the same ones, through
+L{apply}. Per-connection settings are not here: the code that makes a
+connection applies them (L{relay.net.transport}).
 """
 
 from relay.tuning import busy_poll

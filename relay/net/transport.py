@@ -1,6 +1,9 @@
 """
-Per-connection settings for Twisted's TCP transports, tuned for a relay
-that moves megabytes.
+The relay's own connections, as both sides make and tune them.
+
+Connecting without Twisted's C{Starting factory} lines per connection
+(L{connect_quietly}), and per-connection settings for Twisted's TCP
+transports, tuned for a relay that moves megabytes.
 
 Twisted sends at most 128 KiB per C{send()} call, which suits many small
 connections; here every relayed megabyte crosses two or three sockets in
@@ -25,6 +28,8 @@ always has room. What the socket does not take is buffered as before.
 from typing import Callable, List, Optional, TypeVar
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 
 from relay.compat import nothing_to_write
 
@@ -124,3 +129,23 @@ def corked(transport, action: Callable[..., T], *args) -> T:
         return action(*args)
     finally:
         writes.release()
+
+
+class _OneShotFactory(Factory):
+    noisy = False  # no "Starting factory <…object at 0x…>" line per connection
+
+    def __init__(self, protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
+
+
+def connect_quietly(endpoint, protocol) -> Deferred:
+    """
+    L{twisted.internet.endpoints.connectProtocol}, without its factory's
+    C{Starting factory} and C{Stopping factory} lines at info, which the
+    relay-client would write for every WebSocket and HTTP/2 backend
+    connection.
+    """
+    return endpoint.connect(_OneShotFactory(protocol))

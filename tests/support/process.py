@@ -6,11 +6,14 @@ operator sees.
 
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from twisted.internet import defer, protocol, reactor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def twistd_argv():
@@ -35,7 +38,8 @@ class TwistdProcess(protocol.ProcessProtocol):
     def spawn(cls, args, env=None, prefix=()):
         """C{prefix}: a command that runs the rest (C{ip netns exec NAME})."""
         proc = cls()
-        environ = dict(os.environ)
+        # Not the developer's RELAY_* variables: relay.tac refuses those it does not know.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
         environ.update(env or {})
         argv = list(prefix) + twistd_argv() + ["-n", "--pidfile="] + list(args)
@@ -117,3 +121,38 @@ class ChildProcess(protocol.ProcessProtocol):
     def terminate(self):
         self.signal("TERM")
         return self.exited
+
+
+def environ(**extra) -> dict:
+    # relay.tac refuses RELAY_* variables it does not know (a developer's
+    # RELAY_TEST_ARTIFACTS): a tac sees only the test's own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_all(cases, cwd, timeout=120):
+    """Run C{[(args, env)]} under twistd at once; C{[(returncode, stderr text)]}."""
+    procs = [
+        subprocess.Popen(
+            twistd_argv() + args,
+            cwd=cwd,
+            env=environ(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for args, env in cases
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, (out + err).decode("utf-8", "replace")))
+    return results
+
+
+def scratch(test) -> str:
+    """An empty folder outside the checkout, removed after the test."""
+    path = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, path, True)
+    return path

@@ -45,7 +45,7 @@ from typing import Optional
 from twisted.internet import error
 
 from relay.compat import read_socket, unread_socket, unwritten_bytes
-from relay.tuning.transport import own_transport
+from relay.net.transport import own_transport
 
 try:  # Linux: TIOCOUTQ and SIOCOUTQ are the same request.
     from termios import TIOCOUTQ as SIOCOUTQ
@@ -102,7 +102,7 @@ def reason_of(failure, errno_: Optional[int] = None) -> str:
 def socket_transport(transport):
     """
     The transport that owns the socket under C{transport}
-    (L{relay.tuning.transport.own_transport}), if it has a socket.
+    (L{relay.net.transport.own_transport}), if it has a socket.
     """
     own = own_transport(transport)
     return own if own is not None and getattr(own, "socket", None) is not None else None

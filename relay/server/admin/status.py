@@ -4,8 +4,8 @@ the requests in flight and the last finished ones.
 
 Everything that changes per event on the request path is read here, at
 snapshot time, from the broker's own objects (open polls, in-flight
-requests and their byte counts, the state a request is in), so that the
-hooks of L{relay.admin.stats} stay a few attribute updates. The cost moves
+requests and their byte counts, the state a request is in), so that the event
+handlers of L{relay.server.admin.stats} stay a few attribute updates. The cost moves
 to the snapshot, which is paged: with 10,000 backends the page's sort key
 is computed for all of them, the full entry only for the page.
 
@@ -19,7 +19,7 @@ from itertools import islice
 from typing import Dict, List, Optional
 
 import relay
-from relay.admin.stats import (
+from relay.server.admin.stats import (
     BUCKET,
     CANCELLED,
     ERROR_KINDS,
@@ -29,7 +29,8 @@ from relay.admin.stats import (
     BackendStats,
     quantile,
 )
-from relay.server.broker import Broker, PendingRequest
+from relay.server.broker import Broker
+from relay.server.pending import PendingRequest
 
 # A backend whose relay-client polled this recently counts as present even
 # with no poll open: a relay-client polls again right after each answer.

@@ -1,40 +1,31 @@
 """
-A robot on a bad network, for tests/test_bad_network.py and C{bench/bad_network.py}.
-
-The robot is a network namespace of its own, joined to the host's namespace
-by a veth pair with addresses from 198.18.0.0/15 (RFC 2544's benchmarking
-range, so they can never be anyone's real addresses), one /30 per robot,
-picked from the harness's pid so that parallel runs do not clash. The
-relay-client and its backend run inside it (C{ip netns exec}); the relay
-server runs in the host's namespace, on the veth's host-side address, and
-users (the harness) reach it there, over the host's loopback path. The
-network goes bad by nftables rules inside the robot's namespace, on the
-veth only, so that the robot's own loopback (relay-client to backend) and
-the host's are never touched:
-
-  - a partition: every packet on the veth dropped, both ways;
-  - a NAT rebinding: connections opened before it are dropped for good,
-    new ones work. Every new connection is stamped with a conntrack mark of
-    the current generation from the moment the namespace exists, so a
-    rebinding is a new generation and a rule dropping every other one; on a
-    kernel without conntrack, the 4-tuples that C{ss} lists go into a set
-    instead;
-  - random loss of X% of the packets, both ways (C{numgen random});
-  - a flapping link: partitions on a timer;
-  - a slow uplink (C{tc} tbf on the robot's side), so that a download
-    lasts long enough to meet the flaps.
-
-In every scenario the robot's outgoing packets are lost after its TCP has
-sent them, as on a real link, not refused as it sends them (see
-L{RobotNetwork.lose_out}).
-
-Everything the harness makes goes away on every exit path: L{Pair.stop} in
-a C{finally}, an C{atexit} hook for networks still up, and, at the next
-start, namespaces left by a harness process that no longer exists.
-
-The scenarios (L{SCENARIOS}) start a pair, drive the network, and return a
-L{Result} of what the users saw; the tests assert the issue's goals on it,
-the benchmark prints it side by side.
+A robot on a bad network, for tests/test_bad_network.py and
+C{bench/bad_network.py}.  The robot is a network namespace of its own, joined
+to the host's namespace by a veth pair with addresses from 198.18.0.0/15 (RFC
+2544's benchmarking range, so they can never be anyone's real addresses), one
+/30 per robot, picked from the harness's pid so that parallel runs do not
+clash. The relay-client and its backend run inside it (C{ip netns exec}); the
+relay server runs in the host's namespace, on the veth's host-side address,
+and users (the harness) reach it there, over the host's loopback path. The
+network goes bad by nftables rules inside the robot's namespace, on the veth
+only, so that the robot's own loopback (relay-client to backend) and the
+host's are never touched:    - a partition: every packet on the veth dropped,
+both ways;   - a NAT rebinding: connections opened before it are dropped for
+good,     new ones work. Every new connection is stamped with a conntrack mark
+of     the current generation from the moment the namespace exists, so a
+rebinding is a new generation and a rule dropping every other one; on a
+kernel without conntrack, the 4-tuples that C{ss} lists go into a set
+instead;   - random loss of X% of the packets, both ways (C{numgen random});
+- a flapping link: partitions on a timer;   - a slow uplink (C{tc} tbf on the
+robot's side), so that a download     lasts long enough to meet the flaps.  In
+every scenario the robot's outgoing packets are lost after its TCP has sent
+them, as on a real link, not refused as it sends them (see
+L{RobotNetwork.lose_out}).  Everything the harness makes goes away on every
+exit path: L{Pair.stop} in a C{finally}, an C{atexit} hook for networks still
+up, and, at the next start, namespaces left by a harness process that no
+longer exists.  The scenarios (L{SCENARIOS}) start a pair, drive the network,
+and return a L{Result} of what the users saw; the tests assert the issue's
+goals on it, the benchmark prints it side by side.
 """
 
 import atexit
@@ -57,8 +48,8 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from tests.process import ROOT, ChildProcess, TwistdProcess
-from tests.test_rolling_deploy import GO_CLIENT
+from tests.support.go import GO_CLIENT
+from tests.support.process import ROOT, ChildProcess, TwistdProcess
 
 GO_DIR = os.path.dirname(GO_CLIENT)
 BACKEND_SCRIPT = os.path.join(ROOT, "bench", "backend.py")
@@ -380,6 +371,8 @@ class RobotNetwork:
 
 
 @atexit.register
+
+
 def _destroy_live() -> None:
     for network in list(_live):
         network.destroy()
@@ -427,6 +420,8 @@ def sleep(seconds: float) -> defer.Deferred:
 
 
 @dataclasses.dataclass
+
+
 class Outcome:
     """One user request: when it went, when its answer (or the user's giving up) came, and what it was."""
 
@@ -635,6 +630,8 @@ def _port_on(address: str) -> int:
 
 
 @defer.inlineCallbacks
+
+
 def _listening(process, address: str, port: int, wait: float):
     """
     Fires with the time C{process} accepts on C{address:port} (polled: the
@@ -669,6 +666,8 @@ def _exited(process) -> bool:
 
 
 @defer.inlineCallbacks
+
+
 def _stop(process, grace: float = 2.0):
     """SIGTERM, then SIGKILL after C{grace} seconds: teardown is bounded."""
     if process is None or _exited(process):
@@ -771,6 +770,8 @@ class Pair:
 
 
 @dataclasses.dataclass
+
+
 class Result:
     """What the users of one pair saw in one scenario."""
 
@@ -830,6 +831,8 @@ def _caveat(pair: Pair, result: Result) -> None:
 
 
 @defer.inlineCallbacks
+
+
 def _outage(pair: Pair, scenario: str, silence: float, wait: float, rebind: bool):
     result = Result(scenario, pair.label, waited=wait)
     _caveat(pair, result)
@@ -857,6 +860,8 @@ def _outage(pair: Pair, scenario: str, silence: float, wait: float, rebind: bool
 
 
 @defer.inlineCallbacks
+
+
 def _wind_up(result: "Result", prober: "Prober", patient) -> Generator:
     """A scenario's end, whatever happened: the users stop, and what they saw is kept."""
     if patient is not None:
@@ -876,6 +881,8 @@ def partition(pair: Pair, silence: float = 60.0, wait: float = 12.0) -> defer.De
 
 
 @defer.inlineCallbacks
+
+
 def loss(pair: Pair, percent: int = 5, count: int = 100, size: int = BIG, download_limit: float = 120.0):
     """C{percent}% of packets lost both ways: C{count} small requests one after another, then a download."""
     result = Result("loss", pair.label)
@@ -893,6 +900,8 @@ def loss(pair: Pair, percent: int = 5, count: int = 100, size: int = BIG, downlo
 
 
 @defer.inlineCallbacks
+
+
 def flapping(pair: Pair, down: float = 3.0, up: float = 3.0, times: int = 10, size: int = BIG,
              uplink: str = "8mbit", wait: float = 12.0, settle: float = 30.0):
     """
@@ -929,6 +938,8 @@ def flapping(pair: Pair, down: float = 3.0, up: float = 3.0, times: int = 10, si
 
 
 @defer.inlineCallbacks
+
+
 def server_restart(pair: Pair, gap: float = 2.0, wait: float = 12.0, after: float = 2.0):
     """
     SIGTERM to the server; once it has gone, a new one on the same port
@@ -973,6 +984,8 @@ SCENARIOS: Dict[str, Callable[..., defer.Deferred]] = {
 
 
 @defer.inlineCallbacks
+
+
 def run(pair: Pair, scenario: str, **options):
     """Start C{pair}, play C{scenario} on it, stop everything: fires with its L{Result}."""
     try:

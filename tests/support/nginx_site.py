@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The site in front of several replicas.
 REPLICAS_SITE = os.path.join(ROOT, "deploy", "nginx", "relay-replicas.conf")
 

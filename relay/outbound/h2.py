@@ -1,5 +1,7 @@
 """
-Relayed requests over HTTP/2 to the backend (C{--force_http2}), for gRPC.
+An HTTP/2 client: the relay-client's requests to a gRPC backend
+(C{--force_http2}), and a server replica's calls passed to the replica that
+owns them (L{relay.server.forward}).
 
 Why this module exists: gRPC servers speak HTTP/2 only and answer with
 trailers (C{grpc-status}, C{grpc-message}), and Twisted has an HTTP/2
@@ -10,23 +12,23 @@ for us: framing, HPACK, the stream state machines, header validation,
 SETTINGS and PING answers, and the flow-control bookkeeping (our windows and
 the peer's). What is left here is the I/O and the policy:
 
-  - One connection per backend, opened on the first request and shared by
+  - One connection per peer, opened on the first request and shared by
     all of them (streams are multiplexed); a new one is opened when it
     closes, is refused by GOAWAY, or has sat idle. With C{http} it is
     cleartext HTTP/2 with prior knowledge (h2c), as gRPC expects; with
     C{https} it is TLS that must choose C{h2} by ALPN.
-  - The request: pseudo-headers from the relayed request, its headers
-    without the HTTP/1.1 connection-specific ones (C{te: trailers} is kept:
-    gRPC servers require it), and the body, which the relay protocol hands
-    us whole, sent as the backend's flow-control windows allow.
-  - The response goes through the same L{relay.client.chunker.Chunker} as
-    an HTTP/1.1 one: status and headers first, DATA as it comes, and the
-    trailers on the last message. Back-pressure is HTTP/2's own flow
-    control: the chunker pauses us while a POST to the relay is
-    outstanding, and while paused we do not acknowledge what we received,
-    so the stream's window closes and the backend stops sending. Each
-    stream can therefore hold at most its window (L{STREAM_WINDOW}) of
-    unread data beyond what the chunker gathers, however big the answer.
+  - The request (an L{OutboundRequest}, bytes throughout): pseudo-headers
+    from it, its headers without the HTTP/1.1 connection-specific ones
+    (C{te: trailers} is kept: gRPC servers require it), and the body, which
+    arrives whole, sent as the peer's flow-control windows allow.
+  - The response goes to a sink (the relay-client's
+    L{relay.client.chunker.Chunker}, or the user's request when a replica
+    forwards): status and headers first, DATA as it comes, and the
+    trailers at the end. Back-pressure is HTTP/2's own flow control: while
+    the sink pauses us we do not acknowledge what we received, so the
+    stream's window closes and the peer stops sending. Each stream can
+    therefore hold at most its window (L{STREAM_WINDOW}) of unread data
+    beyond what the sink holds, however big the answer.
 """
 
 from collections import deque
@@ -44,11 +46,15 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.client.backend import BackendError, BackendRequest, TrustPolicy, connect_error, connect_own
-from relay.headers import H2_BACKEND_DROPS, go_canonical, sanitize_value, valid_name
+from relay.headers import H2_BACKEND_DROPS, as_bytes, go_canonical, sanitize_raw, valid_raw_name
+from relay.outbound import IDLE_CONNECTION_TIMEOUT
+from relay.outbound.connect import BackendError, connect_error, connect_own
+from relay.outbound.request import OutboundRequest, RawHeader
+from relay.outbound.tls import TrustPolicy
 
 
 Header = Tuple[str, str]
+_DROPS = as_bytes(H2_BACKEND_DROPS)
 
 # What each stream may have in flight towards us before we read it (Go's
 # HTTP/2 transport uses 4 MiB). The connection's window is made so large
@@ -56,35 +62,35 @@ Header = Tuple[str, str]
 # paused stream cannot hold up the others.
 STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 1 << 30
-IDLE_CONNECTION_TIMEOUT = 90.0
 
-def request_headers(request: BackendRequest) -> List[Tuple[bytes, bytes]]:
+
+def request_headers(request: OutboundRequest) -> List[RawHeader]:
     """The HEADERS of C{request}: pseudo-headers first, names lower case."""
     headers = [
-        (b":method", request.method.encode("ascii", "replace")),
+        (b":method", request.method),
         (b":scheme", request.scheme.encode("ascii")),
-        (b":authority", request.host.encode("utf-8")),
-        (b":path", request.target.encode("utf-8")),
+        (b":authority", request.host),
+        (b":path", request.target),
     ]
     for name, value in request.headers:
         lower = name.lower()
-        if lower in H2_BACKEND_DROPS or not valid_name(name):
+        if lower in _DROPS or not valid_raw_name(name):
             continue
-        if lower == "te" and value.strip().lower() != "trailers":
+        if lower == b"te" and value.strip().lower() != b"trailers":
             continue  # The only TE that HTTP/2 allows.
-        headers.append((lower.encode("ascii"), sanitize_value(value)))
-    if request.body or request.method.upper() in ("POST", "PUT", "PATCH"):
+        headers.append((lower, sanitize_raw(value)))
+    if request.body or request.method.upper() in (b"POST", b"PUT", b"PATCH"):
         headers.append((b"content-length", b"%d" % (len(request.body),)))
     return headers
 
 
-def _decode(headers) -> List[Header]:
-    out: List[Header] = []
-    for name, value in headers:
-        if name.startswith(b":"):
-            continue
-        out.append((go_canonical(name.decode("latin-1")), value.decode("utf-8", "replace")))
-    return out
+def _raw(headers) -> List[RawHeader]:
+    return [(name, value) for name, value in headers if not name.startswith(b":")]
+
+
+def _decode(headers: List[RawHeader]) -> List[Header]:
+    """Headers as the relay-client's protocol carries them: Go's names, text values."""
+    return [(go_canonical(name.decode("latin-1")), value.decode("utf-8", "replace")) for name, value in headers]
 
 
 @implementer(IPushProducer)
@@ -108,14 +114,15 @@ class _StreamProducer:
 class _Stream:
     """One request on the connection, and its response."""
 
-    def __init__(self, connection: "H2ClientConnection", request: BackendRequest):
+    def __init__(self, connection: "H2ClientConnection", request: OutboundRequest):
         self.connection = connection
         self.request = request
         self.stream_id: Optional[int] = None
         self.head: Deferred = Deferred(lambda d: self.cancel())
         self.status = 0
-        self.headers: List[Header] = []
-        self.trailers: List[Header] = []
+        # As the peer sent them, names lower case (HTTP/2's rule).
+        self.raw_headers: List[RawHeader] = []
+        self.raw_trailers: List[RawHeader] = []
         self.body_left = memoryview(request.body)
         self.body_done = False
         self.paused = False
@@ -126,7 +133,15 @@ class _Stream:
         self._pending: List[bytes] = []
         self.error: Optional[str] = None  # why the stream failed, if it did
 
-    # The response, as L{relay.client.backend.BackendResponse} offers it.
+    # The response, with the face of the relay-client's HTTP/1.1 BackendResponse.
+
+    @property
+    def headers(self) -> List[Header]:
+        return _decode(self.raw_headers)
+
+    @property
+    def trailers(self) -> List[Header]:
+        return _decode(self.raw_trailers)
 
     def deliver(self, sink) -> None:
         self._sink = sink
@@ -143,8 +158,8 @@ class _Stream:
 
     # Events from the connection.
 
-    def response_received(self, status: int, headers: List[Header]) -> None:
-        self.status, self.headers = status, headers
+    def response_received(self, status: int, headers: List[RawHeader]) -> None:
+        self.status, self.raw_headers = status, headers
         if not self.head.called:
             self.head.callback(self)
 
@@ -207,7 +222,7 @@ class H2ClientConnection(Protocol):
         L{BackendError}.
     """
 
-    def __init__(self, reactor, request: BackendRequest, tls: bool):
+    def __init__(self, reactor, request: OutboundRequest, tls: bool):
         self.reactor = reactor
         self.tls = tls
         self._first = request  # for error messages about the connection
@@ -262,7 +277,7 @@ class H2ClientConnection(Protocol):
 
     # Requests.
 
-    def request(self, request: BackendRequest) -> Deferred:
+    def request(self, request: OutboundRequest) -> Deferred:
         """Fires with the response (a L{_Stream}) once its headers came."""
         stream = _Stream(self, request)
         if not self.usable:
@@ -370,11 +385,11 @@ class H2ClientConnection(Protocol):
                 status = int(headers.get(b":status", b""))
             except ValueError:
                 status = 0
-            stream.response_received(status, _decode(event.headers))
+            stream.response_received(status, _raw(event.headers))
         elif isinstance(event, h2.events.DataReceived):
             stream.data_received(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.TrailersReceived):
-            stream.trailers = _decode(event.headers)
+            stream.raw_trailers = _raw(event.headers)
         elif isinstance(event, h2.events.StreamEnded):
             if not stream.body_done:
                 # The answer is complete before the request was: stop
@@ -463,9 +478,9 @@ def _error_name(code) -> str:
 
 class H2Backend:
     """
-    Plain (non-upgrade) requests over HTTP/2; the same C{open} as
-    L{relay.client.backend.Backend}. Upgrades (WebSockets) still go over
-    HTTP/1.1, on connections of their own.
+    Plain (non-upgrade) requests over HTTP/2, to one peer; the same C{open}
+    as the relay-client's HTTP/1.1 backend. Upgrades (WebSockets) still go
+    over HTTP/1.1, on connections of their own.
     """
 
     def __init__(self, reactor, policy: TrustPolicy):
@@ -476,11 +491,11 @@ class H2Backend:
         self._waiters: List[Deferred] = []
         self._all: List[H2ClientConnection] = []
 
-    async def open(self, request: BackendRequest) -> _Stream:
+    async def open(self, request: OutboundRequest) -> _Stream:
         connection = await self._connect(request)
         return await connection.request(request)
 
-    async def _connect(self, request: BackendRequest) -> H2ClientConnection:
+    async def _connect(self, request: OutboundRequest) -> H2ClientConnection:
         if self._connection is not None and self._connection.usable:
             return self._connection
         # Everyone waits for the same connection; a waiter that is cancelled
@@ -503,7 +518,7 @@ class H2Backend:
             else:
                 d.callback(result)
 
-    async def _dial(self, request: BackendRequest) -> H2ClientConnection:
+    async def _dial(self, request: OutboundRequest) -> H2ClientConnection:
         connection = H2ClientConnection(self.reactor, request, request.scheme == "https")
         await connect_own(self.reactor, self.policy, request, connection, alpn=[b"h2"])
         self._all.append(connection)

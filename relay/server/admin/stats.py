@@ -3,22 +3,24 @@ What the admin view knows: per-backend statistics and the last finished
 requests, kept beside the L{Broker}, in memory that is bounded per backend
 and capped overall.
 
-The broker calls four hooks, and only when its C{stats} attribute is set
-(it is C{None} unless C{--admin_port} is given, so a server without the
-view pays one attribute test per hook site):
+L{AdminStats} watches the broker (L{relay.server.events.IBrokerEvents}),
+which it is added to only when C{--admin_port} is given, so a server
+without the view pays one test of an empty tuple per event. Of the events
+it keeps:
 
-  - L{AdminStats.polled} for each long poll (who polls, from where);
-  - L{AdminStats.started} when a user request is queued (its method, its
+  - C{poll_from} for each long poll (who polls, from where);
+  - C{request_queued} when a user request is queued (its method, its
     path with the query cut off, its body size);
-  - L{AdminStats.finished} when the broker forgets a request, for whatever
+  - C{request_finished} when the broker forgets a request, for whatever
     reason (its outcome, duration and bytes);
-  - L{AdminStats.refused} / L{AdminStats.unknown} for user requests that
-    never became a pending request (503 overloaded, unknown backend).
+  - C{request_refused} / C{unknown_backend} for user requests that
+    never became a pending request (503 overloaded, unknown backend);
+  - C{backend_forgotten}, to show the backend as gone for a while.
 
-Each hook is a handful of attribute updates and deque appends: no
+Each event is a handful of attribute updates and deque appends: no
 allocation grows with traffic. Everything that can be computed later is:
 in-flight requests, open polls and byte counts are read from the broker's
-own objects when C{/api/status} asks (see L{relay.admin.status}), never
+own objects when C{/api/status} asks (see L{relay.server.admin.status}), never
 tracked per event.
 
 Bounds:
@@ -42,6 +44,9 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.server.events import IBrokerEvents, Outcome
 
 log = Logger()
 
@@ -264,7 +269,7 @@ class BackendStats:
         self.recent: Deque[Finished] = deque(maxlen=ring)
         self.recent_errors: Deque[Finished] = deque(maxlen=error_ring)
         self.forgotten_at: Optional[float] = None
-        # The last-minute summary of relay.admin.status, with what it was
+        # The last-minute summary of relay.server.admin.status, with what it was
         # computed from: a page polled every 2 s recomputes only backends
         # that had traffic since.
         self.summary: Optional[tuple] = None
@@ -283,10 +288,11 @@ class BackendStats:
         return [b for b in self.series if b.index >= first]
 
 
+@implementer(IBrokerEvents)
 class AdminStats:
     """
     The view's memory. One per server, created with the admin listener and
-    set as C{broker.stats}.
+    added to the broker's observers.
 
     @param clock: the broker's clock.
     @param ring: finished requests kept per backend.
@@ -323,7 +329,7 @@ class AdminStats:
         self.unknown_requests = 0
         self.unknown_recent: Deque[Tuple[float, str, str, str]] = deque(maxlen=UNKNOWN_RING)
 
-    # Hooks, called by the broker and the resources.
+    # IBrokerEvents.
 
     def backend(self, name: str) -> BackendStats:
         b = self.backends.get(name)
@@ -337,7 +343,7 @@ class AdminStats:
             self.backends[name] = b
         return b
 
-    def polled(self, name: str, peer: Optional[str]) -> None:
+    def poll_from(self, name: str, peer: Optional[str]) -> None:
         """A relay-client polls for C{name} from C{peer} (a host)."""
         b = self.backend(name)
         now = b.last_poll = self.clock.seconds()
@@ -349,7 +355,7 @@ class AdminStats:
                 peers.popitem(last=False)
             peers[peer] = now
 
-    def forget(self, name: str) -> None:
+    def backend_forgotten(self, name: str) -> None:
         """The broker forgot the backend: keep it a while as gone."""
         b = self.backends.pop(name, None)
         if b is None:
@@ -360,7 +366,7 @@ class AdminStats:
             _, old = self.forgotten.popitem(last=False)
             # Its records age out of self.records with everyone else's.
 
-    def started(self, pending, message) -> None:
+    def request_queued(self, pending, message) -> None:
         """A user request was queued: what it asked for, for the views."""
         try:
             headers = None
@@ -371,17 +377,16 @@ class AdminStats:
             # A bug here must cost the view a row, never the user a request.
             log.failure("Admin view: recording a request failed")
 
-    def finished(self, pending, reason) -> None:
-        """The broker forgot C{pending}; C{reason} as L{Broker._forget} got it."""
+    def request_finished(self, pending, outcome: Outcome) -> None:
+        """The broker forgot C{pending}, which ended as C{outcome} says."""
         try:
-            self._finished(pending, reason)
+            self._finished(pending, outcome)
         except Exception:
             log.failure("Admin view: recording a finished request failed")
 
-    def _finished(self, pending, reason) -> None:
+    def _finished(self, pending, outcome: Outcome) -> None:
         now = self.clock.seconds()
-        sink = pending.sink
-        status, kind = outcome(pending, reason)
+        status, kind = classify(outcome)
         info = pending.info
         r = Finished()
         r.backend = pending.backend
@@ -394,15 +399,13 @@ class AdminStats:
             r.method, r.path, r.bytes_in, headers = "", "", 0, None
         else:
             r.method, r.path, r.bytes_in, headers = info
-        tunnel = getattr(sink, "tunnel", None)
-        if tunnel is not None:
-            r.bytes_in += tunnel.bytes_in
-        r.bytes_out = getattr(sink, "bytes", 0)
+        r.bytes_in += outcome.bytes_in
+        r.bytes_out = outcome.bytes_out
         # Set when the request's trace was sampled (relay.tracing).
-        r.trace_id = getattr(sink, "trace_id", None)
+        r.trace_id = outcome.trace_id
         if self.inspect_headers:
             r.request_headers = headers or []
-            r.response_headers = _response_headers(sink, self.redact)
+            r.response_headers = _response_headers(outcome.headers, self.redact)
         else:
             r.request_headers = r.response_headers = None
         b = self.backends.get(r.backend)
@@ -428,7 +431,7 @@ class AdminStats:
         b.recent.append(r)
         self._keep(r)
 
-    def refused(self, name: str, status: int) -> None:
+    def request_refused(self, name: str, status: int) -> None:
         """A request for known backend C{name} was refused at once (503)."""
         b = self.backends.get(name)
         if b is None:
@@ -448,7 +451,7 @@ class AdminStats:
         b.recent_errors.append(r)
         self._keep(r)
 
-    def unknown(self, name: str, method: str, url: str) -> None:
+    def unknown_backend(self, name: str, message) -> None:
         """
         A user asked for a backend nobody polls for (503 unknown client).
         Counted for the whole server, with the last few names: made-up
@@ -457,7 +460,27 @@ class AdminStats:
         self.unknown_requests += 1
         if len(name) > MAX_TEXT:
             name = name[:MAX_TEXT] + "…"
-        self.unknown_recent.append((self.clock.seconds(), name, method, redact_path(url)))
+        self.unknown_recent.append((self.clock.seconds(), name, message.method, redact_path(message.url)))
+
+    # The events the view has no use for.
+
+    def poll_waiting(self, backend: str) -> None:
+        pass
+
+    def poll_ended(self, backend: str) -> None:
+        pass
+
+    def backend_awaited(self, backend: str) -> None:
+        pass
+
+    def request_picked_up(self, pending) -> None:
+        pass
+
+    def response_posted(self, pending, message) -> None:
+        pass
+
+    def stream_polled(self, pending) -> None:
+        pass
 
     def _keep(self, r: Finished) -> None:
         """Count C{r} against the overall cap, dropping the oldest record."""
@@ -476,7 +499,7 @@ class AdminStats:
                     b.recent_errors.popleft()
 
 
-def outcome(pending, reason) -> Tuple[int, str]:
+def classify(outcome: Outcome) -> Tuple[int, str]:
     """
     The status the user got, and the kind of outcome: an error kind by
     that status (503, 504, any other 5xx as 500), C{truncated} for an
@@ -484,21 +507,16 @@ def outcome(pending, reason) -> Tuple[int, str]:
     when the user went away first. An upgraded (101) connection that ends
     is a success: one side or the other closes it, normally.
 
-    Read from what the user's side (a L{relay.resources.UserResponse})
-    did, since only it knows what was written; C{reason} (the broker's)
-    is implied by it.
+    The status is what the user's side wrote, since only it knows; the
+    broker's C{reason} is implied by it.
     """
-    sink = pending.sink
-    if getattr(sink, "tunnel", None) is not None:
-        status = 101
-    else:
-        status = getattr(getattr(sink, "request", None), "code", 0) or 0
-    if getattr(sink, "truncated", False):
+    status = outcome.status
+    if outcome.truncated:
         return status, "truncated"
     if status == 101:
         return status, OK
-    if pending.cancelled:
-        return (status if pending.started else 0), CANCELLED
+    if outcome.cancelled:
+        return (status if outcome.started else 0), CANCELLED
     if status == 503 or status == 504:
         return status, str(status)
     if status >= 500:
@@ -506,11 +524,10 @@ def outcome(pending, reason) -> Tuple[int, str]:
     return status, OK
 
 
-def _response_headers(sink, extra) -> Optional[List[Tuple[str, str]]]:
-    request = getattr(sink, "request", None)
-    if request is None:
+def _response_headers(headers, extra) -> List[Tuple[str, str]]:
+    if headers is None:
         return []
     return redact_headers(
-        [(name, value) for name, values in request.responseHeaders.getAllRawHeaders() for value in values],
+        [(name, value) for name, values in headers.getAllRawHeaders() for value in values],
         extra,
     )

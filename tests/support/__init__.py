@@ -8,7 +8,6 @@ library would hide what we need to see (slow reading, aborted connections,
 
 import dataclasses
 import re
-import socket
 import weakref
 from typing import Callable, List, Optional, Tuple
 
@@ -16,60 +15,26 @@ import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.trial import unittest
-from twisted.internet.task import Clock
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.web import server as server_module
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
-from relay import http1_engine
 from relay.client.http import BytesProducer
 from relay.client.service import make_client_service
 from relay.config import ClientConfig, ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import Broker
+from relay.server.events import IBrokerEvents
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.service import make_server_service
 from relay.server.site import RelaySite
-
-
-def on_each_engine(namespace: dict) -> None:
-    """
-    Run every test case class defined in the module whose C{globals()} is
-    C{namespace} on each HTTP/1.1 engine (L{relay.http1_engine}): the class
-    as written runs on httptools (skipped where it is not installed), and
-    a twin named C{...OnTwistedWeb} on twisted.web's engine. Every server
-    and relay-client built in the test (through this module or not) gets
-    its engine from C{http1_engine.resolve}, which the test replaces.
-    """
-    module = namespace["__name__"]
-    for name, value in list(namespace.items()):
-        if not (isinstance(value, type) and issubclass(value, unittest.TestCase)):
-            continue
-        if value.__module__ != module or "http1_engine" in value.__dict__:
-            continue
-        value.http1_engine = "httptools"
-        _force_engine(value)
-        twin = type(name + "OnTwistedWeb", (value,), {"http1_engine": "twisted", "__module__": module})
-        namespace[twin.__name__] = twin
-
-
-def _force_engine(cls) -> None:
-    set_up = cls.setUp
-
-    def setUp(self, *args, **kwargs):
-        engine = self.http1_engine
-        if engine == "httptools" and not http1_engine.available():
-            raise unittest.SkipTest("httptools is not installed for this interpreter")
-        self.patch(http1_engine, "resolve", lambda choice, implementation=None: engine)
-        return set_up(self, *args, **kwargs)
-
-    cls.setUp = setUp
 
 
 def _split(config_class, kwargs: dict) -> dict:
@@ -158,36 +123,52 @@ class Changes:
         return d
 
 
+@implementer(IBrokerEvents)
 class BrokerEvents(Changes):
     """
-    L{Changes} of a broker (a poll waiting, a request forgotten). The
-    server's resources reach the broker only through the calls in L{CALLS}:
-    conditions are checked after each such call, and when the Deferred a
-    call returned fires (a poll cancelled because its connection went away).
+    L{Changes} of a broker (a poll waiting, a request forgotten), as its
+    observer: conditions are checked again at each of the broker's events.
     """
-
-    CALLS = ("get_request", "relay", "arrival", "cancel", "send_response", "reject", "get_request_stream")
 
     def __init__(self, broker):
         super().__init__()
-        for name in self.CALLS:
-            setattr(broker, name, self._watched(getattr(broker, name)))
+        broker.add_observer(self)
 
-    def _watched(self, call):
-        def watched(*args, **kwargs):
-            try:
-                result = call(*args, **kwargs)
-            finally:
-                self.changed()
-            if isinstance(result, defer.Deferred):
-                result.addBoth(self._passing)
-            return result
-
-        return watched
-
-    def _passing(self, result):
+    def poll_waiting(self, backend):
         self.changed()
-        return result
+
+    def poll_from(self, backend, peer):
+        self.changed()
+
+    def poll_ended(self, backend):
+        self.changed()
+
+    def backend_awaited(self, backend):
+        self.changed()
+
+    def unknown_backend(self, backend, message):
+        self.changed()
+
+    def request_refused(self, backend, status):
+        self.changed()
+
+    def request_queued(self, pending, message):
+        self.changed()
+
+    def request_picked_up(self, pending):
+        self.changed()
+
+    def response_posted(self, pending, message):
+        self.changed()
+
+    def stream_polled(self, pending):
+        self.changed()
+
+    def request_finished(self, pending, outcome):
+        self.changed()
+
+    def backend_forgotten(self, backend):
+        self.changed()
 
 
 class Recorder(list):
@@ -215,6 +196,13 @@ def broker_events(broker) -> BrokerEvents:
     if events is None:
         events = _events[broker] = BrokerEvents(broker)
     return events
+
+
+def admin_stats(broker):
+    """The admin view's statistics among the broker's observers; None when the view is off."""
+    from relay.server.admin.stats import AdminStats
+
+    return next((o for o in broker.observers if isinstance(o, AdminStats)), None)
 
 
 def polling(broker, name: str) -> defer.Deferred:
@@ -536,11 +524,3 @@ def stalled(progress, quiet: float = 0.5, timeout: float = 20.0):
 def rss_peak_kib(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port

@@ -2,7 +2,7 @@
 The admin listener as a child of the relay server's service.
 
 L{attach_admin} turns the view on: it gives the broker its
-L{AdminStats} (until then the broker's hooks do nothing) and adds a
+L{AdminStats} as an observer of its events and adds a
 listening service for the admin site. The listener stops last, after the
 drain, so that an operator can watch a drain from the view.
 """
@@ -13,9 +13,9 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from relay.admin.stats import AdminStats
-from relay.admin.web import TokenCheck, admin_site
-from relay.server.service import ListeningService
+from relay.server.admin.stats import AdminStats
+from relay.server.admin.web import TokenCheck, admin_site
+from relay.server.listening import ListeningService
 
 log = Logger()
 
@@ -68,9 +68,10 @@ def attach_admin(
     stats = AdminStats(
         clock if clock is not None else broker.clock, keep_headers=keep_headers, redact=redact, **limits
     )
-    broker.stats = stats
+    broker.add_observer(stats)
     site = admin_site(broker, stats, flags or {}, check if check is not None else TokenCheck(None))
     listen = AdminListeningService(endpoint, site, reactor, port_flag, port_number)
     listen.setName("admin")
+    listen.stats = stats
     listen.setServiceParent(service)
     return listen

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from relay.admin.status import Query, snapshot
+from relay.server.admin.status import Query, snapshot
 
 COOKIE = b"relay_admin"
 _STATIC = {
@@ -133,7 +133,7 @@ class AdminResource(Resource):
             return self._text(request, 404, b"Not found\n")
         name, content_type = static
         request.setHeader(b"content-type", content_type)
-        return pkgutil.get_data("relay.admin", "static/" + name)
+        return pkgutil.get_data("relay.server.admin", "static/" + name)
 
     def _login(self, request):
         """C{/?token=...}: a cookie for the browser, and the token out of its address bar."""
@@ -192,6 +192,8 @@ class AdminSite(Site):
     Idle connections close after a minute (twisted.web's default is 12
     hours), so that forgotten tabs and slow peers do not pile up.
     """
+
+    noisy = False  # no "Starting factory <AdminSite object at 0x…>" lines
 
     def __init__(self, resource):
         super().__init__(resource, timeout=60)

@@ -1,5 +1,6 @@
 """
-Endpoints for the client's HTTP agents, made once per (scheme, host, port).
+Endpoints for outbound connections, and for HTTP agents made once per
+(scheme, host, port).
 
 Agent's default endpoint factory builds a new HostnameEndpoint for every
 request, even when a pooled connection is then reused, and each one
@@ -7,7 +8,7 @@ IDNA-encodes the host name again: a tenth of the client's time on small
 requests. The relay client only ever talks to one relay and one backend, so
 it keeps the few endpoints it needs (for L{relay.client.keepalive}, or any
 Agent), and gives their connections the settings of
-L{relay.tuning.transport} (send limit, TCP_NODELAY).
+L{relay.net.transport} (send limit, TCP_NODELAY).
 
 Connections are made by L{client_endpoint}, not by Twisted's
 C{HostnameEndpoint}: that one starts a new attempt every 0.3 s and only
@@ -33,13 +34,14 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from relay.tuning.liveness import watch_socket_of
-from relay.tuning.transport import tune
+from relay.net.liveness import watch_socket_of
+from relay.net.transport import tune
+from relay.outbound import CONNECT_TIMEOUT
 
 ATTEMPT_DELAY = 0.3  # Go's net.Dialer FallbackDelay, and Twisted's.
 
 
-def client_endpoint(reactor, host: Union[str, bytes], port: int, timeout: float = 30):
+def client_endpoint(reactor, host: Union[str, bytes], port: int, timeout: float = CONNECT_TIMEOUT):
     """
     An endpoint for C{host} (a name or a literal IPv4/IPv6 address) and
     C{port}; see the module's docstring.
@@ -59,7 +61,9 @@ def client_endpoint(reactor, host: Union[str, bytes], port: int, timeout: float 
 class NameEndpoint:
     """Resolves a host name at each connection and tries its addresses (see above)."""
 
-    def __init__(self, reactor, host: str, port: int, timeout: float = 30, attempt_delay: float = ATTEMPT_DELAY):
+    def __init__(
+        self, reactor, host: str, port: int, timeout: float = CONNECT_TIMEOUT, attempt_delay: float = ATTEMPT_DELAY
+    ):
         self.reactor = reactor
         self.host = host
         self.port = port
@@ -174,7 +178,7 @@ class TunedEndpoint:
     """
     An endpoint whose connections get L{tune}d once connected and, given
     C{liveness} (a keepalive interval and a dead-connection timeout), watched
-    by the kernel for a peer that went away (L{relay.tuning.liveness}).
+    by the kernel for a peer that went away (L{relay.net.liveness}).
     """
 
     def __init__(self, endpoint, liveness: Optional[Tuple[float, float]] = None):
@@ -203,7 +207,7 @@ class CachingEndpointFactory:
         self,
         reactor,
         tls_policy=None,
-        connect_timeout: float = 30,
+        connect_timeout: float = CONNECT_TIMEOUT,
         liveness: Optional[Tuple[float, float]] = None,
     ):
         self.reactor = reactor
