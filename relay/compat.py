@@ -53,14 +53,14 @@ __all__ = [
     "unwritten_bytes",
 ]
 
-# twisted.web.http: the chunked decoder, which the server bounds (site.py)
+# twisted.web.http: the chunked decoder, which the server bounds (http1.py)
 # and the client's upgrade path reuses to read a backend's chunked answer.
 ChunkedTransferDecoder = http._ChunkedTransferDecoder
 MalformedChunkedDataError = http._MalformedChunkedDataError
 
 # Methods of Twisted classes that our subclasses override.
 OVERRIDDEN = (
-    # site.RelayChannel: swaps in the bounded chunked decoder.
+    # http1.RelayChannel: swaps in the bounded chunked decoder.
     (http.HTTPChannel, "_maybeChooseTransferDecoder"),
     # site._BoundedChunkedDecoder: refuses absurd chunk sizes.
     (http._ChunkedTransferDecoder, "_dataReceived_CHUNK_LENGTH"),

@@ -96,7 +96,7 @@ class LogTests(unittest.TestCase):
     def test_twisteds_info_lines_go_to_debug_in_our_subclasses(self):
         from relay.logs import DebugInfoLogger
         from relay.server.h2 import RelayH2Connection
-        from relay.server.site import RelayChannel, RelayRequest
+        from relay.server.http1 import RelayChannel, RelayRequest
 
         for cls in (RelayRequest, RelayChannel, RelayH2Connection):
             self.assertIsInstance(cls._log, DebugInfoLogger)

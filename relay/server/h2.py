@@ -11,7 +11,7 @@ what the relay's streaming and back-pressure already rely on. What it lacks
 is small, so we extend it rather than write a second HTTP/2 server:
 
   - It is only reached through ALPN on TLS. L{RelayChannel} (in
-    C{relay.server.site}) also recognises the HTTP/2 connection preface on a plain
+    C{relay.server.http1}) also recognises the HTTP/2 connection preface on a plain
     connection and hands the connection over, the same way Twisted's own
     generic channel does after ALPN picks C{h2}.
   - It cannot end a stream with trailers. L{TrailerH2Connection} is the

@@ -11,7 +11,7 @@ a response head is built as one byte string and leaves with the first bytes
 of the body in one write.
 
 The relay's resource tree, broker, streaming and every rule of
-L{relay.server.site} are kept, and behave the same on either engine (the
+L{relay.server.http1} are kept, and behave the same on either engine (the
 tests run on both):
 
   - Host rules, absolute-form targets, C{414} for a request line over
@@ -63,10 +63,7 @@ from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
 from relay.lean_headers import LeanHeaders, canonical_name, canonical_names
 from relay.server.bodybuffer import BodyBuffer
-from relay.server.broker import PollConnection
 from relay.server.h2 import PREFACE, RelayH2Connection
-from relay.net import liveness
-from relay.net.transport import tune
 
 log = Logger()
 
@@ -96,7 +93,7 @@ class LeanRequest:
     One HTTP/1.1 request and its answer: what the relay's resources, its
     answers (L{relay.server.response}), the tunnel and the forwarders ask of
     twisted.web's request, with its semantics, and the additions of
-    L{relay.server.site.RelayRequest} (body cap, body budget, trailers,
+    L{relay.server.http1.RelayRequest} (body cap, body budget, trailers,
     the drain's close).
     """
 
@@ -373,8 +370,9 @@ class LeanRequest:
         self.startedWriting = True
         channel = self.channel
         site = self.site
-        if site.draining:
-            self._close_after_answer()
+        if site.draining and site.closes_after(self):
+            self.responseHeaders[b"connection"] = [b"close"]
+            channel.persistent = False
         raw = self.responseHeaders
         version = self.clientproto
         code = self.code
@@ -404,13 +402,6 @@ class LeanRequest:
         elif data:
             head.append(data)
         channel.transport.write(b"".join(head))
-
-    def _close_after_answer(self) -> None:
-        """Draining: this answer closes its connection (see RelayRequest)."""
-        if self.code == 200 and self.path in (b"/server/response", b"/server/requeststream"):
-            return
-        self.responseHeaders[b"connection"] = [b"close"]
-        self.channel.persistent = False
 
     def add_trailer(self, name: str, value: str) -> None:
         if valid_trailer(name):
@@ -490,8 +481,10 @@ class LeanChannel(Protocol):
     timeOut = None
     persistent = True
     _switched = None
-    _watch: Optional[liveness.Watch] = None
-    poll_connection: Optional[PollConnection] = None
+    # Set by the site: the socket's watch (relay.net.liveness), and the
+    # record of answers in transit whose delivery the next head proves.
+    socket_watch = None
+    poll_connection = None
     _sniffing = True
     _sniffed = b""
     _header_timer = None
@@ -526,42 +519,28 @@ class LeanChannel(Protocol):
 
     def connectionMade(self) -> None:
         site = self.site
-        tune(self.transport)
-        watch = getattr(site, "watch", None)
-        if watch is not None:
-            self._watch = watch(self.transport, site.tcp_keepalive_interval, site.dead_connection_timeout)
         self._max_headers = site.max_headers
         self._max_head_bytes = site.max_header_bytes
         self._parser = HttpRequestParser(self)
-        site.connections.add(self)
+        site.connection_made(self)
         self._arm_header_timer()
 
     def connectionLost(self, reason) -> None:
         self._closed = True
         self._stop_header_timer()
+        switched, self._switched = self._switched, None
         if self._fallback:
             # twisted.web's channel took the connection, and reports its end.
-            self._switched.connectionLost(reason)
-            self._switched = None
+            switched.connectionLost(reason)
             return
-        h2_polls = None
-        if self._switched is not None:
-            switched, self._switched = self._switched, None
-            h2_polls = getattr(switched, "poll_connection", None)
+        if switched is not None:
             switched.connectionLost(reason)
         for request in (self._current, self._reading):
             if request is not None:
                 request.connectionLost(reason)
         self._current = self._reading = None
         self._queue = None
-        self.site.connection_closed(self)
-        broker = getattr(self.site, "broker", None)
-        if broker is not None:
-            death = self._watch.death if self._watch is not None else None
-            if death is None:
-                death = liveness.Death(liveness.reason_of(reason))
-            self._watch = None
-            broker.connection_ended(death, self.poll_connection, h2_polls)
+        self.site.connection_lost(self, reason, switched)
 
     def peer(self):
         if self._peer is None:
@@ -584,7 +563,7 @@ class LeanChannel(Protocol):
         timeout = self.site.header_timeout
         if not timeout:
             return
-        self._head_deadline = self.site.reactor.seconds() + timeout
+        self._head_deadline = self.site.clock.seconds() + timeout
         if self._header_timer is None:
             self._header_timer = self.callLater(timeout, self._check_header_deadline)
 
@@ -600,7 +579,7 @@ class LeanChannel(Protocol):
         deadline = self._head_deadline
         if deadline is None:
             return
-        left = deadline - self.site.reactor.seconds()
+        left = deadline - self.site.clock.seconds()
         if left > 0:
             self._header_timer = self.callLater(left, self._check_header_deadline)
             return
@@ -905,7 +884,6 @@ class LeanChannel(Protocol):
         self._reading = None
         self._parser = None
         self._stop_header_timer()
-        self.site.connections.discard(self)
         self._fallback = True
         channel = factory()
         channel.factory = self.factory
@@ -916,6 +894,10 @@ class LeanChannel(Protocol):
         channel.poll_connection = self.poll_connection
         channel._sniffing = False
         self._switched = channel
+        # It counts as the connection now: the site tunes and watches the
+        # socket again (no harm) and hears of its end from it.
+        self.site.connection_closed(self)
+        self.socket_watch = None
         channel.makeConnection(self.transport)
         channel.dataReceived(data)
         return True

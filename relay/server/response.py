@@ -63,6 +63,32 @@ def plain(request, code: int, message: str) -> bytes:
     request.responseHeaders.setRawHeaders(b"content-type", [TEXT_PLAIN])
     return message.encode("utf-8")
 
+
+def overloaded(request, error) -> bytes:
+    """503 with C{Retry-After}: the broker refused more work for now."""
+    request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
+    return http_error(request, 503, str(error))
+
+
+def on_disconnect(request, callback) -> None:
+    """Run C{callback} if the peer goes away before we answered."""
+    request.notifyFinish().addErrback(lambda _: callback())
+
+
+def answer_whole(request, body) -> None:
+    """Answer C{request} later with C{body} (bytes or a list of them), as render's return value would."""
+    if request_gone(request):
+        return
+    if isinstance(body, list):
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % sum(map(len, body))])
+        for piece in body:
+            request.write(piece)
+    else:
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+    request.finish()
+
+
 def proto_text(value) -> str:
     """A proto2 string field: str, or bytes when it was not valid UTF-8."""
     return value if isinstance(value, str) else value.decode("utf-8", "replace")

@@ -233,8 +233,10 @@ def make_server_service(
 ) -> RelayServerService:
     """
     The relay server on C{endpoint}, as C{config} says. C{clock} (the
-    reactor by default) drives the protocol's timeouts; tests pass a
-    L{Clock} to step through them while real sockets carry the traffic.
+    reactor by default) drives every timeout: the broker's, the header
+    timer, the drain's grace and deadline, the abort of connections that
+    do not close; tests pass a L{Clock} to step through them while real
+    sockets carry the traffic.
     C{port_number} is the port C{config.port} names, for error messages.
     """
     metrics = metrics if metrics is not None else RelayMetrics()
@@ -246,14 +248,14 @@ def make_server_service(
     broker.trace = config.debug_logs
     metrics.watch(broker)
     root = RootResource(broker, metrics.render, policy=policy, routing=routing)
-    site = RelaySite(root, config, reactor=reactor)
+    site = RelaySite(root, config, clock=clock, reactor=reactor)
     site.body_budget = broker.bodies
     site.broker = broker
-    service = RelayServerService(broker, site, log_observer, config.drain_grace, reactor)
+    service = RelayServerService(broker, site, log_observer, config.drain_grace, clock)
     service.routing = routing
     for child in replica_services:
         child.setServiceParent(service)
-    drain = DrainService(broker, site, reactor)
+    drain = DrainService(broker, site, clock)
     drain.setName("drain")
     drain.setServiceParent(service)
     timer = TimerService(REAP_INTERVAL, _safe_reap, broker)

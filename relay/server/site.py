@@ -1,548 +1,72 @@
 """
-The relay's HTTP/1.1 plumbing: a Site, a channel and a request class that add
-the three things twisted.web lacks and a relay needs.
+The relay's Site: which channel a connection gets, how long it lives, and
+how the connections end when the server stops. The HTTP/1.1 framing itself
+(body cap, trailers, hand-overs, header timeout, request-framing rules) is
+in L{relay.server.http1}, which reads its limits and asks for these
+decisions through the Site.
 
-  - A cap on request bodies, enforced while they arrive: the protocol needs
-    bodies whole, so they are buffered, and the cap keeps that bounded.
-    Bodies are kept in memory (twisted.web spills bodies over 100 kB into a
-    temporary file, which a relay that must put them into a protobuf anyway
-    only pays for twice).
-  - Trailers at the end of a chunked response, which the Go relay sends and
-    gRPC-over-HTTP/1.1 tooling reads.
-  - Handing a connection over to another protocol: to HTTP/2 when the
-    client opens with the HTTP/2 preface (h2c, prior knowledge) or chose
-    C{h2} by ALPN, and to a raw pipe after a 101 Switching Protocols. Both
-    work the way twisted.web itself hands a connection to its HTTP/2
-    implementation after ALPN: detach the HTTP/1.1 parser from the transport
-    and pass on any bytes it had already read.
-
-It also holds the request-framing rules that protect the relay from its
-users, as Go's C{net/http} server applies them (RFC 9112):
-
-  - Host (section 3.2): an HTTP/1.1 request needs exactly one Host header,
-    and a Host value must be a valid host (no blanks, no second value
-    after a comma and a space); otherwise Go's C{400 Bad Request: missing
-    required Host header}, C{400 Bad Request} (two or more) or C{400 Bad
-    Request: malformed Host header}, and the connection closes.
-  - Absolute-form targets (C{GET http://relay/client/x HTTP/1.1}, section
-    3.2.2) are accepted and routed by their path and query; the target's
-    authority is the request's host.
-  - A request line over 16 KiB gets C{414 URI Too Long} and a header line
-    over 16 KiB C{431 Request Header Fields Too Large} before the
-    connection closes (twisted.web closed it without an answer).
-  - A chunk size of more than 16 hex digits is refused with 400, as Go's
-    C{parseHexUint} does, instead of waiting for an absurd chunk.
+  - Connection lifetime: each socket is tuned and watched for a dead peer
+    (L{relay.net.liveness}); when it ends, the broker is told how, with
+    its record of the polls the connection carried (L{poll_connection}).
+  - Drain policy: once a stop begins (C{draining}), every answer closes
+    its connection, so that clients reconnect to another server, but a
+    relay-client's 200 to a response chunk or a request-stream read: the
+    request it belongs to is still in flight. HTTP/2 clients get a
+    GOAWAY. L{RelaySite.close_connections} ends what is left.
+  - Time: the header timer and the abort of connections that do not close
+    run on the injected C{clock} (an C{IReactorTime}); the C{reactor}
+    formats the C{Date} header and pumps HTTP/2 data.
 """
 
-from typing import List, Optional, Set, Tuple
+from typing import List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProtocol
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IReactorTime
 from twisted.web import http, server
 
-from relay.compat import (
-    ChunkedTransferDecoder,
-    MalformedChunkedDataError,
-    bound_chunked_decoder,
-    chunk_line_buffer,
-    detach_channel,
-    reading_request_line,
-    request_gone,
-    request_line,
-)
-from relay.config import ServerConfig
 from relay import http1_engine
-from relay.headers import sanitize_value, valid_host, valid_trailer
-from relay.logs import DebugInfoLogger, peer_text
-from relay.server.bodybuffer import BodyBuffer
+from relay.config import ServerConfig
 from relay.server.broker import PollConnection
-from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
+from relay.server.h2 import RelayH2Connection, stream_connection
+from relay.server.http1 import RelayChannel, RelayRequest
 from relay.net import liveness
-from relay.net.transport import corked, tune
+from relay.net.transport import tune
 
-
-# HTTP/2 connections keep twisted.web's idle timeout (its Site default).
-H2_IDLE_TIMEOUT = 12 * 60 * 60
-
-
-class RelayRequest(server.Request):
-    """
-    A request whose body is capped and kept in memory, and whose chunked
-    response can end with trailers.
-    """
-
-    _log = DebugInfoLogger()  # e.g. a HEAD body eaten, per request
-
-    # The relay sends the backend's Content-Type, or none: never a guess.
-    defaultContentType = None
-
-    body_too_large = False
-    _body_received = 0
-    _refused = False
-    # Bytes of this body charged to the site's BodyBudget and not yet handed
-    # on to a pending request.
-    _charged = 0
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trailers: List[Tuple[bytes, bytes]] = []
-
-    @property
-    def max_body(self) -> int:
-        site = getattr(self.channel, "site", None)
-        return getattr(site, "max_request_body", ServerConfig.max_request_body)
-
-    def gotLength(self, length: Optional[int]) -> None:
-        self.content = BodyBuffer()
-        if length is not None and length > self.max_body:
-            self.body_too_large = True
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._body_received += len(data)
-        if self._body_received > self.max_body:
-            self.body_too_large = True
-            self.content = BodyBuffer()
-            self.refuse_body()
-            return
-        budget = getattr(getattr(self.channel, "site", None), "body_budget", None)
-        if budget is not None:
-            if not budget.take(len(data)):
-                self.body_too_large = True
-                self.content = BodyBuffer()
-                self._give_back()
-                self.refuse_body(
-                    503,
-                    b"Service Unavailable",
-                    "Too many request bodies buffered at once; try again later\n",
-                )
-                return
-            self._charged += len(data)
-        self.content.write(data)
-
-    def take_body(self) -> Tuple[bytes, int]:
-        """
-        The whole body, and its charge against the body budget, which the
-        caller now owns; the request keeps neither (a 100 MiB upload should
-        not stay in memory twice while its response streams).
-        """
-        body = self.content.getvalue() if self.content is not None else b""
-        self.content = BodyBuffer()
-        charged, self._charged = self._charged, 0
-        return body, charged
-
-    def _give_back(self) -> None:
-        if self._charged:
-            budget = getattr(getattr(self.channel, "site", None), "body_budget", None)
-            if budget is not None:
-                budget.give(self._charged)
-            self._charged = 0
-
-    def connectionLost(self, reason) -> None:
-        self._give_back()
-        super().connectionLost(reason)
-
-    def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: str = None) -> None:
-        """
-        Answer 413 (or C{code}) at once and close: the client may still be
-        sending, and the only way to stop it is to hang up once it has our
-        answer. On HTTP/2 only the stream is reset, after the answer.
-        """
-        if self._refused:
-            return
-        self._refused = True
-        if text is None:
-            text = (
-                "Request body too large: this relay accepts at most %d bytes "
-                "(--max_request_body)\n" % (self.max_body,)
-            )
-        body = text.encode("ascii")
-        conn, stream_id = stream_connection(self)
-        if conn is not None:
-            self.setResponseCode(code)
-            self.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-            self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-            self.write(body)
-            self.finish()
-            return
-        self.channel.transport.write(
-            b"HTTP/1.1 %d %s\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"X-Content-Type-Options: nosniff\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (code, phrase, len(body), body)
-        )
-        self.channel.loseConnection()
-
-    def requestReceived(self, command, path, version):
-        """
-        What twisted.web does here, less its parsing of form bodies into
-        C{args}: a relay passes bodies on untouched, and parsing them cost a
-        sixth of the server's time (every relay-client POST carries a
-        Content-Type) and could even refuse a malformed multipart body that
-        is none of our business.
-        """
-        if self.finished or self._refused:
-            return
-        if self.body_too_large:
-            # HTTP/1.1 answered from the headers already and is closing;
-            # HTTP/2 (whose declared length only set the flag) answers now.
-            self.refuse_body()
-            return
-        self.content.seek(0, 0)
-        path = self._origin_form(path)
-        self.method, self.uri = command, path
-        self.clientproto = version
-        self.path, question, query = path.partition(b"?")
-        # twisted's parse_qs: bytes in, bytes out (urllib's chokes on %ff).
-        self.args = http.parse_qs(query, 1) if question else {}
-        self.process()
-
-    def process(self) -> None:
-        """
-        twisted.web's, less what a relay pays for on each of the three
-        exchanges of every relayed request and never uses: a C{Server}
-        header (Go sends none, so the resources removed it again), a C{Date}
-        formatted anew each time (the site keeps one per second), and the
-        path split and unquoted into C{postpath} segments (the relay routes
-        on the whole path, L{relay.server.resources.RootResource.route}).
-        Any other resource tree, and C{OPTIONS *}, get twisted.web's own.
-        """
-        site = self.site = self.channel.site
-        route = getattr(site.resource, "route", None)
-        if route is None or self.path == b"*":
-            super().process()
-            return
-        self.responseHeaders.setRawHeaders(b"date", [site.http_date()])
-        self.prepath = []
-        self.postpath = []
-        try:
-            self.render(route(self))
-        except BaseException:
-            self.processingFailed(Failure())
-
-    def _origin_form(self, target: bytes) -> bytes:
-        """
-        The path and query of an absolute-form target (RFC 9112 3.2.2),
-        whose authority then replaces the Host header, as Go does; any
-        other target as it is.
-        """
-        scheme, sep, rest = target.partition(b"://")
-        if not sep or scheme.lower() not in (b"http", b"https"):
-            return target
-        authority, slash, tail = rest.partition(b"/")
-        authority, question, query = authority.partition(b"?")
-        if question:
-            tail, slash = b"", b""
-            query = b"?" + query
-        else:
-            query = b""
-        authority = authority.rpartition(b"@")[2]  # no userinfo, as Go's URL.Host
-        if authority:
-            self.requestHeaders.setRawHeaders(b"host", [authority])
-        return b"/" + tail + query if slash else b"/" + query
-
-    def write(self, data: bytes) -> None:
-        if not self.startedWriting:
-            if getattr(self.channel, "site", None) is not None and self.channel.site.draining:
-                self._close_after_answer()
-            # The head and the first bytes of the body leave as one.
-            corked(self.channel.transport, super().write, data)
-            return
-        super().write(data)
-
-    def _close_after_answer(self) -> None:
-        """
-        Draining: tell HTTP/1.1 clients this connection ends with this
-        answer, so that they reconnect (to another server) instead of
-        reusing it; Go's relay-client, told 408 on a kept-alive connection,
-        re-polls at once in a loop. A relay-client's 200 to a response chunk
-        or stream read keeps its connection for the rest of the request it
-        belongs to.
-        """
-        if self.code == 200 and self.path in (b"/server/response", b"/server/requeststream"):
-            return
-        conn, _ = stream_connection(self)
-        if conn is not None or not isinstance(self.channel, http.HTTPChannel):
-            return  # HTTP/2 has no Connection header
-        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-        self.channel.persistent = False
-
-    def add_trailer(self, name: str, value: str) -> None:
-        if valid_trailer(name):
-            self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
-
-    def finish(self) -> None:
-        if self.trailers and not self.finished and not request_gone(self):
-            if not self.startedWriting:
-                self.write(b"")
-            conn, stream_id = stream_connection(self)
-            if conn is not None:
-                conn.set_trailers(stream_id, self.trailers)
-            elif self.chunked:
-                lines = b"".join(b"%s: %s\r\n" % t for t in self.trailers)
-                self.channel.write(b"0\r\n" + lines + b"\r\n")
-                # The closing chunk is written: don't let the base class
-                # write another one.
-                self.chunked = False
-        self._give_back()
-        super().finish()
-
-
-class _BoundedChunkedDecoder(ChunkedTransferDecoder):
-    """
-    Twisted's chunked decoder, refusing a chunk size of more than 16 hex
-    digits as Go does (C{http chunk length too large}): it would otherwise
-    wait for an absurd chunk.
-    """
-
-    def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        buffer = chunk_line_buffer(self)
-        eol = buffer.find(b"\r\n")
-        line = buffer if eol == -1 else buffer[:eol]
-        size = line.split(b";", 1)[0]
-        if len(size) > 16 and (eol != -1 or b";" in line):
-            raise MalformedChunkedDataError("http chunk length too large")
-        return super()._dataReceived_CHUNK_LENGTH()
-
-
-class RelayChannel(http.HTTPChannel):
-    """
-    An HTTP/1.1 channel that can give its connection to another protocol:
-    HTTP/2 when the connection starts with the HTTP/2 preface (or TLS chose
-    C{h2}), a raw pipe after a 101.
-    """
-
-    _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
-
-    _switched: Optional[IProtocol] = None
-    # The socket's watch (relay.net.liveness), and the broker's record
-    # of the polls this connection carried (created at its first poll).
-    _watch: Optional[liveness.Watch] = None
-    poll_connection: Optional[PollConnection] = None
-    _sniffing = True
-    _sniffed = b""
-    _header_timer = None
-    # When the current wait for a request's headers ends; None while a
-    # request is being read or answered.
-    _head_deadline: Optional[float] = None
-
-    # Slowloris: a client gets this long to send a request's headers (from
-    # the connection's start, or from the end of the previous request).
-    # One timer per connection, not per request: each request only moves
-    # the deadline, and the timer, when it fires early, waits on for it.
-    def _arm_header_timer(self) -> None:
-        timeout = getattr(self.site, "header_timeout", None)
-        if not timeout:
-            return
-        self._head_deadline = self.site.reactor.seconds() + timeout
-        if self._header_timer is None:
-            self._header_timer = self.callLater(timeout, self._check_header_deadline)
-
-    def _stop_header_timer(self) -> None:
-        self._head_deadline = None
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def _check_header_deadline(self) -> None:
-        self._header_timer = None
-        deadline = self._head_deadline
-        if deadline is None:
-            return  # a request is in hand; its end arms the timer again
-        left = deadline - self.site.reactor.seconds()
-        if left > 0:
-            self._header_timer = self.callLater(left, self._check_header_deadline)
-            return
-        self._head_deadline = None
-        # Every idle keep-alive connection ends here: not worth a line at info.
-        self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
-        self.transport.abortConnection()
-
-    def requestDone(self, request) -> None:
-        self._arm_header_timer()
-        super().requestDone(request)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # twisted.web hangs up without a word; Go answers (431 for both,
-        # its limit being on the whole head). The request line gets 414.
-        if reading_request_line(self):
-            self._refuse_head(414, b"URI Too Long")
-        else:
-            self._refuse_head(431, b"Request Header Fields Too Large")
-
-    def _refuse_head(self, code: int, phrase: bytes, detail: bytes = b"") -> None:
-        """Go's answer to a request it cannot parse, then close."""
-        # Go puts the detail in the status line too.
-        status = b"%d %s%s" % (code, phrase, detail)
-        self.transport.write(
-            b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Connection: close\r\n\r\n%s" % (status, status)
-        )
-        if self.requests:
-            self.requests[-1]._refused = True
-        self.loseConnection()
-        # Nothing more from this connection is parsed.
-        self.dataReceived = lambda data: None
-
-    def _maybeChooseTransferDecoder(self, header, data):
-        ok = super()._maybeChooseTransferDecoder(header, data)
-        # Called for every header line; only this one (twisted.web
-        # canonicalises its name) can choose the chunked decoder.
-        if header == b"Transfer-Encoding":
-            bound_chunked_decoder(self, _BoundedChunkedDecoder)
-        return ok
-
-    def _bad_host(self, request) -> Optional[bytes]:
-        """Go's complaint about the request's Host headers, if any."""
-        hosts = request.requestHeaders.getRawHeaders(b"host") or []
-        if len(hosts) > 1:
-            return b""  # Go says no more than this
-        if not hosts:
-            command, version = request_line(self)
-            if version == b"HTTP/1.1" and command != b"CONNECT":
-                return b": missing required Host header"
-            return None
-        if not valid_host(hosts[0]):
-            return b": malformed Host header"
-        return None
-
-    def allHeadersReceived(self) -> None:
-        self._head_deadline = None
-        if self.poll_connection is not None and self.poll_connection.in_transit:
-            # An HTTP/1.1 client sends its next request only after reading
-            # the whole answer before it (neither relay-client pipelines).
-            self.poll_connection.delivered()
-        request = self.requests[-1]
-        bad_host = self._bad_host(request)
-        if bad_host is not None:
-            self._refuse_head(400, b"Bad Request", bad_host)
-            return
-        if self.length is not None and self.length > self.site.max_request_body:
-            # Answer with the final 413, not an interim 100 Continue that
-            # would invite the body.
-            request.requestHeaders.removeHeader(b"expect")
-        super().allHeadersReceived()
-        if getattr(request, "body_too_large", False):
-            request.refuse_body()
-
-    def switch_protocol(self, protocol: IProtocol, head: bytes) -> None:
-        """
-        Write C{head} (a 101 response) and hand the connection to
-        C{protocol}, with whatever the client sent after its request.
-        """
-        self.setTimeout(None)
-        self._stop_header_timer()
-        network, buffered = detach_channel(self)
-        self._switched = protocol
-        self.transport.write(head)
-        protocol.makeConnection(self.transport)
-        # The parser paused reading while it handled the request.
-        network.resumeProducing()
-        if buffered:
-            protocol.dataReceived(buffered)
-
-    _host = None
-
-    def getHost(self):
-        # Every request asks (twisted.web's Request.__init__): one
-        # getsockname() per connection is enough.
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def connectionMade(self) -> None:
-        self.maxHeaders = self.site.max_headers
-        self.totalHeadersSize = self.site.max_header_bytes
-        tune(self.transport)
-        watch = getattr(self.site, "watch", None)
-        if watch is not None:
-            self._watch = watch(self.transport, self.site.tcp_keepalive_interval, self.site.dead_connection_timeout)
-        super().connectionMade()
-        self.site.connections.add(self)
-        self._arm_header_timer()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._switched is not None:
-            self._switched.dataReceived(data)
-            return
-        if self._sniffing:
-            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
-                self._sniffing = False
-                self._start_h2(data)
-                return
-            sniffed = self._sniffed + data
-            if PREFACE.startswith(sniffed[: len(PREFACE)]):
-                if len(sniffed) < len(PREFACE):
-                    self._sniffed = sniffed  # wait for the rest of the preface
-                    return
-                self._sniffing = False
-                self._sniffed = b""
-                self._start_h2(sniffed)
-                return
-            # Not HTTP/2 (or a garbled preface, which HTTP/1.1 then rejects).
-            self._sniffing = False
-            self._sniffed = b""
-            data = sniffed
-        super().dataReceived(data)
-
-    def _start_h2(self, data: bytes) -> None:
-        h2 = RelayH2Connection(getattr(self.site, "reactor", None))
-        h2.requestFactory = self.requestFactory
-        h2.site = self.site
-        h2.factory = self.factory
-        h2.timeOut = H2_IDLE_TIMEOUT
-        h2.callLater = self.callLater
-        self.setTimeout(None)
-        self._stop_header_timer()
-        # Sniffing happens before the parser sees a byte: it has none buffered.
-        network, _ = detach_channel(self)
-        self._switched = h2
-        h2.makeConnection(self.transport)
-        network.registerProducer(h2, True)
-        h2.dataReceived(data)
-
-    def connectionLost(self, reason) -> None:
-        self._stop_header_timer()
-        h2_polls = None
-        if self._switched is not None:
-            switched, self._switched = self._switched, None
-            h2_polls = getattr(switched, "poll_connection", None)
-            switched.connectionLost(reason)
-        super().connectionLost(reason)
-        self.site.connection_closed(self)
-        broker = getattr(self.site, "broker", None)
-        if broker is not None:
-            death = self._watch.death if self._watch is not None else None
-            if death is None:
-                death = liveness.Death(liveness.reason_of(reason))
-            self._watch = None
-            broker.connection_ended(death, self.poll_connection, h2_polls)
+# A relay-client's answers that keep their connection during a drain: the
+# request they belong to is still in flight, and its next chunk or read
+# should not need a new connection.
+_KEPT_WHILE_DRAINING = (b"/server/response", b"/server/requeststream")
 
 
 class RelaySite(server.Site):
     """
-    The relay's Site: our channel and request classes, a body cap, and no
-    access log (the Go server writes none, and it costs a quarter of the
-    throughput for small requests).
+    The relay's Site: the HTTP/1.1 channel and request classes of
+    L{relay.server.http1}, with the limits, clock and decisions they ask
+    their factory for, and no access log (the Go server writes none, and
+    it costs a quarter of the throughput for small requests).
     """
 
     protocol = RelayChannel
+    # What the lean channel hands a connection to when llhttp cannot read
+    # it (relay.server.lean_http1): twisted.web's channel.
     fallback_channel = RelayChannel
     requestFactory = RelayRequest
     noisy = False
 
-    def __init__(self, resource, config: ServerConfig, **kwargs):
+    def __init__(self, resource, config: ServerConfig, clock: Optional[IReactorTime] = None, **kwargs):
+        """
+        C{clock} (the C{reactor} keyword, else the global reactor, by
+        default) times the connections: the header timer, twisted.web's
+        own timeouts and the abort at close. Tests pass a C{Clock}.
+        """
         # No idle timer for HTTP/1.1 (twisted.web's is 12 hours, rearmed
         # around every request): the header timeout closes idle
         # connections, for a fraction of the cost.
         kwargs.setdefault("timeout", None)
         super().__init__(resource, **kwargs)
-        # The HTTP/1.1 engine (relay.http1_engine): llhttp's channel, or
-        # twisted.web's (RelayChannel), which the lean one falls back to.
+        self.clock = clock if clock is not None else self.reactor
+        # The HTTP/1.1 engine (relay.http1_engine): llhttp's channel
+        # (relay.server.lean_http1), or twisted.web's (relay.server.http1).
         self.http1_engine = http1_engine.resolve(config.http1_engine)
         if self.http1_engine == "httptools":
             from relay.server.lean_http1 import LeanChannel
@@ -568,6 +92,43 @@ class RelaySite(server.Site):
 
     def log(self, request) -> None:
         pass
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        # twisted.web's timeouts, and our header timer, on our clock.
+        channel.callLater = self.clock.callLater
+        return channel
+
+    def closes_after(self, request) -> bool:
+        """
+        While draining: whether C{request}'s answer closes its connection
+        (all do, but a relay-client's 200s to answer chunks and stream
+        reads).
+        """
+        return not (request.code == 200 and request.path in _KEPT_WHILE_DRAINING)
+
+    def connection_made(self, channel: RelayChannel) -> None:
+        """A connection begins: tune its socket, watch it for a dead peer, count it."""
+        tune(channel.transport)
+        watch = self.watch
+        if watch is not None:
+            channel.socket_watch = watch(channel.transport, self.tcp_keepalive_interval, self.dead_connection_timeout)
+        self.connections.add(channel)
+
+    def connection_lost(self, channel: RelayChannel, reason, switched) -> None:
+        """
+        A connection ended (C{switched}: the protocol it had been handed
+        to, if any): tell the broker how, with the polls it carried.
+        """
+        self.connection_closed(channel)
+        broker = self.broker
+        if broker is not None:
+            watch, channel.socket_watch = channel.socket_watch, None
+            death = watch.death if watch is not None else None
+            if death is None:
+                death = liveness.Death(liveness.reason_of(reason))
+            h2_polls = getattr(switched, "poll_connection", None)
+            broker.connection_ended(death, channel.poll_connection, h2_polls)
 
     _date_second = None
     _date = b""
@@ -612,7 +173,7 @@ class RelaySite(server.Site):
             for channel in list(self.connections):
                 channel.transport.abortConnection()
 
-        timer = self.reactor.callLater(abort_after, abort)
+        timer = self.clock.callLater(abort_after, abort)
         d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         return d
 

@@ -48,8 +48,16 @@ def server_service(endpoint, reactor, **kwargs):
     L{make_server_service} with the config's defaults but for the fields
     given, and no drain grace: a test's stop should not wait for load
     balancers that are not there.
+
+    With a C{clock} the header timeout is off unless the test sets it:
+    that clock times the connections too, and a test that steps it
+    through minutes of poll and inactivity timeouts would otherwise see
+    its idle kept-alive connections closed under it (on the real
+    reactor, no test lasts the 30 s default).
     """
     fields = {"drain_grace": 0.0}
+    if kwargs.get("clock") is not None:
+        fields["header_timeout"] = None
     fields.update(_split(ServerConfig, kwargs))
     kwargs.setdefault("metrics", RelayMetrics(process=False))
     return make_server_service(endpoint, reactor, ServerConfig(**fields), **kwargs)
@@ -214,6 +222,7 @@ class RelayServer:
     """A relay server service listening on 127.0.0.1, for one test."""
 
     def __init__(self, port: int = 0, **kwargs):
+        self.clock = kwargs.get("clock")
         self.service = server_service(TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"), reactor, **kwargs)
         self.service.startService()
         self.port = self.service.listening_port.getHost().port
@@ -234,7 +243,16 @@ class RelayServer:
         return broker_events(self.broker).when(condition)
 
     def stop(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.service.stopService)
+        """
+        Stop the server. On a test's L{Clock}, the stop's own waits (the
+        drain's checks and deadline, the abort of connections that do not
+        close) are on that clock: it is stepped, a reactor turn between
+        steps for the sockets, until the stop ends.
+        """
+        stopped = defer.maybeDeferred(self.service.stopService)
+        if isinstance(self.clock, Clock):
+            return run_clock_until(self.clock, stopped)
+        return stopped
 
 
 class _RelaySiteAgent(RequestTraversalAgent):
@@ -493,6 +511,24 @@ def dechunk(body: bytes) -> Tuple[bytes, List[bytes], bool]:
             return b"".join(out), [], False
         out.append(rest[:size])
         rest = rest[size + 2 :]
+
+
+@defer.inlineCallbacks
+def run_clock_until(clock: Clock, d: defer.Deferred, step: float = 0.1, limit: float = 60.0):
+    """
+    Fire with C{d}'s result, stepping C{clock} by C{step} (the drain's
+    check interval) while C{d} waits, with one turn of the real reactor
+    after each step so that the sockets move; fails once the clock has
+    moved C{limit} seconds.
+    """
+    moved = 0.0
+    while not d.called:
+        if moved >= limit:
+            raise AssertionError("still waiting after %g s on the clock" % (limit,))
+        clock.advance(step)
+        moved += step
+        yield tick(0)
+    return (yield d)
 
 
 def tick(seconds: float = 0.005) -> defer.Deferred:

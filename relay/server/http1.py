@@ -1,0 +1,524 @@
+"""
+HTTP/1.1 framing for the relay: a channel and a request class that add
+the three things twisted.web lacks and a relay needs.
+
+  - A cap on request bodies, enforced while they arrive: the protocol needs
+    bodies whole, so they are buffered, and the cap keeps that bounded.
+    Bodies are kept in memory (twisted.web spills bodies over 100 kB into a
+    temporary file, which a relay that must put them into a protobuf anyway
+    only pays for twice).
+  - Trailers at the end of a chunked response, which the Go relay sends and
+    gRPC-over-HTTP/1.1 tooling reads.
+  - Handing a connection over to another protocol: to HTTP/2 when the
+    client opens with the HTTP/2 preface (h2c, prior knowledge) or chose
+    C{h2} by ALPN, and to a raw pipe after a 101 Switching Protocols. Both
+    work the way twisted.web itself hands a connection to its HTTP/2
+    implementation after ALPN: detach the HTTP/1.1 parser from the transport
+    and pass on any bytes it had already read.
+
+It also holds the request-framing rules that protect the relay from its
+users, as Go's C{net/http} server applies them (RFC 9112):
+
+  - Host (section 3.2): an HTTP/1.1 request needs exactly one Host header,
+    and a Host value must be a valid host (no blanks, no second value
+    after a comma and a space); otherwise Go's C{400 Bad Request: missing
+    required Host header}, C{400 Bad Request} (two or more) or C{400 Bad
+    Request: malformed Host header}, and the connection closes.
+  - Absolute-form targets (C{GET http://relay/client/x HTTP/1.1}, section
+    3.2.2) are accepted and routed by their path and query; the target's
+    authority is the request's host.
+  - A request line over 16 KiB gets C{414 URI Too Long} and a header line
+    over 16 KiB C{431 Request Header Fields Too Large} before the
+    connection closes (twisted.web closed it without an answer).
+  - A chunk size of more than 16 hex digits is refused with 400, as Go's
+    C{parseHexUint} does, instead of waiting for an absurd chunk.
+  - A client gets C{header_timeout} seconds to send a request's headers.
+
+This layer knows nothing of the relay's endpoints, its broker or its stop:
+it is the part another HTTP/1.1 engine would replace. What it needs from
+the outside it reads from its factory, L{relay.server.site.RelaySite},
+which decides everything else:
+
+  - limits: C{max_request_body}, C{max_headers}, C{max_header_bytes},
+    C{header_timeout}, and C{body_budget} (shared by all connections);
+  - time: C{clock} (an C{IReactorTime}, for the header timer), and
+    C{reactor} (for the HTTP/2 connection a channel hands over to);
+  - lifetime: C{connection_made(channel)} and C{connection_lost(channel,
+    reason, switched)}; while C{draining}, C{closes_after(request)} says
+    whether an answer ends its connection;
+  - C{http_date()} and C{resource}, whose C{route(request)}, if it has
+    one, picks the resource from the whole path.
+"""
+
+from typing import List, Optional, Tuple
+
+from twisted.internet.interfaces import IProtocol
+from twisted.python.failure import Failure
+from twisted.web import http, server
+
+from relay.compat import (
+    ChunkedTransferDecoder,
+    MalformedChunkedDataError,
+    bound_chunked_decoder,
+    chunk_line_buffer,
+    detach_channel,
+    reading_request_line,
+    request_gone,
+    request_line,
+)
+from relay.config import ServerConfig
+from relay.headers import sanitize_value, valid_host, valid_trailer
+from relay.logs import DebugInfoLogger, peer_text
+from relay.server.bodybuffer import BodyBuffer
+from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
+from relay.net.transport import corked
+
+# HTTP/2 connections keep twisted.web's idle timeout (its Site default).
+H2_IDLE_TIMEOUT = 12 * 60 * 60
+
+
+class RelayRequest(server.Request):
+    """
+    A request whose body is capped and kept in memory, and whose chunked
+    response can end with trailers.
+    """
+
+    _log = DebugInfoLogger()  # e.g. a HEAD body eaten, per request
+
+    # The relay sends the backend's Content-Type, or none: never a guess.
+    defaultContentType = None
+
+    body_too_large = False
+    _body_received = 0
+    _refused = False
+    # Bytes of this body charged to the site's BodyBudget and not yet handed
+    # on to a pending request.
+    _charged = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trailers: List[Tuple[bytes, bytes]] = []
+
+    @property
+    def max_body(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_request_body", ServerConfig.max_request_body)
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = BodyBuffer()
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.max_body:
+            self.body_too_large = True
+            self.content = BodyBuffer()
+            self.refuse_body()
+            return
+        budget = getattr(getattr(self.channel, "site", None), "body_budget", None)
+        if budget is not None:
+            if not budget.take(len(data)):
+                self.body_too_large = True
+                self.content = BodyBuffer()
+                self._give_back()
+                self.refuse_body(
+                    503,
+                    b"Service Unavailable",
+                    "Too many request bodies buffered at once; try again later\n",
+                )
+                return
+            self._charged += len(data)
+        self.content.write(data)
+
+    def take_body(self) -> Tuple[bytes, int]:
+        """
+        The whole body, and its charge against the body budget, which the
+        caller now owns; the request keeps neither (a 100 MiB upload should
+        not stay in memory twice while its response streams).
+        """
+        body = self.content.getvalue() if self.content is not None else b""
+        self.content = BodyBuffer()
+        charged, self._charged = self._charged, 0
+        return body, charged
+
+    def _give_back(self) -> None:
+        if self._charged:
+            budget = getattr(getattr(self.channel, "site", None), "body_budget", None)
+            if budget is not None:
+                budget.give(self._charged)
+            self._charged = 0
+
+    def connectionLost(self, reason) -> None:
+        self._give_back()
+        super().connectionLost(reason)
+
+    def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: str = None) -> None:
+        """
+        Answer 413 (or C{code}) at once and close: the client may still be
+        sending, and the only way to stop it is to hang up once it has our
+        answer. On HTTP/2 only the stream is reset, after the answer.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        if text is None:
+            text = (
+                "Request body too large: this relay accepts at most %d bytes "
+                "(--max_request_body)\n" % (self.max_body,)
+            )
+        body = text.encode("ascii")
+        conn, stream_id = stream_connection(self)
+        if conn is not None:
+            self.setResponseCode(code)
+            self.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+            self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            self.write(body)
+            self.finish()
+            return
+        self.channel.transport.write(
+            b"HTTP/1.1 %d %s\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"X-Content-Type-Options: nosniff\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (code, phrase, len(body), body)
+        )
+        self.channel.loseConnection()
+
+    def requestReceived(self, command, path, version):
+        """
+        What twisted.web does here, less its parsing of form bodies into
+        C{args}: a relay passes bodies on untouched, and parsing them cost a
+        sixth of the server's time (every relay-client POST carries a
+        Content-Type) and could even refuse a malformed multipart body that
+        is none of our business.
+        """
+        if self.finished or self._refused:
+            return
+        if self.body_too_large:
+            # HTTP/1.1 answered from the headers already and is closing;
+            # HTTP/2 (whose declared length only set the flag) answers now.
+            self.refuse_body()
+            return
+        self.content.seek(0, 0)
+        path = self._origin_form(path)
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path, question, query = path.partition(b"?")
+        # twisted's parse_qs: bytes in, bytes out (urllib's chokes on %ff).
+        self.args = http.parse_qs(query, 1) if question else {}
+        self.process()
+
+    def process(self) -> None:
+        """
+        twisted.web's, less what a relay pays for on each of the three
+        exchanges of every relayed request and never uses: a C{Server}
+        header (Go sends none, so the resources removed it again), a C{Date}
+        formatted anew each time (the site keeps one per second), and the
+        path split and unquoted into C{postpath} segments (a resource with
+        a C{route} method, as the relay's root, routes on the whole path).
+        Any other resource tree, and C{OPTIONS *}, get twisted.web's own.
+        """
+        site = self.site = self.channel.site
+        route = getattr(site.resource, "route", None)
+        if route is None or self.path == b"*":
+            super().process()
+            return
+        self.responseHeaders.setRawHeaders(b"date", [site.http_date()])
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(route(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def _origin_form(self, target: bytes) -> bytes:
+        """
+        The path and query of an absolute-form target (RFC 9112 3.2.2),
+        whose authority then replaces the Host header, as Go does; any
+        other target as it is.
+        """
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return target
+        authority, slash, tail = rest.partition(b"/")
+        authority, question, query = authority.partition(b"?")
+        if question:
+            tail, slash = b"", b""
+            query = b"?" + query
+        else:
+            query = b""
+        authority = authority.rpartition(b"@")[2]  # no userinfo, as Go's URL.Host
+        if authority:
+            self.requestHeaders.setRawHeaders(b"host", [authority])
+        return b"/" + tail + query if slash else b"/" + query
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            site = getattr(self.channel, "site", None)
+            if site is not None and site.draining and site.closes_after(self):
+                self._close_after_answer()
+            # The head and the first bytes of the body leave as one.
+            corked(self.channel.transport, super().write, data)
+            return
+        super().write(data)
+
+    def _close_after_answer(self) -> None:
+        """
+        Tell an HTTP/1.1 client this connection ends with this answer, so
+        that it reconnects (to another server, in a drain) instead of
+        reusing it.
+        """
+        conn, _ = stream_connection(self)
+        if conn is not None or not isinstance(self.channel, http.HTTPChannel):
+            return  # HTTP/2 has no Connection header
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.channel.persistent = False
+
+    def add_trailer(self, name: str, value: str) -> None:
+        if valid_trailer(name):
+            self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
+
+    def finish(self) -> None:
+        if self.trailers and not self.finished and not request_gone(self):
+            if not self.startedWriting:
+                self.write(b"")
+            conn, stream_id = stream_connection(self)
+            if conn is not None:
+                conn.set_trailers(stream_id, self.trailers)
+            elif self.chunked:
+                lines = b"".join(b"%s: %s\r\n" % t for t in self.trailers)
+                self.channel.write(b"0\r\n" + lines + b"\r\n")
+                # The closing chunk is written: don't let the base class
+                # write another one.
+                self.chunked = False
+        self._give_back()
+        super().finish()
+
+
+class _BoundedChunkedDecoder(ChunkedTransferDecoder):
+    """
+    Twisted's chunked decoder, refusing a chunk size of more than 16 hex
+    digits as Go does (C{http chunk length too large}): it would otherwise
+    wait for an absurd chunk.
+    """
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        buffer = chunk_line_buffer(self)
+        eol = buffer.find(b"\r\n")
+        line = buffer if eol == -1 else buffer[:eol]
+        size = line.split(b";", 1)[0]
+        if len(size) > 16 and (eol != -1 or b";" in line):
+            raise MalformedChunkedDataError("http chunk length too large")
+        return super()._dataReceived_CHUNK_LENGTH()
+
+
+class RelayChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel that can give its connection to another protocol:
+    HTTP/2 when the connection starts with the HTTP/2 preface (or TLS chose
+    C{h2}), a raw pipe after a 101.
+    """
+
+    _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
+
+    _switched: Optional[IProtocol] = None
+    # Set by the site: the socket's watch (relay.net.liveness), and a
+    # record of answers in transit on this connection, whose delivery the
+    # next request's headers prove (the relay's broker makes one at the
+    # connection's first poll; relay.server.site.poll_connection).
+    socket_watch = None
+    poll_connection = None
+    _sniffing = True
+    _sniffed = b""
+    _header_timer = None
+    # When the current wait for a request's headers ends; None while a
+    # request is being read or answered.
+    _head_deadline: Optional[float] = None
+
+    # Slowloris: a client gets this long to send a request's headers (from
+    # the connection's start, or from the end of the previous request).
+    # One timer per connection, not per request: each request only moves
+    # the deadline, and the timer, when it fires early, waits on for it.
+    # The timer runs on the site's clock (C{callLater} is the site's
+    # C{clock.callLater}, set as the site builds the channel).
+    def _arm_header_timer(self) -> None:
+        timeout = getattr(self.site, "header_timeout", None)
+        if not timeout:
+            return
+        self._head_deadline = self.site.clock.seconds() + timeout
+        if self._header_timer is None:
+            self._header_timer = self.callLater(timeout, self._check_header_deadline)
+
+    def _stop_header_timer(self) -> None:
+        self._head_deadline = None
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _check_header_deadline(self) -> None:
+        self._header_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # a request is in hand; its end arms the timer again
+        left = deadline - self.site.clock.seconds()
+        if left > 0:
+            self._header_timer = self.callLater(left, self._check_header_deadline)
+            return
+        self._head_deadline = None
+        # Every idle keep-alive connection ends here: not worth a line at info.
+        self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
+        self.transport.abortConnection()
+
+    def requestDone(self, request) -> None:
+        self._arm_header_timer()
+        super().requestDone(request)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # twisted.web hangs up without a word; Go answers (431 for both,
+        # its limit being on the whole head). The request line gets 414.
+        if reading_request_line(self):
+            self._refuse_head(414, b"URI Too Long")
+        else:
+            self._refuse_head(431, b"Request Header Fields Too Large")
+
+    def _refuse_head(self, code: int, phrase: bytes, detail: bytes = b"") -> None:
+        """Go's answer to a request it cannot parse, then close."""
+        # Go puts the detail in the status line too.
+        status = b"%d %s%s" % (code, phrase, detail)
+        self.transport.write(
+            b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, status)
+        )
+        if self.requests:
+            self.requests[-1]._refused = True
+        self.loseConnection()
+        # Nothing more from this connection is parsed.
+        self.dataReceived = lambda data: None
+
+    def _maybeChooseTransferDecoder(self, header, data):
+        ok = super()._maybeChooseTransferDecoder(header, data)
+        # Called for every header line; only this one (twisted.web
+        # canonicalises its name) can choose the chunked decoder.
+        if header == b"Transfer-Encoding":
+            bound_chunked_decoder(self, _BoundedChunkedDecoder)
+        return ok
+
+    def _bad_host(self, request) -> Optional[bytes]:
+        """Go's complaint about the request's Host headers, if any."""
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) > 1:
+            return b""  # Go says no more than this
+        if not hosts:
+            command, version = request_line(self)
+            if version == b"HTTP/1.1" and command != b"CONNECT":
+                return b": missing required Host header"
+            return None
+        if not valid_host(hosts[0]):
+            return b": malformed Host header"
+        return None
+
+    def allHeadersReceived(self) -> None:
+        self._head_deadline = None
+        if self.poll_connection is not None and self.poll_connection.in_transit:
+            # An HTTP/1.1 client sends its next request only after reading
+            # the whole answer before it (neither relay-client pipelines).
+            self.poll_connection.delivered()
+        request = self.requests[-1]
+        bad_host = self._bad_host(request)
+        if bad_host is not None:
+            self._refuse_head(400, b"Bad Request", bad_host)
+            return
+        if self.length is not None and self.length > self.site.max_request_body:
+            # Answer with the final 413, not an interim 100 Continue that
+            # would invite the body.
+            request.requestHeaders.removeHeader(b"expect")
+        super().allHeadersReceived()
+        if getattr(request, "body_too_large", False):
+            request.refuse_body()
+
+    def switch_protocol(self, protocol: IProtocol, head: bytes) -> None:
+        """
+        Write C{head} (a 101 response) and hand the connection to
+        C{protocol}, with whatever the client sent after its request.
+        """
+        self.setTimeout(None)
+        self._stop_header_timer()
+        network, buffered = detach_channel(self)
+        self._switched = protocol
+        self.transport.write(head)
+        protocol.makeConnection(self.transport)
+        # The parser paused reading while it handled the request.
+        network.resumeProducing()
+        if buffered:
+            protocol.dataReceived(buffered)
+
+    _host = None
+
+    def getHost(self):
+        # Every request asks (twisted.web's Request.__init__): one
+        # getsockname() per connection is enough.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def connectionMade(self) -> None:
+        self.maxHeaders = self.site.max_headers
+        self.totalHeadersSize = self.site.max_header_bytes
+        self.site.connection_made(self)
+        super().connectionMade()
+        self._arm_header_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._switched is not None:
+            self._switched.dataReceived(data)
+            return
+        if self._sniffing:
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                self._sniffing = False
+                self._start_h2(data)
+                return
+            sniffed = self._sniffed + data
+            if PREFACE.startswith(sniffed[: len(PREFACE)]):
+                if len(sniffed) < len(PREFACE):
+                    self._sniffed = sniffed  # wait for the rest of the preface
+                    return
+                self._sniffing = False
+                self._sniffed = b""
+                self._start_h2(sniffed)
+                return
+            # Not HTTP/2 (or a garbled preface, which HTTP/1.1 then rejects).
+            self._sniffing = False
+            self._sniffed = b""
+            data = sniffed
+        super().dataReceived(data)
+
+    def _start_h2(self, data: bytes) -> None:
+        h2 = RelayH2Connection(getattr(self.site, "reactor", None))
+        h2.requestFactory = self.requestFactory
+        h2.site = self.site
+        h2.factory = self.factory
+        h2.timeOut = H2_IDLE_TIMEOUT
+        h2.callLater = self.callLater
+        self.setTimeout(None)
+        self._stop_header_timer()
+        # Sniffing happens before the parser sees a byte: it has none buffered.
+        network, _ = detach_channel(self)
+        self._switched = h2
+        h2.makeConnection(self.transport)
+        network.registerProducer(h2, True)
+        h2.dataReceived(data)
+
+    def connectionLost(self, reason) -> None:
+        self._stop_header_timer()
+        switched = self._switched
+        if switched is not None:
+            self._switched = None
+            switched.connectionLost(reason)
+        super().connectionLost(reason)
+        self.site.connection_lost(self, reason, switched)
+
+
