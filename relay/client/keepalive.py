@@ -146,7 +146,9 @@ class KeepAliveAgent:
         """The origin of C{uri}, and the path (with query) to ask it for."""
         scheme_end = uri.find(b"://")
         path_start = uri.find(b"/", scheme_end + 3) if scheme_end > 0 else -1
-        if path_start < 0 or b"#" in uri or b"?" in uri[:path_start]:
+        # find(), not in: a bytes "in" first tries its operand as an integer,
+        # and the TypeError it raises and drops costs more than the search.
+        if path_start < 0 or uri.find(b"#") >= 0 or uri.find(b"?", 0, path_start) >= 0:
             # Unusual: no path, or a fragment. Let URI say what it means.
             parsed = URI.fromBytes(uri)
             key = b"%s://%s:%d" % (parsed.scheme, parsed.host, parsed.port)

@@ -263,7 +263,7 @@ class LeanClientProtocol(Protocol):
             if lower == b"content-length":
                 self._length = value
             elif lower == b"transfer-encoding":
-                self._chunked = b"chunked" in value.lower()
+                self._chunked = value.lower().find(b"chunked") >= 0
             elif lower == b"connection":
                 self._close = self._close or b"close" in [t.strip().lower() for t in value.split(b",")]
             return

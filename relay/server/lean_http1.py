@@ -61,7 +61,7 @@ from twisted.web.server import NOT_DONE_YET
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
-from relay.lean_headers import LeanHeaders, canonical_name, canonical_names
+from relay.lean_headers import LeanHeaders, canonical_name
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection
 
@@ -77,6 +77,11 @@ H2_IDLE_TIMEOUT = 12 * 60 * 60
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 _NO_BODY_CODES = (204, 304)
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+
+# Status lines and "Name: " prefixes of heads, as they were last written.
+_status_lines: Dict[Tuple[bytes, int, bytes], bytes] = {}
+_head_prefixes: Dict[bytes, bytes] = {}
+
 
 class _NoBody(BodyBuffer):
     """The body of a request that has none: read-only, shared."""
@@ -146,7 +151,7 @@ class LeanRequest:
         if self.body_too_large:
             return
         self._body_received += len(data)
-        if self._body_received > self.max_body:
+        if self._body_received > self.site.max_request_body:
             self.body_too_large = True
             self.content = _NO_BODY
             self.refuse_body()
@@ -384,12 +389,24 @@ class LeanRequest:
         ):
             raw[b"transfer-encoding"] = [b"chunked"]
             self.chunked = True
-        head = [b"%s %d %s\r\n" % (version, code, self.code_message)]
-        names = canonical_names
+        # Built by joining pieces: bytes formatting (%) costs more than the
+        # rest of a head.
+        key = (version, code, self.code_message)
+        status = _status_lines.get(key)
+        if status is None:
+            status = b"%s %d %s\r\n" % key
+            if len(_status_lines) < 1000:
+                _status_lines[key] = status
+        head = [status]
+        prefixes = _head_prefixes
         for name, values in raw.items():
-            name = names.get(name) or canonical_name(name)
+            prefix = prefixes.get(name)
+            if prefix is None:
+                prefix = canonical_name(name) + b": "
+                if len(prefixes) < 10000:  # names are the peers' to choose
+                    prefixes[name] = prefix
             for value in values:
-                head.append(b"%s: %s\r\n" % (name, value))
+                head += (prefix, value, b"\r\n")
         head.append(b"\r\n")
         if self.method == b"HEAD" or code in _NO_BODY_CODES:
             self._no_body = True
@@ -450,7 +467,7 @@ class LeanRequest:
 
 def _query_args(query: bytes) -> Dict[bytes, List[bytes]]:
     """twisted.web's C{parse_qs(query, 1)}, without its work when nothing is escaped."""
-    if b"%" in query or b"+" in query or b";" in query:
+    if query.find(b"%") >= 0 or query.find(b"+") >= 0 or query.find(b";") >= 0:
         return parse_qs(query, 1)
     args: Dict[bytes, List[bytes]] = {}
     for pair in query.split(b"&"):
@@ -590,19 +607,9 @@ class LeanChannel(Protocol):
     # Bytes in.
 
     def dataReceived(self, data: bytes) -> None:
-        if self._switched is not None:
-            self._switched.dataReceived(data)
+        if self._switched is not None or self._sniffing or self._held is not None:
+            self._unusual(data)
             return
-        if self._sniffing:
-            data = self._sniff(data)
-            if data is None:
-                return
-        if self._held is not None:
-            self._held.append(data)
-            return
-        self._feed(data)
-
-    def _feed(self, data: bytes) -> None:
         parser = self._parser
         if parser is None:
             return
@@ -641,6 +648,23 @@ class LeanChannel(Protocol):
             if self._queued_bytes > PIPELINE_AHEAD:
                 self._reading_paused = True
                 self.transport.pauseProducing()
+
+    # What is fed to llhttp, once the connection is plain HTTP/1.1.
+    _feed = dataReceived
+
+    def _unusual(self, data: bytes) -> None:
+        """Bytes for another protocol, the first ones (HTTP/2 or not?), or held after an upgrade request."""
+        if self._switched is not None:
+            self._switched.dataReceived(data)
+            return
+        if self._sniffing:
+            data = self._sniff(data)
+            if data is None:
+                return
+        if self._held is not None:
+            self._held.append(data)
+            return
+        self._feed(data)
 
     _in_head = False
 
@@ -753,7 +777,7 @@ class LeanChannel(Protocol):
             request.responseHeaders[b"connection"] = [b"close"]
             self.persistent = False
         length = self._content_length
-        if length is not None and length > request.max_body:
+        if length is not None and length > self.site.max_request_body:
             request.body_too_large = True
             request.refuse_body()
             return False
@@ -776,7 +800,13 @@ class LeanChannel(Protocol):
         if self._current is not None:
             self._queue_event(LeanChannel._message_complete, ())
             return
-        self._message_complete()
+        # _message_complete, inlined: once per request.
+        request = self._reading
+        if request is None or request._refused:
+            return
+        self._reading = None
+        self._current = request
+        request._received(request.method, self._url, request.clientproto)
 
     def _message_complete(self) -> None:
         request = self._reading
@@ -815,8 +845,14 @@ class LeanChannel(Protocol):
             self.transport.loseConnection()
             self._closed = True
             return
-        self._arm_header_timer()
-        if not self._replaying:
+        site = self.site
+        timeout = site.header_timeout
+        if timeout:
+            # _arm_header_timer, inlined: once per request.
+            self._head_deadline = site.clock.seconds() + timeout
+            if self._header_timer is None:
+                self._header_timer = self.callLater(timeout, self._check_header_deadline)
+        if not self._replaying and (self._queue is not None or self._upgrade_done):
             self._after_answer()
 
     def _after_answer(self) -> None:
