@@ -4,6 +4,7 @@ default and as the flag forces it, on both sides.
 """
 
 import platform
+import re
 
 import pytest
 from twisted.internet import defer, reactor
@@ -11,16 +12,17 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python import usage
 from twisted.trial import unittest
 
-from relay import http1_engine
+from relay import compat, http1_engine, wire
 from relay.client import tap as client_tap
 from relay.client.keepalive import KeepAliveAgent
 from relay.compat import HTTP11ClientProtocol
 from relay.config import ServerConfig
+from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server import tap as server_tap
 from relay.server.broker import Broker
 from relay.server.resources import RootResource
 from relay.server.site import RelayChannel, RelaySite
-from tests.support import RawResponse, RelayServer
+from tests.support import FakeRelayClient, RawResponse, RelayServer, tick
 
 needs_httptools = None if http1_engine.available() else "httptools is not installed for this interpreter"
 
@@ -121,3 +123,148 @@ class ClientEngine(unittest.TestCase):
 
     def test_auto_follows_the_interpreter(self):
         self.assertEqual(KeepAliveAgent(reactor, None, engine="auto").engine, http1_engine.resolve("auto"))
+
+
+def _undated(data: bytes) -> bytes:
+    """The bytes with the Date header's value blanked: the only one that may differ."""
+    return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", data)
+
+
+@pytest.mark.socket
+class SameBytesOnTheWire(unittest.TestCase):
+    """
+    What each engine's server writes, byte for byte (but for the date):
+    the user's answers, the poll's answer a relay-client reads, the errors.
+    """
+
+    @defer.inlineCallbacks
+    def exchange(self, engine: str, user_bytes: bytes, answer=None, wait: bytes = b"\r\n\r\n"):
+        """
+        C{user_bytes} sent to a server of C{engine}; with C{answer}, a
+        relay-client's raw poll takes the request and C{answer(id)} posts
+        the reply. Returns what the user and the poll read.
+        """
+        self.patch(http1_engine, "resolve", lambda choice, implementation=None: engine)
+        server = RelayServer()
+        self.addCleanup(server.stop)
+        poll = b""
+        if answer is not None:
+            poller = RawResponse()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), poller)
+            poller.transport.write(b"GET /server/request?server=robot HTTP/1.1\r\nHost: relay\r\n\r\n")
+            yield server.polling("robot")
+        user = RawResponse()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), user)
+        user.transport.write(user_bytes)
+        if answer is not None:
+            yield poller.wait_until(lambda data: b"\r\n\r\n" in data and len(data) > data.index(b"\r\n\r\n") + 4)
+            poll = bytes(poller.data)
+            message = HttpRequest()
+            wire.parse(message, poll.split(b"\r\n\r\n", 1)[1], "body")
+            client = FakeRelayClient(server)
+            self.addCleanup(client.close)
+            yield answer(client, message.id)
+            poller.transport.loseConnection()
+        yield user.wait_for(wait)
+        yield tick(0.05)
+        user.transport.loseConnection()
+        return _undated(bytes(user.data)), _undated(poll).split(b"\r\n\r\n")[0]
+
+    @defer.inlineCallbacks
+    def same(self, user_bytes: bytes, answer=None, wait: bytes = b"\r\n\r\n"):
+        got = {}
+        for engine in ("twisted", "httptools"):
+            got[engine] = yield self.exchange(engine, user_bytes, answer, wait)
+        self.assertEqual(got["httptools"], got["twisted"])
+        return got["twisted"]
+
+    def setUp(self):
+        if not http1_engine.available():
+            raise unittest.SkipTest(needs_httptools)
+
+    @defer.inlineCallbacks
+    def test_a_relayed_answer_and_the_poll_that_carried_it(self):
+        def answer(client, request_id):
+            return client.respond(
+                request_id, 200, b"hello", headers=[("Content-Type", "text/plain"), ("X-Two", "a"), ("X-Two", "b")]
+            )
+
+        user, poll = yield self.same(
+            b"GET /client/robot/x?q=1 HTTP/1.1\r\nHost: relay\r\nUser-Agent: t\r\n\r\n", answer, wait=b"hello"
+        )
+        self.assertTrue(user.startswith(b"HTTP/1.1 200 OK\r\n"), user)
+        self.assertTrue(poll.startswith(b"HTTP/1.1 200 OK\r\n"), poll)
+
+    @defer.inlineCallbacks
+    def test_a_chunked_answer_with_trailers(self):
+        def answer(client, request_id):
+            return client.respond(request_id, 200, b"part", trailers=[("Grpc-Status", "0")])
+
+        user, _ = yield self.same(b"GET /client/robot/y HTTP/1.1\r\nHost: relay\r\n\r\n", answer, wait=b"0\r\n")
+        self.assertIn(b"Transfer-Encoding: chunked", user)
+
+    @defer.inlineCallbacks
+    def test_errors(self):
+        for request in (
+            b"GET /client/nobody/x HTTP/1.1\r\nHost: relay\r\n\r\n",
+            b"GET /healthz HTTP/1.0\r\n\r\n",
+            b"GET /a/../b HTTP/1.1\r\nHost: relay\r\n\r\n",
+            b"GET /x HTTP/1.1\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"POST /server/response HTTP/1.1\r\nHost: relay\r\nContent-Length: 3\r\n\r\nabc",
+            b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: relay\r\n\r\n",
+        ):
+            yield self.same(request)
+
+
+@pytest.mark.memory
+class SameRequestBytes(unittest.SynchronousTestCase):
+    """What each engine's relay-client writes for a request, byte for byte."""
+
+    def setUp(self):
+        if not http1_engine.available():
+            raise unittest.SkipTest(needs_httptools)
+
+    def written(self, engine: str, method: bytes, path: bytes, headers, body) -> bytes:
+        from twisted.internet.testing import StringTransport
+        from twisted.web.client import URI
+
+        from relay.client.http import BytesProducer
+
+        transport = StringTransport()
+        producer = BytesProducer(body) if body is not None else None
+        uri = URI.fromBytes(b"http://relay:8080" + path)
+        if engine == "twisted":
+            protocol = HTTP11ClientProtocol()
+            protocol.makeConnection(transport)
+            protocol.request(compat.client_request(method, path, headers.copy(), producer, uri))
+        else:
+            from relay.client.lean_http1 import LeanClientProtocol, LeanClientRequest
+
+            protocol = LeanClientProtocol()
+            protocol.makeConnection(transport)
+            protocol.request(LeanClientRequest(method, path, headers.copy(), producer, uri))
+        return transport.value()
+
+    def test_polls_posts_and_backend_requests(self):
+        from twisted.web.http_headers import Headers
+
+        from relay.lean_headers import LeanHeaders
+
+        for make in (Headers, LeanHeaders):
+            headers = make()
+            headers.setRawHeaders(b"authorization", [b"Bearer t"])
+            headers.setRawHeaders(b"content-type", [b"application/x"])
+            headers.addRawHeader(b"x-two", b"a")
+            headers.addRawHeader(b"X-Two", b"b")
+            headers.addRawHeader(b"www-authenticate", b"c")
+            headers.addRawHeader(b"host", b"relay:8080")
+            for method, path, body in (
+                (b"GET", b"/server/request?server=robot", None),
+                (b"POST", b"/server/response?id=robot:1", [b"pro", b"tobuf"]),
+                (b"POST", b"/server/requeststream?id=robot:1", b""),
+                (b"PUT", b"/x", None),
+            ):
+                twisted_bytes = self.written("twisted", method, path, headers, body)
+                self.assertEqual(self.written("httptools", method, path, headers, body), twisted_bytes)
+                self.assertTrue(twisted_bytes.startswith(method + b" " + path + b" HTTP/1.1\r\n"))
