@@ -29,6 +29,7 @@ import relay
 from relay import config as config_module
 from relay.client import tap as client_tap
 from relay.config import ClientConfig, ServerConfig, field_name, flag_default
+from relay import http1_engine
 from relay.http1_engine import resolve as resolve_engine
 from relay.server import tap as server_tap
 from tests.support import admin_stats
@@ -138,6 +139,8 @@ def _modules():
     for info in pkgutil.walk_packages(relay.__path__, "relay."):
         if info.name.endswith("_pb2") or info.name.endswith(".generate"):
             continue
+        if info.name.endswith(".lean_http1") and not http1_engine.available():
+            continue  # the lean engine needs httptools, a CPython-only dependency
         yield importlib.import_module(info.name)
 
 

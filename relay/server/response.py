@@ -102,6 +102,22 @@ def relay_error(message: HttpResponse) -> Optional[str]:
     return None
 
 
+# What a valid header name from the relay-client becomes, by name: its key
+# (lower case, bytes) and whether it is gRPC's, or _HOP_BY_HOP. The same
+# few names come with every answer; the cache is bounded, the names being
+# the backend's to choose.
+_HOP_BY_HOP = object()
+_names: Dict[str, object] = {}
+
+
+def _name_rule(name: str):
+    lower = name.lower()
+    rule = _HOP_BY_HOP if lower in HOP_BY_HOP else (lower.encode("latin-1"), lower[:5] == "grpc-")
+    if len(_names) < 1000:
+        _names[name] = rule
+    return rule
+
+
 class UserResponse:
     """
     The L{relay.server.pending.ResponseSink} for one user request: turns the relay-client's
@@ -216,14 +232,22 @@ class UserResponse:
         grouped: Dict[bytes, List[bytes]] = {}
         for h in message.header:
             name, value = proto_text(h.name), proto_text(h.value)
-            if not valid_name(name):
-                log.warn("Dropping invalid header name from relay client", ID=pending.id, Name=name)
+            known = _names.get(name)
+            if known is None:
+                if not valid_name(name):
+                    log.warn("Dropping invalid header name from relay client", ID=pending.id, Name=name)
+                    continue
+                known = _name_rule(name)
+            if known is _HOP_BY_HOP:
                 continue
-            if name.lower() in HOP_BY_HOP:
-                continue
-            if name[:5].lower() == "grpc-":
+            key, grpc = known
+            if grpc:
                 self.grpc_headers.append((name, value))
-            grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(value))
+            values = grouped.get(key)
+            if values is None:
+                grouped[key] = [sanitize_value(value)]
+            else:
+                values.append(sanitize_value(value))
         lengths = grouped.get(b"content-length")
         if lengths is not None and status == 204:
             # A 204 has no body and no length (RFC 9110 8.6): a client that
