@@ -88,6 +88,10 @@ class RelayRequest(server.Request):
     # The relay sends the backend's Content-Type, or none: never a guess.
     defaultContentType = None
 
+    # The lean engine's cheaper notifyFinish().addErrback (relay.server.
+    # response.on_disconnect); this class has none, and says so without
+    # the cost of a failed attribute lookup.
+    when_gone = None
     body_too_large = False
     _body_received = 0
     _refused = False

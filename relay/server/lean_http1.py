@@ -120,7 +120,8 @@ class LeanRequest:
 
     gone = False
     _no_body = False
-    _notifications: Optional[List[Deferred]] = None
+    # notifyFinish's Deferreds and when_gone's callbacks, in their order.
+    _notifications: Optional[List[object]] = None
 
     body_too_large = False
     _body_received = 0
@@ -338,6 +339,16 @@ class LeanRequest:
         self._notifications.append(d)
         return d
 
+    def when_gone(self, callback: Callable[[], object]) -> None:
+        """
+        C{callback()} if the connection goes before the answer is finished:
+        what C{notifyFinish().addErrback(...)} does, without a Deferred (the
+        relay asks it on every exchange; L{relay.server.response.on_disconnect}).
+        """
+        if self._notifications is None:
+            self._notifications = []
+        self._notifications.append(callback)
+
     def registerProducer(self, producer, streaming: bool) -> None:
         if self.producer is not None:
             raise ValueError("registering producer %s before previous one (%s) was unregistered" % (producer, self.producer))
@@ -450,7 +461,8 @@ class LeanRequest:
         self.channel.request_done(self)
         notifications, self._notifications = self._notifications, None
         for d in notifications or ():
-            d.callback(None)
+            if type(d) is Deferred:
+                d.callback(None)
 
     def connectionLost(self, reason) -> None:
         if self.gone:
@@ -462,7 +474,13 @@ class LeanRequest:
         if self.finished:
             return
         for d in notifications or ():
-            d.errback(reason)
+            if type(d) is Deferred:
+                d.errback(reason)
+                continue
+            try:
+                d()
+            except Exception:
+                log.failure("Unexpected error after a peer went away", Failure())
 
 
 def _query_args(query: bytes) -> Dict[bytes, List[bytes]]:
