@@ -228,16 +228,32 @@ class LeanRequest:
         site = self.site
         self.responseHeaders[b"date"] = [site.http_date()]
         try:
-            route = getattr(site.resource, "route", None)
+            route = self.channel.route
             if route is not None:
                 resource = route(self)
             else:
                 self.prepath = []
                 self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
                 resource = site.getResourceFor(self)
-            self.render(resource)
+            # render(), inlined: once per request.
+            body = resource.render(self)
+            if body is NOT_DONE_YET:
+                return
+            self._rendered(resource, body)
         except BaseException:
             self.processingFailed(Failure())
+
+    def _rendered(self, resource, body) -> None:
+        if not isinstance(body, bytes):
+            raise TypeError("%r rendered %r, not bytes" % (resource, type(body)))
+        if self.method == b"HEAD":
+            if body:
+                self.responseHeaders[b"content-length"] = [b"%d" % len(body)]
+            self.write(b"")
+        else:
+            self.responseHeaders[b"content-length"] = [b"%d" % len(body)]
+            self.write(body)
+        self.finish()
 
     def _origin_form(self, target: bytes) -> bytes:
         """The path and query of an absolute-form target; its authority is the Host."""
@@ -258,18 +274,8 @@ class LeanRequest:
 
     def render(self, resource) -> None:
         body = resource.render(self)
-        if body is NOT_DONE_YET:
-            return
-        if not isinstance(body, bytes):
-            raise TypeError("%r rendered %r, not bytes" % (resource, type(body)))
-        if self.method == b"HEAD":
-            if body:
-                self.responseHeaders[b"content-length"] = [b"%d" % len(body)]
-            self.write(b"")
-        else:
-            self.responseHeaders[b"content-length"] = [b"%d" % len(body)]
-            self.write(body)
-        self.finish()
+        if body is not NOT_DONE_YET:
+            self._rendered(resource, body)
 
     def processingFailed(self, reason: Failure) -> None:
         """twisted.web's answer to a resource that raised (without a traceback)."""
@@ -542,8 +548,9 @@ class LeanChannel(Protocol):
     # Messages whose end llhttp has seen (whether answered yet or not).
     _completed = 0
     _url = b""
-    _header_count = 0
-    _head_bytes = 0
+    route = None
+    _headers_left = 0
+    _head_left = 0
     _fed_in_head = 0
     _content_length: Optional[int] = None
     _peer = None
@@ -557,6 +564,8 @@ class LeanChannel(Protocol):
         self._max_headers = site.max_headers
         self._max_head_bytes = site.max_header_bytes
         self._parser = HttpRequestParser(self)
+        # The relay's tree routes on the whole path (RootResource.route).
+        self.route = getattr(site.resource, "route", None)
         site.connection_made(self)
         self._arm_header_timer()
 
@@ -712,8 +721,10 @@ class LeanChannel(Protocol):
             return
         self._reading = LeanRequest(self)
         self._url = b""
-        self._header_count = 0
-        self._head_bytes = 0
+        # What the head may still hold: header lines, and bytes of them and
+        # of the request line (twisted.web's limits, counted the same way).
+        self._headers_left = self._max_headers
+        self._head_left = self._max_head_bytes
         self._fed_in_head = 0
         self._in_head = True
         self._content_length = None
@@ -722,6 +733,7 @@ class LeanChannel(Protocol):
         if self._current is not None:
             self._queue_event(LeanChannel.on_url, (url,))
             return
+        self._head_left -= len(url)
         url = self._url + url
         self._url = url
         if len(url) > MAX_LINE - 14:  # the method, the version, blanks
@@ -733,13 +745,15 @@ class LeanChannel(Protocol):
             self._queue_event(LeanChannel.on_header, (name, value))
             return
         line = len(name) + len(value) + 2
-        if line > MAX_LINE:
-            self._refuse_head(431, b"Request Header Fields Too Large")
-            raise _Stop()
-        self._head_bytes += line
-        self._header_count += 1
-        if self._header_count > self._max_headers or self._head_bytes + len(self._url) > self._max_head_bytes:
-            self._bad_request()
+        left = self._head_left - line
+        self._head_left = left
+        count = self._headers_left - 1
+        self._headers_left = count
+        if line > MAX_LINE or left < 0 or count < 0:
+            if line > MAX_LINE:
+                self._refuse_head(431, b"Request Header Fields Too Large")
+            else:
+                self._bad_request()
             raise _Stop()
         value = value.strip(b" \t")
         lower = name.lower()
