@@ -460,7 +460,8 @@ class LeanRequest:
             else:
                 self.channel.transport.write(b"0\r\n\r\n")
         self.finished = True
-        self._give_back()
+        if self._charged:
+            self._give_back()
         if self.producer is not None:
             log.warn("Producer was not unregistered for {uri}", uri=self.uri)
             self.unregisterProducer()
