@@ -225,7 +225,7 @@ class SameRequestBytes(unittest.SynchronousTestCase):
         if not http1_engine.available():
             raise unittest.SkipTest(needs_httptools)
 
-    def written(self, engine: str, method: bytes, path: bytes, headers, body) -> bytes:
+    def written(self, engine: str, method: bytes, path: bytes, headers, body, host=None) -> bytes:
         from twisted.internet.testing import StringTransport
         from twisted.web.client import URI
 
@@ -234,16 +234,19 @@ class SameRequestBytes(unittest.SynchronousTestCase):
         transport = StringTransport()
         producer = BytesProducer(body) if body is not None else None
         uri = URI.fromBytes(b"http://relay:8080" + path)
+        headers = headers.copy()
         if engine == "twisted":
+            if host is not None:  # as KeepAliveAgent adds it
+                headers.addRawHeader(b"host", host)
             protocol = HTTP11ClientProtocol()
             protocol.makeConnection(transport)
-            protocol.request(compat.client_request(method, path, headers.copy(), producer, uri))
+            protocol.request(compat.client_request(method, path, headers, producer, uri))
         else:
             from relay.client.lean_http1 import LeanClientProtocol, LeanClientRequest
 
             protocol = LeanClientProtocol()
             protocol.makeConnection(transport)
-            protocol.request(LeanClientRequest(method, path, headers.copy(), producer, uri))
+            protocol.request(LeanClientRequest(method, path, headers, producer, uri, host))
         return transport.value()
 
     def test_polls_posts_and_backend_requests(self):
@@ -258,13 +261,17 @@ class SameRequestBytes(unittest.SynchronousTestCase):
             headers.addRawHeader(b"x-two", b"a")
             headers.addRawHeader(b"X-Two", b"b")
             headers.addRawHeader(b"www-authenticate", b"c")
-            headers.addRawHeader(b"host", b"relay:8080")
-            for method, path, body in (
-                (b"GET", b"/server/request?server=robot", None),
-                (b"POST", b"/server/response?id=robot:1", [b"pro", b"tobuf"]),
-                (b"POST", b"/server/requeststream?id=robot:1", b""),
-                (b"PUT", b"/x", None),
-            ):
-                twisted_bytes = self.written("twisted", method, path, headers, body)
-                self.assertEqual(self.written("httptools", method, path, headers, body), twisted_bytes)
-                self.assertTrue(twisted_bytes.startswith(method + b" " + path + b" HTTP/1.1\r\n"))
+            for host_given in (False, True):
+                if host_given:
+                    headers.addRawHeader(b"host", b"relay:8080")
+                host = None if host_given else b"relay:8080"
+                for method, path, body in (
+                    (b"GET", b"/server/request?server=robot", None),
+                    (b"POST", b"/server/response?id=robot:1", [b"pro", b"tobuf"]),
+                    (b"POST", b"/server/requeststream?id=robot:1", b""),
+                    (b"PUT", b"/x", None),
+                ):
+                    twisted_bytes = self.written("twisted", method, path, headers, body, host)
+                    self.assertEqual(self.written("httptools", method, path, headers, body, host), twisted_bytes)
+                    self.assertTrue(twisted_bytes.startswith(method + b" " + path + b" HTTP/1.1\r\n"))
+                    self.assertIn(b"Host: relay:8080\r\n", twisted_bytes)

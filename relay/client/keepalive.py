@@ -115,7 +115,7 @@ class KeepAliveAgent:
             from relay.client.lean_http1 import LeanClientProtocol, LeanClientRequest
 
             self._protocol = LeanClientProtocol
-            self._new_request = LeanClientRequest
+            self._new_request = _lean_requests(LeanClientRequest)
             self._send = _send_lean
         else:
             self._protocol = HTTP11ClientProtocol
@@ -128,11 +128,9 @@ class KeepAliveAgent:
         origin, path = self._origin(uri)
         if headers is None:
             headers = Headers()
-        if not headers.hasHeader(b"host"):
-            headers = headers.copy()
-            headers.addRawHeader(b"host", origin.host)
-        # Validates method and path as Agent's requests do (no CR, LF, spaces).
-        request = self._new_request(method, path, headers, bodyProducer, origin.uri)
+        # Validates method and path as Agent's requests do (no CR, LF, spaces),
+        # and adds the Host header last, unless the caller gave one.
+        request = self._new_request(method, path, headers, bodyProducer, origin)
         send = self._send
         while origin.idle:
             protocol, _ = origin.idle.pop()
@@ -231,8 +229,23 @@ class KeepAliveAgent:
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
 
-def _twisted_request(method, path, headers, body_producer, uri) -> Request:
-    return client_request(method, path, headers, body_producer, uri)
+def _twisted_request(method, path, headers, body_producer, origin: _Origin) -> Request:
+    if not headers.hasHeader(b"host"):
+        headers = headers.copy()
+        headers.addRawHeader(b"host", origin.host)
+    return client_request(method, path, headers, body_producer, origin.uri)
+
+
+def _lean_requests(request_class):
+    """The lean engine's request maker (C{request_class}: L{relay.client.lean_http1.LeanClientRequest})."""
+
+    def new_request(method, path, headers, body_producer, origin: _Origin):
+        # The lean request writes the Host header after the caller's, as
+        # the copy Twisted's path makes would have it, without the copy.
+        host = None if headers.hasHeader(b"host") else origin.host
+        return request_class(method, path, headers, body_producer, origin.uri, host)
+
+    return new_request
 
 
 def _send_lean(protocol, request) -> Deferred:

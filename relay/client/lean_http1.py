@@ -67,9 +67,9 @@ _POTENTIAL_DATA_LOSS = Failure(PotentialDataLoss())
 class LeanClientRequest:
     """A request as the lean protocol writes it (what Agent's C{Request} holds)."""
 
-    __slots__ = ("method", "uri", "headers", "bodyProducer", "persistent", "absoluteURI")
+    __slots__ = ("method", "uri", "headers", "bodyProducer", "persistent", "absoluteURI", "host")
 
-    def __init__(self, method: bytes, uri: bytes, headers, body_producer, absolute_uri=None):
+    def __init__(self, method: bytes, uri: bytes, headers, body_producer, absolute_uri=None, host=None):
         if not _VALID_METHOD.match(method):
             raise ValueError("Invalid method %r" % (method,))
         if not _VALID_URI.match(uri):
@@ -80,6 +80,8 @@ class LeanClientRequest:
         self.bodyProducer = body_producer
         self.persistent = True
         self.absoluteURI = absolute_uri
+        # A Host value to write after the headers (which have none).
+        self.host = host
 
     def head(self, framing: Optional[bytes]) -> bytes:
         lines = [self.method, b" ", self.uri, b" HTTP/1.1\r\n"]
@@ -97,6 +99,8 @@ class LeanClientRequest:
             for name, values in headers.getAllRawHeaders():
                 for value in values:
                     lines += (name, b": ", value, b"\r\n")
+        if self.host is not None:
+            lines += (b"Host: ", self.host, b"\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
 
