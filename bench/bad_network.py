@@ -30,7 +30,12 @@ from twisted.python.failure import Failure  # noqa: E402
 from tests.support import badnet  # noqa: E402
 
 PAIRS = [(badnet.GO, badnet.GO), (badnet.OURS, badnet.GO), (badnet.GO, badnet.OURS), (badnet.OURS, badnet.OURS)]
-HEADINGS = ["Go server + Go relay-client", "our server + Go relay-client", "Go server + our relay-client", "ours + ours"]
+HEADINGS = [
+    "Go server + Go relay-client",
+    "our server + Go relay-client",
+    "Go server + our relay-client",
+    "ours + ours",
+]
 
 
 def scenario_rows(a):
@@ -171,7 +176,7 @@ def run(reactor, a, command):
     rows = [row for row in scenario_rows(a) if row[0] in wanted]
     started = time.time()
     results = []
-    for scenario, title, options in rows:
+    for scenario, _title, options in rows:
         sys.stderr.write("bad_network: %s, four pairs side by side ...\n" % scenario)
         pairs, slots = [], []
         for server, client in PAIRS:

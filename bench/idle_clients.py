@@ -176,7 +176,8 @@ async def idle_client(host, port, name, stats, connected):
             msg = http_response(request_id(body))
             c.t.write(
                 b"POST /server/response HTTP/1.1\r\nHost: %s:%d\r\n"
-                b"Content-Type: application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpResponse\r\n"
+                b"Content-Type: application/vnd.google.protobuf;"
+                b"proto=cloudrobotics.http_relay.v1alpha1.HttpResponse\r\n"
                 b"Content-Length: %d\r\n\r\n" % (host.encode(), port, len(msg)) + msg
             )
             r = await c.responses.get()

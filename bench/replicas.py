@@ -37,8 +37,6 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
 import run as harness  # noqa: E402  (bench/run.py)
-from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx  # noqa: E402
-
 from run import (  # noqa: E402
     GO_DIR_CANDIDATES,
     TWISTD,
@@ -61,6 +59,8 @@ from run import (  # noqa: E402
     wait_quiet,
     wait_relay_ready,
 )
+
+from tests.support.nginx_site import REPLICAS_SITE, NginxSite, find_nginx  # noqa: E402
 
 SIZE = 1024
 
@@ -174,8 +174,11 @@ class ReplicasBench:
 
     def table(self):
         go = self.best(self.setups[0])["rps"]
-        out = ["| setup (server / clients) | req/s | ratio to Go | p50 | p99 | wrk errors | CPU: servers / clients / nginx |",
-               "|---|---:|---:|---:|---:|---:|---|"]
+        out = [
+            "| setup (server / clients) | req/s | ratio to Go | p50 | p99 | wrk errors "
+            "| CPU: servers / clients / nginx |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for setup in self.setups:
             r = self.best(setup)
             out.append("| %s | %s | %.2f | %s | %s | %d | %s |" % (
@@ -249,7 +252,9 @@ def main(argv=None):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    command = "python3 bench/replicas.py" + "".join(" " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    command = "python3 bench/replicas.py" + "".join(
+        " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)
+    )
     b = ReplicasBench(a)
     log("logs in %s" % b.logdir)
     busy0, own0 = busy_seconds(), own_cpu_seconds()

@@ -581,9 +581,9 @@ class Bench:
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     break
-                except OSError:
+                except OSError as e:
                     if time.monotonic() > deadline or self.server.p.poll() is not None:
-                        raise RuntimeError("server not listening on %d; see %s" % (port, self.server.logpath))
+                        raise RuntimeError("server not listening on %d; see %s" % (port, self.server.logpath)) from e
                     time.sleep(0.1)
         self.port = port
         log("server on port %d (pid %d): %s" % (port, self.server.pid, " ".join(args)))
@@ -677,9 +677,12 @@ class Bench:
         m = re.search(r"WRKJSON (\{.*\})", wout)
         rps = (json.loads(m.group(1))["requests"] / (json.loads(m.group(1))["duration_us"] / 1e6)) if m else 0
         wait_quiet(self.relay_pids())
-        parts = ["py-spy record --nonblocking --gil -r 250 -d %d on each process (samples only while holding the GIL) during "
-                 "1 KiB at c=8 through the relay (%s req/s under the profiler); raw stacks in %s."
-                 % (secs, fmt_rate(rps), self.logdir)]
+        parts = [
+            "py-spy record --nonblocking --gil -r 250 -d %d on each process "
+            "(samples only while holding the GIL) during "
+            "1 KiB at c=8 through the relay (%s req/s under the profiler); raw stacks in %s."
+            % (secs, fmt_rate(rps), self.logdir)
+        ]
         for (name, path), err in zip(outs.items(), errs):
             if not os.path.exists(path):
                 parts.append("**%s**: py-spy failed: %s" % (name, err.strip()[-500:]))
@@ -772,7 +775,10 @@ def other_load(seconds=1.0):
 
 
 def others_since(busy0, own0, elapsed):
-    """CPU used by processes outside the harness since busy_seconds() and own_cpu_seconds() were busy0 and own0, in cores."""
+    """
+    CPU used by processes outside the harness since busy_seconds() and
+    own_cpu_seconds() were busy0 and own0, in cores.
+    """
     return max(0.0, (busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / elapsed
 
 
@@ -824,9 +830,9 @@ def wait_listening(proc, port, timeout=30.0):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
-        except OSError:
+        except OSError as e:
             if time.monotonic() > deadline or proc.p.poll() is not None:
-                raise RuntimeError("%s not listening on %d; see %s" % (proc.name, port, proc.logpath))
+                raise RuntimeError("%s not listening on %d; see %s" % (proc.name, port, proc.logpath)) from e
             time.sleep(0.1)
 
 
@@ -849,16 +855,30 @@ def start_go_backend(go_dir, logdir):
 
 
 def interpreter_name(python):
-    out = subprocess.run(
-        [python, "-c", "import platform,sys,twisted; v=sys.version_info; print(platform.python_implementation(), "
-         "'%d.%d.%d' % v[:3], (getattr(sys, 'pypy_version_info', None) and '.'.join(map(str, sys.pypy_version_info[:3])) or ''), "
-         "twisted.__version__)"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout.decode().split()
+    out = (
+        subprocess.run(
+            [
+                python,
+                "-c",
+                "import platform,sys,twisted; v=sys.version_info; print(platform.python_implementation(), "
+                "'%d.%d.%d' % v[:3], "
+                "(getattr(sys, 'pypy_version_info', None) and '.'.join(map(str, sys.pypy_version_info[:3])) or ''), "
+                "twisted.__version__)",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        .stdout.decode()
+        .split()
+    )
     if len(out) == 4:
         impl, ver, pypy, tw = out
-        return {"short": "%s %s" % (impl, ".".join(ver.split(".")[:2])),
-                "long": "%s %s%s, Twisted %s (`%s`)" % (impl, ver, " (PyPy %s)" % pypy if impl == "PyPy" else "", tw, python),
-                "pypy": impl == "PyPy"}
+        return {
+            "short": "%s %s" % (impl, ".".join(ver.split(".")[:2])),
+            "long": "%s %s%s, Twisted %s (`%s`)"
+            % (impl, ver, " (PyPy %s)" % pypy if impl == "PyPy" else "", tw, python),
+            "pypy": impl == "PyPy",
+        }
     if len(out) == 3:
         impl, ver, tw = out
         return {"short": "%s %s" % (impl, ".".join(ver.split(".")[:2])),
@@ -888,7 +908,7 @@ def upgrade_rtts(port, path, count, gap=0.02, timeout=10.0):
         if rest:
             raise OSError("unexpected bytes after the 101: %r" % rest[:50])
         times = []
-        for i in range(count):
+        for _i in range(count):
             time.sleep(gap)
             t0 = time.perf_counter()
             s.sendall(b"k")
@@ -1006,7 +1026,11 @@ class SideBySide:
         pair.procs.append(server)
         wait_listening(server, pair.port)
         log("%s: server on port %d (pid %d): %s" % (pair.label, pair.port, server.pid, " ".join(args)))
-        for name, backend in (("bench", self.go_backend_port), (ECHO_NAME, self.echo_port), (DOWN_NAME, self.dead_port)):
+        for name, backend in (
+            ("bench", self.go_backend_port),
+            (ECHO_NAME, self.echo_port),
+            (DOWN_NAME, self.dead_port),
+        ):
             args = self.client_cmd(pair, backend, name)
             client = start("p%d-client-%s" % (i, name), args, self.bench.logdir, env=env)
             pair.procs.append(client)

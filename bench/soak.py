@@ -171,7 +171,9 @@ async def soak(args):
         async def sample():
             while time.time() < deadline:
                 await asyncio.sleep(5)
-                samples.append((round(time.time() - deadline + args.seconds), rss_kib(server.pid) // 1024, fds(server.pid)))
+                samples.append(
+                    (round(time.time() - deadline + args.seconds), rss_kib(server.pid) // 1024, fds(server.pid))
+                )
                 print("  t=%3ds RSS %4d MiB  fds %5d  ok %d" % (samples[-1] + (stats["ok"],)))
 
         await asyncio.gather(sample(), *[user(port, names, deadline, stats) for _ in range(args.users)])
@@ -184,7 +186,10 @@ async def soak(args):
         end_fds = await settled_fds()
         end_rss = rss_kib(server.pid)
         print("soak: %s" % json.dumps(stats, sort_keys=True))
-        print("server: pending %s, RSS %d -> %d MiB, fds %d -> %d" % (pending, start_rss // 1024, end_rss // 1024, start_fds, end_fds))
+        print(
+            "server: pending %s, RSS %d -> %d MiB, fds %d -> %d"
+            % (pending, start_rss // 1024, end_rss // 1024, start_fds, end_fds)
+        )
         failures = []
         if pending != 0:
             failures.append("pending requests left: %s" % pending)

@@ -161,7 +161,11 @@ class HashCommandTests(unittest.TestCase):
 
         env = dict(os.environ, PYTHONPATH=ROOT)
         out = subprocess.run(
-            [sys.executable, "-m", "relay.server.auth", "hash"], input=b"s3cret\n", capture_output=True, check=True, env=env
+            [sys.executable, "-m", "relay.server.auth", "hash"],
+            input=b"s3cret\n",
+            capture_output=True,
+            check=True,
+            env=env,
         ).stdout
         self.assertEqual(out.strip().decode(), token_hash("s3cret"))
 

@@ -1,5 +1,5 @@
 """
-The admin view (issue 16): C{/api/status} as real relay-clients and users
+The admin view: C{/api/status} as real relay-clients and users
 over loopback make it change, its bounds, its redaction, and its port.
 
 The server's timeouts run on a L{Clock} where a test needs to step through
@@ -24,12 +24,12 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.server.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
-from relay.server.admin.stats import DEFAULT_RING, redact_headers
-from relay.server.admin.status import Query, effective_flags, snapshot
 from relay.config import ServerConfig
 from relay.proto.http_relay_pb2 import HttpRequest
 from relay.server import tap
+from relay.server.admin import AdminStats, TokenCheck, admin_endpoint, attach_admin
+from relay.server.admin.stats import DEFAULT_RING, redact_headers
+from relay.server.admin.status import Query, effective_flags, snapshot
 from relay.server.broker import Backend, Broker
 from relay.server.events import Outcome
 from relay.server.pending import Waiters
@@ -440,7 +440,9 @@ class AdminPort(AdminCase):
             self.assertEqual(response.headers.getRawHeaders(b"www-authenticate"), [b'Bearer realm="relay admin"'])
             response, _ = yield self.get(self.admin_base + path, headers={"Authorization": ["Bearer wrong"]})
             self.assertEqual(response.code, 401, path)
-        response, _ = yield self.get(self.admin_base + "/api/status", headers={"Authorization": ["Bearer " + self.token]})
+        response, _ = yield self.get(
+            self.admin_base + "/api/status", headers={"Authorization": ["Bearer " + self.token]}
+        )
         self.assertEqual(response.code, 200)
         response, _ = yield self.get(self.admin_base + "/?token=wrong")
         self.assertEqual(response.code, 401)
@@ -524,7 +526,7 @@ class Bounds(unittest.SynchronousTestCase):
         try:
             import tracemalloc
         except ImportError:
-            raise unittest.SkipTest("no tracemalloc here (PyPy): the ring bounds test counts records instead")
+            raise unittest.SkipTest("no tracemalloc here (PyPy): the ring bounds test counts records instead") from None
 
         clock = Clock()
         stats = AdminStats(clock, total=5000)
@@ -563,7 +565,11 @@ class Bounds(unittest.SynchronousTestCase):
         self.assertEqual((b.errors["503"], b.recent[-1].status, b.recent_errors[-1].kind), (1, 503, "503"))
         for i in range(module.UNKNOWN_RING * 3):
             self.assertRaises(
-                UnknownBackend, broker.relay, "x" * 1000 + str(i), HttpRequest(method="GET", url="http://invalid/?q"), None
+                UnknownBackend,
+                broker.relay,
+                "x" * 1000 + str(i),
+                HttpRequest(method="GET", url="http://invalid/?q"),
+                None,
             )
         self.assertEqual(stats.unknown_requests, module.UNKNOWN_RING * 3)
         self.assertEqual(len(stats.unknown_recent), module.UNKNOWN_RING)
@@ -602,7 +608,12 @@ class Bounds(unittest.SynchronousTestCase):
             broker.backends[name] = Backend(name, clock.seconds(), Waiters(clock, 30.0, lambda d: None))
             stats.poll_from(name, "10.0.%d.%d" % (i // 256, i % 256))
             self.finish(stats, name, i)
-        data = snapshot(broker, stats, {}, Query({b"limit": [b"50"], b"offset": [b"100"], b"sort": [b"p99"], b"order": [b"desc"], b"recent": [b"0"]}))
+        data = snapshot(
+            broker,
+            stats,
+            {},
+            Query({b"limit": [b"50"], b"offset": [b"100"], b"sort": [b"p99"], b"order": [b"desc"], b"recent": [b"0"]}),
+        )
         self.assertEqual(data["backends"]["total"], 10000)
         self.assertEqual(len(data["backends"]["items"]), 50)
         self.assertEqual(data["totals"]["backends"], 10000)

@@ -24,8 +24,8 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
 
-from relay.server.admin import TokenCheck, attach_admin
 from relay.proto.http_relay_pb2 import HttpRequest
+from relay.server.admin import TokenCheck, attach_admin
 from tests.support import RelayServer, admin_stats, raw_connect, started_client
 from tests.support.admin import Hanging
 from tests.support.chromium import Chromium, find_chromium
@@ -201,8 +201,10 @@ class BusyRelayPage(PageCase):
                     code = random.choice([200] * 60 + [504, 503, 500]) if name != "lidar-7" else 200
                     pending = _Pending(0, name, "%s:%032x" % (name, count), code, False)
                     pending.start = self.clock.seconds() - random.lognormvariate(-4 + (step > 40), 0.6)
-                    message = HttpRequest(method=random.choice(["GET", "GET", "POST"]),
-                                          url="http://invalid/api/v1/" + random.choice(["state", "joints", "map?tile=7"]))
+                    message = HttpRequest(
+                        method=random.choice(["GET", "GET", "POST"]),
+                        url="http://invalid/api/v1/" + random.choice(["state", "joints", "map?tile=7"]),
+                    )
                     stats.request_queued(pending, message)
                     stats.request_finished(pending, pending.sink.outcome())
             self.clock.advance(5)

@@ -135,7 +135,7 @@ class BadInputTests(ServerTestCase):
         head, body = head_and_body(proto.data)
         lines = head.split(b"\r\n")
         self.assertIn(b"X-Evil: a  Set-Cookie: injected=1    body", lines)
-        self.assertFalse([l for l in lines if l.lower().startswith(b"set-cookie")])
+        self.assertFalse([line for line in lines if line.lower().startswith(b"set-cookie")])
         self.assertNotIn(b"X-Bad", head)
         self.assertEqual(body, b"ok")
         proto.transport.loseConnection()

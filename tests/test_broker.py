@@ -18,8 +18,8 @@ from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT, Broker
 from relay.server.errors import BackendUnreachable, RequestExpired, ServerStopping, UnknownBackend, UnknownRequest
 from relay.server.events import IBrokerEvents
 from relay.server.ids import RequestIds
-from relay.server.pending import STREAM_POLL_TIMEOUT, StreamQueue
 from relay.server.metrics import RelayMetrics
+from relay.server.pending import STREAM_POLL_TIMEOUT, StreamQueue
 from tests.support.sinks import Sink
 
 pytestmark = pytest.mark.memory
@@ -35,7 +35,9 @@ class BrokerTestCase(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.metrics = RelayMetrics(process=False)
-        self.broker = Broker(self.clock, ServerConfig(inactive_request_timeout=60, inactive_backend_timeout=1800), self.metrics)
+        self.broker = Broker(
+            self.clock, ServerConfig(inactive_request_timeout=60, inactive_backend_timeout=1800), self.metrics
+        )
 
     def relay(self, name="robot", url="http://invalid/x"):
         sink = Sink()
@@ -336,7 +338,10 @@ class MetricCardinalityTests(unittest.TestCase):
         for i in range(10):
             broker.relay("robot", HttpRequest(method="GET", url="http://invalid/page-%d" % i), Sink())
         text = metrics.render().decode()
-        self.assertEqual(re.findall(r"broker_requests\{([^}]*)\}", text), ['backend="robot",method="server_request"', 'backend="robot",method="client"'])
+        self.assertEqual(
+            re.findall(r"broker_requests\{([^}]*)\}", text),
+            ['backend="robot",method="server_request"', 'backend="robot",method="client"'],
+        )
         self.assertNotIn("page-", text)
 
 
@@ -423,7 +428,10 @@ class ObserverTests(BrokerTestCase):
         )
         _, finished, outcome = self.recorder.events[-2]
         self.assertIs(finished, pending)
-        self.assertEqual((outcome.status, outcome.bytes_out, outcome.reason, outcome.cancelled, outcome.started), (201, 3, None, False, True))
+        self.assertEqual(
+            (outcome.status, outcome.bytes_out, outcome.reason, outcome.cancelled, outcome.started),
+            (201, 3, None, False, True),
+        )
 
     def test_a_refused_or_expired_request_says_why(self):
         self.assertRaises(UnknownBackend, self.relay, "nobody")

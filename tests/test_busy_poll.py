@@ -91,7 +91,7 @@ class InstallTests(unittest.TestCase):
         try:
             from twisted.internet.epollreactor import EPollReactor
         except ImportError:
-            raise unittest.SkipTest("no epoll here")
+            raise unittest.SkipTest("no epoll here") from None
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)
         self.assertTrue(install(reactor, 300, self.log))

@@ -276,7 +276,12 @@ class RelayTokens(unittest.TestCase):
     def start_client(self, token):
         self.fatal = Recorder()
         return started_client(
-            self, self.relay.base, NAME, self.backend.address, relay_token_file=temp_file(self, token + "\n"), on_fatal=self.fatal
+            self,
+            self.relay.base,
+            NAME,
+            self.backend.address,
+            relay_token_file=temp_file(self, token + "\n"),
+            on_fatal=self.fatal,
         )
 
     @defer.inlineCallbacks

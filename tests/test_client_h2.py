@@ -248,7 +248,13 @@ class H2OverTLS(unittest.TestCase):
         backend.address = "localhost:%d" % (backend.port.getHost().port,)
         self.addCleanup(backend.stop)
         started_client(
-            self, self.relay.base, NAME, backend.address, backend_scheme="https", trust_root=self.trust_root, force_http2=True
+            self,
+            self.relay.base,
+            NAME,
+            backend.address,
+            backend_scheme="https",
+            trust_root=self.trust_root,
+            force_http2=True,
         )
         return backend
 
@@ -258,7 +264,9 @@ class H2OverTLS(unittest.TestCase):
         raw = RawUser()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port), raw)
         self.addCleanup(raw.transport.abortConnection)
-        raw.transport.write(b"GET /client/%s%s HTTP/1.1\r\nHost: robot\r\nConnection: close\r\n\r\n" % (NAME.encode(), path))
+        raw.transport.write(
+            b"GET /client/%s%s HTTP/1.1\r\nHost: robot\r\nConnection: close\r\n\r\n" % (NAME.encode(), path)
+        )
         yield raw.closed
         return head_and_body(raw.data)
 
@@ -284,7 +292,9 @@ class H2OverTLS(unittest.TestCase):
 
     def test_other_alpn_choice_is_refused(self):
         """A server that picks anything but h2 (or nothing) by ALPN is not spoken to."""
-        request = BackendTarget(ClientConfig(backend_scheme="https", backend_address="localhost:1")).build(HttpRequest(method="GET", url="http://invalid/x"))
+        request = BackendTarget(ClientConfig(backend_scheme="https", backend_address="localhost:1")).build(
+            HttpRequest(method="GET", url="http://invalid/x")
+        )
         for chosen, shown in ((b"http/1.1", b"http/1.1"), (None, b"")):
             connection = H2ClientConnection(reactor, request, tls=True)
             transport = StringTransport()
@@ -334,7 +344,9 @@ class CurlThroughRelay(unittest.TestCase):
         if trust_root is not None:
             # Our client verifies the relay against the system's CAs; this
             # relay's certificate is from the test's own CA.
-            client.api.agent = client.pools[0] = KeepAliveAgent(reactor, CachingEndpointFactory(reactor, TrustPolicy(trust_root)))
+            client.api.agent = client.pools[0] = KeepAliveAgent(
+                reactor, CachingEndpointFactory(reactor, TrustPolicy(trust_root))
+            )
         client.startService()
         self.addCleanup(client.stopService)
         yield polling(service.broker, NAME)

@@ -14,9 +14,9 @@ from twisted.web import resource, server
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import ResponseFailed
 
-from relay.outbound.endpoints import CachingEndpointFactory
 from relay.client.http import BytesProducer, read_all
 from relay.client.keepalive import KeepAliveAgent
+from relay.outbound.endpoints import CachingEndpointFactory
 from tests.support import Changes
 from tests.support.engines import on_each_engine
 

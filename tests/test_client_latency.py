@@ -112,7 +112,7 @@ class Latency(unittest.TestCase):
         keys = b"ls -l\r"
         for i in range(len(keys)):
             user.transport.write(keys[i : i + 1])
-            yield user.read_until(lambda d: len(d) > i)
+            yield user.read_until(lambda d, sent=i + 1: len(d) >= sent)
         self.assertEqual(user.data, keys)
         [chunker] = self.chunkers
         # The 101, then one message per keystroke (and maybe a keep-alive,

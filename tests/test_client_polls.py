@@ -45,7 +45,12 @@ class PollCountTests(unittest.TestCase):
         self.api = FakeAPI()
         self.handler = FakeHandler()
         service = RelayClientService(
-            None, self.api, self.handler, [], ClientConfig(num_pending_requests=num, max_pending_requests=most), clock=Clock()
+            None,
+            self.api,
+            self.handler,
+            [],
+            ClientConfig(num_pending_requests=num, max_pending_requests=most),
+            clock=Clock(),
         )
         service.startService()
         self.addCleanup(service.stopService)

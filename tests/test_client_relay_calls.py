@@ -16,8 +16,8 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from relay.outbound.endpoints import CachingEndpointFactory
 from relay.client.relay_api import POLL_DEADLINE, Forbidden, PermanentRelayError, RelayAPI, RelayError
+from relay.outbound.endpoints import CachingEndpointFactory
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import MemoryNetwork, client_service
 from tests.support.e2e import temp_file
@@ -79,7 +79,10 @@ class RelayCallsTests(unittest.TestCase):
 
         def observe(event):
             text = event.get("log_format")
-            if event.get("log_level", LogLevel.info) >= LogLevel.info and text != "Starting to relay server request loop":
+            if (
+                event.get("log_level", LogLevel.info) >= LogLevel.info
+                and text != "Starting to relay server request loop"
+            ):
                 lines.append((event["log_level"].name, text))
 
         globalLogPublisher.addObserver(observe)
@@ -227,7 +230,9 @@ class RelayCallsTests(unittest.TestCase):
     def api(self):
         reactor = self.network.reactor
         pool = HTTPConnectionPool(reactor, persistent=False)
-        return RelayAPI(Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor), pool), self.clock, BASE, "robot")
+        return RelayAPI(
+            Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor), pool), self.clock, BASE, "robot"
+        )
 
     def test_post_retried_with_exponential_backoff(self):
         self.relay.script[b"/server/response"] = [(503, b"busy"), (500, b"err"), (200, b"ok")]

@@ -116,7 +116,9 @@ class HTTP2Tests(unittest.SynchronousTestCase):
         server.makeConnection(StringTransport())
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         client.initiate_connection()
-        client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], end_stream=True)
+        client.send_headers(
+            1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], end_stream=True
+        )
         server.dataReceived(client.data_to_send())
         [request] = _Waiting.made
         self.assertIs(compat.h2_stream_connection(request.channel), server)

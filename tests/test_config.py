@@ -81,7 +81,7 @@ class OneHomeTests(unittest.SynchronousTestCase):
         C{--help} prints each default from the config (C{[default: 15s]});
         a help text that says it again ("0 (the default): off") drifts.
         """
-        for options_class, config_class in SIDES:
+        for options_class, _config_class in SIDES:
             for row in options_class.optParameters:
                 said = r"\(the default\)|\(default: none\)"
                 if row[2] not in (None, ""):
@@ -310,7 +310,10 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
             "authentication_token_file": target.token_file,
             "relay_token_file": s.api.token_file,
             # The backend's connections and the upgrades' verify with it.
-            "root_ca_file": (backend_agent.endpoint_factory.tls_policy.trust_root, s.handler.upgrader.policy.trust_root),
+            "root_ca_file": (
+                backend_agent.endpoint_factory.tls_policy.trust_root,
+                s.handler.upgrader.policy.trust_root,
+            ),
             "max_chunk_size": s.handler.max_chunk_size,
             # Accepted for Go's manifests; reads are as large as the network
             # delivers, so the config is as far as it goes.

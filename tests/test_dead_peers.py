@@ -20,13 +20,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay.config import ServerConfig
+from relay.net.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import PICKUP_TIMEOUT, Broker, PollConnection
 from relay.server.errors import BackendUnreachable, RelayClientLost
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
-from relay.net.liveness import ABORTED, CLOSED, RESET, TIMEOUT, Death, keepalive_count
 from tests.support.sinks import Sink
 from tests.support.engines import on_each_engine
 
@@ -225,7 +225,9 @@ class ThroughTheChannel(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.broker = Broker(self.clock, ServerConfig())
-        self.site = RelaySite(RootResource(self.broker, lambda: b""), ServerConfig(header_timeout=None), reactor=self.clock)
+        self.site = RelaySite(
+            RootResource(self.broker, lambda: b""), ServerConfig(header_timeout=None), reactor=self.clock
+        )
         self.site.broker = self.broker
         self.watches = []
 

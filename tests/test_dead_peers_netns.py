@@ -46,7 +46,9 @@ class KernelKeepsTheUnacknowledgedBytes(unittest.SynchronousTestCase):
         self.addCleanup(subprocess.run, ["ip", "netns", "delete", self.namespace], capture_output=True)
         subprocess.run(["ip", "netns", "exec", self.namespace, "ip", "link", "set", "lo", "up"], check=True)
         probe = subprocess.run(
-            ["ip", "netns", "exec", self.namespace, "nft", "add", "table", "inet", "probe"], capture_output=True, text=True
+            ["ip", "netns", "exec", self.namespace, "nft", "add", "table", "inet", "probe"],
+            capture_output=True,
+            text=True,
         )
         if probe.returncode != 0:
             raise unittest.SkipTest("nftables does not work here: %s" % (probe.stderr.strip(),))
@@ -56,7 +58,14 @@ class KernelKeepsTheUnacknowledgedBytes(unittest.SynchronousTestCase):
         root = os.path.dirname(HERE)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         run = subprocess.run(
-            ["ip", "netns", "exec", self.namespace, sys.executable, os.path.join(HERE, "support", "netns_dead_poll.py")],
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.namespace,
+                sys.executable,
+                os.path.join(HERE, "support", "netns_dead_poll.py"),
+            ],
             capture_output=True,
             text=True,
             timeout=90,

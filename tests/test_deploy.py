@@ -78,7 +78,7 @@ def parse_twistd(argv, placeholder_file: str):
     the target machine, are replaced by C{placeholder_file}.
     """
     assert os.path.basename(argv[0]) == "twistd", argv
-    for i, word in enumerate(argv):
+    for i, word in enumerate(argv):  # noqa: B007 (i is read after the loop)
         if word in PARSERS:
             break
     else:
@@ -166,7 +166,7 @@ class SystemdTests(unittest.SynchronousTestCase):
             self.assertEqual(name, expected)
 
     def test_hardening(self):
-        for unit, name in self.units.items():
+        for unit, _name in self.units.items():
             service = self.service(unit)
             self.assertEqual(service.get("NoNewPrivileges"), "yes", unit)
             self.assertEqual(service.get("ProtectSystem"), "strict", unit)
@@ -275,7 +275,7 @@ class KubernetesTests(unittest.SynchronousTestCase):
 
     def test_args_parse(self):
         seen = set()
-        for name, doc, pod, container in self.all_containers():
+        for _name, _doc, _pod, container in self.all_containers():
             if runs_relay(container):
                 argv = container["command"] + container.get("args", [])
                 subcommand, options = parse_twistd(argv, self.placeholder)
@@ -283,7 +283,7 @@ class KubernetesTests(unittest.SynchronousTestCase):
         self.assertEqual(seen, {"relay", "relay-client"})
 
     def test_non_root_read_only(self):
-        for name, doc, pod, container in self.all_containers():
+        for name, _doc, pod, container in self.all_containers():
             self.assertTrue(pod["securityContext"]["runAsNonRoot"], name)
             self.assertNotEqual(pod["securityContext"].get("runAsUser"), 0, name)
             security = container["securityContext"]
@@ -343,7 +343,7 @@ class KubernetesTests(unittest.SynchronousTestCase):
             self.assertEqual(str(service_port["port"]), port)
             self.assertEqual(service_port["targetPort"], "http")
             # Each pod finds its own entry by its hostname.
-            self.patch(server_tap, "local_hostname", lambda: pod)
+            self.patch(server_tap, "local_hostname", lambda pod=pod: pod)
             _, options = parse_twistd(container["command"] + container["args"], self.placeholder)
             self.assertEqual(options["peer_self"], peer)
         # The governing Service is headless: pods are relay-0.relay, ...

@@ -158,7 +158,9 @@ class FaultTests(unittest.TestCase):
         server = RelayServer(port=port)
         self.addCleanup(server.stop)
 
-        yield counted.when(lambda: sum(ok for t, ok in outcomes if t > restarted_at + 0.5) >= 20).addTimeout(30, reactor)
+        yield counted.when(lambda: sum(ok for t, ok in outcomes if t > restarted_at + 0.5) >= 20).addTimeout(
+            30, reactor
+        )
         stop.append(True)
         yield defer.gatherResults(users)
         recovered = [t for t, ok in outcomes if ok and t > restarted_at + 0.5]

@@ -297,7 +297,9 @@ class RelayClientFuzzTests(HostileTestCase):
         self.assert_clean()
 
 
-_H2_FORBIDDEN = frozenset(["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"])
+_H2_FORBIDDEN = frozenset(
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"]
+)
 
 
 # Every test above, on each HTTP/1.1 engine.

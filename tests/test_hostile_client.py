@@ -194,7 +194,9 @@ class IdTests(HostileTestCase):
             self.assertEqual(self.post(message.id, 200, b"mine"), 200)
             self.flush()
             victim_request = self.poll("victim")
-            self.assertEqual(self.post(victim_request.id, 200, TRUE_ANSWER[:5], eof=False, headers=[("X-Victim", "1")]), 200)
+            self.assertEqual(
+                self.post(victim_request.id, 200, TRUE_ANSWER[:5], eof=False, headers=[("X-Victim", "1")]), 200
+            )
             secret = victim_request.id.split(":", 1)[1]
             forged = [
                 "victim:" + "0" * 32,
@@ -212,12 +214,18 @@ class IdTests(HostileTestCase):
                 message.id,  # replayed: evil's own, finished id
             ]
             for request_id in forged:
-                self.assertEqual(self.post(request_id, 200, b"forged", eof=True, trailers=[("X-Done", "forged")]), 400, request_id)
-                self.assertEqual(self.call("POST", "/server/requeststream?id=" + request_id.replace(" ", "%20"))[0], 410)
+                self.assertEqual(
+                    self.post(request_id, 200, b"forged", eof=True, trailers=[("X-Done", "forged")]), 400, request_id
+                )
+                self.assertEqual(
+                    self.call("POST", "/server/requeststream?id=" + request_id.replace(" ", "%20"))[0], 410
+                )
             # Invalid UTF-8 in the id, and a second copy of a field.
             self.assertEqual(self.post_raw(b"\x0a\x03\xff\xfe\xfd\x10\xc8\x01"), 400)
             self.assertEqual(self.post_raw(HttpResponse(id=message.id).SerializeToString() * 2), 400)
-            self.assertEqual(self.post(victim_request.id, None, TRUE_ANSWER[5:], eof=True, trailers=[("X-Done", "1")]), 200)
+            self.assertEqual(
+                self.post(victim_request.id, None, TRUE_ANSWER[5:], eof=True, trailers=[("X-Done", "1")]), 200
+            )
             self.flush()
             if protocol == "h2":
                 self.assert_victim_unharmed_h2(h2user, victim)

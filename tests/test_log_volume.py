@@ -1,5 +1,5 @@
 """
-What an operator reads at info (issue 12, item 6): the start, the first poll
+What an operator reads at info: the start, the first poll
 of each backend name, and trouble; nothing per request, nothing per poll,
 and no Python reprs. A real relay server, our relay-client and a backend run
 in this process on loopback sockets; an observer on the global log publisher
@@ -20,7 +20,6 @@ from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11Client
 
 from relay.logs import text_line
 from relay.net.transport import connect_quietly
-from relay.server.broker import Broker
 from tests.support import FakeRelayClient, RawResponse, RelayServer, started_client, tick
 from tests.support.e2e import CHUNKED_HEAD, Backend, RawBackend, RawUser, Relay, make_frame, open_websocket, parse_frame
 from tests.support.engines import on_each_engine
@@ -258,7 +257,7 @@ class FirstPollTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_name_with_control_characters_is_logged_quoted(self):
-        """Issue 11, defect 12, through a real server: C{server=x%0D%1B%5B2KFAKE}."""
+        """A poll for C{server=x%0D%1B%5B2KFAKE}, through a real server: one escaped line."""
         server = RelayServer()
         self.addCleanup(server.stop)
         pool = user_pool()

@@ -30,13 +30,13 @@ class LogTests(unittest.TestCase):
         out, log = self.capture(level=LogLevel.warn)
         log.info("hidden")
         log.warn("shown", ID="x")
-        records = [json.loads(l) for l in out.getvalue().splitlines()]
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
         self.assertEqual([(r["level"], r["msg"]) for r in records], [("WARN", "shown")])
 
     def test_failures_carry_the_traceback(self):
         out, log = self.capture()
         try:
-            1 / 0
+            _ = 1 / 0
         except ZeroDivisionError:
             log.failure("Boom", ID="r:1")
         record = json.loads(out.getvalue())
@@ -50,8 +50,8 @@ class LogTests(unittest.TestCase):
 
     def test_text_values_are_quoted_as_slog_quotes_them(self):
         """
-        Issue 11, defect 12: a poll for C{server=x%0D%1B%5B2KFAKE} was logged
-        with a raw CR and ESC, which rewrite an operator's terminal line.
+        A poll for C{server=x%0D%1B%5B2KFAKE} was once logged with a raw
+        CR and ESC, which rewrite an operator's terminal line.
         Every character that is not printable is escaped, Go style.
         """
         out, log = self.capture("text")
@@ -104,4 +104,4 @@ class LogTests(unittest.TestCase):
         log = DebugInfoLogger(observer=LogPublisher(make_observer(out, "text", LogLevel.info)))
         log.info("Timing out client: {peer}", peer="IPv4Address(...)")
         log.warn("kept")
-        self.assertEqual([l.split(" ", 2)[2] for l in out.getvalue().splitlines()], ["msg=kept"])
+        self.assertEqual([line.split(" ", 2)[2] for line in out.getvalue().splitlines()], ["msg=kept"])

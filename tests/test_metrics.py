@@ -155,7 +155,7 @@ class CardinalityTests(MetricsTestCase):
     @defer.inlineCallbacks
     def test_made_up_ids_add_no_series(self):
         """
-        Issue 11, defect 7: each POST /server/response with a made-up
+        Each POST /server/response with a made-up
         C{name:…} id got its 400 but left a broker_responses{backend=name}
         series behind, for good. Now all of them share one series.
         """

@@ -24,7 +24,9 @@ class NurseryAdviceTests(unittest.TestCase):
         self.patch(pypy_gc.os, "environ", {})
         pypy_gc.log_nursery_advice(self.log)
         self.assertEqual(len(self.events), 1)
-        self.assertIn("PYPY_GC_NURSERY=" + pypy_gc.RECOMMENDED_NURSERY, eventAsText(self.events[0], includeTimestamp=False))
+        self.assertIn(
+            "PYPY_GC_NURSERY=" + pypy_gc.RECOMMENDED_NURSERY, eventAsText(self.events[0], includeTimestamp=False)
+        )
 
     def test_pypy_with_the_setting_says_nothing(self):
         self.on_pypy()

@@ -89,7 +89,9 @@ class PeerListTests(unittest.SynchronousTestCase):
     def test_flags(self):
         options = tap.Options()
         options.parseOptions(["--peers=a:1,b:2", "--peer_self=b:2", "--move_wait=3s"])
-        self.assertEqual((options.config.peers, options.config.peer_self, options.config.move_wait), ("a:1,b:2", "b:2", 3.0))
+        self.assertEqual(
+            (options.config.peers, options.config.peer_self, options.config.move_wait), ("a:1,b:2", "b:2", 3.0)
+        )
         for argv, message in [
             (["--peers=a:1,a:1", "--peer_self=a:1"], "--peers=a:1,a:1: a:1 is listed twice"),
             (["--peers=a:1,b:2", "--peer_self=c:3"], "--peer_self=c:3: not one of --peers"),
@@ -192,7 +194,9 @@ class MoveWaitTests(unittest.SynchronousTestCase):
         message = HttpRequest()
         message.ParseFromString(self.successResultOf(self.relay.content(self.successResultOf(poll))))
         self.assertEqual(message.url, "http://invalid/x")
-        self.relay.post("/server/response", HttpResponse(id=message.id, status_code=200, body=b"hi", eof=True).SerializeToString())
+        self.relay.post(
+            "/server/response", HttpResponse(id=message.id, status_code=200, body=b"hi", eof=True).SerializeToString()
+        )
         response = self.successResultOf(user)
         self.assertEqual((response.code, self.successResultOf(self.relay.content(response))), (200, b"hi"))
         self.assertEqual(self.relay.broker.arriving, {})
@@ -326,13 +330,18 @@ class ForwardingTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_response_goes_to_the_issuer_not_the_owner(self):
         """B issued the id (its call was forwarded and handled there); A owns the name."""
-        forwarded = b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (self.name.encode(), FORWARDED_BY.encode())
+        forwarded = b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (
+            self.name.encode(),
+            FORWARDED_BY.encode(),
+        )
         # Marked as forwarded, B handles it: the name has no relay-client
         # there, so it waits for one; a poll marked the same way brings it.
         user = yield self.user(self.b, forwarded)
         yield self.b.when(lambda: self.name in self.b.broker.arriving)
         local_poll = yield self.user(
-            self.b, b"GET /server/request?server=%s HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n" % (self.name.encode(), FORWARDED_BY.encode())
+            self.b,
+            b"GET /server/request?server=%s HTTP/1.1\r\nHost: r\r\n%s: test\r\n\r\n"
+            % (self.name.encode(), FORWARDED_BY.encode()),
         )
         yield local_poll.wait_for(b"http://invalid/x")
         [request_id] = list(self.b.broker.requests)
@@ -361,12 +370,15 @@ class ForwardingTests(unittest.TestCase):
         poll = self.at_a.poll(self.name)
         user = yield self.user(
             self.b,
-            b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % self.name.encode(),
+            b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            % self.name.encode(),
         )
         status, message = yield poll
         self.assertEqual(headers_of(message).get("Upgrade"), "websocket")
         self.assertEqual(headers_of(message)["X-Forwarded-Proto"], "http")
-        code, _ = yield self.at_a.respond(message.id, 101, eof=False, headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")])
+        code, _ = yield self.at_a.respond(
+            message.id, 101, eof=False, headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        )
         self.assertEqual(code, 200)
         yield user.wait_for(b"\r\n\r\n")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 101 "), bytes(user.data))
@@ -407,7 +419,9 @@ class ForwardingTests(unittest.TestCase):
     def test_upgrade_to_an_unreachable_owner_is_502(self):
         server, name = self.replica_of_a_dead_owner()
         user = yield self.user(
-            server, b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" % name.encode()
+            server,
+            b"GET /client/%s/ws HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            % name.encode(),
         )
         yield user.wait_for(b"unreachable\n")
         self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 502 "), bytes(user.data))
@@ -423,7 +437,9 @@ class ForwardingTests(unittest.TestCase):
         refused = yield self.user(server, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
         yield refused.wait_for(b"\r\n\r\n")
         self.assertTrue(bytes(refused.data).startswith(b"HTTP/1.1 401 "), bytes(refused.data))
-        allowed = yield self.user(server, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\nX-Relay-Token: secret\r\n\r\n" % name.encode())
+        allowed = yield self.user(
+            server, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\nX-Relay-Token: secret\r\n\r\n" % name.encode()
+        )
         yield allowed.wait_for(b"unreachable")
         self.assertTrue(bytes(allowed.data).startswith(b"HTTP/1.1 502 "), bytes(allowed.data))
 
@@ -445,9 +461,13 @@ class ThreeReplicasTests(unittest.TestCase):
                 # answers at the one after.
                 poll = clients[(i + 1) % 3].poll(name)
                 yield replicas.servers[i].polling(name)
-                user = yield raw_user(self, server.port, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode())
+                user = yield raw_user(
+                    self, server.port, b"GET /client/%s/x HTTP/1.1\r\nHost: r\r\n\r\n" % name.encode()
+                )
                 status, message = yield poll
-                yield clients[(i + 2) % 3].respond(message.id, 200, name.encode(), headers=[("Content-Length", str(len(name)))])
+                yield clients[(i + 2) % 3].respond(
+                    message.id, 200, name.encode(), headers=[("Content-Length", str(len(name)))]
+                )
                 yield user.wait_for(name.encode())
                 self.assertTrue(bytes(user.data).startswith(b"HTTP/1.1 200 "))
 

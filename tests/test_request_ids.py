@@ -38,5 +38,12 @@ class RequestIdTests(unittest.SynchronousTestCase):
         self.assertRaises(ValueError, RequestIds, replica=-1)
 
     def test_ids_that_are_not_ours(self):
-        for bad in ("robot", "robot:", "robot:zz" + "0" * 30, "robot:" + "0" * 31, "robot:+1" + "0" * 30, "robot:" + "A" * 32):
+        for bad in (
+            "robot",
+            "robot:",
+            "robot:zz" + "0" * 30,
+            "robot:" + "0" * 31,
+            "robot:+1" + "0" * 30,
+            "robot:" + "A" * 32,
+        ):
             self.assertIsNone(issuing_replica(bad), bad)

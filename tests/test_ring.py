@@ -116,9 +116,9 @@ class AgreesWithNginx(unittest.SynchronousTestCase):
             try:
                 socket.create_connection(("127.0.0.1", front), timeout=1).close()
                 break
-            except OSError:
+            except OSError as e:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("nginx did not start: %s" % self.process.stderr.read().decode())
+                    raise AssertionError("nginx did not start: %s" % self.process.stderr.read().decode()) from e
                 time.sleep(0.05)  # a real process's port: nothing to wait on but the socket
 
     def _stop(self):

@@ -1,9 +1,9 @@
 """
-Regression tests for the hostile-peer defects of issue 11, each through real
+Regression tests for defects a hostile peer could use, each through real
 sockets against a real server (docs/security.md has the rules).
 
 For the defects where a relay-client could reach into another backend's
-traffic (1 to 4), a user pipelines (HTTP/1.1) or multiplexes (HTTP/2) a
+traffic, a user pipelines (HTTP/1.1) or multiplexes (HTTP/2) a
 request to a second backend, and the test shows that it gets that backend's
 true answer, or a clean error, and never the first backend's bytes.
 """
@@ -23,11 +23,20 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
+from relay.options import port_endpoint
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.auth import AccessPolicy, ClientTokens, token_hash
 from relay.server.metrics import RelayMetrics
-from relay.options import port_endpoint
-from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_connect, run_clock_until, server_service, tick
+from tests.support import (
+    FakeRelayClient,
+    RelayServer,
+    dechunk,
+    head_and_body,
+    raw_connect,
+    run_clock_until,
+    server_service,
+    tick,
+)
 from tests.support.cases import ServerTestCase
 from tests.support.files import write
 from tests.support.h2_peers import H2Client
@@ -102,7 +111,7 @@ class TwoBackends(ServerTestCase):
 
 
 class FinalInterimStatusTests(TwoBackends):
-    """Defects 1 and 4: a 1xx is never the final response."""
+    """A 1xx is never the final response."""
 
     @defer.inlineCallbacks
     def test_http11_final_100_with_body_is_502_and_next_request_unharmed(self):
@@ -140,7 +149,7 @@ class FinalInterimStatusTests(TwoBackends):
 
 
 class UnaskedSwitchTests(TwoBackends):
-    """Defect 2: 101 only for a real upgrade request."""
+    """101 only for a real upgrade request."""
 
     @defer.inlineCallbacks
     def test_101_to_a_plain_request_is_502_and_cannot_read_the_next_request(self):
@@ -172,7 +181,7 @@ class UnaskedSwitchTests(TwoBackends):
 
 
 class H2TrailerTests(TwoBackends):
-    """Defect 3: hop-by-hop trailers over HTTP/2 never stall the connection."""
+    """Hop-by-hop trailers over HTTP/2 never stall the connection."""
 
     @defer.inlineCallbacks
     def test_connection_specific_trailers_are_dropped(self):
@@ -203,7 +212,7 @@ class H2TrailerTests(TwoBackends):
 
 
 class ColonNameTests(ServerTestCase):
-    """Defect 5: with --client_tokens, the name acted for is the request's own."""
+    """With --client_tokens, the name acted for is the request's own."""
 
     def setUp(self):
         tmp = tempfile.mkdtemp()
@@ -242,7 +251,7 @@ class ColonNameTests(ServerTestCase):
 
 
 class DotSegmentTests(ServerTestCase):
-    """Defect 6: paths are cleaned as Go's ServeMux does (301), never relayed."""
+    """Paths are cleaned as Go's ServeMux does (301), never relayed."""
 
     @defer.inlineCallbacks
     def test_dot_segments_redirect_and_are_not_relayed(self):
@@ -275,7 +284,7 @@ class DotSegmentTests(ServerTestCase):
 
 class H2SlowlorisTests(unittest.TestCase):
     """
-    Defect 8: --header_timeout applies to HTTP/2 connections too. The
+    --header_timeout applies to HTTP/2 connections too. The
     header timer runs on the server's clock, which the tests step; real
     sockets carry the frames, a reactor turn after each step.
     """
@@ -359,7 +368,7 @@ class H2SlowlorisTests(unittest.TestCase):
 
 
 class HeaderNameTests(ServerTestCase):
-    """Defect 9: names ending in a newline are not names."""
+    """Names ending in a newline are not names."""
 
     @defer.inlineCallbacks
     def test_header_and_trailer_names_with_final_newline_are_dropped(self):
@@ -395,7 +404,7 @@ class HeaderNameTests(ServerTestCase):
 
 
 class RawRequestTests(ServerTestCase):
-    """Defects 10, 11 and 13 (request framing): Go's answers, not silence."""
+    """Request framing: Go's answers, not silence."""
 
     @defer.inlineCallbacks
     def exchange(self, data: bytes) -> bytes:
@@ -441,7 +450,9 @@ class RawRequestTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_absolute_form_with_x_server_name(self):
-        user, message = yield self.raw_relayed(b"GET HTTP://relay/api?x HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\n\r\n")
+        user, message = yield self.raw_relayed(
+            b"GET HTTP://relay/api?x HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\n\r\n"
+        )
         self.addCleanup(user.transport.loseConnection)
         self.assertEqual(message.url, "http://invalid/api?x")
         yield self.relay_client.respond(message.id, 204)
@@ -468,7 +479,7 @@ class RawRequestTests(ServerTestCase):
 
 
 class BackendNameLimitTests(ServerTestCase):
-    """Defect 13: backend names are capped, so polls cannot grow the table in bytes."""
+    """Backend names are capped, so polls cannot grow the table in bytes."""
 
     @defer.inlineCallbacks
     def test_long_names_are_refused_without_state(self):
@@ -483,7 +494,7 @@ class BackendNameLimitTests(ServerTestCase):
 
 
 class ListenBacklogTests(unittest.TestCase):
-    """Defect 14: every port the server opens gets the large backlog."""
+    """Every port the server opens gets the large backlog."""
 
     @defer.inlineCallbacks
     def listening(self, port_option):

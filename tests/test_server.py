@@ -76,7 +76,9 @@ class ResponseTests(ServerTestCase):
 
     @defer.inlineCallbacks
     def test_trailers_and_grpc_headers_as_trailers(self):
-        proto, message = yield self.raw_relayed(b"POST /rpc HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n")
+        proto, message = yield self.raw_relayed(
+            b"POST /rpc HTTP/1.1\r\nHost: relay\r\nX-Server-Name: robot\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n"
+        )
         yield self.relay_client.post(
             HttpResponse(
                 id=message.id,
@@ -118,7 +120,9 @@ class ResponseTests(ServerTestCase):
         """Honest truncation: a response cut short never looks complete."""
         proto, message = yield self.raw_relayed(b"GET /client/robot/big HTTP/1.1\r\nHost: relay\r\n\r\n")
         yield self.relay_client.post(
-            HttpResponse(id=message.id, status_code=200, header=[{"name": "Content-Length", "value": "100"}], body=b"x" * 10)
+            HttpResponse(
+                id=message.id, status_code=200, header=[{"name": "Content-Length", "value": "100"}], body=b"x" * 10
+            )
         )
         yield proto.wait_for(b"x" * 10)
         self.clock.advance(70)  # inactive: reaped

@@ -79,28 +79,50 @@ class OneLineErrors(unittest.TestCase):
             (relay + ["--inactive_request_timeout=soon"], r"^twistd relay: --inactive_request_timeout=soon: .*1m30s"),
             (relay + ["--drain_grace=-1s"], r"^twistd relay: --drain_grace=-1s: .*use 0"),
             (relay + ["--log_level=loud"], r"^twistd relay: --log_level=loud: .*debug, info"),
-            (relay + ["--client_tokens=/nonexistent/tokens"], r"^twistd relay: --client_tokens=/nonexistent/tokens: cannot read"),
+            (
+                relay + ["--client_tokens=/nonexistent/tokens"],
+                r"^twistd relay: --client_tokens=/nonexistent/tokens: cannot read",
+            ),
             (relay + ["--bogus"], r"^twistd relay: option --bogus not recognized; see `twistd relay --help`"),
             (
                 relay + ["--port=tcp:%d:interface=127.0.0.1" % in_use],
                 r"^twistd relay: --port=tcp:%d:interface=127.0.0.1: port %d is already in use" % (in_use, in_use),
             ),
             (relay + ["--port=tcp:70000"], r"^twistd relay: --port=tcp:70000: port numbers go up to 65535"),
-            (client + ["--relay_address=localhost:abc"], r"^twistd relay-client: --relay_address=localhost:abc: the port must be a number"),
-            (client + ["--relay_token_file=/nonexistent/token"], r"^twistd relay-client: --relay_token_file=/nonexistent/token: cannot read the file"),
-            (client + ["--authentication_token_file=/nonexistent/t"], r"^twistd relay-client: --authentication_token_file=/nonexistent/t: cannot read"),
-            (client + ["--root_ca_file=/nonexistent/ca.pem"], r"^twistd relay-client: --root_ca_file=/nonexistent/ca.pem: cannot read"),
+            (
+                client + ["--relay_address=localhost:abc"],
+                r"^twistd relay-client: --relay_address=localhost:abc: the port must be a number",
+            ),
+            (
+                client + ["--relay_token_file=/nonexistent/token"],
+                r"^twistd relay-client: --relay_token_file=/nonexistent/token: cannot read the file",
+            ),
+            (
+                client + ["--authentication_token_file=/nonexistent/t"],
+                r"^twistd relay-client: --authentication_token_file=/nonexistent/t: cannot read",
+            ),
+            (
+                client + ["--root_ca_file=/nonexistent/ca.pem"],
+                r"^twistd relay-client: --root_ca_file=/nonexistent/ca.pem: cannot read",
+            ),
             (client + ["--num_pending_requests=0"], r"^twistd relay-client: --num_pending_requests=0: must be"),
             (client + ["--preserve_host=maybe"], r"^twistd relay-client: --preserve_host=maybe: .*true or false"),
-            (["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")], r"^relay\.tac: RELAY_PORT=abc: .*use e\.g\. RELAY_PORT=8080"),
-            (["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")], r"^relay\.tac: RELAY_HEADER_TIMEOUT=-1: a duration must be above 0"),
+            (
+                ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
+                r"^relay\.tac: RELAY_PORT=abc: .*use e\.g\. RELAY_PORT=8080",
+            ),
+            (
+                ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
+                r"^relay\.tac: RELAY_HEADER_TIMEOUT=-1: a duration must be above 0",
+            ),
             (
                 ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
                 r"^relay\.tac: RELAY_MAX_BACKEND=5: not a relay\.tac variable .*; did you mean RELAY_MAX_BACKENDS\?$",
             ),
             (
                 ["--pidfile=", "-ny", os.path.join(ROOT, "relay.tac")],
-                r"^relay\.tac: RELAY_INSPECT_HEADERS=maybe: use 1, true or yes to turn it on; 0, false, no or unset for off$",
+                r"^relay\.tac: RELAY_INSPECT_HEADERS=maybe: "
+                r"use 1, true or yes to turn it on; 0, false, no or unset for off$",
             ),
             # Typed by hand, not Kubernetes' service link (which comes with RELAY_PORT_8080_TCP).
             (
@@ -133,7 +155,9 @@ class OneLineErrors(unittest.TestCase):
         with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
             if int(f.read()) <= 80:
                 raise unittest.SkipTest("port 80 needs no privilege on this host")
-        run = subprocess.run(argv, cwd="/", env=environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+        run = subprocess.run(
+            argv, cwd="/", env=environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120
+        )
         self.assertOneLine(
             run.returncode,
             run.stdout.decode(),
@@ -149,7 +173,10 @@ class OneLineErrors(unittest.TestCase):
             "--port=80: port 80 needs root or CAP_NET_BIND_SERVICE",
         )
         self.assertIn("already in use", str(listen_error(failure(errno.EADDRINUSE), "--port=80", 80)))
-        self.assertIn("up to 65535", str(listen_error(Failure(OverflowError("bind(): port must be 0-65535.")), "--port=tcp:99999", None)))
+        self.assertIn(
+            "up to 65535",
+            str(listen_error(Failure(OverflowError("bind(): port must be 0-65535.")), "--port=tcp:99999", None)),
+        )
         self.assertEqual(
             str(listen_error(failure(errno.EMFILE), "--port=80", 80)), "--port=80: cannot listen: Too many open files"
         )
@@ -274,15 +301,24 @@ class TacFile(unittest.TestCase):
         self.assertEqual(options.config.max_backends, 7)
 
     def test_on_off_variables(self):
-        for value, argv in (("1", ["--inspect_headers"]), ("TRUE", ["--inspect_headers"]), ("yes", ["--inspect_headers"]),
-                            ("0", []), ("false", []), ("no", []), ("", [])):
+        for value, argv in (
+            ("1", ["--inspect_headers"]),
+            ("TRUE", ["--inspect_headers"]),
+            ("yes", ["--inspect_headers"]),
+            ("0", []),
+            ("false", []),
+            ("no", []),
+            ("", []),
+        ):
             with self.subTest(value=value):
                 self.assertEqual(tac.flags({"RELAY_INSPECT_HEADERS": value, "RELAY_ADMIN_PORT": "0"})[0],
                                  ["--admin_port=0"] + argv)
         with self.assertRaises(SystemExit) as caught:
             tac.options_from({"RELAY_INSPECT_HEADERS": "on"}, [])
-        self.assertEqual(str(caught.exception),
-                         "relay.tac: RELAY_INSPECT_HEADERS=on: use 1, true or yes to turn it on; 0, false, no or unset for off")
+        self.assertEqual(
+            str(caught.exception),
+            "relay.tac: RELAY_INSPECT_HEADERS=on: use 1, true or yes to turn it on; 0, false, no or unset for off",
+        )
 
     def test_unknown_variable(self):
         with self.assertRaises(SystemExit) as caught:

@@ -17,9 +17,9 @@ from twisted.trial import unittest
 from twisted.web.client import URI
 from zope.interface import implementer
 
-from relay.outbound.endpoints import CachingEndpointFactory
 from relay.net.liveness import watch_socket_of
 from relay.net.transport import corked, tune
+from relay.outbound.endpoints import CachingEndpointFactory
 
 pytestmark = pytest.mark.socket
 

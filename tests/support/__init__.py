@@ -369,7 +369,9 @@ class MemoryNetwork:
         return connected
 
 
-def response_message(request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()):
+def response_message(
+    request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()
+):
     """An L{HttpResponse} as a relay-client posts it; C{status} None: a later message."""
     m = HttpResponse(id=request_id, body=body, eof=eof)
     if status is not None:
@@ -414,7 +416,9 @@ class FakeRelayClient:
         body = yield resp.content()
         return resp.code, body
 
-    def respond(self, request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()):
+    def respond(
+        self, request_id: str, status: Optional[int] = 200, body: bytes = b"", eof=True, headers=(), trailers=()
+    ):
         return self.post(response_message(request_id, status, body, eof, headers, trailers))
 
     @defer.inlineCallbacks

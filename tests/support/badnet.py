@@ -648,7 +648,7 @@ def _listening(process, address: str, port: int, wait: float):
                 raise RuntimeError(
                     "the server does not listen on %s:%d (%.0f s); its log:\n%s"
                     % (address, port, wait, "\n".join(_lines(process)[-20:]))
-                )
+                ) from None
             yield sleep(0.05)
         else:
             connected.transport.abortConnection()

@@ -98,7 +98,9 @@ def scenario(port: int) -> dict:
     message = HttpRequest()
     message.ParseFromString(answer.partition(b"\r\n\r\n")[2])
     out["requeued_url"] = message.url
-    reply = HttpResponse(id=message.id, status_code=200, body=b"answered after the requeue", eof=True).SerializeToString()
+    reply = HttpResponse(
+        id=message.id, status_code=200, body=b"answered after the requeue", eof=True
+    ).SerializeToString()
     b.sendall(b"POST /server/response HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
     u1.settimeout(10)
     got = b""
@@ -126,9 +128,13 @@ def scenario(port: int) -> dict:
     out["requeued"] = on_reactor(lambda: robot().requeued)
     out["lost"] = on_reactor(lambda: robot().lost)
     out["dead_connections"] = on_reactor(lambda: robot().dead_connections)
-    out["metrics_timeouts"] = on_reactor(lambda: [
-        line for line in broker.metrics.render().decode().splitlines() if line.startswith("relay_dead_connections_total")
-    ])
+    out["metrics_timeouts"] = on_reactor(
+        lambda: [
+            line
+            for line in broker.metrics.render().decode().splitlines()
+            if line.startswith("relay_dead_connections_total")
+        ]
+    )
     for s in (a, b, c, u1, u2):
         s.close()
     return out

@@ -1,5 +1,5 @@
 """
-The operator's live view of a relay server (issue 16): which backends'
+The operator's live view of a relay server: which backends'
 relay-clients are connected, what is in flight, what failed lately.
 
   - L{relay.server.admin.stats}: the statistics the broker feeds, bounded;
