@@ -165,7 +165,7 @@ def http1_engine(text: str) -> str:
     try:
         return check_engine(text)
     except ValueError as e:
-        raise usage.UsageError(str(e))
+        raise usage.UsageError(str(e)) from None
 
 
 def ratio(text) -> float:

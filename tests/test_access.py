@@ -22,8 +22,8 @@ from relay.server.broker import POLL_TIMEOUT
 from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect, run_clock_until
 from tests.support import tick as _tick
 from tests.support.cases import RouteTestCase, ServerTestCase
-from tests.support.files import write
 from tests.support.engines import on_each_engine
+from tests.support.files import write
 
 
 @pytest.mark.memory

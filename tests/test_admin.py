@@ -35,8 +35,8 @@ from relay.server.events import Outcome
 from relay.server.pending import Waiters
 from tests.support import RelayServer, raw_connect, started_client, tick
 from tests.support.admin import SECRET, Hanging, _Pending, _Sink
-from tests.support.ports import reserve_port
 from tests.support.engines import on_each_engine
+from tests.support.ports import reserve_port
 
 
 class AdminCase(unittest.TestCase):

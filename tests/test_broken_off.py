@@ -29,10 +29,10 @@ from relay.server.response import UserResponse
 from tests.support import RelayServer, client_service, dechunk, head_and_body
 from tests.support.cases import ServerTestCase
 from tests.support.e2e import CHUNKED_HEAD, Collect, RawBackend
+from tests.support.engines import on_each_engine
 from tests.support.go import GO_CLIENT, go_binary
 from tests.support.h2_peers import H2Backend, H2BackendResource, H2Client
 from tests.support.process import ChildProcess
-from tests.support.engines import on_each_engine
 
 NAME = "robot"
 BACKEND_ERROR = 'broker_responses{backend="robot",method="client",result="backend_error"} 1\n'

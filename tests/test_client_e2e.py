@@ -36,8 +36,8 @@ from tests.support.e2e import (
     parse_frame,
     temp_file,
 )
-from tests.support.tls import make_ca_and_server_cert
 from tests.support.engines import on_each_engine
+from tests.support.tls import make_ca_and_server_cert
 
 pytestmark = pytest.mark.socket
 

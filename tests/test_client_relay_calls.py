@@ -21,8 +21,8 @@ from relay.outbound.endpoints import CachingEndpointFactory
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import MemoryNetwork, client_service
 from tests.support.e2e import temp_file
-from tests.support.scripted_relay import ScriptedRelay
 from tests.support.engines import on_each_engine
+from tests.support.scripted_relay import ScriptedRelay
 
 pytestmark = pytest.mark.memory
 

@@ -27,9 +27,9 @@ from twisted.trial import unittest
 
 import relay
 from relay import config as config_module
+from relay import http1_engine
 from relay.client import tap as client_tap
 from relay.config import ClientConfig, ServerConfig, field_name, flag_default
-from relay import http1_engine
 from relay.http1_engine import resolve as resolve_engine
 from relay.server import tap as server_tap
 from tests.support import admin_stats

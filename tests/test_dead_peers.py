@@ -27,8 +27,8 @@ from relay.server.errors import BackendUnreachable, RelayClientLost
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
-from tests.support.sinks import Sink
 from tests.support.engines import on_each_engine
+from tests.support.sinks import Sink
 
 
 def cancel(poll):

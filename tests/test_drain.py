@@ -24,9 +24,9 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.h2 import offer_h2_over_tls
 from tests.support import RelayServer, head_and_body, raw_connect, run_clock_until, server_service, tick
+from tests.support.engines import on_each_engine
 from tests.support.h2_peers import H2Client
 from tests.support.tls import make_certificate
-from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.socket
 

@@ -14,9 +14,9 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from tests.support import Changes, RelayServer
 from tests.support import tick as _tick
 from tests.support.e2e import Backend
+from tests.support.engines import on_each_engine
 from tests.support.ports import reserve_port
 from tests.support.process import TwistdProcess
-from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.process
 

@@ -16,8 +16,8 @@ from relay.config import ServerConfig
 from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.server.site import RelaySite
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_user
-from tests.support.ports import reserve_port
 from tests.support.engines import on_each_engine
+from tests.support.ports import reserve_port
 
 pytestmark = pytest.mark.socket
 

@@ -32,7 +32,9 @@ from tests.support.engines import on_each_engine
 # The tests run once per HTTP/1.1 engine, from twin classes: the same
 # test function on two executors, which is what hypothesis' check warns of.
 _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.differing_executors]
-settings.register_profile("default", max_examples=150, deadline=None, derandomize=True, suppress_health_check=_SUPPRESSED)
+settings.register_profile(
+    "default", max_examples=150, deadline=None, derandomize=True, suppress_health_check=_SUPPRESSED
+)
 settings.register_profile(
     "explore", max_examples=3000, deadline=None, suppress_health_check=_SUPPRESSED
 )

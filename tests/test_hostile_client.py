@@ -19,8 +19,8 @@ real sockets.
 import pytest
 
 from relay.proto.http_relay_pb2 import HttpResponse
-from tests.support.hostile import TRUE_ANSWER, Bytes, HostileTestCase, http11_responses
 from tests.support.engines import on_each_engine
+from tests.support.hostile import TRUE_ANSWER, Bytes, HostileTestCase, http11_responses
 
 pytestmark = pytest.mark.memory
 

@@ -44,7 +44,8 @@ class Choice(unittest.TestCase):
             self.assertEqual(http1_engine.resolve("httptools", implementation), "httptools")
 
     def test_this_interpreter(self):
-        expected = "httptools" if platform.python_implementation() == "CPython" and http1_engine.available() else "twisted"
+        cpython = platform.python_implementation() == "CPython"
+        expected = "httptools" if cpython and http1_engine.available() else "twisted"
         self.assertEqual(http1_engine.resolve("auto"), expected)
 
     def test_the_flag_takes_the_three_values_on_both_sides(self):

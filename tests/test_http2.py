@@ -17,9 +17,9 @@ from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from tests.support import RelayServer, raw_connect, server_service
 from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
 from tests.support.h2_peers import H2Client
 from tests.support.tls import make_certificate
-from tests.support.engines import on_each_engine
 
 
 @pytest.mark.process

@@ -38,10 +38,10 @@ from tests.support import (
     head_and_body,
     raw_user,
 )
+from tests.support.engines import on_each_engine
 from tests.support.ports import reserve_ports
 from tests.support.process import ROOT, run_all, scratch
 from tests.support.ring import name_owned_by
-from tests.support.engines import on_each_engine
 
 PEERS = ["relay-0.relay:80", "relay-1.relay:80", "relay-2.relay:80"]
 

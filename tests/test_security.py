@@ -38,9 +38,9 @@ from tests.support import (
     tick,
 )
 from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
 from tests.support.files import write
 from tests.support.h2_peers import H2Client
-from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.socket
 

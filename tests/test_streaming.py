@@ -17,8 +17,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from tests.support import rss_peak_kib
-from tests.support.process import TwistdProcess
 from tests.support.engines import on_each_engine
+from tests.support.process import TwistdProcess
 
 pytestmark = pytest.mark.process
 

@@ -28,11 +28,11 @@ from twisted.web.server import Site
 
 from relay.config import ClientConfig, ServerConfig
 from relay.tracing import plan
+from tests.support.engines import on_each_engine
 from tests.support.go import GO_CLIENT, GO_SERVER, go_binary
 from tests.support.ports import reserve_port, reserve_ports
 from tests.support.process import ROOT, TwistdProcess
 from tests.support.ring import name_owned_by
-from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.process
 

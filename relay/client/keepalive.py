@@ -39,6 +39,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
+from relay import http1_engine
 from relay.compat import (
     HTTP11ClientProtocol,
     Request,
@@ -48,7 +49,6 @@ from relay.compat import (
     client_idle,
     client_request,
 )
-from relay import http1_engine
 from relay.net.transport import corked
 
 _RETRYABLE_METHODS = frozenset([b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"])

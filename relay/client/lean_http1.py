@@ -52,7 +52,16 @@ from relay.lean_headers import LeanHeaders, canonical_name, canonical_names
 # What Twisted's client keeps out of a response's headers (they describe
 # the connection, not the answer).
 _CONNECTION_HEADERS = frozenset(
-    [b"content-length", b"connection", b"keep-alive", b"te", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"]
+    [
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    ]
 )
 _VALID_METHOD = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALID_URI = re.compile(rb"\A[\x21-\x7e]+\Z")
@@ -62,6 +71,7 @@ _VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
 # frames) cost more than the rest of the answer's end.
 _RESPONSE_DONE = Failure(ResponseDone())
 _POTENTIAL_DATA_LOSS = Failure(PotentialDataLoss())
+_CONNECTION_DONE = Failure(ConnectionDone())
 
 
 class LeanClientRequest:
@@ -366,7 +376,7 @@ class LeanClientProtocol(Protocol):
         if response is not None:
             response._finished(Failure(ResponseFailed([reason])))
 
-    def connectionLost(self, reason=Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason=_CONNECTION_DONE) -> None:
         self.state = "CONNECTION_LOST"
         self._parser = None
         response = self._response

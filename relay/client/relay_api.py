@@ -25,8 +25,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from relay import wire
-from relay.lean_headers import LeanHeaders
 from relay.client.http import BytesProducer, backoff_delays, is_connection_refused, read_all, read_token
+from relay.lean_headers import LeanHeaders
 from relay.outbound.connect import describe_failure
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 

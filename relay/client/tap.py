@@ -170,7 +170,14 @@ class Options(GoFlagOptions):
         ["log_level", None, default("log_level"),
          "Least severe level logged: debug, info, warn, error, or Go's -4, 0, 4, 8."],
         ["log_format", None, default("log_format"), "json (one object per line, as the Go relay) or text (key=value)."],
-        ["http1_engine", None, default("http1_engine"), "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is faster. For diagnosis; the wire is the same."],
+        [
+            "http1_engine",
+            None,
+            default("http1_engine"),
+            "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), "
+            "twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is "
+            "faster. For diagnosis; the wire is the same.",
+        ],
     ]
 
     def normalize(self, argv: List[str]) -> List[str]:

@@ -60,8 +60,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
-from relay.logs import DebugInfoLogger, peer_text
 from relay.lean_headers import LeanHeaders, canonical_name
+from relay.logs import DebugInfoLogger, peer_text
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection
 
@@ -357,7 +357,9 @@ class LeanRequest:
 
     def registerProducer(self, producer, streaming: bool) -> None:
         if self.producer is not None:
-            raise ValueError("registering producer %s before previous one (%s) was unregistered" % (producer, self.producer))
+            raise ValueError(
+                "registering producer %s before previous one (%s) was unregistered" % (producer, self.producer)
+            )
         self.producer = producer
         if self.gone:
             producer.stopProducing()

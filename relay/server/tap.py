@@ -212,7 +212,14 @@ class Options(GoFlagOptions):
             default("log_format"),
             "json (one object per line, as the Go server) or text (key=value).",
         ],
-        ["http1_engine", None, default("http1_engine"), "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is faster. For diagnosis; the wire is the same."],
+        [
+            "http1_engine",
+            None,
+            default("http1_engine"),
+            "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), "
+            "twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is "
+            "faster. For diagnosis; the wire is the same.",
+        ],
         [
             "admin_port",
             None,
