@@ -9,7 +9,9 @@ import re
 import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relay import compat, http1_engine, wire
@@ -279,3 +281,105 @@ class SameRequestBytes(unittest.SynchronousTestCase):
                     self.assertEqual(self.written("httptools", method, path, headers, body, host), twisted_bytes)
                     self.assertTrue(twisted_bytes.startswith(method + b" " + path + b" HTTP/1.1\r\n"))
                     self.assertIn(b"Host: relay:8080\r\n", twisted_bytes)
+
+
+@pytest.mark.memory
+class SameAnswersRead(unittest.SynchronousTestCase):
+    """What each engine's relay-client makes of the same answers: status, headers, body, how it ended, reuse."""
+
+    def setUp(self):
+        if not http1_engine.available():
+            raise unittest.SkipTest(needs_httptools)
+
+    def exchange(self, engine: str, method: bytes, answers):
+        """Each of C{answers} (the bytes of one reply) to a request on one kept-alive connection."""
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.testing import StringTransport
+        from twisted.web.client import URI
+        from twisted.web.http_headers import Headers
+
+        idle = []
+        transport = StringTransport()
+        if engine == "twisted":
+            protocol = HTTP11ClientProtocol(idle.append)
+        else:
+            from relay.client.lean_http1 import LeanClientProtocol
+
+            protocol = LeanClientProtocol(idle.append)
+        protocol.makeConnection(transport)
+        seen = []
+        for answer in answers:
+            headers = Headers({b"host": [b"backend"]})
+            uri = URI.fromBytes(b"http://backend/x")
+            if engine == "twisted":
+                request = compat.client_request(method, b"/x", headers, None, uri)
+            else:
+                from relay.client.lean_http1 import LeanClientRequest
+
+                request = LeanClientRequest(method, b"/x", headers, None, uri)
+            got = []
+            protocol.request(request).addBoth(got.append)
+            for i in range(len(answer)):  # a byte at a time: every split point
+                protocol.dataReceived(answer[i : i + 1])
+            if not got:
+                protocol.connectionLost(Failure(ConnectionDone()))
+            response = got[0]
+            if isinstance(response, Failure):
+                seen.append(("failed", type(response.value).__name__))
+                break
+            body = []
+
+            class Collect(Protocol):
+                def dataReceived(self, data):
+                    body.append(data)
+
+                def connectionLost(self, reason):
+                    body.append(type(reason.value).__name__)
+
+            response.deliverBody(Collect())
+            if body[-1:] and isinstance(body[-1], str):
+                end = body.pop()
+            else:
+                protocol.connectionLost(Failure(ConnectionDone()))
+                end = body.pop() if body and isinstance(body[-1], str) else None
+            seen.append(
+                (
+                    response.code,
+                    sorted(response.headers.getAllRawHeaders()),
+                    response.length if isinstance(response.length, int) else "unknown",
+                    b"".join(body),
+                    end,
+                    len(idle),
+                )
+            )
+        return seen
+
+    def same(self, method: bytes, answers):
+        twisted_saw = self.exchange("twisted", method, answers)
+        self.assertEqual(self.exchange("httptools", method, answers), twisted_saw)
+        return twisted_saw
+
+    def test_answers_in_a_row(self):
+        seen = self.same(
+            b"GET",
+            [
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nhi",
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nGrpc-Status: 0\r\n\r\n",
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+            ],
+        )
+        self.assertEqual([s[0] for s in seen], [200, 201, 200, 204, 404])
+
+    def test_a_head_answer_has_no_body_and_the_next_one_is_read(self):
+        self.same(b"HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"])
+
+    def test_a_body_that_ends_with_the_connection(self):
+        self.same(b"GET", [b"HTTP/1.1 200 OK\r\n\r\nuntil the end"])
+
+    def test_an_answer_cut_short(self):
+        self.same(b"GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"])
+
+    def test_no_answer(self):
+        self.same(b"GET", [b""])

@@ -274,7 +274,8 @@ class LeanClientProtocol(Protocol):
             return  # a trailer: Twisted drops them too
         lower = name.lower()
         value = value.strip(b" \t")
-        if lower in _CONNECTION_HEADERS:
+        if lower in _CONNECTION_HEADERS and not (self._head_only and lower == b"content-length"):
+            # (A HEAD's Content-Length describes the entity, as Twisted has it.)
             if lower == b"content-length":
                 self._length = value
             elif lower == b"transfer-encoding":
