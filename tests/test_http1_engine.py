@@ -330,13 +330,16 @@ class SameAnswersRead(unittest.SynchronousTestCase):
             body = []
 
             class Collect(Protocol):
+                def __init__(self, into):
+                    self.into = into
+
                 def dataReceived(self, data):
-                    body.append(data)
+                    self.into.append(data)
 
                 def connectionLost(self, reason):
-                    body.append(type(reason.value).__name__)
+                    self.into.append(type(reason.value).__name__)
 
-            response.deliverBody(Collect())
+            response.deliverBody(Collect(body))
             if body[-1:] and isinstance(body[-1], str):
                 end = body.pop()
             else:
@@ -373,7 +376,8 @@ class SameAnswersRead(unittest.SynchronousTestCase):
         self.assertEqual([s[0] for s in seen], [200, 201, 200, 204, 404])
 
     def test_a_head_answer_has_no_body_and_the_next_one_is_read(self):
-        self.same(b"HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"])
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        self.same(b"HEAD", [head, head])
 
     def test_a_body_that_ends_with_the_connection(self):
         self.same(b"GET", [b"HTTP/1.1 200 OK\r\n\r\nuntil the end"])
