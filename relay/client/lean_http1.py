@@ -65,7 +65,8 @@ _CONNECTION_HEADERS = frozenset(
 )
 _VALID_METHOD = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALID_URI = re.compile(rb"\A[\x21-\x7e]+\Z")
-_VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
+_HTTP11 = (b"HTTP", 1, 1)
+_VERSIONS = {"1.1": _HTTP11, "1.0": (b"HTTP", 1, 0)}
 # One Failure for every body that ended well, as Twisted shares
 # connectionDone: making one per answer (its type's qualified name, its
 # frames) cost more than the rest of the answer's end.
@@ -261,6 +262,7 @@ class LeanClientProtocol(Protocol):
         self._length: Optional[bytes] = None
         self._chunked = False
         self._close = False
+        self._connection_header = False
         self._phrase = b""
         self._head_only = self._request is not None and self._request.method == b"HEAD"
 
@@ -281,6 +283,7 @@ class LeanClientProtocol(Protocol):
             elif lower == b"transfer-encoding":
                 self._chunked = value.lower().find(b"chunked") >= 0
             elif lower == b"connection":
+                self._connection_header = True
                 self._close = self._close or b"close" in [t.strip().lower() for t in value.split(b",")]
             return
         headers = self._headers
@@ -297,14 +300,20 @@ class LeanClientProtocol(Protocol):
             # Informational: the answer follows.
             self._reset()
             return
-        version = _VERSIONS.get(parser.get_http_version(), (b"HTTP", 1, 1))
+        if parser.should_keep_alive() and not self._connection_header:
+            # HTTP/1.1 (llhttp keeps 1.0 alive only when asked to): no
+            # version formatted as a string, httptools' only way to give it.
+            version = _HTTP11
+        else:
+            text = parser.get_http_version()
+            version = _VERSIONS.get(text) or (b"HTTP", int(text[0]), int(text[2]))
         if self._head_only or code in (204, 304):
             length = 0
         elif self._chunked or self._length is None:
             length = UNKNOWN_LENGTH
         else:
             length = int(self._length)
-        if version != (b"HTTP", 1, 1) or code == 101:
+        if version != _HTTP11 or code == 101:
             self._close = True
         response = LeanResponse(version, code, self._phrase, self._headers, length, self.transport)
         self._response = response

@@ -492,6 +492,19 @@ class LeanRequest:
                 log.failure("Unexpected error after a peer went away", Failure())
 
 
+def _version(parser, reading: Optional[LeanRequest]) -> bytes:
+    """
+    The HTTP version of the request C{reading}. Kept alive without a
+    Connection header, it is HTTP/1.1 (llhttp keeps HTTP/1.0 alive only when
+    asked to), which spares formatting the version as a string (httptools'
+    only way to give it).
+    """
+    if reading is not None and parser.should_keep_alive() and b"connection" not in reading.requestHeaders:
+        return b"HTTP/1.1"
+    text = parser.get_http_version()
+    return _VERSIONS.get(text) or b"HTTP/" + text.encode("ascii")
+
+
 def _query_args(query: bytes) -> Dict[bytes, List[bytes]]:
     """twisted.web's C{parse_qs(query, 1)}, without its work when nothing is escaped."""
     if query.find(b"%") >= 0 or query.find(b"+") >= 0 or query.find(b";") >= 0:
@@ -774,7 +787,10 @@ class LeanChannel(Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        args = (parser.get_method(), _VERSIONS.get(parser.get_http_version(), b"HTTP/1.1"), parser.should_upgrade())
+        # (Behind a request being answered, this head's headers are still
+        # queued: the version is asked for as it is.)
+        reading = self._reading if self._current is None else None
+        args = (parser.get_method(), _version(parser, reading), parser.should_upgrade())
         if self._current is not None:
             self._queue_event(LeanChannel._headers_complete, args)
         elif not self._headers_complete(*args):
