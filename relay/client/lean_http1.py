@@ -194,6 +194,8 @@ class LeanClientProtocol(Protocol):
     _request: Optional[LeanClientRequest] = None
     _response: Optional[LeanResponse] = None
     _head_only = False
+    # An answer's head, and the caller's Deferred, not yet handed over.
+    _head = None
     _fresh_parser = False
     _abort_waiters: Optional[List[Deferred]] = None
 
@@ -318,12 +320,20 @@ class LeanClientProtocol(Protocol):
         response = LeanResponse(version, code, self._phrase, self._headers, length, self.transport)
         self._response = response
         finished, self._finished = self._finished, None
+        if finished is not None:
+            # Handed over once this read is parsed (or the answer is whole,
+            # or the connection ends): a small body that came with its head
+            # is then read at once, without a wait chained in between.
+            self._head = (finished, response)
         if self._head_only:
             # llhttp would wait for a body a HEAD's answer never has.
             self._fresh_parser = True
             self._complete()
-        if finished is not None:
-            finished.callback(response)
+
+    def _deliver_head(self) -> None:
+        head, self._head = self._head, None
+        if head is not None:
+            head[0].callback(head[1])
 
     def on_body(self, data: bytes) -> None:
         response = self._response
@@ -348,6 +358,8 @@ class LeanClientProtocol(Protocol):
             if self._quiescent is not None:
                 self._quiescent(self)
         response._finished(_RESPONSE_DONE)
+        if self._head is not None:
+            self._deliver_head()
 
     # Bytes in; the end.
 
@@ -370,6 +382,8 @@ class LeanClientProtocol(Protocol):
         if self._fresh_parser:
             self._fresh_parser = False
             self._parser = HttpResponseParser(self)
+        if self._head is not None:
+            self._deliver_head()
 
     def _parse_failed(self, error: Exception) -> None:
         reason = Failure(error)
@@ -377,6 +391,7 @@ class LeanClientProtocol(Protocol):
         self._parser = None
         self.transport.loseConnection()
         self._fail(reason)
+        self._deliver_head()
 
     def _fail(self, reason: Failure) -> None:
         finished, self._finished = self._finished, None
@@ -395,6 +410,7 @@ class LeanClientProtocol(Protocol):
             self._response = None
             response._finished(_POTENTIAL_DATA_LOSS)
         self._fail(reason)
+        self._deliver_head()
         waiters, self._abort_waiters = self._abort_waiters, None
         for d in waiters or ():
             d.callback(None)
