@@ -27,6 +27,10 @@ same types, so that callers cannot tell the engines apart:
   - keep-alive as Twisted decides it (HTTP/1.1 without C{Connection:
     close}), the agent told when the connection is free again.
 
+An answer's head reaches the caller once the read it came in is parsed
+(Twisted's, as soon as it is parsed): a small body that came with it is
+then read at once, with no wait chained in between.
+
 A body producer other than the in-memory one is written as Twisted would
 (C{Content-Length} when its length is known, else chunked). An answer to
 C{HEAD} has no body whatever its headers say; llhttp cannot be told so, and
