@@ -89,9 +89,11 @@ class RelayRequest(server.Request):
     defaultContentType = None
 
     # The lean engine's cheaper notifyFinish().addErrback (relay.server.
-    # response.on_disconnect); this class has none, and says so without
-    # the cost of a failed attribute lookup.
+    # response.on_disconnect) and its public "connection gone" flag
+    # (relay.compat.request_gone); this class has neither, and says so
+    # without the cost of a failed attribute lookup.
     when_gone = None
+    gone = None
     body_too_large = False
     _body_received = 0
     _refused = False
