@@ -60,6 +60,11 @@ setup(
             # tests/test_tracing.py runs the relay traced and decodes the
             # spans it exports.
             "opentelemetry-proto>=1.41,<2",
+            # .ci/run lints and type-checks; mypy cannot run on PyPy and
+            # mypy 2 no longer targets Python 3.9.
+            "ruff>=0.17,<0.18",
+            'mypy>=1.20,<2; platform_python_implementation != "PyPy"',
+            'mypy-zope>=1.0.17; platform_python_implementation != "PyPy"',
         ]
         + TRACING,
         "tracing": TRACING,

@@ -11,11 +11,17 @@ once did).
 """
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Type, TypeVar
 
 from twisted.logger import LogLevel
 
 from relay.durations import format_duration
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# A config class (ServerConfig, ClientConfig), for what builds one from options.
+C = TypeVar("C", bound="DataclassInstance")
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -145,14 +151,14 @@ def field_name(flag: str) -> str:
     return flag.replace("-", "_")
 
 
-def flag_default(config_class, flag: str):
+def flag_default(config_class: type, flag: str) -> str:
     """
     The default of C{flag} as its option table declares it: the config's
     value, spelled as the flag takes it (a Go duration, C{true}/C{false},
     a level's name), so that parsing it gives the config's value back.
     """
     field = {f.name: f for f in dataclasses.fields(config_class)}[field_name(flag)]
-    value = field.default
+    value: Any = field.default
     if field.metadata.get("duration") and value is not None:
         return format_duration(value)
     if isinstance(value, bool):
@@ -162,7 +168,7 @@ def flag_default(config_class, flag: str):
     return value
 
 
-def from_options(config_class, options):
+def from_options(config_class: Type[C], options: Mapping[str, Any]) -> C:
     """The config of parsed C{options}: one field per flag, nothing else."""
     return config_class(**{f.name: options[_flag(options, f.name)] for f in dataclasses.fields(config_class)})
 

@@ -20,7 +20,7 @@ make the C{h2} stack raise while it ends the stream.
 """
 
 import re
-from typing import Dict
+from typing import Dict, FrozenSet, Iterable
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _RAW_TOKEN = re.compile(_TOKEN.pattern.encode("ascii"))
@@ -125,7 +125,7 @@ def valid_host(value: bytes) -> bool:
     return not value.translate(None, _HOST_CHARS)
 
 
-def as_bytes(names) -> frozenset:
+def as_bytes(names: Iterable[str]) -> FrozenSet[bytes]:
     """A set of names above as the bytes twisted.web's headers are."""
     return frozenset(name.encode("ascii") for name in names)
 

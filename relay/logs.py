@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from functools import lru_cache
-from typing import IO, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -199,7 +199,7 @@ def _quote(text: str) -> str:
 FORMATTERS = {"json": json_line, "text": text_line}
 
 
-def make_observer(stream: Optional[IO[str]], log_format: str, level: LogLevel) -> ILogObserver:
+def make_observer(stream: Optional[IO[Any]], log_format: str, level: LogLevel) -> ILogObserver:
     """
     An observer that writes each event at C{level} or above to C{stream} (the
     current C{sys.stderr} when None, looked up at each write so that twistd's
@@ -213,7 +213,9 @@ def make_observer(stream: Optional[IO[str]], log_format: str, level: LogLevel) -
 
     @provider(ILogObserver)
     def write(event: dict) -> None:
-        out = stream if stream is not None else real_stderr
+        out: Optional[IO[Any]] = stream if stream is not None else real_stderr
+        if out is None:  # no standard error at all (pythonw): nowhere to write
+            return
         try:
             line = formatter(event)
             out.write(line.encode("utf-8") if binary else line)

@@ -233,7 +233,9 @@ def port_endpoint(port: str) -> str:
     if ":" not in text:
         raise usage.UsageError("--port must be a number or an endpoint string, not %r" % (port,))
     # The string's fields, split at its unescaped colons.
-    fields, current, escaped = [], [], False
+    fields: List[str] = []
+    current: List[str] = []
+    escaped = False
     for ch in text:
         if ch == ":" and not escaped:
             fields.append("".join(current))

@@ -24,7 +24,7 @@ default ratio, all but one in ten thousand).
 """
 
 import dataclasses
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.logger import Logger
 
@@ -240,9 +240,10 @@ class UserTrace:
         self.http = tracing.start(path, parent if self.parent_valid else None, tracing.SpanKind.SERVER, attributes)
         self.received = tracing.start("Received user client request " + path, self.http,
                                       attributes={"relay.backend": backend})
-        self.step = None
-        self.forward = None
-        self.response = None
+        # OpenTelemetry spans (the extra is untyped here), and the user's response.
+        self.step: Any = None
+        self.forward: Any = None
+        self.response: Any = None
         self.ended = False
         request.notifyFinish().addBoth(self._finished)
 
@@ -250,8 +251,8 @@ class UserTrace:
         headers = self.request.requestHeaders
         for name in _TRACE_HEADERS_BYTES:
             headers.removeHeader(name)
-        for name, value in self.tracing.headers_for(span, b3=False).items():
-            headers.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
+        for key, value in self.tracing.headers_for(span, b3=False).items():
+            headers.setRawHeaders(key.encode("ascii"), [value.encode("latin-1")])
 
     def read_body(self, size: int) -> None:
         """Go's C{Read request body}: here the body had arrived whole before routing."""
@@ -361,9 +362,9 @@ class RelayedTrace:
         if port.isdigit():
             sent_attributes["server.port"] = int(port)
         self.sent = tracing.start("Sent." + path, self.recv, tracing.SpanKind.CLIENT, sent_attributes)
-        self.step = None
-        self.chunker = None
-        self.status = None
+        self.step: Any = None
+        self.chunker: Any = None
+        self.status: Optional[int] = None
         if _propagates(parent_valid, self.sent):
             kept = [h for h in message.header if h.name.lower() not in TRACE_HEADERS]
             del message.header[:]

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import InvalidHeaderName
@@ -112,7 +112,7 @@ class _BodyPump(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.sink.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # ResponseDone: the body was complete. PotentialDataLoss: it had no
         # length and no chunking, so the connection's close is its end, as
         # HTTP/1.1 says. Anything else (a Content-Length or chunked body

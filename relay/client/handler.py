@@ -20,7 +20,8 @@ happens all day and nothing is wrong. The close of the backend connection
 that follows is ours, and never blamed on the backend.
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import Protocol as _Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -33,7 +34,22 @@ from relay.client.upgrade import Upgrader, wants_upgrade
 from relay.outbound.connect import BackendError
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
+if TYPE_CHECKING:
+    from relay.outbound.h2 import H2Backend
+
 log = Logger()
+
+
+class _Answer(_Protocol):
+    """What the backends' and the upgrader's C{open} give: a head, then the body to deliver."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> List[Tuple[str, str]]: ...
+
+    def deliver(self, sink: Chunker) -> None: ...
 
 
 class RequestHandler:
@@ -42,7 +58,7 @@ class RequestHandler:
         clock: IReactorTime,
         api: RelayAPI,
         target: BackendTarget,
-        backend: Backend,
+        backend: "Union[Backend, H2Backend]",
         upgrader: Upgrader,
         max_chunk_size: int,
     ):
@@ -66,6 +82,7 @@ class RequestHandler:
         return Deferred.fromCoroutine(self._handle(request, spans)).addBoth(spans.finished)
 
     async def _handle(self, request: HttpRequest, spans) -> None:
+        answer: _Answer
         started = self.clock.seconds()
         request_id = request.id
         upgrade = wants_upgrade(request)

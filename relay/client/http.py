@@ -8,7 +8,7 @@ from typing import Callable, List, Union
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IBodyProducer
@@ -46,7 +46,7 @@ class _Collect(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # isinstance, not Failure.check: the same test here, without
         # building each type's qualified name on every answer.
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):

@@ -29,10 +29,10 @@ The protocol under it is the process's HTTP/1.1 engine
 L{relay.client.lean_http1}, which writes and parses the same bytes.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
@@ -109,7 +109,7 @@ class KeepAliveAgent:
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
         self._origins: Dict[bytes, _Origin] = {}
-        self._sweep = None
+        self._sweep: Optional[IDelayedCall] = None
         self.engine = http1_engine.resolve(engine)
         if self.engine == "httptools":
             from relay.client.lean_http1 import LeanClientProtocol, LeanClientRequest
@@ -184,11 +184,11 @@ class KeepAliveAgent:
     def _put(self, origin: _Origin, protocol: HTTP11ClientProtocol) -> None:
         """A connection finished its exchange and may carry another."""
         if not origin.kept:
-            protocol.transport.loseConnection()
+            _drop(protocol)
             return
         if len(origin.idle) >= self.max_idle_per_host:
             oldest, _ = origin.idle.pop(0)
-            oldest.transport.loseConnection()
+            _drop(oldest)
         origin.idle.append((protocol, self.clock.seconds()))
         if self._sweep is None:
             self._sweep = self.clock.callLater(self.idle_timeout, self._close_stale)
@@ -204,7 +204,7 @@ class KeepAliveAgent:
                 if not client_idle(protocol):
                     continue
                 if since <= cutoff:
-                    protocol.transport.loseConnection()
+                    _drop(protocol)
                 else:
                     keep.append((protocol, since))
                     due = since + self.idle_timeout
@@ -259,3 +259,10 @@ def _send(protocol, request) -> Deferred:
     written at once (a relay-client's posts) leave in one piece.
     """
     return corked(protocol.transport, protocol.request, request)
+
+
+def _drop(protocol: HTTP11ClientProtocol) -> None:
+    """Close a pooled connection: it has been connected, so it has its transport."""
+    transport = protocol.transport
+    assert transport is not None
+    transport.loseConnection()

@@ -15,7 +15,7 @@ On stop (SIGTERM) the polls are cancelled at once; requests in flight get a
 few seconds to finish, then their backend connections are closed.
 """
 
-from typing import Callable, Dict, List, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Union
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import task
@@ -35,6 +35,9 @@ from relay.outbound import CONNECT_TIMEOUT, IDLE_CONNECTION_TIMEOUT
 from relay.outbound.endpoints import CachingEndpointFactory
 from relay.outbound.h2 import H2Backend
 from relay.outbound.tls import TrustPolicy
+
+if TYPE_CHECKING:
+    from relay.tracing import TracingPlan
 
 log = Logger()
 
@@ -105,6 +108,8 @@ class RelayClientService(LogsThroughObserver, MultiService):
     @param on_fatal: called with a message when the client cannot go on
         (403 from the relay); twistd's version stops the reactor and exits 1.
     """
+
+    tracing_plan: "TracingPlan"  # set by makeService (relay.client.tap)
 
     def __init__(
         self,
@@ -255,6 +260,7 @@ def make_client_service(
     api = RelayAPI(relay_agent, clock, config.relay_url, config.server_name, token_file=config.relay_token_file)
     target = BackendTarget(config)
     policy = TrustPolicy(trust_root)
+    backend: Union[Backend, H2Backend]
     if config.force_http2:
         backend = H2Backend(reactor, policy)
     else:

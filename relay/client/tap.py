@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relay import tuning
-from relay.client.service import make_client_service
+from relay.client.service import RelayClientService, make_client_service
 from relay.config import ClientConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
 from relay.outbound.address import split_host_port
@@ -273,7 +273,7 @@ def _warn_unsupported(options) -> None:
         log.warn("Ignoring --{flag}: not supported by this relay-client", flag=name)
 
 
-def makeService(options, reactor=None):
+def makeService(options: Options, reactor=None) -> RelayClientService:
     if reactor is None:
         from twisted.internet import reactor
     reactor.callWhenRunning(_warn_unsupported, options)

@@ -11,11 +11,11 @@ When the backend declines (any other status) its answer is relayed like any
 other and the connection is closed after it.
 """
 
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -25,6 +25,9 @@ from relay.outbound.connect import BackendError, connect_own
 from relay.outbound.request import OutboundRequest
 from relay.outbound.tls import TrustPolicy
 from relay.proto.http_relay_pb2 import HttpRequest
+
+if TYPE_CHECKING:
+    from relay.client.chunker import Chunker
 
 
 MAX_HEAD_SIZE = 1024 * 1024
@@ -65,8 +68,8 @@ def parse_head(head: bytes) -> Tuple[int, List[Header]]:
             continue
         if line[:1] in (b" ", b"\t") and headers:
             # Obsolete line folding.
-            name, value = headers[-1]
-            headers[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
+            folded_name, folded_value = headers[-1]
+            headers[-1] = (folded_name, folded_value + " " + line.strip().decode("utf-8", "replace"))
             continue
         name, colon, value = line.partition(b":")
         if not colon:
@@ -105,13 +108,16 @@ class RawResponse(Protocol):
     status and headers are in; then L{deliver} streams the rest.
     """
 
+    # Set by connect_own before any other method runs (a TCP or TLS connection).
+    transport: ITCPTransport
+
     def __init__(self, request: OutboundRequest):
         self.request = request
         self.head: Deferred = Deferred()
         self.status = 0
         self.headers: List[Header] = []
         self._buffer = b""
-        self._sink = None
+        self._sink: Optional["Chunker"] = None
         self._pending: List[bytes] = []
         self._ended = False
         self._remaining: Optional[int] = None  # bytes left of a Content-Length body
@@ -209,7 +215,7 @@ class RawResponse(Protocol):
         else:
             self._sink.write(data)
 
-    def deliver(self, sink) -> None:
+    def deliver(self, sink: "Chunker") -> None:
         self._sink = sink
         sink.set_producer(_ConnectionProducer(self.transport))
         pending, self._pending = self._pending, []
@@ -218,7 +224,7 @@ class RawResponse(Protocol):
         if self._ended:
             self._end_sink()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._ended = True
         if not self.head.called:
             self._fail_head("EOF")
@@ -232,11 +238,13 @@ class RawResponse(Protocol):
         the close, that is the normal end; a chunked or C{Content-Length}
         body that had not ended broke off.
         """
+        sink = self._sink
+        assert sink is not None
         framed = self._decoder is not None or self._remaining is not None
         if framed and not self._body_done:
-            self._sink.fail(self._broken or "unexpected EOF")
+            sink.fail(self._broken or "unexpected EOF")
         else:
-            self._sink.finish()
+            sink.finish()
 
     def _fail_head(self, reason: str) -> None:
         if not self.head.called:

@@ -47,6 +47,7 @@ from twisted.internet import error
 from relay.compat import read_socket, unread_socket, unwritten_bytes
 from relay.net.transport import own_transport
 
+SIOCOUTQ: Optional[int]
 try:  # Linux: TIOCOUTQ and SIOCOUTQ are the same request.
     from termios import TIOCOUTQ as SIOCOUTQ
 except ImportError:  # pragma: no cover - not Linux

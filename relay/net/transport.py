@@ -29,6 +29,14 @@ from typing import Callable, List, Optional, TypeVar
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Factory
 
 from relay.compat import nothing_to_write
@@ -36,6 +44,14 @@ from relay.compat import nothing_to_write
 SEND_LIMIT = 512 * 1024
 
 T = TypeVar("T")
+
+
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
+    """
+    A connected stream socket's transport, TCP or TLS: a consumer and a
+    producer as well, which splicing two connections needs (for the type
+    checker: Twisted's protocols only say ITransport).
+    """
 
 
 def own_transport(transport) -> Optional[FileDescriptor]:
@@ -113,7 +129,7 @@ class _EagerWrites:
             self.write(b"".join(held))
 
 
-def corked(transport, action: Callable[..., T], *args) -> T:
+def corked(transport: Optional[ITransport], action: Callable[..., T], *args) -> T:
     """
     C{action(*args)}, with what it writes to C{transport} sent in one piece
     when it returns: an HTTP head and the body written right after it (by
@@ -141,7 +157,7 @@ class _OneShotFactory(Factory):
         return self.protocol_instance
 
 
-def connect_quietly(endpoint, protocol) -> Deferred:
+def connect_quietly(endpoint: IStreamClientEndpoint, protocol: IProtocol) -> Deferred:
     """
     L{twisted.internet.endpoints.connectProtocol}, without its factory's
     C{Starting factory} and C{Stopping factory} lines at info, which the

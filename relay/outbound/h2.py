@@ -41,8 +41,8 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -222,6 +222,9 @@ class H2ClientConnection(Protocol):
         L{BackendError}.
     """
 
+    # Set by the connect before any other method runs.
+    transport: ITransport
+
     def __init__(self, reactor, request: OutboundRequest, tls: bool):
         self.reactor = reactor
         self.tls = tls
@@ -370,8 +373,8 @@ class H2ClientConnection(Protocol):
 
     def _event(self, event) -> None:
         if isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
-            for stream in list(self.streams.values()):
-                self._send_body(stream)
+            for waiting in list(self.streams.values()):
+                self._send_body(waiting)
             return
         if isinstance(event, h2.events.ConnectionTerminated):
             self._goaway(event)
@@ -396,14 +399,14 @@ class H2ClientConnection(Protocol):
                 # sending it (RFC 9113 8.1), without an error.
                 stream.body_done = True
                 try:
-                    self.conn.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
+                    self.conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
                 except h2.exceptions.StreamClosedError:
                     pass
             self._close_stream(stream)
             stream.stream_ended()
         elif isinstance(event, h2.events.StreamReset):
             self._close_stream(stream)
-            stream.failed("stream error: stream ID %d; %s" % (stream.stream_id, _error_name(event.error_code)))
+            stream.failed("stream error: stream ID %d; %s" % (event.stream_id, _error_name(event.error_code)))
 
     def _goaway(self, event) -> None:
         """
@@ -455,11 +458,11 @@ class H2ClientConnection(Protocol):
             pass
         self._flush()
         self.transport.loseConnection()
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self.lost.addBoth(lambda _: d.callback(None))
         return d
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connected = False
         self.usable = False
         self._cancel_idle_timer()

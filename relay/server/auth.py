@@ -75,7 +75,7 @@ class _WatchedFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._stamp = None
+        self._stamp: Optional[Tuple[int, int, int]] = None
         self.entries: List[Tuple[str, Tuple[str, ...]]] = []
         self.refresh(initial=True)
 

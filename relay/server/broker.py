@@ -368,9 +368,9 @@ class Broker:
             if len(self.backends) >= self.max_backends:
                 raise Overloaded("Too many relay clients (%d): try again later" % (len(self.backends),))
             polls = Waiters(
-                self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(b, d), lambda d: self._poll_left(b)
+                self.clock, POLL_TIMEOUT, lambda d: self._poll_timeout(new, d), lambda d: self._poll_left(new)
             )
-            b = self.backends[backend] = Backend(backend, now, polls)
+            b = new = self.backends[backend] = Backend(backend, now, polls)
             log.info("Relay client connected", ServerName=backend)
             arriving = self.arriving.pop(backend, None)
         b.last_activity = b.last_poll = now
@@ -385,7 +385,7 @@ class Broker:
             # takes the first.
             arriving.fire_all(None)
         if b.queue:
-            d = Deferred()
+            d: Deferred = Deferred()
             self._hand_over(b, b.queue.popleft(), d)
             return d
         d = b.polls.wait()

@@ -13,9 +13,12 @@ The Prometheus series are not an observer: the broker feeds
 L{relay.server.metrics.RelayMetrics} directly, since they are always on.
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from relay.server.errors import BrokerError
 
 
 class IBrokerEvents(Interface):
@@ -117,7 +120,7 @@ class Outcome:
         self.bytes_out = bytes_out
         self.trace_id = trace_id
         self.headers = headers
-        self.reason = None
+        self.reason: Optional["BrokerError"] = None
         self.cancelled = False
         self.started = False
 

@@ -24,7 +24,7 @@ in: once a call's name or id is known and its caller checked, a call for
 another replica is forwarded there.
 """
 
-from typing import Optional
+from typing import List, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -76,7 +76,7 @@ class ServerResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, broker: Broker, policy: AccessPolicy = None, routing: Optional[Routing] = None):
+    def __init__(self, broker: Broker, policy: Optional[AccessPolicy] = None, routing: Optional[Routing] = None):
         super().__init__()
         self.broker = broker
         self.policy = policy if policy is not None else AccessPolicy()
@@ -118,7 +118,7 @@ class ServerResource(Resource):
             )
         return http_error(request, 403, "Forbidden: this relay-client may not act for %s" % (name,))
 
-    def _polled(self, request, message: Optional[HttpRequest]) -> bytes:
+    def _polled(self, request, message: Optional[HttpRequest]) -> Union[bytes, List[bytes]]:
         if message is None:
             if self.broker.stopping:
                 return _restarting(request)

@@ -50,7 +50,7 @@ class ClientResource(Resource):
     # relay.tracing.Tracing when tracing is on (chosen once, at start-up).
     tracer = None
 
-    def __init__(self, broker: Broker, policy: AccessPolicy = None, routing: Optional[Routing] = None):
+    def __init__(self, broker: Broker, policy: Optional[AccessPolicy] = None, routing: Optional[Routing] = None):
         super().__init__()
         self.broker = broker
         self.policy = policy if policy is not None else AccessPolicy()

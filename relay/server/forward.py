@@ -34,7 +34,7 @@ from relay.compat import request_gone
 from relay.headers import FORWARDED_BY, HOP_BY_HOP, as_bytes
 from relay.logs import Throttle
 from relay.outbound.connect import BackendError
-from relay.outbound.h2 import H2Backend
+from relay.outbound.h2 import H2Backend, _Stream
 from relay.outbound.request import OutboundRequest, RawHeader
 from relay.outbound.tls import TrustPolicy
 from relay.server.response import abort_answer
@@ -165,7 +165,7 @@ class Forwarder:
             body=request.content.read(),
         )
         pending: Deferred = Deferred.fromCoroutine(self._backend(peer).open(call))
-        state: Dict[str, Optional[object]] = {"stream": None}
+        state: Dict[str, Optional[_Stream]] = {"stream": None}
 
         def answered(stream) -> None:
             state["stream"] = stream

@@ -47,7 +47,7 @@ posted twice). C{h2}'s own C{close_connection} cannot serve the first: it
 closes its state machine, and the streams in flight could send no more.
 """
 
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import h2.connection
 import h2.errors
@@ -107,6 +107,10 @@ class RelayH2Connection(H2Connection):
     # (relay.server.site.poll_connection).
     poll_connection = None
     _log = DebugInfoLogger()  # e.g. "Timing out client IPv4Address(...)"
+    # Set by the channel that negotiated HTTP/2 (relay.server.http1).
+    # Twisted types H2Connection.site from its "= None".
+    site: Optional[Any]  # type: ignore[assignment]
+    requestFactory: Callable[..., Any]
 
     def __init__(self, reactor=None):
         super().__init__(reactor)
@@ -169,9 +173,11 @@ class RelayH2Connection(H2Connection):
 
     def _headers_timed_out(self) -> None:
         self._deadline = None
+        transport = self.transport
+        assert transport is not None  # the timer runs only while connected
         self._log.info(
             "Closing HTTP/2 connection: no complete request headers in time",
-            peer=peer_text(self.transport.getPeer()),
+            peer=peer_text(transport.getPeer()),
         )
         self.timeoutConnection()
 

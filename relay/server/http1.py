@@ -50,9 +50,10 @@ which decides everything else:
     one, picks the resource from the whole path.
 """
 
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import IProtocol, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
@@ -73,6 +74,11 @@ from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.net.transport import corked
 
+if TYPE_CHECKING:
+    from relay.net.liveness import Watch
+    from relay.server.broker import PollConnection
+    from relay.server.site import RelaySite
+
 # HTTP/2 connections keep twisted.web's idle timeout (its Site default).
 H2_IDLE_TIMEOUT = 12 * 60 * 60
 
@@ -84,6 +90,11 @@ class RelayRequest(server.Request):
     """
 
     _log = DebugInfoLogger()  # e.g. a HEAD body eaten, per request
+
+    # Twisted types Request.content from its "= None" (documented as a
+    # file); gotLength sets ours before any chunk.
+    content: BodyBuffer  # type: ignore[assignment]
+    channel: "RelayChannel"
 
     # The relay sends the backend's Content-Type, or none: never a guess.
     defaultContentType = None
@@ -161,7 +172,9 @@ class RelayRequest(server.Request):
         self._give_back()
         super().connectionLost(reason)
 
-    def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: str = None) -> None:
+    def refuse_body(
+        self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: Optional[str] = None
+    ) -> None:
         """
         Answer 413 (or C{code}) at once and close: the client may still be
         sending, and the only way to stop it is to hang up once it has our
@@ -331,12 +344,14 @@ class RelayChannel(http.HTTPChannel):
     _log = DebugInfoLogger()  # e.g. "Timing out client: IPv4Address(...)"
 
     _switched: Optional[IProtocol] = None
+    transport: ITCPTransport
+    site: "RelaySite"
     # Set by the site: the socket's watch (relay.net.liveness), and a
     # record of answers in transit on this connection, whose delivery the
     # next request's headers prove (the relay's broker makes one at the
     # connection's first poll; relay.server.site.poll_connection).
-    socket_watch = None
-    poll_connection = None
+    socket_watch: Optional["Watch"] = None
+    poll_connection: Optional["PollConnection"] = None
     _sniffing = True
     _sniffed = b""
     _header_timer = None
@@ -402,8 +417,8 @@ class RelayChannel(http.HTTPChannel):
         if self.requests:
             self.requests[-1]._refused = True
         self.loseConnection()
-        # Nothing more from this connection is parsed.
-        self.dataReceived = lambda data: None
+        # Nothing more from this connection is parsed: this instance's bytes go nowhere.
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
 
     def _maybeChooseTransferDecoder(self, header, data):
         ok = super()._maybeChooseTransferDecoder(header, data)
@@ -508,7 +523,8 @@ class RelayChannel(http.HTTPChannel):
         h2.site = self.site
         h2.factory = self.factory
         h2.timeOut = H2_IDLE_TIMEOUT
-        h2.callLater = self.callLater
+        # TimeoutMixin's documented way to put its timer on another clock.
+        h2.callLater = self.callLater  # type: ignore[method-assign]
         self.setTimeout(None)
         self._stop_header_timer()
         # Sniffing happens before the parser sees a byte: it has none buffered.
@@ -518,7 +534,7 @@ class RelayChannel(http.HTTPChannel):
         network.registerProducer(h2, True)
         h2.dataReceived(data)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_header_timer()
         switched = self._switched
         if switched is not None:

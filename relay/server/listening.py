@@ -5,12 +5,13 @@ privileges, and fail start-up with one line. A module of its own so that
 the admin view needs nothing else from the server's service.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relay.startup import listen_error
 
@@ -32,7 +33,7 @@ class ListeningService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        failures = []
+        failures: List[Failure] = []
         try:
             self._listening = self.endpoint.listen(self.factory)
         except Exception:

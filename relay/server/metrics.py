@@ -24,7 +24,7 @@ forgets the backend.
 """
 
 import resource
-from typing import Iterable
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -62,7 +62,7 @@ class RelayMetrics:
         C{python_info} and C{python_gc_*}).
     """
 
-    def __init__(self, registry: CollectorRegistry = None, process: bool = True):
+    def __init__(self, registry: Optional[CollectorRegistry] = None, process: bool = True):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         two = ["method", "backend"]
@@ -138,7 +138,7 @@ class _Children:
         extra = {"buckets": GO_BUCKETS} if kind is Histogram else {}
         self.metric = kind(name, documentation, labelnames, registry=registry, **extra)
         self._backend = labelnames.index("backend")
-        self._children = {}
+        self._children: Dict[Tuple[str, ...], Any] = {}
 
     def labels(self, *values):
         child = self._children.get(values)

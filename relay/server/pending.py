@@ -122,7 +122,7 @@ class Waiters:
 
     def wait(self) -> Deferred:
         """A new place at the end of the line."""
-        d = Deferred(self._leave)
+        d: Deferred = Deferred(self._leave)
         timer = self._clock.callLater(self._timeout, self._expire, d)
         self._line.append((d, timer))
         return d
@@ -330,7 +330,7 @@ class PendingRequest:
                         self.eof_received = False
                     return
 
-        d = Deferred(withdraw)
+        d: Deferred = Deferred(withdraw)
         self._inbox.append((message, d, body))
         self._drain()
         return d

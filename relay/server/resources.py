@@ -33,7 +33,9 @@ from relay.server.routing import Routing
 class RootResource(Resource):
     """Dispatches exact paths; everything else goes to the backends."""
 
-    def __init__(self, broker: Broker, metrics_body, policy: AccessPolicy = None, routing: Optional[Routing] = None):
+    def __init__(
+        self, broker: Broker, metrics_body, policy: Optional[AccessPolicy] = None, routing: Optional[Routing] = None
+    ):
         super().__init__()
         policy = policy if policy is not None else AccessPolicy()
         self.client = ClientResource(broker, policy, routing)

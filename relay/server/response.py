@@ -38,7 +38,7 @@ from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.broker import Broker
 from relay.server.errors import BrokerError, RelayClientLost, RequestExpired
 from relay.server.events import Outcome
-from relay.server.pending import PendingRequest
+from relay.server.pending import PendingRequest, ResponseSink
 from relay.server.tunnel import Tunnel
 
 log = Logger()
@@ -127,7 +127,7 @@ def _name_rule(name: str):
     return rule
 
 
-class UserResponse:
+class UserResponse(ResponseSink):
     """
     The L{relay.server.pending.ResponseSink} for one user request: turns the relay-client's
     messages into the user-client's response.
@@ -174,13 +174,14 @@ class UserResponse:
             if not self._start(message):
                 return
         for piece in (message.body,) if body is None else body:
-            overflow = self.expected is not None and self.bytes + len(piece) > self.expected
-            if overflow:
+            expected = self.expected
+            overflow = expected is not None and self.bytes + len(piece) > expected
+            if overflow and expected is not None:
                 # More than declared would be read as the start of another
                 # response on a keep-alive connection: never write it (Go's
                 # ResponseWriter refuses it too).
-                log.warn("Dropping body bytes beyond Content-Length", ID=self.pending.id)
-                piece = piece[: self.expected - self.bytes]
+                log.warn("Dropping body bytes beyond Content-Length", ID=self.pending.id if self.pending else None)
+                piece = piece[: expected - self.bytes]
             if piece:
                 self.bytes += len(piece)
                 if self.tunnel is not None:
@@ -204,6 +205,7 @@ class UserResponse:
         relay-client's next message, its C{eof}.
         """
         pending = self.pending
+        assert pending is not None  # set when the broker took the request, before any message
         self.broke_off = True
         self.broker.metrics.responses.labels("client", "backend_error", pending.backend).inc()
         if not self.started:
@@ -221,6 +223,7 @@ class UserResponse:
         request = self.request
         metrics = self.broker.metrics
         pending = self.pending
+        assert pending is not None  # set when the broker took the request, before any message
         if not message.HasField("status_code") or not 100 <= message.status_code <= 999:
             metrics.responses.labels("client", "missing_header", pending.backend).inc()
             self._answer_error(500, "Received no header from relay client")
@@ -270,8 +273,8 @@ class UserResponse:
             else:
                 # Conflicting or malformed: let the framing be chunked.
                 del grouped[b"content-length"]
-        for name, values in grouped.items():
-            request.responseHeaders.setRawHeaders(name, values)
+        for raw_name, values in grouped.items():
+            request.responseHeaders.setRawHeaders(raw_name, values)
         return True
 
     def _refuse_status(self, message: HttpResponse) -> Optional[Tuple[int, str]]:
@@ -304,17 +307,21 @@ class UserResponse:
                 lines.append(b"%s: %s\r\n" % (go_canonical(name).encode("latin-1"), sanitize_value(proto_text(h.value))))
         lines.append(b"\r\n")
         request.unregisterProducer()
-        self.tunnel = Tunnel(self.broker, self.pending)
+        pending = self.pending
+        assert pending is not None  # set when the broker took the request, before any message
+        self.tunnel = Tunnel(self.broker, pending)
         if self.trace is not None:
             self.tunnel.lost.addCallback(self.trace.tunnel_over)
         if self.broker.trace:
-            log.debug("Switched protocols", ID=self.pending.id)
+            log.debug("Switched protocols", ID=pending.id)
         request.channel.switch_protocol(self.tunnel, b"".join(lines))
 
     def _finish(self) -> None:
+        pending = self.pending
+        assert pending is not None  # set when the broker took the request, before any message
         self.done = True
         if self.broker.trace:
-            log.debug("Wrote response chunk to request", ID=self.pending.id, Bytes=self.bytes)
+            log.debug("Wrote response chunk to request", ID=pending.id, Bytes=self.bytes)
         if self.tunnel is not None:
             self.tunnel.close(clean=True)
             return
@@ -323,7 +330,7 @@ class UserResponse:
             # Finishing would leave the user waiting for the rest, or worse,
             # reading our next response as its body: the answer is cut short
             # (the Go relay-client's way to say that the backend broke off).
-            self.broker.metrics.responses.labels("client", "backend_error", self.pending.backend).inc()
+            self.broker.metrics.responses.labels("client", "backend_error", pending.backend).inc()
             self._abort("body shorter than its Content-Length")
             return
         for name, value in self.grpc_headers:
@@ -349,6 +356,7 @@ class UserResponse:
         if self.done:
             return
         pending = self.pending
+        assert pending is not None  # set when the broker took the request, before any message
         if not self.started:
             if isinstance(reason, RequestExpired):
                 self.broker.metrics.responses.labels("client", "missing_message", pending.backend).inc()
@@ -381,7 +389,11 @@ class UserResponse:
         """
         self.done = True
         self.truncated = True
-        log.warn("Response ended early, aborting user connection", ID=self.pending.id, reason=reason)
+        log.warn(
+            "Response ended early, aborting user connection",
+            ID=self.pending.id if self.pending is not None else None,
+            reason=reason,
+        )
         if self.tunnel is not None:
             self.tunnel.close(clean=False)
             return

@@ -32,7 +32,7 @@ spells out, because a rolling deploy depends on it:
      later if their peer does not read); the process exits.
 """
 
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -53,6 +53,9 @@ from relay.server.routing import Routing, find_self, local_hostname, replica_lis
 from relay.server.site import RelaySite
 from relay.server.listening import ListeningService
 from relay.server.splice import UpgradeForwarder
+
+if TYPE_CHECKING:
+    from relay.tracing import Tracing, TracingPlan
 
 log = Logger()
 
@@ -94,17 +97,22 @@ class DrainService(Service):
         """Fires when no request is in flight, cutting off what is left after C{timeout}."""
         if self._in_flight is None:
             self._in_flight = self._drain()
-        d = defer.Deferred()
-        self._in_flight.addBoth(lambda result: (d.callback(None), result)[1])
+        d: defer.Deferred = defer.Deferred()
+
+        def settle(result):
+            d.callback(None)
+            return result
+
+        self._in_flight.addBoth(settle)
         return d
 
-    _in_flight = None
+    _in_flight: Optional[defer.Deferred] = None
 
     def _drain(self) -> defer.Deferred:
         if not self.broker.requests:
             return defer.succeed(None)
         log.info("Waiting for in-flight requests", Count=len(self.broker.requests), Timeout=self.timeout)
-        done = defer.Deferred()
+        done: defer.Deferred = defer.Deferred()
         deadline = self.clock.seconds() + self.timeout
 
         def check():
@@ -127,6 +135,10 @@ class RelayServerService(LogsThroughObserver, MultiService):
     through our JSON (or text) observer, as the Go server does.
     """
 
+    # Set by makeService (relay.server.tap).
+    tracing_plan: "TracingPlan"
+    tracing: Optional["Tracing"]
+
     def __init__(self, broker: Broker, site: RelaySite, log_observer, drain_grace: float, clock):
         super().__init__()
         self.broker = broker
@@ -134,6 +146,7 @@ class RelayServerService(LogsThroughObserver, MultiService):
         self.log_observer = log_observer
         self.drain_grace = drain_grace
         self.clock = clock
+        self.routing: Optional[Routing] = None
 
     @property
     def listening_port(self):

@@ -18,7 +18,7 @@ decisions through the Site.
     formats the C{Date} header and pumps HTTP/2 data.
 """
 
-from typing import List, Optional, Set
+from typing import TYPE_CHECKING, Any, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -31,6 +31,10 @@ from relay.server.h2 import RelayH2Connection, stream_connection
 from relay.server.http1 import RelayChannel, RelayRequest
 from relay.net import liveness
 from relay.net.transport import tune
+
+if TYPE_CHECKING:
+    from relay.server.broker import Broker
+    from relay.server.pending import BodyBudget
 
 # A relay-client's answers that keep their connection during a drain: the
 # request they belong to is still in flight, and its next chunk or read
@@ -46,7 +50,9 @@ class RelaySite(server.Site):
     it costs a quarter of the throughput for small requests).
     """
 
-    protocol = RelayChannel
+    # HTTPFactory's type is that of its own factory (HTTP/2 negotiation behind
+    # a proxy); Factory.protocol takes any protocol class, as here.
+    protocol = RelayChannel  # type: ignore[assignment]
     # What the lean channel hands a connection to when llhttp cannot read
     # it (relay.server.lean_http1): twisted.web's channel.
     fallback_channel = RelayChannel
@@ -82,9 +88,9 @@ class RelaySite(server.Site):
         # put in a double that reports a death of their choosing.
         self.watch = liveness.watch
         # Set by the service: the broker, told of every connection's end.
-        self.broker = None
+        self.broker: Optional["Broker"] = None
         # Set by the service: the broker's budget for buffered bodies.
-        self.body_budget = None
+        self.body_budget: Optional["BodyBudget"] = None
         self.connections: Set[RelayChannel] = set()
         self._all_closed: List[Deferred] = []
         # Set when a stop begins: every answer closes its connection.
@@ -163,7 +169,7 @@ class RelaySite(server.Site):
         """
         if not self.connections:
             return succeed(None)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._all_closed.append(d)
         self.go_away(final=True)
         for channel in list(self.connections):
@@ -174,7 +180,13 @@ class RelaySite(server.Site):
                 channel.transport.abortConnection()
 
         timer = self.clock.callLater(abort_after, abort)
-        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+        def stop_timer(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(stop_timer)
         return d
 
 
@@ -186,7 +198,9 @@ def poll_connection(request) -> Optional[PollConnection]:
     """
     conn, _ = stream_connection(request)
     owner = conn if conn is not None else request.channel
-    record = getattr(owner, "poll_connection", False)
+    # A channel of another kind has no such attribute: False, not None.
+    record: Any = getattr(owner, "poll_connection", False)
     if record is None:
-        record = owner.poll_connection = PollConnection(multiplexed=conn is not None)
+        made = owner.poll_connection = PollConnection(multiplexed=conn is not None)
+        return made
     return record or None

@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from relay.compat import request_gone
 from relay.headers import FORWARDED_BY
 from relay.logs import Throttle
-from relay.net.transport import connect_quietly
+from relay.net.transport import IStreamTransport, connect_quietly
 from relay.outbound.address import split_host_port
 from relay.server.forward import peer_unreachable, proxied_headers
 
@@ -36,6 +36,7 @@ class _End(Protocol):
     """One end of the splice: what it reads, the other end writes."""
 
     other: Optional["_End"] = None
+    transport: IStreamTransport  # connected before any other method runs
 
     def dataReceived(self, data: bytes) -> None:
         if self.other is not None:

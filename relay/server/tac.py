@@ -49,8 +49,9 @@ def variable(flag: str) -> str:
 
 def variables() -> Dict[str, Tuple[str, bool]]:
     """Each variable's flag, and whether it is an on/off flag, in the option table's order."""
-    table = {variable(row[0]): (row[0], False) for row in Options.optParameters}
-    table.update((variable(row[0]), (row[0], True)) for row in Options.optFlags)
+    # Every row has its long name (Twisted's rows allow None there).
+    table = {variable(row[0]): (row[0], False) for row in Options.optParameters if row[0]}
+    table.update((variable(row[0]), (row[0], True)) for row in Options.optFlags if row[0])
     return table
 
 
@@ -131,9 +132,11 @@ def options_from(environ: Mapping[str, str], twistd_argv: List[str]) -> Options:
         raise SystemExit("relay.tac: %s" % (message,))
     if environ.get(LOG_FILE):
         # makeService hands twistd's own options (.parent) to the log observer.
-        options.parent = {"nodaemon": False, "logfile": environ[LOG_FILE]}
+        # twistd's options as a plain dict, where Twisted types .parent as an
+        # Options (itself a dict): the log observer only reads it as a mapping.
+        options.parent = {"nodaemon": False, "logfile": environ[LOG_FILE]}  # type: ignore[assignment]
     else:
-        options.parent = twistd_options(twistd_argv)
+        options.parent = twistd_options(twistd_argv)  # type: ignore[assignment]
     return options
 
 

@@ -6,6 +6,7 @@ environment variables in L{relay.server.tac}.
 """
 
 import os
+from typing import List
 
 from twisted.internet import endpoints
 from twisted.logger import Logger
@@ -38,7 +39,7 @@ from relay.options import (
 from relay import tuning
 from relay.tracing import SERVER_NAME, tracing_for
 from relay.server.routing import find_self, local_hostname, replica_list
-from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL, make_server_service
+from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL, RelayServerService, make_server_service
 from relay.startup import report_startup_errors
 
 log = Logger()
@@ -49,6 +50,7 @@ def default(flag: str):
 
 
 class Options(GoFlagOptions):
+    service_links: List[str]  # set by relay.tac: the variables Kubernetes' service links made
     command = "relay"
     synopsis = "[options]"
     ignored_go_flags = ("pprof_port",)
@@ -322,7 +324,7 @@ class Options(GoFlagOptions):
         self.config = from_options(ServerConfig, self)
 
 
-def makeService(options, reactor=None):
+def makeService(options: Options, reactor=None) -> RelayServerService:
     if reactor is None:
         from twisted.internet import reactor
     report_startup_errors("twistd relay")

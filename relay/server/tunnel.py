@@ -11,9 +11,11 @@ ends both.
 """
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from relay.net.transport import IStreamTransport
 from relay.server.broker import Broker
 from relay.server.pending import PendingRequest
 
@@ -21,6 +23,8 @@ log = Logger()
 
 
 class Tunnel(Protocol):
+    transport: IStreamTransport  # the user's connection, handed over after the 101
+
     def __init__(self, broker: Broker, pending: PendingRequest):
         self.broker = broker
         self.pending = pending
@@ -28,7 +32,7 @@ class Tunnel(Protocol):
         self.bytes_in = 0
         # Fires when the user's connection is gone (the tunnel's end, for
         # tracing: an upgraded request never finishes as a request does).
-        self.lost = Deferred()
+        self.lost: Deferred = Deferred()
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.pending, True)
@@ -49,7 +53,7 @@ class Tunnel(Protocol):
         else:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.broker.trace:
             log.debug("End of bidi-stream stream (closed socket)", ID=self.pending.id)
         self.stream.close()

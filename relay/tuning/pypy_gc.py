@@ -25,7 +25,8 @@ def nursery_advice() -> Optional[str]:
     try:
         import gc
 
-        size = gc.get_stats().nursery_size
+        # PyPy's gc.get_stats() returns its GcStats; typeshed describes CPython's list.
+        size = gc.get_stats().nursery_size  # type: ignore[attr-defined]
     except Exception:
         size = "its default size"
     return (

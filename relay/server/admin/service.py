@@ -35,6 +35,8 @@ def admin_endpoint(port: str) -> str:
 class AdminListeningService(ListeningService):
     """Logs its own line: tools watching for C{Relay server listening} must not see a second port."""
 
+    stats: AdminStats  # set by attach_admin
+
     def _listened(self, port):
         self.port = port
         log.info("Admin view listening", Port=port.getHost().port)

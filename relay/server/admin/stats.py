@@ -137,7 +137,7 @@ def redact_headers(pairs, extra=()) -> List[Tuple[str, str]]:
     C{(name, value)} pairs for display: credentials (L{is_secret_header})
     replaced, values cut to L{MAX_TEXT}, at most L{MAX_HEADERS} pairs.
     """
-    out = []
+    out: List[Tuple[str, str]] = []
     for name, value in pairs:
         if len(out) >= MAX_HEADERS:
             out.append(("…", "%d more" % (len(pairs) - MAX_HEADERS,)))
@@ -213,6 +213,19 @@ class Finished:
         "response_headers",
         "trace_id",
     )
+    backend: str
+    id: str
+    time: float
+    method: str
+    path: str
+    status: int
+    kind: str
+    duration: float
+    bytes_in: int
+    bytes_out: int
+    request_headers: Optional[List[Tuple[str, str]]]
+    response_headers: Optional[List[Tuple[str, str]]]
+    trace_id: Optional[str]
 
     def as_json(self) -> dict:
         out = {

@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 from itertools import islice
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import relay
 from relay.server.admin.stats import (
@@ -91,7 +91,7 @@ def snapshot(broker: Broker, stats: AdminStats, flags: dict, query: Query) -> di
     rows.sort(key=_sort_key(query.sort, now), reverse=query.descending)
     page = rows[query.offset : query.offset + query.limit]
     items = [_backend(b, known, state, now, query.recent or b.name == query.backend) for b, known, state in page]
-    out = {
+    out: Dict[str, Any] = {
         "server": _server(broker, stats, flags, now),
         "totals": {
             "backends": len(broker.backends),
@@ -120,11 +120,12 @@ def snapshot(broker: Broker, stats: AdminStats, flags: dict, query: Query) -> di
         ],
     }
     if query.backend is not None:
-        b = stats.backends.get(query.backend) or stats.forgotten.get(query.backend)
+        found = stats.backends.get(query.backend) or stats.forgotten.get(query.backend)
         known = broker.backends.get(query.backend)
-        out["detail"] = None if b is None else _backend(b, known, _state(b, known, now), now, True)
-        if b is not None:
-            out["detail"]["in_flight_requests"] = _in_flight(broker, now, query.in_flight, query.backend)
+        detail = None if found is None else _backend(found, known, _state(found, known, now), now, True)
+        if detail is not None:
+            detail["in_flight_requests"] = _in_flight(broker, now, query.in_flight, query.backend)
+        out["detail"] = detail
     return out
 
 
