@@ -13,6 +13,7 @@ diagnosis.
 """
 
 import platform
+from typing import Optional
 
 ENGINES = ("auto", "httptools", "twisted")
 
@@ -36,7 +37,7 @@ def check_engine(value: str) -> str:
     return value
 
 
-def resolve(choice: str, implementation: str = None) -> str:
+def resolve(choice: str, implementation: Optional[str] = None) -> str:
     """
     The engine C{choice} (a value of L{ENGINES}) means on this interpreter
     (C{implementation} stands in for C{platform.python_implementation()}).

@@ -29,7 +29,7 @@ The protocol under it is the process's HTTP/1.1 engine
 L{relay.client.lean_http1}, which writes and parses the same bytes.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -114,9 +114,9 @@ class KeepAliveAgent:
         if self.engine == "httptools":
             from relay.client.lean_http1 import LeanClientProtocol, LeanClientRequest
 
-            self._protocol = LeanClientProtocol
-            self._new_request = _lean_requests(LeanClientRequest)
-            self._send = _send_lean
+            self._protocol: Any = LeanClientProtocol
+            self._new_request: Any = _lean_requests(LeanClientRequest)
+            self._send: Any = _send_lean
         else:
             self._protocol = HTTP11ClientProtocol
             self._new_request = _twisted_request

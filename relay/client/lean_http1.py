@@ -38,7 +38,7 @@ a fresh parser takes over after it. A C{101} ends the connection.
 """
 
 import re
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from httptools import HttpParserUpgrade, HttpResponseParser
 from httptools.parser.errors import HttpParserError
@@ -149,7 +149,7 @@ class LeanResponse:
 
     request = None
     previousResponse = None
-    _protocol = None
+    _protocol: Any = None
     _end: Optional[Failure] = None
 
     def __init__(self, version, code: int, phrase: bytes, headers: LeanHeaders, length, transport):
@@ -167,7 +167,7 @@ class LeanResponse:
         self._protocol = protocol
         protocol.makeConnection(_BodyTransport(self._transport))
         buffered, self._buffer = self._buffer, None
-        for data in buffered:
+        for data in buffered or ():
             protocol.dataReceived(data)
         if self._end is not None:
             end, self._end = self._end, None
@@ -194,6 +194,7 @@ class LeanClientProtocol(Protocol):
     """
 
     state = "QUIESCENT"
+    transport: Any  # TCP, TLS or a test's
     _finished: Optional[Deferred] = None
     _request: Optional[LeanClientRequest] = None
     _response: Optional[LeanResponse] = None
@@ -239,7 +240,7 @@ class LeanClientProtocol(Protocol):
         length = producer.length
         if length is UNKNOWN_LENGTH:
             self.transport.write(request.head(b"Transfer-Encoding: chunked\r\n"))
-            consumer = _ChunkedWriter(self.transport)
+            consumer: Any = _ChunkedWriter(self.transport)
         else:
             self.transport.write(request.head(b"Content-Length: %d\r\n" % length))
             consumer = self.transport
@@ -313,6 +314,7 @@ class LeanClientProtocol(Protocol):
         else:
             text = parser.get_http_version()
             version = _VERSIONS.get(text) or (b"HTTP", int(text[0]), int(text[2]))
+        length: Any
         if self._head_only or code in (204, 304):
             length = 0
         elif self._chunked or self._length is None:
@@ -351,7 +353,7 @@ class LeanClientProtocol(Protocol):
 
     def _complete(self) -> None:
         """The answer is whole: the connection is free again (or closes)."""
-        response = self._response
+        response: Any = self._response
         self._response = None
         self._request = None
         if self._close:
@@ -423,7 +425,7 @@ class LeanClientProtocol(Protocol):
         """Close the connection at once; fires once it is gone (Twisted's C{abort})."""
         if self.state == "CONNECTION_LOST" and self.transport is None:
             return succeed(None)
-        d = Deferred()
+        d: Deferred = Deferred()
         if self._abort_waiters is None:
             self._abort_waiters = []
         self._abort_waiters.append(d)

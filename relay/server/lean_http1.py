@@ -45,14 +45,14 @@ What it does not do, and why:
 """
 
 from types import MappingProxyType
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_to_bytes
 
 from httptools import HttpParserUpgrade, HttpRequestParser
 from httptools.parser.errors import HttpParserError, HttpParserInvalidMethodError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, parse_qs
@@ -131,7 +131,7 @@ class LeanRequest:
     # Until a request has them: no query, no trailers, no body (a
     # read-only empty one), routed on its whole path.
     args: Mapping[bytes, List[bytes]] = MappingProxyType({})
-    trailers: Sequence[Tuple[bytes, bytes]] = ()
+    trailers: List[Tuple[bytes, bytes]] = []  # shared, empty: add_trailer makes the request's own
     prepath: Sequence[bytes] = ()
     postpath: Sequence[bytes] = ()
 
@@ -140,7 +140,7 @@ class LeanRequest:
         self.site = channel.site
         self.requestHeaders = LeanHeaders()
         self.responseHeaders = LeanHeaders()
-        self.content = _NO_BODY
+        self.content: BodyBuffer = _NO_BODY
 
     # The body as it arrives: capped, and charged to the site's budget.
 
@@ -189,7 +189,9 @@ class LeanRequest:
                 budget.give(self._charged)
             self._charged = 0
 
-    def refuse_body(self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: str = None) -> None:
+    def refuse_body(
+        self, code: int = 413, phrase: bytes = b"Request Entity Too Large", text: Optional[str] = None
+    ) -> None:
         """Answer 413 (or C{code}) at once and close: the client may still be sending."""
         if self._refused:
             return
@@ -339,7 +341,7 @@ class LeanRequest:
         return self.getHost().host.encode("ascii")
 
     def notifyFinish(self) -> Deferred:
-        d = Deferred()
+        d: Deferred = Deferred()
         if self._notifications is None:
             self._notifications = []
         self._notifications.append(d)
@@ -442,7 +444,7 @@ class LeanRequest:
     def add_trailer(self, name: str, value: str) -> None:
         if valid_trailer(name):
             if not self.trailers:
-                self.trailers = []
+                self.trailers = []  # not the class's shared one
             self.trailers.append((name.encode("latin-1"), sanitize_value(value)))
 
     def finish(self) -> None:
@@ -487,7 +489,7 @@ class LeanRequest:
                 d.errback(reason)
                 continue
             try:
-                d()
+                d()  # type: ignore[operator]  # a when_gone callback
             except Exception:
                 log.failure("Unexpected error after a peer went away", Failure())
 
@@ -533,11 +535,15 @@ class LeanChannel(Protocol):
 
     _log = DebugInfoLogger()
 
-    site = None
-    callLater = None
-    timeOut = None
+    # Set by the site's buildProtocol, as on twisted.web's channel; the
+    # transport is TCP, TLS or a test's.
+    site: Any = None
+    factory: Any = None
+    callLater: Any = None
+    timeOut: Optional[float] = None
+    transport: Any
     persistent = True
-    _switched = None
+    _switched: Any = None
     # Set by the site: the socket's watch (relay.net.liveness), and the
     # record of answers in transit whose delivery the next head proves.
     socket_watch = None
@@ -546,10 +552,12 @@ class LeanChannel(Protocol):
     _sniffed = b""
     _header_timer = None
     _head_deadline: Optional[float] = None
-    _parser = None
+    # llhttp's parser, None once nothing more is parsed.
+    _parser: Any = None
     # The request whose head or body is being read, and the one being
-    # answered (the same one, once it is whole).
-    _reading: Optional[LeanRequest] = None
+    # answered (the same one, once it is whole); the parser's callbacks run
+    # only while one is being read.
+    _reading: Any = None
     _current: Optional[LeanRequest] = None
     # Parser events of requests behind the current one, replayed after it.
     _queue: Optional[List[Tuple[Callable, tuple]]] = None
@@ -585,7 +593,7 @@ class LeanChannel(Protocol):
         site.connection_made(self)
         self._arm_header_timer()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._stop_header_timer()
         switched, self._switched = self._switched, None
@@ -701,9 +709,10 @@ class LeanChannel(Protocol):
             self._switched.dataReceived(data)
             return
         if self._sniffing:
-            data = self._sniff(data)
-            if data is None:
+            sniffed = self._sniff(data)
+            if sniffed is None:
                 return
+            data = sniffed
         if self._held is not None:
             self._held.append(data)
             return
@@ -1016,7 +1025,7 @@ class LeanChannel(Protocol):
         h2.site = self.site
         h2.factory = self.factory
         h2.timeOut = H2_IDLE_TIMEOUT
-        h2.callLater = self.callLater
+        h2.callLater = self.callLater  # type: ignore[method-assign]
         self._stop_header_timer()
         self._parser = None
         self._switched = h2

@@ -27,7 +27,7 @@ that C{eof}, which only a server without the extension needs, gets its
 C{200} like any other message.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -116,10 +116,10 @@ def relay_error(message: HttpResponse) -> Optional[str]:
 # few names come with every answer; the cache is bounded, the names being
 # the backend's to choose.
 _HOP_BY_HOP = object()
-_names: Dict[str, object] = {}
+_names: Dict[str, Any] = {}
 
 
-def _name_rule(name: str):
+def _name_rule(name: str) -> Any:
     lower = name.lower()
     rule = _HOP_BY_HOP if lower in HOP_BY_HOP else (lower.encode("latin-1"), lower[:5] == "grpc-")
     if len(_names) < 1000:

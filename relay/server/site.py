@@ -26,11 +26,11 @@ from twisted.web import http, server
 
 from relay import http1_engine
 from relay.config import ServerConfig
+from relay.net import liveness
+from relay.net.transport import tune
 from relay.server.broker import PollConnection
 from relay.server.h2 import RelayH2Connection, stream_connection
 from relay.server.http1 import RelayChannel, RelayRequest
-from relay.net import liveness
-from relay.net.transport import tune
 
 if TYPE_CHECKING:
     from relay.server.broker import Broker
@@ -77,7 +77,7 @@ class RelaySite(server.Site):
         if self.http1_engine == "httptools":
             from relay.server.lean_http1 import LeanChannel
 
-            self.protocol = LeanChannel
+            self.protocol = LeanChannel  # type: ignore[assignment]
         self.max_request_body = config.max_request_body
         self.max_headers = config.max_headers
         self.max_header_bytes = config.max_header_bytes
