@@ -116,7 +116,9 @@ class KeepAliveAgent:
 
             self._protocol: Any = LeanClientProtocol
             self._new_request: Any = _lean_requests(LeanClientRequest)
-            self._send: Any = _send_lean
+            # The lean protocol writes a request, head and body, in one
+            # piece itself: no cork needed (send(protocol, request)).
+            self._send: Any = LeanClientProtocol.request
         else:
             self._protocol = HTTP11ClientProtocol
             self._new_request = _twisted_request
@@ -246,11 +248,6 @@ def _lean_requests(request_class):
         return request_class(method, path, headers, body_producer, origin.uri, host)
 
     return new_request
-
-
-def _send_lean(protocol, request) -> Deferred:
-    """The lean protocol writes a request, head and body, in one piece itself."""
-    return protocol.request(request)
 
 
 def _send(protocol, request) -> Deferred:

@@ -77,6 +77,8 @@ _VERSIONS = {"1.1": _HTTP11, "1.0": (b"HTTP", 1, 0)}
 _RESPONSE_DONE = Failure(ResponseDone())
 _POTENTIAL_DATA_LOSS = Failure(PotentialDataLoss())
 _CONNECTION_DONE = Failure(ConnectionDone())
+# A response's body protocol once whole_body took the body.
+_TAKEN = object()
 
 
 class LeanClientRequest:
@@ -172,6 +174,21 @@ class LeanResponse:
         if self._end is not None:
             end, self._end = self._end, None
             protocol.connectionLost(end)
+
+    def whole_body(self) -> Optional[bytes]:
+        """
+        The body, when all of it has arrived and no protocol reads it yet (a
+        small answer, which came with its head): the caller takes it at
+        once, instead of through C{deliverBody}, which may not follow. None
+        otherwise.
+        """
+        if self._protocol is not None or self._end is not _RESPONSE_DONE or self._buffer is None:
+            return None
+        body = b"".join(self._buffer)
+        self._buffer = None
+        self._end = None
+        self._protocol = _TAKEN
+        return body
 
     def _data(self, data: bytes) -> None:
         if self._buffer is None:

@@ -66,6 +66,19 @@ def status_text(code: int) -> str:
     return _STATUS_TEXT.get(code, str(code))
 
 
+def _code_and_body(response):
+    """
+    The answer's status and whole body: at once when all of it came with
+    the head (the lean engine's C{whole_body}; a relay's answers are
+    small), else once it has been read.
+    """
+    whole = getattr(response, "whole_body", None)
+    body = whole() if whole is not None else None
+    if body is not None:
+        return response.code, body
+    return read_all(response).addCallback(lambda data: (response.code, data))
+
+
 class RelayError(Exception):
     """A relay call failed; C{retryable} says whether trying again may help."""
 
@@ -159,7 +172,7 @@ class RelayAPI:
             headers.setRawHeaders(b"content-type", [content_type])
         producer = BytesProducer(body) if body is not None else None
         d = self.agent.request(method, url, headers, producer)
-        d.addCallback(lambda response: read_all(response).addCallback(lambda data: (response.code, data)))
+        d.addCallback(_code_and_body)
         d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         try:
             return await d
