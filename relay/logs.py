@@ -68,7 +68,7 @@ def parse_level(text: str) -> LogLevel:
         raise ValueError(
             "invalid log level %r: use debug, info, warn, error or Go's -4, 0, 4, 8"
             % (text,)
-        )
+        ) from None
     for limit, level in _GO_LEVELS:
         if number <= limit:
             return level

@@ -54,7 +54,7 @@ class GoFlagOptions(usage.Options):
             message = str(e)
             if "not recognized" in message:
                 message += "; see `%s --help` for the flags" % (self.command_name(),)
-            raise SystemExit("%s: %s" % (self.command_name(), message))
+            raise SystemExit("%s: %s" % (self.command_name(), message)) from None
 
     def command_name(self) -> str:
         return "twistd " + self.command
@@ -94,7 +94,7 @@ def _naming(name: str, convert):
         try:
             return convert(value)
         except (usage.UsageError, ValueError) as e:
-            raise usage.UsageError("--%s=%s: %s" % (name, value, e))
+            raise usage.UsageError("--%s=%s: %s" % (name, value, e)) from None
 
     return named
 
@@ -139,7 +139,7 @@ def _whole(text) -> int:
     try:
         return int(text)
     except ValueError:
-        raise usage.UsageError("not a whole number; use digits, e.g. 10240")
+        raise usage.UsageError("not a whole number; use digits, e.g. 10240") from None
 
 
 def log_level(text: str):
@@ -172,7 +172,7 @@ def ratio(text) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise usage.UsageError("not a number; use a ratio from 0 to 1, e.g. 0.0001")
+        raise usage.UsageError("not a number; use a ratio from 0 to 1, e.g. 0.0001") from None
     if not 0.0 <= value <= 1.0:
         raise usage.UsageError("a ratio must be from 0 to 1, e.g. 0.0001 (1 samples every trace)")
     return value
@@ -204,7 +204,7 @@ def check_port(port: str) -> str:
             raise usage.UsageError(
                 "not a valid endpoint string (%s); use a port number such as 8080 or an "
                 "endpoint such as tcp:8080:interface=127.0.0.1" % (e,)
-            )
+            ) from None
     return port
 
 

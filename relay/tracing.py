@@ -34,7 +34,16 @@ log = Logger()
 
 # What either side removes from a request before writing its own context.
 TRACE_HEADERS = frozenset(
-    ("traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3")
+    (
+        "traceparent",
+        "tracestate",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "b3",
+    )
 )
 _TRACE_HEADERS_BYTES = frozenset(h.encode("ascii") for h in TRACE_HEADERS)
 GCP_PACKAGE = "opentelemetry-exporter-gcp-trace"

@@ -4,13 +4,14 @@ the protobuf runtime.
 
 A message is a header of a few hundred bytes around a body of up to a
 megabyte (or more). With upb (CPython) protobuf copies that body once each
-way; with the pure-Python runtime (all PyPy has) parsing and serializing
-a megabyte C{HttpResponse} costs more than the rest of relaying it. So the body field is cut out of the wire bytes (or spliced
-into them) here, and protobuf only sees the small rest. The bytes produced
-are exactly those of C{SerializeToString()} (fields in number order, as Go
-writes them too), and anything unusual (groups, a truncated field, a body
-that is not length-delimited) falls back to protobuf itself, whose errors
-are the ones callers report.
+way; with the pure-Python runtime (all PyPy has) parsing and serializing a
+megabyte C{HttpResponse} costs more than the rest of relaying it. So the
+body field is cut out of the wire bytes (or spliced into them) here, and
+protobuf only sees the small rest. The bytes produced are exactly those of
+C{SerializeToString()} (fields in number order, as Go writes them too), and
+anything unusual (groups, a truncated field, a body that is not
+length-delimited) falls back to protobuf itself, whose errors are the ones callers
+report.
 """
 
 from typing import List, Optional, Tuple

@@ -32,7 +32,6 @@ from relay.outbound.request import OutboundRequest
 from relay.outbound.tls import TrustPolicy
 from relay.proto.http_relay_pb2 import HttpRequest
 
-
 Header = Tuple[str, str]
 
 
@@ -67,7 +66,7 @@ class BackendTarget:
                 raise BackendError(
                     "Failed to create request for backend: Failed to read authentication token from %s: %s"
                     % (self.token_file, e)
-                )
+                ) from e
             headers = [(n, v) for n, v in headers if n.lower() != "authorization"]
             headers.append(("Authorization", "Bearer " + token))
         host = self.address
@@ -184,7 +183,7 @@ class Backend:
             raise
         except Exception as e:
             if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
-                raise CancelledError()
-            raise BackendError(connect_error(request, Failure(e)))
+                raise CancelledError() from None
+            raise BackendError(connect_error(request, Failure(e))) from e
         length = response.length if response.length is not UNKNOWN_LENGTH else None
         return BackendResponse(response.code, response_headers(response, request.method), response, length)

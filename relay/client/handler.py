@@ -163,7 +163,9 @@ class RequestHandler:
                     "Backend request duration",
                     ID=request_id,
                     Duration="%.3fs" % (elapsed,),
-                    Path=request.url[len("http://invalid") :] if request.url.startswith("http://invalid") else request.url,
+                    Path=request.url[len("http://invalid") :]
+                    if request.url.startswith("http://invalid")
+                    else request.url,
                     Status=answer.status,
                     Bytes=chunker.bytes_sent,
                 )

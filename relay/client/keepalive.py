@@ -6,8 +6,9 @@ Every relayed request costs the relay client three HTTP exchanges (its poll,
 the backend request, the posted response). An exchange through C{Agent}
 and C{HTTPConnectionPool} costs markedly more CPU than the same exchange on
 an C{HTTP11ClientProtocol} used directly (docs/performance.md): the URL is
-parsed again, a Host value and a pool key are computed again, every connection put back gets its own idle timer (a heap insert and
-a cancel per request), and each reused connection is wrapped anew for the
+parsed again, a Host value and a pool key are computed again, every
+connection put back gets its own idle timer (a heap insert and a cancel per
+request), and each reused connection is wrapped anew for the
 retry. The client talks to one relay server and one backend, so this agent
 keeps what those cost once per origin (C{scheme://host:port}) and does the
 rest as Agent does:

@@ -179,7 +179,7 @@ class RelayAPI:
         except (ResponseFailed, ResponseNeverReceived) as e:
             if any(r.check(CancelledError) for r in e.reasons):
                 # Agent wraps our own cancellation; it is still ours.
-                raise CancelledError()
+                raise CancelledError() from None
             raise
 
     async def poll(self) -> Optional[HttpRequest]:
@@ -197,7 +197,7 @@ class RelayAPI:
             raise
         except Exception as e:
             failure = Failure(e)
-            raise RelayError(describe_failure(failure), connection_refused=is_connection_refused(failure))
+            raise RelayError(describe_failure(failure), connection_refused=is_connection_refused(failure)) from e
         if code == 408:
             if body.startswith(b"Server is restarting"):
                 # A relay server from before 503s for draining: polling again
@@ -213,7 +213,7 @@ class RelayAPI:
         try:
             wire.parse(request, body, "body")
         except Exception as e:
-            raise RelayError("failed to unmarshal request: %s. request was: %r" % (e, body[:200]))
+            raise RelayError("failed to unmarshal request: %s. request was: %r" % (e, body[:200])) from e
         if not request.id:
             raise RelayError("request without id from relay server")
         return request
@@ -226,7 +226,7 @@ class RelayAPI:
         except CancelledError:
             raise
         except Exception as e:
-            raise RelayError("couldn't post response to relay server: %s" % (describe_failure(Failure(e)),))
+            raise RelayError("couldn't post response to relay server: %s" % (describe_failure(Failure(e)),)) from e
         if code != 200:
             text = "relay server responded %s: %s" % (status_text(code), answer.decode("utf-8", "replace").strip())
             if code == 400:
@@ -277,7 +277,7 @@ class RelayAPI:
         except CancelledError:
             raise
         except Exception as e:
-            raise RelayError("couldn't get request stream: %s" % (describe_failure(Failure(e)),))
+            raise RelayError("couldn't get request stream: %s" % (describe_failure(Failure(e)),)) from e
         if code == 410:
             return None
         if code != 200:

@@ -19,9 +19,6 @@ from relay import tuning
 from relay.client.service import RelayClientService, make_client_service
 from relay.config import ClientConfig, flag_default, from_options
 from relay.logs import twistd_log_observer
-from relay.outbound.address import split_host_port
-from relay.outbound.tls import load_trust_root
-from relay.tracing import CLIENT_NAME, tracing_for
 from relay.options import (
     GoFlagOptions,
     go_int,
@@ -34,6 +31,9 @@ from relay.options import (
     ratio,
     tracing_mode,
 )
+from relay.outbound.address import split_host_port
+from relay.outbound.tls import load_trust_root
+from relay.tracing import CLIENT_NAME, tracing_for
 
 log = Logger()
 
@@ -128,7 +128,8 @@ class Options(GoFlagOptions):
          "microseconds before sleeping (yielding the CPU to anything ready to run). "
          "Cuts latency where waking an idle CPU is slow (VMs), at the cost of up to a "
          "core of CPU under moderate load; on a busy machine with few cores it can "
-         "slow things down (docs/performance.md). 0: off. Needs the epoll reactor (the default on Linux).", nonnegative_int],
+         "slow things down (docs/performance.md). 0: off. Needs the epoll reactor (the default on Linux).",
+         nonnegative_int],
         ["tcp_keepalive_interval", None, default("tcp_keepalive_interval"),
          "Not in Go: TCP keepalive probes on the client's connections after this much "
          "silence, and as often while it lasts (a Go duration; 0: off), so that a long "
@@ -210,9 +211,11 @@ class Options(GoFlagOptions):
             try:
                 self["trust_root"] = load_trust_root(self["root_ca_file"])
             except ValueError as e:
-                raise usage.UsageError("--root_ca_file=%s: %s" % (self["root_ca_file"], e))
+                raise usage.UsageError("--root_ca_file=%s: %s" % (self["root_ca_file"], e)) from None
         if not self["server_name"]:
-            raise usage.UsageError("--server_name must not be empty; give the backend's name, e.g. --server_name=robot1")
+            raise usage.UsageError(
+                "--server_name must not be empty; give the backend's name, e.g. --server_name=robot1"
+            )
         self.config = from_options(ClientConfig, self)
 
 
@@ -224,7 +227,7 @@ def host_port(text: str) -> str:
     try:
         split_host_port(text, default_port=0)
     except ValueError as e:
-        raise usage.UsageError(str(e))
+        raise usage.UsageError(str(e)) from None
     return text
 
 
@@ -235,7 +238,9 @@ def readable_file(path: str) -> str:
             with open(path, "rb"):
                 pass
         except OSError as e:
-            raise usage.UsageError("cannot read the file (%s); give the path of an existing file" % (e.strerror or e,))
+            raise usage.UsageError(
+                "cannot read the file (%s); give the path of an existing file" % (e.strerror or e,)
+            ) from None
     return path
 
 

@@ -85,4 +85,4 @@ async def connect_own(reactor, policy: TrustPolicy, request: OutboundRequest, pr
     except CancelledError:
         raise
     except Exception as e:
-        raise BackendError(connect_error(request, Failure(e)))
+        raise BackendError(connect_error(request, Failure(e))) from e

@@ -52,7 +52,6 @@ from relay.outbound.connect import BackendError, connect_error, connect_own
 from relay.outbound.request import OutboundRequest, RawHeader
 from relay.outbound.tls import TrustPolicy
 
-
 Header = Tuple[str, str]
 _DROPS = as_bytes(H2_BACKEND_DROPS)
 

@@ -18,7 +18,7 @@ def load_trust_root(path: str):
         with open(path, "rb") as f:
             pem = f.read()
     except OSError as e:
-        raise ValueError("Failed to read CA file %s: %s" % (path, e))
+        raise ValueError("Failed to read CA file %s: %s" % (path, e)) from e
     marker = b"-----END CERTIFICATE-----"
     certs = []
     for block in pem.split(marker)[:-1]:

@@ -87,7 +87,7 @@ class _WatchedFile:
             st = os.stat(self.path)
         except OSError as e:
             if initial:
-                raise TokenFileError("cannot read %s: %s" % (self.path, e.strerror))
+                raise TokenFileError("cannot read %s: %s" % (self.path, e.strerror)) from e
             return  # keep the last good version while the file is replaced
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
@@ -97,7 +97,7 @@ class _WatchedFile:
                 entries = self.parse(f.read())
         except (OSError, TokenFileError, UnicodeDecodeError) as e:
             if initial:
-                raise TokenFileError(str(e))
+                raise TokenFileError(str(e)) from e
             log.error("Keeping previous tokens: cannot load token file", Path=self.path, error=str(e))
             return
         self._stamp = stamp

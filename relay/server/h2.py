@@ -53,11 +53,17 @@ import h2.connection
 import h2.errors
 import h2.exceptions
 from hyperframe.frame import GoAwayFrame
-from zope.interface import implementer
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
-from relay.compat import H2Connection, h2_header_block_pending, h2_stream_connection, set_ssl_context_factory, ssl_context_factory
+from relay.compat import (
+    H2Connection,
+    h2_header_block_pending,
+    h2_stream_connection,
+    set_ssl_context_factory,
+    ssl_context_factory,
+)
 from relay.headers import CONNECTION_SPECIFIC, as_bytes
 from relay.logs import DebugInfoLogger, peer_text
 

@@ -70,9 +70,9 @@ from relay.compat import (
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger, peer_text
+from relay.net.transport import corked
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
-from relay.net.transport import corked
 
 if TYPE_CHECKING:
     from relay.net.liveness import Watch

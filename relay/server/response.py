@@ -304,7 +304,9 @@ class UserResponse(ResponseSink):
         for h in message.header:
             name = proto_text(h.name)
             if valid_name(name):
-                lines.append(b"%s: %s\r\n" % (go_canonical(name).encode("latin-1"), sanitize_value(proto_text(h.value))))
+                lines.append(
+                    b"%s: %s\r\n" % (go_canonical(name).encode("latin-1"), sanitize_value(proto_text(h.value)))
+                )
         lines.append(b"\r\n")
         request.unregisterProducer()
         pending = self.pending
@@ -379,7 +381,9 @@ class UserResponse(ResponseSink):
         tunnel = self.tunnel
         if tunnel is not None:
             return Outcome(101, self.truncated, tunnel.bytes_in, self.bytes, self.trace_id)
-        return Outcome(self.request.code or 0, self.truncated, 0, self.bytes, self.trace_id, self.request.responseHeaders)
+        return Outcome(
+            self.request.code or 0, self.truncated, 0, self.bytes, self.trace_id, self.request.responseHeaders
+        )
 
     def _abort(self, reason: str) -> None:
         """

@@ -26,8 +26,8 @@ import socket
 from typing import Callable, List, Optional, Sequence
 
 from relay.outbound.address import split_host_port
-from relay.server.ids import issuing_replica
 from relay.server.forward import forwarded
+from relay.server.ids import issuing_replica
 from relay.server.ring import Ring
 
 # An id's issuer is one byte.

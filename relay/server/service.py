@@ -44,14 +44,14 @@ from relay.config import ServerConfig
 from relay.logs import LogsThroughObserver
 from relay.server.auth import AccessPolicy
 from relay.server.broker import Broker
-from relay.server.ids import RequestIds
 from relay.server.forward import Forwarder
-from relay.server.peers import PeerHealth, healthz_probe
+from relay.server.ids import RequestIds
+from relay.server.listening import ListeningService
 from relay.server.metrics import RelayMetrics
+from relay.server.peers import PeerHealth, healthz_probe
 from relay.server.resources import RootResource
 from relay.server.routing import Routing, find_self, local_hostname, replica_list
 from relay.server.site import RelaySite
-from relay.server.listening import ListeningService
 from relay.server.splice import UpgradeForwarder
 
 if TYPE_CHECKING:

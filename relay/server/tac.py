@@ -129,7 +129,7 @@ def options_from(environ: Mapping[str, str], twistd_argv: List[str]) -> Options:
         message = str(e)
         for name, (flag, _) in variables().items():
             message = message.replace("--%s=" % (flag,), "%s=" % (name,))
-        raise SystemExit("relay.tac: %s" % (message,))
+        raise SystemExit("relay.tac: %s" % (message,)) from None
     if environ.get(LOG_FILE):
         # makeService hands twistd's own options (.parent) to the log observer.
         # twistd's options as a plain dict, where Twisted types .parent as an

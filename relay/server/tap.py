@@ -12,14 +12,10 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
+from relay import tuning
 from relay.config import ServerConfig, flag_default, from_options
 from relay.durations import format_duration
 from relay.logs import twistd_log_observer
-from relay.server.admin.service import admin_endpoint, attach_admin
-from relay.server.admin.status import effective_flags
-from relay.server.admin.web import TokenCheck
-from relay.server.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
-from relay.server.h2 import offer_h2_over_tls
 from relay.options import (
     GoFlagOptions,
     check_port,
@@ -36,11 +32,15 @@ from relay.options import (
     ratio,
     tracing_mode,
 )
-from relay import tuning
-from relay.tracing import SERVER_NAME, tracing_for
+from relay.server.admin.service import admin_endpoint, attach_admin
+from relay.server.admin.status import effective_flags
+from relay.server.admin.web import TokenCheck
+from relay.server.auth import AccessPolicy, ClientTokens, TokenFileError, UserTokens
+from relay.server.h2 import offer_h2_over_tls
 from relay.server.routing import find_self, local_hostname, replica_list
 from relay.server.service import CLEAN_SHUTDOWN_TIMEOUT, REAP_INTERVAL, RelayServerService, make_server_service
 from relay.startup import report_startup_errors
+from relay.tracing import SERVER_NAME, tracing_for
 
 log = Logger()
 
@@ -358,12 +358,12 @@ def replica_self(options) -> str:
     try:
         peers = replica_list(options["peers"])
     except ValueError as e:
-        raise usage.UsageError("--peers=%s: %s" % (options["peers"], e))
+        raise usage.UsageError("--peers=%s: %s" % (options["peers"], e)) from None
     try:
         return find_self(peers, options["peer_self"], local_hostname())
     except ValueError as e:
         flag = "peer_self" if options["peer_self"] else "peers"
-        raise usage.UsageError("--%s=%s: %s" % (flag, options[flag], e))
+        raise usage.UsageError("--%s=%s: %s" % (flag, options[flag], e)) from None
 
 
 def admin_check(options):
@@ -376,7 +376,7 @@ def admin_check(options):
     try:
         return TokenCheck.from_file(options["admin_token_file"])
     except (OSError, ValueError) as e:
-        raise usage.UsageError("--admin_token_file=%s: %s" % (options["admin_token_file"], e))
+        raise usage.UsageError("--admin_token_file=%s: %s" % (options["admin_token_file"], e)) from None
 
 
 def _attach_admin(service, reactor, options) -> None:
@@ -406,7 +406,7 @@ def access_policy(options) -> AccessPolicy:
         try:
             return kind(options[name])
         except TokenFileError as e:
-            raise usage.UsageError("--%s=%s: %s" % (name, options[name], e))
+            raise usage.UsageError("--%s=%s: %s" % (name, options[name], e)) from None
 
     return AccessPolicy(
         client_tokens=load("client_tokens", ClientTokens),

@@ -295,7 +295,10 @@ def _server(broker: Broker, stats: AdminStats, flags: dict, now: float) -> dict:
         "rss_bytes": _rss(),
         "open_fds": _open_fds(),
         "draining": broker.stopping,
-        "dead_connections": {"timeout": broker.dead_connections.get("timeout", 0), "reset": broker.dead_connections.get("reset", 0)},
+        "dead_connections": {
+            "timeout": broker.dead_connections.get("timeout", 0),
+            "reset": broker.dead_connections.get("reset", 0),
+        },
         "flags": flags,
         "admin": {
             "ring": stats.ring,
