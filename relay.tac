@@ -34,6 +34,7 @@
 #   RELAY_PPROF_PORT                    accepted, ignored (Go's)
 #   RELAY_TRACE_STACKDRIVER_PROJECT_ID  Google Cloud project: spans to Cloud Trace
 #   RELAY_TRACING                       auto|true|false (auto: on with OTEL_EXPORTER_OTLP_ENDPOINT)
+#   RELAY_HTTP1_ENGINE                  auto|httptools|twisted (auto: httptools on CPython)
 #   RELAY_TRACE_SAMPLING_RATIO          0 to 1, traces begun here that are sampled
 #   RELAY_INSPECT_HEADERS               1, true or yes: keep headers
 #

@@ -40,6 +40,12 @@ setup(
         "twisted[tls,http2]>=24.7",
         "protobuf>=4.21.6",
         "prometheus_client>=0.21",
+        # The lean HTTP/1.1 engine (relay/http1_engine.py): llhttp, the C
+        # parser of Node.js, for the relay's three exchanges per request.
+        # CPython only: on PyPy it goes through cpyext, slower than
+        # twisted.web's Python under the JIT, and Debian's PyPy cannot build
+        # it (no headers without pypy3-dev); PyPy keeps twisted.web's engine.
+        'httptools>=0.6; platform_python_implementation != "PyPy"',
         "cryptography<44; " + PYPY39,
         "twisted<26; " + PYPY39,
     ],

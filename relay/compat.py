@@ -10,10 +10,11 @@ override are listed in L{OVERRIDDEN} for the same reason: renamed upstream,
 an override would silently stop being called.
 """
 
-from errno import EWOULDBLOCK
+from errno import EINTR, EWOULDBLOCK
 
 from twisted.internet import main
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection, H2Stream
 from twisted.web._newclient import (
@@ -44,6 +45,7 @@ __all__ = [
     "client_response_lost",
     "body_consumer_transport",
     "detach_channel",
+    "dispatch_directly",
     "h2_header_block_pending",
     "h2_stream_connection",
     "h2_stream_request",
@@ -137,7 +139,13 @@ def detach_channel(channel):
 
 
 def request_gone(request) -> bool:
-    """Whether a twisted.web request's connection is gone (nothing may be written)."""
+    """
+    Whether a request's connection is gone (nothing may be written): the
+    lean engine's request says so in C{gone}, twisted.web's in a private flag.
+    """
+    gone = getattr(request, "gone", None)
+    if gone is not None:
+        return gone
     return request._disconnected
 
 
@@ -235,6 +243,42 @@ def reactor_poller(reactor):
 
 def set_reactor_poller(reactor, poller) -> None:
     reactor._poller = poller
+
+
+# twisted.internet.epollreactor.EPollReactor.doPoll: the same loop, each
+# event handed to the reactor's _doReadOrWrite without the legacy log
+# context (relay.tuning.dispatch says why).
+def dispatch_directly(reactor, on_error) -> bool:
+    """
+    Make the epoll reactor dispatch each event straight to its handler;
+    C{on_error(failure)} gets what a handler raised (Twisted logs it and
+    goes on). False, changing nothing, on any other reactor.
+    """
+    selectables = getattr(reactor, "_selectables", None)
+    dispatch = getattr(reactor, "_doReadOrWrite", None)
+    if reactor_poller(reactor) is None or not isinstance(selectables, dict) or dispatch is None:
+        return False
+    get = selectables.get
+
+    def doPoll(timeout):
+        if timeout is None:
+            timeout = -1
+        try:
+            events = reactor._poller.poll(timeout, len(selectables))
+        except OSError as e:
+            if e.errno == EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = get(fd)
+            if selectable is not None:
+                try:
+                    dispatch(selectable, fd, event)
+                except Exception:
+                    on_error(Failure())
+
+    reactor.doPoll = reactor.doIteration = doPoll
+    return True
 
 
 # twisted.internet.abstract.FileDescriptor: its write buffers. The

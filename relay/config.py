@@ -85,6 +85,8 @@ class ServerConfig:
     # Which entry of peers this replica is; empty: from the hostname.
     peer_self: str = ""
     move_wait: float = _seconds(15.0)
+    # The HTTP/1.1 engine (relay.http1_engine): auto, httptools or twisted.
+    http1_engine: str = "auto"
 
     @property
     def debug_logs(self) -> bool:
@@ -133,6 +135,9 @@ class ClientConfig:
     pprof_port: int = 0
     log_level: LogLevel = _level(LogLevel.info)
     log_format: str = "json"
+    # The HTTP/1.1 engine of the calls to the relay server and the backend
+    # (relay.http1_engine): auto, httptools or twisted.
+    http1_engine: str = "auto"
 
     @property
     def relay_url(self) -> str:

@@ -20,7 +20,7 @@ make the C{h2} stack raise while it ends the stream.
 """
 
 import re
-from typing import FrozenSet, Iterable
+from typing import Dict, FrozenSet, Iterable
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _RAW_TOKEN = re.compile(_TOKEN.pattern.encode("ascii"))
@@ -125,8 +125,12 @@ _HOST_BYTES = frozenset(
 )
 
 
+_HOST_CHARS = bytes(sorted(_HOST_BYTES))
+
+
 def valid_host(value: bytes) -> bool:
-    return all(b in _HOST_BYTES for b in value)
+    # What is left once every allowed byte is deleted (in C, not per byte).
+    return not value.translate(None, _HOST_CHARS)
 
 
 def as_bytes(names: Iterable[str]) -> FrozenSet[bytes]:
@@ -167,12 +171,26 @@ def sanitize_raw(value: bytes) -> bytes:
     return value.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\0", b" ").strip(b" \t")
 
 
+_canonical: Dict[str, str] = {}
+
+
 def go_canonical(name: str) -> str:
     """
     Go's C{textproto.CanonicalMIMEHeaderKey}: the first letter and any letter
     after a hyphen upper case, the rest lower case; names with characters
-    outside a token are left as they are.
+    outside a token are left as they are. Remembered (up to a bound: names
+    are the peers' to choose), as each relayed request asks for a few.
     """
+    known = _canonical.get(name)
+    if known is not None:
+        return known
+    result = _go_canonical(name)
+    if len(_canonical) < 4096:
+        _canonical[name] = result
+    return result
+
+
+def _go_canonical(name: str) -> str:
     if not valid_name(name) or " " in name:
         return name
     out = []

@@ -158,6 +158,16 @@ def tracing_mode(text: str) -> str:
     return text
 
 
+def http1_engine(text: str) -> str:
+    """C{--http1_engine}: auto, httptools (where it is installed) or twisted."""
+    from relay.http1_engine import check_engine
+
+    try:
+        return check_engine(text)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
 def ratio(text) -> float:
     try:
         value = float(text)

@@ -22,6 +22,7 @@ from relay.server.broker import POLL_TIMEOUT
 from tests.support import FakeRelayClient, InMemoryRelay, RelayServer, polled_by, raw_connect, run_clock_until
 from tests.support import tick as _tick
 from tests.support.cases import RouteTestCase, ServerTestCase
+from tests.support.engines import on_each_engine
 from tests.support.files import write
 
 
@@ -317,3 +318,7 @@ class RelayedHeaderTests(ServerTestCase):
         self.assertIn(("Upgrade", "websocket"), headers)
         proto.transport.loseConnection()
         yield proto.ended
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -35,6 +35,7 @@ from relay.server.events import Outcome
 from relay.server.pending import Waiters
 from tests.support import RelayServer, raw_connect, started_client, tick
 from tests.support.admin import SECRET, Hanging, _Pending, _Sink
+from tests.support.engines import on_each_engine
 from tests.support.ports import reserve_port
 
 
@@ -759,3 +760,7 @@ class Twistd(unittest.TestCase):
         self.assertEqual((flags["admin_token_file"], flags["inspect_headers"]), ("<redacted>", 1))
         self.assertTrue(data["server"]["admin"]["inspect_headers"])
         self.assertEqual((yield proc.terminate()), (None, 15))
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -11,6 +11,7 @@ from twisted.trial import unittest
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import FakeRelayClient, RelayServer, head_and_body, raw_connect
 from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.socket
 
@@ -319,3 +320,7 @@ class BodyBudgetTests(unittest.TestCase):
             yield proto.ended
         yield self.server.when(lambda: not self.server.broker.requests)
         self.assertEqual(self.server.broker.bodies.used, 0)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

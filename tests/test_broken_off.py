@@ -29,6 +29,7 @@ from relay.server.response import UserResponse
 from tests.support import RelayServer, client_service, dechunk, head_and_body
 from tests.support.cases import ServerTestCase
 from tests.support.e2e import CHUNKED_HEAD, Collect, RawBackend
+from tests.support.engines import on_each_engine
 from tests.support.go import GO_CLIENT, go_binary
 from tests.support.h2_peers import H2Backend, H2BackendResource, H2Client
 from tests.support.process import ChildProcess
@@ -371,3 +372,7 @@ class AbortPath(unittest.SynchronousTestCase):
         self.successResultOf(self.post(self.relay_error()))
         self.successResultOf(self.post(HttpResponse(id=self.id, body=b"late")))
         self.assertEqual(self.request.written, [b"begun"])
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -36,6 +36,7 @@ from tests.support.e2e import (
     parse_frame,
     temp_file,
 )
+from tests.support.engines import on_each_engine
 from tests.support.tls import make_ca_and_server_cert
 
 pytestmark = pytest.mark.socket
@@ -354,3 +355,7 @@ class TLSBackend(EndToEnd):
         yield user.read_until(lambda d: parse_frame(d) is not None)
         self.assertEqual(parse_frame(user.data)[:2], (1, b"over tls"))
         user.transport.abortConnection()
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -18,6 +18,7 @@ from relay.client.http import BytesProducer, read_all
 from relay.client.keepalive import KeepAliveAgent
 from relay.outbound.endpoints import CachingEndpointFactory
 from tests.support import Changes
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.socket
 
@@ -156,3 +157,7 @@ class KeepAliveAgentTests(unittest.TestCase):
         data = yield read_all(response)
         self.assertEqual(response.code, 200)
         self.assertIn(b"127.0.0.1", data)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -19,6 +19,7 @@ import relay.client.handler as handler_module
 from relay.client.chunker import Chunker
 from tests.support import started_client
 from tests.support.e2e import NAME, Backend, RawUser, Relay
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.socket
 
@@ -163,3 +164,7 @@ class Latency(unittest.TestCase):
             self.assertEqual(response.code, 500)
             self.assertIn(b"connection refused", body)
             self.assertLess(elapsed, 2.0, path)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

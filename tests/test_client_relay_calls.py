@@ -21,6 +21,7 @@ from relay.outbound.endpoints import CachingEndpointFactory
 from relay.proto.http_relay_pb2 import HttpResponse
 from tests.support import MemoryNetwork, client_service
 from tests.support.e2e import temp_file
+from tests.support.engines import on_each_engine
 from tests.support.scripted_relay import ScriptedRelay
 
 pytestmark = pytest.mark.memory
@@ -292,3 +293,7 @@ class RelayCallsTests(unittest.TestCase):
         self.failureResultOf(self.answer(api.poll()), RelayError)
         self.assertIsNone(self.successResultOf(self.answer(api.poll())))
         self.assertEqual(self.relay.calls[0][0], b"/server/request")
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -9,6 +9,7 @@ from twisted.trial import unittest
 
 from relay.outbound.tls import load_trust_root
 from tests.support import e2e
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.memory
 
@@ -22,3 +23,7 @@ class LoadTrustRoot(unittest.SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             load_trust_root(path)
         self.assertEqual(str(e.exception), "No certs found in %s" % path)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -7,6 +7,7 @@ support (CPython's current one, PyPy's 25.5).
 """
 
 import inspect
+import os
 import select
 
 import h2.config
@@ -419,3 +420,66 @@ class SocketReadTests(unittest.TestCase):
             transport.abortConnection()
 
         return d.addCallback(check)
+
+
+@pytest.mark.socket
+class DispatchDirectlyTests(unittest.SynchronousTestCase):
+    """dispatch_directly on a reactor of its own: events still arrive, and a handler's error is reported."""
+
+    def reactor(self):
+        from twisted.internet.epollreactor import EPollReactor
+
+        reactor = EPollReactor()
+        self.addCleanup(reactor.disconnectAll)
+        return reactor
+
+    def test_events_reach_their_handlers(self):
+        from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+        reactor = self.reactor()
+        errors = []
+        self.assertTrue(compat.dispatch_directly(reactor, errors.append))
+        received = []
+
+        class Echo(Protocol):
+            def dataReceived(self, data):
+                self.transport.write(data)
+
+        class Ping(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"ping")
+
+            def dataReceived(self, data):
+                received.append(data)
+                reactor.stop()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(Ping))
+        reactor.callLater(10, reactor.stop)
+        reactor.run(installSignalHandlers=False)
+        self.assertEqual((received, errors), ([b"ping"], []))
+
+    def test_a_handler_that_raises_is_reported_and_the_loop_goes_on(self):
+        reactor = self.reactor()
+
+        class Broken:
+            def doRead(self):
+                raise ValueError("broken")
+
+        # Twisted's own handler catches a read's errors; one that does not
+        # stands for a bug in it.
+        reactor._doReadOrWrite = lambda selectable, fd, event: selectable.doRead()
+        errors = []
+        self.assertTrue(compat.dispatch_directly(reactor, errors.append))
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        reactor._selectables[r] = Broken()
+        reactor._poller.register(r, select.EPOLLIN)
+        os.write(w, b"x")
+        reactor.doIteration(0)
+        self.assertEqual([f.value.args for f in errors], [("broken",)])
+
+    def test_other_reactors_are_left_alone(self):
+        self.assertFalse(compat.dispatch_directly(MemoryReactor(), lambda f: None))

@@ -27,8 +27,10 @@ from twisted.trial import unittest
 
 import relay
 from relay import config as config_module
+from relay import http1_engine
 from relay.client import tap as client_tap
 from relay.config import ClientConfig, ServerConfig, field_name, flag_default
+from relay.http1_engine import resolve as resolve_engine
 from relay.server import tap as server_tap
 from tests.support import admin_stats
 
@@ -137,6 +139,8 @@ def _modules():
     for info in pkgutil.walk_packages(relay.__path__, "relay."):
         if info.name.endswith("_pb2") or info.name.endswith(".generate"):
             continue
+        if info.name.endswith(".lean_http1") and not http1_engine.available():
+            continue  # the lean engine needs httptools, a CPython-only dependency
         yield importlib.import_module(info.name)
 
 
@@ -206,6 +210,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "peers": self.site.resource.client.routing,
             "peer_self": self.site.resource.client.routing,
             "move_wait": self.broker.move_wait,
+            "http1_engine": self.site.http1_engine,
         }
 
     def logged_line(self) -> str:
@@ -249,6 +254,7 @@ class ServerDefaultsReachTheirUsers(unittest.TestCase):
             "peers": None,
             "peer_self": None,
             "move_wait": d.move_wait,
+            "http1_engine": resolve_engine(d.http1_engine),
         }
         self.assertEqual({k: users[k] for k in expected}, expected)
 
@@ -335,6 +341,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
             "trace_sampling_ratio": s.tracing_plan.ratio,
             "log_level": s.handler.trace,
             "log_format": self.logged_line()[:1],
+            "http1_engine": (s.api.agent.engine, backend_agent.engine),
         }
 
     def test_every_flag_is_followed(self):
@@ -382,6 +389,7 @@ class ClientDefaultsReachTheirUsers(unittest.TestCase):
                 "trace_sampling_ratio": d.trace_sampling_ratio,
                 "log_level": d.debug_logs,
                 "log_format": "{" if d.log_format == "json" else "t",
+                "http1_engine": (resolve_engine(d.http1_engine), resolve_engine(d.http1_engine)),
             },
         )
 

@@ -27,6 +27,7 @@ from relay.server.errors import BackendUnreachable, RelayClientLost
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
+from tests.support.engines import on_each_engine
 from tests.support.sinks import Sink
 
 
@@ -357,3 +358,7 @@ class UnderTLS(unittest.SynchronousTestCase):
         own.socket = object()
         self.assertIs(socket_transport(Wrapper(Wrapper(own))), own)
         self.assertIsNone(socket_transport(StringTransport()))
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

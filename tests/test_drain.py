@@ -24,6 +24,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.h2 import offer_h2_over_tls
 from tests.support import RelayServer, head_and_body, raw_connect, run_clock_until, server_service, tick
+from tests.support.engines import on_each_engine
 from tests.support.h2_peers import H2Client
 from tests.support.tls import make_certificate
 
@@ -224,3 +225,7 @@ class DrainOverTLSTests(unittest.TestCase):
             yield client.lost
         finally:
             yield stopped if stopped is not None else service.stopService()
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

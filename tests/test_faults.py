@@ -14,6 +14,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from tests.support import Changes, RelayServer
 from tests.support import tick as _tick
 from tests.support.e2e import Backend
+from tests.support.engines import on_each_engine
 from tests.support.ports import reserve_port
 from tests.support.process import TwistdProcess
 
@@ -195,3 +196,7 @@ class HangingBackendTests(unittest.TestCase):
         self.assertEqual(
             (yield resp.content()), b"Timeout after 1m0s, indicating that the backend request took too long"
         )
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -16,6 +16,7 @@ from relay.config import ServerConfig
 from relay.server.forward import FORWARDED_BY, Forwarder, forwarded
 from relay.server.site import RelaySite
 from tests.support import FakeRelayClient, RelayServer, dechunk, head_and_body, raw_user
+from tests.support.engines import on_each_engine
 from tests.support.ports import reserve_port
 
 pytestmark = pytest.mark.socket
@@ -177,3 +178,7 @@ class ForwardTests(unittest.TestCase):
         self.assertIn(b"\r\nX-Answer: " + value + b"\r\n", head)
         self.assertEqual(body, b"ok")
         self.polls[0].addErrback(lambda _: None)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

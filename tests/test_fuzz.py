@@ -25,14 +25,18 @@ from relay.server.broker import Broker
 from relay.server.metrics import RelayMetrics
 from relay.server.resources import RootResource
 from relay.server.site import RelaySite
+from tests.support.engines import on_each_engine
 
 # The default profile replays the same examples every run, so that CI is
 # deterministic; HYPOTHESIS_PROFILE=explore searches afresh and far longer.
+# The tests run once per HTTP/1.1 engine, from twin classes: the same
+# test function on two executors, which is what hypothesis' check warns of.
+_SUPPRESSED = [HealthCheck.too_slow, HealthCheck.differing_executors]
 settings.register_profile(
-    "default", max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    "default", max_examples=150, deadline=None, derandomize=True, suppress_health_check=_SUPPRESSED
 )
 settings.register_profile(
-    "explore", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "explore", max_examples=3000, deadline=None, suppress_health_check=_SUPPRESSED
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
@@ -298,3 +302,7 @@ class RelayClientFuzzTests(HostileTestCase):
 _H2_FORBIDDEN = frozenset(
     ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host"]
 )
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

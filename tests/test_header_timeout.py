@@ -15,6 +15,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from relay.config import ServerConfig
 from relay.server.site import RelaySite
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.memory
 
@@ -85,3 +86,7 @@ class HeaderTimeoutTests(unittest.TestCase):
         self.request(b"/fast")
         self.channel.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

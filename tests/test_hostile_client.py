@@ -19,6 +19,7 @@ real sockets.
 import pytest
 
 from relay.proto.http_relay_pb2 import HttpResponse
+from tests.support.engines import on_each_engine
 from tests.support.hostile import TRUE_ANSWER, Bytes, HostileTestCase, http11_responses
 
 pytestmark = pytest.mark.memory
@@ -316,3 +317,7 @@ class OrderTests(HostileTestCase):
             ((status, headers, body, trailers),) = http11_responses(victim_user.data)
             self.assertEqual((status, body, trailers), (200, TRUE_ANSWER, [b"X-Done: 1"]))
         self.assert_clean()
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -17,6 +17,7 @@ from relay.server.h2 import offer_h2_over_tls
 from relay.server.metrics import RelayMetrics
 from tests.support import RelayServer, raw_connect, server_service
 from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
 from tests.support.h2_peers import H2Client
 from tests.support.tls import make_certificate
 
@@ -235,3 +236,7 @@ class H2PollConnectionDies(ServerTestCase):
         self.assertEqual(response.code, 502)
         self.assertIn(b"before it took the request", (yield response.content()))
         self.assertEqual(self.server.broker.backends["robot"].lost, 1)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

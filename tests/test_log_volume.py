@@ -22,6 +22,7 @@ from relay.logs import text_line
 from relay.net.transport import connect_quietly
 from tests.support import FakeRelayClient, RawResponse, RelayServer, started_client, tick
 from tests.support.e2e import CHUNKED_HEAD, Backend, RawBackend, RawUser, Relay, make_frame, open_websocket, parse_frame
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.socket
 
@@ -312,3 +313,7 @@ class QuietFactoryTests(unittest.TestCase):
                 self.assertNotIn("connectProtocol(", f.read(), path)
         for factory in (_OneShotFactory, _ConnectionFactory, RelaySite):
             self.assertFalse(factory.noisy, factory)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

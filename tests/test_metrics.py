@@ -27,6 +27,7 @@ from relay.server.metrics import RelayMetrics
 from relay.server.service import REAP_INTERVAL
 from tests.fixtures.capture_go_metrics import INACTIVE_REQUEST_TIMEOUT, series
 from tests.support import FakeRelayClient, RelayServer
+from tests.support.engines import on_each_engine
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "go_metrics.txt")
 
@@ -256,3 +257,7 @@ class NumberFormatTests(unittest.TestCase):
             (float("inf"), "+Inf"),
         ]:
             self.assertEqual(go_float(value), text)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -38,6 +38,7 @@ from tests.support import (
     head_and_body,
     raw_user,
 )
+from tests.support.engines import on_each_engine
 from tests.support.ports import reserve_ports
 from tests.support.process import ROOT, run_all, scratch
 from tests.support.ring import name_owned_by
@@ -488,3 +489,7 @@ class QuietChecksTests(unittest.TestCase):
         for _ in range(3):
             self.assertIs((yield probe("127.0.0.1:%d" % peer.port)), True)
         self.assertEqual([e.get("log_format") for e in events if e["log_level"] >= LogLevel.info], [])
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

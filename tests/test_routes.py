@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from relay.server.broker import PICKUP_TIMEOUT, POLL_TIMEOUT
 from tests.support.cases import RouteTestCase
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.memory
 
@@ -225,3 +226,7 @@ class TreqIsForTestsTests(unittest.SynchronousTestCase):
                         if any(line.split()[:2] in (["import", "treq"], ["from", "treq"]) for line in f):
                             importing.append(name)
         self.assertEqual(importing, [])
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

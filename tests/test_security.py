@@ -38,6 +38,7 @@ from tests.support import (
     tick,
 )
 from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
 from tests.support.files import write
 from tests.support.h2_peers import H2Client
 
@@ -520,3 +521,7 @@ class ListenBacklogTests(unittest.TestCase):
     def test_an_explicit_backlog_is_kept(self):
         port = yield self.listening("tcp:0:interface=127.0.0.1:backlog=64")
         self.assertEqual(port.backlog, 64)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -18,6 +18,7 @@ from relay.proto.http_relay_pb2 import HttpResponse
 from relay.server.pending import STREAM_POLL_TIMEOUT
 from tests.support import dechunk, head_and_body, raw_connect
 from tests.support.cases import ServerTestCase
+from tests.support.engines import on_each_engine
 
 pytestmark = pytest.mark.socket
 
@@ -274,3 +275,7 @@ class EarlyStreamPullTests(UpgradeTests):
         self.assertEqual((yield early), (200, b"hello"))
         proto.transport.loseConnection()
         yield proto.ended
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -17,6 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 from tests.support import rss_peak_kib
+from tests.support.engines import on_each_engine
 from tests.support.process import TwistdProcess
 
 pytestmark = pytest.mark.process
@@ -147,3 +148,7 @@ class StreamingTest(unittest.TestCase):
 
         growth_mib = (rss_peak_kib(proc.pid) - rss_before) / 1024.0
         self.assertLess(growth_mib, 64, "server peak RSS grew by %.1f MiB" % growth_mib)
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

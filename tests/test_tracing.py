@@ -28,6 +28,7 @@ from twisted.web.server import Site
 
 from relay.config import ClientConfig, ServerConfig
 from relay.tracing import plan
+from tests.support.engines import on_each_engine
 from tests.support.go import GO_CLIENT, GO_SERVER, go_binary
 from tests.support.ports import reserve_port, reserve_ports
 from tests.support.process import ROOT, TwistdProcess
@@ -451,3 +452,7 @@ class Plan(unittest.SynchronousTestCase):
         env["PYTHONPATH"] = ROOT
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60, cwd=ROOT)
         self.assertEqual(out.stdout.decode().strip(), "[]", out.stderr.decode())
+
+
+# Every test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

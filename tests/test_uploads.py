@@ -21,6 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 from relay.compat import unwritten_bytes
 from relay.proto.http_relay_pb2 import HttpRequest
 from tests.support import RelayServer, dechunk, head_and_body, rss_peak_kib, stalled, started_client, tick
+from tests.support.engines import on_each_engine
 from tests.support.go import GO_CLIENT, GO_SERVER, go_binary
 from tests.support.ports import reserve_port, reserve_ports
 from tests.support.process import ChildProcess, TwistdProcess
@@ -459,6 +460,8 @@ class Processes(unittest.TestCase):
     """Where the process is the point: a relay-client killed mid-upload, and the server's memory during one."""
 
     timeout = 120
+    # The processes choose their engine as deployed (auto).
+    http1_engine = None
 
     def setUp(self):
         self.seed = os.urandom(256 * 1024)
@@ -543,6 +546,8 @@ class GoHalvesBuffer(unittest.TestCase):
     """
 
     timeout = 60
+    # Our half in this process takes each engine in the other classes.
+    http1_engine = None
 
     def setUp(self):
         self.seed = os.urandom(256 * 1024)
@@ -600,3 +605,7 @@ class GoHalvesBuffer(unittest.TestCase):
         started_client(self, "http://127.0.0.1:%d" % (port,), NAME, backend_address=self.backend.address)
         yield said(server, b"Relay client connected")
         yield self.upload_buffered(port)
+
+
+# Every in-process test above, on each HTTP/1.1 engine.
+on_each_engine(globals())

@@ -17,13 +17,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import InvalidHeaderName
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from relay.client.http import BytesProducer, read_token
 from relay.client.keepalive import KeepAliveAgent
 from relay.config import ClientConfig
-from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical
+from relay.headers import BACKEND_DROPS, UPGRADE_DROPS, go_canonical, valid_raw_name
+from relay.lean_headers import LeanHeaders
 from relay.outbound import CONNECT_TIMEOUT
 from relay.outbound.connect import BackendError, connect_error, describe_failure
 from relay.outbound.endpoints import CachingEndpointFactory
@@ -117,7 +118,9 @@ class _BodyPump(Protocol):
         # cut short, a reset) broke off, and must not look complete; the Go
         # client ends it as if it were. The handler warns, with the request
         # id, unless the close was ours (the user went away).
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: the same test here, without
+        # building each type's qualified name on every answer.
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self.sink.finish()
             return
         self.sink.fail(describe_failure(reason))
@@ -152,10 +155,11 @@ class Backend:
         policy: TrustPolicy,
         max_idle_per_host: int,
         idle_timeout: float,
+        engine: str = "twisted",
     ):
         self.target = target
         self.agent = KeepAliveAgent(
-            reactor, CachingEndpointFactory(reactor, policy, CONNECT_TIMEOUT), max_idle_per_host, idle_timeout
+            reactor, CachingEndpointFactory(reactor, policy, CONNECT_TIMEOUT), max_idle_per_host, idle_timeout, engine
         )
 
     def closeCachedConnections(self):
@@ -168,9 +172,14 @@ class Backend:
         streams the request's body (L{relay.client.upload.StreamedBody}),
         and the answer may then begin before the body has ended.
         """
-        headers = Headers()
+        # The lean Headers (either engine writes them as twisted.web's
+        # would), refusing what twisted.web's refuse: a name that is not a
+        # token could smuggle a header.
+        headers = LeanHeaders()
         headers.setRawHeaders(b"host", [request.host])
         for name, value in request.headers:
+            if not valid_raw_name(name):
+                raise InvalidHeaderName(name)
             headers.addRawHeader(name, value)
         if body is not None:
             producer = body

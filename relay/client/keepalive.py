@@ -24,9 +24,13 @@ rest as Agent does:
     most recently used first, and closed after C{idle_timeout} (one timer
     for the whole agent, not one per connection);
   - connection failures reach the caller as the endpoint reports them.
+
+The protocol under it is the process's HTTP/1.1 engine
+(L{relay.http1_engine}): Twisted's, or the lean one of
+L{relay.client.lean_http1}, which writes and parses the same bytes.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -37,6 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
+from relay import http1_engine
 from relay.compat import (
     HTTP11ClientProtocol,
     Request,
@@ -67,11 +72,12 @@ def _retryable(request: Request, failure) -> bool:
 class _ConnectionFactory(Factory):
     noisy = False  # no "Starting factory" line per connection
 
-    def __init__(self, quiescent):
+    def __init__(self, quiescent, protocol=HTTP11ClientProtocol):
         self.quiescent = quiescent
+        self.protocol = protocol
 
     def buildProtocol(self, addr):
-        return HTTP11ClientProtocol(self.quiescent)
+        return self.protocol(self.quiescent)
 
 
 class _Origin:
@@ -83,7 +89,7 @@ class _Origin:
         self.uri = uri  # for Request.absoluteURI's sake, of the first request
         self.kept = False  # whether the agent keeps it, and so its idle connections
         self.idle: List[Tuple[HTTP11ClientProtocol, float]] = []
-        self.factory = _ConnectionFactory(lambda protocol: agent._put(self, protocol))
+        self.factory = _ConnectionFactory(lambda protocol: agent._put(self, protocol), agent._protocol)
 
 
 @implementer(IAgent)
@@ -91,6 +97,7 @@ class KeepAliveAgent:
     """
     @param endpoint_factory: an L{IAgentEndpointFactory}, asked once per
         origin.
+    @param engine: the C{--http1_engine} value (L{relay.http1_engine}).
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class KeepAliveAgent:
         endpoint_factory: IAgentEndpointFactory,
         max_idle_per_host: int = 2,
         idle_timeout: float = 240.0,
+        engine: str = "twisted",
     ):
         self.clock = clock
         self.endpoint_factory = endpoint_factory
@@ -106,6 +114,22 @@ class KeepAliveAgent:
         self.idle_timeout = idle_timeout
         self._origins: Dict[bytes, _Origin] = {}
         self._sweep: Optional[IDelayedCall] = None
+        self.engine = http1_engine.resolve(engine)
+        if self.engine == "httptools":
+            from relay.client.lean_http1 import LeanClientProtocol, LeanClientRequest
+
+            self._protocol: Any = LeanClientProtocol
+            self._new_request: Any = _lean_requests(LeanClientRequest)
+            # The lean protocol writes a request, head and body, in one
+            # piece itself: no cork needed (send(protocol, request)).
+            self._send: Any = LeanClientProtocol.request
+            # It hands the answer over at its head already.
+            self._send_duplex: Any = LeanClientProtocol.request
+        else:
+            self._protocol = HTTP11ClientProtocol
+            self._new_request = _twisted_request
+            self._send = _send
+            self._send_duplex = _send_duplex
 
     # IAgent.
 
@@ -118,12 +142,10 @@ class KeepAliveAgent:
         origin, path = self._origin(uri)
         if headers is None:
             headers = Headers()
-        if not headers.hasHeader(b"host"):
-            headers = headers.copy()
-            headers.addRawHeader(b"host", origin.host)
-        # Validates method and path as Agent's requests do (no CR, LF, spaces).
-        request = client_request(method, path, headers, bodyProducer, origin.uri)
-        send = _send_duplex if duplex else _send
+        # Validates method and path as Agent's requests do (no CR, LF, spaces),
+        # and adds the Host header last, unless the caller gave one.
+        request = self._new_request(method, path, headers, bodyProducer, origin)
+        send = self._send_duplex if duplex else self._send
         while origin.idle:
             protocol, _ = origin.idle.pop()
             if client_idle(protocol):
@@ -136,7 +158,9 @@ class KeepAliveAgent:
         """The origin of C{uri}, and the path (with query) to ask it for."""
         scheme_end = uri.find(b"://")
         path_start = uri.find(b"/", scheme_end + 3) if scheme_end > 0 else -1
-        if path_start < 0 or b"#" in uri or b"?" in uri[:path_start]:
+        # find(), not in: a bytes "in" first tries its operand as an integer,
+        # and the TypeError it raises and drops costs more than the search.
+        if path_start < 0 or uri.find(b"#") >= 0 or uri.find(b"?", 0, path_start) >= 0:
             # Unusual: no path, or a fragment. Let URI say what it means.
             parsed = URI.fromBytes(uri)
             key = b"%s://%s:%d" % (parsed.scheme, parsed.host, parsed.port)
@@ -217,6 +241,25 @@ class KeepAliveAgent:
         if not closing:
             return succeed(None)
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+
+def _twisted_request(method, path, headers, body_producer, origin: _Origin) -> Request:
+    if not headers.hasHeader(b"host"):
+        headers = headers.copy()
+        headers.addRawHeader(b"host", origin.host)
+    return client_request(method, path, headers, body_producer, origin.uri)
+
+
+def _lean_requests(request_class):
+    """The lean engine's request maker (C{request_class}: L{relay.client.lean_http1.LeanClientRequest})."""
+
+    def new_request(method, path, headers, body_producer, origin: _Origin):
+        # The lean request writes the Host header after the caller's, as
+        # the copy Twisted's path makes would have it, without the copy.
+        host = None if headers.hasHeader(b"host") else origin.host
+        return request_class(method, path, headers, body_producer, origin.uri, host)
+
+    return new_request
 
 
 def _send(protocol, request) -> Deferred:

@@ -23,11 +23,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http_headers import Headers
 
 from relay import wire
 from relay.client.http import BytesProducer, backoff_delays, is_connection_refused, read_all, read_token
 from relay.headers import RELAY_BODY, RELAY_BODY_STREAM
+from relay.lean_headers import LeanHeaders
 from relay.outbound.connect import describe_failure
 from relay.proto.http_relay_pb2 import HttpRequest, HttpResponse
 
@@ -67,6 +67,19 @@ _STATUS_TEXT = {
 def status_text(code: int) -> str:
     """Go's C{http.StatusText}, for messages that read like the Go client's."""
     return _STATUS_TEXT.get(code, str(code))
+
+
+def _code_body_and_headers(response):
+    """
+    The answer's status, whole body and headers: at once when all of the
+    body came with the head (the lean engine's C{whole_body}; a relay's
+    answers are small), else once it has been read.
+    """
+    whole = getattr(response, "whole_body", None)
+    body = whole() if whole is not None else None
+    if body is not None:
+        return response.code, body, response.headers
+    return read_all(response).addCallback(lambda data: (response.code, data, response.headers))
 
 
 class RelayError(Exception):
@@ -157,7 +170,9 @@ class RelayAPI:
         timeout: Optional[float] = None,
         streamed_body: bool = False,
     ):
-        headers = Headers()
+        # Names of our own, valid as they are: the lean Headers (either
+        # engine writes them as twisted.web's would).
+        headers = LeanHeaders()
         if streamed_body:
             headers.setRawHeaders(_RELAY_BODY, [_STREAM])
         if self.token_file:
@@ -166,9 +181,7 @@ class RelayAPI:
             headers.setRawHeaders(b"content-type", [content_type])
         producer = BytesProducer(body) if body is not None else None
         d = self.agent.request(method, url, headers, producer)
-        d.addCallback(
-            lambda response: read_all(response).addCallback(lambda data: (response.code, data, response.headers))
-        )
+        d.addCallback(_code_body_and_headers)
         d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
         try:
             return await d
@@ -240,7 +253,7 @@ class RelayAPI:
         @raise PermanentRelayError: the request is over (410, 400).
         @raise RelayError: anything else.
         """
-        headers = Headers()
+        headers = LeanHeaders()
         if self.token_file:
             headers.setRawHeaders(b"authorization", [b"Bearer " + read_token(self.token_file).encode("utf-8")])
         headers.setRawHeaders(_RELAY_BODY, [_STREAM])

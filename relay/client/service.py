@@ -255,6 +255,7 @@ def make_client_service(
         ),
         config.max_idle_conns_per_host,
         IDLE_CONNECTION_TIMEOUT,
+        config.http1_engine,
     )
     api = RelayAPI(relay_agent, clock, config.relay_url, config.server_name, token_file=config.relay_token_file)
     target = BackendTarget(config)
@@ -263,7 +264,9 @@ def make_client_service(
     if config.force_http2:
         backend = H2Backend(reactor, policy)
     else:
-        backend = Backend(reactor, target, policy, config.max_idle_conns_per_host, IDLE_CONNECTION_TIMEOUT)
+        backend = Backend(
+            reactor, target, policy, config.max_idle_conns_per_host, IDLE_CONNECTION_TIMEOUT, config.http1_engine
+        )
     handler = RequestHandler(clock, api, target, backend, Upgrader(reactor, policy), config.max_chunk_size)
     handler.trace = config.debug_logs
     return RelayClientService(

@@ -22,6 +22,7 @@ from relay.logs import twistd_log_observer
 from relay.options import (
     GoFlagOptions,
     go_int,
+    http1_engine,
     log_format,
     log_level,
     nonnegative_duration,
@@ -170,6 +171,14 @@ class Options(GoFlagOptions):
         ["log_level", None, default("log_level"),
          "Least severe level logged: debug, info, warn, error, or Go's -4, 0, 4, 8."],
         ["log_format", None, default("log_format"), "json (one object per line, as the Go relay) or text (key=value)."],
+        [
+            "http1_engine",
+            None,
+            default("http1_engine"),
+            "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), "
+            "twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is "
+            "faster. For diagnosis; the wire is the same.",
+        ],
     ]
 
     def normalize(self, argv: List[str]) -> List[str]:
@@ -189,6 +198,7 @@ class Options(GoFlagOptions):
             self.check(name, nonnegative_duration)
         self.check("log_level", log_level)
         self.check("log_format", log_format)
+        self.check("http1_engine", http1_engine)
         self.check("relay_address", host_port)
         self.check("backend_address", host_port)
         for name in ("relay_token_file", "authentication_token_file", "root_ca_file"):

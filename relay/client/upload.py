@@ -70,7 +70,13 @@ class StreamedBody:
 
     def startProducing(self, consumer) -> Deferred:
         self._consumer = consumer
-        self._backend = body_consumer_transport(consumer)
+        # The backend's connection, to abort: under Twisted's client, found
+        # through its consumer; the lean client's consumer is the
+        # connection itself (or frames chunks onto it).
+        backend = body_consumer_transport(consumer)
+        if backend is None and hasattr(consumer, "abortConnection"):
+            backend = consumer
+        self._backend = backend
         done = self._done = Deferred(lambda _: self.close())
         # A body that is already whole ends within this call.
         self._deliver()

@@ -26,7 +26,7 @@ another replica is forwarded there.
 
 from typing import List, Optional, Union
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -235,6 +235,11 @@ def _answer_when(request, d, on_result, on_failure=None):
     once if it has one). A peer that goes away cancels C{d}, so that nothing
     is handed to a dead connection.
     """
+    if d.called and not isinstance(d.result, (Failure, Deferred)):
+        # Answered already (a posted chunk the user took at once): nothing
+        # to wait for, so no callbacks to chain and none to cancel.
+        answer_whole(request, on_result(request, d.result))
+        return NOT_DONE_YET
     on_disconnect(request, d.cancel)
 
     def answer(outcome):

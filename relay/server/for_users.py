@@ -194,12 +194,14 @@ def _backend_name(request, path: bytes) -> str:
     return names[0].decode("utf-8", "replace") if names else ""
 
 
-def _connection_tokens(headers) -> set:
-    return {
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"connection", [])
-        for token in value.split(b",")
-    }
+def _connection_tokens(headers) -> frozenset:
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return _NO_TOKENS  # most requests: no set to build
+    return frozenset(token.strip().lower() for value in values for token in value.split(b","))
+
+
+_NO_TOKENS: frozenset = frozenset()
 
 
 def _upgrade_requested(request) -> Optional[bytes]:
@@ -232,7 +234,7 @@ def _relayed_headers(request, out) -> None:
             if not upgrading:
                 continue
         elif lower == b"te":
-            values = [b"trailers"] if any(b"trailers" in v.lower() for v in values) else []
+            values = [b"trailers"] if any(v.lower().find(b"trailers") >= 0 for v in values) else []
         elif lower in _HOP_BY_HOP_REQUEST or lower in connection:
             continue
         elif lower == b"x-forwarded-for":

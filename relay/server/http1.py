@@ -114,6 +114,12 @@ class RelayRequest(server.Request):
     # The relay sends the backend's Content-Type, or none: never a guess.
     defaultContentType = None
 
+    # The lean engine's cheaper notifyFinish().addErrback (relay.server.
+    # response.on_disconnect) and its public "connection gone" flag
+    # (relay.compat.request_gone); this class has neither, and says so
+    # without the cost of a failed attribute lookup.
+    when_gone = None
+    gone = None
     body_too_large = False
     _body_received = 0
     _refused = False

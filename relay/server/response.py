@@ -27,7 +27,7 @@ that C{eof}, which only a server without the extension needs, gets its
 C{200} like any other message.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -71,7 +71,16 @@ def overloaded(request, error) -> bytes:
 
 
 def on_disconnect(request, callback) -> None:
-    """Run C{callback} if the peer goes away before we answered."""
+    """
+    Run C{callback} if the peer goes away before we answered: through the
+    request's C{when_gone} where it has one (the lean HTTP/1.1 engine's: a
+    callback in a list, where a Deferred costs more than the rest of a
+    small exchange's bookkeeping), else through C{notifyFinish}.
+    """
+    when_gone = getattr(request, "when_gone", None)
+    if when_gone is not None:
+        when_gone(callback)
+        return
     request.notifyFinish().addErrback(lambda _: callback())
 
 
@@ -100,6 +109,22 @@ def relay_error(message: HttpResponse) -> Optional[str]:
         if proto_text(h.name).lower() == _RELAY_ERROR:
             return " ".join(proto_text(h.value).split())[:MAX_REASON] or "unknown error"
     return None
+
+
+# What a valid header name from the relay-client becomes, by name: its key
+# (lower case, bytes) and whether it is gRPC's, or _HOP_BY_HOP. The same
+# few names come with every answer; the cache is bounded, the names being
+# the backend's to choose.
+_HOP_BY_HOP = object()
+_names: Dict[str, Any] = {}
+
+
+def _name_rule(name: str) -> Any:
+    lower = name.lower()
+    rule = _HOP_BY_HOP if lower in HOP_BY_HOP else (lower.encode("latin-1"), lower[:5] == "grpc-")
+    if len(_names) < 1000:
+        _names[name] = rule
+    return rule
 
 
 class UserResponse(ResponseSink):
@@ -219,14 +244,22 @@ class UserResponse(ResponseSink):
         grouped: Dict[bytes, List[bytes]] = {}
         for h in message.header:
             name, value = proto_text(h.name), proto_text(h.value)
-            if not valid_name(name):
-                log.warn("Dropping invalid header name from relay client", ID=pending.id, Name=name)
+            known = _names.get(name)
+            if known is None:
+                if not valid_name(name):
+                    log.warn("Dropping invalid header name from relay client", ID=pending.id, Name=name)
+                    continue
+                known = _name_rule(name)
+            if known is _HOP_BY_HOP:
                 continue
-            if name.lower() in HOP_BY_HOP:
-                continue
-            if name[:5].lower() == "grpc-":
+            key, grpc = known
+            if grpc:
                 self.grpc_headers.append((name, value))
-            grouped.setdefault(name.lower().encode("latin-1"), []).append(sanitize_value(value))
+            values = grouped.get(key)
+            if values is None:
+                grouped[key] = [sanitize_value(value)]
+            else:
+                values.append(sanitize_value(value))
         lengths = grouped.get(b"content-length")
         if lengths is not None and status == 204:
             # A 204 has no body and no length (RFC 9110 8.6): a client that

@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http, server
 
+from relay import http1_engine
 from relay.config import ServerConfig
 from relay.net import liveness
 from relay.net.transport import tune
@@ -52,6 +53,9 @@ class RelaySite(server.Site):
     # HTTPFactory's type is that of its own factory (HTTP/2 negotiation behind
     # a proxy); Factory.protocol takes any protocol class, as here.
     protocol = RelayChannel  # type: ignore[assignment]
+    # What the lean channel hands a connection to when llhttp cannot read
+    # it (relay.server.lean_http1): twisted.web's channel.
+    fallback_channel = RelayChannel
     requestFactory = RelayRequest
     noisy = False
 
@@ -67,6 +71,13 @@ class RelaySite(server.Site):
         kwargs.setdefault("timeout", None)
         super().__init__(resource, **kwargs)
         self.clock = clock if clock is not None else self.reactor
+        # The HTTP/1.1 engine (relay.http1_engine): llhttp's channel
+        # (relay.server.lean_http1), or twisted.web's (relay.server.http1).
+        self.http1_engine = http1_engine.resolve(config.http1_engine)
+        if self.http1_engine == "httptools":
+            from relay.server.lean_http1 import LeanChannel
+
+            self.protocol = LeanChannel  # type: ignore[assignment]
         self.max_request_body = config.max_request_body
         self.max_streamed_request_body = config.max_streamed_request_body
         self.max_headers = config.max_headers

@@ -21,6 +21,7 @@ from relay.options import (
     check_port,
     duration,
     go_int,
+    http1_engine,
     log_format,
     log_level,
     nonnegative_duration,
@@ -223,6 +224,14 @@ class Options(GoFlagOptions):
             "json (one object per line, as the Go server) or text (key=value).",
         ],
         [
+            "http1_engine",
+            None,
+            default("http1_engine"),
+            "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), "
+            "twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is "
+            "faster. For diagnosis; the wire is the same.",
+        ],
+        [
             "admin_port",
             None,
             default("admin_port"),
@@ -315,6 +324,7 @@ class Options(GoFlagOptions):
             self.check(name, nonnegative_duration)
         self.check("log_level", log_level)
         self.check("log_format", log_format)
+        self.check("http1_engine", http1_engine)
         self.check("port", check_port)
         self["endpoint"] = port_endpoint(self["port"])
         self["policy"] = access_policy(self)
