@@ -81,42 +81,45 @@ class RequestHandler:
 
     def handle(self, request: HttpRequest) -> Deferred:
         """Fires when the request is over (never fails)."""
+        streamed = self.api.body_follows(request.id)
         if self.tracer is None:
-            return Deferred.fromCoroutine(self._handle(request, None))
+            if streamed:
+                return Deferred.fromCoroutine(self._handle_streamed(request, None))
+            return Deferred.fromCoroutine(self._relay(request, None, self.clock.seconds(), None))
         spans = self.tracer.relayed(request, self.target.address)
-        return Deferred.fromCoroutine(self._handle(request, spans)).addBoth(spans.finished)
+        if streamed:
+            handled = self._handle_streamed(request, spans)
+        else:
+            handled = self._relay(request, spans, self.clock.seconds(), None)
+        return Deferred.fromCoroutine(handled).addBoth(spans.finished)
 
-    async def _handle(self, request: HttpRequest, spans) -> None:
+    async def _handle_streamed(self, request: HttpRequest, spans) -> None:
+        """A request whose body follows: fetched first, fed to the backend request as it comes."""
         started = self.clock.seconds()
         request_id = request.id
-        upgrade = wants_upgrade(request)
-        body: Optional[StreamedBody] = None
-        if self.api.body_follows(request_id):
-            try:
-                body = StreamedBody(await self.api.open_body(request_id))
-            except CancelledError:
-                return
-            except PermanentRelayError as e:
-                # Over already: the user went away, which happens all day.
-                if self.trace:
-                    log.debug("Request over at the relay before its body was fetched", ID=request_id, reason=str(e))
-                return
-            except RelayError as e:
-                # The server is unreachable: nobody waits for an answer we
-                # could post (the server answers the user 502 or 504).
-                log.warn("Failed to fetch the request body", ID=request_id, error=str(e))
-                return
         try:
-            return await self._relay(request, spans, started, upgrade, body)
+            body = StreamedBody(await self.api.open_body(request_id))
+        except CancelledError:
+            return
+        except PermanentRelayError as e:
+            # Over already: the user went away, which happens all day.
+            if self.trace:
+                log.debug("Request over at the relay before its body was fetched", ID=request_id, reason=str(e))
+            return
+        except RelayError as e:
+            # The server is unreachable: nobody waits for an answer we
+            # could post (the server answers the user 502 or 504).
+            log.warn("Failed to fetch the request body", ID=request_id, error=str(e))
+            return
+        try:
+            return await self._relay(request, spans, started, body)
         finally:
-            if body is not None:
-                body.close()
+            body.close()
 
-    async def _relay(
-        self, request: HttpRequest, spans, started: float, upgrade: bool, body: Optional[StreamedBody]
-    ) -> None:
+    async def _relay(self, request: HttpRequest, spans, started: float, body: Optional[StreamedBody]) -> None:
         answer: _Answer
         request_id = request.id
+        upgrade = wants_upgrade(request)
         try:
             backend_request = self.target.build(request, upgrade=upgrade)
             if self.trace:

@@ -237,10 +237,10 @@ class RelayAPI:
         fetched with L{open_body}) rather than riding in the request. Asked
         once per request: the mark is taken.
         """
-        try:
-            self._bodies_follow.remove(request_id)
-        except KeyError:
+        marks = self._bodies_follow
+        if request_id not in marks:  # most requests: no exception raised
             return False
+        marks.discard(request_id)
         return True
 
     async def open_body(self, request_id: str):
