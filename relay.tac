@@ -25,6 +25,7 @@
 #   RELAY_DRAIN_GRACE                   Go duration, 0 is none
 #   RELAY_LOG_LEVEL                     debug|info|warn|error
 #   RELAY_LOG_FORMAT                    json|text
+#   RELAY_HTTP1_ENGINE                  auto|httptools|twisted (auto: httptools on CPython)
 #   RELAY_ADMIN_PORT                    port or endpoint string, off if unset
 #   RELAY_ADMIN_TOKEN_FILE              file of the admin token
 #   RELAY_PEERS                         host:port,host:port,... (all replicas)
@@ -33,7 +34,6 @@
 #   RELAY_PPROF_PORT                    accepted, ignored (Go's)
 #   RELAY_TRACE_STACKDRIVER_PROJECT_ID  Google Cloud project: spans to Cloud Trace
 #   RELAY_TRACING                       auto|true|false (auto: on with OTEL_EXPORTER_OTLP_ENDPOINT)
-#   RELAY_HTTP1_ENGINE                  auto|httptools|twisted (auto: httptools on CPython)
 #   RELAY_TRACE_SAMPLING_RATIO          0 to 1, traces begun here that are sampled
 #   RELAY_INSPECT_HEADERS               1, true or yes: keep headers
 #
