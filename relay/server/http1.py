@@ -83,10 +83,11 @@ from relay.compat import (
 )
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
-from relay.logs import DebugInfoLogger, peer_text
+from relay.logs import DebugInfoLogger
 from relay.net.transport import corked
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
+from relay.server.head_deadline import HeadDeadline
 from relay.server.upload import LINGER, BodyReader, StreamedBody
 
 if TYPE_CHECKING:
@@ -466,7 +467,7 @@ class _BoundedChunkedDecoder(ChunkedTransferDecoder):
         return super()._dataReceived_CHUNK_LENGTH()
 
 
-class RelayChannel(http.HTTPChannel):
+class RelayChannel(HeadDeadline, http.HTTPChannel):
     """
     An HTTP/1.1 channel that can give its connection to another protocol:
     HTTP/2 when the connection starts with the HTTP/2 preface (or TLS chose
@@ -486,46 +487,6 @@ class RelayChannel(http.HTTPChannel):
     poll_connection: Optional["PollConnection"] = None
     _sniffing = True
     _sniffed = b""
-    _header_timer = None
-    # When the current wait for a request's headers ends; None while a
-    # request is being read or answered.
-    _head_deadline: Optional[float] = None
-
-    # Slowloris: a client gets this long to send a request's headers (from
-    # the connection's start, or from the end of the previous request).
-    # One timer per connection, not per request: each request only moves
-    # the deadline, and the timer, when it fires early, waits on for it.
-    # The timer runs on the site's clock (C{callLater} is the site's
-    # C{clock.callLater}, set as the site builds the channel).
-    def _arm_header_timer(self) -> None:
-        timeout = getattr(self.site, "header_timeout", None)
-        if not timeout:
-            return
-        self._head_deadline = self.site.clock.seconds() + timeout
-        if self._header_timer is None:
-            self._header_timer = self.callLater(timeout, self._check_header_deadline)
-
-    def _stop_header_timer(self) -> None:
-        self._head_deadline = None
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def _check_header_deadline(self) -> None:
-        self._header_timer = None
-        deadline = self._head_deadline
-        if deadline is None:
-            return  # a request is in hand; its end arms the timer again
-        left = deadline - self.site.clock.seconds()
-        if left > 0:
-            self._header_timer = self.callLater(left, self._check_header_deadline)
-            return
-        self._head_deadline = None
-        # Every idle keep-alive connection ends here: not worth a line at info.
-        self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
-        self.transport.abortConnection()
-
     def requestDone(self, request) -> None:
         self._arm_header_timer()
         super().requestDone(request)

@@ -61,9 +61,10 @@ from twisted.web.server import NOT_DONE_YET
 from relay.config import ServerConfig
 from relay.headers import sanitize_value, valid_host, valid_trailer
 from relay.lean_headers import LeanHeaders, canonical_name
-from relay.logs import DebugInfoLogger, peer_text
+from relay.logs import DebugInfoLogger
 from relay.server.bodybuffer import BodyBuffer
 from relay.server.h2 import PREFACE, RelayH2Connection
+from relay.server.head_deadline import HeadDeadline
 from relay.server.upload import LINGER, StreamedBody
 
 log = Logger()
@@ -579,7 +580,7 @@ class _Stop(Exception):
     """Raised from a parser callback: nothing more is parsed on this connection."""
 
 
-class LeanChannel(Protocol):
+class LeanChannel(HeadDeadline, Protocol):
     """
     An HTTP/1.1 server connection parsed by llhttp. Set up by the site's
     C{buildProtocol} as twisted.web's channel is (C{site}, C{factory},
@@ -603,8 +604,6 @@ class LeanChannel(Protocol):
     poll_connection = None
     _sniffing = True
     _sniffed = b""
-    _header_timer = None
-    _head_deadline: Optional[float] = None
     # llhttp's parser, None once nothing more is parsed.
     _parser: Any = None
     # The request whose head or body is being read, and the one being
@@ -679,36 +678,6 @@ class LeanChannel(Protocol):
         if self._secure is None:
             self._secure = ISSLTransport(self.transport, None) is not None
         return self._secure
-
-    # The header timeout (slowloris), as RelayChannel keeps it.
-
-    def _arm_header_timer(self) -> None:
-        timeout = self.site.header_timeout
-        if not timeout:
-            return
-        self._head_deadline = self.site.clock.seconds() + timeout
-        if self._header_timer is None:
-            self._header_timer = self.callLater(timeout, self._check_header_deadline)
-
-    def _stop_header_timer(self) -> None:
-        self._head_deadline = None
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def _check_header_deadline(self) -> None:
-        self._header_timer = None
-        deadline = self._head_deadline
-        if deadline is None:
-            return
-        left = deadline - self.site.clock.seconds()
-        if left > 0:
-            self._header_timer = self.callLater(left, self._check_header_deadline)
-            return
-        self._head_deadline = None
-        self._log.debug("Closing connection: no request headers in time", Peer=peer_text(self.transport.getPeer()))
-        self.transport.abortConnection()
 
     # Bytes in.
 
