@@ -20,7 +20,7 @@ make the C{h2} stack raise while it ends the stream.
 """
 
 import re
-from typing import Dict, FrozenSet, Iterable
+from typing import Dict, FrozenSet, Iterable, Tuple
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _RAW_TOKEN = re.compile(_TOKEN.pattern.encode("ascii"))
@@ -203,3 +203,24 @@ def _go_canonical(name: str) -> str:
         out.append(ch)
         upper = ch == "-"
     return "".join(out)
+
+
+def origin_form(target: bytes) -> Tuple[bytes, bytes]:
+    """
+    C{(path and query, authority)} of an absolute-form request target
+    (RFC 9112 3.2.2), whose authority then replaces the Host header, as Go
+    does (without userinfo, as Go's C{URL.Host}); any other target as it
+    is, with an empty authority.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return target, b""
+    authority, slash, tail = rest.partition(b"/")
+    authority, question, query = authority.partition(b"?")
+    if question:
+        tail, slash = b"", b""
+        query = b"?" + query
+    else:
+        query = b""
+    authority = authority.rpartition(b"@")[2]
+    return (b"/" + tail + query if slash else b"/" + query), authority

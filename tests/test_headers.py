@@ -37,3 +37,22 @@ class H2BackendHeaderTests(unittest.SynchronousTestCase):
     def test_connection_specific_names_are_dropped(self):
         sent = dict(request_headers(self.request([(name.title().encode("ascii"), b"x") for name in H2_BACKEND_DROPS])))
         self.assertEqual([n for n in sent if not n.startswith(b":")], [])
+
+
+class OriginFormTests(unittest.TestCase):
+    """An absolute-form target's path and authority, as both HTTP/1.1 engines read it (RFC 9112 3.2.2)."""
+
+    def test_targets(self):
+        from relay.headers import origin_form
+
+        cases = [
+            (b"/a/b?c", (b"/a/b?c", b"")),
+            (b"*", (b"*", b"")),
+            (b"http://host:8080/a?b", (b"/a?b", b"host:8080")),
+            (b"HTTPS://user:pw@host/x", (b"/x", b"host")),
+            (b"http://host?q=1", (b"/?q=1", b"host")),
+            (b"http://host", (b"/", b"host")),
+            (b"ftp://host/x", (b"ftp://host/x", b"")),
+        ]
+        for target, expected in cases:
+            self.assertEqual(origin_form(target), expected, target)

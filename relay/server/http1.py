@@ -82,7 +82,7 @@ from relay.compat import (
     set_channel_network,
 )
 from relay.config import ServerConfig
-from relay.headers import sanitize_value, valid_host, valid_trailer
+from relay.headers import origin_form, sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger
 from relay.net.transport import corked
 from relay.server.bodybuffer import BodyBuffer
@@ -313,25 +313,11 @@ class RelayRequest(server.Request):
             self.processingFailed(Failure())
 
     def _origin_form(self, target: bytes) -> bytes:
-        """
-        The path and query of an absolute-form target (RFC 9112 3.2.2),
-        whose authority then replaces the Host header, as Go does; any
-        other target as it is.
-        """
-        scheme, sep, rest = target.partition(b"://")
-        if not sep or scheme.lower() not in (b"http", b"https"):
-            return target
-        authority, slash, tail = rest.partition(b"/")
-        authority, question, query = authority.partition(b"?")
-        if question:
-            tail, slash = b"", b""
-            query = b"?" + query
-        else:
-            query = b""
-        authority = authority.rpartition(b"@")[2]  # no userinfo, as Go's URL.Host
+        """The path and query of an absolute-form target, whose authority becomes the Host header."""
+        path, authority = origin_form(target)
         if authority:
             self.requestHeaders.setRawHeaders(b"host", [authority])
-        return b"/" + tail + query if slash else b"/" + query
+        return path
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:

@@ -59,7 +59,7 @@ from twisted.web.http import RESPONSES, parse_qs
 from twisted.web.server import NOT_DONE_YET
 
 from relay.config import ServerConfig
-from relay.headers import sanitize_value, valid_host, valid_trailer
+from relay.headers import origin_form, sanitize_value, valid_host, valid_trailer
 from relay.lean_headers import LeanHeaders, canonical_name
 from relay.logs import DebugInfoLogger
 from relay.server.bodybuffer import BodyBuffer
@@ -305,20 +305,10 @@ class LeanRequest:
 
     def _origin_form(self, target: bytes) -> bytes:
         """The path and query of an absolute-form target; its authority is the Host."""
-        scheme, sep, rest = target.partition(b"://")
-        if not sep or scheme.lower() not in (b"http", b"https"):
-            return target
-        authority, slash, tail = rest.partition(b"/")
-        authority, question, query = authority.partition(b"?")
-        if question:
-            tail, slash = b"", b""
-            query = b"?" + query
-        else:
-            query = b""
-        authority = authority.rpartition(b"@")[2]
+        path, authority = origin_form(target)
         if authority:
             self.requestHeaders[b"host"] = [authority]
-        return b"/" + tail + query if slash else b"/" + query
+        return path
 
     def render(self, resource) -> None:
         body = resource.render(self)
