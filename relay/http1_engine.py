@@ -17,6 +17,13 @@ from typing import Optional
 
 ENGINES = ("auto", "httptools", "twisted")
 
+# --help's text for --http1_engine, the same on both sides.
+HELP = (
+    "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), "
+    "twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is "
+    "faster. For diagnosis; the wire is the same."
+)
+
 
 def available() -> bool:
     """Whether httptools imports here (it is a CPython-only dependency)."""

@@ -18,6 +18,7 @@ from twisted.python import usage
 from relay import tuning
 from relay.client.service import RelayClientService, make_client_service
 from relay.config import ClientConfig, flag_default, from_options
+from relay.http1_engine import HELP as HTTP1_ENGINE_HELP
 from relay.logs import twistd_log_observer
 from relay.options import (
     GoFlagOptions,
@@ -175,9 +176,7 @@ class Options(GoFlagOptions):
             "http1_engine",
             None,
             default("http1_engine"),
-            "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), "
-            "twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is "
-            "faster. For diagnosis; the wire is the same.",
+            HTTP1_ENGINE_HELP,
         ],
     ]
 

@@ -12,6 +12,11 @@ this supports, plus the C{seek}/C{read} twisted.web itself may call.
 from typing import List
 
 
+def too_large_text(limit: int) -> str:
+    """The 413's text for a buffered body over C{limit} bytes (either HTTP/1.1 engine, HTTP/2)."""
+    return "Request body too large: this relay accepts at most %d bytes (--max_request_body)\n" % (limit,)
+
+
 class BodyBuffer:
     def __init__(self) -> None:
         self._pieces: List[bytes] = []

@@ -85,10 +85,11 @@ from relay.config import ServerConfig
 from relay.headers import origin_form, sanitize_value, valid_host, valid_trailer
 from relay.logs import DebugInfoLogger
 from relay.net.transport import corked
-from relay.server.bodybuffer import BodyBuffer
+from relay.server.bodybuffer import BodyBuffer, too_large_text
 from relay.server.h2 import PREFACE, RelayH2Connection, stream_connection
 from relay.server.head_deadline import HeadDeadline
 from relay.server.upload import LINGER, BodyReader, StreamedBody
+from relay.server.upload import too_large_text as streamed_too_large_text
 
 if TYPE_CHECKING:
     from relay.net.liveness import Watch
@@ -218,10 +219,7 @@ class RelayRequest(server.Request):
 
             abort_answer(self)
             return
-        self.refuse_body(
-            text="Request body too large: this relay streams at most %d bytes "
-            "(--max_streamed_request_body)\n" % (self.channel.site.max_streamed_request_body,)
-        )
+        self.refuse_body(text=streamed_too_large_text(self.channel.site.max_streamed_request_body))
 
     def _prepare(self, command: bytes, path: bytes, version: bytes) -> None:
         """The method, target and query of the request line, as C{requestReceived} sets them."""
@@ -244,10 +242,7 @@ class RelayRequest(server.Request):
             return
         self._refused = True
         if text is None:
-            text = (
-                "Request body too large: this relay accepts at most %d bytes "
-                "(--max_request_body)\n" % (self.max_body,)
-            )
+            text = too_large_text(self.max_body)
         body = text.encode("ascii")
         conn, stream_id = stream_connection(self)
         if conn is not None:

@@ -62,10 +62,11 @@ from relay.config import ServerConfig
 from relay.headers import origin_form, sanitize_value, valid_host, valid_trailer
 from relay.lean_headers import LeanHeaders, canonical_name
 from relay.logs import DebugInfoLogger
-from relay.server.bodybuffer import BodyBuffer
+from relay.server.bodybuffer import BodyBuffer, too_large_text
 from relay.server.h2 import PREFACE, RelayH2Connection
 from relay.server.head_deadline import HeadDeadline
 from relay.server.upload import LINGER, StreamedBody
+from relay.server.upload import too_large_text as streamed_too_large_text
 
 log = Logger()
 
@@ -227,10 +228,7 @@ class LeanRequest:
             return
         self._refused = True
         if text is None:
-            text = (
-                "Request body too large: this relay accepts at most %d bytes "
-                "(--max_request_body)\n" % (self.max_body,)
-            )
+            text = too_large_text(self.max_body)
         body = text.encode("ascii")
         self.channel.transport.write(
             b"HTTP/1.1 %d %s\r\n"
@@ -252,10 +250,7 @@ class LeanRequest:
         if self.startedWriting:
             self.channel.transport.abortConnection()
             return
-        self.refuse_body(
-            text="Request body too large: this relay streams at most %d bytes "
-            "(--max_streamed_request_body)\n" % (self.site.max_streamed_request_body,)
-        )
+        self.refuse_body(text=streamed_too_large_text(self.site.max_streamed_request_body))
 
     # Processing.
 

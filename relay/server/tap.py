@@ -15,6 +15,7 @@ from twisted.python import usage
 from relay import tuning
 from relay.config import ServerConfig, flag_default, from_options
 from relay.durations import format_duration
+from relay.http1_engine import HELP as HTTP1_ENGINE_HELP
 from relay.logs import twistd_log_observer
 from relay.options import (
     GoFlagOptions,
@@ -227,9 +228,7 @@ class Options(GoFlagOptions):
             "http1_engine",
             None,
             default("http1_engine"),
-            "Not in Go: the HTTP/1.1 engine: httptools (a C parser, llhttp, and lean request objects), "
-            "twisted (twisted.web's own), or auto: httptools on CPython, twisted on PyPy, where it is "
-            "faster. For diagnosis; the wire is the same.",
+            HTTP1_ENGINE_HELP,
         ],
         [
             "admin_port",

@@ -48,6 +48,11 @@ HOLD_BEFORE_FETCH = 64 * 1024
 # still reads (and drops) what the client sends after our FIN, before it
 # is aborted (the HTTP layers' close).
 LINGER = 2.0
+
+
+def too_large_text(limit: int) -> str:
+    """The 413's text for a streamed body over C{limit} bytes (either HTTP/1.1 engine)."""
+    return "Request body too large: this relay streams at most %d bytes (--max_streamed_request_body)\n" % (limit,)
 FETCH_CONTENT_TYPE = b"application/octet-stream"
 
 
